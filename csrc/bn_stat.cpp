@@ -1,0 +1,32 @@
+// Schemas of the BN-statistic ops. Kernels: csrc/cpu/bn_stat_kernel.cpp,
+// csrc/cuda/bn_stat_kernel.cu; fake kernels and autograd: delt_ext/ops.py.
+
+#include <torch/library.h>
+
+#include "build_info.h"
+
+namespace delt_ext {
+
+TORCH_LIBRARY_FRAGMENT(delt_ext, m) {
+  // Per-channel mean and biased variance over (N, H, W) of a 4-D x; float32 (float64 for
+  // float64 x), shape (C,).
+  m.def("batch_mean_var(Tensor x) -> (Tensor mean, Tensor var)");
+  // SRe2L's BN-statistic loss ||mean - running_mean||_2 + ||var - running_var||_2 (0-dim), with
+  // the batch statistics and coef = [dL/dmean; dL/dvar], shape (2, C), kept for the backward.
+  m.def(
+      "bn_stat_loss(Tensor x, Tensor running_mean, Tensor running_var) "
+      "-> (Tensor loss, Tensor mean, Tensor var, Tensor coef)");
+  // dx = grad_scale * (grad_mean_c + 2 * grad_var_c * (x - mean_c)) / (N * H * W), laid out like
+  // x. The backward of both ops above; grad_scale (one value) defaults to 1.
+  m.def(
+      "batch_stat_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var, "
+      "Tensor? grad_scale) -> Tensor");
+}
+
+#ifndef WITH_CUDA
+TORCH_LIBRARY_IMPL(delt_ext, CUDA, m) {
+  register_missing_cuda(m, {"batch_mean_var", "bn_stat_loss", "batch_stat_backward"});
+}
+#endif
+
+}  // namespace delt_ext

@@ -1,0 +1,471 @@
+// CPU kernels of the BN-statistic ops (schemas in csrc/delt_ext.cpp).
+//
+// Statistics. For channel c with M = N*H*W values and shift K_c (the channel's first value):
+//   S1 = sum(x - K_c),  S2 = sum((x - K_c)^2),  mean = K_c + S1/M,  var = S2/M - (S1/M)^2.
+// A shift taken from the data keeps both terms of var of the order of var itself, so a large
+// mean (1e4 with std 1 in float32) costs no precision (the shifted-data algorithm), and partial
+// sums merge by plain addition.
+//
+// Determinism. Each partial sum covers a fixed block of elements (kChunkElements for NCHW,
+// rows_per_chunk rows for channels_last), accumulated in float32 lanes (float64 for float64
+// input) and folded in a fixed order; partials are added in float64 in chunk order. Results are
+// therefore bitwise independent of the thread count.
+//
+// Loss. L = ||mean - running_mean||_2 + ||var - running_var||_2 with
+//   a_c = dL/dmean_c = (mean_c - running_mean_c) / ||mean - running_mean||   (0 at a zero norm,
+//   b_c = dL/dvar_c  = (var_c - running_var_c) / ||var - running_var||        as autograd's norm)
+// Backward (the path through the mean in var cancels, since sum(x - mean) = 0):
+//   dx = g * (a_c + 2 b_c (x - mean_c)) / M:  one read of x and one write, no reduction.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "bn_stat.h"
+#include "cpu/vec.h"
+
+namespace delt_ext {
+namespace {
+
+constexpr int64_t kChunkElements = 4096;   // NCHW: elements per partial sum
+constexpr int64_t kChunkRowsMax = 512;     // channels_last: rows per partial sum, at most
+constexpr int64_t kGrainElements = 32768;  // smallest amount of work given to a thread
+
+using cpu::broadcast;
+using cpu::f32x8;
+using cpu::f64x4;
+using cpu::load_unaligned;
+
+// ---- hot loops (raw pointers, multi-versioned) -------------------------------------------------
+
+// Sums of (p[i] - shift) and (p[i] - shift)^2 over n contiguous values, in vector lanes folded in
+// a fixed order.
+DELT_CPU_CLONES void shifted_sums(const float* p, int64_t n, float shift, double* sum1,
+                                  double* sum2) {
+  const f32x8 k = broadcast<f32x8>(shift);
+  f32x8 a1 = {}, a2 = {}, b1 = {}, b2 = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x8 d0 = load_unaligned<f32x8>(p + i) - k;
+    const f32x8 d1 = load_unaligned<f32x8>(p + i + 8) - k;
+    a1 += d0;
+    a2 += d0 * d0;
+    b1 += d1;
+    b2 += d1 * d1;
+  }
+  a1 += b1;
+  a2 += b2;
+  float t1 = 0.f, t2 = 0.f;
+  for (int j = 0; j < 8; ++j) {
+    t1 += a1[j];
+    t2 += a2[j];
+  }
+  for (; i < n; ++i) {
+    const float d = p[i] - shift;
+    t1 += d;
+    t2 += d * d;
+  }
+  *sum1 += t1;
+  *sum2 += t2;
+}
+
+DELT_CPU_CLONES void shifted_sums(const double* p, int64_t n, double shift, double* sum1,
+                                  double* sum2) {
+  const f64x4 k = broadcast<f64x4>(shift);
+  f64x4 a1 = {}, a2 = {}, b1 = {}, b2 = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f64x4 d0 = load_unaligned<f64x4>(p + i) - k;
+    const f64x4 d1 = load_unaligned<f64x4>(p + i + 4) - k;
+    a1 += d0;
+    a2 += d0 * d0;
+    b1 += d1;
+    b2 += d1 * d1;
+  }
+  a1 += b1;
+  a2 += b2;
+  double t1 = 0.0, t2 = 0.0;
+  for (int j = 0; j < 4; ++j) {
+    t1 += a1[j];
+    t2 += a2[j];
+  }
+  for (; i < n; ++i) {
+    const double d = p[i] - shift;
+    t1 += d;
+    t2 += d * d;
+  }
+  *sum1 += t1;
+  *sum2 += t2;
+}
+
+// Per-column sums of (x - shift) and its square over `rows` rows of a row-major (rows, C) block,
+// added to sum1[c], sum2[c]. Columns go 32 (float) or 16 (double) at a time, so that the
+// accumulators stay in registers while the block is streamed row by row.
+DELT_CPU_CLONES void column_shifted_sums(const float* x, int64_t rows, int64_t C,
+                                         const float* shift, float* sum1, float* sum2) {
+  constexpr int kVectors = 4, kWidth = 8 * kVectors;
+  int64_t c = 0;
+  for (; c + kWidth <= C; c += kWidth) {
+    f32x8 k[kVectors], s1[kVectors] = {}, s2[kVectors] = {};
+    for (int v = 0; v < kVectors; ++v) k[v] = load_unaligned<f32x8>(shift + c + 8 * v);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = x + r * C + c;
+      for (int v = 0; v < kVectors; ++v) {
+        const f32x8 d = load_unaligned<f32x8>(row + 8 * v) - k[v];
+        s1[v] += d;
+        s2[v] += d * d;
+      }
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      for (int j = 0; j < 8; ++j) {
+        sum1[c + 8 * v + j] += s1[v][j];
+        sum2[c + 8 * v + j] += s2[v][j];
+      }
+    }
+  }
+  for (; c < C; ++c) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float d = x[r * C + c] - shift[c];
+      s1 += d;
+      s2 += d * d;
+    }
+    sum1[c] += s1;
+    sum2[c] += s2;
+  }
+}
+
+DELT_CPU_CLONES void column_shifted_sums(const double* x, int64_t rows, int64_t C,
+                                         const double* shift, double* sum1, double* sum2) {
+  constexpr int kVectors = 4, kWidth = 4 * kVectors;
+  int64_t c = 0;
+  for (; c + kWidth <= C; c += kWidth) {
+    f64x4 k[kVectors], s1[kVectors] = {}, s2[kVectors] = {};
+    for (int v = 0; v < kVectors; ++v) k[v] = load_unaligned<f64x4>(shift + c + 4 * v);
+    for (int64_t r = 0; r < rows; ++r) {
+      const double* row = x + r * C + c;
+      for (int v = 0; v < kVectors; ++v) {
+        const f64x4 d = load_unaligned<f64x4>(row + 4 * v) - k[v];
+        s1[v] += d;
+        s2[v] += d * d;
+      }
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      for (int j = 0; j < 4; ++j) {
+        sum1[c + 4 * v + j] += s1[v][j];
+        sum2[c + 4 * v + j] += s2[v][j];
+      }
+    }
+  }
+  for (; c < C; ++c) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double d = x[r * C + c] - shift[c];
+      s1 += d;
+      s2 += d * d;
+    }
+    sum1[c] += s1;
+    sum2[c] += s2;
+  }
+}
+
+// out[i] = c1 + c2 * (x[i] - mean) over n contiguous values (one channel of an NCHW plane).
+template <typename T>
+DELT_CPU_CLONES void centered_affine(const T* x, T* out, int64_t n, T c1, T c2, T mean) {
+  for (int64_t i = 0; i < n; ++i) out[i] = c1 + c2 * (x[i] - mean);
+}
+
+// out[r, c] = c1[c] + c2[c] * (x[r, c] - mean[c]) over a row-major (rows, C) block; 32 columns
+// at a time so the coefficients stay in registers.
+DELT_CPU_CLONES void rows_centered_affine(const float* x, float* out, int64_t rows, int64_t C,
+                                          const float* c1, const float* c2, const float* mean) {
+  constexpr int kVectors = 4, kWidth = 8 * kVectors;
+  int64_t c = 0;
+  for (; c + kWidth <= C; c += kWidth) {
+    f32x8 a[kVectors], k[kVectors], u[kVectors];
+    for (int v = 0; v < kVectors; ++v) {
+      a[v] = load_unaligned<f32x8>(c1 + c + 8 * v);
+      k[v] = load_unaligned<f32x8>(c2 + c + 8 * v);
+      u[v] = load_unaligned<f32x8>(mean + c + 8 * v);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int v = 0; v < kVectors; ++v) {
+        const f32x8 value = load_unaligned<f32x8>(x + r * C + c + 8 * v);
+        cpu::store_unaligned(out + r * C + c + 8 * v, a[v] + k[v] * (value - u[v]));
+      }
+    }
+  }
+  for (; c < C; ++c) {
+    for (int64_t r = 0; r < rows; ++r) out[r * C + c] = c1[c] + c2[c] * (x[r * C + c] - mean[c]);
+  }
+}
+
+DELT_CPU_CLONES void rows_centered_affine(const double* x, double* out, int64_t rows, int64_t C,
+                                          const double* c1, const double* c2, const double* mean) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) out[r * C + c] = c1[c] + c2[c] * (x[r * C + c] - mean[c]);
+  }
+}
+
+// 16-bit inputs are widened to float (and results narrowed) through a small buffer, so every
+// dtype runs the same float loops above.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* p, int64_t n, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return p;
+  } else {
+    buffer.resize(n);
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<acc_t>(p[i]);
+    return buffer.data();
+  }
+}
+
+// Per-channel float64 mean and biased variance of x (NCHW- or channels_last-contiguous).
+template <typename scalar_t>
+void channel_moments(const at::Tensor& x, Layout layout, std::vector<double>& mean,
+                     std::vector<double>& var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t M = N * HW;
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+
+  std::vector<acc_t> shift(C);
+  int64_t chunks = 0;  // partial sums per channel
+  std::vector<double> part1, part2;
+
+  if (layout == Layout::kNCHW) {
+    // A chunk is a run of whole planes (small H*W) or a piece of one plane (large H*W).
+    const int64_t pieces = HW >= kChunkElements ? (HW + kChunkElements - 1) / kChunkElements : 1;
+    const int64_t planes = HW >= kChunkElements ? 1 : kChunkElements / HW;
+    chunks = pieces > 1 ? N * pieces : (N + planes - 1) / planes;
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c * HW]);
+    part1.assign(C * chunks, 0.0);  // [C][chunks]
+    part2.assign(C * chunks, 0.0);
+    // Tasks run in memory order: (n, c, piece) for split planes, (plane group, c) otherwise, so
+    // each thread streams through x. Partial sums are stored per channel in chunk order.
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / kChunkElements);
+    at::parallel_for(0, C * chunks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer;
+      for (int64_t task = begin; task < end; ++task) {
+        double s1 = 0.0, s2 = 0.0;
+        int64_t c, k;
+        if (pieces > 1) {
+          const int64_t n = task / (C * pieces), piece = task % pieces;
+          c = task / pieces % C;
+          k = n * pieces + piece;
+          const int64_t lo = piece * kChunkElements, len = std::min(HW, lo + kChunkElements) - lo;
+          const acc_t* p = as_acc(data + (n * C + c) * HW + lo, len, buffer);
+          shifted_sums(p, len, shift[c], &s1, &s2);
+        } else {
+          c = task % C;
+          k = task / C;
+          const int64_t n_end = std::min(N, (k + 1) * planes);
+          for (int64_t n = k * planes; n < n_end; ++n) {
+            const acc_t* p = as_acc(data + (n * C + c) * HW, HW, buffer);
+            shifted_sums(p, HW, shift[c], &s1, &s2);
+          }
+        }
+        part1[c * chunks + k] = s1;
+        part2[c * chunks + k] = s2;
+      }
+    });
+  } else {
+    // x is an (M, C) row-major matrix; a chunk is a block of rows, vectorized across channels.
+    const int64_t rows = std::clamp<int64_t>(kChunkElements * 8 / C, 1, kChunkRowsMax);
+    chunks = (M + rows - 1) / rows;
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c]);
+    part1.assign(chunks * C, 0.0);  // [chunks][C]
+    part2.assign(chunks * C, 0.0);
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows * C));
+    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s1(C), s2(C), buffer;
+      for (int64_t k = begin; k < end; ++k) {
+        std::fill(s1.begin(), s1.end(), acc_t(0));
+        std::fill(s2.begin(), s2.end(), acc_t(0));
+        const int64_t r0 = k * rows, n_rows = std::min(M, r0 + rows) - r0;
+        const acc_t* p = as_acc(data + r0 * C, n_rows * C, buffer);
+        column_shifted_sums(p, n_rows, C, shift.data(), s1.data(), s2.data());
+        for (int64_t c = 0; c < C; ++c) {
+          part1[k * C + c] = s1[c];
+          part2[k * C + c] = s2[c];
+        }
+      }
+    });
+  }
+
+  const int64_t stride_chunk = layout == Layout::kNCHW ? 1 : C;
+  const int64_t stride_channel = layout == Layout::kNCHW ? chunks : 1;
+  mean.resize(C);
+  var.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      s1 += part1[c * stride_channel + k * stride_chunk];
+      s2 += part2[c * stride_channel + k * stride_chunk];
+    }
+    const double d = s1 / static_cast<double>(M);
+    mean[c] = static_cast<double>(shift[c]) + d;
+    var[c] = std::max(s2 / static_cast<double>(M) - d * d, 0.0);
+  }
+}
+
+template <typename T>
+at::Tensor to_tensor(const std::vector<double>& values, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, options);
+  T* p = out.mutable_data_ptr<T>();
+  for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<T>(values[i]);
+  return out;
+}
+
+std::vector<double> to_doubles(const at::Tensor& t) {
+  const at::Tensor d = t.to(at::kDouble).contiguous();
+  return std::vector<double>(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel());
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_mean_var_cpu(const at::Tensor& x) {
+  check_stat_input(x, "delt_ext::batch_mean_var");
+  const auto [xs, layout] = supported_layout(x);
+  const auto options = x.options().dtype(accumulate_type(x.scalar_type()));
+  std::vector<double> mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var",
+                                  [&] { channel_moments<scalar_t>(xs, layout, mean, var); });
+  if (options.dtype() == at::kDouble) {
+    return {to_tensor<double>(mean, options), to_tensor<double>(var, options)};
+  }
+  return {to_tensor<float>(mean, options), to_tensor<float>(var, options)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_cpu(
+    const at::Tensor& x, const at::Tensor& running_mean, const at::Tensor& running_var) {
+  const char* op = "delt_ext::bn_stat_loss";
+  check_stat_input(x, op);
+  check_stat_target(running_mean, x, "running_mean", op);
+  check_stat_target(running_var, x, "running_var", op);
+  const auto [xs, layout] = supported_layout(x);
+  const int64_t C = x.size(1);
+  std::vector<double> mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_loss",
+                                  [&] { channel_moments<scalar_t>(xs, layout, mean, var); });
+  const std::vector<double> target_mean = to_doubles(running_mean);
+  const std::vector<double> target_var = to_doubles(running_var);
+  std::vector<double> dmean(C), dvar(C);
+  double ss_mean = 0.0, ss_var = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    dmean[c] = mean[c] - target_mean[c];
+    dvar[c] = var[c] - target_var[c];
+    ss_mean += dmean[c] * dmean[c];
+    ss_var += dvar[c] * dvar[c];
+  }
+  const double norm_mean = std::sqrt(ss_mean), norm_var = std::sqrt(ss_var);
+  std::vector<double> coef(2 * C);
+  for (int64_t c = 0; c < C; ++c) {
+    coef[c] = norm_mean > 0.0 ? dmean[c] / norm_mean : 0.0;
+    coef[C + c] = norm_var > 0.0 ? dvar[c] / norm_var : 0.0;
+  }
+  const auto options = x.options().dtype(accumulate_type(x.scalar_type()));
+  const std::vector<double> loss_value = {norm_mean + norm_var};
+  if (options.dtype() == at::kDouble) {
+    return {to_tensor<double>(loss_value, options).reshape({}), to_tensor<double>(mean, options),
+            to_tensor<double>(var, options), to_tensor<double>(coef, options).view({2, C})};
+  }
+  return {to_tensor<float>(loss_value, options).reshape({}), to_tensor<float>(mean, options),
+          to_tensor<float>(var, options), to_tensor<float>(coef, options).view({2, C})};
+}
+
+template <typename scalar_t>
+void batch_stat_backward_kernel(const at::Tensor& x, Layout layout, const at::Tensor& mean,
+                                const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                                double scale, at::Tensor& dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const double inv_m = 1.0 / static_cast<double>(N * HW);
+  // dx = c1_c + c2_c * (x - mean_c); subtracting the mean first keeps precision for x >> std.
+  std::vector<acc_t> c1(C), c2(C), mu(C);
+  const at::Tensor m = mean.contiguous(), gm = grad_mean.contiguous(), gv = grad_var.contiguous();
+  for (int64_t c = 0; c < C; ++c) {
+    const double gm_c = static_cast<double>(gm.const_data_ptr<acc_t>()[c]);
+    const double gv_c = static_cast<double>(gv.const_data_ptr<acc_t>()[c]);
+    c1[c] = static_cast<acc_t>(scale * gm_c * inv_m);
+    c2[c] = static_cast<acc_t>(2.0 * scale * gv_c * inv_m);
+    mu[c] = m.const_data_ptr<acc_t>()[c];
+  }
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+  // Narrows a float block computed in `buffer` into out (16-bit dtypes only).
+  auto narrow = [](const std::vector<acc_t>& buffer, scalar_t* dst, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(buffer[i]);
+  };
+  if (layout == Layout::kNCHW) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElements / HW), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> buffer, result;
+      for (int64_t plane = b; plane < e; ++plane) {
+        const int64_t c = plane % C;
+        const acc_t* src = as_acc(in + plane * HW, HW, buffer);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          centered_affine<acc_t>(src, out + plane * HW, HW, c1[c], c2[c], mu[c]);
+        } else {
+          result.resize(HW);
+          centered_affine<acc_t>(src, result.data(), HW, c1[c], c2[c], mu[c]);
+          narrow(result, out + plane * HW, HW);
+        }
+      }
+    });
+  } else {
+    const int64_t rows = std::max<int64_t>(1, kGrainElements / C);
+    const int64_t blocks = (N * HW + rows - 1) / rows;
+    at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> buffer, result;
+      for (int64_t block = b; block < e; ++block) {
+        const int64_t r0 = block * rows, n_rows = std::min(N * HW, r0 + rows) - r0;
+        const acc_t* src = as_acc(in + r0 * C, n_rows * C, buffer);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          rows_centered_affine(src, out + r0 * C, n_rows, C, c1.data(), c2.data(),
+                                      mu.data());
+        } else {
+          result.resize(n_rows * C);
+          rows_centered_affine(src, result.data(), n_rows, C, c1.data(), c2.data(),
+                                      mu.data());
+          narrow(result, out + r0 * C, n_rows * C);
+        }
+      }
+    });
+  }
+}
+
+at::Tensor batch_stat_backward_cpu(const at::Tensor& x, const at::Tensor& mean,
+                                   const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                                   const c10::optional<at::Tensor>& grad_scale) {
+  const char* op = "delt_ext::batch_stat_backward";
+  check_stat_input(x, op);
+  check_channel_vector(mean, x, "mean", op);
+  check_channel_vector(grad_mean, x, "grad_mean", op);
+  check_channel_vector(grad_var, x, "grad_var", op);
+  check_grad_scale(grad_scale, x, op);
+  const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
+  const auto [xs, layout] = supported_layout(x);
+  at::Tensor dx = at::empty_like(xs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stat_backward",
+                                  [&] {
+                                    batch_stat_backward_kernel<scalar_t>(
+                                        xs, layout, mean, grad_mean, grad_var, scale, dx);
+                                  });
+  return with_strides_of(dx, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(delt_ext, CPU, m) {
+  m.impl("batch_mean_var", &batch_mean_var_cpu);
+  m.impl("bn_stat_loss", &bn_stat_loss_cpu);
+  m.impl("batch_stat_backward", &batch_stat_backward_cpu);
+}
+
+}  // namespace delt_ext

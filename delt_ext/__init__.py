@@ -1,0 +1,27 @@
+"""delt_ext: fused C++/CUDA kernels for large-scale dataset distillation.
+
+Public API:
+    bn_stat_loss(x, running_mean, running_var)   fused BN-statistic matching loss of one layer
+    batch_mean_var(x)                            per-channel batch mean and biased variance
+    BNStatMatching(model, first_bn_multiplier)   the loss over every BN layer of a model
+    reference                                    the same semantics in plain PyTorch
+    build_info()                                 how the installed package was built
+"""
+
+from delt_ext import ops, reference  # noqa: F401  (ops registers fake kernels and autograd)
+from delt_ext._library import HAS_OPS
+from delt_ext._version import __version__
+from delt_ext.bn_matching import BNStatMatching
+from delt_ext.build_info import BuildInfo, build_info
+from delt_ext.functional import batch_mean_var, bn_stat_loss
+
+__all__ = [
+    "HAS_OPS",
+    "BNStatMatching",
+    "BuildInfo",
+    "__version__",
+    "batch_mean_var",
+    "bn_stat_loss",
+    "build_info",
+    "reference",
+]
