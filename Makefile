@@ -1,0 +1,55 @@
+# delt-ext: `make test` and `make demo` work on a fresh machine (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Pinned: these CUDA builds of torch also run on CPU-only machines.
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark
+
+# cpp_extension guesses CUDA_HOME from `which nvcc`, which can be a wrapper script; prefer the
+# toolkit's own folder when it exists.
+ifeq ($(origin CUDA_HOME), undefined)
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME := /usr/local/cuda
+endif
+endif
+
+SOURCES := setup.py pyproject.toml $(shell find csrc delt_ext python -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
+
+.PHONY: all venv install test test-fast bench demo lint clean
+
+all: test
+
+$(VENV)/.deps-stamp:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(TORCH_PACKAGES) $(DEPENDENCIES)
+	touch $@
+
+venv: $(VENV)/.deps-stamp
+
+# Non-editable install: tests import the installed package, as users do. --no-build-isolation
+# compiles against the torch installed above instead of downloading another one.
+$(VENV)/.install-stamp: $(VENV)/.deps-stamp $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps .
+	touch $@
+
+install: $(VENV)/.install-stamp
+
+# pytest (not `python -m pytest`): the repository root stays off sys.path, so the installed
+# package is the one under test.
+test: install
+	$(VENV)/bin/pytest tests
+
+test-fast: install
+	$(VENV)/bin/pytest tests -m "not slow"
+
+bench: install
+	$(VENV)/bin/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
+
+lint:
+	$(VENV)/bin/ruff check delt_ext python tests benchmarks
+
+clean:
+	rm -rf build dist *.egg-info $(VENV)/.install-stamp
