@@ -305,14 +305,14 @@ def test_compiled_op_checks_its_own_arguments():
 # ---- build, fallback ---------------------------------------------------------------------------
 
 
-def test_build_info_reports_the_compiled_library():
+def test_build_info_reports_the_compiled_library(tmp_path):
     info = delt_ext.build_info()
     assert info.compiled_library and delt_ext.HAS_OPS
     assert info.built_with_torch == torch.__version__.split("+")[0]
     if info.cuda_kernels:
         assert info.cuda_version and info.cuda_archs
     out = subprocess.run(
-        [sys.executable, "-m", "delt_ext"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "delt_ext"], capture_output=True, text=True, check=True, cwd=tmp_path
     ).stdout
     assert "compiled library  loaded" in out and "CUDA kernels" in out and torch.__version__ in out
 
@@ -353,9 +353,10 @@ print("fallback ok")
 """
 
 
-def test_falls_back_to_reference_with_one_warning_when_library_is_missing():
+def test_falls_back_to_reference_with_one_warning_when_library_is_missing(tmp_path):
+    # cwd=tmp_path: import the package under test, not a source tree in the working directory.
     result = subprocess.run(
-        [sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True
+        [sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
