@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Pinned: these CUDA builds of torch also run on CPU-only machines.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
-DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark
+DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark ruff
 
 # cpp_extension guesses CUDA_HOME from `which nvcc`, which can be a wrapper script; prefer the
 # toolkit's own folder when it exists.

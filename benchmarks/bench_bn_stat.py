@@ -17,8 +17,13 @@ CIFAR_SHAPES = [(100, 64, 32, 32), (100, 128, 16, 16), (100, 256, 8, 8), (100, 5
 
 
 def imagenet_shapes(batch):
-    return [(batch, 64, 112, 112), (batch, 64, 56, 56), (batch, 128, 28, 28), (batch, 256, 14, 14),
-            (batch, 512, 7, 7)]
+    return [
+        (batch, 64, 112, 112),
+        (batch, 64, 56, 56),
+        (batch, 128, 28, 28),
+        (batch, 256, 14, 14),
+        (batch, 512, 7, 7),
+    ]
 
 
 def case(device, shape):
@@ -40,7 +45,11 @@ def sre2l_hook_loss(x, running_mean, running_var):
 
 compiled_hook_loss = torch.compile(sre2l_hook_loss, fullgraph=True, dynamic=False)
 
-LOSSES = {"fused": delt_ext.bn_stat_loss, "eager-hook": sre2l_hook_loss, "compiled-hook": compiled_hook_loss}
+LOSSES = {
+    "fused": delt_ext.bn_stat_loss,
+    "eager-hook": sre2l_hook_loss,
+    "compiled-hook": compiled_hook_loss,
+}
 
 
 def sync(device):

@@ -27,7 +27,8 @@ def main(path: str) -> None:
     # Bandwidth yardstick: the clone of the same tensor, keyed by "device (shape)".
     clones = {
         group.removeprefix("clone "): bench["stats"]["median"]
-        for group, benches in groups.items() if group.startswith("clone ")
+        for group, benches in groups.items()
+        if group.startswith("clone ")
         for bench in benches
     }
     families = defaultdict(list)
@@ -52,8 +53,10 @@ def main(path: str) -> None:
                     clone_bytes = next(b for b in groups["clone " + key])["extra_info"]["bytes"]
                     clone_gbps = f"{clone_bytes / clone / 1e9:.1f}"
                 ratio = median / fused["stats"]["median"]
-                print(f"| {key} | {implementation(bench)} | {median * 1e3:.3f} | "
-                      f"{ratio:.2f}x | {gbps} | {clone_gbps} |")
+                print(
+                    f"| {key} | {implementation(bench)} | {median * 1e3:.3f} | "
+                    f"{ratio:.2f}x | {gbps} | {clone_gbps} |"
+                )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def sre2l_loss(model, inputs, first_bn_multiplier=10.0):
     hooks = [SRe2LBNFeatureHook(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     model(inputs)
     rescale = [first_bn_multiplier] + [1.0] * (len(hooks) - 1)
-    loss = sum(mult * hook.r_feature for mult, hook in zip(rescale, hooks))
+    loss = sum(mult * hook.r_feature for mult, hook in zip(rescale, hooks, strict=True))
     per_layer = [hook.r_feature for hook in hooks]
     for hook in hooks:
         hook.close()
@@ -74,7 +74,9 @@ def test_resnet18_loss_and_gradient_equal_sre2l_hooks(channels_last):
 
     assert len(matching) == len(expected_layers) == 20
     assert matching.layer_names[0] == "bn1" and matching.weights[:2] == [10.0, 1.0]
-    torch.testing.assert_close(torch.stack(layers), torch.stack(expected_layers), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.stack(layers), torch.stack(expected_layers), rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-6)
     # The x10 weight is on the first layer only.
@@ -105,7 +107,9 @@ def test_remove_and_context_manager_detach_every_hook():
 
 
 def test_channel_mismatch_between_layers_is_caught_in_forward():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5)
+    )
     model.eval()
     matching = delt_ext.BNStatMatching(model, first_bn_multiplier=2.0)
     x = torch.randn(3, 3, 8, 8, requires_grad=True)
@@ -165,7 +169,9 @@ def test_sync_batchnorm_layers_are_matched():
     # SyncBatchNorm needs a process group only in training mode; in eval it runs locally.
     model(x)
     features = model[0](x)
-    expected = 10.0 * delt_ext.reference.bn_stat_loss(features, model[1].running_mean, model[1].running_var)
+    expected = 10.0 * delt_ext.reference.bn_stat_loss(
+        features, model[1].running_mean, model[1].running_var
+    )
     torch.testing.assert_close(matching.loss(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -181,8 +187,11 @@ def test_replicas_of_hooked_layers_are_refused():
 
 def test_works_with_a_compiled_model():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
     ).eval()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):

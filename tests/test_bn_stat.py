@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICES, requires_cuda
 
 import delt_ext
 from delt_ext import reference
-
-from conftest import DEVICES, requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +127,9 @@ def test_batch_mean_var_gradient_matches_autograd():
     mean, var = delt_ext.batch_mean_var(x)
     (grad,) = torch.autograd.grad((weights[0] * mean).sum() + (weights[1] * var).sum(), x)
     mean_ref, var_ref = reference.batch_mean_var(x)
-    (grad_ref,) = torch.autograd.grad((weights[0] * mean_ref).sum() + (weights[1] * var_ref).sum(), x)
+    (grad_ref,) = torch.autograd.grad(
+        (weights[0] * mean_ref).sum() + (weights[1] * var_ref).sum(), x
+    )
     torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
     # Only one output used: the other gets no gradient, and that must still work.
     (grad_var_only,) = torch.autograd.grad(delt_ext.batch_mean_var(x)[1].sum(), x)
@@ -211,7 +212,7 @@ def test_results_do_not_depend_on_thread_count(shape, layout, num_threads):
         (grad,) = torch.autograd.grad(loss, x)
         results.append((loss, grad, *delt_ext.batch_mean_var(x)))
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
 
 
@@ -268,9 +269,13 @@ def test_rejects_channel_mismatch():
 
 def test_rejects_integer_dtypes():
     with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16"):
-        delt_ext.bn_stat_loss(torch.ones(2, 3, 4, 4, dtype=torch.int64), torch.zeros(3), torch.ones(3))
+        delt_ext.bn_stat_loss(
+            torch.ones(2, 3, 4, 4, dtype=torch.int64), torch.zeros(3), torch.ones(3)
+        )
     with pytest.raises(TypeError, match="running_var must be a floating tensor"):
-        delt_ext.bn_stat_loss(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3, dtype=torch.int32))
+        delt_ext.bn_stat_loss(
+            torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3, dtype=torch.int32)
+        )
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (2, 0, 4, 4)])
@@ -367,7 +372,9 @@ def test_setup_without_torch_says_what_to_do():
         "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
         f"exec(compile(open({str(ROOT / 'setup.py')!r}).read(), 'setup.py', 'exec'))"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert "install torch first" in message.lower()
@@ -390,7 +397,7 @@ def test_cuda_matches_cpu_and_is_deterministic(shape, dtype, layout):
         loss = delt_ext.bn_stat_loss(x, running_mean.cuda(), running_var.cuda())
         (grad,) = torch.autograd.grad(loss, x)
         runs.append((loss, grad, *delt_ext.batch_mean_var(x)))
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     expected_loss, expected_grad = exact_reference(x_cpu, running_mean, running_var)
     loss, grad = runs[0][0].cpu(), runs[0][1].cpu()
