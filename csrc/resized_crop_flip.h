@@ -80,9 +80,15 @@ struct Taps {
 C10_HOST_DEVICE inline float fused_multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
 C10_HOST_DEVICE inline double fused_multiply_add(double a, double b, double c) { return fma(a, b, c); }
 
+// Sampling step of an axis: crop length / output length.
 template <typename acc_t>
-C10_HOST_DEVICE inline Taps<acc_t> source_taps(int64_t p, int64_t in, int64_t out) {
-  const acc_t scale = static_cast<acc_t>(in) / static_cast<acc_t>(out);
+C10_HOST_DEVICE inline acc_t axis_scale(int64_t in, int64_t out) {
+  return static_cast<acc_t>(in) / static_cast<acc_t>(out);
+}
+
+// in: the crop length; scale: axis_scale(in, out).
+template <typename acc_t>
+C10_HOST_DEVICE inline Taps<acc_t> source_taps(int64_t p, int64_t in, acc_t scale) {
   acc_t src = fused_multiply_add(scale, static_cast<acc_t>(p) + acc_t(0.5), acc_t(-0.5));
   if (src < acc_t(0)) src = acc_t(0);
   Taps<acc_t> t;
@@ -92,9 +98,9 @@ C10_HOST_DEVICE inline Taps<acc_t> source_taps(int64_t p, int64_t in, int64_t ou
   if (lambda > acc_t(1)) lambda = acc_t(1);
   t.w1 = lambda;
   t.w0 = acc_t(1) - lambda;
-  // With lambda == 0 (e.g. in == out) the second tap is the first pixel again: the value is then
-  // exactly x[i0], as PyTorch's copy path and torchvision's "no resize" shortcut give, and a
-  // non-finite neighbour cannot leak in through a zero weight.
+  // With lambda == 0 (e.g. in == out) the second tap is the first pixel again, with weight 0:
+  // the kernels skip zero-weight taps, so the value is then exactly x[i0], as PyTorch's copy path
+  // and torchvision's "no resize" shortcut give, even next to a non-finite pixel.
   t.i1 = (t.i0 < in - 1 && lambda != acc_t(0)) ? t.i0 + 1 : t.i0;
   return t;
 }
@@ -109,11 +115,12 @@ C10_HOST_DEVICE inline acc_t tap_weight(int64_t i0, int64_t i1, acc_t w0, acc_t 
 // step of its computation (p + 0.5, a correctly rounded fma with a positive scale, max, floor,
 // min) is.
 template <typename acc_t>
-C10_HOST_DEVICE inline int64_t first_tap_at_least(int64_t target, int64_t in, int64_t out) {
+C10_HOST_DEVICE inline int64_t first_tap_at_least(int64_t target, int64_t in, int64_t out,
+                                                  acc_t scale) {
   int64_t lo = 0, hi = out;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (source_taps<acc_t>(mid, in, out).i0 >= target) {
+    if (source_taps<acc_t>(mid, in, scale).i0 >= target) {
       hi = mid;
     } else {
       lo = mid + 1;
@@ -125,10 +132,10 @@ C10_HOST_DEVICE inline int64_t first_tap_at_least(int64_t target, int64_t in, in
 // The pre-indices that read crop index r form one contiguous range [begin, end): those with
 // i0(p) in {r - 1, r}, since i1 is i0 or i0 + 1. (Some may read r with weight 0.)
 template <typename acc_t>
-C10_HOST_DEVICE inline void readers_of(int64_t r, int64_t in, int64_t out, int64_t& begin,
-                                       int64_t& end) {
-  begin = first_tap_at_least<acc_t>(r - 1, in, out);
-  end = first_tap_at_least<acc_t>(r + 1, in, out);
+C10_HOST_DEVICE inline void readers_of(int64_t r, int64_t in, int64_t out, acc_t scale,
+                                       int64_t& begin, int64_t& end) {
+  begin = first_tap_at_least<acc_t>(r - 1, in, out, scale);
+  end = first_tap_at_least<acc_t>(r + 1, in, out, scale);
 }
 
 // One axis of a params row: the crop's start and length along it, the output length, and the

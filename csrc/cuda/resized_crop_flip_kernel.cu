@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(kThreads)
       const bool is_row = e < s.out_h;
       const crop::Axis a = is_row ? crop::row_axis(b, s.out_h) : crop::col_axis(b, s.out_w);
       const int64_t o = is_row ? e : e - s.out_h;
-      const crop::Taps<acc_t> t = crop::source_taps<acc_t>(crop::pre_index(a, o), a.length, a.out);
+      const crop::Taps<acc_t> t = crop::source_taps<acc_t>(
+          crop::pre_index(a, o), a.length, crop::axis_scale<acc_t>(a.length, a.out));
       row_ints[kMeta + 2 * e] = static_cast<int32_t>(a.start + t.i0);
       row_ints[kMeta + 2 * e + 1] = static_cast<int32_t>(a.start + t.i1);
       weights[(r * s.taps() + e) * 2] = t.w0;
@@ -90,7 +91,10 @@ __global__ void __launch_bounds__(kThreads)
       const crop::Axis a = is_row ? crop::row_axis(b, s.out_h) : crop::col_axis(b, s.out_w);
       const int64_t c = (is_row ? k : k - s.in_h) - a.start;  // index in the crop
       int64_t begin = 0, end = 0;
-      if (c >= 0 && c < a.length) crop::readers_of<acc_t>(c, a.length, a.out, begin, end);
+      if (c >= 0 && c < a.length) {
+        crop::readers_of<acc_t>(c, a.length, a.out, crop::axis_scale<acc_t>(a.length, a.out),
+                                begin, end);
+      }
       int32_t* range = row_ints + kMeta + 2 * s.taps() + 2 * k;
       range[0] = static_cast<int32_t>(begin);
       range[1] = static_cast<int32_t>(end);
@@ -246,12 +250,13 @@ DeviceTables make_tables(const at::Tensor& params, const TableShape& s, at::Scal
 }
 
 // Launches an element kernel (forward or backward) over `out`, with 32-bit indexing when both
-// tensors allow it.
+// tensors and the tables allow it.
 template <bool kForward>
 void launch_elements(const at::Tensor& in, Layout layout, const DeviceTables& tables,
                      const TableShape& s, bool broadcast, at::Tensor& out, cudaStream_t stream) {
   const int64_t total = out.numel();
-  const bool small = std::max(in.numel(), total) < std::numeric_limits<int32_t>::max();
+  const bool small = std::max({in.numel(), total, tables.ints.numel(), tables.weights.numel()}) <
+                     std::numeric_limits<int32_t>::max();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "resized_crop_flip",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
