@@ -27,7 +27,12 @@ import delt_ext
 CPU_SHAPES = [(100, 1, 28, 28), (100, 3, 32, 32)]
 CUDA_SHAPES = [(100, 3, 224, 224)]
 CASES = [(shape, "cpu") for shape in CPU_SHAPES] + [(shape, "cuda") for shape in CUDA_SHAPES]
-METHODS = ["fused_per_sample", "fused_batch_shared", "grid_sample_per_sample", "torchvision_batch_shared"]
+METHODS = [
+    "fused_per_sample",
+    "fused_batch_shared",
+    "grid_sample_per_sample",
+    "torchvision_batch_shared",
+]
 
 pytestmark = pytest.mark.skipif(not delt_ext.HAS_OPS, reason="compiled delt_ext library not built")
 

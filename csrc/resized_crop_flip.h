@@ -77,8 +77,12 @@ struct Taps {
 // a * b + c rounded once. PyTorch's kernels get src from one fused multiply-add (its AVX2 CPU
 // build and nvcc contract the expression), so writing the FMA out reproduces its weights bit for
 // bit on every backend; a separate multiply and add moves lambda by up to an ulp of src.
-C10_HOST_DEVICE inline float fused_multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
-C10_HOST_DEVICE inline double fused_multiply_add(double a, double b, double c) { return fma(a, b, c); }
+C10_HOST_DEVICE inline float fused_multiply_add(float a, float b, float c) {
+  return fmaf(a, b, c);
+}
+C10_HOST_DEVICE inline double fused_multiply_add(double a, double b, double c) {
+  return fma(a, b, c);
+}
 
 // Sampling step of an axis: crop length / output length.
 template <typename acc_t>

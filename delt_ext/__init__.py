@@ -5,7 +5,7 @@ Public API:
     batch_mean_var(x)                            per-channel batch mean and biased variance
     BNStatMatching(model, first_bn_multiplier)   the loss over every BN layer of a model
     resized_crop_flip(x, params, size)           fused crop + bilinear resize + flip + roll
-    RandomResizedCropFlip(size, ...)             its sampler (torchvision's rule), per image or batch
+    RandomResizedCropFlip(size, ...)             its sampler (torchvision's rule), per image/batch
     crop_scale_schedule(iteration, total, ...)   CDA/DELT easy-to-hard minimum crop scale
     reference                                    the same semantics in plain PyTorch
     build_info()                                 how the installed package was built

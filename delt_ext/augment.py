@@ -111,7 +111,7 @@ def _check_param_values(params: Tensor, height: int, width: int) -> None:
     def fail(mask: Tensor, message: str) -> None:
         if bool(mask.any()):
             row = int(mask.nonzero()[0, 0])
-            row_values = dict(zip(PARAM_COLUMNS, values[row].tolist()))
+            row_values = dict(zip(PARAM_COLUMNS, values[row].tolist(), strict=True))
             raise ValueError(f"params row {row}: {message}; row is {row_values}")
 
     fail(~torch.isfinite(values).all(dim=1), "values must be finite")
@@ -268,7 +268,11 @@ class RandomResizedCropFlip(nn.Module):
             float32 (batch_size, 7) (per_sample) or (1, 7), columns ``PARAM_COLUMNS``, on the
             generator's device (CPU without a generator).
         """
-        for name, value, low in (("batch_size", batch_size, 0), ("in_h", in_h, 1), ("in_w", in_w, 1)):
+        for name, value, low in (
+            ("batch_size", batch_size, 0),
+            ("in_h", in_h, 1),
+            ("in_w", in_w, 1),
+        ):
             if not _is_int(value) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         rows = batch_size if self.per_sample else 1

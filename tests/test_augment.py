@@ -171,7 +171,12 @@ def test_gradcheck_float64(memory_format):
     x = torch.randn(4, 2, 5, 6, dtype=torch.float64).contiguous(memory_format=memory_format)
     x.requires_grad_()
     per_sample = torch.tensor(
-        [[0, 0, 5, 6, 0, 0, 0], [1, 2, 3, 3, 1, 1, -2], [4, 5, 1, 1, 1, 0, 5], [0, 3, 5, 3, 0, 6, 1]],
+        [
+            [0, 0, 5, 6, 0, 0, 0],
+            [1, 2, 3, 3, 1, 1, -2],
+            [4, 5, 1, 1, 1, 0, 5],
+            [0, 3, 5, 3, 0, 6, 1],
+        ],
         dtype=torch.float64,
     )
     shared = per_sample[1:2]
@@ -212,7 +217,9 @@ def test_opcheck(memory_format, per_sample):
     torch.library.opcheck(torch.ops.delt_ext.resized_crop_flip.default, (x, params, 6, 13))
     grad = torch.randn(3, 4, 6, 13, generator=generator).contiguous(memory_format=memory_format)
     grad.requires_grad_()
-    torch.library.opcheck(torch.ops.delt_ext.resized_crop_flip_backward.default, (grad, params, 9, 11))
+    torch.library.opcheck(
+        torch.ops.delt_ext.resized_crop_flip_backward.default, (grad, params, 9, 11)
+    )
 
 
 def test_compile_fullgraph():
@@ -272,7 +279,11 @@ def test_sampler_statistics_match_torchvision(height, width, scale):
     assert ((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0)).all()
     assert ((top + h <= height) & (left + w <= width)).all()
     assert (ours == ours.round()).all()
-    for a, b in zip(box_statistics(ours, height, width), box_statistics(theirs, height, width)):
+    ours_stats, theirs_stats = (
+        box_statistics(ours, height, width),
+        box_statistics(theirs, height, width),
+    )
+    for a, b in zip(ours_stats, theirs_stats, strict=True):
         # Same range (up to the pixel rounding both apply), same mean and spread: 4000 draws give
         # a standard error of ~0.005 on these [0, 1]-scaled quantities.
         assert a.min() >= b.min() - 0.06 and a.max() <= b.max() + 0.06
@@ -290,7 +301,9 @@ def test_sampler_statistics_match_torchvision(height, width, scale):
 def test_sampler_fallback_is_torchvisions_central_crop():
     # No box with area in [2, 3] x the image fits: torchvision falls back to a central crop.
     for height, width in ((32, 32), (20, 40), (40, 20)):
-        sampler = RandomResizedCropFlip(8, scale=(2.0, 3.0), generator=torch.Generator().manual_seed(0))
+        sampler = RandomResizedCropFlip(
+            8, scale=(2.0, 3.0), generator=torch.Generator().manual_seed(0)
+        )
         params = sampler.sample_params(5, height, width)
         expected = torchvision_boxes(1, height, width, (2.0, 3.0), (3 / 4, 4 / 3), seed=0)[0]
         assert torch.equal(params[:, :4].double(), expected.expand(5, 4))
@@ -324,6 +337,21 @@ def test_module_forward_is_replayable_and_reproducible():
     out = shared(x)
     row = shared.last_params[0].tolist()
     assert (out - torchvision_chain(x, row, (16, 16))).abs().max().item() <= 1e-5
+
+
+def test_fallback_without_compiled_library_matches_op(monkeypatch):
+    # Without the compiled library, the public API runs delt_ext.reference instead.
+    x = torch.randn(5, 3, 18, 22, requires_grad=True)
+    sampler = RandomResizedCropFlip((12, 16), jitter=3, generator=torch.Generator().manual_seed(14))
+    out = sampler(x)
+    params = sampler.last_params
+    monkeypatch.setattr(delt_ext.augment, "HAS_OPS", False)
+    fallback = resized_crop_flip(x, params, (12, 16))
+    assert (out - fallback).abs().max().item() <= 1e-5
+    grad = torch.randn_like(out)
+    (g_op,) = torch.autograd.grad(out, x, grad)
+    (g_fallback,) = torch.autograd.grad(fallback, x, grad)
+    assert (g_op - g_fallback).abs().max().item() <= 1e-5
 
 
 def test_set_scale_narrows_the_area_range():
@@ -364,7 +392,7 @@ def test_crop_scale_schedule_kinds_and_milestone():
     assert crop_scale_schedule(50, 100, "cosine", milestone=0.5) == 0.08
     assert crop_scale_schedule(90, 100, "linear", milestone=0.5, start=0.9, end=0.2) == 0.2
     values = [crop_scale_schedule(it, 1000) for it in range(1000)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -374,7 +402,7 @@ GOOD = torch.tensor([[1, 2, 4, 5, 0, 0, 0]], dtype=torch.float32)
 
 
 def with_row(**changes):
-    row = dict(zip(("top", "left", "height", "width", "flip", "shift_y", "shift_x"), GOOD[0].tolist()))
+    row = dict(zip(delt_ext.augment.PARAM_COLUMNS, GOOD[0].tolist(), strict=True))
     row.update(changes)
     return torch.tensor([list(row.values())], dtype=torch.float32)
 
@@ -401,7 +429,11 @@ BAD_CALLS = [
     (lambda: resized_crop_flip(X, with_row(left=6), 4), ValueError, "ends right of the image"),
     (lambda: resized_crop_flip(X, with_row(flip=2), 4), ValueError, "flip must be 0 or 1"),
     (lambda: resized_crop_flip(X, with_row(top=0.5), 4), ValueError, "top must be an integer"),
-    (lambda: resized_crop_flip(X, with_row(shift_x=1.5), 4), ValueError, "shift_x must be an integer"),
+    (
+        lambda: resized_crop_flip(X, with_row(shift_x=1.5), 4),
+        ValueError,
+        "shift_x must be an integer",
+    ),
     (lambda: resized_crop_flip(X, with_row(width=float("nan")), 4), ValueError, "finite"),
     (lambda: RandomResizedCropFlip(0), ValueError, "size must be"),
     (lambda: RandomResizedCropFlip(8, scale=(0.5, 0.1)), ValueError, "scale must be"),
@@ -445,10 +477,19 @@ def test_op_checks_cpu_param_values_itself():
 @pytest.mark.parametrize("per_sample", [True, False])
 def test_cuda_matches_cpu(dtype, memory_format, per_sample):
     generator = torch.Generator().manual_seed(11)
-    x = torch.randn(6, 3, 40, 36, generator=generator).to(dtype).contiguous(memory_format=memory_format)
+    x = (
+        torch.randn(6, 3, 40, 36, generator=generator)
+        .to(dtype)
+        .contiguous(memory_format=memory_format)
+    )
     params = random_params(6 if per_sample else 1, 40, 36, (32, 48), generator)
     grad = torch.randn(6, 3, 32, 48, generator=generator).to(dtype)
-    tolerance = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    tolerance = {
+        torch.float32: 1e-5,
+        torch.float64: 1e-12,
+        torch.float16: 2e-3,
+        torch.bfloat16: 1.6e-2,
+    }[dtype]
 
     def run(device):
         xd = x.to(device).requires_grad_()
