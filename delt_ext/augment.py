@@ -210,7 +210,9 @@ class RandomResizedCropFlip(nn.Module):
 
     The params of the last call are kept in ``last_params`` (on x's device) for logging and
     replay with :func:`resized_crop_flip`; :meth:`sample_params` draws params without applying
-    them.
+    them. Under ``torch.compile(fullgraph=True)``, Dynamo cannot trace a ``torch.Generator``
+    argument: compile the module with ``generator=None``, or sample outside the compiled region
+    and compile :func:`resized_crop_flip`.
 
     Args:
         size: output size, int (square) or (out_h, out_w).
