@@ -50,7 +50,7 @@ test-fast: install
 CPU_ONLY_BUILD := build/cpu-only
 test-cpu-only: venv
 	FORCE_ONLY_CPU=1 $(PY) setup.py --quiet build --build-base $(CPU_ONLY_BUILD) --build-lib $(CPU_ONLY_BUILD)/lib
-	PYTHONPATH=$(CURDIR)/$(CPU_ONLY_BUILD)/lib $(VENV)/bin/pytest tests/test_bn_stat.py -q \
+	PYTHONPATH=$(CURDIR)/$(CPU_ONLY_BUILD)/lib $(VENV)/bin/pytest tests/test_bn_stat.py tests/test_augment.py -q \
 		-k "cpu_only or build_info or opcheck or matches_sre2l"
 
 bench: install

@@ -532,3 +532,14 @@ def test_cuda_sampler_with_cuda_generator_and_opcheck():
     torch.library.opcheck(
         torch.ops.delt_ext.resized_crop_flip.default, (x, sampler.last_params, 24, 24)
     )
+
+
+def test_cuda_tensor_on_cpu_only_build_gives_clear_error():
+    if delt_ext.build_info().cuda_kernels:
+        pytest.skip("this build has CUDA kernels")
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    params = torch.tensor([[0.0, 0.0, 4.0, 4.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(RuntimeError, match="built without CUDA kernels.*FORCE_CUDA=1"):
+        torch.ops.delt_ext.resized_crop_flip.default.redispatch(
+            keys, torch.randn(2, 3, 4, 4), params, 4, 4
+        )
