@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Pinned: these CUDA builds of torch also run on CPU-only machines.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
-DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark
+DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark ruff
 
 # cpp_extension guesses CUDA_HOME from `which nvcc`, which can be a wrapper script; prefer the
 # toolkit's own folder when it exists.
@@ -17,7 +17,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(shell find csrc delt_ext python -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: all venv install test test-fast bench demo lint clean
+.PHONY: all venv install test test-fast test-cpu-only bench demo lint clean
 
 all: test
 
@@ -44,6 +44,14 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/pytest tests -m "not slow"
+
+# The CPU-only build (FORCE_ONLY_CPU=1) in a scratch folder, and the tests that depend on it
+# (its "built without CUDA" error); CI runs it beside `make test`.
+CPU_ONLY_BUILD := build/cpu-only
+test-cpu-only: venv
+	FORCE_ONLY_CPU=1 $(PY) setup.py --quiet build --build-base $(CPU_ONLY_BUILD) --build-lib $(CPU_ONLY_BUILD)/lib
+	PYTHONPATH=$(CURDIR)/$(CPU_ONLY_BUILD)/lib $(VENV)/bin/pytest tests/test_bn_stat.py -q \
+		-k "cpu_only or build_info or opcheck or matches_sre2l"
 
 bench: install
 	$(VENV)/bin/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds

@@ -1,7 +1,7 @@
-"""Build script for delt-ext: the `delt_ext` C++/CUDA extension and the `delt` orchestration layer.
+"""Build script of delt-ext: the `delt_ext` C++/CUDA extension and the `delt` orchestration layer.
 
-Install with ``pip install --no-build-isolation .`` after installing torch: the extension is compiled
-against the torch that is already installed. Build switches (environment variables):
+Install with ``pip install --no-build-isolation .`` after installing torch: the extension is
+compiled against the torch that is already installed. Build switches (environment variables):
 
   FORCE_CUDA=1            build the CUDA kernels (fails clearly if torch or the toolkit lacks CUDA)
   FORCE_ONLY_CPU=1        build the CPU kernels only

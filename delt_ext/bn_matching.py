@@ -34,7 +34,9 @@ class BNStatMatching:
     def __init__(self, model: nn.Module, first_bn_multiplier: float = 10.0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(first_bn_multiplier, bool) or not isinstance(first_bn_multiplier, (int, float)):
+        if isinstance(first_bn_multiplier, bool) or not isinstance(
+            first_bn_multiplier, (int, float)
+        ):
             raise TypeError(
                 f"first_bn_multiplier must be a number, got {type(first_bn_multiplier).__name__}"
             )
@@ -69,9 +71,9 @@ class BNStatMatching:
         def record(module: nn.Module, args) -> None:
             if module is not self._modules[index]:
                 raise RuntimeError(
-                    f"BNStatMatching: layer '{self.layer_names[index]}' ran as a copy of the hooked "
-                    "module (nn.DataParallel replica?). Its statistics would race; run one process "
-                    "per GPU (DistributedDataParallel) instead."
+                    f"BNStatMatching: layer '{self.layer_names[index]}' ran as a copy of the "
+                    "hooked module (nn.DataParallel replica?). Its statistics would race; run one "
+                    "process per GPU (DistributedDataParallel) instead."
                 )
             x = args[0]
             if x.dim() != 4:
@@ -85,7 +87,8 @@ class BNStatMatching:
 
     def layer_losses(self) -> list[Tensor]:
         """Unweighted per-layer losses of the last forward pass, in ``layer_names`` order."""
-        missing = [name for name, loss in zip(self.layer_names, self._losses) if loss is None]
+        pairs = zip(self.layer_names, self._losses, strict=True)
+        missing = [name for name, loss in pairs if loss is None]
         if len(missing) == len(self._losses):
             raise RuntimeError("BNStatMatching: no forward pass of the model has been recorded yet")
         if missing:
@@ -98,7 +101,7 @@ class BNStatMatching:
         """``sum_l weights[l] * layer_losses()[l]`` (0-dim, differentiable in the model input)."""
         losses = self.layer_losses()
         total = self.weights[0] * losses[0]
-        for weight, layer_loss in zip(self.weights[1:], losses[1:]):
+        for weight, layer_loss in zip(self.weights[1:], losses[1:], strict=True):
             total = total + weight * layer_loss
         return total
 

@@ -37,7 +37,9 @@ def _check_target(name: str, target: Tensor, x: Tensor) -> None:
     if target.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor, got {target.dtype}")
     if target.device != x.device:
-        raise ValueError(f"{name} is on {target.device} but x is on {x.device}; move it to x's device")
+        raise ValueError(
+            f"{name} is on {target.device} but x is on {x.device}; move it to x's device"
+        )
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:

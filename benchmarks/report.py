@@ -1,0 +1,63 @@
+"""Turns a pytest-benchmark JSON file into the markdown tables of benchmarks/README.md.
+
+Usage: python benchmarks/report.py .benchmarks/latest.json
+
+Per group: median time per implementation, its ratio to the fused op (how many times slower it
+is than fused) and the achieved bandwidth (the `bytes` extra_info over the median time).
+"""
+
+import json
+import re
+import sys
+from collections import defaultdict
+
+
+def implementation(bench: dict) -> str:
+    params = bench.get("params") or {}
+    return str(params.get("impl") or bench["name"].split("[")[0].removeprefix("test_"))
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    machine = data.get("machine_info", {})
+    print(f"<!-- {machine.get('cpu', {}).get('brand_raw', '?')}, {data.get('datetime', '?')} -->")
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for bench in data["benchmarks"]:
+        groups[bench["group"]].append(bench)
+    # Bandwidth yardstick: the clone of the same tensor, keyed by "device (shape)".
+    clones = {
+        group.removeprefix("clone "): bench["stats"]["median"]
+        for group, benches in groups.items()
+        if group.startswith("clone ")
+        for bench in benches
+    }
+    families = defaultdict(list)
+    for group in groups:
+        if not group.startswith("clone "):
+            families[re.sub(r" (cpu|cuda) \(.*", "", group)].append(group)
+    for family, names in families.items():
+        print(f"\n### {family}\n")
+        print("| device, shape | implementation | median ms | vs fused | GB/s | clone GB/s |")
+        print("|---|---|---:|---:|---:|---:|")
+        for group in names:
+            benches = sorted(groups[group], key=lambda b: b["stats"]["median"])
+            fused = next((b for b in benches if "fused" in implementation(b)), benches[0])
+            key = group.removeprefix(family + " ")
+            clone = clones.get(key)
+            for bench in benches:
+                median = bench["stats"]["median"]
+                nbytes = bench.get("extra_info", {}).get("bytes")
+                gbps = f"{nbytes / median / 1e9:.1f}" if nbytes else ""
+                clone_gbps = ""
+                if clone and nbytes:
+                    clone_bytes = next(b for b in groups["clone " + key])["extra_info"]["bytes"]
+                    clone_gbps = f"{clone_bytes / clone / 1e9:.1f}"
+                ratio = median / fused["stats"]["median"]
+                print(
+                    f"| {key} | {implementation(bench)} | {median * 1e3:.3f} | "
+                    f"{ratio:.2f}x | {gbps} | {clone_gbps} |"
+                )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ".benchmarks/latest.json")
