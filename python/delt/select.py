@@ -20,6 +20,7 @@ rank within its class by descending score).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import time
@@ -48,16 +49,17 @@ class SelectConfig:
 
     teacher: str = option(help="teacher checkpoint (DIR/teacher.pt of `delt teacher`)")
     ipc: int = option(help="images per class to select")
-    out: str = option(help="output folder (selection.json, ranking.csv)")
+    out: str = option(help="output folder (selection.json, ranking.csv)", identity=False)
     strategy: Literal["medium", "top", "min", "random"] = option(
         "medium", help="which images to pick and in which order"
     )
     data_root: str | None = option(
-        None, help="folder of the teacher's dataset (default: the dataset's own)"
+        None, help="folder of the teacher's dataset (default: the dataset's own)", identity=False
     )
     seed: int = option(0, help="seed of the random strategy")
     batch_size: int = option(500, help="scoring batch size", identity=False)
     amp: Literal["none", "bf16"] = option("none", help="autocast dtype for scoring")
+    channels_last: bool = option(False, help="channels_last memory format (faster on CPU)")
     device: str = option("auto", help="auto, cpu, cuda, ...", identity=False)
     num_workers: int = option(0, help="DataLoader workers (file-backed datasets)", identity=False)
     progress: bool = option(True, help="show progress bars", identity=False)
@@ -143,21 +145,44 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
     dataset = load_like(teacher.info, "train", config.data_root)
     check_compatible(teacher.meta, dataset.info)
     model = teacher.model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     scores = torch.empty(len(dataset), dtype=torch.float32)
     position = 0
     batches = iterate_batches(dataset, config.batch_size, num_workers=config.num_workers)
     total = -(-len(dataset) // config.batch_size)
     for images, labels in tqdm(batches, total=total, desc="scoring", disable=not config.progress):
+        images = images.to(device)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, config.amp):
-            logits = model(images.to(device))
+            logits = model(images)
         probabilities = logits.float().softmax(1).cpu()
         scores[position : position + len(labels)] = probabilities.gather(1, labels.view(-1, 1)).view(-1)
         position += len(labels)
     return scores, dataset.targets.clone(), {"teacher": teacher, "info": dataset.info}
 
 
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def select_images(config: SelectConfig) -> Selection:
-    """Runs ``delt select``: scores, picks, and writes ``selection.json`` and ``ranking.csv``."""
+    """Runs ``delt select``: scores, picks, and writes ``selection.json`` and ``ranking.csv``.
+
+    A previous selection in ``--out`` made with the same configuration and the same teacher file
+    is reused; any other is replaced.
+    """
+    out = Path(config.out)
+    teacher_sha256 = _sha256(config.teacher) if Path(config.teacher).is_file() else None
+    if (out / "selection.json").is_file():
+        previous = Selection.load(out)
+        if (
+            previous.meta.get("config") == identity_dict(config)
+            and previous.meta.get("teacher_sha256") == teacher_sha256
+        ):
+            logger.info("select: reusing %s", out / "selection.json")
+            return previous
     start = time.perf_counter()
     scores, labels, context = score_images(config)
     info = context["info"]
@@ -177,7 +202,6 @@ def select_images(config: SelectConfig) -> Selection:
         descending = torch.sort(scores[members], descending=True, stable=True).indices
         rank_within_class[members[descending]] = torch.arange(members.numel())
     seconds = time.perf_counter() - start
-    out = Path(config.out)
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["index", "label", "score", "rank_in_class"])
@@ -192,6 +216,7 @@ def select_images(config: SelectConfig) -> Selection:
         "dataset": info.to_dict(),
         "data_root": config.data_root,
         "teacher": {"path": str(teacher.path), "meta": teacher.meta},
+        "teacher_sha256": teacher_sha256,
         "strategy": config.strategy,
         "ipc": config.ipc,
         "seconds": seconds,

@@ -34,9 +34,13 @@ __all__ = ["TeacherConfig", "TeacherResult", "evaluate_accuracy", "iterate_batch
 class TeacherConfig:
     """Configuration of ``delt teacher`` (one field per flag)."""
 
-    out: str = option(help="output folder; the teacher goes to OUT/teacher.pt (+ .json)")
+    out: str = option(
+        help="output folder; the teacher goes to OUT/teacher.pt (+ .json)", identity=False
+    )
     dataset: str = option("fashion-mnist", help="dataset name (see delt.data.DATASETS)")
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's own)")
+    data_root: str | None = option(
+        None, help="dataset folder (default: the dataset's own)", identity=False
+    )
     resolution: int | None = option(None, help="image size, imagefolder/synthetic only")
     class_order: str | None = option(None, help="imagefolder: file of class folder names, in order")
     arch: str = option("convnet3", help="architecture (delt.models.MODELS or a torchvision name)")
