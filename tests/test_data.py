@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from delt.data import (
     DATASETS,
     FASHION_MNIST_ROOT,

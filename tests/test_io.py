@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from delt.io import atomic_open, read_json, save_image, torch_load, torch_save, write_json
 
 
@@ -23,8 +22,8 @@ def test_torch_round_trip_is_weights_only(tmp_path):
 
 
 def test_save_image_png_is_lossless_and_jpeg_works(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     image = torch.randint(0, 256, (3, 5, 7)).float() / 255
     save_image(image, tmp_path / "x.png")

@@ -4,8 +4,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
-
 from delt.data import DatasetInfo
 from delt.models import (
     MODELS,
@@ -15,6 +13,7 @@ from delt.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from torch import nn
 
 INFO = DatasetInfo("synthetic", 5, 3, 16, (0.5,) * 3, (0.25,) * 3, tuple("abcde"))
 
@@ -76,7 +75,9 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_mismatched_teacher_is_refused(tmp_path):
     path = tmp_path / "teacher.pt"
-    save_checkpoint(path, build_model("convnet2", INFO, {"width": 8}), _meta(arch="convnet2", width=8))
+    save_checkpoint(
+        path, build_model("convnet2", INFO, {"width": 8}), _meta(arch="convnet2", width=8)
+    )
     fewer = DatasetInfo("synthetic", 4, 3, 16, (0.5,) * 3, (0.25,) * 3, tuple("abcd"))
     with pytest.raises(TeacherMismatchError, match="5 classes"):
         load_checkpoint(path, fewer)

@@ -2,11 +2,9 @@
 
 import json
 
+import delt.recover as recover_module
 import pytest
 import torch
-
-import delt.recover as recover_module
-import delt_ext
 from delt.config import ConfigError
 from delt.data import DatasetInfo
 from delt.models import TeacherMismatchError, build_model, load_checkpoint, save_checkpoint
@@ -14,6 +12,7 @@ from delt.recover import METHODS, RecoverConfig, RecoverySettings, optimize_chun
 from delt.schedules import early_late_iterations
 from delt.select import Selection
 
+import delt_ext
 
 
 def _config(tiny_teacher, tiny_selection, out, method="delt", **overrides):
@@ -92,7 +91,9 @@ def test_late_images_are_untouched_until_they_join():
 
 
 @pytest.mark.parametrize("method", ["delt", "cda"])
-def test_resume_after_a_kill_is_bitwise_identical(tiny_teacher, tiny_selection, tmp_path, monkeypatch, method):
+def test_resume_after_a_kill_is_bitwise_identical(
+    tiny_teacher, tiny_selection, tmp_path, monkeypatch, method
+):
     reference = recover(_config(tiny_teacher, tiny_selection, tmp_path / "uninterrupted", method))
 
     calls = []
@@ -123,7 +124,9 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_teacher, tiny_selection, 
     assert torch.equal(resumed.images, reference.images)
     first = torch.load(tmp_path / "uninterrupted" / "distilled.pt", weights_only=True)
     second = torch.load(out / "distilled.pt", weights_only=True)
-    assert torch.equal(first["images"], second["images"]) and torch.equal(first["labels"], second["labels"])
+    assert torch.equal(first["images"], second["images"]) and torch.equal(
+        first["labels"], second["labels"]
+    )
     for png in (tmp_path / "uninterrupted" / "images").glob("*/*.png"):
         assert png.read_bytes() == (out / png.relative_to(tmp_path / "uninterrupted")).read_bytes()
 
@@ -195,7 +198,9 @@ def test_teacher_dataset_mismatch(tiny_teacher, tiny_selection, tmp_path):
 
 def test_missing_teacher(tiny_teacher, tiny_selection, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        recover(_config(tiny_teacher, tiny_selection, tmp_path, "sre2l", teacher=str(tmp_path / "x.pt")))
+        recover(
+            _config(tiny_teacher, tiny_selection, tmp_path, "sre2l", teacher=str(tmp_path / "x.pt"))
+        )
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from delt.schedules import (
     chunk_schedule,
     class_contiguous_chunks,

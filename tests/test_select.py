@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from delt.config import ConfigError
 from delt.select import SelectConfig, Selection, order_class, select_images
 

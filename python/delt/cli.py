@@ -65,7 +65,8 @@ def _run_recover(config) -> object:
 
     result = recover(config)
     print(
-        f"recover: {len(result.labels)} images, {sum(result.iterations_per_image)} image-iterations, "
+        f"recover: {len(result.labels)} images, "
+        f"{sum(result.iterations_per_image)} image-iterations, "
         f"{result.wall_seconds:.1f} s -> {result.out}"
     )
     return result
@@ -85,19 +86,33 @@ def _run_demo(config) -> object:
 
 COMMANDS: dict[str, Command] = {
     "teacher": Command("train a teacher on real data", _teacher_config, _run_teacher),
-    "select": Command("rank real images with the teacher and pick IPC per class", _select_config, _run_select),
-    "recover": Command("synthesize a distilled set (sre2l, cda, delt)", _recover_config, _run_recover),
-    "demo": Command("Fashion-MNIST end to end: teacher, select, DELT IPC 10, student", _demo_config, _run_demo),
+    "select": Command(
+        "rank real images with the teacher and pick IPC per class", _select_config, _run_select
+    ),
+    "recover": Command(
+        "synthesize a distilled set (sre2l, cda, delt)", _recover_config, _run_recover
+    ),
+    "demo": Command(
+        "Fashion-MNIST end to end: teacher, select, DELT IPC 10, student", _demo_config, _run_demo
+    ),
 }
 
 # Errors caused by the user's input: reported in one line, not as a traceback.
-USER_ERRORS = (ConfigError, DatasetNotFoundError, TeacherMismatchError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    ConfigError,
+    DatasetNotFoundError,
+    TeacherMismatchError,
+    FileNotFoundError,
+    ValueError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from delt_ext import __version__
 
-    parser = argparse.ArgumentParser(prog="delt", description="Dataset distillation: DELT, CDA, SRe2L.")
+    parser = argparse.ArgumentParser(
+        prog="delt", description="Dataset distillation: DELT, CDA, SRe2L."
+    )
     parser.add_argument("--version", action="version", version=f"delt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

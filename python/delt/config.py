@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for field in dataclasses.fields(cls):
         annotation, optional = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
-        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        required = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
         if required:
             kwargs["required"] = True
         else:
@@ -74,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: unsupported field type {annotation}")
         if optional and annotation is not bool:
-            kwargs["metavar"] = annotation.__name__.upper() if annotation in (int, float, str) else None
+            kwargs["metavar"] = (
+                annotation.__name__.upper() if annotation in (int, float, str) else None
+            )
         parser.add_argument(flag(field.name), **kwargs)
 
 

@@ -133,7 +133,9 @@ class TensorImageDataset(ImageDataset):
 
     def __init__(self, info: DatasetInfo, pixels: Tensor, targets: Tensor) -> None:
         if pixels.dtype != torch.uint8 or pixels.dim() != 4:
-            raise ValueError(f"pixels must be uint8 (N, C, H, W), got {pixels.dtype} {tuple(pixels.shape)}")
+            raise ValueError(
+                f"pixels must be uint8 (N, C, H, W), got {pixels.dtype} {tuple(pixels.shape)}"
+            )
         if targets.shape != (pixels.shape[0],):
             raise ValueError("targets must hold one label per image")
         self.info = info
@@ -385,7 +387,9 @@ def _load_synthetic(name, options, root, split, resolution, class_order) -> Imag
         try:
             values[key] = int(text)
         except ValueError:
-            raise ValueError(f"--dataset {name}: option {key} must be an integer, got {text!r}") from None
+            raise ValueError(
+                f"--dataset {name}: option {key} must be an integer, got {text!r}"
+            ) from None
     if resolution is not None:
         values["size"] = resolution
     for key in ("classes", "channels", "size", "train", "test"):
@@ -417,11 +421,21 @@ def _load_synthetic(name, options, root, split, resolution, class_order) -> Imag
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
-        DatasetSpec("fashion-mnist", "Fashion-MNIST, 10 classes, 1x28x28 (IDX files)", _load_fashion_mnist),
+        DatasetSpec(
+            "fashion-mnist", "Fashion-MNIST, 10 classes, 1x28x28 (IDX files)", _load_fashion_mnist
+        ),
         DatasetSpec("cifar10", "CIFAR-10, 10 classes, 3x32x32 (python folder)", _cifar_loader(10)),
-        DatasetSpec("cifar100", "CIFAR-100, 100 classes, 3x32x32 (python folder)", _cifar_loader(100)),
-        DatasetSpec("imagefolder", "ROOT/{train,val}/<class>/* trees, explicit class order", _load_imagefolder),
-        DatasetSpec("synthetic", "random class-dependent images for tests and benchmarks", _load_synthetic),
+        DatasetSpec(
+            "cifar100", "CIFAR-100, 100 classes, 3x32x32 (python folder)", _cifar_loader(100)
+        ),
+        DatasetSpec(
+            "imagefolder",
+            "ROOT/{train,val}/<class>/* trees, explicit class order",
+            _load_imagefolder,
+        ),
+        DatasetSpec(
+            "synthetic", "random class-dependent images for tests and benchmarks", _load_synthetic
+        ),
     )
 }
 

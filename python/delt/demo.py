@@ -38,7 +38,9 @@ class DemoConfig:
     """Configuration of ``delt demo`` (one field per flag)."""
 
     out: str = option("runs/demo", help="output folder (teacher/, select/, delt-ipc10/, ...)")
-    data_root: str | None = option(None, help="Fashion-MNIST folder (default: the Debian package's)")
+    data_root: str | None = option(
+        None, help="Fashion-MNIST folder (default: the Debian package's)"
+    )
     width: int = option(64, help="ConvNet-3 width of teacher and student")
     teacher_epochs: int = option(3, help="teacher training epochs")
     ipc: int = option(10, help="images per class")
@@ -50,9 +52,18 @@ class DemoConfig:
     progress: bool = option(True, help="show progress bars", identity=False)
 
     def __post_init__(self) -> None:
-        for name in ("width", "teacher_epochs", "ipc", "iterations", "round_iterations", "student_epochs"):
+        for name in (
+            "width",
+            "teacher_epochs",
+            "ipc",
+            "iterations",
+            "round_iterations",
+            "student_epochs",
+        ):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
 
 
 def _write_grid(images: torch.Tensor, info, ipc: int, path: Path) -> None:
@@ -86,8 +97,8 @@ def run_demo(config: DemoConfig) -> dict:
     rows.append(
         (
             "teacher",
-            f"ConvNet-3 w{config.width}, {config.teacher_epochs} epochs: {teacher.test_accuracy:.2f}% test"
-            + (" (cached)" if teacher.reused else ""),
+            f"ConvNet-3 w{config.width}, {config.teacher_epochs} epochs: "
+            f"{teacher.test_accuracy:.2f}% test" + (" (cached)" if teacher.reused else ""),
             teacher.train_seconds,
         )
     )
@@ -100,7 +111,9 @@ def run_demo(config: DemoConfig) -> dict:
             device=config.device, progress=config.progress,
         )
     )  # fmt: skip
-    rows.append(("select", f"medium, {config.ipc} per class of 60,000 scored", time.perf_counter() - step))
+    rows.append(
+        ("select", f"medium, {config.ipc} per class of 60,000 scored", time.perf_counter() - step)
+    )
 
     recovery = recover(
         RecoverConfig(
@@ -125,7 +138,9 @@ def run_demo(config: DemoConfig) -> dict:
     teacher_model = checkpoint.model.to(device).requires_grad_(False)
     # The teacher runs in channels_last here too: about 3x faster convolutions on a CPU.
     teacher_model = teacher_model.to(memory_format=torch.channels_last)
-    student_config = StudentConfig(epochs=config.student_epochs, channels_last=True, seed=config.seed)
+    student_config = StudentConfig(
+        epochs=config.student_epochs, channels_last=True, seed=config.seed
+    )
     images, _, manifest = load_distilled(recovery.out)
     student = train_student(
         images, teacher_model, checkpoint.meta, test_set, student_config, device, config.progress
@@ -144,7 +159,9 @@ def run_demo(config: DemoConfig) -> dict:
     random_indices = torch.cat(
         [
             torch.nonzero(train_set.targets == c).view(-1)[
-                torch.randperm(int((train_set.targets == c).sum()), generator=generator)[: config.ipc]
+                torch.randperm(int((train_set.targets == c).sum()), generator=generator)[
+                    : config.ipc
+                ]
             ]
             for c in range(train_set.info.num_classes)
         ]
@@ -156,7 +173,8 @@ def run_demo(config: DemoConfig) -> dict:
     rows.append(
         (
             "student (random real)",
-            f"same recipe on {config.ipc}/class random real images: {baseline.test_accuracy:.2f}% test",
+            f"same recipe on {config.ipc}/class random real images: "
+            f"{baseline.test_accuracy:.2f}% test",
             baseline.seconds,
         )
     )

@@ -85,11 +85,16 @@ def train_student(
     student = student.to(memory_format=memory_format)
     generator = torch.Generator().manual_seed(config.seed)
     augment = delt_ext.RandomResizedCropFlip(
-        size=tuple(images.shape[-2:]), scale=(config.min_crop, 1.0), per_sample=True, generator=generator
+        size=tuple(images.shape[-2:]),
+        scale=(config.min_crop, 1.0),
+        per_sample=True,
+        generator=generator,
     )
     steps_per_epoch = -(-images.shape[0] // config.batch_size)
     steps = config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     images = images.to(device)
     start = time.perf_counter()
@@ -97,7 +102,9 @@ def train_student(
     for _ in range(config.epochs):
         order = torch.randperm(images.shape[0], generator=generator).to(device)
         for batch_start in range(0, images.shape[0], config.batch_size):
-            batch = augment(images.index_select(0, order[batch_start : batch_start + config.batch_size]))
+            batch = augment(
+                images.index_select(0, order[batch_start : batch_start + config.batch_size])
+            )
             batch = batch.contiguous(memory_format=memory_format)
             with torch.no_grad(), autocast(device, config.amp):
                 target = (teacher(batch).float() / config.temperature).softmax(1)

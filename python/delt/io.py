@@ -30,7 +30,7 @@ __all__ = [
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Opens a temporary file beside ``path``; on success it replaces ``path``, else it is removed."""
+    """Opens a temporary file beside ``path``; on success it replaces ``path``, else it goes."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)

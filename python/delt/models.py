@@ -157,7 +157,9 @@ def model_spec(arch: str) -> ModelSpec:
     )
 
 
-def build_model(arch: str, info: DatasetInfo, arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
+def build_model(
+    arch: str, info: DatasetInfo, arch_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
     """An untrained ``arch`` for ``info``'s classes, channels and resolution."""
     spec = model_spec(arch)
     arch_kwargs = dict(arch_kwargs or {})
@@ -192,7 +194,7 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Writes ``path`` (weights + metadata) and ``path.with_suffix('.json')`` (metadata), atomically.
+    """Writes ``path`` (weights + metadata) and ``path.with_suffix('.json')`` (metadata); atomic.
 
     ``meta`` must hold ``arch``, ``arch_kwargs`` and ``dataset`` (a ``DatasetInfo.to_dict()``) and
     only plain values (str, int, float, bool, None, lists, dicts) so that ``weights_only`` loading
@@ -227,7 +229,9 @@ def check_compatible(meta: dict[str, Any], info: DatasetInfo, what: str = "teach
         )
     if saved.class_names != info.class_names:
         first = next(
-            i for i, (a, b) in enumerate(zip(saved.class_names, info.class_names)) if a != b
+            i
+            for i, (a, b) in enumerate(zip(saved.class_names, info.class_names, strict=True))
+            if a != b
         )
         raise TeacherMismatchError(
             f"the {what}'s class order differs from {info.name}'s: class {first} is "

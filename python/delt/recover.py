@@ -153,23 +153,31 @@ class RecoverConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r}: unknown method; known: {', '.join(METHODS)}")
+            raise ConfigError(
+                f"--method {self.method!r}: unknown method; known: {', '.join(METHODS)}"
+            )
         recipe = METHODS[self.method]
         for name in ("ipc", "iterations", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}"
+                )
         for name in ("lr", "r_bn", "first_bn_multiplier"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number > 0, got {value}"
+                )
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.jitter is not None and self.jitter < 0:
             raise ConfigError(f"--jitter must be >= 0 pixels, got {self.jitter}")
         if recipe.init == "selection" and self.selection is None:
-            raise ConfigError(f"--method {self.method} starts from real images: pass --selection DIR")
+            raise ConfigError(
+                f"--method {self.method} starts from real images: pass --selection DIR"
+            )
         if recipe.init != "selection":
             for name in ("selection", "data_root"):
                 if getattr(self, name) is not None:
@@ -203,7 +211,9 @@ class RecoverConfig:
         if recipe.early_late:
             # IPC 1: no EarlyLate; the single image per class gets all iterations (delt.md §1.1).
             round_iterations = (
-                self.iterations if self.ipc == 1 else self.round_iterations or DEFAULT_ROUND_ITERATIONS
+                self.iterations
+                if self.ipc == 1
+                else self.round_iterations or DEFAULT_ROUND_ITERATIONS
             )
         jitter = recipe.default_jitter(info.resolution) if self.jitter is None else self.jitter
         return dataclasses.replace(self, round_iterations=round_iterations, jitter=jitter)
@@ -306,7 +316,10 @@ def optimize_chunk(
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(device, settings.amp):
             logits = teacher(inputs)
-        loss = nn.functional.cross_entropy(logits.float(), targets) + settings.r_bn * bn_matching.loss()
+        loss = (
+            nn.functional.cross_entropy(logits.float(), targets)
+            + settings.r_bn * bn_matching.loss()
+        )
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
         optimizer.step()
@@ -361,8 +374,9 @@ def _check_run_identity(out: Path, identity: dict) -> None:
                 differences.append(f"{key}: the file changed since the first run")
         if differences:
             raise ConfigError(
-                f"--out {out} holds a recovery with another configuration ({'; '.join(differences)}); "
-                "re-run with the same flags to resume, or choose another --out"
+                f"--out {out} holds a recovery with another configuration "
+                f"({'; '.join(differences)}); re-run with the same flags to resume, or choose "
+                "another --out"
             )
     else:
         write_json(path, identity)
@@ -412,12 +426,15 @@ def recover(config: RecoverConfig) -> RecoverResult:
 
         def selection_images(chunk: Chunk) -> Tensor:
             # The first IPC picks of each class: a prefix of the selection order.
-            return dataset.images([chosen[c][j] for c, j in zip(chunk.classes, chunk.within_class)])
+            pairs = zip(chunk.classes, chunk.within_class, strict=True)
+            return dataset.images([chosen[c][j] for c, j in pairs])
 
     identity = {
         "config": identity_dict(config),
         "teacher_sha256": _sha256(teacher.path),
-        "selection_sha256": _sha256(Path(config.selection) / "selection.json") if selection else None,
+        "selection_sha256": _sha256(Path(config.selection) / "selection.json")
+        if selection
+        else None,
     }
     _check_run_identity(out, identity)
 
@@ -454,7 +471,9 @@ def recover(config: RecoverConfig) -> RecoverResult:
         config.iterations, device, out,
     )  # fmt: skip
 
-    with delt_ext.BNStatMatching(model, first_bn_multiplier=config.first_bn_multiplier) as bn_matching:
+    with delt_ext.BNStatMatching(
+        model, first_bn_multiplier=config.first_bn_multiplier
+    ) as bn_matching:
         # Compile after hooking: the hooks are traced into the graph.
         forward = torch.compile(model) if config.compile else model
         chunk_bar = tqdm(chunks, desc=f"{config.method} chunks", disable=not config.progress)
@@ -474,7 +493,10 @@ def recover(config: RecoverConfig) -> RecoverResult:
                 init = _initial_images(recipe, chunk, info, generator, selection_images)
                 chunk_labels = torch.tensor(chunk.classes, dtype=torch.int64)
                 bar = tqdm(
-                    total=total, desc=f"chunk {chunk.index}", leave=False, disable=not config.progress
+                    total=total,
+                    desc=f"chunk {chunk.index}",
+                    leave=False,
+                    disable=not config.progress,
                 )
                 result = optimize_chunk(
                     forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
@@ -499,11 +521,13 @@ def recover(config: RecoverConfig) -> RecoverResult:
                 )  # fmt: skip
             index = torch.tensor(positions, dtype=torch.int64)
             images[index] = chunk_images
-            for position, start in zip(positions, starts):
+            for position, start in zip(positions, starts, strict=True):
                 iterations_per_image[position] = total - start
             wall_seconds += seconds
 
-    _write_outputs(out, config, info, teacher, selection, images, labels, iterations_per_image, wall_seconds)
+    _write_outputs(
+        out, config, info, teacher, selection, images, labels, iterations_per_image, wall_seconds
+    )
     return RecoverResult(out, images, labels, iterations_per_image, wall_seconds)
 
 
@@ -539,7 +563,11 @@ def _write_outputs(
         "ipc": config.ipc,
         "num_images": int(images.shape[0]),
         "dataset": info.to_dict(),
-        "teacher": {"path": str(teacher.path), "sha256": _sha256(teacher.path), "meta": teacher.meta},
+        "teacher": {
+            "path": str(teacher.path),
+            "sha256": _sha256(teacher.path),
+            "meta": teacher.meta,
+        },
         "selection": None
         if selection is None
         else {"path": str(config.selection), "strategy": selection.meta["strategy"]},

@@ -123,7 +123,7 @@ class Chunk:
 
     def positions(self, ipc: int) -> list[int]:
         """Positions of the images in the class-major output (``class * ipc + within_class``)."""
-        return [c * ipc + j for c, j in zip(self.classes, self.within_class)]
+        return [c * ipc + j for c, j in zip(self.classes, self.within_class, strict=True)]
 
 
 def class_contiguous_chunks(num_classes: int, ipc: int, batch_size: int) -> list[Chunk]:

@@ -100,7 +100,9 @@ class Selection:
         return cls(indices=[list(map(int, c)) for c in meta["classes"]], meta=meta)
 
 
-def order_class(scores: torch.Tensor, strategy: str, generator: torch.Generator | None = None) -> list[int]:
+def order_class(
+    scores: torch.Tensor, strategy: str, generator: torch.Generator | None = None
+) -> list[int]:
     """The positions (into ``scores``) of one class's images, in selection order, all of them.
 
     Args:
@@ -158,7 +160,9 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
         with autocast(device, config.amp):
             logits = model(images)
         probabilities = logits.float().softmax(1).cpu()
-        scores[position : position + len(labels)] = probabilities.gather(1, labels.view(-1, 1)).view(-1)
+        scores[position : position + len(labels)] = probabilities.gather(
+            1, labels.view(-1, 1)
+        ).view(-1)
         position += len(labels)
     return scores, dataset.targets.clone(), {"teacher": teacher, "info": dataset.info}
 
@@ -206,7 +210,7 @@ def select_images(config: SelectConfig) -> Selection:
     writer = csv.writer(text)
     writer.writerow(["index", "label", "score", "rank_in_class"])
     for index, (label, score, rank) in enumerate(
-        zip(labels.tolist(), scores.tolist(), rank_within_class.tolist())
+        zip(labels.tolist(), scores.tolist(), rank_within_class.tolist(), strict=True)
     ):
         writer.writerow([index, label, f"{score:.6g}", rank])
     with atomic_open(out / "ranking.csv", "w") as handle:

@@ -27,7 +27,13 @@ from delt.io import read_json
 from delt.models import build_model, model_spec, save_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
 
-__all__ = ["TeacherConfig", "TeacherResult", "evaluate_accuracy", "iterate_batches", "train_teacher"]
+__all__ = [
+    "TeacherConfig",
+    "TeacherResult",
+    "evaluate_accuracy",
+    "iterate_batches",
+    "train_teacher",
+]
 
 
 @dataclass
@@ -64,7 +70,9 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
@@ -157,7 +165,10 @@ def _augment(images: Tensor, kind: str, generator: torch.Generator) -> Tensor:
         rows = (torch.arange(height).view(1, -1) + dy).view(batch, 1, height, 1)
         cols = (torch.arange(width).view(1, -1) + dx).view(batch, 1, 1, width)
         images = padded[
-            torch.arange(batch).view(-1, 1, 1, 1), torch.arange(channels).view(1, -1, 1, 1), rows, cols
+            torch.arange(batch).view(-1, 1, 1, 1),
+            torch.arange(channels).view(1, -1, 1, 1),
+            rows,
+            cols,
         ]
     return images
 
@@ -179,16 +190,20 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
         differences = config_diff(saved, identity)
         if differences:
             raise ConfigError(
-                f"{path} holds a teacher trained with another configuration ({'; '.join(differences)}); "
-                "choose another --out or delete it"
+                f"{path} holds a teacher trained with another configuration "
+                f"({'; '.join(differences)}); choose another --out or delete it"
             )
         meta = read_json(path.with_suffix(".json"))
         logger.info("teacher: reusing %s (test accuracy %.2f%%)", path, meta["test_accuracy"])
         return TeacherResult(path, meta["test_accuracy"], meta["train_seconds"], reused=True)
 
     device = resolve_device(config.device)
-    train_set = load_dataset(config.dataset, "train", config.data_root, config.resolution, config.class_order)
-    test_set = load_dataset(config.dataset, "test", config.data_root, config.resolution, config.class_order)
+    train_set = load_dataset(
+        config.dataset, "train", config.data_root, config.resolution, config.class_order
+    )
+    test_set = load_dataset(
+        config.dataset, "test", config.data_root, config.resolution, config.class_order
+    )
     info = train_set.info
     torch.manual_seed(config.seed)
     model = build_model(config.arch, info, config.arch_kwargs).to(device)
@@ -199,7 +214,10 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=config.lr,
         momentum=config.momentum,
         nesterov=True,
@@ -252,4 +270,3 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
     }
     save_checkpoint(path, model.to("cpu").to(memory_format=torch.contiguous_format), meta)
     return TeacherResult(path, accuracy, train_seconds, reused=False)
-
