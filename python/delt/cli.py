@@ -117,9 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        sub = subparsers.add_parser(
-            name, help=command.help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
         add_arguments(sub, command.config())
     return parser
 

@@ -28,7 +28,12 @@ def flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", identity: bool = True) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    identity: bool = True,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
     """A config field with its CLI help.
 
     Args:
@@ -37,8 +42,10 @@ def option(default: Any = dataclasses.MISSING, help: str = "", identity: bool = 
         identity: False for fields that do not change a command's results (progress bars,
             worker counts); :func:`config_diff` ignores them when deciding whether a saved run
             may be resumed or reused.
+        choices: the accepted values of a ``str`` field whose choices live in a registry.
     """
-    return dataclasses.field(default=default, metadata={"help": help, "identity": identity})
+    metadata = {"help": help, "identity": identity, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
@@ -51,19 +58,24 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Adds one flag per field of the dataclass ``cls`` to ``parser``."""
+    """Adds one flag per field of the dataclass ``cls`` to ``parser``.
+
+    Required fields become required flags; ``bool`` fields ``--flag/--no-flag``; ``Literal``
+    fields (and ``option(choices=...)``) get their choices; ``X | None`` fields default to None.
+    """
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        annotation, optional = _unwrap_optional(hints[field.name])
+        annotation, _ = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
         required = (
             field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         )
         if required:
             kwargs["required"] = True
+            kwargs["help"] += " (required)"
         else:
             kwargs["default"] = field.default
-            if kwargs["help"]:
+            if field.default is not None and annotation is not bool:
                 kwargs["help"] += f" (default: {field.default})"
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -73,12 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = type(choices[0])
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
+            if field.metadata.get("choices"):
+                kwargs["choices"] = field.metadata["choices"]
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: unsupported field type {annotation}")
-        if optional and annotation is not bool:
-            kwargs["metavar"] = (
-                annotation.__name__.upper() if annotation in (int, float, str) else None
-            )
         parser.add_argument(flag(field.name), **kwargs)
 
 

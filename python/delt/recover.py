@@ -114,7 +114,7 @@ class RecoverConfig:
     )
     ipc: int = option(help="images per class to synthesize")
     out: str = option(help="output folder; re-running into it resumes", identity=False)
-    method: str = option("delt", help=f"synthesis method: {', '.join(METHODS)}")
+    method: str = option("delt", help="synthesis method", choices=tuple(METHODS))
     selection: str | None = option(
         None,
         help="delt: folder of `delt select` (initial images, in selection order)",
