@@ -122,6 +122,10 @@ def test_resume_after_a_kill_is_bitwise_identical(
     resumed = recover(_config(tiny_teacher, tiny_selection, out, method))
     assert len(rerun) == len(list((out / "chunks").iterdir())) - 1  # chunk 0 was skipped
     assert torch.equal(resumed.images, reference.images)
+    # The very same bytes: distilled.pt, and every image file.
+    assert (out / "distilled.pt").read_bytes() == (
+        tmp_path / "uninterrupted" / "distilled.pt"
+    ).read_bytes()
     first = torch.load(tmp_path / "uninterrupted" / "distilled.pt", weights_only=True)
     second = torch.load(out / "distilled.pt", weights_only=True)
     assert torch.equal(first["images"], second["images"]) and torch.equal(
