@@ -64,12 +64,14 @@ def test_bad_input_is_one_line_with_status_2(tmp_path, monkeypatch, capsys, argv
     assert err.startswith(f"delt {argv[0]}: error:") and message in err
 
 
-def test_python_dash_m_delt():
+def test_python_dash_m_delt(tmp_path):
+    # Outside the source tree, so that the installed packages are the ones imported.
     done = subprocess.run(
         [sys.executable, "-m", "delt", "recover", "--help"],
         capture_output=True,
         text=True,
         check=True,
+        cwd=tmp_path,
     )
     assert "--round-iterations" in done.stdout and "--per-sample-aug" in done.stdout
 
