@@ -16,6 +16,15 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+def test_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_json(tmp_path / "x.json", {})
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_torch_round_trip_is_weights_only(tmp_path):
     torch_save({"x": torch.arange(3)}, tmp_path / "a" / "b.pt")
     assert torch.equal(torch_load(tmp_path / "a" / "b.pt")["x"], torch.arange(3))
