@@ -405,6 +405,7 @@ def recover(config: RecoverConfig) -> RecoverResult:
     config = config.resolved(info)
     recipe = METHODS[config.method]
     device = resolve_device(config.device)
+    config = dataclasses.replace(config, device=str(device))  # the manifest says where it ran
 
     selection_images: Callable[[Chunk], Tensor] | None = None
     selection: Selection | None = None
