@@ -97,3 +97,90 @@ if HAS_OPS:
     torch.library.register_autograd(
         "delt_ext::bn_stat_loss", _backward_bn_stat_loss, setup_context=_setup_bn_stat_loss
     )
+
+
+# ---- resized_crop_flip (fused random-resized-crop + flip + roll) ------------------------------
+
+
+def layout_format(t: Tensor) -> torch.memory_format:
+    """Memory format the kernels read ``t`` in and write results in: channels_last when ``t`` is
+    channels_last-contiguous and not NCHW-contiguous, else NCHW (other strides are copied)."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _fake_resized_crop_flip(x: Tensor, params: Tensor, out_h, out_w) -> Tensor:
+    torch._check(x.dim() == 4, lambda: f"x must be 4-D, got {x.dim()}-D")
+    torch._check(params.dim() == 2 and params.shape[1] == 7, lambda: "params must be (N, 7)")
+    return torch.empty(
+        (x.shape[0], x.shape[1], out_h, out_w),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=layout_format(x),
+    )
+
+
+def _fake_resized_crop_flip_backward(grad_out: Tensor, params: Tensor, in_h, in_w) -> Tensor:
+    torch._check(grad_out.dim() == 4, lambda: f"grad_out must be 4-D, got {grad_out.dim()}-D")
+    torch._check(params.dim() == 2 and params.shape[1] == 7, lambda: "params must be (N, 7)")
+    return torch.empty(
+        (grad_out.shape[0], grad_out.shape[1], in_h, in_w),
+        dtype=grad_out.dtype,
+        device=grad_out.device,
+        memory_format=layout_format(grad_out),
+    )
+
+
+def _setup_resized_crop_flip(ctx, inputs, output) -> None:
+    x, params, out_h, out_w = inputs
+    ctx.save_for_backward(params)
+    ctx.in_size = (x.shape[2], x.shape[3])
+    ctx.memory_format = layout_format(x)
+
+
+def _backward_resized_crop_flip(ctx, grad: Tensor):
+    (params,) = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        # The backward op writes grad_x laid out like grad; asking for x's layout here gives x's
+        # layout (a copy only when the incoming gradient has another layout).
+        grad = grad.contiguous(memory_format=ctx.memory_format)
+        grad_x = torch.ops.delt_ext.resized_crop_flip_backward(grad, params, *ctx.in_size)
+    # No gradient for params: the crop box, flip and shifts are discrete.
+    return grad_x, None, None, None
+
+
+def _setup_resized_crop_flip_backward(ctx, inputs, output) -> None:
+    grad_out, params, in_h, in_w = inputs
+    ctx.save_for_backward(params)
+    ctx.out_size = (grad_out.shape[2], grad_out.shape[3])
+    ctx.memory_format = layout_format(grad_out)
+
+
+def _backward_resized_crop_flip_backward(ctx, grad: Tensor):
+    # The backward op is linear in grad_out and the adjoint of the forward, so its own gradient
+    # is the forward op (double backward).
+    (params,) = ctx.saved_tensors
+    grad_grad_out = None
+    if ctx.needs_input_grad[0]:
+        grad = grad.contiguous(memory_format=ctx.memory_format)
+        grad_grad_out = torch.ops.delt_ext.resized_crop_flip(grad, params, *ctx.out_size)
+    return grad_grad_out, None, None, None
+
+
+if HAS_OPS:
+    torch.library.register_fake("delt_ext::resized_crop_flip", _fake_resized_crop_flip)
+    torch.library.register_fake(
+        "delt_ext::resized_crop_flip_backward", _fake_resized_crop_flip_backward
+    )
+    torch.library.register_autograd(
+        "delt_ext::resized_crop_flip",
+        _backward_resized_crop_flip,
+        setup_context=_setup_resized_crop_flip,
+    )
+    torch.library.register_autograd(
+        "delt_ext::resized_crop_flip_backward",
+        _backward_resized_crop_flip_backward,
+        setup_context=_setup_resized_crop_flip_backward,
+    )
