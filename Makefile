@@ -17,7 +17,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(shell find csrc delt_ext python -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: all venv install test test-fast test-cpu-only bench demo lint clean
+.PHONY: all venv install test test-fast test-cpu-only bench demo fashion-mnist lint clean
 
 all: test
 
@@ -55,6 +55,26 @@ test-cpu-only: venv
 
 bench: install
 	$(VENV)/bin/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
+
+# The main job: Fashion-MNIST end to end (teacher, selection, DELT IPC 10, a student), outputs
+# under $(DEMO_OUT). The data comes from Debian's dataset-fashion-mnist package.
+FASHION_MNIST_ROOT ?= /usr/share/datasets/fashion-mnist
+DEMO_OUT ?= runs/demo
+
+fashion-mnist:
+	@if [ -e $(FASHION_MNIST_ROOT)/train-images-idx3-ubyte.gz ] || [ -e $(FASHION_MNIST_ROOT)/train-images-idx3-ubyte ]; then \
+		echo "Fashion-MNIST: $(FASHION_MNIST_ROOT)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && apt-get install -y dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing from $(FASHION_MNIST_ROOT). Install it with" >&2; \
+		echo "  sudo apt-get install dataset-fashion-mnist" >&2; \
+		echo "or point FASHION_MNIST_ROOT at a folder holding its four IDX files." >&2; \
+		exit 1; \
+	fi
+
+demo: install fashion-mnist
+	$(VENV)/bin/delt demo --out $(DEMO_OUT) --data-root $(FASHION_MNIST_ROOT)
 
 lint:
 	$(VENV)/bin/ruff check delt_ext python tests benchmarks

@@ -1,0 +1,7 @@
+"""``python -m delt``: the same as the ``delt`` command."""
+
+import sys
+
+from delt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""Command configurations: dataclasses whose fields map one-to-one onto CLI flags.
+
+Each command (``teacher``, ``select``, ``recover``, ``demo``) has a dataclass config. A field
+``batch_size`` is the flag ``--batch-size``; its help text, choices and whether it is required
+live in the field's metadata (see :func:`option`), so the parser is generated from the dataclass
+and can never drift from it. The resolved config is saved with every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+__all__ = ["ConfigError", "add_arguments", "config_diff", "flag", "from_namespace", "option"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag and what was expected."""
+
+
+def flag(field_name: str) -> str:
+    """The CLI flag of a config field: ``batch_size`` → ``--batch-size``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    identity: bool = True,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A config field with its CLI help.
+
+    Args:
+        default: the default; leave it out for a required flag.
+        help: the flag's help text.
+        identity: False for fields that do not change a command's results (progress bars,
+            worker counts); :func:`config_diff` ignores them when deciding whether a saved run
+            may be resumed or reused.
+        choices: the accepted values of a ``str`` field whose choices live in a registry.
+    """
+    metadata = {"help": help, "identity": identity, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(get_args(annotation)) == 2:
+            return args[0], True
+    return annotation, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one flag per field of the dataclass ``cls`` to ``parser``.
+
+    Required fields become required flags; ``bool`` fields ``--flag/--no-flag``; ``Literal``
+    fields (and ``option(choices=...)``) get their choices; ``X | None`` fields default to None.
+    """
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        annotation, _ = _unwrap_optional(hints[field.name])
+        kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
+        required = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
+        if required:
+            kwargs["required"] = True
+            kwargs["help"] += " (required)"
+        else:
+            kwargs["default"] = field.default
+            if field.default is not None and annotation is not bool:
+                kwargs["help"] += f" (default: {field.default})"
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(annotation) is Literal:
+            choices = get_args(annotation)
+            kwargs["choices"] = choices
+            kwargs["type"] = type(choices[0])
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+            if field.metadata.get("choices"):
+                kwargs["choices"] = field.metadata["choices"]
+        else:
+            raise TypeError(f"{cls.__name__}.{field.name}: unsupported field type {annotation}")
+        parser.add_argument(flag(field.name), **kwargs)
+
+
+def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
+    """Builds ``cls`` from the parsed flags (its ``__post_init__`` validates)."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+
+def identity_dict(config: Any) -> dict[str, Any]:
+    """The fields of ``config`` that determine its results (``identity=True``), as a dict."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.metadata.get("identity", True)
+    }
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two identity dicts (``--flag: saved → current``)."""
+    keys = list(dict.fromkeys([*saved, *current]))
+    return [
+        f"{flag(key)}: {saved.get(key, '<unset>')!r} -> {current.get(key, '<unset>')!r}"
+        for key in keys
+        if saved.get(key, "<unset>") != current.get(key, "<unset>")
+    ]

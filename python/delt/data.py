@@ -1,0 +1,487 @@
+"""Datasets: one registry, each entry carrying its normalization, resolution and class order.
+
+Registered names (``DATASETS``):
+
+* ``fashion-mnist``: the IDX files of the Debian package ``dataset-fashion-mnist``
+  (default root ``/usr/share/datasets/fashion-mnist``), read with numpy.
+* ``cifar10``, ``cifar100``: the standard python folders (``cifar-10-batches-py``,
+  ``cifar-100-python``) through torchvision, never downloaded.
+* ``imagefolder``: any ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` tree (Tiny-ImageNet,
+  ImageNet-1K, subsets) with an explicit class order: a file of folder names, one per line, or the
+  sorted folder names. The order used is recorded (RDED #4: a wrong order wrecks reproduction).
+* ``synthetic``: random class-dependent images of any size, for tests and benchmarks. Options go
+  into the name, ``synthetic:classes=4,channels=1,size=8,train=16,test=4,seed=0``, so the name
+  alone reproduces the data (it is what a teacher's metadata records).
+
+Every dataset yields normalized float images (C, H, W) and int labels; ``DatasetInfo`` travels
+with teachers, selections and distilled sets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "FolderImageDataset",
+    "ImageDataset",
+    "TensorImageDataset",
+    "load_dataset",
+    "load_like",
+]
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are missing; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model trained on a dataset must agree with, and how to (de)normalize its pixels.
+
+    Attributes:
+        name: the registry name with its options (e.g. ``"fashion-mnist"``).
+        num_classes: number of classes; labels are ``0 .. num_classes - 1``.
+        channels, resolution: image shape ``(channels, resolution, resolution)``.
+        mean, std: per-channel normalization, ``x_normalized = (x - mean) / std`` with x in [0, 1].
+        class_names: class ``i``'s name; the order is the label order.
+    """
+
+    name: str
+    num_classes: int
+    channels: int
+    resolution: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DatasetInfo:
+        return cls(
+            name=str(data["name"]),
+            num_classes=int(data["num_classes"]),
+            channels=int(data["channels"]),
+            resolution=int(data["resolution"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            class_names=tuple(str(v) for v in data["class_names"]),
+        )
+
+    def _per_channel(self, values: tuple[float, ...], like: Tensor) -> Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """[0, 1] images (..., C, H, W) → normalized space."""
+        return (images - self._per_channel(self.mean, images)) / self._per_channel(self.std, images)
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        """Normalized images (..., C, H, W) → [0, 1] space (not clamped)."""
+        return images * self._per_channel(self.std, images) + self._per_channel(self.mean, images)
+
+    def pixel_bounds(self) -> tuple[Tensor, Tensor]:
+        """The valid range of each channel in normalized space, ``((0 - m) / s, (1 - m) / s)``.
+
+        Returns two float32 tensors of shape (C, 1, 1), broadcastable against (N, C, H, W).
+        """
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A labeled image dataset: normalized (C, H, W) float32 images and int labels.
+
+    Attributes:
+        info: the dataset's :class:`DatasetInfo`.
+        targets: (N,) int64, the label of every image (read without loading any image).
+    """
+
+    info: DatasetInfo
+    targets: Tensor
+
+    def __len__(self) -> int:
+        return int(self.targets.numel())
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+    def images(self, indices: Sequence[int] | Tensor) -> Tensor:
+        """The normalized images at ``indices``, stacked: (n, C, H, W) float32."""
+        return torch.stack([self[int(i)][0] for i in indices])
+
+
+class TensorImageDataset(ImageDataset):
+    """A dataset held in memory as uint8 (N, C, H, W); normalized on access."""
+
+    def __init__(self, info: DatasetInfo, pixels: Tensor, targets: Tensor) -> None:
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4:
+            raise ValueError(
+                f"pixels must be uint8 (N, C, H, W), got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        if targets.shape != (pixels.shape[0],):
+            raise ValueError("targets must hold one label per image")
+        self.info = info
+        self.pixels = pixels
+        self.targets = targets.to(torch.int64)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images([index])[0], int(self.targets[index])
+
+    def images(self, indices: Sequence[int] | Tensor) -> Tensor:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return self.info.normalize(self.pixels[index].to(torch.float32).div_(255))
+
+
+class FolderImageDataset(ImageDataset):
+    """An ImageFolder tree read with PIL, in an explicit class order.
+
+    Images get DELT's evaluation view, ``Resize(S // 7 * 8)`` then ``CenterCrop(S)``
+    (delt.md §2.2), then ``ToTensor`` and normalization.
+    """
+
+    def __init__(self, info: DatasetInfo, folder: Path) -> None:
+        import torchvision
+        from torchvision import transforms
+
+        class_names = list(info.class_names)
+
+        class _Ordered(torchvision.datasets.ImageFolder):
+            def find_classes(self, directory):  # noqa: D401 - torchvision's hook
+                return class_names, {name: i for i, name in enumerate(class_names)}
+
+        size = info.resolution
+        transform = transforms.Compose(
+            [
+                transforms.Resize(size // 7 * 8),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(info.mean, info.std),
+            ]
+        )
+        self.info = info
+        self.folder = _Ordered(str(folder), transform=transform)
+        self.targets = torch.tensor(self.folder.targets, dtype=torch.int64)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.folder[index]
+        if image.shape[0] != self.info.channels:
+            image = image.expand(self.info.channels, -1, -1)  # grayscale files in an RGB set
+        return image, int(label)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: ``load(options, root, split, resolution, class_order)``."""
+
+    name: str
+    description: str
+    load: Callable[..., ImageDataset]
+
+
+def _parse_name(name: str) -> tuple[str, dict[str, str]]:
+    base, _, option_text = name.partition(":")
+    options: dict[str, str] = {}
+    for item in filter(None, option_text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--dataset {name!r}: options must look like key=value, got {item!r}")
+        options[key.strip()] = value.strip()
+    return base, options
+
+
+def _no_options(name: str, options: dict[str, str]) -> None:
+    if options:
+        raise ValueError(f"--dataset {name} takes no options, got {sorted(options)}")
+
+
+def _fixed_resolution(name: str, resolution: int | None, native: int) -> None:
+    if resolution is not None and resolution != native:
+        raise ValueError(
+            f"--resolution {resolution}: {name} has a fixed resolution of {native}; "
+            "--resolution applies to imagefolder and synthetic data"
+        )
+
+
+def _no_class_order(name: str, class_order: str | None) -> None:
+    if class_order is not None:
+        raise ValueError(
+            f"--class-order applies to imagefolder only; {name} has a fixed class order"
+        )
+
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+def _read_idx(folder: Path, stem: str) -> np.ndarray:
+    """Reads an IDX file (``stem`` or ``stem.gz``): magic, dims (big-endian int32), uint8 data."""
+    for path, opener in ((folder / f"{stem}.gz", gzip.open), (folder / stem, open)):
+        if path.is_file():
+            with opener(path, "rb") as handle:
+                data = handle.read()
+            break
+    else:
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST: {stem}[.gz] not found in {folder}. Install it with "
+            "`sudo apt-get install dataset-fashion-mnist` (files go to "
+            f"{FASHION_MNIST_ROOT}), or pass --data-root DIR holding the four IDX files "
+            "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+            "t10k-labels-idx1-ubyte, optionally .gz)."
+        )
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{folder / stem}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _load_fashion_mnist(name, options, root, split, resolution, class_order) -> ImageDataset:
+    _no_options(name, options)
+    _fixed_resolution(name, resolution, 28)
+    _no_class_order(name, class_order)
+    folder = Path(root or FASHION_MNIST_ROOT)
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(folder, f"{prefix}-images-idx3-ubyte")
+    labels = _read_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    info = DatasetInfo(
+        name=name,
+        num_classes=10,
+        channels=1,
+        resolution=28,
+        # Mean and std of the 60,000 training images.
+        mean=(0.2860,),
+        std=(0.3530,),
+        class_names=FASHION_MNIST_CLASSES,
+    )
+    pixels = torch.from_numpy(images.copy()).unsqueeze(1)
+    return TensorImageDataset(info, pixels, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _cifar_loader(num_classes: int) -> Callable[..., ImageDataset]:
+    folder_name = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    archive = "cifar-10-python.tar.gz" if num_classes == 10 else "cifar-100-python.tar.gz"
+
+    def load(name, options, root, split, resolution, class_order) -> ImageDataset:
+        import torchvision
+
+        _no_options(name, options)
+        _fixed_resolution(name, resolution, 32)
+        _no_class_order(name, class_order)
+        how = (
+            f"download {archive} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
+            f"into DIR so that DIR/{folder_name} exists, then pass --data-root DIR"
+        )
+        if root is None:
+            raise DatasetNotFoundError(f"{name} needs --data-root: {how}")
+        if not (Path(root) / folder_name).is_dir():
+            raise DatasetNotFoundError(f"{name}: {Path(root) / folder_name} not found; {how}")
+        cls = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+        try:
+            data = cls(root, train=split == "train", download=False)
+        except RuntimeError as error:  # torchvision's "not found or corrupted"
+            raise DatasetNotFoundError(f"{name} in {root}: {error}; {how}") from error
+        info = DatasetInfo(
+            name=name,
+            num_classes=num_classes,
+            channels=3,
+            resolution=32,
+            # DELT recover.py's CIFAR constants (delt.md §3.4), for CIFAR-10 and CIFAR-100.
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2023, 0.1994, 0.2010),
+            class_names=tuple(data.classes),
+        )
+        pixels = torch.from_numpy(np.ascontiguousarray(data.data)).permute(0, 3, 1, 2).contiguous()
+        return TensorImageDataset(info, pixels, torch.tensor(data.targets, dtype=torch.int64))
+
+    return load
+
+
+def _load_imagefolder(name, options, root, split, resolution, class_order) -> ImageDataset:
+    # class_order: a file path from --class-order, or a tuple of names (a teacher's recorded order).
+    _no_options(name, options)
+    if root is None:
+        raise DatasetNotFoundError(
+            "imagefolder needs --data-root DIR with DIR/train/<class>/* and DIR/val/<class>/* "
+            "(for ImageNet, the usual train/val layout with one folder per WNID)"
+        )
+    split_names = ("train",) if split == "train" else ("val", "test")
+    for split_name in split_names:
+        folder = Path(root) / split_name
+        if folder.is_dir():
+            break
+    else:
+        raise DatasetNotFoundError(
+            f"imagefolder: {Path(root) / split_names[0]} not found; --data-root must hold "
+            f"{' or '.join(split_names)}/<class>/* image folders"
+        )
+    if isinstance(class_order, tuple):
+        class_names = list(class_order)
+    elif class_order is not None:
+        order_file = Path(class_order)
+        if not order_file.is_file():
+            raise DatasetNotFoundError(f"--class-order {class_order}: no such file")
+        class_names = [line.strip() for line in order_file.read_text().splitlines() if line.strip()]
+    if class_order is not None:
+        if len(set(class_names)) != len(class_names):
+            raise ValueError(f"--class-order {class_order}: a class is listed twice")
+        missing = [c for c in class_names if not (folder / c).is_dir()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"--class-order {class_order}: no folder in {folder} for {missing[:5]}"
+            )
+    else:
+        # Sorted folder names: ImageFolder's convention, recorded so it is never re-guessed.
+        class_names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not class_names:
+        raise DatasetNotFoundError(f"imagefolder: no class folder in {folder}")
+    info = DatasetInfo(
+        name=name,
+        num_classes=len(class_names),
+        channels=3,
+        resolution=resolution or 224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        class_names=tuple(class_names),
+    )
+    return FolderImageDataset(info, folder)
+
+
+_SYNTHETIC_DEFAULTS = {"classes": 10, "channels": 3, "size": 16, "train": 32, "test": 8, "seed": 0}
+
+
+def _load_synthetic(name, options, root, split, resolution, class_order) -> ImageDataset:
+    _no_class_order(name, class_order)
+    if root is not None:
+        raise ValueError("--data-root does not apply to synthetic data (it is generated)")
+    unknown = sorted(set(options) - set(_SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"--dataset {name}: unknown option(s) {unknown}; known: {sorted(_SYNTHETIC_DEFAULTS)}"
+        )
+    values = dict(_SYNTHETIC_DEFAULTS)
+    for key, text in options.items():
+        try:
+            values[key] = int(text)
+        except ValueError:
+            raise ValueError(
+                f"--dataset {name}: option {key} must be an integer, got {text!r}"
+            ) from None
+    if resolution is not None:
+        values["size"] = resolution
+    for key in ("classes", "channels", "size", "train", "test"):
+        if values[key] < 1:
+            raise ValueError(f"--dataset {name}: option {key} must be >= 1, got {values[key]}")
+    classes, channels, size = values["classes"], values["channels"], values["size"]
+    generator = torch.Generator().manual_seed(values["seed"])
+    # Class c's images are a fixed random low-frequency pattern plus noise: random, yet
+    # learnable, so teachers, selection and recovery all have something to work on.
+    patterns = torch.rand(classes, channels, 4, 4, generator=generator)
+    patterns = torch.nn.functional.interpolate(patterns, size=(size, size), mode="bilinear")
+    per_class = values["train"] if split == "train" else values["test"]
+    split_generator = torch.Generator().manual_seed(values["seed"] * 2 + (split != "train") + 1)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    noise = torch.rand(labels.numel(), channels, size, size, generator=split_generator)
+    pixels = (0.6 * patterns[labels] + 0.4 * noise).mul(255).round().to(torch.uint8)
+    info = DatasetInfo(
+        name=name,
+        num_classes=classes,
+        channels=channels,
+        resolution=size,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        class_names=tuple(f"class{c}" for c in range(classes)),
+    )
+    return TensorImageDataset(info, pixels, labels)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "fashion-mnist", "Fashion-MNIST, 10 classes, 1x28x28 (IDX files)", _load_fashion_mnist
+        ),
+        DatasetSpec("cifar10", "CIFAR-10, 10 classes, 3x32x32 (python folder)", _cifar_loader(10)),
+        DatasetSpec(
+            "cifar100", "CIFAR-100, 100 classes, 3x32x32 (python folder)", _cifar_loader(100)
+        ),
+        DatasetSpec(
+            "imagefolder",
+            "ROOT/{train,val}/<class>/* trees, explicit class order",
+            _load_imagefolder,
+        ),
+        DatasetSpec(
+            "synthetic", "random class-dependent images for tests and benchmarks", _load_synthetic
+        ),
+    )
+}
+
+
+def load_like(info: DatasetInfo, split: str = "train", root: str | None = None) -> ImageDataset:
+    """Loads the dataset ``info`` describes (e.g. a teacher's), in ``info``'s class order.
+
+    The class order and resolution come from ``info``, never re-derived from the files; a
+    fixed dataset whose files disagree is refused later by ``models.check_compatible``.
+    """
+    base, _ = _parse_name(info.name)
+    return load_dataset(
+        info.name,
+        split,
+        root,
+        resolution=info.resolution,
+        class_order=info.class_names if base == "imagefolder" else None,
+    )
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    root: str | None = None,
+    resolution: int | None = None,
+    class_order: str | tuple[str, ...] | None = None,
+) -> ImageDataset:
+    """Loads a registered dataset.
+
+    Args:
+        name: a ``DATASETS`` key, optionally with options (``synthetic:classes=4,size=8``).
+        split: ``"train"`` or ``"test"``.
+        root: where its files are (``--data-root``); ``None`` for the dataset's default.
+        resolution: image size for ``imagefolder`` (default 224) and ``synthetic``.
+        class_order: for ``imagefolder``, a file of class folder names, one per line, or the
+            names themselves as a tuple.
+
+    Raises:
+        ValueError: unknown name, bad option or argument.
+        DatasetNotFoundError: the files are missing (the message says how to get them).
+    """
+    base, options = _parse_name(name)
+    if base not in DATASETS:
+        raise ValueError(f"--dataset {name!r}: unknown dataset; known: {', '.join(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if resolution is not None and resolution < 1:
+        raise ValueError(f"--resolution must be >= 1, got {resolution}")
+    return DATASETS[base].load(name, options, root, split, resolution, class_order)

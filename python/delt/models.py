@@ -1,0 +1,281 @@
+"""Models: one registry by name, and checkpoints that carry their dataset's metadata.
+
+Registered architectures (``MODELS``):
+
+* ``convnet1`` .. ``convnet8``: ConvNet-D of RDED/DELT (delt.md §3.7): D blocks of
+  Conv3x3(pad 1) → BatchNorm2d → ReLU → AvgPool2d(2), then a linear classifier on the flattened
+  map. Width ``width`` (default 128, the papers'). BatchNorm (not instance norm) so that
+  BN-statistic matching has running statistics to match.
+* ``resnet18_small``: ResNet-18 for small images (CIFAR/Tiny): 3x3 stride-1 stem, no max-pool.
+* every torchvision classification model by its name (``resnet18``, ``mobilenet_v2``, ...),
+  built untrained (``weights=None``): weights come only from local checkpoints.
+
+A checkpoint is ``NAME.pt`` (state dict + metadata, loaded with ``weights_only=True``) with the
+same metadata as readable JSON beside it (``NAME.json``): arch, arch kwargs, the dataset's
+:class:`~delt.data.DatasetInfo` (class order, normalization, resolution), test accuracy, epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from delt.data import DatasetInfo
+from delt.io import atomic_open, torch_load, write_json
+
+__all__ = [
+    "MODELS",
+    "Checkpoint",
+    "ModelSpec",
+    "TeacherMismatchError",
+    "build_model",
+    "check_compatible",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "delt-checkpoint-v1"
+
+
+class TeacherMismatchError(ValueError):
+    """A checkpoint's classes, order or input shape do not match the dataset it is used with."""
+
+
+class ConvNet(nn.Module):
+    """ConvNet-D: ``depth`` blocks of Conv3x3 → BN → ReLU → AvgPool2, then a linear layer.
+
+    Input (N, channels, resolution, resolution) → logits (N, num_classes). Each block halves the
+    spatial size (floor), so the classifier sees ``width * (resolution >> depth)**2`` features.
+    """
+
+    def __init__(
+        self, num_classes: int, channels: int, resolution: int, depth: int, width: int = 128
+    ) -> None:
+        super().__init__()
+        if resolution >> depth < 1:
+            raise ValueError(
+                f"convnet{depth} needs images of at least {2**depth} pixels, got {resolution}"
+            )
+        layers: list[nn.Module] = []
+        in_channels = channels
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(in_channels, width, kernel_size=3, padding=1),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+            ]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * (resolution >> depth) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _convnet_builder(depth: int) -> Callable[..., nn.Module]:
+    def build(info: DatasetInfo, width: int = 128) -> nn.Module:
+        return ConvNet(info.num_classes, info.channels, info.resolution, depth=depth, width=width)
+
+    return build
+
+
+def _resnet18_small(info: DatasetInfo) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=info.num_classes)
+    # CIFAR/Tiny variant (delt.md §2.2): a 3x3 stride-1 stem and no max-pool keep the small
+    # images' resolution for the residual stages.
+    model.conv1 = nn.Conv2d(info.channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    def build(info: DatasetInfo) -> nn.Module:
+        import torchvision
+
+        if info.channels != 3:
+            raise ValueError(
+                f"--arch {name}: torchvision models take 3-channel images, {info.name} has "
+                f"{info.channels}; use convnetD or resnet18_small"
+            )
+        return torchvision.models.get_model(name, weights=None, num_classes=info.num_classes)
+
+    return build
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture: ``build(info, **kwargs)``; ``kwargs`` lists what it accepts."""
+
+    name: str
+    description: str
+    build: Callable[..., nn.Module]
+    kwargs: tuple[str, ...] = field(default=())
+
+
+def _registry() -> dict[str, ModelSpec]:
+    specs = [
+        ModelSpec(
+            f"convnet{depth}",
+            f"ConvNet-{depth}: {depth} x (Conv3x3-BN-ReLU-AvgPool2), width --width",
+            _convnet_builder(depth),
+            ("width",),
+        )
+        for depth in range(1, 9)
+    ]
+    specs.append(
+        ModelSpec("resnet18_small", "ResNet-18, 3x3 stride-1 stem, no max-pool", _resnet18_small)
+    )
+    return {spec.name: spec for spec in specs}
+
+
+MODELS: dict[str, ModelSpec] = _registry()
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def model_spec(arch: str) -> ModelSpec:
+    """The registry entry of ``arch`` (a ``MODELS`` key or a torchvision classifier name)."""
+    if arch in MODELS:
+        return MODELS[arch]
+    if arch in _torchvision_names():
+        return ModelSpec(arch, f"torchvision {arch}", _torchvision_builder(arch))
+    raise ValueError(
+        f"--arch {arch!r}: unknown architecture; known: {', '.join(MODELS)}, or a torchvision "
+        "classification model name (torchvision.models.list_models())"
+    )
+
+
+def build_model(
+    arch: str, info: DatasetInfo, arch_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """An untrained ``arch`` for ``info``'s classes, channels and resolution."""
+    spec = model_spec(arch)
+    arch_kwargs = dict(arch_kwargs or {})
+    unknown = sorted(set(arch_kwargs) - set(spec.kwargs))
+    if unknown:
+        raise ValueError(
+            f"--arch {arch} does not take {', '.join('--' + k for k in unknown)} "
+            f"(it takes: {', '.join('--' + k for k in spec.kwargs) or 'nothing'})"
+        )
+    return spec.build(info, **arch_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A model loaded from a checkpoint, with its metadata.
+
+    Attributes:
+        model: the network, in eval mode.
+        meta: the metadata dict saved with it (arch, arch_kwargs, dataset, test_accuracy, ...).
+        info: ``meta["dataset"]`` as a :class:`DatasetInfo`.
+        path: the file it came from.
+    """
+
+    model: nn.Module
+    meta: dict[str, Any]
+    info: DatasetInfo
+    path: Path
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Writes ``path`` (weights + metadata) and ``path.with_suffix('.json')`` (metadata); atomic.
+
+    ``meta`` must hold ``arch``, ``arch_kwargs`` and ``dataset`` (a ``DatasetInfo.to_dict()``) and
+    only plain values (str, int, float, bool, None, lists, dicts) so that ``weights_only`` loading
+    accepts it.
+    """
+    missing = [key for key in ("arch", "arch_kwargs", "dataset") if key not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing}")
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    with atomic_open(path, "wb") as handle:
+        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, handle)
+    write_json(path.with_suffix(".json"), meta)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # torch.compile wraps the module; its state dict keys get an "_orig_mod." prefix.
+    return getattr(model, "_orig_mod", model)
+
+
+def check_compatible(meta: dict[str, Any], info: DatasetInfo, what: str = "teacher") -> None:
+    """Refuses a model whose classes, class order or input shape differ from ``info``'s.
+
+    Raises:
+        TeacherMismatchError: naming the first difference.
+    """
+    saved = DatasetInfo.from_dict(meta["dataset"])
+    if saved.num_classes != info.num_classes:
+        raise TeacherMismatchError(
+            f"the {what} was trained on {saved.num_classes} classes ({saved.name}), but "
+            f"{info.name} has {info.num_classes}"
+        )
+    if saved.class_names != info.class_names:
+        first = next(
+            i
+            for i, (a, b) in enumerate(zip(saved.class_names, info.class_names, strict=True))
+            if a != b
+        )
+        raise TeacherMismatchError(
+            f"the {what}'s class order differs from {info.name}'s: class {first} is "
+            f"{saved.class_names[first]!r} for the {what} but {info.class_names[first]!r} for the "
+            "data (pass the teacher's order with --class-order, or retrain the teacher)"
+        )
+    if (saved.channels, saved.resolution) != (info.channels, info.resolution):
+        raise TeacherMismatchError(
+            f"the {what} takes {saved.channels}x{saved.resolution}x{saved.resolution} images, "
+            f"{info.name} has {info.channels}x{info.resolution}x{info.resolution}"
+        )
+    if (saved.mean, saved.std) != (info.mean, info.std):
+        raise TeacherMismatchError(
+            f"the {what} was trained with normalization mean={saved.mean} std={saved.std}, "
+            f"{info.name} uses mean={info.mean} std={info.std}"
+        )
+
+
+def load_checkpoint(path: str | Path, info: DatasetInfo | None = None) -> Checkpoint:
+    """Loads a local checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Args:
+        path: the ``.pt`` file.
+        info: when given, the dataset the model will be used with; a mismatch is refused.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a delt checkpoint.
+        TeacherMismatchError: see :func:`check_compatible`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--teacher {path}: no such file (train one with `delt teacher --out DIR`, which "
+            "writes DIR/teacher.pt)"
+        )
+    payload = torch_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a delt checkpoint ({CHECKPOINT_FORMAT})")
+    meta = payload["meta"]
+    saved_info = DatasetInfo.from_dict(meta["dataset"])
+    if info is not None:
+        check_compatible(meta, info)
+    model = build_model(meta["arch"], saved_info, meta["arch_kwargs"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return Checkpoint(model=model, meta=meta, info=saved_info, path=path)

@@ -1,0 +1,190 @@
+"""Pure schedule functions of the recovery loop: EarlyLate rounds, chunking, cosine LR.
+
+Nothing here touches a model or a tensor, so every schedule is testable on its own (STYLE.md).
+The semantics follow DELT's ``recover.py`` as documented in ``reference/delt.md`` §1.2:
+
+* The IPC images of a class, in selection order, are split into ``R = iterations //
+  round_iterations`` groups ("rounds"); group sizes are ``ipc // R``, the first ``ipc % R`` groups
+  one larger. Image ``j`` joins at the start of its group's round and stays active to the end.
+* One loop of ``iterations`` steps per chunk; one LR schedule and one crop curriculum over it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import accumulate
+
+__all__ = [
+    "Chunk",
+    "chunk_schedule",
+    "class_contiguous_chunks",
+    "class_interleaved_chunks",
+    "cosine_lr",
+    "early_late_iterations",
+    "image_start_rounds",
+    "round_group_sizes",
+]
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_rounds(iterations: int, round_iterations: int) -> int:
+    _check_positive("iterations", iterations)
+    _check_positive("round_iterations", round_iterations)
+    if round_iterations > iterations:
+        raise ValueError(
+            f"round_iterations ({round_iterations}) must be <= iterations ({iterations}): "
+            "the first round cannot be longer than the whole loop"
+        )
+    if iterations % round_iterations:
+        # DELT's code indexes rounds with it // RI; a remainder would create a partial round that
+        # the paper never uses. Refuse instead of guessing.
+        raise ValueError(
+            f"iterations ({iterations}) must be a multiple of round_iterations ({round_iterations})"
+        )
+    return iterations // round_iterations
+
+
+def round_group_sizes(ipc: int, num_rounds: int) -> list[int]:
+    """How many images of a class join at each round: ``ipc // R``, the first ``ipc % R`` one more.
+
+    >>> round_group_sizes(10, 8)
+    [2, 2, 1, 1, 1, 1, 1, 1]
+    """
+    _check_positive("ipc", ipc)
+    _check_positive("num_rounds", num_rounds)
+    base, extra = divmod(ipc, num_rounds)
+    return [base + (1 if r < extra else 0) for r in range(num_rounds)]
+
+
+def image_start_rounds(ipc: int, iterations: int, round_iterations: int) -> list[int]:
+    """The round at which each image of a class joins, in selection order (0 = from the start).
+
+    Image ``j`` starts at the first round ``r`` with ``j < cumsum(group sizes)[r]`` (delt.md §1.2).
+    """
+    num_rounds = _check_rounds(iterations, round_iterations)
+    _check_positive("ipc", ipc)
+    bounds = list(accumulate(round_group_sizes(ipc, num_rounds)))
+    starts = []
+    round_index = 0
+    for j in range(ipc):
+        while j >= bounds[round_index]:
+            round_index += 1
+        starts.append(round_index)
+    return starts
+
+
+def early_late_iterations(ipc: int, iterations: int, round_iterations: int) -> list[int]:
+    """Iterations each image of a class gets under EarlyLate, in selection order.
+
+    Args:
+        ipc: images per class (>= 1).
+        iterations: MI, the loop length; the earliest images get all of it.
+        round_iterations: RI; a later group joins every RI steps. ``round_iterations ==
+            iterations`` (one round) gives every image ``iterations``: no EarlyLate, as for IPC 1.
+
+    Returns:
+        ``ipc`` integers, non-increasing. With MI 4000 and RI 500 at IPC 10:
+        ``[4000, 4000, 3500, 3500, 3000, 2500, 2000, 1500, 1000, 500]``.
+    """
+    return [
+        iterations - start * round_iterations
+        for start in image_start_rounds(ipc, iterations, round_iterations)
+    ]
+
+
+def cosine_lr(iteration: int, total: int, base_lr: float) -> float:
+    """SRe2L/CDA/DELT's LR: ``0.5 * (1 + cos(pi * iteration / total)) * base_lr``, no warm-up."""
+    if total < 1:
+        raise ValueError(f"total must be >= 1, got {total}")
+    return 0.5 * (1.0 + math.cos(math.pi * iteration / total)) * base_lr
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One independent optimization problem of the recovery: a batch of images to synthesize.
+
+    Attributes:
+        index: position of the chunk in the run (seeds and file names derive from it).
+        classes: class index of each image of the chunk.
+        within_class: index of each image inside its class (0 = first in selection order).
+    """
+
+    index: int
+    classes: tuple[int, ...]
+    within_class: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def positions(self, ipc: int) -> list[int]:
+        """Positions of the images in the class-major output (``class * ipc + within_class``)."""
+        return [c * ipc + j for c, j in zip(self.classes, self.within_class, strict=True)]
+
+
+def class_contiguous_chunks(num_classes: int, ipc: int, batch_size: int) -> list[Chunk]:
+    """DELT's batching: the class-major sequence of images cut into runs of ``batch_size``.
+
+    A chunk holds consecutive images in class-major, selection order, so it may span several
+    classes or part of one (delt.md §1.2: a DataLoader with ``shuffle=False`` over the selection).
+    """
+    _check_positive("num_classes", num_classes)
+    _check_positive("ipc", ipc)
+    _check_positive("batch_size", batch_size)
+    total = num_classes * ipc
+    chunks = []
+    for index, start in enumerate(range(0, total, batch_size)):
+        positions = range(start, min(start + batch_size, total))
+        chunks.append(
+            Chunk(
+                index=index,
+                classes=tuple(p // ipc for p in positions),
+                within_class=tuple(p % ipc for p in positions),
+            )
+        )
+    return chunks
+
+
+def class_interleaved_chunks(num_classes: int, ipc: int, batch_size: int) -> list[Chunk]:
+    """SRe2L/CDA's batching: an outer loop over the IPC index, one image per class per batch.
+
+    For each ``ipc_index`` the classes are taken ``batch_size`` at a time (SRe2L's
+    ``targets = arange(1000)[kk:kk + 100]``), so a chunk never holds two images of one class.
+    """
+    _check_positive("num_classes", num_classes)
+    _check_positive("ipc", ipc)
+    _check_positive("batch_size", batch_size)
+    chunks = []
+    for ipc_index in range(ipc):
+        for start in range(0, num_classes, batch_size):
+            classes = tuple(range(start, min(start + batch_size, num_classes)))
+            chunks.append(
+                Chunk(index=len(chunks), classes=classes, within_class=(ipc_index,) * len(classes))
+            )
+    return chunks
+
+
+def chunk_schedule(
+    within_class: tuple[int, ...] | list[int], ipc: int, iterations: int, round_iterations: int
+) -> tuple[int, list[int]]:
+    """Loop length of one chunk and the iteration at which each of its images joins.
+
+    Rounds in which no image of the chunk is active yet are dropped and the loop shortens by RI
+    for each (DELT l.74-87): a chunk holding only late images of a class starts its loop at the
+    earliest of them. Every image still gets ``early_late_iterations(...)[j]`` steps.
+
+    Returns:
+        ``(total_iterations, start_iterations)``: the chunk's loop length and, per image,
+        the first iteration it is forwarded in (0 for the earliest images).
+    """
+    if len(within_class) == 0:
+        raise ValueError("a chunk must hold at least one image")
+    starts = image_start_rounds(ipc, iterations, round_iterations)
+    chunk_rounds = [starts[j] for j in within_class]
+    skipped = min(chunk_rounds)
+    total = iterations - skipped * round_iterations
+    return total, [(r - skipped) * round_iterations for r in chunk_rounds]

@@ -1,0 +1,83 @@
+"""delt.cli: flags map one-to-one onto the config dataclasses; errors are one clear line."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import SYNTHETIC
+from delt.cli import COMMANDS, build_parser, main
+
+
+def _subparser(name):
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return action.choices[name]
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_flags_map_one_to_one_onto_config_fields(name):
+    sub = _subparser(name)
+    dests = {a.dest for a in sub._actions if a.dest != "help"}
+    fields = {f.name for f in dataclasses.fields(COMMANDS[name].config())}
+    assert dests == fields
+    for field in fields:
+        assert "--" + field.replace("_", "-") in sub.format_help()
+
+
+def test_pipeline_through_the_cli(tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    checkpoint = str(teacher / "teacher.pt")
+    argv = f"teacher --out {teacher} --dataset {SYNTHETIC} --arch convnet2 --width 8 --epochs 1"
+    argv += " --batch-size 16 --amp none --no-channels-last --no-progress"
+    assert main(argv.split()) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    argv = f"select --teacher {checkpoint} --ipc 3 --out {tmp_path / 'select'} --strategy top"
+    assert main([*argv.split(), "--no-progress"]) == 0
+    argv = f"recover --teacher {checkpoint} --ipc 3 --out {tmp_path / 'delt'}"
+    argv += f" --selection {tmp_path / 'select'} --iterations 4 --round-iterations 2"
+    assert main([*argv.split(), "--batch-size", "6", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "delt" / "manifest.json").read_text())
+    assert manifest["iterations_per_image"] == [4, 4, 2] * 4
+    assert "image-iterations" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["recover", "--teacher", "t.pt", "--ipc", "0", "--out", "o"], "--ipc must be an integer"),
+        (["recover", "--teacher", "missing.pt", "--ipc", "1", "--out", "o", "--method", "sre2l"],
+         "no such file"),
+        (["recover", "--teacher", "t.pt", "--ipc", "1", "--out", "o", "--selection", "s",
+          "--iterations", "100", "--round-iterations", "200"], "must be <= --iterations"),
+        (["teacher", "--out", "o", "--dataset", "fashion-mnist", "--data-root", "/nonexistent"],
+         "apt-get install dataset-fashion-mnist"),
+        (["teacher", "--out", "o", "--arch", "resnet18_small", "--width", "3"], "--width applies"),
+        (["teacher", "--out", "o", "--arch", "nonet"], "unknown architecture"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_with_status_2(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"delt {argv[0]}: error:") and message in err
+
+
+def test_python_dash_m_delt(tmp_path):
+    # Outside the source tree, so that the installed packages are the ones imported.
+    done = subprocess.run(
+        [sys.executable, "-m", "delt", "recover", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    assert "--round-iterations" in done.stdout and "--per-sample-aug" in done.stdout
+
+
+def test_argparse_rejects_unknown_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recover", "--teacher", "t.pt", "--ipc", "1", "--out", "o", "--method", "mtt"])
+    assert exit_info.value.code == 2
+    assert "argument --method: invalid choice: 'mtt'" in capsys.readouterr().err

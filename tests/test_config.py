@@ -1,0 +1,39 @@
+"""delt.config: dataclass fields → CLI flags, identity and differences."""
+
+import argparse
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+from delt.config import add_arguments, config_diff, flag, from_namespace, identity_dict, option
+
+
+@dataclass
+class Example:
+    out: str = option(help="where", identity=False)
+    batch_size: int = option(100, help="size")
+    mode: Literal["a", "b"] = option("a", help="mode")
+    limit: float | None = option(None, help="limit")
+    fast: bool = option(False, help="fast")
+    method: str = option("x", help="method", choices=("x", "y"))
+
+
+def test_flags_are_generated_from_fields():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Example)
+    args = parser.parse_args(["--out", "o", "--batch-size", "5", "--mode", "b", "--fast"])
+    config = from_namespace(Example, args)
+    assert config == Example(out="o", batch_size=5, mode="b", limit=None, fast=True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "o", "--method", "z"])
+    with pytest.raises(SystemExit):
+        parser.parse_args([])  # --out is required
+    assert flag("round_iterations") == "--round-iterations"
+
+
+def test_identity_and_diff():
+    first = identity_dict(Example(out="a"))
+    assert "out" not in first
+    second = identity_dict(Example(out="b", batch_size=7))
+    assert config_diff(first, first) == []
+    assert config_diff(first, second) == ["--batch-size: 100 -> 7"]

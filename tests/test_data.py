@@ -1,0 +1,161 @@
+"""delt.data: the dataset registry, IDX reading, missing-data errors, ImageFolder class order."""
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from delt.data import (
+    DATASETS,
+    FASHION_MNIST_ROOT,
+    DatasetInfo,
+    DatasetNotFoundError,
+    TensorImageDataset,
+    load_dataset,
+    load_like,
+)
+
+HAS_FASHION_MNIST = Path(FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").is_file()
+
+
+def test_registry_names():
+    assert set(DATASETS) == {"fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"}
+
+
+def test_synthetic_shapes_options_and_determinism():
+    train = load_dataset("synthetic:classes=3,channels=1,size=6,train=5,test=2")
+    test = load_dataset("synthetic:classes=3,channels=1,size=6,train=5,test=2", "test")
+    assert len(train) == 15 and len(test) == 6
+    image, label = train[7]
+    assert image.shape == (1, 6, 6) and image.dtype == torch.float32 and label == 1
+    assert train.info.class_names == ("class0", "class1", "class2")
+    again = load_dataset("synthetic:classes=3,channels=1,size=6,train=5,test=2")
+    assert torch.equal(train.images(range(15)), again.images(range(15)))
+    assert not torch.equal(train.images(range(6)), test.images(range(6)))
+    assert load_dataset("synthetic", resolution=12).info.resolution == 12
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("nope", "unknown dataset"),
+        ("synthetic:colour=3", "unknown option"),
+        ("synthetic:classes=x", "must be an integer"),
+        ("synthetic:classes", "key=value"),
+        ("synthetic:classes=0", ">= 1"),
+    ],
+)
+def test_bad_dataset_names(name, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset(name)
+
+
+def test_info_normalization_round_trip_and_bounds():
+    info = DatasetInfo("x", 2, 3, 4, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), ("a", "b"))
+    images = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(info.denormalize(info.normalize(images)), images, atol=1e-6)
+    low, high = info.pixel_bounds()
+    assert low.shape == (3, 1, 1)
+    assert low.view(-1).tolist() == pytest.approx([-2.5, -1.6, -0.6])
+    assert high.view(-1).tolist() == pytest.approx([2.5, 2.4, 1.4])
+    assert DatasetInfo.from_dict(info.to_dict()) == info
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_reads_idx_files(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 28, 28))
+    labels = np.array([0, 1, 2, 9, 9, 3])
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images, compress)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels, compress)
+    data = load_dataset("fashion-mnist", "test", root=str(tmp_path))
+    assert isinstance(data, TensorImageDataset)
+    assert data.pixels.shape == (6, 1, 28, 28)
+    assert torch.equal(data.pixels[:, 0], torch.from_numpy(images.astype(np.uint8)))
+    assert data.targets.tolist() == labels.tolist()
+    assert data.info.class_names[9] == "Ankle boot"
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", root=str(tmp_path))
+
+
+def test_fixed_datasets_refuse_resolution_and_class_order(tmp_path):
+    with pytest.raises(ValueError, match="fixed resolution of 28"):
+        load_dataset("fashion-mnist", root=str(tmp_path), resolution=32)
+    with pytest.raises(ValueError, match="--class-order applies to imagefolder"):
+        load_dataset("fashion-mnist", root=str(tmp_path), class_order="order.txt")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_missing_says_how_to_get_it(tmp_path, name):
+    with pytest.raises(DatasetNotFoundError, match="--data-root"):
+        load_dataset(name)
+    with pytest.raises(DatasetNotFoundError, match="cs.toronto.edu"):
+        load_dataset(name, root=str(tmp_path))
+
+
+def _image_tree(root: Path, classes: list[str], per_class: int = 2) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                Image.new("RGB", (10, 12), (index * 40, k * 50, 0)).save(folder / f"{k}.png")
+
+
+def test_imagefolder_with_explicit_class_order(tmp_path):
+    _image_tree(tmp_path, ["cat", "ant", "bee"])
+    sorted_order = load_dataset("imagefolder", root=str(tmp_path), resolution=8)
+    assert sorted_order.info.class_names == ("ant", "bee", "cat")
+    order = tmp_path / "order.txt"
+    order.write_text("cat\nbee\nant\n")
+    data = load_dataset("imagefolder", root=str(tmp_path), resolution=8, class_order=str(order))
+    assert data.info.class_names == ("cat", "bee", "ant")
+    image, label = data[0]  # files are listed by folder name: "ant" first, label 2
+    assert image.shape == (3, 8, 8) and label == 2
+    assert data.targets.tolist() == [2, 2, 1, 1, 0, 0]
+    assert data.images([0, 5]).shape == (2, 3, 8, 8)
+    # load_like reuses a recorded order without any file.
+    again = load_like(data.info, "test", str(tmp_path))
+    assert again.info == data.info
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="--data-root"):
+        load_dataset("imagefolder")
+    with pytest.raises(DatasetNotFoundError, match="train"):
+        load_dataset("imagefolder", root=str(tmp_path))
+    _image_tree(tmp_path, ["a", "b"])
+    order = tmp_path / "order.txt"
+    order.write_text("a\nzebra\n")
+    with pytest.raises(DatasetNotFoundError, match="zebra"):
+        load_dataset("imagefolder", root=str(tmp_path), class_order=str(order))
+    with pytest.raises(DatasetNotFoundError, match="no such file"):
+        load_dataset("imagefolder", root=str(tmp_path), class_order=str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.skipif(not HAS_FASHION_MNIST, reason="needs `apt-get install dataset-fashion-mnist`")
+def test_real_fashion_mnist():
+    train = load_dataset("fashion-mnist")
+    assert len(train) == 60_000 and train.info.resolution == 28
+    assert torch.bincount(train.targets).tolist() == [6000] * 10
+    # The recorded normalization is the training set's.
+    pixels = train.pixels.float() / 255
+    assert pixels.mean().item() == pytest.approx(train.info.mean[0], abs=1e-3)
+    assert pixels.std().item() == pytest.approx(train.info.std[0], abs=1e-3)

@@ -1,0 +1,115 @@
+"""delt.schedules: the EarlyLate tables of reference/delt.md §1.2, chunking, cosine LR."""
+
+import math
+
+import pytest
+from delt.schedules import (
+    chunk_schedule,
+    class_contiguous_chunks,
+    class_interleaved_chunks,
+    cosine_lr,
+    early_late_iterations,
+    image_start_rounds,
+    round_group_sizes,
+)
+
+
+def test_ipc10_table():
+    assert round_group_sizes(10, 8) == [2, 2, 1, 1, 1, 1, 1, 1]
+    iterations = early_late_iterations(10, 4000, 500)
+    assert iterations == [4000, 4000, 3500, 3500, 3000, 2500, 2000, 1500, 1000, 500]
+    assert sum(iterations) == 25_500
+
+
+def test_ipc50_table():
+    assert round_group_sizes(50, 8) == [7, 7, 6, 6, 6, 6, 6, 6]
+    expected = (
+        [4000] * 7 + [3500] * 7 + [3000] * 6 + [2500] * 6 + [2000] * 6 + [1500] * 6
+        + [1000] * 6 + [500] * 6
+    )  # fmt: skip
+    assert early_late_iterations(50, 4000, 500) == expected
+    assert sum(expected) == 115_500  # -42.3% of 200,000
+
+
+def test_ipc100_table():
+    assert round_group_sizes(100, 8) == [13, 13, 13, 13, 12, 12, 12, 12]
+    iterations = early_late_iterations(100, 4000, 500)
+    assert iterations[:13] == [4000] * 13 and iterations[-12:] == [500] * 12
+    assert sum(iterations) == 229_000
+
+
+def test_ri_1k_at_ipc50():
+    iterations = early_late_iterations(50, 4000, 1000)
+    assert iterations == [4000] * 13 + [3000] * 13 + [2000] * 12 + [1000] * 12
+    assert 1 - sum(iterations) / 200_000 == pytest.approx(0.365)
+
+
+def test_ipc1_and_single_round_give_every_image_all_iterations():
+    assert early_late_iterations(1, 4000, 500) == [4000]
+    assert early_late_iterations(7, 4000, 4000) == [4000] * 7
+
+
+def test_fewer_images_than_rounds():
+    # IPC 3 with 8 rounds: groups 1,1,1,0,... -> the three images join at rounds 0, 1, 2.
+    assert image_start_rounds(3, 4000, 500) == [0, 1, 2]
+    assert early_late_iterations(3, 4000, 500) == [4000, 3500, 3000]
+
+
+@pytest.mark.parametrize(
+    "ipc, iterations, round_iterations, message",
+    [
+        (0, 4000, 500, "ipc"),
+        (10, 4000, 5000, "round_iterations .* <= iterations"),
+        (10, 4000, 300, "multiple"),
+        (10, 0, 500, "iterations"),
+        (10, 4000, 0, "round_iterations"),
+    ],
+)
+def test_bad_arguments(ipc, iterations, round_iterations, message):
+    with pytest.raises(ValueError, match=message):
+        early_late_iterations(ipc, iterations, round_iterations)
+
+
+def test_contiguous_chunks_follow_class_major_order():
+    chunks = class_contiguous_chunks(num_classes=4, ipc=50, batch_size=100)
+    assert len(chunks) == 2
+    assert chunks[0].classes == (0,) * 50 + (1,) * 50
+    assert chunks[1].within_class == tuple(range(50)) * 2
+    assert chunks[1].positions(50) == list(range(100, 200))
+    # A chunk may split a class; the within-class index keeps counting across chunks.
+    split = class_contiguous_chunks(num_classes=2, ipc=5, batch_size=3)
+    assert [c.within_class for c in split] == [(0, 1, 2), (3, 4, 0), (1, 2, 3), (4,)]
+    assert [c.classes for c in split] == [(0, 0, 0), (0, 0, 1), (1, 1, 1), (1,)]
+
+
+def test_interleaved_chunks_hold_one_image_per_class():
+    chunks = class_interleaved_chunks(num_classes=250, ipc=2, batch_size=100)
+    assert [len(c) for c in chunks] == [100, 100, 50, 100, 100, 50]
+    for chunk in chunks:
+        assert len(set(chunk.classes)) == len(chunk)
+        assert len(set(chunk.within_class)) == 1
+    assert chunks[3].classes[0] == 0 and chunks[3].within_class[0] == 1
+
+
+def test_chunk_schedule_of_a_whole_class():
+    total, starts = chunk_schedule(tuple(range(10)), 10, 4000, 500)
+    assert total == 4000
+    assert [total - s for s in starts] == early_late_iterations(10, 4000, 500)
+
+
+def test_chunk_schedule_drops_leading_empty_rounds():
+    # Only the late images 8 and 9 of an IPC 10 class (rounds 6 and 7): the loop shrinks to
+    # 1000 iterations and each image still gets its own number of iterations.
+    total, starts = chunk_schedule((8, 9), 10, 4000, 500)
+    assert total == 1000
+    assert starts == [0, 500]
+    assert [total - s for s in starts] == [1000, 500]
+
+
+def test_cosine_lr_matches_the_reference_table():
+    # delt.md §1.2: lr at the round starts of a 4000-iteration loop with lr0 = 0.25.
+    expected = [0.250, 0.240, 0.213, 0.173, 0.125, 0.077, 0.037, 0.0095]
+    got = [cosine_lr(500 * r, 4000, 0.25) for r in range(8)]
+    assert got == pytest.approx(expected, abs=6e-4)
+    assert cosine_lr(4000, 4000, 0.25) == pytest.approx(0.0)
+    assert cosine_lr(2000, 4000, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))

@@ -1,0 +1,66 @@
+"""delt.select: DELT's medium order, the other strategies, and the select command."""
+
+import csv
+import json
+
+import pytest
+import torch
+from delt.config import ConfigError
+from delt.select import SelectConfig, Selection, order_class, select_images
+
+
+def test_medium_alternates_around_the_median():
+    # Scores 0..9 in shuffled positions; ascending order = positions sorted by score.
+    scores = torch.tensor([5.0, 0.0, 9.0, 2.0, 7.0, 1.0, 8.0, 3.0, 6.0, 4.0])
+    order = order_class(scores, "medium")
+    picked_scores = scores[order].tolist()
+    # mid = ceil(10 / 2) = 5 -> scores 5, 6, 4, 7, 3, 8, 2, 9, 1, 0 (the upper end runs out first).
+    assert picked_scores == [5, 6, 4, 7, 3, 8, 2, 9, 1, 0]
+    assert sorted(order) == list(range(10))
+
+
+def test_medium_odd_count():
+    scores = torch.arange(7, dtype=torch.float32)
+    # mid = ceil(7 / 2) = 4.
+    assert order_class(scores, "medium") == [4, 5, 3, 6, 2, 1, 0]
+
+
+def test_top_min_random():
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.9])
+    assert order_class(scores, "top") == [1, 3, 2, 0]  # ties keep dataset order
+    assert order_class(scores, "min") == [0, 2, 1, 3]
+    first = order_class(scores, "random", torch.Generator().manual_seed(1))
+    again = order_class(scores, "random", torch.Generator().manual_seed(1))
+    assert first == again and sorted(first) == [0, 1, 2, 3]
+
+
+def test_select_writes_ranking_and_order(tiny_teacher, tiny_selection):
+    selection = Selection.load(tiny_selection)
+    assert selection.ipc == 5 and len(selection.indices) == 4
+    meta = json.loads((tiny_selection / "selection.json").read_text())
+    assert meta["strategy"] == "medium" and meta["dataset"]["num_classes"] == 4
+    with open(tiny_selection / "ranking.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 48
+    for c, chosen in enumerate(selection.indices):
+        members = [r for r in rows if int(r["label"]) == c]
+        scores = torch.tensor([float(r["score"]) for r in members])
+        indices = [int(r["index"]) for r in members]
+        expected = [indices[k] for k in order_class(scores, "medium")[:5]]
+        assert chosen == expected
+    # Same command again: reused, not recomputed.
+    again = select_images(
+        SelectConfig(teacher=str(tiny_teacher.path), ipc=5, out=str(tiny_selection), progress=False)
+    )
+    assert again.meta["seconds"] == meta["seconds"]
+
+
+def test_select_errors(tiny_teacher, tmp_path):
+    with pytest.raises(ConfigError, match="--ipc must be >= 1"):
+        SelectConfig(teacher=str(tiny_teacher.path), ipc=0, out=str(tmp_path))
+    with pytest.raises(ConfigError, match="only 12 training images"):
+        select_images(
+            SelectConfig(teacher=str(tiny_teacher.path), ipc=13, out=str(tmp_path), progress=False)
+        )
+    with pytest.raises(FileNotFoundError, match="delt teacher"):
+        select_images(SelectConfig(teacher=str(tmp_path / "none.pt"), ipc=1, out=str(tmp_path)))
