@@ -53,8 +53,13 @@ test-cpu-only: venv
 	PYTHONPATH=$(CURDIR)/$(CPU_ONLY_BUILD)/lib $(VENV)/bin/pytest tests/test_bn_stat.py tests/test_augment.py -q \
 		-k "cpu_only or build_info or opcheck or matches_sre2l"
 
+# Every benchmark in one run, so that ratios compare like with like; the tables of
+# benchmarks/README.md are printed by benchmarks/report.py from the JSON.
 bench: install
-	$(VENV)/bin/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
+	mkdir -p .benchmarks
+	$(VENV)/bin/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds \
+		--benchmark-json=.benchmarks/latest.json
+	$(PY) benchmarks/report.py .benchmarks/latest.json
 
 # The main job: Fashion-MNIST end to end (teacher, selection, DELT IPC 10, a student), outputs
 # under $(DEMO_OUT). The data comes from Debian's dataset-fashion-mnist package.

@@ -3,7 +3,8 @@
 Usage: python benchmarks/report.py .benchmarks/latest.json
 
 Per group: median time per implementation, its ratio to the fused op (how many times slower it
-is than fused) and the achieved bandwidth (the `bytes` extra_info over the median time).
+is than the fused op; the per-sample variant where there are two) and the achieved bandwidth (the
+`bytes` extra_info over the median time), beside a clone of the same tensor.
 """
 
 import json
@@ -14,7 +15,11 @@ from collections import defaultdict
 
 def implementation(bench: dict) -> str:
     params = bench.get("params") or {}
-    return str(params.get("impl") or bench["name"].split("[")[0].removeprefix("test_"))
+    name = params.get("impl") or params.get("method")
+    return str(name or bench["name"].split("[")[0].removeprefix("test_"))
+
+
+BASELINES = ("fused", "fused_per_sample")
 
 
 def main(path: str) -> None:
@@ -41,7 +46,7 @@ def main(path: str) -> None:
         print("|---|---|---:|---:|---:|---:|")
         for group in names:
             benches = sorted(groups[group], key=lambda b: b["stats"]["median"])
-            fused = next((b for b in benches if "fused" in implementation(b)), benches[0])
+            fused = next((b for b in benches if implementation(b) in BASELINES), benches[0])
             key = group.removeprefix(family + " ")
             clone = clones.get(key)
             for bench in benches:

@@ -249,34 +249,48 @@ void channel_moments(const at::Tensor& x, Layout layout, std::vector<double>& me
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c * HW]);
     part1.assign(C * chunks, 0.0);  // [C][chunks]
     part2.assign(C * chunks, 0.0);
-    // Tasks run in memory order: (n, c, piece) for split planes, (plane group, c) otherwise, so
-    // each thread streams through x. Partial sums are stored per channel in chunk order.
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / kChunkElements);
-    at::parallel_for(0, C * chunks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buffer;
-      for (int64_t task = begin; task < end; ++task) {
-        double s1 = 0.0, s2 = 0.0;
-        int64_t c, k;
-        if (pieces > 1) {
-          const int64_t n = task / (C * pieces), piece = task % pieces;
-          c = task / pieces % C;
-          k = n * pieces + piece;
+    if (pieces > 1) {
+      // Tasks run in memory order (n, c, piece), so each thread streams through x.
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / kChunkElements);
+      at::parallel_for(0, C * chunks, grain, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buffer;
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t n = task / (C * pieces), c = task / pieces % C, piece = task % pieces;
+          const int64_t k = n * pieces + piece;
           const int64_t lo = piece * kChunkElements, len = std::min(HW, lo + kChunkElements) - lo;
-          const acc_t* p = as_acc(data + (n * C + c) * HW + lo, len, buffer);
-          shifted_sums(p, len, shift[c], &s1, &s2);
-        } else {
-          c = task % C;
-          k = task / C;
-          const int64_t n_end = std::min(N, (k + 1) * planes);
+          double s1 = 0.0, s2 = 0.0;
+          shifted_sums(as_acc(data + (n * C + c) * HW + lo, len, buffer), len, shift[c], &s1, &s2);
+          part1[c * chunks + k] = s1;
+          part2[c * chunks + k] = s2;
+        }
+      });
+    } else {
+      // Task = (plane group k, block of channels): for each n of the group the block's planes
+      // are adjacent in memory, so the thread streams. Every (c, k) partial is summed over n in
+      // order by one task, so the block size (any) does not change the results.
+      const int64_t block = std::clamp<int64_t>(kGrainElements / (planes * HW), 1, C);
+      const int64_t blocks = (C + block - 1) / block;
+      at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buffer;
+        std::vector<double> s1(block), s2(block);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t k = task / blocks, c0 = task % blocks * block;
+          const int64_t c1 = std::min(C, c0 + block), n_end = std::min(N, (k + 1) * planes);
+          std::fill(s1.begin(), s1.end(), 0.0);
+          std::fill(s2.begin(), s2.end(), 0.0);
           for (int64_t n = k * planes; n < n_end; ++n) {
-            const acc_t* p = as_acc(data + (n * C + c) * HW, HW, buffer);
-            shifted_sums(p, HW, shift[c], &s1, &s2);
+            for (int64_t c = c0; c < c1; ++c) {
+              const acc_t* p = as_acc(data + (n * C + c) * HW, HW, buffer);
+              shifted_sums(p, HW, shift[c], &s1[c - c0], &s2[c - c0]);
+            }
+          }
+          for (int64_t c = c0; c < c1; ++c) {
+            part1[c * chunks + k] = s1[c - c0];
+            part2[c * chunks + k] = s2[c - c0];
           }
         }
-        part1[c * chunks + k] = s1;
-        part2[c * chunks + k] = s2;
-      }
-    });
+      });
+    }
   } else {
     // x is an (M, C) row-major matrix; a chunk is a block of rows, vectorized across channels.
     const int64_t rows = std::clamp<int64_t>(kChunkElements * 8 / C, 1, kChunkRowsMax);
