@@ -209,10 +209,12 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str = "") -> None
             if finite:
                 low = min(finite)
                 axis.set_ylim(max(0.0, low - 0.1 * (1.0 - low) - 0.02), 1.0)
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    # Below the panels, so that no bar is hidden behind it.
+    figure.legend(handles, labels, loc="lower center", ncol=len(methods), frameon=False)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     with atomic_open(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120)
     plt.close(figure)
