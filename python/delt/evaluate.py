@@ -442,6 +442,13 @@ class StudentTrainer:
         lr, weight_decay: AdamW's.
         device: where the models run.
         generator: CPU generator drawing batch orders and CutMix params.
+
+    A stage-wise schedule, e.g. PDD's (E epochs split over the stages, one optimizer)::
+
+        with seeded(seed):
+            trainer = context.make_trainer(seed, total_epochs=E)
+            for images, labels, epochs in stages:  # U1, then U1 ∪ U2, ...
+                losses, checks = trainer.train_epochs(images, labels, epochs, context.test_set)
     """
 
     def __init__(
