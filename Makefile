@@ -61,7 +61,8 @@ bench: install
 		--benchmark-json=.benchmarks/latest.json
 	$(PY) benchmarks/report.py .benchmarks/latest.json
 
-# The main job: Fashion-MNIST end to end (teacher, selection, DELT IPC 10, a student), outputs
+# The main job: Fashion-MNIST through `delt distill` (teacher, selection, DELT IPC 10, eval,
+# diversity, and the random-real baseline; `delt demo`), outputs
 # under $(DEMO_OUT). The data comes from Debian's dataset-fashion-mnist package.
 FASHION_MNIST_ROOT ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= runs/demo
