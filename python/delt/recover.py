@@ -279,7 +279,9 @@ class RecoverConfig:
     def stage_ipc_list(self) -> list[int]:
         """pdd: images per class of each stage (validated in ``__post_init__``)."""
         explicit = None if self.stage_ipc is None else parse_int_list(self.stage_ipc, "--stage-ipc")
-        return stage_sizes(self.ipc, self.stages or DEFAULT_STAGES, explicit)
+        return stage_sizes(
+            self.ipc, DEFAULT_STAGES if self.stages is None else self.stages, explicit
+        )
 
     def _check_pdd(self) -> None:
         if self.method != PROGRESSIVE:
@@ -290,7 +292,7 @@ class RecoverConfig:
             return
         if self.base is not None and self.base not in METHODS:
             raise ConfigError(f"--base {self.base!r}: unknown method; known: {', '.join(METHODS)}")
-        stages = self.stages or DEFAULT_STAGES
+        stages = DEFAULT_STAGES if self.stages is None else self.stages
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise ConfigError(f"--stages must be an integer >= 1, got {self.stages!r}")
         if stages > self.ipc:
@@ -349,7 +351,7 @@ class RecoverConfig:
         if self.method == PROGRESSIVE:
             resolved = dataclasses.replace(
                 resolved,
-                stages=self.stages or DEFAULT_STAGES,
+                stages=DEFAULT_STAGES if self.stages is None else self.stages,
                 base=self.base_method,
                 stage_ipc=",".join(map(str, self.stage_ipc_list)),
                 hard_student_epochs=(self.hard_student_epochs or DEFAULT_HARD_STUDENT_EPOCHS)
