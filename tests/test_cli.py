@@ -41,6 +41,13 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
     manifest = json.loads((tmp_path / "delt" / "manifest.json").read_text())
     assert manifest["iterations_per_image"] == [4, 4, 2] * 4
     assert "image-iterations" in capsys.readouterr().out
+    argv = f"eval --distilled {tmp_path / 'delt'} --epochs 1 --seeds 0,1 --no-progress"
+    assert main(argv.split()) == 0
+    out = capsys.readouterr().out
+    assert "seed 1: best" in out and "over 2 seed(s)" in out
+    assert json.loads((tmp_path / "delt" / "eval.json").read_text())["config"]["seeds"] == [0, 1]
+    assert main(["diversity", "--distilled", str(tmp_path / "delt")]) == 0
+    assert "lower = more diverse" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -55,6 +62,12 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
          "apt-get install dataset-fashion-mnist"),
         (["teacher", "--out", "o", "--arch", "resnet18_small", "--width", "3"], "--width applies"),
         (["teacher", "--out", "o", "--arch", "nonet"], "unknown architecture"),
+        (["eval", "--distilled", "nowhere"], "--distilled nowhere: no distilled.pt"),
+        (["eval", "--distilled", "d", "--student", "nonet"], "--student 'nonet': unknown"),
+        (["diversity", "--distilled", "nowhere"], "no distilled.pt"),
+        (["distill", "--method", "delt", "--ipc", "1", "--out", "o", "--eval-epochs", "0"],
+         "--eval-epochs must be an integer >= 1"),
+        (["report", "--runs", "nowhere", "--out", "c.png"], "no report.json"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_with_status_2(tmp_path, monkeypatch, capsys, argv, message):

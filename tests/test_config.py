@@ -37,3 +37,22 @@ def test_identity_and_diff():
     second = identity_dict(Example(out="b", batch_size=7))
     assert config_diff(first, first) == []
     assert config_diff(first, second) == ["--batch-size: 100 -> 7"]
+
+
+@dataclass
+class WithLists:
+    seeds: tuple[int, ...] = option((0,), help="seeds")
+    runs: tuple[str, ...] = option(("a",), help="runs")
+
+
+def test_tuple_fields_take_comma_or_space_separated_values(capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, WithLists)
+    assert from_namespace(WithLists, parser.parse_args([])) == WithLists()
+    args = parser.parse_args(["--seeds", "1,2", "3", "--runs", "x", "y,z"])
+    assert from_namespace(WithLists, args) == WithLists(seeds=(1, 2, 3), runs=("x", "y", "z"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--seeds", "1,b"])
+    assert "invalid int value: 'b'" in capsys.readouterr().err
+    assert "(default: 0)" in parser.format_help()
+    assert identity_dict(WithLists(seeds=(1, 2)))["seeds"] == [1, 2]  # as JSON reads it back

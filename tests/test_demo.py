@@ -29,19 +29,37 @@ def test_demo_end_to_end_on_tiny_data(tmp_path, capsys):
     _fake_fashion_mnist(data)
     config = DemoConfig(
         out=str(tmp_path / "demo"), data_root=str(data), width=8, teacher_epochs=1, ipc=2,
-        iterations=8, round_iterations=2, student_epochs=1, progress=False,
+        iterations=8, round_iterations=2, eval_epochs=2, eval_every=1, progress=False,
     )  # fmt: skip
     summary = run_demo(config)
     printed = capsys.readouterr().out
-    for step in ("teacher", "select", "recover", "student (DELT)", "student (random real)"):
-        assert step in printed
-    assert (tmp_path / "demo" / "distilled_grid.png").is_file()
-    assert json.loads((tmp_path / "demo" / "summary.json").read_text()) == summary
-    manifest = json.loads((tmp_path / "demo" / "delt-ipc2" / "manifest.json").read_text())
+    for step in (
+        "teacher",
+        "delt: select",
+        "delt: recover",
+        "delt: eval",
+        "delt: diversity",
+        "random-real: draw",
+        "random-real: eval",
+        "| fashion-mnist | 2 | delt |",
+    ):
+        assert step in printed, step  # fmt: skip
+    demo = tmp_path / "demo"
+    for path in (
+        "comparison.png",
+        "comparison.md",
+        "delt-ipc2/grid.png",
+        "delt-ipc2/report.json",
+        "random-real-ipc2/report.json",
+    ):
+        assert (demo / path).is_file(), path  # fmt: skip
+    assert json.loads((demo / "summary.json").read_text()) == summary
+    manifest = json.loads((demo / "delt-ipc2" / "distilled" / "manifest.json").read_text())
     assert manifest["config"]["iterations"] == 8 and manifest["config"]["round_iterations"] == 2
+    assert summary["reports"]["delt"]["image_iterations"] == 10 * (8 + 6)  # per class: 8 + 6
     # A second run reuses every step.
     again = run_demo(config)
-    assert again["teacher_cached"] and again["image_iterations"] == summary["image_iterations"]
+    assert again["teacher_cached"] and again["reports"] == summary["reports"]
 
 
 def test_demo_without_data_says_how_to_install(tmp_path):

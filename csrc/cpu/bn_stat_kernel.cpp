@@ -40,22 +40,25 @@ constexpr int64_t kChunkRowsMax = 512;     // channels_last: rows per partial su
 constexpr int64_t kGrainElements = 32768;  // smallest amount of work given to a thread
 
 using cpu::broadcast;
-using cpu::f32x8;
-using cpu::f64x4;
+using cpu::kLanes;
 using cpu::load_unaligned;
+using cpu::store_unaligned;
+using cpu::vec_t;
 
-// ---- hot loops (raw pointers, multi-versioned) -------------------------------------------------
+// ---- hot loops (raw pointers, multi-versioned; T is float or double) ---------------------------
 
-// Sums of (p[i] - shift) and (p[i] - shift)^2 over n contiguous values, in vector lanes folded in
-// a fixed order.
-DELT_CPU_CLONES void shifted_sums(const float* p, int64_t n, float shift, double* sum1,
-                                  double* sum2) {
-  const f32x8 k = broadcast<f32x8>(shift);
-  f32x8 a1 = {}, a2 = {}, b1 = {}, b2 = {};
+// Adds the sums of (p[i] - shift) and (p[i] - shift)^2 over n contiguous values to sum1, sum2:
+// two lane vectors of partial sums, folded in a fixed order.
+template <typename T>
+DELT_CPU_CLONES void shifted_sums(const T* p, int64_t n, T shift, double* sum1, double* sum2) {
+  using V = vec_t<T>;
+  constexpr int W = kLanes<T>;
+  const V k = broadcast<V>(shift);
+  V a1 = {}, a2 = {}, b1 = {}, b2 = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const f32x8 d0 = load_unaligned<f32x8>(p + i) - k;
-    const f32x8 d1 = load_unaligned<f32x8>(p + i + 8) - k;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V d0 = load_unaligned<V>(p + i) - k;
+    const V d1 = load_unaligned<V>(p + i + W) - k;
     a1 += d0;
     a2 += d0 * d0;
     b1 += d1;
@@ -63,42 +66,13 @@ DELT_CPU_CLONES void shifted_sums(const float* p, int64_t n, float shift, double
   }
   a1 += b1;
   a2 += b2;
-  float t1 = 0.f, t2 = 0.f;
-  for (int j = 0; j < 8; ++j) {
+  T t1 = 0, t2 = 0;
+  for (int j = 0; j < W; ++j) {
     t1 += a1[j];
     t2 += a2[j];
   }
   for (; i < n; ++i) {
-    const float d = p[i] - shift;
-    t1 += d;
-    t2 += d * d;
-  }
-  *sum1 += t1;
-  *sum2 += t2;
-}
-
-DELT_CPU_CLONES void shifted_sums(const double* p, int64_t n, double shift, double* sum1,
-                                  double* sum2) {
-  const f64x4 k = broadcast<f64x4>(shift);
-  f64x4 a1 = {}, a2 = {}, b1 = {}, b2 = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const f64x4 d0 = load_unaligned<f64x4>(p + i) - k;
-    const f64x4 d1 = load_unaligned<f64x4>(p + i + 4) - k;
-    a1 += d0;
-    a2 += d0 * d0;
-    b1 += d1;
-    b2 += d1 * d1;
-  }
-  a1 += b1;
-  a2 += b2;
-  double t1 = 0.0, t2 = 0.0;
-  for (int j = 0; j < 4; ++j) {
-    t1 += a1[j];
-    t2 += a2[j];
-  }
-  for (; i < n; ++i) {
-    const double d = p[i] - shift;
+    const T d = p[i] - shift;
     t1 += d;
     t2 += d * d;
   }
@@ -107,68 +81,36 @@ DELT_CPU_CLONES void shifted_sums(const double* p, int64_t n, double shift, doub
 }
 
 // Per-column sums of (x - shift) and its square over `rows` rows of a row-major (rows, C) block,
-// added to sum1[c], sum2[c]. Columns go 32 (float) or 16 (double) at a time, so that the
-// accumulators stay in registers while the block is streamed row by row.
-DELT_CPU_CLONES void column_shifted_sums(const float* x, int64_t rows, int64_t C,
-                                         const float* shift, float* sum1, float* sum2) {
-  constexpr int kVectors = 4, kWidth = 8 * kVectors;
+// added to sum1[c], sum2[c]. Four lane vectors of columns at a time (32 floats, 16 doubles), so
+// the accumulators stay in registers while the block is streamed row by row.
+template <typename T>
+DELT_CPU_CLONES void column_shifted_sums(const T* x, int64_t rows, int64_t C, const T* shift,
+                                         T* sum1, T* sum2) {
+  using V = vec_t<T>;
+  constexpr int W = kLanes<T>, kVectors = 4;
   int64_t c = 0;
-  for (; c + kWidth <= C; c += kWidth) {
-    f32x8 k[kVectors], s1[kVectors] = {}, s2[kVectors] = {};
-    for (int v = 0; v < kVectors; ++v) k[v] = load_unaligned<f32x8>(shift + c + 8 * v);
+  for (; c + kVectors * W <= C; c += kVectors * W) {
+    V k[kVectors], s1[kVectors] = {}, s2[kVectors] = {};
+    for (int v = 0; v < kVectors; ++v) k[v] = load_unaligned<V>(shift + c + W * v);
     for (int64_t r = 0; r < rows; ++r) {
-      const float* row = x + r * C + c;
+      const T* row = x + r * C + c;
       for (int v = 0; v < kVectors; ++v) {
-        const f32x8 d = load_unaligned<f32x8>(row + 8 * v) - k[v];
+        const V d = load_unaligned<V>(row + W * v) - k[v];
         s1[v] += d;
         s2[v] += d * d;
       }
     }
     for (int v = 0; v < kVectors; ++v) {
-      for (int j = 0; j < 8; ++j) {
-        sum1[c + 8 * v + j] += s1[v][j];
-        sum2[c + 8 * v + j] += s2[v][j];
+      for (int j = 0; j < W; ++j) {
+        sum1[c + W * v + j] += s1[v][j];
+        sum2[c + W * v + j] += s2[v][j];
       }
     }
   }
   for (; c < C; ++c) {
-    float s1 = 0.f, s2 = 0.f;
+    T s1 = 0, s2 = 0;
     for (int64_t r = 0; r < rows; ++r) {
-      const float d = x[r * C + c] - shift[c];
-      s1 += d;
-      s2 += d * d;
-    }
-    sum1[c] += s1;
-    sum2[c] += s2;
-  }
-}
-
-DELT_CPU_CLONES void column_shifted_sums(const double* x, int64_t rows, int64_t C,
-                                         const double* shift, double* sum1, double* sum2) {
-  constexpr int kVectors = 4, kWidth = 4 * kVectors;
-  int64_t c = 0;
-  for (; c + kWidth <= C; c += kWidth) {
-    f64x4 k[kVectors], s1[kVectors] = {}, s2[kVectors] = {};
-    for (int v = 0; v < kVectors; ++v) k[v] = load_unaligned<f64x4>(shift + c + 4 * v);
-    for (int64_t r = 0; r < rows; ++r) {
-      const double* row = x + r * C + c;
-      for (int v = 0; v < kVectors; ++v) {
-        const f64x4 d = load_unaligned<f64x4>(row + 4 * v) - k[v];
-        s1[v] += d;
-        s2[v] += d * d;
-      }
-    }
-    for (int v = 0; v < kVectors; ++v) {
-      for (int j = 0; j < 4; ++j) {
-        sum1[c + 4 * v + j] += s1[v][j];
-        sum2[c + 4 * v + j] += s2[v][j];
-      }
-    }
-  }
-  for (; c < C; ++c) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const double d = x[r * C + c] - shift[c];
+      const T d = x[r * C + c] - shift[c];
       s1 += d;
       s2 += d * d;
     }
@@ -183,35 +125,30 @@ DELT_CPU_CLONES void centered_affine(const T* x, T* out, int64_t n, T c1, T c2, 
   for (int64_t i = 0; i < n; ++i) out[i] = c1 + c2 * (x[i] - mean);
 }
 
-// out[r, c] = c1[c] + c2[c] * (x[r, c] - mean[c]) over a row-major (rows, C) block; 32 columns
-// at a time so the coefficients stay in registers.
-DELT_CPU_CLONES void rows_centered_affine(const float* x, float* out, int64_t rows, int64_t C,
-                                          const float* c1, const float* c2, const float* mean) {
-  constexpr int kVectors = 4, kWidth = 8 * kVectors;
+// out[r, c] = c1[c] + c2[c] * (x[r, c] - mean[c]) over a row-major (rows, C) block; four lane
+// vectors of columns at a time so the coefficients stay in registers.
+template <typename T>
+DELT_CPU_CLONES void rows_centered_affine(const T* x, T* out, int64_t rows, int64_t C,
+                                          const T* c1, const T* c2, const T* mean) {
+  using V = vec_t<T>;
+  constexpr int W = kLanes<T>, kVectors = 4;
   int64_t c = 0;
-  for (; c + kWidth <= C; c += kWidth) {
-    f32x8 a[kVectors], k[kVectors], u[kVectors];
+  for (; c + kVectors * W <= C; c += kVectors * W) {
+    V a[kVectors], k[kVectors], u[kVectors];
     for (int v = 0; v < kVectors; ++v) {
-      a[v] = load_unaligned<f32x8>(c1 + c + 8 * v);
-      k[v] = load_unaligned<f32x8>(c2 + c + 8 * v);
-      u[v] = load_unaligned<f32x8>(mean + c + 8 * v);
+      a[v] = load_unaligned<V>(c1 + c + W * v);
+      k[v] = load_unaligned<V>(c2 + c + W * v);
+      u[v] = load_unaligned<V>(mean + c + W * v);
     }
     for (int64_t r = 0; r < rows; ++r) {
       for (int v = 0; v < kVectors; ++v) {
-        const f32x8 value = load_unaligned<f32x8>(x + r * C + c + 8 * v);
-        cpu::store_unaligned(out + r * C + c + 8 * v, a[v] + k[v] * (value - u[v]));
+        const V value = load_unaligned<V>(x + r * C + c + W * v);
+        store_unaligned(out + r * C + c + W * v, a[v] + k[v] * (value - u[v]));
       }
     }
   }
   for (; c < C; ++c) {
     for (int64_t r = 0; r < rows; ++r) out[r * C + c] = c1[c] + c2[c] * (x[r * C + c] - mean[c]);
-  }
-}
-
-DELT_CPU_CLONES void rows_centered_affine(const double* x, double* out, int64_t rows, int64_t C,
-                                          const double* c1, const double* c2, const double* mean) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < C; ++c) out[r * C + c] = c1[c] + c2[c] * (x[r * C + c] - mean[c]);
   }
 }
 

@@ -18,6 +18,22 @@ namespace delt_ext::cpu {
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
 
+// The 32-byte lane vector of a float type, and how many values it holds.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using type = f32x8;
+};
+template <>
+struct Lanes<double> {
+  using type = f64x4;
+};
+template <typename T>
+using vec_t = typename Lanes<T>::type;
+template <typename T>
+inline constexpr int kLanes = sizeof(vec_t<T>) / sizeof(T);
+
 template <typename V, typename T>
 inline V load_unaligned(const T* p) {
   V v;

@@ -1,4 +1,6 @@
-"""The ``delt`` command line: ``delt teacher|select|recover|demo`` (also ``python -m delt``).
+"""The ``delt`` command line (also ``python -m delt``): ``delt teacher|select|recover`` (the
+steps), ``delt eval|diversity`` (what a distilled set is worth), ``delt distill`` (all of them,
+cached), ``delt report`` (a chart over runs) and ``delt demo``.
 
 Each subcommand's flags are generated from its config dataclass (:mod:`delt.config`), so
 ``delt recover --batch-size 50`` is ``RecoverConfig(batch_size=50)``. Bad input is reported as
@@ -72,6 +74,70 @@ def _run_recover(config) -> object:
     return result
 
 
+def _eval_config():
+    from delt.evaluate import EvalConfig
+
+    return EvalConfig
+
+
+def _run_eval(config) -> object:
+    from delt.evaluate import evaluate
+
+    result = evaluate(config)
+    for seed in result.seeds:
+        print(
+            f"eval: seed {seed.seed}: best {seed.best_accuracy:.2f}% (epoch {seed.best_epoch}), "
+            f"final {seed.final_accuracy:.2f}%"
+        )
+    print(
+        f"eval: best top-1 {result.accuracy_mean:.2f} ± {result.accuracy_std:.2f}%, final "
+        f"{result.final_mean:.2f} ± {result.final_std:.2f}% over {len(result.seeds)} seed(s)"
+        f"{' (cached)' if result.reused else ''} -> {result.path}"
+    )
+    return result
+
+
+def _diversity_config():
+    from delt.diversity import DiversityConfig
+
+    return DiversityConfig
+
+
+def _run_diversity(config) -> object:
+    from delt.diversity import measure_diversity
+
+    result = measure_diversity(config)
+    print(
+        f"diversity: {result.mean:.4f} ± {result.std:.4f} (mean cosine to the class centroid; "
+        f"lower = more diverse) -> {result.path}"
+    )
+    return result
+
+
+def _distill_config():
+    from delt.distill import DistillConfig
+
+    return DistillConfig
+
+
+def _run_distill(config) -> object:
+    from delt.distill import distill
+
+    return distill(config)
+
+
+def _report_config():
+    from delt.report import ReportConfig
+
+    return ReportConfig
+
+
+def _run_report(config) -> object:
+    from delt.report import compare_runs
+
+    return compare_runs(config)
+
+
 def _demo_config():
     from delt.demo import DemoConfig
 
@@ -92,8 +158,28 @@ COMMANDS: dict[str, Command] = {
     "recover": Command(
         "synthesize a distilled set (sre2l, cda, delt)", _recover_config, _run_recover
     ),
+    "eval": Command(
+        "train students on a distilled set with teacher soft labels; test them (eval.json)",
+        _eval_config,
+        _run_eval,
+    ),
+    "diversity": Command(
+        "DELT's diversity: per-class cosine of features to the class centroid (diversity.json)",
+        _diversity_config,
+        _run_diversity,
+    ),
+    "distill": Command(
+        "teacher, select, recover, eval, diversity in one cached run (report.json/.md, grid)",
+        _distill_config,
+        _run_distill,
+    ),
+    "report": Command(
+        "bar chart and table comparing methods over distill runs", _report_config, _run_report
+    ),
     "demo": Command(
-        "Fashion-MNIST end to end: teacher, select, DELT IPC 10, student", _demo_config, _run_demo
+        "Fashion-MNIST end to end: DELT and random real images through `delt distill`",
+        _demo_config,
+        _run_demo,
     ),
 }
 

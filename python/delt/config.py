@@ -1,9 +1,12 @@
 """Command configurations: dataclasses whose fields map one-to-one onto CLI flags.
 
-Each command (``teacher``, ``select``, ``recover``, ``demo``) has a dataclass config. A field
-``batch_size`` is the flag ``--batch-size``; its help text, choices and whether it is required
-live in the field's metadata (see :func:`option`), so the parser is generated from the dataclass
-and can never drift from it. The resolved config is saved with every output.
+Each command (``teacher``, ``select``, ``recover``, ``eval``, ...) has a dataclass config. A
+field ``batch_size`` is the flag ``--batch-size``; its help text, choices and whether it is
+required live in the field's metadata (see :func:`option`), so the parser is generated from the
+dataclass and can never drift from it. The resolved config is saved with every output.
+
+A ``tuple[int, ...]`` or ``tuple[str, ...]`` field takes one or more values, separated by commas
+or spaces: ``--seeds 0,1,2`` and ``--seeds 0 1 2`` are the same.
 """
 
 from __future__ import annotations
@@ -57,11 +60,44 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def _tuple_item_type(annotation: Any) -> type | None:
+    """``int`` for ``tuple[int, ...]`` (``str`` likewise); None for any other annotation."""
+    if get_origin(annotation) is tuple:
+        args = get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, str):
+            return args[0]
+    return None
+
+
+class _ExtendSplit(argparse.Action):
+    """Collects the values of a tuple flag, each token split at commas, into a tuple."""
+
+    def __init__(self, *args: Any, item_type: type, **kwargs: Any) -> None:
+        self.item_type = item_type
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = []
+        for token in values:
+            for text in filter(None, (t.strip() for t in token.split(","))):
+                try:
+                    items.append(self.item_type(text))
+                except ValueError:
+                    parser.error(
+                        f"argument {option_string}: invalid {self.item_type.__name__} value: "
+                        f"{text!r}"
+                    )
+        if not items:
+            parser.error(f"argument {option_string}: expected at least one value")
+        setattr(namespace, self.dest, tuple(items))
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Adds one flag per field of the dataclass ``cls`` to ``parser``.
 
     Required fields become required flags; ``bool`` fields ``--flag/--no-flag``; ``Literal``
-    fields (and ``option(choices=...)``) get their choices; ``X | None`` fields default to None.
+    fields (and ``option(choices=...)``) get their choices; ``X | None`` fields default to None;
+    ``tuple[int, ...]`` and ``tuple[str, ...]`` fields take comma- or space-separated values.
     """
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -76,8 +112,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             kwargs["default"] = field.default
             if field.default is not None and annotation is not bool:
-                kwargs["help"] += f" (default: {field.default})"
-        if annotation is bool:
+                shown = field.default
+                if isinstance(shown, tuple):
+                    shown = ",".join(map(str, shown))
+                kwargs["help"] += f" (default: {shown})"
+        item_type = _tuple_item_type(annotation)
+        if item_type is not None:
+            kwargs["action"] = _ExtendSplit
+            kwargs["item_type"] = item_type
+            kwargs["nargs"] = "+"
+            kwargs["metavar"] = field.name.upper()
+        elif annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(annotation) is Literal:
             choices = get_args(annotation)
@@ -98,11 +143,15 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
 
 
 def identity_dict(config: Any) -> dict[str, Any]:
-    """The fields of ``config`` that determine its results (``identity=True``), as a dict."""
+    """The fields of ``config`` that determine its results (``identity=True``), as a dict.
+
+    Tuples become lists, so that a dict read back from JSON compares equal to a fresh one.
+    """
     return {
-        f.name: getattr(config, f.name)
+        f.name: list(value) if isinstance(value, tuple) else value
         for f in dataclasses.fields(config)
         if f.metadata.get("identity", True)
+        for value in [getattr(config, f.name)]
     }
 
 

@@ -1,0 +1,424 @@
+"""``delt distill``: the whole pipeline in one command, every step cached.
+
+teacher → select (delt only) → recover (or, for ``random-real``, a seeded draw of real images)
+→ eval → diversity → report. Folders under ``--out DIR``:
+
+==================  =================================================================
+``teacher/``        ``delt teacher`` (skipped with ``--teacher PATH``)
+``select/``         ``delt select`` (``--method delt``)
+``distilled/``      ``delt recover`` output (``distilled.pt``, ``manifest.json``,
+                    ``images/``), plus ``eval.json`` and ``diversity.json``
+``steps/``          one record per finished step: what it was run with
+``report.json``     exactly: method, dataset, ipc, accuracy_mean, accuracy_std,
+                    diversity, synthesis_seconds, image_iterations
+``report.md``       the same with details; ``grid.png``: the images, one row per class
+==================  =================================================================
+
+Caching: re-running the same command does no work. Each step is keyed by its own configuration
+and the SHA-256 of the files it reads (teacher, selection, distilled set), so a changed flag
+re-runs only the steps that depend on it: a new ``--eval-epochs`` re-evaluates but keeps the
+synthesis; a new ``--seed`` re-selects and re-draws. Two expensive steps refuse instead of
+overwriting: a teacher folder trained with other flags, and a recovery folder holding chunks of
+another configuration (delete ``DIR/distilled`` or choose another ``--out``).
+
+``random-real`` is the baseline: ``--ipc`` real training images per class drawn with ``--seed``
+(:func:`delt.evaluate.draw_random_real`), saved as a distilled set with zero image-iterations,
+then evaluated like the others.
+
+``synthesis_seconds`` is the recovery's optimization time (the sum of its chunks' wall times,
+as the papers' Table 6): teacher training and selection are reported in report.md, not in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from delt.config import ConfigError, identity_dict, option
+from delt.data import load_like
+from delt.diversity import DiversityConfig, measure_diversity
+from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate, load_distilled
+from delt.io import read_json, torch_save, write_json
+from delt.models import TeacherMismatchError, load_checkpoint, model_spec
+from delt.recover import METHODS, RecoverConfig, recover
+from delt.report import write_image_grid, write_run_report
+from delt.runtime import logger, versions
+from delt.select import SelectConfig, select_images
+from delt.teacher import TeacherConfig, train_teacher
+
+__all__ = ["DISTILL_METHODS", "DistillConfig", "DistillResult", "distill"]
+
+DISTILL_METHODS = ("random-real", *METHODS)
+
+
+@dataclass
+class DistillConfig:
+    """Configuration of ``delt distill`` (one field per flag)."""
+
+    method: str = option(
+        help="synthesis method, or the random-real baseline", choices=DISTILL_METHODS
+    )
+    ipc: int = option(help="images per class")
+    out: str = option(
+        help="output folder (re-running into it reuses finished steps)", identity=False
+    )
+    dataset: str = option("fashion-mnist", help="dataset name (see delt.data.DATASETS)")
+    data_root: str | None = option(
+        None, help="dataset folder (default: the dataset's own)", identity=False
+    )
+    teacher: str | None = option(
+        None, help="an existing teacher checkpoint (default: train one into OUT/teacher)",
+        identity=False,
+    )  # fmt: skip
+    arch: str = option("convnet3", help="architecture of the teacher trained here (and student)")
+    width: int | None = option(None, help="convnetD width of that teacher (default 128)")
+    teacher_epochs: int = option(3, help="epochs of that teacher (all three: not with --teacher)")
+    strategy: Literal["medium", "top", "min", "random"] = option(
+        "medium", help="delt: selection strategy of the initial real images"
+    )
+    iterations: int = option(4000, help="recovery iterations per chunk (DELT's MI)")
+    round_iterations: int | None = option(None, help="delt: RI (default 500)")
+    recover_batch_size: int = option(100, help="images per recovery chunk")
+    eval_epochs: int = option(300, help="student training epochs")
+    seeds: tuple[int, ...] = option((0,), help="evaluation seeds, one student each")
+    eval_every: int = option(10, help="test the student every k epochs (and after the last)")
+    eval_batch_size: int | None = option(None, help="student batch size (default: delt.md §5)")
+    diversity_model: str = option("teacher", help="feature model: 'teacher' or a checkpoint")
+    amp: Literal["none", "bf16"] = option(
+        "none", help="autocast of teacher training, selection and eval (recovery: always fp32)"
+    )
+    channels_last: bool = option(False, help="channels_last memory format (faster on CPU)")
+    seed: int = option(0, help="seed of teacher, selection and recovery (or random-real draw)")
+    device: str = option("auto", help="auto, cpu, cuda, ...", identity=False)
+    progress: bool = option(True, help="show progress bars", identity=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in DISTILL_METHODS:
+            raise ConfigError(
+                f"--method {self.method!r}: unknown; known: {', '.join(DISTILL_METHODS)}"
+            )
+        self.seeds = tuple(self.seeds)
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ConfigError(f"--seeds must list distinct seeds, got {self.seeds}")
+        names = ["ipc", "teacher_epochs", "iterations", "recover_batch_size", "eval_epochs"]
+        names += ["eval_every"] + (["eval_batch_size"] if self.eval_batch_size is not None else [])
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}"
+                )
+        try:
+            spec = model_spec(self.arch)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.width is not None and "width" not in spec.kwargs:
+            raise ConfigError(f"--width applies to convnetD architectures, not --arch {self.arch}")
+        if self.round_iterations is not None and self.method != "delt":
+            raise ConfigError(
+                f"--round-iterations applies to --method delt; {self.method} has no rounds"
+            )
+        # The sub-configs validate the rest now, before any work, with their own messages.
+        self.eval_config(Path(self.out) / "distilled", None)
+        if self.method not in ("random-real",):
+            self.recover_config(None, None)
+
+    # The sub-commands' configs: distill is a composition of them, not a copy.
+
+    def teacher_config(self) -> TeacherConfig:
+        return TeacherConfig(
+            out=str(Path(self.out) / "teacher"), dataset=self.dataset, data_root=self.data_root,
+            arch=self.arch, width=self.width, epochs=self.teacher_epochs, seed=self.seed,
+            amp=self.amp, channels_last=self.channels_last, device=self.device,
+            progress=self.progress,
+        )  # fmt: skip
+
+    def select_config(self, teacher: str) -> SelectConfig:
+        return SelectConfig(
+            teacher=teacher, ipc=self.ipc, out=str(Path(self.out) / "select"),
+            strategy=self.strategy, data_root=self.data_root, seed=self.seed, batch_size=2000,
+            amp=self.amp, channels_last=self.channels_last, device=self.device,
+            progress=self.progress,
+        )  # fmt: skip
+
+    def recover_config(self, teacher: str | None, selection: str | None) -> RecoverConfig:
+        return RecoverConfig(
+            teacher=teacher or "", ipc=self.ipc, out=str(Path(self.out) / "distilled"),
+            method=self.method,
+            selection=(selection or str(Path(self.out) / "select"))
+            if self.method == "delt"
+            else None,
+            data_root=self.data_root if self.method == "delt" else None,
+            iterations=self.iterations, round_iterations=self.round_iterations,
+            batch_size=self.recover_batch_size, channels_last=self.channels_last,
+            seed=self.seed, device=self.device, progress=self.progress,
+        )  # fmt: skip
+
+    def eval_config(self, distilled: Path, teacher: str | None) -> EvalConfig:
+        return EvalConfig(
+            distilled=str(distilled), teacher=teacher, data_root=self.data_root,
+            epochs=self.eval_epochs, seeds=self.seeds, eval_every=self.eval_every,
+            batch_size=self.eval_batch_size, amp=self.amp, channels_last=self.channels_last,
+            device=self.device, progress=self.progress,
+        )  # fmt: skip
+
+
+@dataclass
+class DistillResult:
+    """A finished pipeline: the report (eight keys), the evaluation, and per-step timings."""
+
+    out: Path
+    report: dict
+    evaluation: EvalResult
+    steps: list[dict]
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _step_is_current(out: Path, name: str, identity: dict, outputs: list[Path]) -> bool:
+    """True when ``OUT/steps/NAME.json`` records ``identity`` and the outputs it hashed are
+    unchanged."""
+    record_path = out / "steps" / f"{name}.json"
+    if not record_path.is_file():
+        return False
+    record = read_json(record_path)
+    if record.get("identity") != identity:
+        return False
+    for path in outputs:
+        if not path.is_file() or record.get("outputs", {}).get(path.name) != _sha256(path):
+            return False
+    return True
+
+
+def _record_step(out: Path, name: str, identity: dict, outputs: list[Path], seconds: float):
+    write_json(
+        out / "steps" / f"{name}.json",
+        {
+            "identity": identity,
+            "outputs": {path.name: _sha256(path) for path in outputs},
+            "seconds": seconds,
+        },
+    )
+
+
+def _draw_random_real_set(config: DistillConfig, teacher_path: str, folder: Path) -> None:
+    """Saves ``--ipc`` random real images per class as a distilled set (zero iterations)."""
+    teacher = load_checkpoint(teacher_path)
+    start = time.perf_counter()
+    dataset = load_like(teacher.info, "train", config.data_root)
+    images, labels, indices = draw_random_real(dataset, config.ipc, config.seed)
+    seconds = time.perf_counter() - start
+    torch_save({"images": images.contiguous(), "labels": labels}, folder / "distilled.pt")
+    write_json(
+        folder / "manifest.json",
+        {
+            "kind": "delt-distilled-set",
+            "method": "random-real",
+            "config": {"ipc": config.ipc, "seed": config.seed, "data_root": config.data_root},
+            "seed": config.seed,
+            "ipc": config.ipc,
+            "num_images": int(images.shape[0]),
+            "dataset": teacher.info.to_dict(),
+            "teacher": {
+                "path": str(teacher.path),
+                "sha256": _sha256(teacher.path),
+                "meta": teacher.meta,
+            },
+            "selection": None,
+            "versions": versions(),
+            "indices": indices.tolist(),
+            "iterations_per_image": [0] * int(images.shape[0]),
+            "image_iterations": 0,
+            "wall_seconds": seconds,
+        },
+    )
+
+
+def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
+    """Runs (or reuses) every step of the pipeline; writes the report files; returns them.
+
+    ``print_summary``: print the table of steps (``delt demo`` prints its own).
+    """
+    out = Path(config.out)
+    steps: list[dict] = []
+
+    def timed(name: str, cached: bool, seconds: float, result: str) -> None:
+        steps.append({"step": name, "cached": cached, "seconds": seconds, "result": result})
+        logger.info("distill: %s %s(%.1f s) %s", name, "cached " if cached else "", seconds, result)
+
+    # 1. teacher
+    if config.teacher is not None:
+        teacher_path = config.teacher
+        checkpoint = load_checkpoint(teacher_path)
+        if checkpoint.info.name != config.dataset:
+            raise TeacherMismatchError(
+                f"--teacher {teacher_path} was trained on {checkpoint.info.name}, but --dataset "
+                f"is {config.dataset}"
+            )
+        accuracy = checkpoint.meta.get("test_accuracy", float("nan"))
+        timed("teacher", True, 0.0, f"given: {teacher_path} ({accuracy:.2f}% test)")
+    else:
+        teacher = train_teacher(config.teacher_config())
+        teacher_path = str(teacher.path)
+        timed(
+            "teacher", teacher.reused, teacher.train_seconds,
+            f"{config.arch} {teacher.test_accuracy:.2f}% test",
+        )  # fmt: skip
+    teacher_sha256 = _sha256(teacher_path)
+
+    # 2. selection (delt only; it reuses its own result when config and teacher are unchanged)
+    selection_dir = out / "select"
+    selection_sha256 = None
+    if config.method == "delt":
+        start = time.perf_counter()
+        select_config = config.select_config(teacher_path)
+        cached = (selection_dir / "selection.json").is_file() and read_json(
+            selection_dir / "selection.json"
+        ).get("config") == identity_dict(select_config)
+        select_images(select_config)
+        selection_sha256 = _sha256(selection_dir / "selection.json")
+        timed("select", cached, time.perf_counter() - start, f"{config.strategy}, IPC {config.ipc}")
+
+    # 3. recovery (or the random-real draw)
+    distilled = out / "distilled"
+    outputs = [distilled / "distilled.pt", distilled / "manifest.json"]
+    if config.method == "random-real":
+        step_identity = {"ipc": config.ipc, "seed": config.seed, "dataset": config.dataset}
+    else:
+        recover_config = config.recover_config(teacher_path, str(selection_dir))
+        step_identity = {"recover": identity_dict(recover_config)}
+    step_identity.update(teacher_sha256=teacher_sha256, selection_sha256=selection_sha256)
+    start = time.perf_counter()
+    if _step_is_current(out, "recover", step_identity, outputs):
+        cached = True
+    else:
+        cached = False
+        if config.method == "random-real":
+            _draw_random_real_set(config, teacher_path, distilled)
+        else:
+            try:
+                recover(recover_config)
+            except ConfigError as error:
+                raise ConfigError(
+                    f"{error}. The recovery in {distilled} was made with other flags: delete "
+                    f"{distilled} to recompute it, or pass another --out"
+                ) from None
+        _record_step(out, "recover", step_identity, outputs, time.perf_counter() - start)
+    manifest = read_json(distilled / "manifest.json")
+    timed(
+        "recover" if config.method != "random-real" else "draw",
+        cached,
+        manifest["wall_seconds"],
+        f"{config.method} IPC {config.ipc}: {manifest['image_iterations']:,} image-iterations",
+    )
+
+    # 4. evaluation (cached by delt eval itself, per seed)
+    start = time.perf_counter()
+    evaluation = evaluate(config.eval_config(distilled, teacher_path))
+    timed(
+        "eval", evaluation.reused, evaluation.document["wall_seconds"],
+        f"{evaluation.accuracy_mean:.2f} ± {evaluation.accuracy_std:.2f}% best top-1 "
+        f"({len(config.seeds)} seed(s), {config.eval_epochs} epochs)",
+    )  # fmt: skip
+
+    # 5. diversity (cached by delt diversity itself)
+    start = time.perf_counter()
+    diversity = measure_diversity(
+        DiversityConfig(
+            distilled=str(distilled), model=config.diversity_model, device=config.device
+        )
+    )
+    timed(
+        "diversity", diversity.reused, time.perf_counter() - start,
+        f"{diversity.mean:.4f} ± {diversity.std:.4f} (cosine to class centroid)",
+    )  # fmt: skip
+
+    # 6. report
+    images, labels, _ = load_distilled(distilled)
+    teacher_checkpoint = load_checkpoint(teacher_path)
+    write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")
+    report = {
+        "method": config.method,
+        "dataset": config.dataset,
+        "ipc": config.ipc,
+        "accuracy_mean": float(evaluation.accuracy_mean),
+        "accuracy_std": float(evaluation.accuracy_std),
+        "diversity": float(diversity.mean),
+        "synthesis_seconds": float(manifest["wall_seconds"]),
+        "image_iterations": int(manifest["image_iterations"]),
+    }
+    markdown = _markdown(report, evaluation, diversity, manifest, steps, teacher_checkpoint.meta)
+    write_run_report(out, report, markdown)
+    if print_summary:
+        _print_summary(out, steps)
+    return DistillResult(out, report, evaluation, steps)
+
+
+def _markdown(report, evaluation, diversity, manifest, steps, teacher_meta) -> str:
+    eval_config = evaluation.document["config"]
+    lines = [
+        f"# {report['method']} on {report['dataset']}, IPC {report['ipc']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| accuracy (best top-1, mean ± std over {len(evaluation.seeds)} seed(s)) "
+        f"| {report['accuracy_mean']:.2f} ± {report['accuracy_std']:.2f} % |",
+        f"| final-epoch top-1 | {evaluation.final_mean:.2f} ± {evaluation.final_std:.2f} % |",
+        f"| diversity (cosine to class centroid, lower = more diverse) "
+        f"| {diversity.mean:.4f} ± {diversity.std:.4f} |",
+        f"| synthesis seconds (recovery) | {report['synthesis_seconds']:.1f} |",
+        f"| image-iterations | {report['image_iterations']:,} |",
+        f"| teacher | {teacher_meta['arch']} {teacher_meta['arch_kwargs'] or ''}, "
+        f"{teacher_meta.get('test_accuracy', float('nan')):.2f} % test |",
+        f"| student | {eval_config['student']} {eval_config['student_kwargs'] or ''}, "
+        f"{eval_config['epochs']} epochs, batch {eval_config['batch_size']}, "
+        f"{eval_config['randaugment']}, CutMix β {eval_config['cutmix_beta']}, "
+        f"T {eval_config['temperature']} |",
+        f"| recovery | MI {manifest['config'].get('iterations', '-')}, RI "
+        f"{manifest['config'].get('round_iterations', '-') or '-'}, seed {manifest['seed']} |",
+        "",
+        "## Seeds",
+        "",
+        "| seed | best top-1 % | at epoch | final top-1 % | seconds |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for seed in evaluation.seeds:
+        lines.append(
+            f"| {seed.seed} | {seed.best_accuracy:.2f} | {seed.best_epoch} "
+            f"| {seed.final_accuracy:.2f} | {seed.seconds:.1f} |"
+        )
+    lines += ["", "## Steps", "", "| step | cached | seconds | result |", "|---|---|---:|---|"]
+    for step in steps:
+        lines.append(
+            f"| {step['step']} | {'yes' if step['cached'] else 'no'} | {step['seconds']:.1f} "
+            f"| {step['result']} |"
+        )
+    lines += [
+        "",
+        "Outputs: `distilled/` (distilled.pt, manifest.json, eval.json, diversity.json), "
+        "`report.json`.",
+        "",
+        "![the distilled images, one row per class](grid.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _print_summary(out: Path, steps: list[dict]) -> None:
+    width = max(len(step["step"]) for step in steps)
+    print()
+    print(f"{'step':<{width}}  {'seconds':>8}  result")
+    print(f"{'-' * width}  {'-' * 8}  {'-' * 60}")
+    for step in steps:
+        cached = " (cached)" if step["cached"] else ""
+        print(f"{step['step']:<{width}}  {step['seconds']:8.1f}  {step['result']}{cached}")
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}, {out / 'grid.png'}")

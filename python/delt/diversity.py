@@ -1,0 +1,229 @@
+"""``delt diversity``: DELT's intra-class diversity metric of a distilled set (delt.md §6.5).
+
+For each class c with images x_1 .. x_n and features f_i = phi(x_i):
+
+    centroid_c = (1 / n) sum_i f_i          diversity_c = (1 / n) sum_i cos(f_i, centroid_c)
+
+and the set's score is the mean (± population std) of ``diversity_c`` over the classes that have
+images. **Lower is more diverse**: 1.0 means every image of a class points the same way in
+feature space. A class holding a single image scores exactly 1.0, so the metric says nothing at
+IPC 1.
+
+phi are **penultimate features**: the input of the model's final linear layer, flattened to
+(N, D) (ConvNet: the flattened last feature map; ResNet: the pooled 512-d vector; torchvision
+models: whatever enters their last ``nn.Linear``). The paper embeds with an ImageNet ResNet-18
+and does not name the layer; the penultimate layer of the teacher is our default (``--model
+teacher``), any delt checkpoint can be given instead (``--model PATH``). The centroid is the mean
+of the raw features (not of normalized ones), as the paper describes it.
+
+Writes ``DIR/diversity.json``: per-class values, mean, std, the model and its SHA-256, feature
+size. Re-running with the same model and set reuses the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from delt.config import ConfigError, option
+from delt.data import DatasetInfo
+from delt.evaluate import load_distilled
+from delt.io import read_json, write_json
+from delt.models import TeacherMismatchError, check_compatible, load_checkpoint
+from delt.runtime import logger, resolve_device, versions
+
+__all__ = [
+    "DiversityConfig",
+    "DiversityResult",
+    "centroid_cosine",
+    "final_linear",
+    "measure_diversity",
+    "penultimate_features",
+]
+
+DIVERSITY_FORMAT = "delt-diversity-v1"
+
+
+@dataclass
+class DiversityConfig:
+    """Configuration of ``delt diversity`` (one field per flag)."""
+
+    distilled: str = option(help="folder of a distilled set (distilled.pt + manifest.json)")
+    model: str = option(
+        "teacher", help="feature model: 'teacher' (the set's, from its manifest) or a checkpoint"
+    )
+    out: str | None = option(None, help="results file (default: DISTILLED/diversity.json)")
+    batch_size: int = option(500, help="images per forward pass")
+    device: str = option("auto", help="auto, cpu, cuda, ...")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.model:
+            raise ConfigError("--model must be 'teacher' or a checkpoint path")
+
+
+@dataclass
+class DiversityResult:
+    """Mean and std over classes of the per-class centroid cosine; ``per_class`` has NaN for
+    classes without images."""
+
+    path: Path
+    mean: float
+    std: float
+    per_class: list[float]
+    reused: bool
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The classifier layer whose input are the penultimate features: the last ``nn.Linear``
+    registered in the model (``classifier`` of ConvNet, ``fc`` of ResNet, ``classifier[-1]`` /
+    ``heads.head`` / ``head`` of torchvision's other families).
+
+    Raises:
+        ValueError: the model has no ``nn.Linear`` (e.g. SqueezeNet's convolutional classifier).
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear classifier: its penultimate features are "
+            "not defined for this metric"
+        )
+    return linears[-1]
+
+
+@contextmanager
+def _capture_input(layer: nn.Module) -> Iterator[list[Tensor]]:
+    captured: list[Tensor] = []
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        captured.append(inputs[0].detach())
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """The inputs of ``model``'s final linear layer for ``images``.
+
+    Args:
+        model: a classifier; it is put in eval mode.
+        images: (N, C, H, W) float, normalized as the model expects, on the model's device.
+        batch_size: images per forward pass.
+
+    Returns:
+        (N, D) float32 features (on the CPU).
+    """
+    model.eval()
+    layer = final_linear(model)
+    parts = []
+    with _capture_input(layer) as captured:
+        for start in range(0, images.shape[0], batch_size):
+            captured.clear()
+            model(images[start : start + batch_size])
+            if len(captured) != 1:
+                raise RuntimeError(
+                    f"the final linear layer ran {len(captured)} times in one forward pass; "
+                    "cannot tell which input holds the penultimate features"
+                )
+            parts.append(captured[0].flatten(1).float().cpu())
+    return torch.cat(parts)
+
+
+def centroid_cosine(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Per class, the mean cosine similarity of each feature to the class centroid.
+
+    Args:
+        features: (N, D) float.
+        labels: (N,) int64 in ``0 .. num_classes - 1``.
+        num_classes: K.
+
+    Returns:
+        (K,) float64; NaN for a class without images, 1.0 for a class with one image.
+    """
+    features = features.to(torch.float64)
+    values = torch.full((num_classes,), float("nan"), dtype=torch.float64)
+    for c in range(num_classes):
+        members = features[labels == c]
+        if members.shape[0] == 0:
+            continue
+        centroid = members.mean(0, keepdim=True)
+        values[c] = nn.functional.cosine_similarity(members, centroid, dim=1).mean()
+    return values
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def measure_diversity(config: DiversityConfig) -> DiversityResult:
+    """Runs ``delt diversity``; writes and returns the per-class and mean scores."""
+    folder = Path(config.distilled)
+    images, labels, manifest = load_distilled(folder)
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"--distilled {folder}: the distilled set is empty")
+    info = DatasetInfo.from_dict(manifest["dataset"])
+    model_path = manifest["teacher"]["path"] if config.model == "teacher" else config.model
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(
+            f"--model {config.model}: no such checkpoint ({model_path})"
+            + (" named by the manifest; pass --model PATH" if config.model == "teacher" else "")
+        )
+    out = Path(config.out) if config.out else folder / "diversity.json"
+    identity = {
+        "model_sha256": _sha256(Path(model_path)),
+        "distilled_sha256": _sha256(folder / "distilled.pt"),
+    }
+    if out.is_file():
+        saved = read_json(out)
+        if saved.get("format") == DIVERSITY_FORMAT and saved.get("identity") == identity:
+            logger.info("diversity: reusing %s", out)
+            return DiversityResult(
+                out, saved["mean"], saved["std"], saved["per_class"], reused=True
+            )
+    checkpoint = load_checkpoint(model_path)
+    try:
+        check_compatible(checkpoint.meta, info, what="model")
+    except TeacherMismatchError as error:
+        raise TeacherMismatchError(f"--model {config.model}: {error}") from None
+    device = resolve_device(config.device)
+    model = checkpoint.model.to(device)
+    features = penultimate_features(model, images.to(device), config.batch_size)
+    per_class = centroid_cosine(features, labels, info.num_classes)
+    present = per_class[~torch.isnan(per_class)].numpy()
+    mean, std = float(np.mean(present)), float(np.std(present))
+    document = {
+        "format": DIVERSITY_FORMAT,
+        "identity": identity,
+        "distilled": str(folder),
+        "method": manifest.get("method"),
+        "dataset": info.name,
+        "metric": "mean over classes of the mean cosine similarity of each image's penultimate "
+        "feature to its class centroid; lower = more diverse",
+        "model": {
+            "path": str(model_path),
+            "arch": checkpoint.meta["arch"],
+            "arch_kwargs": checkpoint.meta["arch_kwargs"],
+        },
+        "feature_dim": int(features.shape[1]),
+        "num_images": int(images.shape[0]),
+        "mean": mean,
+        "std": std,
+        "per_class": [None if np.isnan(v) else float(v) for v in per_class.tolist()],
+        "class_names": list(info.class_names),
+        "versions": versions(),
+    }
+    write_json(out, document)
+    logger.info("diversity: %.4f ± %.4f over %d classes -> %s", mean, std, len(present), out)
+    return DiversityResult(out, mean, std, document["per_class"], reused=False)

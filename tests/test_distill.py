@@ -1,0 +1,108 @@
+"""delt.distill: the cached pipeline and its report files."""
+
+import json
+
+import pytest
+from conftest import SYNTHETIC
+from delt.config import ConfigError
+from delt.distill import DistillConfig, distill
+from delt.evaluate import StudentTrainer
+from delt.models import TeacherMismatchError
+from delt.report import REPORT_KEYS
+
+TYPES = {
+    "method": str, "dataset": str, "ipc": int, "accuracy_mean": float, "accuracy_std": float,
+    "diversity": float, "synthesis_seconds": float, "image_iterations": int,
+}  # fmt: skip
+
+
+def _config(out, teacher, **overrides):
+    values = dict(
+        method="delt", ipc=2, out=str(out), dataset=SYNTHETIC, teacher=str(teacher),
+        iterations=4, round_iterations=2, recover_batch_size=4, eval_epochs=2, eval_every=1,
+        progress=False,
+    )  # fmt: skip
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def _forbid(monkeypatch, *targets):
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached step ran again")
+
+    for target in targets:
+        monkeypatch.setattr(target, fail)
+
+
+def test_distill_writes_the_report_and_a_rerun_does_no_work(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "delt"
+    result = distill(_config(out, tiny_teacher.path))
+    report = json.loads((out / "report.json").read_text())
+    assert tuple(report) == REPORT_KEYS and report == result.report
+    for key, kind in TYPES.items():
+        assert type(report[key]) is kind, key
+    assert report["method"] == "delt" and report["ipc"] == 2
+    assert report["image_iterations"] == 4 * (4 + 2)  # EarlyLate: 4 + 2 iterations per class
+    assert 0 <= report["accuracy_mean"] <= 100 and -1 <= report["diversity"] <= 1
+    markdown = (out / "report.md").read_text()
+    assert "| 0 |" in markdown and "grid.png" in markdown and "diversity" in markdown
+    assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("eval.json", "diversity.json", "manifest.json"):
+        assert (out / "distilled" / name).is_file()
+
+    _forbid(
+        monkeypatch, "delt.distill.recover", "delt.select.score_images",
+        "delt.diversity.penultimate_features",
+    )  # fmt: skip
+    monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
+    again = distill(_config(out, tiny_teacher.path))
+    assert again.report == report
+    assert all(step["cached"] for step in again.steps)
+
+
+def test_a_changed_eval_flag_reruns_only_the_evaluation(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "cda"
+    first = distill(_config(out, tiny_teacher.path, method="cda", round_iterations=None))
+    _forbid(monkeypatch, "delt.distill.recover")
+    second = distill(
+        _config(out, tiny_teacher.path, method="cda", round_iterations=None, eval_epochs=3)
+    )
+    steps = {step["step"]: step["cached"] for step in second.steps}
+    assert steps["recover"] and not steps["eval"] and steps["diversity"]
+    assert second.report["image_iterations"] == first.report["image_iterations"]
+    assert len(second.evaluation.seeds[0].train_loss) == 3
+
+
+def test_a_changed_recovery_is_refused_clearly(tiny_teacher, tmp_path):
+    out = tmp_path / "sre2l"
+    distill(_config(out, tiny_teacher.path, method="sre2l", round_iterations=None))
+    with pytest.raises(ConfigError, match="--iterations: 4 -> 3.*delete .*distilled"):
+        distill(
+            _config(out, tiny_teacher.path, method="sre2l", round_iterations=None, iterations=3)
+        )
+
+
+def test_random_real_baseline(tiny_teacher, tmp_path):
+    result = distill(_config(tmp_path / "rr", tiny_teacher.path, method="random-real",
+                             round_iterations=None, seed=3))  # fmt: skip
+    assert result.report["image_iterations"] == 0 and result.report["method"] == "random-real"
+    manifest = json.loads((tmp_path / "rr" / "distilled" / "manifest.json").read_text())
+    assert len(manifest["indices"]) == 8 and manifest["seed"] == 3
+
+
+def test_teacher_of_another_dataset_is_refused(tiny_teacher, tmp_path):
+    with pytest.raises(TeacherMismatchError, match="was trained on synthetic"):
+        distill(_config(tmp_path, tiny_teacher.path, dataset="fashion-mnist"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"method": "mtt"}, "--method 'mtt': unknown"),
+     ({"method": "cda"}, "--round-iterations applies to --method delt"),
+     ({"arch": "nonet"}, "unknown architecture"),
+     ({"eval_epochs": 0}, "--eval-epochs must be"),
+     ({"iterations": 3}, "multiple of --round-iterations")],
+)  # fmt: skip
+def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(tmp_path, "t.pt", **overrides)

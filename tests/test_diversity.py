@@ -1,0 +1,125 @@
+"""delt.diversity: DELT's centroid-cosine metric on features with known answers."""
+
+import json
+import math
+
+import pytest
+import torch
+from delt.data import DatasetInfo
+from delt.diversity import (
+    DiversityConfig,
+    centroid_cosine,
+    final_linear,
+    measure_diversity,
+    penultimate_features,
+)
+from delt.models import ConvNet, build_model, load_checkpoint
+from delt.recover import RecoverConfig, recover
+from torch import nn
+
+
+def test_identical_features_score_one():
+    features = torch.tensor([[1.0, 2.0, 3.0]] * 4)
+    values = centroid_cosine(features, torch.tensor([0, 0, 1, 1]), 2)
+    assert values.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_two_orthogonal_images_and_scaled_copies():
+    # Class 0: e1 and e2; the centroid (1/2, 1/2) is at 45 degrees from both: cos = 1/sqrt(2).
+    # Class 1: 3 * e1 and e1: same direction, any lengths: cos = 1.
+    # Class 2: a single image: 1.0. Class 3: no images: NaN.
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    values = centroid_cosine(features, labels, 4)
+    assert values[:3].tolist() == pytest.approx([1 / math.sqrt(2), 1.0, 1.0])
+    assert math.isnan(values[3])
+
+
+def test_two_orthogonal_clusters_in_one_class():
+    # 3 images near e1 and 1 near e2: centroid (3/4, 1/4); cosines 3/sqrt(10) and 1/sqrt(10).
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    values = centroid_cosine(features, torch.zeros(4, dtype=torch.int64), 1)
+    expected = (3 * (3 / math.sqrt(10)) + 1 / math.sqrt(10)) / 4
+    assert values.item() == pytest.approx(expected)
+
+
+def test_more_spread_scores_lower():
+    generator = torch.Generator().manual_seed(0)
+    center = torch.randn(1, 16, generator=generator)
+    tight = center + 0.1 * torch.randn(20, 16, generator=generator)
+    loose = center + 2.0 * torch.randn(20, 16, generator=generator)
+    labels = torch.zeros(20, dtype=torch.int64)
+    assert centroid_cosine(loose, labels, 1).item() < centroid_cosine(tight, labels, 1).item()
+
+
+def _info(channels=3, resolution=16, classes=5):
+    return DatasetInfo(
+        "x", classes, channels, resolution, (0.5,) * channels, (0.25,) * channels,
+        tuple(map(str, range(classes))),
+    )  # fmt: skip
+
+
+def test_penultimate_features_are_the_classifier_input():
+    model = ConvNet(5, 3, 16, depth=2, width=4).eval()
+    images = torch.randn(7, 3, 16, 16)
+    features = penultimate_features(model, images, batch_size=3)
+    assert features.shape == (7, 4 * 4 * 4)
+    assert torch.allclose(features, torch.flatten(model.features(images), 1))
+    assert final_linear(model) is model.classifier
+
+
+@pytest.mark.parametrize("arch, attribute", [("resnet18_small", "fc"), ("mobilenet_v2", None)])
+def test_final_linear_of_resnet_and_torchvision(arch, attribute):
+    model = build_model(arch, _info())
+    layer = final_linear(model)
+    assert layer.out_features == 5
+    if attribute:
+        assert layer is getattr(model, attribute)
+    else:
+        assert layer is model.classifier[-1]
+    features = penultimate_features(model, torch.randn(2, 3, 16, 16))
+    assert features.shape == (2, layer.in_features)
+
+
+def test_a_model_without_a_linear_classifier_is_refused():
+    with pytest.raises(ValueError, match="no nn.Linear classifier"):
+        final_linear(nn.Sequential(nn.Conv2d(3, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+
+
+def test_delt_diversity_writes_and_reuses(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "sre2l"
+    recover(
+        RecoverConfig(
+            teacher=str(tiny_teacher.path), ipc=3, out=str(out), method="sre2l", iterations=2,
+            progress=False,
+        )
+    )  # fmt: skip
+    result = measure_diversity(DiversityConfig(distilled=str(out)))
+    document = json.loads((out / "diversity.json").read_text())
+    assert document["mean"] == pytest.approx(result.mean) and len(document["per_class"]) == 4
+    assert document["model"]["arch"] == "convnet2" and document["feature_dim"] == 8 * 2 * 2
+    assert all(-1.0 <= v <= 1.0 for v in document["per_class"])
+    model = load_checkpoint(tiny_teacher.path).model
+    payload = torch.load(out / "distilled.pt", weights_only=True)
+    expected = centroid_cosine(penultimate_features(model, payload["images"]), payload["labels"], 4)
+    assert document["per_class"] == pytest.approx(expected.tolist())
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr("delt.diversity.penultimate_features", no_features)
+    assert measure_diversity(
+        DiversityConfig(distilled=str(out), model=str(tiny_teacher.path))
+    ).reused
+
+
+def test_diversity_bad_model_path(tiny_teacher, tmp_path):
+    out = tmp_path / "cda"
+    recover(
+        RecoverConfig(
+            teacher=str(tiny_teacher.path), ipc=1, out=str(out), method="cda", iterations=1,
+            progress=False,
+        )
+    )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="--model missing.pt: no such checkpoint"):
+        measure_diversity(DiversityConfig(distilled=str(out), model="missing.pt"))
