@@ -48,7 +48,7 @@ def _tiny_config(out, **overrides):
 
 
 def test_save_epochs_writes_checkpoints_early_phase_first(tmp_path):
-    result = train_teacher(_tiny_config(tmp_path / "with", save_epochs="1,3"))
+    result = train_teacher(_tiny_config(tmp_path / "with", save_epochs=(1, 3)))
     entries = saved_checkpoints(result.path)
     assert [entry["epoch"] for entry in entries] == [1, 3]
     assert [entry["path"].name for entry in entries] == ["epoch-001.pt", "epoch-003.pt"]
@@ -70,21 +70,20 @@ def test_save_epochs_writes_checkpoints_early_phase_first(tmp_path):
     plain_state = load_checkpoint(plain.path).model.state_dict()
     assert all(torch.equal(final[k], plain_state[k]) for k in final)
     # A cached teacher is reused with its checkpoints, refused when one is missing.
-    assert train_teacher(_tiny_config(tmp_path / "with", save_epochs="1,3")).reused
+    assert train_teacher(_tiny_config(tmp_path / "with", save_epochs=(1, 3))).reused
     assert train_teacher(_tiny_config(tmp_path / "with")).reused
     with pytest.raises(ConfigError, match=r"without checkpoints at epochs \[2\]"):
-        train_teacher(_tiny_config(tmp_path / "with", save_epochs="1,2"))
+        train_teacher(_tiny_config(tmp_path / "with", save_epochs=(1, 2)))
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"epochs": 0}, "--epochs must be >= 1"),
-        ({"save_epochs": "2,1"}, "--save-epochs must be strictly increasing"),
-        ({"save_epochs": "1,1"}, "--save-epochs must be strictly increasing"),
-        ({"save_epochs": "0,1"}, r"--save-epochs must lie in \[1, --epochs 3\]"),
-        ({"save_epochs": "1,4"}, r"--save-epochs must lie in \[1, --epochs 3\]"),
-        ({"save_epochs": "1,x"}, "--save-epochs takes comma-separated integers"),
+        ({"save_epochs": (2, 1)}, "--save-epochs must be strictly increasing"),
+        ({"save_epochs": (1, 1)}, "--save-epochs must be strictly increasing"),
+        ({"save_epochs": (0, 1)}, r"--save-epochs must lie in \[1, --epochs 3\]"),
+        ({"save_epochs": (1, 4)}, r"--save-epochs must lie in \[1, --epochs 3\]"),
         ({"lr": 0.0}, "--lr must be > 0"),
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"arch": "resnet18_small", "width": 8}, "--width applies to convnetD"),

@@ -43,6 +43,7 @@ any point redoes only the unfinished work and ends with the same bytes as an uni
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -286,14 +287,20 @@ def pick_hard_examples(
 
 @torch.no_grad()
 def _true_class_scores(
-    model: nn.Module, dataset: ImageDataset, device: torch.device, amp: str
+    model: nn.Module, dataset: ImageDataset, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """``(probability of the true class (N,) float32, top-1 correct (N,) bool)`` on the CPU."""
-    model.eval()
+    """``(probability of the true class (N,) float32, top-1 correct (N,) bool)`` on the CPU.
+
+    Scores a private channels_last copy under bf16 autocast: about 3x faster on a CPU, and a
+    ranking needs no full precision. The copy leaves ``model`` as it was, so a stage teacher
+    does not depend on whether this process scored (a resumed run may not).
+    """
+    model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last).eval()
     probabilities, correct = [], []
     for images, labels in iterate_batches(dataset, 1000):
-        with autocast(device, amp):
-            logits = model(images.to(device)).float().cpu()
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, "bf16"):
+            logits = model(images).float().cpu()
         probabilities.append(logits.softmax(1).gather(1, labels.view(-1, 1)).view(-1))
         correct.append(logits.argmax(1) == labels)
     return torch.cat(probabilities), torch.cat(correct)
@@ -310,10 +317,11 @@ def _train_hard_student(
     from delt.models import build_model
     from delt.schedules import stage_epochs
 
-    torch.manual_seed(seed)
-    student = build_model(teacher.meta["arch"], teacher.info, teacher.meta["arch_kwargs"]).to(
-        device
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = build_model(teacher.meta["arch"], teacher.info, teacher.meta["arch_kwargs"]).to(
+            device
+        )
     model = teacher.model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     augment = delt_ext.RandomResizedCropFlip(
@@ -405,7 +413,8 @@ def recover_progressive(config: RecoverConfig) -> RecoverResult:
     logger.info(
         "recover: pdd over %s, %d stages of %s images per class, %d iterations each, "
         "stage teachers %s, union in batch %s, stage init %s, device %s -> %s",
-        config.base, len(stages), config.stage_ipc, config.iterations, config.stage_teachers,
+        config.base, len(stages), ",".join(map(str, config.stage_ipc)), config.iterations,
+        config.stage_teachers,
         f"yes (sample {config.union_sample or 'all'})" if config.union_in_batch else "no",
         config.stage_init, device, out,
     )  # fmt: skip
@@ -428,8 +437,7 @@ def recover_progressive(config: RecoverConfig) -> RecoverResult:
                 init = _StageInit("hard", saved["picks"], saved["info"])
             else:
                 if teacher_scores is None:
-                    model = frozen_teacher(teacher.model, device, False)
-                    teacher_scores = _true_class_scores(model, dataset, device, config.amp)
+                    teacher_scores = _true_class_scores(teacher.model, dataset, device)
                 start = time.perf_counter()
                 unions = [
                     union_prefix(union, ipc, earlier.union_ipc)
@@ -439,7 +447,7 @@ def recover_progressive(config: RecoverConfig) -> RecoverResult:
                     unions, teacher, config.hard_student_epochs,
                     derive_seed(config.seed, 0, stage.index), device,
                 )  # fmt: skip
-                student_scores = _true_class_scores(student, dataset, device, config.amp)
+                student_scores = _true_class_scores(student, dataset, device)
                 picks, tiers = pick_hard_examples(
                     dataset.targets, teacher_scores[0], teacher_scores[1], student_scores[0],
                     student_scores[1], stage.ipc, used,

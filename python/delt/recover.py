@@ -56,7 +56,6 @@ from delt.schedules import (
     stage_sizes,
 )
 from delt.select import Selection
-from delt.teacher import parse_int_list
 
 __all__ = [
     "METHODS",
@@ -176,7 +175,7 @@ class RecoverConfig:
         help=f"pdd: the method each stage runs (default {DEFAULT_BASE})",
         choices=tuple(METHODS),
     )
-    stage_ipc: str | None = option(
+    stage_ipc: tuple[int, ...] | None = option(
         None, help="pdd: images per class of each stage, e.g. 4,2,2,1,1 (default: IPC/P each)"
     )
     stage_teachers: Literal["final", "checkpoints"] = option(
@@ -278,10 +277,8 @@ class RecoverConfig:
     @property
     def stage_ipc_list(self) -> list[int]:
         """pdd: images per class of each stage (validated in ``__post_init__``)."""
-        explicit = None if self.stage_ipc is None else parse_int_list(self.stage_ipc, "--stage-ipc")
-        return stage_sizes(
-            self.ipc, DEFAULT_STAGES if self.stages is None else self.stages, explicit
-        )
+        stages = DEFAULT_STAGES if self.stages is None else self.stages
+        return stage_sizes(self.ipc, stages, self.stage_ipc)
 
     def _check_pdd(self) -> None:
         if self.method != PROGRESSIVE:
@@ -301,17 +298,18 @@ class RecoverConfig:
                 "least one image per class"
             )
         if self.stage_ipc is not None:
-            sizes = parse_int_list(self.stage_ipc, "--stage-ipc")
+            self.stage_ipc = sizes = tuple(self.stage_ipc)
+            shown = ",".join(map(str, sizes))
             if len(sizes) != stages:
                 raise ConfigError(
-                    f"--stage-ipc {self.stage_ipc}: one size per stage expected ({stages} for "
+                    f"--stage-ipc {shown}: one size per stage expected ({stages} for "
                     f"--stages {stages}), got {len(sizes)}"
                 )
             if min(sizes) < 1:
-                raise ConfigError(f"--stage-ipc {self.stage_ipc}: every stage needs >= 1 image")
+                raise ConfigError(f"--stage-ipc {shown}: every stage needs >= 1 image")
             if sum(sizes) != self.ipc:
                 raise ConfigError(
-                    f"--stage-ipc {self.stage_ipc} must sum to --ipc {self.ipc}, got {sum(sizes)}"
+                    f"--stage-ipc {shown} must sum to --ipc {self.ipc}, got {sum(sizes)}"
                 )
         if self.union_sample is not None:
             if not self.union_in_batch:
@@ -353,7 +351,7 @@ class RecoverConfig:
                 resolved,
                 stages=DEFAULT_STAGES if self.stages is None else self.stages,
                 base=self.base_method,
-                stage_ipc=",".join(map(str, self.stage_ipc_list)),
+                stage_ipc=tuple(self.stage_ipc_list),
                 hard_student_epochs=(self.hard_student_epochs or DEFAULT_HARD_STUDENT_EPOCHS)
                 if self.stage_init == "hard"
                 else None,

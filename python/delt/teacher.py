@@ -39,22 +39,9 @@ __all__ = [
     "TeacherResult",
     "evaluate_accuracy",
     "iterate_batches",
-    "parse_int_list",
     "saved_checkpoints",
     "train_teacher",
 ]
-
-
-def parse_int_list(text: str, flag_name: str) -> list[int]:
-    """``"1,2,3"`` → ``[1, 2, 3]``; a bad entry raises ``ConfigError`` naming ``flag_name``."""
-    items = [item.strip() for item in text.split(",")]
-    try:
-        values = [int(item) for item in items]
-    except ValueError:
-        raise ConfigError(
-            f"{flag_name} takes comma-separated integers (e.g. 1,2,3), got {text!r}"
-        ) from None
-    return values
 
 
 @dataclass
@@ -86,7 +73,7 @@ class TeacherConfig:
     seed: int = option(0, help="random seed (init, shuffling, augmentation)")
     # Not part of the identity: the checkpoints do not change the final teacher. A cached
     # teacher that lacks a requested checkpoint is refused in train_teacher instead.
-    save_epochs: str | None = option(
+    save_epochs: tuple[int, ...] | None = option(
         None,
         help="also save the model after these epochs, e.g. 1,2,3,4,5 (PDD's stage teachers: "
         "OUT/checkpoints/epoch-<e>.pt)",
@@ -111,23 +98,17 @@ class TeacherConfig:
         spec = model_spec(self.arch)  # raises for an unknown --arch
         if self.width is not None and "width" not in spec.kwargs:
             raise ConfigError(f"--width applies to convnetD architectures, not --arch {self.arch}")
-        epochs = self.save_epoch_list
-        if epochs != sorted(set(epochs)):
-            raise ConfigError(
-                f"--save-epochs must be strictly increasing (early phase first), got "
-                f"{self.save_epochs}"
-            )
-        if epochs and not 1 <= epochs[0] <= epochs[-1] <= self.epochs:
-            raise ConfigError(
-                f"--save-epochs must lie in [1, --epochs {self.epochs}], got {self.save_epochs}"
-            )
-
-    @property
-    def save_epoch_list(self) -> list[int]:
-        """``--save-epochs`` as a list of ints (empty without the flag)."""
-        if self.save_epochs is None:
-            return []
-        return parse_int_list(self.save_epochs, "--save-epochs")
+        if self.save_epochs is not None:
+            self.save_epochs = tuple(self.save_epochs)
+            shown = ",".join(map(str, self.save_epochs))
+            if not self.save_epochs or list(self.save_epochs) != sorted(set(self.save_epochs)):
+                raise ConfigError(
+                    f"--save-epochs must be strictly increasing (early phase first), got {shown}"
+                )
+            if not 1 <= self.save_epochs[0] <= self.save_epochs[-1] <= self.epochs:
+                raise ConfigError(
+                    f"--save-epochs must lie in [1, --epochs {self.epochs}], got {shown}"
+                )
 
     @property
     def arch_kwargs(self) -> dict:
@@ -275,12 +256,12 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
             )
         meta = read_json(path.with_suffix(".json"))
         have = {entry["epoch"] for entry in saved_checkpoints(path) if entry["path"].is_file()}
-        missing = [epoch for epoch in config.save_epoch_list if epoch not in have]
+        missing = [epoch for epoch in config.save_epochs or () if epoch not in have]
         if missing:
             raise ConfigError(
-                f"--save-epochs {config.save_epochs}: {path} was trained without checkpoints at "
-                f"epochs {missing} (it has {sorted(have) or 'none'}); train into another --out "
-                "or delete it"
+                f"--save-epochs {','.join(map(str, config.save_epochs))}: {path} was trained "
+                f"without checkpoints at epochs {missing} (it has {sorted(have) or 'none'}); "
+                "train into another --out or delete it"
             )
         logger.info("teacher: reusing %s (test accuracy %.2f%%)", path, meta["test_accuracy"])
         return TeacherResult(path, meta["test_accuracy"], meta["train_seconds"], reused=True)
@@ -327,7 +308,7 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
         "config": identity,
         "versions": versions(),
     }
-    save_epochs = set(config.save_epoch_list)
+    save_epochs = set(config.save_epochs or ())
     checkpoints: list[dict] = []
     eval_seconds = 0.0
     start = time.perf_counter()
