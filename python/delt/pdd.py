@@ -307,45 +307,62 @@ def _true_class_scores(
 
 
 def _train_hard_student(
-    unions: list[Tensor],
+    unions: list[tuple[Tensor, Tensor]],
     teacher: Checkpoint,
+    ipc: int,
     epochs: int,
     seed: int,
     device: torch.device,
+    amp: str,
+    channels_last: bool,
 ) -> nn.Module:
-    """PLACEHOLDER until issue 5's StudentTrainer is merged: a student trained stage-wise."""
-    from delt.models import build_model
-    from delt.schedules import stage_epochs
+    """The student of ``--stage-init hard``: ``delt eval --stagewise``'s student on U_1 … U_{k-1}.
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        student = build_model(teacher.meta["arch"], teacher.info, teacher.meta["arch_kwargs"]).to(
-            device
-        )
-    model = teacher.model.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    augment = delt_ext.RandomResizedCropFlip(
-        size=(teacher.info.resolution,) * 2, scale=(0.25, 1.0), per_sample=True, generator=generator
+    One :class:`delt.evaluate.StudentTrainer` with the evaluator's default protocol (the
+    teacher's soft labels, RandAugment, CutMix, AdamW, the batch size of an IPC ``ipc`` set),
+    ``epochs`` split across the unions, optimizer state carried over, the LR schedule restarted
+    per stage (:func:`delt.stagewise.train_stagewise`). So the images a stage starts from are
+    exactly what the student of a stage-wise evaluation has not learned yet.
+
+    Recovery thereby uses the evaluator's trainer (imported here, not at module level: the
+    evaluator reads pdd's outputs).
+    """
+    from delt.evaluate import (
+        EvalConfig,
+        StudentAugment,
+        StudentTrainer,
+        TrainSettings,
+        default_batch_size,
+        seeded,
     )
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.01)
-    per_stage = stage_epochs(max(epochs, len(unions)), len(unions))
-    for images, stage_epoch_count in zip(unions, per_stage, strict=True):
-        images = images.to(device)
-        batch_size = min(100, images.shape[0])
-        for _ in range(stage_epoch_count):
-            order = torch.randperm(images.shape[0], generator=generator).to(device)
-            for start in range(0, images.shape[0], batch_size):
-                batch = augment(images.index_select(0, order[start : start + batch_size]))
-                with torch.no_grad():
-                    target = (model(batch) / 20.0).softmax(1)
-                student.train()
-                loss = nn.functional.kl_div(
-                    (student(batch) / 20.0).log_softmax(1), target, reduction="batchmean"
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    return student.eval()
+    from delt.models import build_model
+    from delt.stagewise import stagewise_plan, train_stagewise
+
+    protocol = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+    info = teacher.info
+    sizes = [len(images) for images, _ in unions]
+    settings = TrainSettings(
+        batch_size=default_batch_size(ipc, info.num_classes, sizes[-1]),
+        temperature=protocol["temperature"], cutmix_beta=protocol["cutmix_beta"], amp=amp,
+        channels_last=channels_last,
+    )  # fmt: skip
+    plan = stagewise_plan(epochs, sizes, settings.batch_size)
+    with seeded(seed):
+        student = build_model(teacher.meta["arch"], info, teacher.meta["arch_kwargs"])
+        generator = torch.Generator().manual_seed(seed)
+        augment = StudentAugment(
+            info, protocol["randaugment_ops"], protocol["randaugment_magnitude"],
+            protocol["min_crop"], generator,
+        )  # fmt: skip
+        # The trainer only calls the teacher (no_grad): its mode and memory format stay as the
+        # stage loop left them.
+        trainer = StudentTrainer(
+            student, teacher.model.to(device), augment, settings, epochs, protocol["lr"],
+            protocol["weight_decay"], device, generator,
+        )  # fmt: skip
+        unions = [(images.to(device), labels.to(device)) for images, labels in unions]
+        train_stagewise(trainer, unions, plan, "restart")
+    return trainer.student.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,12 +457,14 @@ def recover_progressive(config: RecoverConfig) -> RecoverResult:
                     teacher_scores = _true_class_scores(teacher.model, dataset, device)
                 start = time.perf_counter()
                 unions = [
-                    union_prefix(union, ipc, earlier.union_ipc)
-                    for earlier in stages[: stage.index - 1]
+                    (union_prefix(union, ipc, e.union_ipc), union_prefix(labels, ipc, e.union_ipc))
+                    for e in stages[: stage.index - 1]
                 ]
+                # The final teacher labels the student's batches, as in every evaluation.
                 student = _train_hard_student(
-                    unions, teacher, config.hard_student_epochs,
-                    derive_seed(config.seed, 0, stage.index), device,
+                    unions, teacher, ipc, config.hard_student_epochs,
+                    derive_seed(config.seed, 0, stage.index), device, config.amp,
+                    config.channels_last,
                 )  # fmt: skip
                 student_scores = _true_class_scores(student, dataset, device)
                 picks, tiers = pick_hard_examples(

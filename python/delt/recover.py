@@ -319,9 +319,10 @@ class RecoverConfig:
         if self.hard_student_epochs is not None:
             if self.stage_init != "hard":
                 raise ConfigError("--hard-student-epochs applies with --stage-init hard")
-            if self.hard_student_epochs < 1:
+            if self.hard_student_epochs < max(1, stages - 1):
                 raise ConfigError(
-                    f"--hard-student-epochs must be >= 1, got {self.hard_student_epochs}"
+                    f"--hard-student-epochs must be >= {max(1, stages - 1)} (an epoch per earlier "
+                    f"stage at least), got {self.hard_student_epochs}"
                 )
 
     def identity(self) -> dict:
