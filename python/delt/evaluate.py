@@ -39,11 +39,11 @@ mean/std, wall seconds, versions. Finished seeds are saved as they finish; re-ru
 command reuses them (a complete file means no work at all), a different configuration starts
 over.
 
-Building blocks for other schedules (PDD's stage-wise evaluation trains on U1, then U1∪U2, …
-with the optimizer state carried over): :class:`StudentTrainer` holds one student with its
-optimizer and LR schedule over a total number of epochs and trains it epoch by epoch on whatever
-images it is given; :class:`EvalContext` resolves teacher, student architecture, test set and
-settings once.
+Building blocks for other schedules (PDD's stage-wise evaluation, ``--stagewise`` in
+:mod:`delt.stagewise`, trains on U1, then U1∪U2, … with the optimizer state carried over):
+:class:`StudentTrainer` holds one student with its optimizer and LR schedule over a total number
+of epochs and trains it epoch by epoch on whatever images it is given; :class:`EvalContext`
+resolves teacher, student architecture, test set and settings once.
 """
 
 from __future__ import annotations
