@@ -211,3 +211,92 @@ def test_missing_teacher(tiny_teacher, tiny_selection, tmp_path):
 def test_compiled_teacher_gives_a_distilled_set(tiny_teacher, tiny_selection, tmp_path):
     result = recover(_config(tiny_teacher, tiny_selection, tmp_path, compile=True))
     assert result.images.shape == (20, 3, 8, 8) and torch.isfinite(result.images).all()
+
+
+# --------------------------------------------------------------------------------------------
+# PDD's union in the batch (optimize_chunk's frozen images)
+
+
+class _Recorder(torch.nn.Module):
+    """Runs the teacher and keeps every input batch and BNStatMatching's per-layer losses."""
+
+    def __init__(self, teacher, bn_matching):
+        super().__init__()
+        self.teacher, self.bn_matching = teacher, bn_matching
+        self.inputs, self.layer_losses = [], []
+
+    def forward(self, x):
+        logits = self.teacher(x)
+        self.inputs.append(x.detach().clone())
+        self.layer_losses.append(
+            [loss.detach().clone() for loss in self.bn_matching.layer_losses()]
+        )
+        return logits
+
+
+def _manual_layer_losses(teacher, x):
+    """SRe2L's per-layer ||mean - running_mean||_2 + ||var - running_var||_2, by hand."""
+    inputs = []
+    bns = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    handles = [bn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for bn in bns]
+    with torch.no_grad():
+        teacher(x)
+    for handle in handles:
+        handle.remove()
+    losses = []
+    for bn, value in zip(bns, inputs, strict=True):
+        mean = value.mean(dim=(0, 2, 3))
+        var = value.var(dim=(0, 2, 3), unbiased=False)
+        losses.append(torch.norm(mean - bn.running_mean) + torch.norm(var - bn.running_var))
+    return losses
+
+
+@pytest.mark.parametrize("frozen_sample", [None, 3])
+def test_union_in_batch_matches_the_bn_statistics_of_the_union(frozen_sample):
+    info = DatasetInfo("t", 2, 3, 8, (0.5,) * 3, (0.25,) * 3, ("a", "b"))
+    torch.manual_seed(0)
+    teacher = build_model("convnet2", info, {"width": 4})
+    teacher.train()
+    teacher(torch.randn(64, 3, 8, 8) * 2 + 1)  # running statistics that are not 0/1
+    teacher.eval().requires_grad_(False)
+    low, high = info.pixel_bounds()
+    settings = RecoverySettings(0.25, (0.5, 0.9), 0.01, True, 0, False, "none", False, low, high)
+    init = torch.rand(2, 3, 8, 8)
+    frozen = torch.rand(6, 3, 8, 8) * 0.3 - 1.0  # other statistics than the new images'
+    frozen_before = frozen.clone()
+    with delt_ext.BNStatMatching(teacher) as bn_matching:
+        recorder = _Recorder(teacher, bn_matching)
+        result = optimize_chunk(
+            recorder, bn_matching, init, torch.tensor([0, 1]), [0, 0], 4, settings,
+            torch.Generator().manual_seed(0), frozen=frozen, frozen_sample=frozen_sample,
+        )  # fmt: skip
+    union_size = 2 + (frozen_sample or 6)
+    assert [x.shape[0] for x in recorder.inputs] == [union_size] * 4
+    # Iteration 0 crops the whole image (curriculum scale 1): the batch is the new images, then
+    # the frozen ones, under one shared flip.
+    first = recorder.inputs[0]
+    flip = torch.equal(first[:2], init.flip(3))
+    assert flip or torch.equal(first[:2], init)
+    frozen_view = frozen.flip(3) if flip else frozen
+    for row in first[2:]:
+        assert any(torch.equal(row, candidate) for candidate in frozen_view)
+    if frozen_sample is None:
+        assert torch.equal(first[2:], frozen_view)
+    # Every step's BN losses are those of the whole union batch, not of the new images alone.
+    for x, recorded in zip(recorder.inputs, recorder.layer_losses, strict=True):
+        manual = _manual_layer_losses(teacher, x)
+        new_only = _manual_layer_losses(teacher, x[:2])
+        for got, want, alone in zip(recorded, manual, new_only, strict=True):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(got, alone, rtol=1e-2)
+    # Gradients reach the new images only: the frozen ones are bitwise unchanged.
+    assert torch.equal(frozen, frozen_before)
+    assert not torch.equal(result.images, init)
+
+
+def test_pdd_fields_stay_out_of_other_methods_identity(tiny_teacher, tiny_selection, tmp_path):
+    # Runs started before PDD existed have no such keys in run.json; they must still resume.
+    identity = _config(tiny_teacher, tiny_selection, tmp_path).identity()
+    assert not {"stages", "base", "union_in_batch", "stage_init"} & set(identity)
+    with pytest.raises(ConfigError, match="--union-in-batch applies to --method pdd"):
+        _config(tiny_teacher, tiny_selection, tmp_path, union_in_batch=True)

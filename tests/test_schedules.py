@@ -1,4 +1,5 @@
-"""delt.schedules: the EarlyLate tables of reference/delt.md §1.2, chunking, cosine LR."""
+"""delt.schedules: the EarlyLate tables of reference/delt.md §1.2, chunking, cosine LR, and
+PDD's stage sizes and stage-wise epochs."""
 
 import math
 
@@ -11,6 +12,10 @@ from delt.schedules import (
     early_late_iterations,
     image_start_rounds,
     round_group_sizes,
+    stage_epochs,
+    stage_offsets,
+    stage_round_iterations,
+    stage_sizes,
 )
 
 
@@ -113,3 +118,65 @@ def test_cosine_lr_matches_the_reference_table():
     assert got == pytest.approx(expected, abs=6e-4)
     assert cosine_lr(4000, 4000, 0.25) == pytest.approx(0.0)
     assert cosine_lr(2000, 4000, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# PDD
+
+
+def test_stage_sizes_default_to_equal_stages():
+    assert stage_sizes(10, 5) == [2, 2, 2, 2, 2]
+    assert stage_sizes(50, 5) == [10] * 5
+    # Uneven: the first IPC % P stages get one more image per class.
+    assert stage_sizes(7, 3) == [3, 2, 2]
+    assert stage_sizes(5, 5) == [1] * 5
+    assert stage_sizes(4, 1) == [4]
+
+
+def test_explicit_stage_sizes_are_kept():
+    assert stage_sizes(10, 3, [6, 3, 1]) == [6, 3, 1]
+    assert stage_sizes(10, 3, (1, 1, 8)) == [1, 1, 8]
+
+
+@pytest.mark.parametrize(
+    "ipc, stages, explicit, message",
+    [
+        (4, 5, None, r"stages \(5\) must be <= ipc \(4\)"),
+        (10, 2, [5, 4], r"sum to ipc \(10\)"),
+        (10, 2, [5, 5, 0], "one size per stage"),
+        (10, 2, [10, 0], "stage_ipc entry"),
+        (0, 1, None, "ipc"),
+        (3, 0, None, "stages"),
+    ],
+)
+def test_bad_stage_sizes(ipc, stages, explicit, message):
+    with pytest.raises(ValueError, match=message):
+        stage_sizes(ipc, stages, explicit)
+
+
+def test_stage_offsets_are_the_union_prefix_lengths():
+    assert stage_offsets([2, 2, 2, 2, 2]) == [0, 2, 4, 6, 8]
+    assert stage_offsets([6, 3, 1]) == [0, 6, 9]
+    sizes = [3, 1, 4]
+    assert [o + s for o, s in zip(stage_offsets(sizes), sizes, strict=True)] == [3, 4, 8]
+
+
+def test_stage_round_iterations():
+    # A stage with one image per class has no rounds, as DELT at IPC 1.
+    assert stage_round_iterations(1, 4000, 500) == 4000
+    assert stage_round_iterations(2, 4000, 500) == 500
+    # Within a stage of 2 images per class DELT's rounds give them 4000 and 3500 iterations.
+    assert early_late_iterations(2, 4000, stage_round_iterations(2, 4000, 500)) == [4000, 3500]
+    with pytest.raises(ValueError, match="multiple"):
+        stage_round_iterations(2, 4000, 300)
+
+
+def test_stage_epochs_split_the_total_without_extra_training():
+    assert stage_epochs(300, 5) == [60] * 5
+    assert stage_epochs(12, 5) == [2, 2, 2, 3, 3]  # the remainder goes to the largest unions
+    assert stage_epochs(7, 1) == [7]
+    for total in range(5, 40):
+        split = stage_epochs(total, 5)
+        assert sum(split) == total and min(split) >= 1 and split == sorted(split)
+    with pytest.raises(ValueError, match="at least one epoch"):
+        stage_epochs(4, 5)

@@ -1,11 +1,13 @@
-"""delt.teacher: training, caching, augmentation, config errors."""
+"""delt.teacher: training, caching, augmentation, --save-epochs checkpoints, config errors."""
 
 import json
 
 import pytest
 import torch
+from conftest import SYNTHETIC
 from delt.config import ConfigError
-from delt.teacher import TeacherConfig, _augment, train_teacher
+from delt.models import load_checkpoint
+from delt.teacher import TeacherConfig, _augment, saved_checkpoints, train_teacher
 
 
 def test_teacher_checkpoint_and_metadata(tiny_teacher):
@@ -36,10 +38,52 @@ def test_augment_keeps_shape_and_content():
     assert shifted.shape == images.shape
 
 
+def _tiny_config(out, **overrides):
+    values = dict(
+        out=str(out), dataset=SYNTHETIC, arch="convnet2", width=8, epochs=3, batch_size=16,
+        amp="none", channels_last=False, progress=False,
+    )  # fmt: skip
+    values.update(overrides)
+    return TeacherConfig(**values)
+
+
+def test_save_epochs_writes_checkpoints_early_phase_first(tmp_path):
+    result = train_teacher(_tiny_config(tmp_path / "with", save_epochs=(1, 3)))
+    entries = saved_checkpoints(result.path)
+    assert [entry["epoch"] for entry in entries] == [1, 3]
+    assert [entry["path"].name for entry in entries] == ["epoch-001.pt", "epoch-003.pt"]
+    for entry in entries:
+        checkpoint = load_checkpoint(entry["path"])
+        assert checkpoint.meta["epoch"] == entry["epoch"]
+        assert checkpoint.meta["arch"] == "convnet2" and checkpoint.meta["arch_kwargs"] == {
+            "width": 8
+        }
+        assert checkpoint.meta["test_accuracy"] == entry["test_accuracy"]
+    final = load_checkpoint(result.path).model.state_dict()
+    last = load_checkpoint(entries[-1]["path"]).model.state_dict()
+    first = load_checkpoint(entries[0]["path"]).model.state_dict()
+    assert all(torch.equal(final[k], last[k]) for k in final)  # epoch 3 is the end of training
+    assert not torch.equal(final["features.1.running_mean"], first["features.1.running_mean"])
+    # Saving does not disturb training: the final teacher is the one trained without checkpoints.
+    plain = train_teacher(_tiny_config(tmp_path / "without"))
+    assert saved_checkpoints(plain.path) == []
+    plain_state = load_checkpoint(plain.path).model.state_dict()
+    assert all(torch.equal(final[k], plain_state[k]) for k in final)
+    # A cached teacher is reused with its checkpoints, refused when one is missing.
+    assert train_teacher(_tiny_config(tmp_path / "with", save_epochs=(1, 3))).reused
+    assert train_teacher(_tiny_config(tmp_path / "with")).reused
+    with pytest.raises(ConfigError, match=r"without checkpoints at epochs \[2\]"):
+        train_teacher(_tiny_config(tmp_path / "with", save_epochs=(1, 2)))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"epochs": 0}, "--epochs must be >= 1"),
+        ({"save_epochs": (2, 1)}, "--save-epochs must be strictly increasing"),
+        ({"save_epochs": (1, 1)}, "--save-epochs must be strictly increasing"),
+        ({"save_epochs": (0, 1)}, r"--save-epochs must lie in \[1, --epochs 3\]"),
+        ({"save_epochs": (1, 4)}, r"--save-epochs must lie in \[1, --epochs 3\]"),
         ({"lr": 0.0}, "--lr must be > 0"),
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"arch": "resnet18_small", "width": 8}, "--width applies to convnetD"),

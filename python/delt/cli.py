@@ -84,16 +84,24 @@ def _run_eval(config) -> object:
     from delt.evaluate import evaluate
 
     result = evaluate(config)
+    kind = "stage-wise " if config.stagewise else ""
     for seed in result.seeds:
         print(
-            f"eval: seed {seed.seed}: best {seed.best_accuracy:.2f}% (epoch {seed.best_epoch}), "
-            f"final {seed.final_accuracy:.2f}%"
+            f"eval: {kind}seed {seed.seed}: best {seed.best_accuracy:.2f}% (epoch "
+            f"{seed.best_epoch}), final {seed.final_accuracy:.2f}%"
         )
     print(
-        f"eval: best top-1 {result.accuracy_mean:.2f} ± {result.accuracy_std:.2f}%, final "
+        f"eval: {kind}best top-1 {result.accuracy_mean:.2f} ± {result.accuracy_std:.2f}%, final "
         f"{result.final_mean:.2f} ± {result.final_std:.2f}% over {len(result.seeds)} seed(s)"
         f"{' (cached)' if result.reused else ''} -> {result.path}"
     )
+    if config.stagewise:
+        plain = result.document["plain"]
+        print(
+            f"eval: plain (the final set, same epochs) best top-1 {plain['best']['mean']:.2f} ± "
+            f"{plain['best']['std']:.2f}%, final {plain['final']['mean']:.2f} ± "
+            f"{plain['final']['std']:.2f}%"
+        )
     return result
 
 
@@ -156,7 +164,9 @@ COMMANDS: dict[str, Command] = {
         "rank real images with the teacher and pick IPC per class", _select_config, _run_select
     ),
     "recover": Command(
-        "synthesize a distilled set (sre2l, cda, delt)", _recover_config, _run_recover
+        "synthesize a distilled set (sre2l, cda, delt; pdd: in stages)",
+        _recover_config,
+        _run_recover,
     ),
     "eval": Command(
         "train students on a distilled set with teacher soft labels; test them (eval.json)",

@@ -39,11 +39,11 @@ mean/std, wall seconds, versions. Finished seeds are saved as they finish; re-ru
 command reuses them (a complete file means no work at all), a different configuration starts
 over.
 
-Building blocks for other schedules (PDD's stage-wise evaluation trains on U1, then U1∪U2, …
-with the optimizer state carried over): :class:`StudentTrainer` holds one student with its
-optimizer and LR schedule over a total number of epochs and trains it epoch by epoch on whatever
-images it is given; :class:`EvalContext` resolves teacher, student architecture, test set and
-settings once.
+Building blocks for other schedules (PDD's stage-wise evaluation, ``--stagewise`` in
+:mod:`delt.stagewise`, trains on U1, then U1∪U2, … with the optimizer state carried over):
+:class:`StudentTrainer` holds one student with its optimizer and LR schedule over a total number
+of epochs and trains it epoch by epoch on whatever images it is given; :class:`EvalContext`
+resolves teacher, student architecture, test set and settings once.
 """
 
 from __future__ import annotations
@@ -149,8 +149,19 @@ class EvalConfig:
     ipc: int | None = option(None, help="--random-real: images per class (default: the set's)")
     amp: Literal["none", "bf16"] = option("none", help="autocast dtype of forward passes")
     channels_last: bool = option(False, help="channels_last memory format (faster on CPU)")
+    stagewise: bool = option(
+        False,
+        help="a --method pdd set: one student on U1, then U1+U2, ... (--epochs split across "
+        "the stages, optimizer state carried over), beside the plain evaluation of the final set",
+    )
+    stage_schedule: Literal["restart", "continue"] = option(
+        "restart",
+        help="--stagewise LR schedule: a half-cosine per stage (PDD) or one over all --epochs",
+    )
     out: str | None = option(
-        None, help="results file (default: DISTILLED/eval.json)", identity=False
+        None,
+        help="results file (default: DISTILLED/eval.json; --stagewise: eval-stagewise.json)",
+        identity=False,
     )
     device: str = option("auto", help="auto, cpu, cuda, ...", identity=False)
     progress: bool = option(True, help="show progress bars", identity=False)
@@ -185,6 +196,10 @@ class EvalConfig:
             raise ConfigError(f"--min-crop must be in (0, 1], got {self.min_crop}")
         if self.ipc is not None and not self.random_real:
             raise ConfigError("--ipc applies to --random-real (a distilled set has its own IPC)")
+        if self.stagewise and self.random_real:
+            raise ConfigError("--stagewise trains on the stages of a pdd set, not --random-real")
+        if self.stage_schedule != "restart" and not self.stagewise:
+            raise ConfigError("--stage-schedule applies with --stagewise")
         if self.student is not None:
             try:
                 spec = model_spec(self.student)
@@ -197,7 +212,8 @@ class EvalConfig:
 
     @property
     def results_path(self) -> Path:
-        return Path(self.out) if self.out else Path(self.distilled) / "eval.json"
+        name = "eval-stagewise.json" if self.stagewise else "eval.json"
+        return Path(self.out) if self.out else Path(self.distilled) / name
 
 
 def _flag(name: str) -> str:
@@ -528,6 +544,23 @@ class StudentTrainer:
         self.epochs_done += 1
         return float(np.mean(losses))
 
+    def restart_schedule(self, epochs: int) -> None:
+        """From now on, a fresh half-cosine over the next ``epochs`` epochs, starting at the base
+        LR; the optimizer state (moments, step counts) is kept. PDD's stage-wise evaluation
+        restarts the schedule at every stage (pdd.md §1.5)."""
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        # A new LambdaLR keeps each group's "initial_lr" (setdefault) and sets lr = base * f(0).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: half_cosine_factor(epoch, epochs)
+        )
+
+    @property
+    def optimizer_steps(self) -> int:
+        """AdamW's step count (0 before the first step); it carries over across stages."""
+        steps = [int(state["step"]) for state in self.optimizer.state.values() if "step" in state]
+        return max(steps, default=0)
+
     def test(self, test_set: ImageDataset) -> float:
         """Top-1 accuracy (%) of the student on ``test_set``."""
         return evaluate_accuracy(
@@ -793,6 +826,9 @@ class EvalContext:
         config_identity = identity_dict(self.config)
         # Seeds are results, not identity: adding a seed reuses the finished ones.
         del config_identity["seeds"]
+        if not self.config.stagewise:
+            # Results files written before --stagewise existed stay valid.
+            del config_identity["stagewise"], config_identity["stage_schedule"]
         config_identity.update(
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,
@@ -904,8 +940,13 @@ def evaluate(config: EvalConfig) -> EvalResult:
     """Runs ``delt eval``: one student per seed; writes and returns the results.
 
     Seeds already in a results file made with the same identity are reused (a complete file:
-    no training at all); a file from another configuration is replaced.
+    no training at all); a file from another configuration is replaced. ``--stagewise`` runs
+    :func:`delt.stagewise.evaluate_stagewise` instead.
     """
+    if config.stagewise:
+        from delt.stagewise import evaluate_stagewise
+
+        return evaluate_stagewise(config)
     context = EvalContext.from_config(config)
     identity = context.identity()
     path = config.results_path

@@ -7,6 +7,10 @@ The semantics follow DELT's ``recover.py`` as documented in ``reference/delt.md`
   round_iterations`` groups ("rounds"); group sizes are ``ipc // R``, the first ``ipc % R`` groups
   one larger. Image ``j`` joins at the start of its group's round and stays active to the end.
 * One loop of ``iterations`` steps per chunk; one LR schedule and one crop curriculum over it.
+
+Progressive synthesis (PDD, ``reference/pdd.md`` §1.2) adds two schedules: how many images per
+class each stage synthesizes (:func:`stage_sizes`, :func:`stage_offsets`), and how a stage-wise
+evaluation splits its epochs across the growing unions (:func:`stage_epochs`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ __all__ = [
     "early_late_iterations",
     "image_start_rounds",
     "round_group_sizes",
+    "stage_epochs",
+    "stage_offsets",
+    "stage_round_iterations",
+    "stage_sizes",
 ]
 
 
@@ -188,3 +196,84 @@ def chunk_schedule(
     skipped = min(chunk_rounds)
     total = iterations - skipped * round_iterations
     return total, [(r - skipped) * round_iterations for r in chunk_rounds]
+
+
+# --------------------------------------------------------------------------------------------
+# Progressive synthesis (PDD)
+
+
+def stage_sizes(
+    ipc: int, stages: int, stage_ipc: list[int] | tuple[int, ...] | None = None
+) -> list[int]:
+    """Images per class that each of the ``stages`` stages synthesizes; they sum to ``ipc``.
+
+    Without ``stage_ipc`` every stage gets ``ipc // stages``, the first ``ipc % stages`` one more
+    (the rule of :func:`round_group_sizes`; PDD's scripts use equal stages, pdd.md §2).
+
+    >>> stage_sizes(10, 5)
+    [2, 2, 2, 2, 2]
+    >>> stage_sizes(50, 5, [20, 10, 10, 5, 5])
+    [20, 10, 10, 5, 5]
+    """
+    _check_positive("ipc", ipc)
+    _check_positive("stages", stages)
+    if stages > ipc:
+        raise ValueError(
+            f"stages ({stages}) must be <= ipc ({ipc}): every stage synthesizes at least one "
+            "image per class"
+        )
+    if stage_ipc is None:
+        return round_group_sizes(ipc, stages)
+    sizes = list(stage_ipc)
+    if len(sizes) != stages:
+        raise ValueError(f"stage_ipc must list one size per stage ({stages}), got {len(sizes)}")
+    for size in sizes:
+        _check_positive("every stage_ipc entry", size)
+    if sum(sizes) != ipc:
+        raise ValueError(f"stage_ipc must sum to ipc ({ipc}), got {sizes} (sum {sum(sizes)})")
+    return sizes
+
+
+def stage_offsets(sizes: list[int] | tuple[int, ...]) -> list[int]:
+    """Within-class position of each stage's first image in the union (class-major, stage order).
+
+    Stage ``k``'s images of class ``c`` sit at ``c * ipc + offsets[k] + j``, so the union after
+    stage ``k`` is, per class, the prefix of length ``offsets[k] + sizes[k]``.
+
+    >>> stage_offsets([2, 2, 2])
+    [0, 2, 4]
+    """
+    for size in sizes:
+        _check_positive("every stage size", size)
+    return [0, *accumulate(sizes)][: len(sizes)]
+
+
+def stage_round_iterations(stage_ipc: int, iterations: int, round_iterations: int) -> int:
+    """DELT's RI inside one stage: one round (every image gets all iterations) at 1 image per
+    class, as DELT does at IPC 1 (delt.md §1.1); otherwise ``round_iterations``."""
+    _check_positive("stage_ipc", stage_ipc)
+    _check_rounds(iterations, round_iterations)
+    return iterations if stage_ipc == 1 else round_iterations
+
+
+def stage_epochs(total_epochs: int, stages: int) -> list[int]:
+    """Epochs of each stage of a stage-wise evaluation: ``total_epochs`` split across stages.
+
+    PDD trains on U_1, then U_1 ∪ U_2, ... "without additional training time" (pdd.md §1.5): the
+    stages share the epochs of one plain evaluation. Every stage gets ``total // stages``; the
+    remainder goes to the *last* stages, which train on the largest unions.
+
+    >>> stage_epochs(300, 5)
+    [60, 60, 60, 60, 60]
+    >>> stage_epochs(12, 5)
+    [2, 2, 2, 3, 3]
+    """
+    _check_positive("total_epochs", total_epochs)
+    _check_positive("stages", stages)
+    if stages > total_epochs:
+        raise ValueError(
+            f"total_epochs ({total_epochs}) must be >= stages ({stages}): every stage trains "
+            "for at least one epoch"
+        )
+    base, extra = divmod(total_epochs, stages)
+    return [base + (1 if k >= stages - extra else 0) for k in range(stages)]

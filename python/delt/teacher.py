@@ -7,10 +7,17 @@ longer and with ``--augment crop-flip`` for CIFAR-like data.
 
 A finished teacher is cached: re-running the same command reuses ``DIR/teacher.pt``; a different
 configuration into the same ``--out`` is refused.
+
+``--save-epochs e1,e2,...`` also saves the model at the end of those epochs, early phase first,
+as ``DIR/checkpoints/epoch-<e>.pt`` (+ ``.json``, the same metadata with its epoch and test
+accuracy); ``teacher.json`` lists them under ``checkpoints``. They are PDD's stage teachers
+(``delt recover --method pdd --stage-teachers checkpoints``). Saving does not change training:
+the final teacher is the same with or without them.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +39,7 @@ __all__ = [
     "TeacherResult",
     "evaluate_accuracy",
     "iterate_batches",
+    "saved_checkpoints",
     "train_teacher",
 ]
 
@@ -63,6 +71,14 @@ class TeacherConfig:
     amp: Literal["none", "bf16"] = option("bf16", help="autocast dtype for forward passes")
     channels_last: bool = option(True, help="channels_last memory format (faster convs on CPU)")
     seed: int = option(0, help="random seed (init, shuffling, augmentation)")
+    # Not part of the identity: the checkpoints do not change the final teacher. A cached
+    # teacher that lacks a requested checkpoint is refused in train_teacher instead.
+    save_epochs: tuple[int, ...] | None = option(
+        None,
+        help="also save the model after these epochs, e.g. 1,2,3,4,5 (PDD's stage teachers: "
+        "OUT/checkpoints/epoch-<e>.pt)",
+        identity=False,
+    )
     device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...", identity=False)
     num_workers: int = option(0, help="DataLoader workers (file-backed datasets)", identity=False)
     progress: bool = option(True, help="show progress bars", identity=False)
@@ -82,6 +98,17 @@ class TeacherConfig:
         spec = model_spec(self.arch)  # raises for an unknown --arch
         if self.width is not None and "width" not in spec.kwargs:
             raise ConfigError(f"--width applies to convnetD architectures, not --arch {self.arch}")
+        if self.save_epochs is not None:
+            self.save_epochs = tuple(self.save_epochs)
+            shown = ",".join(map(str, self.save_epochs))
+            if not self.save_epochs or list(self.save_epochs) != sorted(set(self.save_epochs)):
+                raise ConfigError(
+                    f"--save-epochs must be strictly increasing (early phase first), got {shown}"
+                )
+            if not 1 <= self.save_epochs[0] <= self.save_epochs[-1] <= self.epochs:
+                raise ConfigError(
+                    f"--save-epochs must lie in [1, --epochs {self.epochs}], got {shown}"
+                )
 
     @property
     def arch_kwargs(self) -> dict:
@@ -173,6 +200,40 @@ def _augment(images: Tensor, kind: str, generator: torch.Generator) -> Tensor:
     return images
 
 
+def checkpoint_path(out: Path, epoch: int) -> Path:
+    """Where ``--save-epochs`` puts the model after ``epoch``: ``OUT/checkpoints/epoch-<e>.pt``."""
+    return out / "checkpoints" / f"epoch-{epoch:03d}.pt"
+
+
+def saved_checkpoints(teacher_path: str | Path) -> list[dict]:
+    """The checkpoints ``--save-epochs`` saved beside a teacher, early phase first.
+
+    Returns:
+        ``[{"epoch": e, "path": Path, "test_accuracy": a}, ...]`` as listed in ``teacher.json``
+        (empty for a teacher trained without ``--save-epochs``).
+    """
+    teacher_path = Path(teacher_path)
+    json_path = teacher_path.with_suffix(".json")
+    if not json_path.is_file():
+        return []
+    entries = read_json(json_path).get("checkpoints") or []
+    return [
+        {**entry, "path": teacher_path.parent / entry["file"]}
+        for entry in sorted(entries, key=lambda entry: entry["epoch"])
+    ]
+
+
+def _save_epoch_checkpoint(
+    out: Path, model: nn.Module, meta: dict, epoch: int, accuracy: float
+) -> dict:
+    # A CPU copy in the default memory format, as the final teacher is saved; the training model
+    # stays where it is.
+    snapshot = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format)
+    path = checkpoint_path(out, epoch)
+    save_checkpoint(path, snapshot, {**meta, "epoch": epoch, "test_accuracy": accuracy})
+    return {"epoch": epoch, "file": str(path.relative_to(out)), "test_accuracy": accuracy}
+
+
 def _saved_config(path: Path) -> dict | None:
     json_path = path.with_suffix(".json")
     if not (path.is_file() and json_path.is_file()):
@@ -194,6 +255,14 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
                 f"({'; '.join(differences)}); choose another --out or delete it"
             )
         meta = read_json(path.with_suffix(".json"))
+        have = {entry["epoch"] for entry in saved_checkpoints(path) if entry["path"].is_file()}
+        missing = [epoch for epoch in config.save_epochs or () if epoch not in have]
+        if missing:
+            raise ConfigError(
+                f"--save-epochs {','.join(map(str, config.save_epochs))}: {path} was trained "
+                f"without checkpoints at epochs {missing} (it has {sorted(have) or 'none'}); "
+                "train into another --out or delete it"
+            )
         logger.info("teacher: reusing %s (test accuracy %.2f%%)", path, meta["test_accuracy"])
         return TeacherResult(path, meta["test_accuracy"], meta["train_seconds"], reused=True)
 
@@ -231,6 +300,17 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
         "teacher: training %s%s on %s (%d images) for %d epochs on %s",
         config.arch, config.arch_kwargs or "", info.name, len(train_set), config.epochs, device,
     )  # fmt: skip
+    # The metadata every checkpoint of this run shares (the final one adds its accuracy and time).
+    base_meta = {
+        "arch": config.arch,
+        "arch_kwargs": config.arch_kwargs,
+        "dataset": info.to_dict(),
+        "config": identity,
+        "versions": versions(),
+    }
+    save_epochs = set(config.save_epochs or ())
+    checkpoints: list[dict] = []
+    eval_seconds = 0.0
     start = time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
@@ -252,21 +332,30 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
             optimizer.step()
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    train_seconds = time.perf_counter() - start
+        if epoch + 1 in save_epochs:
+            # Evaluation runs in eval mode and draws no random numbers: training goes on as if
+            # nothing happened. Its time is not training time.
+            eval_start = time.perf_counter()
+            accuracy = evaluate_accuracy(
+                model, test_set, device, amp=config.amp, channels_last=config.channels_last,
+                num_workers=config.num_workers,
+            )  # fmt: skip
+            checkpoints.append(_save_epoch_checkpoint(out, model, base_meta, epoch + 1, accuracy))
+            logger.info("teacher: epoch %d checkpoint, test accuracy %.2f%%", epoch + 1, accuracy)
+            eval_seconds += time.perf_counter() - eval_start
+    train_seconds = time.perf_counter() - start - eval_seconds
     accuracy = evaluate_accuracy(
         model, test_set, device, amp=config.amp, channels_last=config.channels_last,
         num_workers=config.num_workers,
     )  # fmt: skip
     logger.info("teacher: test accuracy %.2f%% after %.0f s of training", accuracy, train_seconds)
     meta = {
-        "arch": config.arch,
-        "arch_kwargs": config.arch_kwargs,
-        "dataset": info.to_dict(),
+        **base_meta,
         "test_accuracy": accuracy,
         "epochs": config.epochs,
         "train_seconds": train_seconds,
-        "config": identity,
-        "versions": versions(),
     }
+    if checkpoints:
+        meta["checkpoints"] = checkpoints
     save_checkpoint(path, model.to("cpu").to(memory_format=torch.contiguous_format), meta)
     return TeacherResult(path, accuracy, train_seconds, reused=False)
