@@ -14,8 +14,9 @@ and 50, seeds 0, 1, 2 (synthesis seed = student seed), methods:
   (``--stage-teachers checkpoints``; ``--union-in-batch --union-sample`` = the new images of a
   stage; ``--stage-init hard``); ``pdd+all``: the three together.
 
-Every distilled set is evaluated by ``delt eval`` (plain: one student on the whole set); PDD's
-sets also by ``delt eval --stagewise`` (one student on U_1, then U_1 ∪ U_2, …, the same total
+Every distilled set is evaluated by ``delt eval`` (plain: one student on the whole set); the
+PDD variants of ``--stagewise-for`` (default ``pdd`` and ``pdd+all``) also by
+``delt eval --stagewise`` (one student on U_1, then U_1 ∪ U_2, …, the same total
 epochs split across the stages, the optimizer state carried over), which reports the plain
 evaluation of the same set beside it.
 
@@ -53,13 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=64, help="ConvNet-3 width")
     parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--save-epochs", default="2,4,6,8,10", help="PDD's stage teachers")
-    parser.add_argument("--iterations", type=int, default=800, help="DELT's MI T (RI = T/8)")
+    parser.add_argument("--iterations", type=int, default=400, help="DELT's MI T (RI = T/8)")
     parser.add_argument("--hard-student-epochs", type=int, default=30)
     parser.add_argument("--eval-epochs", type=int, default=100, help="student epochs")
-    parser.add_argument("--eval-every", type=int, default=20, help="test every k epochs")
+    parser.add_argument("--eval-every", type=int, default=50, help="test every k epochs")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--continue-for", default="pdd",
+        "--stagewise-for", default="pdd,pdd+all",
+        help="PDD variants also evaluated stage-wise (beside the plain student)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--continue-for", default="",
         help="variants also evaluated stage-wise with --stage-schedule continue (one LR curve)",
     )  # fmt: skip
     parser.add_argument("--no-eval", action="store_true", help="recover only (evaluate later)")
@@ -226,13 +231,14 @@ def main(argv=None) -> int:
                 from delt.evaluate import evaluate
 
                 step_started = time.time()
-                evaluation = evaluate(eval_config(run_dir, seed, args, variant.startswith("pdd")))
+                stagewise = variant.startswith("pdd") and variant in args.stagewise_for.split(",")
+                evaluation = evaluate(eval_config(run_dir, seed, args, stagewise))
                 _log(out, {
                     "step": "eval", "variant": variant, "ipc": ipc, "seed": seed,
-                    "stagewise": variant.startswith("pdd"), "path": str(evaluation.path),
+                    "stagewise": stagewise, "path": str(evaluation.path),
                     "seconds": time.time() - step_started,
                 })  # fmt: skip
-                if variant in args.continue_for.split(","):
+                if stagewise and variant in args.continue_for.split(","):
                     step_started = time.time()
                     evaluation = evaluate(eval_config(run_dir, seed, args, True, "continue"))
                     _log(out, {

@@ -44,10 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--width", type=int, default=64, help="ConvNet-3 width")
     parser.add_argument("--teacher-epochs", type=int, default=10, help="teacher epochs")
-    parser.add_argument("--iterations", type=int, default=4000, help="MI of every method")
-    parser.add_argument("--round-iterations", type=int, default=500, help="DELT's RI")
-    parser.add_argument("--eval-epochs", type=int, default=300, help="student epochs")
-    parser.add_argument("--eval-every", type=int, default=10, help="test every k epochs")
+    parser.add_argument("--iterations", type=int, default=400, help="MI of every method")
+    parser.add_argument("--round-iterations", type=int, default=50, help="DELT's RI")
+    parser.add_argument("--eval-epochs", type=int, default=100, help="student epochs")
+    parser.add_argument("--eval-every", type=int, default=50, help="test every k epochs")
     parser.add_argument("--amp", choices=("none", "bf16"), default="bf16", help="eval autocast")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
