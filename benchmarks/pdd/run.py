@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-epochs", type=int, default=100, help="student epochs")
     parser.add_argument("--eval-every", type=int, default=50, help="test every k epochs")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (1: on a shared 2-core machine two OpenMP threads ran the "
+        "recovery 4-8x slower than one)",
+    )  # fmt: skip
     parser.add_argument(
         "--stagewise-for", default="pdd,pdd+all",
         help="PDD variants also evaluated stage-wise (beside the plain student)",
@@ -163,10 +166,12 @@ def main(argv=None) -> int:
         print(table(out))
         return 0
     import torch
+    from delt import runtime
     from delt.recover import recover
     from delt.select import SelectConfig, select_images
     from delt.teacher import TeacherConfig, train_teacher
 
+    torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -174,11 +179,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     started = time.time()
     machine = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **runtime.machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "args": vars(args),
     }
@@ -353,17 +354,6 @@ def table(out: Path) -> str:
                 f"{_mean_std([r['continue_best'] for r in rows if 'continue_best' in r])} |"
             )
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    for line in text.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,6 +63,7 @@ def _ints(text: str) -> list[int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
+    from delt import runtime
     from delt.distill import DistillConfig, distill
     from delt.report import ReportConfig, compare_runs
     from delt.teacher import TeacherConfig, train_teacher
@@ -78,11 +77,7 @@ def main(argv=None) -> int:
     seeds = _ints(args.seeds)
     started = time.time()
     machine = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **runtime.machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     print(json.dumps(machine), flush=True)
@@ -151,17 +146,6 @@ def main(argv=None) -> int:
     )
     print(f"done in {time.time() - started:.0f} s", flush=True)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    for line in text.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ as the papers' Table 6): teacher training and selection are reported in report.m
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from delt.config import ConfigError, identity_dict, option
 from delt.data import load_like
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate, load_distilled
-from delt.io import read_json, torch_save, write_json
+from delt.io import read_json, sha256_file, torch_save, write_json
 from delt.models import TeacherMismatchError, load_checkpoint, model_spec
 from delt.recover import METHODS, RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
@@ -176,14 +175,6 @@ class DistillResult:
     steps: list[dict]
 
 
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _step_is_current(out: Path, name: str, identity: dict, outputs: list[Path]) -> bool:
     """True when ``OUT/steps/NAME.json`` records ``identity`` and the outputs it hashed are
     unchanged."""
@@ -194,7 +185,7 @@ def _step_is_current(out: Path, name: str, identity: dict, outputs: list[Path]) 
     if record.get("identity") != identity:
         return False
     for path in outputs:
-        if not path.is_file() or record.get("outputs", {}).get(path.name) != _sha256(path):
+        if not path.is_file() or record.get("outputs", {}).get(path.name) != sha256_file(path):
             return False
     return True
 
@@ -204,7 +195,7 @@ def _record_step(out: Path, name: str, identity: dict, outputs: list[Path], seco
         out / "steps" / f"{name}.json",
         {
             "identity": identity,
-            "outputs": {path.name: _sha256(path) for path in outputs},
+            "outputs": {path.name: sha256_file(path) for path in outputs},
             "seconds": seconds,
         },
     )
@@ -230,7 +221,7 @@ def _draw_random_real_set(config: DistillConfig, teacher_path: str, folder: Path
             "dataset": teacher.info.to_dict(),
             "teacher": {
                 "path": str(teacher.path),
-                "sha256": _sha256(teacher.path),
+                "sha256": sha256_file(teacher.path),
                 "meta": teacher.meta,
             },
             "selection": None,
@@ -273,7 +264,7 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
             "teacher", teacher.reused, teacher.train_seconds,
             f"{config.arch} {teacher.test_accuracy:.2f}% test",
         )  # fmt: skip
-    teacher_sha256 = _sha256(teacher_path)
+    teacher_sha256 = sha256_file(teacher_path)
 
     # 2. selection (delt only; it reuses its own result when config and teacher are unchanged)
     selection_dir = out / "select"
@@ -285,7 +276,7 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
             selection_dir / "selection.json"
         ).get("config") == identity_dict(select_config)
         select_images(select_config)
-        selection_sha256 = _sha256(selection_dir / "selection.json")
+        selection_sha256 = sha256_file(selection_dir / "selection.json")
         timed("select", cached, time.perf_counter() - start, f"{config.strategy}, IPC {config.ipc}")
 
     # 3. recovery (or the random-real draw)

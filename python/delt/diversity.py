@@ -22,7 +22,6 @@ size. Re-running with the same model and set reuses the file.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from delt.config import ConfigError, option
 from delt.data import DatasetInfo
 from delt.evaluate import load_distilled
-from delt.io import read_json, write_json
+from delt.io import read_json, sha256_file, write_json
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint
 from delt.runtime import logger, resolve_device, versions
 
@@ -163,10 +162,6 @@ def centroid_cosine(features: Tensor, labels: Tensor, num_classes: int) -> Tenso
     return values
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def measure_diversity(config: DiversityConfig) -> DiversityResult:
     """Runs ``delt diversity``; writes and returns the per-class and mean scores."""
     folder = Path(config.distilled)
@@ -182,8 +177,8 @@ def measure_diversity(config: DiversityConfig) -> DiversityResult:
         )
     out = Path(config.out) if config.out else folder / "diversity.json"
     identity = {
-        "model_sha256": _sha256(Path(model_path)),
-        "distilled_sha256": _sha256(folder / "distilled.pt"),
+        "model_sha256": sha256_file(Path(model_path)),
+        "distilled_sha256": sha256_file(folder / "distilled.pt"),
     }
     if out.is_file():
         saved = read_json(out)

@@ -49,7 +49,6 @@ resolves teacher, student architecture, test set and settings once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -65,7 +64,7 @@ from tqdm.auto import tqdm
 import delt_ext
 from delt.config import ConfigError, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.io import read_json, torch_load, write_json
+from delt.io import read_json, sha256_file, torch_load, write_json
 from delt.models import (
     Checkpoint,
     TeacherMismatchError,
@@ -640,14 +639,6 @@ def draw_random_real(dataset: ImageDataset, ipc: int, seed: int) -> tuple[Tensor
     return dataset.images(indices), dataset.targets[indices].clone(), indices
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # A run
 
@@ -689,6 +680,21 @@ class EvalResult:
     final_std: float
     reused: bool
     document: dict = field(repr=False)
+
+    @classmethod
+    def read(cls, path: Path, seeds: list, reused: bool) -> EvalResult:
+        """The result whose summary (best and final mean ± std) is the written file ``path``."""
+        document = read_json(path)
+        return cls(
+            path=path,
+            seeds=seeds,
+            accuracy_mean=document["best"]["mean"],
+            accuracy_std=document["best"]["std"],
+            final_mean=document["final"]["mean"],
+            final_std=document["final"]["std"],
+            reused=reused,
+            document=document,
+        )
 
 
 @dataclass
@@ -755,7 +761,7 @@ class EvalContext:
             except TeacherMismatchError as error:
                 raise TeacherMismatchError(f"--teacher {teacher_path}: {error}") from None
             recorded = manifest.get("teacher", {}).get("sha256")
-            if recorded is not None and recorded != _sha256(teacher.path):
+            if recorded is not None and recorded != sha256_file(teacher.path):
                 logger.warning(
                     "eval: --teacher %s is not the teacher that synthesized %s (its SHA-256 "
                     "differs); its soft labels are used anyway", teacher_path, folder,
@@ -836,8 +842,8 @@ class EvalContext:
         distilled = Path(self.config.distilled) / "distilled.pt"
         return {
             "config": config_identity,
-            "teacher_sha256": _sha256(self.teacher.path),
-            "distilled_sha256": None if self.config.random_real else _sha256(distilled),
+            "teacher_sha256": sha256_file(self.teacher.path),
+            "distilled_sha256": None if self.config.random_real else sha256_file(distilled),
             "dataset": self.info.name,
         }
 
@@ -984,14 +990,4 @@ def evaluate(config: EvalConfig) -> EvalResult:
         write_json(path, _document(context, identity, done, len(done) == len(config.seeds)))
     if reused and [s["seed"] for s in saved["seeds"]] != list(config.seeds):
         write_json(path, _document(context, identity, results, True))  # a subset or reordering
-    document = read_json(path)
-    return EvalResult(
-        path=path,
-        seeds=results,
-        accuracy_mean=document["best"]["mean"],
-        accuracy_std=document["best"]["std"],
-        final_mean=document["final"]["mean"],
-        final_std=document["final"]["std"],
-        reused=reused,
-        document=document,
-    )
+    return EvalResult.read(path, results, reused)

@@ -7,6 +7,7 @@ stray ``.tmp`` file, never a truncated output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +23,7 @@ __all__ = [
     "atomic_open",
     "read_json",
     "save_image",
+    "sha256_file",
     "torch_load",
     "torch_save",
     "write_json",
@@ -70,6 +72,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as handle:
         return json.load(handle)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (what run identities record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:

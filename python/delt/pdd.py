@@ -55,13 +55,12 @@ from torch import Tensor, nn
 import delt_ext
 from delt.config import ConfigError
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.io import read_json, torch_load, torch_save, write_json
+from delt.io import read_json, sha256_file, torch_load, torch_save, write_json
 from delt.models import Checkpoint, TeacherMismatchError, check_compatible, load_checkpoint
 from delt.recover import (
     RecoverConfig,
     RecoverResult,
     _check_run_identity,
-    _sha256,
     frozen_teacher,
     load_selection,
     manifest_fields,
@@ -404,17 +403,12 @@ def recover_progressive(config: RecoverConfig) -> RecoverResult:
         dataset = load_like(info, "train", config.data_root)
         check_compatible(teacher.meta, dataset.info)
 
-    identity = {
-        "config": config.identity(),
-        "teacher_sha256": _sha256(teacher.path),
-        "selection_sha256": _sha256(Path(config.selection) / "selection.json")
-        if selection
-        else None,
-        "stage_teachers_sha256": None
+    _check_run_identity(
+        out, config, teacher, selection is not None,
+        stage_teachers_sha256=None
         if config.stage_teachers == "final"
-        else [_sha256(checkpoint.path) for checkpoint in teachers],
-    }
-    _check_run_identity(out, identity)
+        else [sha256_file(checkpoint.path) for checkpoint in teachers],
+    )  # fmt: skip
 
     settings = recovery_settings(config, info)
     ipc = config.ipc

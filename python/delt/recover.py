@@ -29,7 +29,6 @@ so that one command and one config cover every method.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from tqdm.auto import tqdm
 import delt_ext
 from delt.config import ConfigError, config_diff, flag, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.io import read_json, save_image, torch_load, torch_save, write_json
+from delt.io import read_json, save_image, sha256_file, torch_load, torch_save, write_json
 from delt.models import Checkpoint, TeacherMismatchError, check_compatible, load_checkpoint
 from delt.runtime import autocast, derive_seed, logger, resolve_device, versions
 from delt.schedules import (
@@ -515,25 +514,28 @@ class RecoverResult:
     wall_seconds: float
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _class_dir_width(num_classes: int) -> int:
     # Zero-padded so that sorted folder names are the class order (RDED #4).
     return max(3, len(str(num_classes - 1)))
 
 
-def _check_run_identity(out: Path, identity: dict) -> None:
+def _check_run_identity(
+    out: Path, config: RecoverConfig, teacher: Checkpoint, uses_selection: bool, **inputs: object
+) -> None:
     """Writes ``OUT/run.json`` on the first run; refuses a resume with a different one.
 
-    ``identity`` holds ``config`` (the identity fields) and the SHA-256 of every input file
-    (``*_sha256`` keys: teacher, selection, pdd's stage teachers).
+    The identity holds ``config`` (the identity fields) and the SHA-256 of every input file:
+    the teacher, the selection when ``uses_selection``, and ``inputs`` (``*_sha256`` keys, e.g.
+    pdd's stage teachers).
     """
+    identity = {
+        "config": config.identity(),
+        "teacher_sha256": sha256_file(teacher.path),
+        "selection_sha256": sha256_file(Path(config.selection) / "selection.json")
+        if uses_selection
+        else None,
+        **inputs,
+    }
     path = out / "run.json"
     if path.is_file():
         saved = read_json(path)
@@ -714,14 +716,7 @@ def recover(config: RecoverConfig) -> RecoverResult:
         pairs = zip(chunk.classes, chunk.within_class, strict=True)
         return dataset.images([chosen[c][j] for c, j in pairs])
 
-    identity = {
-        "config": config.identity(),
-        "teacher_sha256": _sha256(teacher.path),
-        "selection_sha256": _sha256(Path(config.selection) / "selection.json")
-        if selection
-        else None,
-    }
-    _check_run_identity(out, identity)
+    _check_run_identity(out, config, teacher, selection is not None)
 
     model = frozen_teacher(teacher.model, device, config.channels_last)
     settings = recovery_settings(config, info)
@@ -801,7 +796,7 @@ def manifest_fields(
         "dataset": info.to_dict(),
         "teacher": {
             "path": str(teacher.path),
-            "sha256": _sha256(teacher.path),
+            "sha256": sha256_file(teacher.path),
             "meta": teacher.meta,
         },
         "selection": None

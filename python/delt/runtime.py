@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import subprocess
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["autocast", "derive_seed", "logger", "resolve_device", "versions"]
+__all__ = ["autocast", "derive_seed", "logger", "machine", "resolve_device", "versions"]
 
 logger = logging.getLogger("delt")
 
@@ -65,3 +67,26 @@ def versions() -> dict[str, str]:
         "delt_ext": str(delt_ext.__version__),
         "delt_ext_ops": str(delt_ext.HAS_OPS),
     }
+
+
+def machine() -> dict[str, object]:
+    """Where a measurement ran: python, torch, intra-op threads, CPU model, GPU, start time."""
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor()
+    for line in text.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()

@@ -20,7 +20,6 @@ rank within its class by descending score).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import time
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, identity_dict, option
 from delt.data import load_like
-from delt.io import atomic_open, read_json, write_json
+from delt.io import atomic_open, read_json, sha256_file, write_json
 from delt.models import check_compatible, load_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
 from delt.teacher import iterate_batches
@@ -167,10 +166,6 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
     return scores, dataset.targets.clone(), {"teacher": teacher, "info": dataset.info}
 
 
-def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def select_images(config: SelectConfig) -> Selection:
     """Runs ``delt select``: scores, picks, and writes ``selection.json`` and ``ranking.csv``.
 
@@ -178,7 +173,7 @@ def select_images(config: SelectConfig) -> Selection:
     is reused; any other is replaced.
     """
     out = Path(config.out)
-    teacher_sha256 = _sha256(config.teacher) if Path(config.teacher).is_file() else None
+    teacher_sha256 = sha256_file(config.teacher) if Path(config.teacher).is_file() else None
     if (out / "selection.json").is_file():
         previous = Selection.load(out)
         if (

@@ -261,17 +261,7 @@ def evaluate_stagewise(config: EvalConfig) -> EvalResult:
     results = [finished[seed] for seed in config.seeds]
     if reused and [s["seed"] for s in saved["seeds"]] != list(config.seeds):
         write_json(path, _stagewise_document(context, identity, plan, results, config))
-    document = read_json(path)
-    return EvalResult(
-        path=path,
-        seeds=[stagewise for stagewise, _ in results],
-        accuracy_mean=document["best"]["mean"],
-        accuracy_std=document["best"]["std"],
-        final_mean=document["final"]["mean"],
-        final_std=document["final"]["std"],
-        reused=reused,
-        document=document,
-    )
+    return EvalResult.read(path, [stagewise for stagewise, _ in results], reused)
 
 
 def _run_stagewise_seed(
