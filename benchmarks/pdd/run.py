@@ -21,8 +21,9 @@ epochs split across the stages, the optimizer state carried over), which reports
 evaluation of the same set beside it.
 
 Resumable: recoveries resume from their chunks, evaluations from their results files; finished
-runs cost nothing. Every finished step appends a line to ``OUT/progress.jsonl``; ``--table``
-prints the table of the finished runs (also written to ``OUT/results.md`` at the end).
+runs cost nothing. Every finished set is also measured by ``delt diversity``. Every finished step
+appends a line to ``OUT/progress.jsonl``; ``--table`` prints the table of the finished runs (also
+written to ``OUT/results.md`` at the end).
 
     nohup python benchmarks/pdd/run.py --out runs/pdd-bench > runs/pdd-bench/bench.log 2>&1 &
 """
@@ -247,6 +248,9 @@ def main(argv=None) -> int:
                         "stagewise": "continue", "path": str(evaluation.path),
                         "seconds": time.time() - step_started,
                     })  # fmt: skip
+                from delt.diversity import DiversityConfig, measure_diversity
+
+                measure_diversity(DiversityConfig(distilled=str(run_dir), device=args.device))
                 print(_row_line(out, ipc, variant, seed), flush=True)
     text = table(out)
     (out / "results.md").write_text(text + "\n")
@@ -304,14 +308,17 @@ def _run_results(run_dir: Path) -> dict | None:
         )  # fmt: skip
     else:
         return None
+    diversity_path = run_dir / "diversity.json"
+    if diversity_path.is_file():
+        row["diversity"] = json.loads(diversity_path.read_text())["mean"]
     return row
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 2) -> str:
     if not values:
         return "–"
     array = np.asarray(values, dtype=np.float64)
-    return f"{array.mean():.2f} ± {array.std():.2f}"
+    return f"{array.mean():.{digits}f} ± {array.std():.{digits}f}"
 
 
 def _row_line(out: Path, ipc: int, variant: str, seed: int) -> str:
@@ -324,8 +331,8 @@ def table(out: Path) -> str:
     lines = [
         "| IPC | method | seeds | image-its | synthesis s | plain best | plain final | "
         "stage-wise best | stage-wise final | stage-wise after each stage | "
-        "stage-wise (continue) best |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "stage-wise (continue) best | diversity (cos) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ipc_dir in sorted(out.glob("ipc*"), key=lambda p: int(p.name[3:])):
         for variant in VARIANTS:
@@ -351,7 +358,8 @@ def table(out: Path) -> str:
                 f"{_mean_std([r['stagewise_best'] for r in rows if 'stagewise_best' in r])} | "
                 f"{_mean_std([r['stagewise_final'] for r in rows if 'stagewise_final' in r])} | "
                 f"{per_stage} | "
-                f"{_mean_std([r['continue_best'] for r in rows if 'continue_best' in r])} |"
+                f"{_mean_std([r['continue_best'] for r in rows if 'continue_best' in r])} | "
+                f"{_mean_std([r['diversity'] for r in rows if 'diversity' in r], 4)} |"
             )
     return "\n".join(lines)
 
