@@ -1,6 +1,6 @@
 """``delt demo`` (``make demo``): Fashion-MNIST through ``delt distill`` on a CPU in minutes.
 
-1. trains (or reuses) a ConvNet-3 teacher of width 64 for 2 epochs (``OUT/teacher``);
+1. trains (or reuses) a ConvNet-3 teacher of width 64 for 5 epochs (``OUT/teacher``);
 2. ``delt distill --method delt --ipc 10`` with it (``OUT/delt-ipc10``): ``medium`` selection,
    DELT recovery with MI/RI scaled down from the paper's 4000/500 to 1000/125 (the same 8
    rounds) so that it fits a CPU, the full evaluation protocol (``delt eval``: CutMix,
@@ -48,12 +48,12 @@ class DemoConfig:
         None, help="Fashion-MNIST folder (default: the Debian package's)"
     )
     width: int = option(64, help="ConvNet-3 width of teacher and student")
-    teacher_epochs: int = option(2, help="teacher training epochs")
+    teacher_epochs: int = option(5, help="teacher training epochs")
     ipc: int = option(10, help="images per class")
     iterations: int = option(1000, help="DELT MI (the paper: 4000)")
     round_iterations: int = option(125, help="DELT RI (the paper: 500)")
-    eval_epochs: int = option(40, help="student epochs of `delt eval` (the paper: 300)")
-    eval_every: int = option(10, help="test the students every k epochs")
+    eval_epochs: int = option(100, help="student epochs of `delt eval` (the paper: 300)")
+    eval_every: int = option(25, help="test the students every k epochs")
     seed: int = option(0, help="random seed of every step")
     threads: int = option(
         0, help="torch CPU threads; 0: the cores idle at the start (at least 1)", identity=False
