@@ -15,9 +15,7 @@ def _check_input(x: Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"x must be float32, float64, float16 or bfloat16, got {x.dtype}"
-        )
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     n, c, h, w = x.shape
     if c == 0 or n * h * w == 0:
         raise ValueError(

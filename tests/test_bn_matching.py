@@ -106,7 +106,7 @@ def test_remove_and_context_manager_detach_every_hook():
         matching.loss()
 
 
-def test_channel_mismatch_between_layers_is_caught_in_forward():
+def test_layers_of_different_widths_are_weighted_first_then_one():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5)
     )
@@ -183,6 +183,19 @@ def test_replicas_of_hooked_layers_are_refused():
     replica = copy.copy(model[0])
     with pytest.raises(RuntimeError, match="DataParallel replica"):
         replica(torch.randn(2, 3, 4, 4))
+
+
+def test_single_device_data_parallel_wrapper_as_in_sre2l():
+    # SRe2L hooks a teacher wrapped in nn.DataParallel; with at most one visible device the
+    # wrapper calls the model itself, so the drop-in gives the hooks' loss unchanged.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = frozen_teacher().to(device)
+    inputs = torch.randn(2, 3, 32, 32, device=device)
+    expected, _ = sre2l_loss(model, inputs)
+    wrapper = nn.DataParallel(model, device_ids=[0] if device == "cuda" else None)
+    with delt_ext.BNStatMatching(wrapper) as matching:
+        wrapper(inputs)
+        torch.testing.assert_close(matching.loss(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_works_with_a_compiled_model():

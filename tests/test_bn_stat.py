@@ -109,16 +109,39 @@ def test_batch_mean_var_matches_reference(shape, dtype, layout, device):
     torch.testing.assert_close(var.double(), expected_var, rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_matches_sre2l_eager_hook_float32(layout):
-    x = make_input((16, 32, 12, 12), torch.float32, layout).requires_grad_(True)
-    running_mean, running_var = make_targets(32)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES + [(16, 32, 12, 12)])
+def test_matches_sre2l_eager_hook(shape, dtype, layout, device):
+    """The eager hook run in the input's own dtype, as SRe2L runs it (16-bit types: see below)."""
+    x = make_input(shape, dtype, layout, device).requires_grad_(True)
+    running_mean, running_var = (t.to(dtype) for t in make_targets(shape[1], device))
     hook_loss = sre2l_hook_loss(x, running_mean, running_var)
     (hook_grad,) = torch.autograd.grad(hook_loss, x)
     loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
     (grad,) = torch.autograd.grad(loss, x)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss, hook_loss, rtol=rtol, atol=0)
+    assert rel_err(grad, hook_grad) < (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matches_sre2l_eager_hook_on_16_bit_inputs(dtype, layout, device):
+    """16-bit activations (autocast): the fused op accumulates in float32, so it equals the hook
+    applied to the same values upcast to float32, not the hook's own 16-bit arithmetic."""
+    x = make_input((16, 32, 12, 12), dtype, layout, device).requires_grad_(True)
+    running_mean, running_var = make_targets(32, device)
+    x32 = x.detach().float().requires_grad_(True)
+    hook_loss = sre2l_hook_loss(x32, running_mean, running_var)
+    (hook_grad,) = torch.autograd.grad(hook_loss, x32)
+    loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
+    (grad,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(loss, hook_loss, rtol=1e-5, atol=0)
-    assert rel_err(grad, hook_grad) < 1e-4
+    assert grad.dtype == dtype
+    assert rel_err(grad, hook_grad) <= GRAD_RTOL[dtype]
 
 
 def test_batch_mean_var_gradient_matches_autograd():

@@ -1,4 +1,4 @@
-// CPU kernels of the BN-statistic ops (schemas in csrc/delt_ext.cpp).
+// CPU kernels of the BN-statistic ops (schemas in csrc/bn_stat.cpp).
 //
 // Statistics. For channel c with M = N*H*W values and shift K_c (the channel's first value):
 //   S1 = sum(x - K_c),  S2 = sum((x - K_c)^2),  mean = K_c + S1/M,  var = S2/M - (S1/M)^2.

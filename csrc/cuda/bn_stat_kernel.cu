@@ -1,4 +1,4 @@
-// CUDA kernels of the BN-statistic ops (schemas in csrc/delt_ext.cpp; math and CPU twin in
+// CUDA kernels of the BN-statistic ops (schemas in csrc/bn_stat.cpp; math and CPU twin in
 // csrc/cpu/bn_stat_kernel.cpp).
 //
 // Forward = two launches, no atomics:
