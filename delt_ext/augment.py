@@ -356,6 +356,9 @@ def crop_scale_schedule(
     for name, value in (("milestone", milestone), ("start", start), ("end", end)):
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    for name, value in (("start", start), ("end", end)):
+        if value > 1:
+            raise ValueError(f"{name} is a crop scale (area fraction) in (0, 1], got {value!r}")
     horizon = milestone * total
     if iteration >= horizon:
         return float(end)

@@ -451,6 +451,8 @@ BAD_CALLS = [
     (lambda: crop_scale_schedule(0, 10, "exp"), ValueError, "kind must be"),
     (lambda: crop_scale_schedule(0, 10, milestone=0), ValueError, "milestone must be"),
     (lambda: crop_scale_schedule(0, 10, end=-0.1), ValueError, "end must be"),
+    (lambda: crop_scale_schedule(0, 10, end=2.0), ValueError, "end is a crop scale"),
+    (lambda: crop_scale_schedule(0, 10, start=1.5), ValueError, "start is a crop scale"),
 ]
 
 
