@@ -1,6 +1,7 @@
 """delt.data: the dataset registry, IDX reading, missing-data errors, ImageFolder class order."""
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,15 @@ import torch
 from delt.data import (
     DATASETS,
     FASHION_MNIST_ROOT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DatasetInfo,
     DatasetNotFoundError,
     TensorImageDataset,
     load_dataset,
     load_like,
 )
+from delt.models import TeacherMismatchError, check_compatible
 
 HAS_FASHION_MNIST = Path(FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").is_file()
 
@@ -148,6 +152,57 @@ def test_imagefolder_errors(tmp_path):
         load_dataset("imagefolder", root=str(tmp_path), class_order=str(order))
     with pytest.raises(DatasetNotFoundError, match="no such file"):
         load_dataset("imagefolder", root=str(tmp_path), class_order=str(tmp_path / "missing.txt"))
+
+
+def _folder_info(classes: tuple[str, ...], class_subset: bool = False) -> DatasetInfo:
+    """What a teacher trained on an imagefolder tree with these classes records."""
+    return DatasetInfo(
+        "imagefolder", len(classes), 3, 8, IMAGENET_MEAN, IMAGENET_STD, tuple(classes), class_subset
+    )
+
+
+def test_load_like_refuses_a_folder_with_a_class_the_teacher_does_not_know(tmp_path):
+    _image_tree(tmp_path, ["a", "b", "c"])
+    with pytest.raises(TeacherMismatchError) as caught:
+        load_like(_folder_info(("a", "b")), "train", str(tmp_path))
+    message = str(caught.value)
+    assert str(tmp_path / "train") in message and "--data-root" in message
+    assert "not known to the teacher: ['c']" in message and "missing: none" in message
+    with pytest.raises(TeacherMismatchError, match=re.escape("teacher: ['c']; missing: none")):
+        load_like(_folder_info(("a", "b")), "test", str(tmp_path))  # val/ is checked too
+
+
+def test_load_like_refuses_a_folder_without_a_class_of_the_teacher(tmp_path):
+    _image_tree(tmp_path, ["a", "b"])
+    with pytest.raises(TeacherMismatchError, match=re.escape("teacher: none; missing: ['z']")):
+        load_like(_folder_info(("a", "b", "z")), "train", str(tmp_path))
+    # Same count, other classes: both sides are named.
+    with pytest.raises(TeacherMismatchError, match=re.escape("teacher: ['b']; missing: ['z']")):
+        load_like(_folder_info(("a", "z")), "train", str(tmp_path))
+
+
+def test_load_like_uses_the_teachers_order_for_the_same_classes(tmp_path):
+    _image_tree(tmp_path, ["a", "b"])
+    info = _folder_info(("b", "a"))  # e.g. trained with --class-order b,a
+    data = load_like(info, "train", str(tmp_path))
+    assert data.info == info
+    assert data.targets.tolist() == [1, 1, 0, 0]  # files are listed by folder name: "a" first
+    check_compatible({"dataset": info.to_dict()}, data.info)
+
+
+def test_class_order_subset_is_recorded_and_reloads_beside_other_folders(tmp_path):
+    _image_tree(tmp_path, ["a", "b", "c"])
+    order = tmp_path / "order.txt"
+    order.write_text("c\na\n")  # ImageNet-100 out of an ImageNet-1K tree, in miniature
+    data = load_dataset("imagefolder", root=str(tmp_path), resolution=8, class_order=str(order))
+    assert data.info.class_names == ("c", "a") and data.info.class_subset
+    assert len(data) == 4 and sorted(data.targets.tolist()) == [0, 0, 1, 1]
+    assert not load_dataset("imagefolder", root=str(tmp_path), resolution=8).info.class_subset
+    # A teacher of the subset ignores the folder it was not trained on; it still needs its own.
+    assert load_like(data.info, "train", str(tmp_path)).info == data.info
+    assert DatasetInfo.from_dict(data.info.to_dict()) == data.info
+    with pytest.raises(TeacherMismatchError, match=re.escape("missing: ['z']")):
+        load_like(_folder_info(("a", "z"), class_subset=True), "train", str(tmp_path))
 
 
 @pytest.mark.skipif(not HAS_FASHION_MNIST, reason="needs `apt-get install dataset-fashion-mnist`")

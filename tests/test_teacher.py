@@ -93,3 +93,33 @@ def test_save_epochs_writes_checkpoints_early_phase_first(tmp_path):
 def test_bad_teacher_configs(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         TeacherConfig(out=str(tmp_path), **overrides)
+
+
+def test_imagefolder_teacher_refuses_a_folder_with_other_classes(tmp_path):
+    from delt.data import load_like
+    from delt.models import TeacherMismatchError
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for index, name in enumerate(("a", "b")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(2):
+                Image.new("RGB", (8, 8), (index * 200, k * 50, 0)).save(folder / f"{k}.png")
+    order = tmp_path / "order.txt"
+    order.write_text("b\na\n")
+    result = train_teacher(
+        TeacherConfig(
+            out=str(tmp_path / "t"), dataset="imagefolder", data_root=str(root), resolution=8,
+            class_order=str(order), arch="convnet1", width=4, epochs=1, batch_size=4, amp="none",
+            channels_last=False, progress=False,
+        )
+    )  # fmt: skip
+    info = load_checkpoint(result.path).info
+    assert info.class_names == ("b", "a")
+    assert load_like(info, "train", str(root)).info == info  # the recorded order, no file
+    (root / "train" / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / "c" / "0.png")
+    with pytest.raises(TeacherMismatchError, match=r"not known to the teacher: \['c'\]"):
+        load_like(info, "train", str(root))

@@ -8,7 +8,10 @@ Registered names (``DATASETS``):
   ``cifar-100-python``) through torchvision, never downloaded.
 * ``imagefolder``: any ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` tree (Tiny-ImageNet,
   ImageNet-1K, subsets) with an explicit class order: a file of folder names, one per line, or the
-  sorted folder names. The order used is recorded (RDED #4: a wrong order wrecks reproduction).
+  sorted folder names. An order file may list a subset of the folders (ImageNet-100 out of an
+  ImageNet-1K tree); without one the classes are all the folders. The classes and their order
+  are recorded (RDED #4: a wrong order wrecks reproduction), and :func:`load_like` refuses a
+  folder that lacks one of them or, for a model of all the folders, has a class it does not know.
 * ``synthetic``: random class-dependent images of any size, for tests and benchmarks. Options go
   into the name, ``synthetic:classes=4,channels=1,size=8,train=16,test=4,seed=0``, so the name
   alone reproduces the data (it is what a teacher's metadata records).
@@ -60,6 +63,8 @@ class DatasetInfo:
         channels, resolution: image shape ``(channels, resolution, resolution)``.
         mean, std: per-channel normalization, ``x_normalized = (x - mean) / std`` with x in [0, 1].
         class_names: class ``i``'s name; the order is the label order.
+        class_subset: ``imagefolder`` only: the classes are a subset of the tree's class folders,
+            chosen by ``--class-order`` (False: they are all of its folders).
     """
 
     name: str
@@ -69,6 +74,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    class_subset: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +89,7 @@ class DatasetInfo:
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
             class_names=tuple(str(v) for v in data["class_names"]),
+            class_subset=bool(data.get("class_subset", False)),
         )
 
     def _per_channel(self, values: tuple[float, ...], like: Tensor) -> Tensor:
@@ -320,9 +327,8 @@ def _cifar_loader(num_classes: int) -> Callable[..., ImageDataset]:
     return load
 
 
-def _load_imagefolder(name, options, root, split, resolution, class_order) -> ImageDataset:
-    # class_order: a file path from --class-order, or a tuple of names (a teacher's recorded order).
-    _no_options(name, options)
+def _split_folder(root: str | None, split: str) -> Path:
+    """``ROOT/train`` for the train split, ``ROOT/val`` (or ``ROOT/test``) for the test split."""
     if root is None:
         raise DatasetNotFoundError(
             "imagefolder needs --data-root DIR with DIR/train/<class>/* and DIR/val/<class>/* "
@@ -332,32 +338,49 @@ def _load_imagefolder(name, options, root, split, resolution, class_order) -> Im
     for split_name in split_names:
         folder = Path(root) / split_name
         if folder.is_dir():
-            break
-    else:
-        raise DatasetNotFoundError(
-            f"imagefolder: {Path(root) / split_names[0]} not found; --data-root must hold "
-            f"{' or '.join(split_names)}/<class>/* image folders"
-        )
-    if isinstance(class_order, tuple):
-        class_names = list(class_order)
-    elif class_order is not None:
-        order_file = Path(class_order)
-        if not order_file.is_file():
-            raise DatasetNotFoundError(f"--class-order {class_order}: no such file")
-        class_names = [line.strip() for line in order_file.read_text().splitlines() if line.strip()]
-    if class_order is not None:
-        if len(set(class_names)) != len(class_names):
-            raise ValueError(f"--class-order {class_order}: a class is listed twice")
-        missing = [c for c in class_names if not (folder / c).is_dir()]
-        if missing:
-            raise DatasetNotFoundError(
-                f"--class-order {class_order}: no folder in {folder} for {missing[:5]}"
-            )
-    else:
-        # Sorted folder names: ImageFolder's convention, recorded so it is never re-guessed.
-        class_names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-    if not class_names:
+            return folder
+    raise DatasetNotFoundError(
+        f"imagefolder: {Path(root) / split_names[0]} not found; --data-root must hold "
+        f"{' or '.join(split_names)}/<class>/* image folders"
+    )
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of ``folder``, sorted (torchvision ImageFolder's classes)."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def _shown(names: Sequence[str], limit: int = 5) -> str:
+    listed = ", ".join(repr(name) for name in names[:limit])
+    return f"[{listed}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def _load_imagefolder(name, options, root, split, resolution, class_order) -> ImageDataset:
+    # class_order: a file path from --class-order, or a tuple of names (a teacher's recorded order).
+    _no_options(name, options)
+    folder = _split_folder(root, split)
+    found = _class_folders(folder)
+    if not found:
         raise DatasetNotFoundError(f"imagefolder: no class folder in {folder}")
+    if class_order is None:
+        # Sorted folder names: ImageFolder's convention, recorded so it is never re-guessed.
+        class_names = found
+    else:
+        if isinstance(class_order, tuple):
+            class_names, source = list(class_order), "the recorded class order"
+        else:
+            order_file = Path(class_order)
+            if not order_file.is_file():
+                raise DatasetNotFoundError(f"--class-order {class_order}: no such file")
+            lines = order_file.read_text().splitlines()
+            class_names = [line.strip() for line in lines if line.strip()]
+            source = f"--class-order {class_order}"
+        if len(set(class_names)) != len(class_names):
+            raise ValueError(f"{source}: a class is listed twice")
+        present = set(found)
+        missing = [c for c in class_names if c not in present]
+        if missing:
+            raise DatasetNotFoundError(f"{source}: no folder in {folder} for {_shown(missing)}")
     info = DatasetInfo(
         name=name,
         num_classes=len(class_names),
@@ -366,6 +389,7 @@ def _load_imagefolder(name, options, root, split, resolution, class_order) -> Im
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         class_names=tuple(class_names),
+        class_subset=set(class_names) != set(found),
     )
     return FolderImageDataset(info, folder)
 
@@ -445,8 +469,22 @@ def load_like(info: DatasetInfo, split: str = "train", root: str | None = None) 
 
     The class order and resolution come from ``info``, never re-derived from the files; a
     fixed dataset whose files disagree is refused later by ``models.check_compatible``.
+
+    For ``imagefolder`` the folder must hold a class folder for each of ``info.class_names``,
+    and, unless the teacher was trained on a ``--class-order`` subset (``info.class_subset``), no
+    other: a class the teacher does not know would be silently left out of the data, and a
+    missing one would leave a teacher class without images. The labels follow ``info``'s
+    recorded order (the one the teacher was trained with), whatever order the folder names sort
+    in.
+
+    Raises:
+        TeacherMismatchError: the ``imagefolder`` classes differ from ``info``'s (the message
+            names the folder and the extra and missing classes).
+        DatasetNotFoundError, ValueError: as :func:`load_dataset`.
     """
     base, _ = _parse_name(info.name)
+    if base == "imagefolder":
+        _check_folder_classes(info, split, root)
     return load_dataset(
         info.name,
         split,
@@ -454,6 +492,30 @@ def load_like(info: DatasetInfo, split: str = "train", root: str | None = None) 
         resolution=info.resolution,
         class_order=info.class_names if base == "imagefolder" else None,
     )
+
+
+def _check_folder_classes(info: DatasetInfo, split: str, root: str | None) -> None:
+    # Imported here: delt.models imports this module.
+    from delt.models import TeacherMismatchError
+
+    if split not in ("train", "test"):
+        return  # load_dataset refuses it
+    folder = _split_folder(root, split)
+    found = _class_folders(folder)
+    if not found:
+        return  # load_dataset says there is no class folder
+    known, present = set(info.class_names), set(found)
+    # A teacher of a --class-order subset ignores the other folders by design.
+    unknown = [] if info.class_subset else [c for c in found if c not in known]
+    missing = [c for c in info.class_names if c not in present]
+    if unknown or missing:
+        raise TeacherMismatchError(
+            f"--data-root {root}: the class folders of {folder} are not the "
+            f"{info.num_classes} classes the teacher was trained on ({len(found)} folders; "
+            f"not known to the teacher: {_shown(unknown) if unknown else 'none'}; missing: "
+            f"{_shown(missing) if missing else 'none'}); pass the --data-root the teacher was "
+            "trained on, or train a teacher on this folder"
+        )
 
 
 def load_dataset(
@@ -471,7 +533,9 @@ def load_dataset(
         root: where its files are (``--data-root``); ``None`` for the dataset's default.
         resolution: image size for ``imagefolder`` (default 224) and ``synthetic``.
         class_order: for ``imagefolder``, a file of class folder names, one per line, or the
-            names themselves as a tuple.
+            names themselves as a tuple: each name once, each a class folder of the split (a
+            subset of the folders is a dataset of those classes). ``None``: all the folders,
+            sorted.
 
     Raises:
         ValueError: unknown name, bad option or argument.
