@@ -25,6 +25,7 @@ __all__ = [
     "save_image",
     "sha256_file",
     "torch_load",
+    "to_uint8",
     "torch_save",
     "write_json",
 ]
@@ -100,6 +101,26 @@ def torch_load(path: str | os.PathLike) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def to_uint8(image: Tensor, image_format: str = "png") -> Tensor:
+    """The 8-bit pixels :func:`save_image` encodes: (C, H, W) float in [0, 1] → uint8 (C, H, W).
+
+    Values are clamped to [0, 1] and multiplied by 255 in float32, then
+
+    * ``"png"``: rounded to nearest (torchvision's ``save_image`` convention): the float tensors
+      in ``distilled.pt`` are the exact result, the PNG files a faithful lossless 8-bit view;
+    * ``"jpeg"``: truncated, as the DELT/SRe2L/CDA code does before saving its JPEGs
+      (``(x * 255).astype(np.uint8)`` after clamping to [0, 1], delt.md §3.6), so that
+      ``--image-format jpeg`` gives the papers' files. E.g. 0.999 → 254 (rounding: 255).
+    """
+    if image_format not in ("png", "jpeg"):
+        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    scaled = image.detach().to(torch.float32).clamp(0, 1).mul_(255)
+    if image_format == "png":
+        scaled = scaled.add_(0.5).clamp_(max=255)
+    # float → uint8 truncates toward zero; every value is >= 0 here.
+    return scaled.to(torch.uint8)
+
+
 def save_image(
     image: Tensor, path: str | os.PathLike, image_format: str = "png", quality: int = 75
 ) -> None:
@@ -108,25 +129,21 @@ def save_image(
     Args:
         image: (C, H, W) float in [0, 1] (denormalized), C = 1 or 3.
         path: destination; its suffix is not inspected, ``image_format`` decides.
-        image_format: ``"png"`` (lossless) or ``"jpeg"`` (PIL quality ``quality``; 75 is PIL's
-            default, which the DELT/SRe2L code saves with).
+        image_format: ``"png"`` (lossless, pixels rounded to 8 bits) or ``"jpeg"`` (pixels
+            truncated to 8 bits as the papers' code, then PIL quality ``quality``; 75 is PIL's
+            default, which the DELT/SRe2L code saves with). See :func:`to_uint8`.
         quality: JPEG quality, ignored for PNG.
     """
     from PIL import Image
 
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image must be (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
-    # Round to nearest (torchvision's save_image convention) rather than DELT's truncation: the
-    # float tensors in distilled.pt are the exact result, the files are a faithful 8-bit view.
-    array = image.detach().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()
-    array = array.permute(1, 2, 0).numpy()
+    array = to_uint8(image, image_format).cpu().permute(1, 2, 0).numpy()
     pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     writer: Callable[[IO], None]
     if image_format == "png":
         writer = lambda handle: pil.save(handle, format="PNG")  # noqa: E731
-    elif image_format == "jpeg":
-        writer = lambda handle: pil.save(handle, format="JPEG", quality=quality)  # noqa: E731
     else:
-        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+        writer = lambda handle: pil.save(handle, format="JPEG", quality=quality)  # noqa: E731
     with atomic_open(path, "wb") as handle:
         writer(handle)
