@@ -1,6 +1,7 @@
 """delt.recover: each method on a tiny synthetic set, EarlyLate masking, resume, bad configs."""
 
 import json
+import time
 
 import delt.recover as recover_module
 import pytest
@@ -133,6 +134,29 @@ def test_resume_after_a_kill_is_bitwise_identical(
     )
     for png in (tmp_path / "uninterrupted" / "images").glob("*/*.png"):
         assert png.read_bytes() == (out / png.relative_to(tmp_path / "uninterrupted")).read_bytes()
+
+
+def test_manifest_wall_seconds_is_the_chunks_optimization_time_summed(
+    tiny_teacher, tiny_selection, tmp_path
+):
+    # Documented in delt.recover: not the command's wall time, but each chunk's optimization
+    # seconds as saved in OUT/chunks/, also for chunks an earlier (killed) process finished.
+    config = _config(tiny_teacher, tiny_selection, tmp_path, "cda")
+    first = recover(config)
+    chunk_files = sorted((tmp_path / "chunks").iterdir())
+    assert len(chunk_files) > 1
+    saved = [torch.load(path, weights_only=True)["seconds"] for path in chunk_files]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["wall_seconds"] == first.wall_seconds == pytest.approx(sum(saved))
+    # As if an earlier process had spent 1000 s on chunk 0: a re-run optimizes nothing, yet
+    # reports that time.
+    chunk = torch.load(chunk_files[0], weights_only=True)
+    torch.save({**chunk, "seconds": 1000.0}, chunk_files[0])
+    start = time.perf_counter()
+    again = recover(config)
+    assert time.perf_counter() - start < 1000
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["wall_seconds"] == again.wall_seconds == pytest.approx(1000 + sum(saved[1:]))
 
 
 def test_resume_with_another_config_is_refused(tiny_teacher, tiny_selection, tmp_path):

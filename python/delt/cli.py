@@ -69,7 +69,7 @@ def _run_recover(config) -> object:
     print(
         f"recover: {len(result.labels)} images, "
         f"{sum(result.iterations_per_image)} image-iterations, "
-        f"{result.wall_seconds:.1f} s -> {result.out}"
+        f"{result.wall_seconds:.1f} s of optimization -> {result.out}"
     )
     return result
 

@@ -21,6 +21,14 @@ done. Re-running the same command skips finished chunks, so a killed run resumes
 the same bytes as an uninterrupted one. Outputs: ``OUT/distilled.pt``, ``OUT/images/<class>/``,
 ``OUT/manifest.json``.
 
+The manifest's ``wall_seconds`` (kept under that name) is not the command's wall-clock time: it
+is the synthesis time, each chunk's optimization loop timed by :func:`optimize_chunk` and summed
+over all chunks, as saved in ``OUT/chunks/<k>.pt``. A chunk finished by an earlier, killed
+process counts with the time it took then; a chunk this process only loads adds no new time;
+loading the teacher and data, initial images, saving chunks and writing the outputs are not
+counted. A resumed run thus reports about what one uninterrupted run would (its bytes too), and
+re-running a finished recovery writes the same number again.
+
 ``--method pdd`` (progressive synthesis in P stages, each running one of the methods above on
 frozen earlier stages) lives in :mod:`delt.pdd`; its flags are fields of :class:`RecoverConfig`
 so that one command and one config cover every method.
@@ -384,7 +392,13 @@ class RecoverySettings:
 
 @dataclass
 class ChunkResult:
-    """A finished chunk: final images (B, C, H, W) float32 (CPU), final loss, seconds."""
+    """A finished chunk: final images (B, C, H, W) float32 (CPU), final loss, seconds.
+
+    ``seconds``: wall time of :func:`optimize_chunk`'s iteration loop (every step, a
+    ``--compile`` warm-up inside the first steps, and the copy of the result to the CPU), not
+    the chunk's initialization or saving. Summed over chunks it is the manifest's
+    ``wall_seconds``.
+    """
 
     images: Tensor
     loss: float
@@ -511,6 +525,7 @@ class RecoverResult:
     images: Tensor  # (N, C, H, W) float32, normalized, class-major
     labels: Tensor  # (N,) int64
     iterations_per_image: list[int]
+    # The manifest's ``wall_seconds``: synthesis time, see the module docstring.
     wall_seconds: float
 
 
@@ -638,7 +653,9 @@ def synthesize_chunks(
 
     Returns:
         ``(images (num_classes * ipc, C, H, W) float32 CPU class-major, iterations per image,
-        seconds of optimization summed over chunks)``.
+        seconds of optimization summed over chunks)``. The seconds of a chunk loaded from
+        ``chunk_dir`` are the ones saved with it when it was optimized, possibly by an earlier
+        process, so the sum is synthesis time, not this call's wall time.
     """
     total_images = info.num_classes * ipc
     images = torch.empty(total_images, info.channels, info.resolution, info.resolution)
@@ -824,6 +841,7 @@ def _write_outputs(
         "num_images": int(images.shape[0]),
         "iterations_per_image": iterations_per_image,
         "image_iterations": int(sum(iterations_per_image)),
+        # Synthesis time (the chunks' optimization seconds summed), see the module docstring.
         "wall_seconds": wall_seconds,
         "files": {"distilled": "distilled.pt", "images": f"images/{pattern}"},
     }
