@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import SYNTHETIC
 from delt.data import DatasetInfo
 from delt.diversity import (
     DiversityConfig,
@@ -13,8 +14,10 @@ from delt.diversity import (
     measure_diversity,
     penultimate_features,
 )
-from delt.models import ConvNet, build_model, load_checkpoint
+from delt.io import torch_save
+from delt.models import ConvNet, TeacherMismatchError, build_model, load_checkpoint
 from delt.recover import RecoverConfig, recover
+from delt.teacher import TeacherConfig, train_teacher
 from torch import nn
 
 
@@ -123,3 +126,59 @@ def test_diversity_bad_model_path(tiny_teacher, tmp_path):
     )  # fmt: skip
     with pytest.raises(FileNotFoundError, match="--model missing.pt: no such checkpoint"):
         measure_diversity(DiversityConfig(distilled=str(out), model="missing.pt"))
+
+
+def _cda_set(tiny_teacher, out):
+    recover(
+        RecoverConfig(
+            teacher=str(tiny_teacher.path), ipc=1, out=str(out), method="cda", iterations=1,
+            progress=False,
+        )
+    )  # fmt: skip
+    return out
+
+
+def _replace_set(folder, images, labels):
+    torch_save({"images": images, "labels": labels}, folder / "distilled.pt")
+
+
+def test_diversity_refuses_an_empty_set(tiny_teacher, tmp_path):
+    out = _cda_set(tiny_teacher, tmp_path / "empty")
+    _replace_set(out, torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"--distilled .*: the distilled set is empty"):
+        measure_diversity(DiversityConfig(distilled=str(out)))
+    assert not (out / "diversity.json").exists()
+
+
+def test_diversity_refuses_labels_outside_the_classes(tiny_teacher, tmp_path):
+    # As delt eval: label 9 in a 4-class set is an error, not a silently dropped image.
+    out = _cda_set(tiny_teacher, tmp_path / "labels")
+    payload = torch.load(out / "distilled.pt", weights_only=True)
+    labels = payload["labels"].clone()
+    labels[-1] = 9
+    _replace_set(out, payload["images"], labels)
+    with pytest.raises(ValueError, match=r"--distilled .*: labels must be in 0\.\.3, got 0\.\.9"):
+        measure_diversity(DiversityConfig(distilled=str(out)))
+    assert not (out / "diversity.json").exists()
+
+
+def test_diversity_refuses_images_of_another_shape(tiny_teacher, tmp_path):
+    out = _cda_set(tiny_teacher, tmp_path / "shape")
+    payload = torch.load(out / "distilled.pt", weights_only=True)
+    _replace_set(out, torch.zeros(4, 3, 16, 16), payload["labels"])
+    with pytest.raises(TeacherMismatchError, match=r"--distilled .*: images are \(3, 16, 16\)"):
+        measure_diversity(DiversityConfig(distilled=str(out)))
+
+
+def test_diversity_refuses_a_model_of_another_dataset(tiny_teacher, tmp_path):
+    out = _cda_set(tiny_teacher, tmp_path / "model")
+    other = train_teacher(
+        TeacherConfig(
+            out=str(tmp_path / "t"), dataset=SYNTHETIC.replace("classes=4", "classes=3"),
+            arch="convnet1", width=4, epochs=1, batch_size=16, amp="none",
+            channels_last=False, progress=False,
+        )
+    )  # fmt: skip
+    with pytest.raises(TeacherMismatchError, match=r"^--model .*: .*trained on 3 classes"):
+        measure_diversity(DiversityConfig(distilled=str(out), model=str(other.path)))
+    assert not (out / "diversity.json").exists()

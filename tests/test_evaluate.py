@@ -3,6 +3,7 @@
 import json
 import math
 
+import delt.evaluate as evaluate_module
 import pytest
 import torch
 from conftest import SYNTHETIC
@@ -170,6 +171,55 @@ def test_trainer_carries_optimizer_and_schedule_across_calls(tiny_teacher):
         trainer.train_epoch(union, labels)
 
 
+def test_teacher_labels_exactly_the_augmented_mixed_batch_the_student_sees(
+    tiny_teacher, monkeypatch
+):
+    checkpoint = load_checkpoint(tiny_teacher.path)
+    info = checkpoint.info
+    teacher = checkpoint.model.requires_grad_(False).eval()
+    torch.manual_seed(0)
+    student = build_model("convnet2", info, {"width": 4})
+    generator = torch.Generator().manual_seed(0)
+    augment = StudentAugment(info, 2, 6, 0.25, generator)
+    trainer = StudentTrainer(
+        student, teacher, augment, TrainSettings(batch_size=8, cutmix_beta=1.0),
+        total_epochs=1, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"),
+        generator=generator,
+    )  # fmt: skip
+    inputs = {"teacher": [], "student": []}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.register_forward_pre_hook(
+            lambda module, args, name=name: inputs[name].append(args[0].detach().clone())
+        )
+    kl_targets = []
+    original_kl = evaluate_module.soft_label_kl
+
+    def spy_kl(student_logits, teacher_logits, temperature):
+        kl_targets.append(teacher_logits.detach().clone())
+        return original_kl(student_logits, teacher_logits, temperature)
+
+    monkeypatch.setattr(evaluate_module, "soft_label_kl", spy_kl)
+    images = info.normalize(torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(2)))
+    labels = torch.arange(8) % 4
+    global_state, generator_state = torch.get_rng_state(), generator.get_state()
+    trainer.step(images, labels)
+
+    assert len(inputs["teacher"]) == len(inputs["student"]) == 1
+    seen = inputs["student"][0]
+    assert torch.equal(inputs["teacher"][0], seen)  # the very same pixels
+    assert not torch.allclose(seen, images)  # ... which are not the raw set
+    # Replaying the step's draws: the batch is RandAugment + crop/flip, then CutMix.
+    torch.set_rng_state(global_state)
+    generator.set_state(generator_state)
+    augmented = augment(images)
+    params = sample_cutmix(8, 8, 8, 1.0, generator)
+    assert params.lam < 1.0 and not torch.equal(augmented, seen)  # CutMix pasted a box
+    assert torch.equal(apply_cutmix(augmented, params), seen)
+    # The KL target is the teacher's logits of that batch.
+    with torch.no_grad():
+        assert len(kl_targets) == 1 and torch.equal(kl_targets[0], teacher(seen))
+
+
 def _test_set(info):
     from delt.data import load_like
 
@@ -217,6 +267,39 @@ def test_eval_is_reproducible_and_reuses_finished_seeds(tiny_set, tmp_path, monk
     more = evaluate(_eval_config(tiny_set, out=str(tmp_path / "a.json"), seeds=(0, 5)))
     assert not more.reused and more.seeds[0].curve == first.seeds[0].curve
     assert [s.seed for s in more.seeds] == [0, 5]
+
+
+def test_eval_with_fewer_or_other_seeds_keeps_the_cached_ones(tiny_set, tmp_path, monkeypatch):
+    out = tmp_path / "e.json"
+    both = evaluate(_eval_config(tiny_set, out=str(out), seeds=(0, 1)))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached seed was trained again")
+
+    monkeypatch.setattr(StudentTrainer, "train_epoch", no_training)
+    # Fewer seeds: reported over seed 0 alone, seed 1 stays in the file.
+    one = evaluate(_eval_config(tiny_set, out=str(out), seeds=(0,)))
+    assert one.reused and [s.seed for s in one.seeds] == [0]
+    assert one.accuracy_mean == both.seeds[0].best_accuracy and one.accuracy_std == 0.0
+    document = json.loads(out.read_text())
+    assert [s["seed"] for s in document["seeds"]] == [0] and document["complete"]
+    assert document["best"]["mean"] == both.seeds[0].best_accuracy
+    assert document["final"]["mean"] == both.seeds[0].final_accuracy
+    assert [s["seed"] for s in document["other_seeds"]] == [1]
+    assert document["other_seeds"][0]["curve"] == both.seeds[1].curve
+    # Both again: nothing trained, the same summary as the first run.
+    again = evaluate(_eval_config(tiny_set, out=str(out), seeds=(0, 1)))
+    assert again.reused and [s.curve for s in again.seeds] == [s.curve for s in both.seeds]
+    assert (again.accuracy_mean, again.accuracy_std) == (both.accuracy_mean, both.accuracy_std)
+    assert json.loads(out.read_text())["other_seeds"] == []
+    monkeypatch.undo()
+    # Other seeds: only seed 2 trains; 0 and 1 are kept.
+    other = evaluate(_eval_config(tiny_set, out=str(out), seeds=(2,)))
+    assert not other.reused and [s.seed for s in other.seeds] == [2]
+    document = json.loads(out.read_text())
+    assert [s["seed"] for s in document["seeds"]] == [2]
+    assert [s["seed"] for s in document["other_seeds"]] == [0, 1]
+    assert document["best"]["mean"] == other.seeds[0].best_accuracy
 
 
 def test_eval_random_real_and_hard_labels(tiny_teacher, tmp_path):

@@ -220,3 +220,69 @@ def test_stagewise_through_the_cli(tiny_pdd_set, tmp_path, capsys):
     assert main(argv.split()) == 0
     out = capsys.readouterr().out
     assert "eval: stage-wise best top-1" in out and "eval: plain (the final set" in out
+
+
+def test_too_few_epochs_for_the_stages_names_the_flags(tiny_pdd_set, tmp_path, capsys):
+    message = "--epochs 2 with --stagewise: needs at least one epoch per stage (3 stages)"
+    with pytest.raises(ConfigError) as error:
+        evaluate(_config(tiny_pdd_set, epochs=2, out=str(tmp_path / "e.json")))
+    assert str(error.value) == message
+    argv = f"eval --distilled {tiny_pdd_set} --stagewise --epochs 2 --out {tmp_path / 'e.json'}"
+    assert main([*argv.split(), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"delt eval: error: {message}"
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_stagewise_with_fewer_seeds_keeps_the_cached_ones(tiny_pdd_set, tmp_path, monkeypatch):
+    import delt.stagewise as stagewise_module
+    from delt.evaluate import EvalContext
+
+    out = str(tmp_path / "e.json")
+    both = evaluate(_config(tiny_pdd_set, out=out, seeds=(0, 1)))
+
+    def fails(*args, **kwargs):
+        raise AssertionError("retrained a finished seed")
+
+    monkeypatch.setattr(stagewise_module, "_run_stagewise_seed", fails)
+    monkeypatch.setattr(EvalContext, "run_seed", fails)
+    one = evaluate(_config(tiny_pdd_set, out=out, seeds=(1,)))
+    assert one.reused and one.accuracy_mean == both.seeds[1].best_accuracy
+    document = json.loads((tmp_path / "e.json").read_text())
+    assert [s["seed"] for s in document["seeds"]] == [1]
+    assert [s["seed"] for s in document["other_seeds"]] == [0]
+    assert [s["seed"] for s in document["plain"]["seeds"]] == [1]
+    assert [s["seed"] for s in document["plain"]["other_seeds"]] == [0]
+    assert document["other_seeds"][0]["stages"] == both.document["seeds"][0]["stages"]
+    again = evaluate(_config(tiny_pdd_set, out=out, seeds=(0, 1)))
+    assert again.reused and again.accuracy_mean == both.accuracy_mean
+    assert again.document["plain"] == both.document["plain"]
+
+
+def test_pdd_hard_init_student_trains_on_exactly_the_earlier_unions(
+    tiny_teacher, tmp_path, monkeypatch
+):
+    # --stage-init hard: before stage k, a student trains on U_1 ... U_{k-1} (pdd.py); record
+    # every epoch it trains and the images of that epoch.
+    from delt.pdd import load_stage_unions
+
+    epochs = []
+    original = StudentTrainer.train_epoch
+
+    def spy(self, images, labels):
+        epochs.append((images.clone(), labels.clone()))
+        return original(self, images, labels)
+
+    monkeypatch.setattr(StudentTrainer, "train_epoch", spy)
+    out = tmp_path / "hard"
+    recover(
+        RecoverConfig(
+            teacher=str(tiny_teacher.path), ipc=3, out=str(out), method="pdd", base="cda",
+            stages=3, iterations=2, stage_init="hard", hard_student_epochs=2, progress=False,
+        )
+    )  # fmt: skip
+    unions = load_stage_unions(out)  # the final U_1, U_2, U_3 (earlier stages are frozen)
+    # Stage 2's student: 2 epochs on U_1; stage 3's: 1 epoch on U_1, then 1 on U_2. Never U_3.
+    expected = [unions[0], unions[0], unions[0], unions[1]]
+    assert len(epochs) == len(expected)
+    for (images, labels), (union_images, union_labels) in zip(epochs, expected, strict=True):
+        assert torch.equal(images, union_images) and torch.equal(labels, union_labels)

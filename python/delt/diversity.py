@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from delt.config import ConfigError, option
 from delt.data import DatasetInfo
-from delt.evaluate import load_distilled
+from delt.evaluate import check_distilled_set, load_distilled
 from delt.io import read_json, sha256_file, write_json
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint
 from delt.runtime import logger, resolve_device, versions
@@ -163,12 +163,20 @@ def centroid_cosine(features: Tensor, labels: Tensor, num_classes: int) -> Tenso
 
 
 def measure_diversity(config: DiversityConfig) -> DiversityResult:
-    """Runs ``delt diversity``; writes and returns the per-class and mean scores."""
+    """Runs ``delt diversity``; writes and returns the per-class and mean scores.
+
+    Raises:
+        ValueError: the ``--distilled`` set is empty or has labels outside its dataset's classes
+            (:func:`delt.evaluate.check_distilled_set`, as ``delt eval``).
+        TeacherMismatchError: its images do not fit its dataset, or the ``--model`` checkpoint
+            was trained on another dataset.
+        FileNotFoundError: no ``--model`` checkpoint.
+    """
     folder = Path(config.distilled)
     images, labels, manifest = load_distilled(folder)
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"--distilled {folder}: the distilled set is empty")
     info = DatasetInfo.from_dict(manifest["dataset"])
+    # delt eval's check: a label outside the dataset's classes would be silently dropped below.
+    check_distilled_set(images, labels, info, folder)
     model_path = manifest["teacher"]["path"] if config.model == "teacher" else config.model
     if not Path(model_path).is_file():
         raise FileNotFoundError(

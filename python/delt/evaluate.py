@@ -37,7 +37,8 @@ training images per class (:func:`draw_random_real`, seeded by the seed) and tra
 Results go to ``DIR/eval.json`` (atomic): resolved config, per-seed curves, best/final,
 mean/std, wall seconds, versions. Finished seeds are saved as they finish; re-running the same
 command reuses them (a complete file means no work at all), a different configuration starts
-over.
+over. Seeds are not part of the identity: a run with other ``--seeds`` reuses the finished ones
+it asks for and keeps the others under ``other_seeds`` (the summary is over ``--seeds`` only).
 
 Building blocks for other schedules (PDD's stage-wise evaluation, ``--stagewise`` in
 :mod:`delt.stagewise`, trains on U1, then U1∪U2, … with the optimizer state carried over):
@@ -87,6 +88,7 @@ __all__ = [
     "StudentTrainer",
     "TrainSettings",
     "apply_cutmix",
+    "check_distilled_set",
     "cutmix_cross_entropy",
     "default_batch_size",
     "draw_random_real",
@@ -783,7 +785,7 @@ class EvalContext:
             images = labels = None
             num_images = ipc * info.num_classes
         else:
-            _check_set(images, labels, info, folder)
+            check_distilled_set(images, labels, info, folder)
             num_images = images.shape[0]
             ipc = max(1, round(num_images / info.num_classes))
             images, labels = images.to(device), labels.to(device)
@@ -871,11 +873,21 @@ class EvalContext:
         return SeedResult.from_checks(seed, checks, losses, time.perf_counter() - start, indices)
 
 
-def _check_set(images: Tensor, labels: Tensor, info: DatasetInfo, folder: Path) -> None:
+def check_distilled_set(
+    images: Tensor, labels: Tensor, info: DatasetInfo, folder: str | Path
+) -> None:
+    """Refuses a distilled set (of :func:`load_distilled`) that does not fit its dataset ``info``;
+    ``delt eval`` and ``delt diversity`` check their ``--distilled`` set with it.
+
+    Raises:
+        ValueError: no images, not one label per image, or a label outside
+            ``0 .. num_classes - 1``.
+        TeacherMismatchError: images of another shape than the dataset's (C, H, W).
+    """
     if images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(
             f"--distilled {folder}: the distilled set is empty (images of shape "
-            f"{tuple(images.shape)}); nothing to train on"
+            f"{tuple(images.shape)}); nothing to evaluate"
         )
     expected = (info.channels, info.resolution, info.resolution)
     if tuple(images.shape[1:]) != expected:
@@ -892,7 +904,15 @@ def _check_set(images: Tensor, labels: Tensor, info: DatasetInfo, folder: Path) 
         )
 
 
-def _document(context: EvalContext, identity: dict, seeds: list[SeedResult], complete: bool):
+def _document(
+    context: EvalContext,
+    identity: dict,
+    seeds: list[SeedResult],
+    complete: bool,
+    other_seeds: Sequence[SeedResult] = (),
+):
+    """eval.json: ``seeds`` and the summaries over the requested seeds, ``other_seeds`` the
+    finished ones of the same identity that were not requested (kept for a later run)."""
     config = context.config
     manifest = context.manifest or {}
     best = mean_std([s.best_accuracy for s in seeds]) if seeds else (None, None)
@@ -933,6 +953,7 @@ def _document(context: EvalContext, identity: dict, seeds: list[SeedResult], com
             "test_accuracy": context.teacher.meta.get("test_accuracy"),
         },
         "seeds": [asdict(s) for s in seeds],
+        "other_seeds": [asdict(s) for s in other_seeds],
         "best": {"mean": best[0], "std": best[1]},
         "final": {"mean": final[0], "std": final[1]},
         "accuracy_mean": best[0],
@@ -948,6 +969,12 @@ def evaluate(config: EvalConfig) -> EvalResult:
     Seeds already in a results file made with the same identity are reused (a complete file:
     no training at all); a file from another configuration is replaced. ``--stagewise`` runs
     :func:`delt.stagewise.evaluate_stagewise` instead.
+
+    The file is a cache of every finished seed of its identity: ``seeds`` holds the requested
+    ones (``--seeds``' order), over which ``best``/``final`` mean ± std are taken, and
+    ``other_seeds`` the finished seeds this run did not ask for (by seed). So ``--seeds 0`` after
+    ``--seeds 0,1`` reports seed 0 alone but keeps seed 1, and ``--seeds 0,1`` again trains
+    nothing.
     """
     if config.stagewise:
         from delt.stagewise import evaluate_stagewise
@@ -957,11 +984,13 @@ def evaluate(config: EvalConfig) -> EvalResult:
     identity = context.identity()
     path = config.results_path
     finished: dict[int, SeedResult] = {}
+    saved_order: list[int] = []
     if path.is_file():
         saved = read_json(path)
         if saved.get("format") == EVAL_FORMAT and saved.get("identity") == identity:
-            for entry in saved["seeds"]:
+            for entry in saved["seeds"] + saved.get("other_seeds", []):
                 finished[int(entry["seed"])] = SeedResult(**entry)
+            saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
         else:
             logger.info("eval: %s comes from another configuration; evaluating again", path)
     reused = all(seed in finished for seed in config.seeds)
@@ -973,21 +1002,23 @@ def evaluate(config: EvalConfig) -> EvalResult:
         context.settings.batch_size, ",".join(map(str, config.seeds)),
         " (all cached)" if reused else "",
     )  # fmt: skip
-    results: list[SeedResult] = []
+
+    def document() -> dict:
+        done = [finished[s] for s in config.seeds if s in finished]
+        others = [finished[s] for s in sorted(finished) if s not in config.seeds]
+        return _document(context, identity, done, len(done) == len(config.seeds), others)
+
     for seed in config.seeds:
         if seed in finished:
-            results.append(finished[seed])
             continue
         result = context.run_seed(seed)
         logger.info(
             "eval: seed %d: best %.2f%% (epoch %d), final %.2f%%, %.0f s",
             seed, result.best_accuracy, result.best_epoch, result.final_accuracy, result.seconds,
         )  # fmt: skip
-        results.append(result)
         finished[seed] = result
         # Saved after every seed (with the finished ones): a killed run resumes at the next one.
-        done = [finished[s] for s in config.seeds if s in finished]
-        write_json(path, _document(context, identity, done, len(done) == len(config.seeds)))
-    if reused and [s["seed"] for s in saved["seeds"]] != list(config.seeds):
-        write_json(path, _document(context, identity, results, True))  # a subset or reordering
-    return EvalResult.read(path, results, reused)
+        write_json(path, document())
+    if reused and saved_order != list(config.seeds):
+        write_json(path, document())  # a subset or reordering: the summary is over --seeds
+    return EvalResult.read(path, [finished[seed] for seed in config.seeds], reused)

@@ -22,7 +22,9 @@ weights: both students are drawn from the seed) runs beside it, so the two can b
 results file (default ``DISTILLED/eval-stagewise.json``) holds both: at the top level the
 stage-wise results (``seeds``, ``best``, ``final``: the same keys as ``eval.json``, each seed
 with its per-stage record), under ``plain`` the plain ones, under ``stagewise`` the plan. It is
-written after every seed; a re-run reuses the finished seeds.
+written after every seed; a re-run reuses the finished seeds, and finished seeds that a run with
+other ``--seeds`` does not ask for are kept under ``other_seeds`` (top level and ``plain``), as
+in ``eval.json``.
 """
 
 from __future__ import annotations
@@ -214,6 +216,11 @@ def evaluate_stagewise(config: EvalConfig) -> EvalResult:
         unions = load_stage_unions(config.distilled)
     except ValueError as error:
         raise ConfigError(f"--stagewise: {error}") from None
+    if config.epochs < len(unions):
+        raise ConfigError(
+            f"--epochs {config.epochs} with --stagewise: needs at least one epoch per stage "
+            f"({len(unions)} stages)"
+        )
     if not unions[-1][0].to(context.images.device).equal(context.images):
         raise ConfigError(
             f"--stagewise: {config.distilled}/distilled.pt is not the last stage's union"
@@ -225,13 +232,18 @@ def evaluate_stagewise(config: EvalConfig) -> EvalResult:
     identity = context.identity()
     path = config.results_path
     finished: dict[int, tuple[StagewiseSeedResult, SeedResult]] = {}
+    saved_order: list[int] = []
     if path.is_file():
         saved = read_json(path)
         if saved.get("format") == STAGEWISE_FORMAT and saved.get("identity") == identity:
-            plain = {int(entry["seed"]): SeedResult(**entry) for entry in saved["plain"]["seeds"]}
-            for entry in saved["seeds"]:
+            plain = {
+                int(entry["seed"]): SeedResult(**entry)
+                for entry in saved["plain"]["seeds"] + saved["plain"].get("other_seeds", [])
+            }
+            for entry in saved["seeds"] + saved.get("other_seeds", []):
                 seed = int(entry["seed"])
                 finished[seed] = (StagewiseSeedResult(**entry), plain[seed])
+            saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
         else:
             logger.info("eval: %s comes from another configuration; evaluating again", path)
     reused = all(seed in finished for seed in config.seeds)
@@ -256,12 +268,12 @@ def evaluate_stagewise(config: EvalConfig) -> EvalResult:
             plain.best_accuracy, plain.final_accuracy,
         )  # fmt: skip
         finished[seed] = (stagewise, plain)
-        done = [finished[s] for s in config.seeds if s in finished]
-        write_json(path, _stagewise_document(context, identity, plan, done, config))
-    results = [finished[seed] for seed in config.seeds]
-    if reused and [s["seed"] for s in saved["seeds"]] != list(config.seeds):
-        write_json(path, _stagewise_document(context, identity, plan, results, config))
-    return EvalResult.read(path, [stagewise for stagewise, _ in results], reused)
+        write_json(path, _stagewise_document(context, identity, plan, finished, config))
+    if reused and saved_order != list(config.seeds):
+        # A subset or reordering: the summary is over --seeds.
+        write_json(path, _stagewise_document(context, identity, plan, finished, config))
+    results = [finished[seed][0] for seed in config.seeds]
+    return EvalResult.read(path, results, reused)
 
 
 def _run_stagewise_seed(
@@ -292,12 +304,18 @@ def _stagewise_document(
     context: EvalContext,
     identity: dict,
     plan: list[StagePlan],
-    results: list[tuple[StagewiseSeedResult, SeedResult]],
+    finished: dict[int, tuple[StagewiseSeedResult, SeedResult]],
     config: EvalConfig,
 ) -> dict:
+    # As eval.json: the requested seeds (summarized), then the other finished ones (kept).
+    results = [finished[seed] for seed in config.seeds if seed in finished]
+    others = [finished[seed] for seed in sorted(finished) if seed not in config.seeds]
     stagewise = [entry for entry, _ in results]
     plain = [entry for _, entry in results]
-    document = _document(context, identity, stagewise, len(results) == len(config.seeds))
+    document = _document(
+        context, identity, stagewise, len(results) == len(config.seeds),
+        [entry for entry, _ in others],
+    )  # fmt: skip
     plain_best = mean_std([s.best_accuracy for s in plain])
     plain_final = mean_std([s.final_accuracy for s in plain])
     document.update(
@@ -310,6 +328,7 @@ def _stagewise_document(
         },
         plain={
             "seeds": [asdict(s) for s in plain],
+            "other_seeds": [asdict(entry) for _, entry in others],
             "best": {"mean": plain_best[0], "std": plain_best[1]},
             "final": {"mean": plain_final[0], "std": plain_final[1]},
             "optimizer_steps": config.epochs
