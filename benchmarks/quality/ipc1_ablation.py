@@ -193,17 +193,19 @@ def main(argv=None) -> int:
         schedule = delt_ext.crop_scale_schedule
         if full_crop:  # optimize_chunk looks the schedule up on delt_ext at every step
             delt_ext.crop_scale_schedule = lambda iteration, total: 1.0
-        with delt_ext.BNStatMatching(model, config.first_bn_multiplier) as bn_matching:
-            forward = model if ce else DetachedLogits(model)
-            images, per_image, seconds = synthesize_chunks(
-                forward, bn_matching, chunks, 1, config.iterations, config.round_iterations,
-                settings, info, device, folder / "chunks",
-                chunk_seed=lambda chunk: derive_seed(config.seed, chunk.index),
-                initial_images=initial,
-                frozen_images=None if frozen is None else (lambda chunk: frozen),
-                progress=False,
-            )  # fmt: skip
-        delt_ext.crop_scale_schedule = schedule
+        try:
+            with delt_ext.BNStatMatching(model, config.first_bn_multiplier) as bn_matching:
+                forward = model if ce else DetachedLogits(model)
+                images, per_image, seconds = synthesize_chunks(
+                    forward, bn_matching, chunks, 1, config.iterations, config.round_iterations,
+                    settings, info, device, folder / "chunks",
+                    chunk_seed=lambda chunk: derive_seed(config.seed, chunk.index),
+                    initial_images=initial,
+                    frozen_images=None if frozen is None else (lambda chunk: frozen),
+                    progress=False,
+                )  # fmt: skip
+        finally:
+            delt_ext.crop_scale_schedule = schedule
         _write_outputs(folder, config, info, checkpoint, chosen_selection, images,
                        torch.arange(classes), per_image, seconds)  # fmt: skip
 
