@@ -44,3 +44,32 @@ def tiny_selection(tmp_path_factory, tiny_teacher):
     out = tmp_path_factory.mktemp("select")
     select_images(SelectConfig(teacher=str(tiny_teacher.path), ipc=5, out=str(out), progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tiny_teacher, tmp_path_factory):
+    """A CDA recovery of IPC 2 with the tiny teacher (4 classes of 8x8 images): the folder."""
+    from delt.recover import RecoverConfig, recover
+
+    out = tmp_path_factory.mktemp("cda")
+    recover(
+        RecoverConfig(
+            teacher=str(tiny_teacher.path), ipc=2, out=str(out), method="cda", iterations=4,
+            progress=False,
+        )
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def three_class_teacher(tmp_path_factory):
+    """A teacher of another dataset (``SYNTHETIC`` with 3 classes), for mismatch errors."""
+    from delt.teacher import TeacherConfig, train_teacher
+
+    return train_teacher(
+        TeacherConfig(
+            out=str(tmp_path_factory.mktemp("teacher3")),
+            dataset=SYNTHETIC.replace("classes=4", "classes=3"), arch="convnet1", width=4,
+            epochs=1, batch_size=16, amp="none", channels_last=False, progress=False,
+        )
+    )  # fmt: skip

@@ -2,10 +2,10 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
-from conftest import SYNTHETIC
 from delt.data import DatasetInfo
 from delt.diversity import (
     DiversityConfig,
@@ -17,7 +17,6 @@ from delt.diversity import (
 from delt.io import torch_save
 from delt.models import ConvNet, TeacherMismatchError, build_model, load_checkpoint
 from delt.recover import RecoverConfig, recover
-from delt.teacher import TeacherConfig, train_teacher
 from torch import nn
 
 
@@ -128,57 +127,44 @@ def test_diversity_bad_model_path(tiny_teacher, tmp_path):
         measure_diversity(DiversityConfig(distilled=str(out), model="missing.pt"))
 
 
-def _cda_set(tiny_teacher, out):
-    recover(
-        RecoverConfig(
-            teacher=str(tiny_teacher.path), ipc=1, out=str(out), method="cda", iterations=1,
-            progress=False,
-        )
-    )  # fmt: skip
-    return out
-
-
-def _replace_set(folder, images, labels):
+def _altered_set(tiny_set, folder, images=None, labels=None):
+    """A copy of the tiny CDA set in ``folder`` with its images and/or labels replaced."""
+    skip = shutil.ignore_patterns("*eval*.json", "diversity.json")
+    shutil.copytree(tiny_set, folder, ignore=skip)
+    payload = torch.load(folder / "distilled.pt", weights_only=True)
+    images = payload["images"] if images is None else images
+    labels = payload["labels"] if labels is None else labels
     torch_save({"images": images, "labels": labels}, folder / "distilled.pt")
+    return folder
 
 
-def test_diversity_refuses_an_empty_set(tiny_teacher, tmp_path):
-    out = _cda_set(tiny_teacher, tmp_path / "empty")
-    _replace_set(out, torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.int64))
+def test_diversity_refuses_an_empty_set(tiny_set, tmp_path):
+    empty = (torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.int64))
+    out = _altered_set(tiny_set, tmp_path / "empty", *empty)
     with pytest.raises(ValueError, match=r"--distilled .*: the distilled set is empty"):
         measure_diversity(DiversityConfig(distilled=str(out)))
     assert not (out / "diversity.json").exists()
 
 
-def test_diversity_refuses_labels_outside_the_classes(tiny_teacher, tmp_path):
+def test_diversity_refuses_labels_outside_the_classes(tiny_set, tmp_path):
     # As delt eval: label 9 in a 4-class set is an error, not a silently dropped image.
-    out = _cda_set(tiny_teacher, tmp_path / "labels")
-    payload = torch.load(out / "distilled.pt", weights_only=True)
-    labels = payload["labels"].clone()
+    labels = torch.load(tiny_set / "distilled.pt", weights_only=True)["labels"].clone()
     labels[-1] = 9
-    _replace_set(out, payload["images"], labels)
+    out = _altered_set(tiny_set, tmp_path / "labels", labels=labels)
     with pytest.raises(ValueError, match=r"--distilled .*: labels must be in 0\.\.3, got 0\.\.9"):
         measure_diversity(DiversityConfig(distilled=str(out)))
     assert not (out / "diversity.json").exists()
 
 
-def test_diversity_refuses_images_of_another_shape(tiny_teacher, tmp_path):
-    out = _cda_set(tiny_teacher, tmp_path / "shape")
-    payload = torch.load(out / "distilled.pt", weights_only=True)
-    _replace_set(out, torch.zeros(4, 3, 16, 16), payload["labels"])
+def test_diversity_refuses_images_of_another_shape(tiny_set, tmp_path):
+    out = _altered_set(tiny_set, tmp_path / "shape", images=torch.zeros(4, 3, 16, 16))
     with pytest.raises(TeacherMismatchError, match=r"--distilled .*: images are \(3, 16, 16\)"):
         measure_diversity(DiversityConfig(distilled=str(out)))
 
 
-def test_diversity_refuses_a_model_of_another_dataset(tiny_teacher, tmp_path):
-    out = _cda_set(tiny_teacher, tmp_path / "model")
-    other = train_teacher(
-        TeacherConfig(
-            out=str(tmp_path / "t"), dataset=SYNTHETIC.replace("classes=4", "classes=3"),
-            arch="convnet1", width=4, epochs=1, batch_size=16, amp="none",
-            channels_last=False, progress=False,
-        )
-    )  # fmt: skip
+def test_diversity_refuses_a_model_of_another_dataset(tiny_set, three_class_teacher, tmp_path):
+    out = _altered_set(tiny_set, tmp_path / "model")
+    other = three_class_teacher
     with pytest.raises(TeacherMismatchError, match=r"^--model .*: .*trained on 3 classes"):
         measure_diversity(DiversityConfig(distilled=str(out), model=str(other.path)))
     assert not (out / "diversity.json").exists()

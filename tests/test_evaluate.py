@@ -6,7 +6,6 @@ import math
 import delt.evaluate as evaluate_module
 import pytest
 import torch
-from conftest import SYNTHETIC
 from delt.config import ConfigError
 from delt.evaluate import (
     CutMixParams,
@@ -28,21 +27,6 @@ from delt.evaluate import (
 )
 from delt.io import torch_save
 from delt.models import TeacherMismatchError, build_model, load_checkpoint
-from delt.recover import RecoverConfig, recover
-from delt.teacher import TeacherConfig, train_teacher
-
-
-@pytest.fixture(scope="module")
-def tiny_set(tiny_teacher, tmp_path_factory):
-    """A CDA recovery of IPC 2 with the tiny teacher (4 classes of 8x8 images)."""
-    out = tmp_path_factory.mktemp("cda")
-    recover(
-        RecoverConfig(
-            teacher=str(tiny_teacher.path), ipc=2, out=str(out), method="cda", iterations=4,
-            progress=False,
-        )
-    )  # fmt: skip
-    return out
 
 
 def _eval_config(folder, **overrides):
@@ -339,14 +323,8 @@ def test_missing_distilled_set_is_refused(tmp_path):
         evaluate(_eval_config(tmp_path, random_real=True, ipc=2))
 
 
-def test_teacher_of_another_dataset_is_refused(tiny_set, tmp_path):
-    other = train_teacher(
-        TeacherConfig(
-            out=str(tmp_path / "t"), dataset=SYNTHETIC.replace("classes=4", "classes=3"),
-            arch="convnet1", width=4, epochs=1, batch_size=16, amp="none",
-            channels_last=False, progress=False,
-        )
-    )  # fmt: skip
+def test_teacher_of_another_dataset_is_refused(tiny_set, three_class_teacher):
+    other = three_class_teacher
     with pytest.raises(TeacherMismatchError, match="trained on 3 classes"):
         evaluate(_eval_config(tiny_set, teacher=str(other.path)))
 
