@@ -1,10 +1,7 @@
-"""The ``delt`` command line (also ``python -m delt``): ``delt teacher|select|recover`` (the
-steps), ``delt eval|diversity`` (what a distilled set is worth), ``delt distill`` (all of them,
-cached), ``delt report`` (a chart over runs) and ``delt demo``.
+"""The ``delt`` command line (also ``python -m delt``): one :data:`COMMANDS` entry per subcommand.
 
-Each subcommand's flags are generated from its config dataclass (:mod:`delt.config`), so
-``delt recover --batch-size 50`` is ``RecoverConfig(batch_size=50)``. Bad input is reported as
-``delt <command>: error: <message naming the flag>`` with exit status 2.
+Each subcommand's flags are generated from its config dataclass (:mod:`delt.config`); bad input
+is reported as ``delt <command>: error: <message naming the flag>`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -17,73 +14,47 @@ from dataclasses import dataclass
 from typing import Any
 
 from delt.config import ConfigError, add_arguments, from_namespace
-from delt.data import DatasetNotFoundError
-from delt.models import TeacherMismatchError
+from delt.data import DataMismatchError, DatasetNotFoundError
+from delt.demo import DemoConfig, run_demo
+from delt.distill import DistillConfig, distill
+from delt.diversity import DiversityConfig, measure_diversity
+from delt.evaluate import EvalConfig, evaluate
+from delt.recover import RecoverConfig, recover
+from delt.report import ReportConfig, compare_runs
+from delt.select import SelectConfig, select_images
+from delt.stagewise import evaluate_stagewise
+from delt.teacher import TeacherConfig, train_teacher
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
 @dataclass(frozen=True)
 class Command:
+    """A subcommand: its help, its config dataclass, what it runs and what it then prints."""
+
     help: str
-    config: Callable[[], type]
-    run: Callable[[Any], object]
+    config: type
+    run: Callable[[Any], Any]
+    show: Callable[[Any, Any], None] = lambda config, result: None
 
 
-def _teacher_config():
-    from delt.teacher import TeacherConfig
-
-    return TeacherConfig
-
-
-def _run_teacher(config) -> object:
-    from delt.teacher import train_teacher
-
-    result = train_teacher(config)
+def _show_teacher(config: TeacherConfig, result) -> None:
     print(f"teacher: {result.path} (test accuracy {result.test_accuracy:.2f}%)")
-    return result
 
 
-def _select_config():
-    from delt.select import SelectConfig
-
-    return SelectConfig
-
-
-def _run_select(config) -> object:
-    from delt.select import select_images
-
-    return select_images(config)
-
-
-def _recover_config():
-    from delt.recover import RecoverConfig
-
-    return RecoverConfig
-
-
-def _run_recover(config) -> object:
-    from delt.recover import recover
-
-    result = recover(config)
+def _show_recover(config: RecoverConfig, result) -> None:
     print(
         f"recover: {len(result.labels)} images, "
         f"{sum(result.iterations_per_image)} image-iterations, "
-        f"{result.wall_seconds:.1f} s of optimization -> {result.out}"
+        f"{result.synthesis_seconds:.1f} s of optimization -> {result.out}"
     )
-    return result
 
 
-def _eval_config():
-    from delt.evaluate import EvalConfig
-
-    return EvalConfig
+def _run_eval(config: EvalConfig):
+    return (evaluate_stagewise if config.stagewise else evaluate)(config)
 
 
-def _run_eval(config) -> object:
-    from delt.evaluate import evaluate
-
-    result = evaluate(config)
+def _show_eval(config: EvalConfig, result) -> None:
     kind = "stage-wise " if config.stagewise else ""
     for seed in result.seeds:
         print(
@@ -102,94 +73,53 @@ def _run_eval(config) -> object:
             f"{plain['best']['std']:.2f}%, final {plain['final']['mean']:.2f} ± "
             f"{plain['final']['std']:.2f}%"
         )
-    return result
 
 
-def _diversity_config():
-    from delt.diversity import DiversityConfig
-
-    return DiversityConfig
-
-
-def _run_diversity(config) -> object:
-    from delt.diversity import measure_diversity
-
-    result = measure_diversity(config)
+def _show_diversity(config: DiversityConfig, result) -> None:
     print(
         f"diversity: {result.mean:.4f} ± {result.std:.4f} (mean cosine to the class centroid; "
         f"lower = more diverse) -> {result.path}"
     )
-    return result
-
-
-def _distill_config():
-    from delt.distill import DistillConfig
-
-    return DistillConfig
-
-
-def _run_distill(config) -> object:
-    from delt.distill import distill
-
-    return distill(config)
-
-
-def _report_config():
-    from delt.report import ReportConfig
-
-    return ReportConfig
-
-
-def _run_report(config) -> object:
-    from delt.report import compare_runs
-
-    return compare_runs(config)
-
-
-def _demo_config():
-    from delt.demo import DemoConfig
-
-    return DemoConfig
-
-
-def _run_demo(config) -> object:
-    from delt.demo import run_demo
-
-    return run_demo(config)
 
 
 COMMANDS: dict[str, Command] = {
-    "teacher": Command("train a teacher on real data", _teacher_config, _run_teacher),
-    "select": Command(
-        "rank real images with the teacher and pick IPC per class", _select_config, _run_select
+    "teacher": Command(
+        "train a teacher on real data", TeacherConfig, train_teacher, _show_teacher
     ),
+    "select": Command(
+        "rank real images with the teacher and pick IPC per class", SelectConfig, select_images
+    ),
+    # --method pdd: recover() hands it to delt.pdd.recover_progressive.
     "recover": Command(
         "synthesize a distilled set (sre2l, cda, delt; pdd: in stages)",
-        _recover_config,
-        _run_recover,
+        RecoverConfig,
+        recover,
+        _show_recover,
     ),
     "eval": Command(
         "train students on a distilled set with teacher soft labels; test them (eval.json)",
-        _eval_config,
+        EvalConfig,
         _run_eval,
+        _show_eval,
     ),
     "diversity": Command(
         "DELT's diversity: per-class cosine of features to the class centroid (diversity.json)",
-        _diversity_config,
-        _run_diversity,
+        DiversityConfig,
+        measure_diversity,
+        _show_diversity,
     ),
     "distill": Command(
         "teacher, select, recover, eval, diversity in one cached run (report.json/.md, grid)",
-        _distill_config,
-        _run_distill,
+        DistillConfig,
+        distill,
     ),
     "report": Command(
-        "bar chart and table comparing methods over distill runs", _report_config, _run_report
+        "bar chart and table comparing methods over distill runs", ReportConfig, compare_runs
     ),
     "demo": Command(
         "Fashion-MNIST end to end: DELT and random real images through `delt distill`",
-        _demo_config,
-        _run_demo,
+        DemoConfig,
+        run_demo,
     ),
 }
 
@@ -197,7 +127,7 @@ COMMANDS: dict[str, Command] = {
 USER_ERRORS = (
     ConfigError,
     DatasetNotFoundError,
-    TeacherMismatchError,
+    DataMismatchError,
     FileNotFoundError,
     ValueError,
 )
@@ -214,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
-        add_arguments(sub, command.config())
+        add_arguments(sub, command.config)
     return parser
 
 
@@ -229,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     command = COMMANDS[args.command]
     try:
-        config = from_namespace(command.config(), args)
-        command.run(config)
+        config = from_namespace(command.config, args)
+        command.show(config, command.run(config))
     except USER_ERRORS as error:
         print(f"delt {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,12 +1,8 @@
 """Command configurations: dataclasses whose fields map one-to-one onto CLI flags.
 
-Each command (``teacher``, ``select``, ``recover``, ``eval``, ...) has a dataclass config. A
-field ``batch_size`` is the flag ``--batch-size``; its help text, choices and whether it is
-required live in the field's metadata (see :func:`option`), so the parser is generated from the
-dataclass and can never drift from it. The resolved config is saved with every output.
-
-A ``tuple[int, ...]`` or ``tuple[str, ...]`` field takes one or more values, separated by commas
-or spaces: ``--seeds 0,1,2`` and ``--seeds 0 1 2`` are the same.
+A field ``batch_size`` is the flag ``--batch-size`` (:func:`flag`); its help, choices and identity
+live in the field's metadata (:func:`option`), so the parser is generated from the dataclass. A
+``tuple[int, ...]`` field takes comma- or space-separated values (``--seeds 0,1,2``).
 """
 
 from __future__ import annotations
@@ -17,7 +13,16 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-__all__ = ["ConfigError", "add_arguments", "config_diff", "flag", "from_namespace", "option"]
+__all__ = [
+    "ConfigError",
+    "add_arguments",
+    "check_int",
+    "check_int_fields",
+    "config_diff",
+    "flag",
+    "from_namespace",
+    "option",
+]
 
 T = TypeVar("T")
 
@@ -29,6 +34,24 @@ class ConfigError(ValueError):
 def flag(field_name: str) -> str:
     """The CLI flag of a config field: ``batch_size`` → ``--batch-size``."""
     return "--" + field_name.replace("_", "-")
+
+
+def check_int(label: str, value: object, low: int = 1) -> None:
+    """The one integer check: ``value`` must be an ``int`` (not a bool) ``>= low``.
+
+    Raises:
+        ConfigError: ``"<label> must be an integer >= <low>, got <value>"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
+
+
+def check_int_fields(config: Any, names: tuple[str, ...], low: int = 1) -> None:
+    """:func:`check_int` on each named field of ``config`` that is not None, by its flag."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None:
+            check_int(flag(name), value, low)
 
 
 def option(

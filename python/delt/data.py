@@ -34,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS",
+    "DataMismatchError",
     "DatasetInfo",
     "DatasetNotFoundError",
     "DatasetSpec",
@@ -51,6 +52,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are missing; the message says how to get them."""
+
+
+class DataMismatchError(ValueError):
+    """Data (files, a set, a model) do not match the dataset description they are used with."""
 
 
 @dataclass(frozen=True)
@@ -478,7 +483,7 @@ def load_like(info: DatasetInfo, split: str = "train", root: str | None = None) 
     in.
 
     Raises:
-        TeacherMismatchError: the ``imagefolder`` classes differ from ``info``'s (the message
+        DataMismatchError: the ``imagefolder`` classes differ from ``info``'s (the message
             names the folder and the extra and missing classes).
         DatasetNotFoundError, ValueError: as :func:`load_dataset`.
     """
@@ -495,9 +500,6 @@ def load_like(info: DatasetInfo, split: str = "train", root: str | None = None) 
 
 
 def _check_folder_classes(info: DatasetInfo, split: str, root: str | None) -> None:
-    # Imported here: delt.models imports this module.
-    from delt.models import TeacherMismatchError
-
     if split not in ("train", "test"):
         return  # load_dataset refuses it
     folder = _split_folder(root, split)
@@ -509,7 +511,7 @@ def _check_folder_classes(info: DatasetInfo, split: str, root: str | None) -> No
     unknown = [] if info.class_subset else [c for c in found if c not in known]
     missing = [c for c in info.class_names if c not in present]
     if unknown or missing:
-        raise TeacherMismatchError(
+        raise DataMismatchError(
             f"--data-root {root}: the class folders of {folder} are not the "
             f"{info.num_classes} classes the teacher was trained on ({len(found)} folders; "
             f"not known to the teacher: {_shown(unknown) if unknown else 'none'}; missing: "

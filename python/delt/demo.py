@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from delt.config import ConfigError, option
+from delt.config import check_int_fields, option
 from delt.data import load_dataset
 from delt.distill import DistillConfig, distill
 from delt.io import write_json
@@ -62,21 +62,9 @@ class DemoConfig:
     progress: bool = option(True, help="show progress bars", identity=False)
 
     def __post_init__(self) -> None:
-        for name in (
-            "width",
-            "teacher_epochs",
-            "ipc",
-            "iterations",
-            "round_iterations",
-            "eval_epochs",
-            "eval_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if self.threads < 0:
-            raise ConfigError(f"--threads must be >= 0 (0: automatic), got {self.threads}")
+        names = ("width", "teacher_epochs", "ipc", "iterations", "round_iterations")
+        check_int_fields(self, (*names, "eval_epochs", "eval_every"))
+        check_int_fields(self, ("threads",), low=0)
 
     def distill_config(self, method: str, teacher: str | None) -> DistillConfig:
         return DistillConfig(

@@ -36,16 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from delt.config import ConfigError, identity_dict, option
+from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import load_like
+from delt.distilled import Manifest, load_distilled, save_distilled
 from delt.diversity import DiversityConfig, measure_diversity
-from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate, load_distilled
-from delt.io import read_json, sha256_file, torch_save, write_json
+from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
+from delt.io import read_json, sha256_file, write_json
 from delt.models import TeacherMismatchError, load_checkpoint, model_spec
-from delt.recover import METHODS, RecoverConfig, recover
+from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
 from delt.runtime import logger, versions
 from delt.select import SelectConfig, select_images
+from delt.synthesis import METHODS
 from delt.teacher import TeacherConfig, train_teacher
 
 __all__ = ["DISTILL_METHODS", "DistillConfig", "DistillResult", "distill"]
@@ -102,14 +104,11 @@ class DistillConfig:
         self.seeds = tuple(self.seeds)
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ConfigError(f"--seeds must list distinct seeds, got {self.seeds}")
-        names = ["ipc", "teacher_epochs", "iterations", "recover_batch_size", "eval_epochs"]
-        names += ["eval_every"] + (["eval_batch_size"] if self.eval_batch_size is not None else [])
-        for name in names:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}"
-                )
+        check_int_fields(
+            self,
+            ("ipc", "teacher_epochs", "iterations", "recover_batch_size", "eval_epochs")
+            + ("eval_every", "eval_batch_size"),
+        )
         try:
             spec = model_spec(self.arch)
         except ValueError as error:
@@ -208,30 +207,24 @@ def _draw_random_real_set(config: DistillConfig, teacher_path: str, folder: Path
     dataset = load_like(teacher.info, "train", config.data_root)
     images, labels, indices = draw_random_real(dataset, config.ipc, config.seed)
     seconds = time.perf_counter() - start
-    torch_save({"images": images.contiguous(), "labels": labels}, folder / "distilled.pt")
-    write_json(
-        folder / "manifest.json",
-        {
-            "kind": "delt-distilled-set",
-            "method": "random-real",
-            "config": {"ipc": config.ipc, "seed": config.seed, "data_root": config.data_root},
-            "seed": config.seed,
-            "ipc": config.ipc,
-            "num_images": int(images.shape[0]),
-            "dataset": teacher.info.to_dict(),
-            "teacher": {
-                "path": str(teacher.path),
-                "sha256": sha256_file(teacher.path),
-                "meta": teacher.meta,
-            },
-            "selection": None,
-            "versions": versions(),
-            "indices": indices.tolist(),
-            "iterations_per_image": [0] * int(images.shape[0]),
-            "image_iterations": 0,
-            "wall_seconds": seconds,
+    manifest = Manifest(
+        method="random-real",
+        ipc=config.ipc,
+        dataset=teacher.info,
+        teacher={
+            "path": str(teacher.path),
+            "sha256": sha256_file(teacher.path),
+            "meta": teacher.meta,
         },
+        config={"ipc": config.ipc, "seed": config.seed, "data_root": config.data_root},
+        num_images=int(images.shape[0]),
+        iterations_per_image=[0] * int(images.shape[0]),
+        synthesis_seconds=seconds,
+        seed=config.seed,
+        versions=versions(),
+        indices=indices.tolist(),
     )
+    save_distilled(folder, images, labels, manifest)
 
 
 def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
@@ -304,16 +297,15 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
                     f"{distilled} to recompute it, or pass another --out"
                 ) from None
         _record_step(out, "recover", step_identity, outputs, time.perf_counter() - start)
-    manifest = read_json(distilled / "manifest.json")
+    manifest = Manifest.load(distilled)
     timed(
         "recover" if config.method != "random-real" else "draw",
         cached,
-        manifest["wall_seconds"],
-        f"{config.method} IPC {config.ipc}: {manifest['image_iterations']:,} image-iterations",
+        manifest.synthesis_seconds,
+        f"{config.method} IPC {config.ipc}: {manifest.image_iterations:,} image-iterations",
     )
 
     # 4. evaluation (cached by delt eval itself, per seed)
-    start = time.perf_counter()
     evaluation = evaluate(config.eval_config(distilled, teacher_path))
     timed(
         "eval", evaluation.reused, evaluation.document["wall_seconds"],
@@ -344,8 +336,8 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
         "accuracy_mean": float(evaluation.accuracy_mean),
         "accuracy_std": float(evaluation.accuracy_std),
         "diversity": float(diversity.mean),
-        "synthesis_seconds": float(manifest["wall_seconds"]),
-        "image_iterations": int(manifest["image_iterations"]),
+        "synthesis_seconds": float(manifest.synthesis_seconds),
+        "image_iterations": int(manifest.image_iterations),
     }
     markdown = _markdown(report, evaluation, diversity, manifest, steps, teacher_checkpoint.meta)
     write_run_report(out, report, markdown)
@@ -374,8 +366,8 @@ def _markdown(report, evaluation, diversity, manifest, steps, teacher_meta) -> s
         f"{eval_config['epochs']} epochs, batch {eval_config['batch_size']}, "
         f"{eval_config['randaugment']}, CutMix β {eval_config['cutmix_beta']}, "
         f"T {eval_config['temperature']} |",
-        f"| recovery | MI {manifest['config'].get('iterations', '-')}, RI "
-        f"{manifest['config'].get('round_iterations', '-') or '-'}, seed {manifest['seed']} |",
+        f"| recovery | MI {manifest.config.get('iterations', '-')}, RI "
+        f"{manifest.config.get('round_iterations', '-') or '-'}, seed {manifest.seed} |",
         "",
         "## Seeds",
         "",

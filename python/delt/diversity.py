@@ -31,9 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from delt.config import ConfigError, option
-from delt.data import DatasetInfo
-from delt.evaluate import check_distilled_set, load_distilled
+from delt.config import ConfigError, check_int_fields, option
+from delt.distilled import check_distilled_set, load_distilled
 from delt.io import read_json, sha256_file, write_json
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint
 from delt.runtime import logger, resolve_device, versions
@@ -63,8 +62,7 @@ class DiversityConfig:
     device: str = option("auto", help="auto, cpu, cuda, ...")
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        check_int_fields(self, ("batch_size",))
         if not self.model:
             raise ConfigError("--model must be 'teacher' or a checkpoint path")
 
@@ -167,17 +165,17 @@ def measure_diversity(config: DiversityConfig) -> DiversityResult:
 
     Raises:
         ValueError: the ``--distilled`` set is empty or has labels outside its dataset's classes
-            (:func:`delt.evaluate.check_distilled_set`, as ``delt eval``).
+            (:func:`delt.distilled.check_distilled_set`, as ``delt eval``).
         TeacherMismatchError: its images do not fit its dataset, or the ``--model`` checkpoint
             was trained on another dataset.
         FileNotFoundError: no ``--model`` checkpoint.
     """
     folder = Path(config.distilled)
     images, labels, manifest = load_distilled(folder)
-    info = DatasetInfo.from_dict(manifest["dataset"])
+    info = manifest.dataset
     # delt eval's check: a label outside the dataset's classes would be silently dropped below.
     check_distilled_set(images, labels, info, folder)
-    model_path = manifest["teacher"]["path"] if config.model == "teacher" else config.model
+    model_path = manifest.teacher["path"] if config.model == "teacher" else config.model
     if not Path(model_path).is_file():
         raise FileNotFoundError(
             f"--model {config.model}: no such checkpoint ({model_path})"
@@ -210,7 +208,7 @@ def measure_diversity(config: DiversityConfig) -> DiversityResult:
         "format": DIVERSITY_FORMAT,
         "identity": identity,
         "distilled": str(folder),
-        "method": manifest.get("method"),
+        "method": manifest.method,
         "dataset": info.name,
         "metric": "mean over classes of the mean cosine similarity of each image's penultimate "
         "feature to its class centroid; lower = more diverse",

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from delt.data import DatasetInfo
+from delt.data import DataMismatchError, DatasetInfo
 from delt.io import atomic_open, torch_load, write_json
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
 CHECKPOINT_FORMAT = "delt-checkpoint-v1"
 
 
-class TeacherMismatchError(ValueError):
+class TeacherMismatchError(DataMismatchError):
     """A checkpoint's classes, order or input shape do not match the dataset it is used with."""
 
 

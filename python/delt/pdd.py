@@ -1,86 +1,192 @@
-"""``delt recover --method pdd``: progressive synthesis (PDD) on BN-statistic matching.
+"""``delt recover --method pdd``: progressive synthesis (PDD, reference/pdd.md) on BN matching.
 
-PDD (reference/pdd.md §1) synthesizes the IPC images of a class in P stages. Stage k adds IPC_k
-new images per class (:func:`delt.schedules.stage_sizes`) with the recipe of a base method
-(``--base delt|cda|sre2l``: its init, batching, crop curriculum, jitter, and for delt its
-EarlyLate rounds inside the stage). The images of earlier stages are frozen: they are never
-optimized and stay bitwise unchanged. The stages differ by what they are conditioned on, three
-options taken from pdd.md §4.2 that can be combined:
+The IPC images of a class are synthesized in P stages; stage k adds IPC_k per class with the
+recipe of a base method (``--base``) while earlier stages stay frozen, bitwise. Conditioning
+options (pdd.md §4.2, combinable): ``--stage-teachers checkpoints`` (stage k matches the k-th
+``delt teacher --save-epochs`` checkpoint), ``--union-in-batch`` (earlier images join every
+forward pass, :func:`delt.synthesis.optimize_chunk`'s ``frozen``), ``--stage-init hard`` (stage
+k >= 2 starts from real images a student trained on U_1 … U_{k-1} gets wrong).
 
-* ``--stage-teachers checkpoints`` (§4.2 option 1, PDD+MTT's later trajectory segments): stage k
-  matches the BN statistics and class scores of the k-th of P checkpoints that ``delt teacher
-  --save-epochs`` saved, early phase first. ``final``: every stage matches the final teacher.
-* ``--union-in-batch`` (option 2, PDD's masked union): the frozen images of earlier stages for
-  the chunk's classes join every forward pass (``--union-sample N``: a fresh seeded random N of
-  them per step, as PDD+MTT minibatches its union). They are concatenated after the new images
-  before augmentation, so every BN layer's batch statistics are the union's; gradients reach the
-  new images only, and the cross-entropy covers the new images only (see
-  :func:`delt.recover.optimize_chunk`).
-* ``--stage-init hard`` (options 3/4, PDD's discarding of easy examples): stage k >= 2 starts from
-  real training images that a student trained stage-wise on U_1 … U_{k-1} gets wrong
-  (:func:`pick_hard_examples`). Otherwise a stage starts like its base method: noise, or for
-  delt the next IPC_k entries of the ``delt select`` order of each class (consumed in order
-  across stages, never reused).
-
-Evaluation (``delt eval --stagewise``) trains one student on U_1, then U_1 ∪ U_2, …; its soft
-labels always come from the final teacher.
-
-Outputs in ``--out DIR``:
-
-* ``DIR/distilled.pt``, ``DIR/images/``, ``DIR/manifest.json``: the union U_P, class-major and,
-  inside a class, in stage order (class c's stage-k images at ``c * IPC + offset_k + j``). The
-  manifest holds ``stage_per_image``, ``iterations_per_image``, ``image_iterations`` and one entry
-  per stage (size, teacher, init, image-iterations, seconds).
-* ``DIR/stages/<k>/``: ``images/`` (that stage's new images only), ``distilled.pt`` and
-  ``manifest.json`` of the union U_k (a distilled set of its own: ``delt eval --distilled
-  DIR/stages/3`` evaluates U_3), ``chunks/`` (the resume units) and, with ``--stage-init hard``,
-  ``init.json`` (the real images picked, saved before the stage starts).
-
-Resume: every chunk of every stage is saved when done and seeded from ``(seed, stage, chunk)``;
-the hard picks are saved before their stage runs. Re-running the same command after a kill at
-any point redoes only the unfinished work and ends with the same bytes as an uninterrupted run.
+Outputs: the union U_P as a distilled set in ``OUT`` (class-major, stage order inside a class,
+the manifest's ``stages``), and ``OUT/stages/<k>/`` (U_k as a set of its own, that stage's new
+images, ``chunks/``, ``init.json`` of hard picks). Every chunk is seeded from ``(seed, stage,
+chunk)`` and saved when done, so a killed run resumes to the same bytes.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-import delt_ext
-from delt.config import ConfigError
-from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.io import read_json, sha256_file, torch_load, torch_save, write_json
-from delt.models import Checkpoint, TeacherMismatchError, check_compatible, load_checkpoint
-from delt.recover import (
-    RecoverConfig,
-    RecoverResult,
-    _check_run_identity,
-    frozen_teacher,
-    load_selection,
-    manifest_fields,
-    recovery_settings,
-    save_images,
-    synthesize_chunks,
+from delt.config import ConfigError, check_int, flag, option
+from delt.data import ImageDataset, load_like
+from delt.distilled import save_images, union_prefix
+from delt.io import read_json, sha256_file, write_json
+from delt.models import (
+    Checkpoint,
+    TeacherMismatchError,
+    build_model,
+    check_compatible,
+    load_checkpoint,
 )
-from delt.runtime import autocast, derive_seed, logger, resolve_device
-from delt.schedules import Chunk, stage_offsets, stage_round_iterations
+from delt.runtime import autocast, derive_seed, logger
+from delt.schedules import Chunk, stage_offsets, stage_round_iterations, stage_sizes
 from delt.select import Selection, order_class
-from delt.teacher import iterate_batches, saved_checkpoints
+from delt.student import (
+    PROTOCOL,
+    StudentAugment,
+    StudentTrainer,
+    TrainSettings,
+    default_batch_size,
+    iterate_batches,
+    seeded,
+    stagewise_plan,
+    train_stagewise,
+)
+from delt.synthesis import METHODS, RecoverResult, Run, load_selection, prepare_run, synthesize
+from delt.teacher import saved_checkpoints
 
 __all__ = [
+    "PDD_FIELDS",
+    "PDD_OPTIONS",
+    "PROGRESSIVE",
     "Stage",
-    "load_stage_unions",
+    "StageInit",
+    "check_pdd_options",
     "pick_hard_examples",
     "plan_stages",
     "recover_progressive",
-    "union_prefix",
+    "resolve_pdd_options",
 ]
+
+PROGRESSIVE = "pdd"
+DEFAULT_STAGES = 5  # PDD's released scripts (pdd.md §2)
+DEFAULT_BASE = "delt"
+DEFAULT_HARD_STUDENT_EPOCHS = 100
+
+# The flags of `delt recover` that only --method pdd reads (fields of delt.recover.RecoverConfig).
+PDD_OPTIONS: dict[str, Any] = {
+    "stages": option(None, help=f"pdd: number of stages P (default {DEFAULT_STAGES})"),
+    "base": option(
+        None,
+        help=f"pdd: the method each stage runs (default {DEFAULT_BASE})",
+        choices=tuple(METHODS),
+    ),
+    "stage_ipc": option(
+        None, help="pdd: images per class of each stage, e.g. 4,2,2,1,1 (default: IPC/P each)"
+    ),
+    "stage_teachers": option(
+        "final",
+        help="pdd: every stage matches the final teacher, or stage k the k-th of P checkpoints "
+        "of `delt teacher --save-epochs` (early phase first)",
+    ),
+    "union_in_batch": option(
+        False,
+        help="pdd: earlier stages' images of the chunk's classes join every forward pass (BN "
+        "statistics of the union; gradients reach the new images only)",
+    ),
+    "union_sample": option(
+        None, help="pdd --union-in-batch: a random sample of this many earlier images per step"
+    ),
+    "stage_init": option(
+        "base",
+        help="pdd: stage k >= 2 starts from the base method's init, or from real images that a "
+        "student trained on the union so far gets wrong",
+    ),
+    "hard_student_epochs": option(
+        None,
+        help=f"pdd --stage-init hard: epochs of that student (default "
+        f"{DEFAULT_HARD_STUDENT_EPOCHS})",
+    ),
+}
+# Left out of other methods' run identity, so that runs started before these flags still resume.
+PDD_FIELDS = tuple(PDD_OPTIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+def pdd_base(config: Any) -> str:
+    """The METHODS entry every stage runs."""
+    return config.base or DEFAULT_BASE
+
+
+def _stage_count(config: Any) -> int:
+    return DEFAULT_STAGES if config.stages is None else config.stages
+
+
+def check_pdd_options(config: Any) -> None:
+    """Validates the pdd fields of a ``RecoverConfig`` (refused for other methods).
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    if config.method != PROGRESSIVE:
+        for name in PDD_FIELDS:
+            if getattr(config, name) != PDD_OPTIONS[name].default:
+                raise ConfigError(f"{flag(name)} applies to --method pdd, not {config.method}")
+        return
+    if config.base is not None and config.base not in METHODS:
+        raise ConfigError(f"--base {config.base!r}: unknown method; known: {', '.join(METHODS)}")
+    stages = _stage_count(config)
+    check_int("--stages", stages)
+    if stages > config.ipc:
+        raise ConfigError(
+            f"--stages {stages} must be <= --ipc {config.ipc}: every stage synthesizes at "
+            "least one image per class"
+        )
+    if config.stage_ipc is not None:
+        config.stage_ipc = sizes = tuple(config.stage_ipc)
+        shown = ",".join(map(str, sizes))
+        if len(sizes) != stages:
+            raise ConfigError(
+                f"--stage-ipc {shown}: one size per stage expected ({stages} for "
+                f"--stages {stages}), got {len(sizes)}"
+            )
+        if min(sizes) < 1:
+            raise ConfigError(f"--stage-ipc {shown}: every stage needs >= 1 image")
+        if sum(sizes) != config.ipc:
+            raise ConfigError(
+                f"--stage-ipc {shown} must sum to --ipc {config.ipc}, got {sum(sizes)}"
+            )
+    if config.union_sample is not None:
+        if not config.union_in_batch:
+            raise ConfigError("--union-sample applies with --union-in-batch")
+        check_int("--union-sample", config.union_sample)
+    if config.hard_student_epochs is not None:
+        if config.stage_init != "hard":
+            raise ConfigError("--hard-student-epochs applies with --stage-init hard")
+        check_int(
+            "--hard-student-epochs (an epoch per earlier stage at least)",
+            config.hard_student_epochs,
+            max(1, stages - 1),
+        )
+
+
+def resolve_pdd_options(config: Any) -> dict[str, Any]:
+    """The pdd fields with their defaults filled in (for ``dataclasses.replace``)."""
+    stages = _stage_count(config)
+    return {
+        "stages": stages,
+        "base": pdd_base(config),
+        "stage_ipc": tuple(stage_sizes(config.ipc, stages, config.stage_ipc)),
+        "hard_student_epochs": (config.hard_student_epochs or DEFAULT_HARD_STUDENT_EPOCHS)
+        if config.stage_init == "hard"
+        else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
 
 
 @dataclass(frozen=True)
@@ -120,53 +226,11 @@ def plan_stages(sizes: list[int], iterations: int, round_iterations: int | None)
     ]
 
 
-def union_prefix(images: Tensor, ipc: int, length: int) -> Tensor:
-    """The first ``length`` images of every class of a class-major set with ``ipc`` per class.
-
-    ``images`` (K * ipc, ...) → (K * length, ...), still class-major: the union U_k of a
-    progressive run is ``union_prefix(U_P, IPC, offset_k + IPC_k)``.
-    """
-    if not 0 <= length <= ipc:
-        raise ValueError(f"length must be in [0, ipc={ipc}], got {length}")
-    per_class = images.reshape(-1, ipc, *images.shape[1:])
-    return per_class[:, :length].reshape(-1, *images.shape[1:])
-
-
-def load_stage_unions(folder: str | Path) -> list[tuple[Tensor, Tensor]]:
-    """The unions U_1 … U_P of a finished ``--method pdd`` recovery: ``[(images, labels), ...]``.
-
-    Images (N_k, C, H, W) float32 normalized, labels (N_k,) int64, class-major.
-
-    Raises:
-        FileNotFoundError: not a finished progressive recovery.
-    """
-    folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"--distilled {folder}: no manifest.json")
-    manifest = read_json(manifest_path)
-    if manifest.get("method") != "pdd":
-        raise ValueError(
-            f"--distilled {folder} was made by --method {manifest.get('method')}, not pdd: it "
-            "has no stages to train on one after another"
-        )
-    payload = torch_load(folder / "distilled.pt")
-    images, labels = payload["images"], payload["labels"]
-    ipc = manifest["ipc"]
-    return [
-        (
-            union_prefix(images, ipc, entry["union_ipc"]),
-            union_prefix(labels, ipc, entry["union_ipc"]),
-        )
-        for entry in manifest["stages"]
-    ]
-
-
 # --------------------------------------------------------------------------------------------
 # Conditioning: stage teachers and hard initial images
 
 
-def _stage_teachers(config: RecoverConfig, teacher: Checkpoint) -> list[Checkpoint]:
+def _stage_teachers(config: Any, teacher: Checkpoint) -> list[Checkpoint]:
     """The teacher of every stage: the final one P times, or the P ``--save-epochs`` checkpoints.
 
     Raises:
@@ -305,6 +369,7 @@ def _true_class_scores(
     return torch.cat(probabilities), torch.cat(correct)
 
 
+
 def _train_hard_student(
     unions: list[tuple[Tensor, Tensor]],
     teacher: Checkpoint,
@@ -317,32 +382,16 @@ def _train_hard_student(
 ) -> nn.Module:
     """The student of ``--stage-init hard``: ``delt eval --stagewise``'s student on U_1 … U_{k-1}.
 
-    One :class:`delt.evaluate.StudentTrainer` with the evaluator's default protocol (the
-    teacher's soft labels, RandAugment, CutMix, AdamW, the batch size of an IPC ``ipc`` set),
-    ``epochs`` split across the unions, optimizer state carried over, the LR schedule restarted
-    per stage (:func:`delt.stagewise.train_stagewise`). So the images a stage starts from are
-    exactly what the student of a stage-wise evaluation has not learned yet.
-
-    Recovery thereby uses the evaluator's trainer (imported here, not at module level: the
-    evaluator reads pdd's outputs).
+    The evaluation protocol's defaults (:data:`delt.student.PROTOCOL`), the batch size of an IPC
+    ``ipc`` set, ``epochs`` split across the unions with the LR schedule restarted per stage
+    (:func:`delt.student.train_stagewise`): the images a stage starts from are what a stage-wise
+    evaluation's student has not learned yet.
     """
-    from delt.evaluate import (
-        EvalConfig,
-        StudentAugment,
-        StudentTrainer,
-        TrainSettings,
-        default_batch_size,
-        seeded,
-    )
-    from delt.models import build_model
-    from delt.stagewise import stagewise_plan, train_stagewise
-
-    protocol = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
     info = teacher.info
     sizes = [len(images) for images, _ in unions]
     settings = TrainSettings(
         batch_size=default_batch_size(ipc, info.num_classes, sizes[-1]),
-        temperature=protocol["temperature"], cutmix_beta=protocol["cutmix_beta"], amp=amp,
+        temperature=PROTOCOL.temperature, cutmix_beta=PROTOCOL.cutmix_beta, amp=amp,
         channels_last=channels_last,
     )  # fmt: skip
     plan = stagewise_plan(epochs, sizes, settings.batch_size)
@@ -350,14 +399,14 @@ def _train_hard_student(
         student = build_model(teacher.meta["arch"], info, teacher.meta["arch_kwargs"])
         generator = torch.Generator().manual_seed(seed)
         augment = StudentAugment(
-            info, protocol["randaugment_ops"], protocol["randaugment_magnitude"],
-            protocol["min_crop"], generator,
+            info, PROTOCOL.randaugment_ops, PROTOCOL.randaugment_magnitude, PROTOCOL.min_crop,
+            generator,
         )  # fmt: skip
         # The trainer only calls the teacher (no_grad): its mode and memory format stay as the
         # stage loop left them.
         trainer = StudentTrainer(
-            student, teacher.model.to(device), augment, settings, epochs, protocol["lr"],
-            protocol["weight_decay"], device, generator,
+            student, teacher.model.to(device), augment, settings, epochs, PROTOCOL.lr,
+            PROTOCOL.weight_decay, device, generator,
         )  # fmt: skip
         unions = [(images.to(device), labels.to(device)) for images, labels in unions]
         train_stagewise(trainer, unions, plan, "restart")
@@ -365,268 +414,266 @@ def _train_hard_student(
 
 
 # --------------------------------------------------------------------------------------------
-# A run
+# A run: per stage, its start (init), its frozen union, its chunks
 
 
 @dataclass
-class _StageInit:
-    """How a stage's images start: noise, or real training indices per class."""
+class StageInit:
+    """How a stage's images start: ``kind`` ``"noise"``, ``"selection"`` or ``"hard"``, with
+    ``picks[c]`` the training-set indices of class c (stage-local order) for real-image inits,
+    ``info`` for the manifest and ``student_seconds`` spent on the hard-init student."""
 
-    kind: str  # "noise", "selection" or "hard"
-    picks: list[list[int]] | None  # picks[c]: training-set indices, stage-local order
-    info: dict  # for the manifest (tiers, student seconds)
+    kind: str
+    picks: list[list[int]] | None
+    info: dict
+    student_seconds: float = 0.0
 
 
-def recover_progressive(config: RecoverConfig) -> RecoverResult:
-    """Runs (or resumes) ``delt recover --method pdd``; see the module docstring."""
-    out = Path(config.out)
-    teacher = load_checkpoint(config.teacher)
-    info = teacher.info
-    config = config.resolved(info)
-    recipe = config.recipe
-    device = resolve_device(config.device)
-    config = dataclasses.replace(config, device=str(device))
-    stages = plan_stages(
-        config.stage_ipc_list,
-        config.iterations,
-        config.round_iterations if recipe.early_late else None,
+@dataclass
+class _Union:
+    """The union being built: U_P's images (class-major, IPC per class) and bookkeeping."""
+
+    images: Tensor
+    labels: Tensor
+    iterations_per_image: list[int]
+    stage_per_image: list[int]
+    entries: list[dict]
+    used: set[int]
+    synthesis_seconds: float = 0.0
+
+    def prefix(self, ipc: int, length: int) -> tuple[Tensor, Tensor]:
+        return union_prefix(self.images, ipc, length), union_prefix(self.labels, ipc, length)
+
+
+def _stage_init(
+    run: Run,
+    stage: Stage,
+    stages: list[Stage],
+    selection: Selection | None,
+    dataset: ImageDataset | None,
+    union: _Union,
+    stage_dir: Path,
+    teacher_scores: Callable[[], tuple[Tensor, Tensor]],
+) -> StageInit:
+    """Step 1 of a stage: its initial images (hard picks are saved before the stage runs)."""
+    config = run.config
+    if config.recipe.init == "selection" and (stage.index == 1 or config.stage_init != "hard"):
+        picks = [chosen[stage.offset : stage.offset + stage.ipc] for chosen in selection.indices]
+        return StageInit("selection", picks, {"kind": "selection"})
+    if stage.index == 1 or config.stage_init != "hard":
+        return StageInit("noise", None, {"kind": "noise"})
+    init_path = stage_dir / "init.json"
+    if init_path.is_file():
+        saved = read_json(init_path)
+        info = saved["info"]
+        return StageInit("hard", saved["picks"], info, float(info.get("student_seconds", 0.0)))
+    scores = teacher_scores()
+    start = time.perf_counter()
+    ipc = config.ipc
+    unions = [union.prefix(ipc, earlier.union_ipc) for earlier in stages[: stage.index - 1]]
+    # The final teacher labels the student's batches, as in every evaluation.
+    student = _train_hard_student(
+        unions, run.teacher, ipc, config.hard_student_epochs,
+        derive_seed(config.seed, 0, stage.index), run.device, config.amp, config.channels_last,
+    )  # fmt: skip
+    student_scores = _true_class_scores(student, dataset, run.device)
+    picks, tiers = pick_hard_examples(
+        dataset.targets, scores[0], scores[1], student_scores[0], student_scores[1], stage.ipc,
+        union.used,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    accuracy = 100.0 * float(student_scores[1].float().mean())
+    info = {
+        "kind": "hard",
+        "tiers": tiers,
+        "student_train_accuracy": accuracy,
+        "student_epochs": config.hard_student_epochs,
+        "student_seconds": seconds,
+    }
+    write_json(init_path, {"picks": picks, "info": info})
+    logger.info(
+        "recover: stage %d init: student on U_%d is %.1f%% right on the training set; picks %s "
+        "(%.0f s)",
+        stage.index, stage.index - 1, accuracy, tiers, seconds,
+    )  # fmt: skip
+    return StageInit("hard", picks, info, seconds)
+
+
+def _frozen_union(run: Run, stage: Stage, union: _Union):
+    """Step 2: with ``--union-in-batch``, ``chunk -> earlier images of its classes``, else None."""
+    if not (run.config.union_in_batch and stage.offset > 0):
+        return None
+    earlier = union_prefix(union.images, run.config.ipc, stage.offset).to(run.device)
+    offset = stage.offset
+
+    def frozen_images(chunk: Chunk) -> Tensor:
+        # Every earlier image of the chunk's classes, class-major.
+        classes = list(dict.fromkeys(chunk.classes))
+        rows = torch.cat([torch.arange(c * offset, (c + 1) * offset) for c in classes])
+        return earlier.index_select(0, rows.to(earlier.device))
+
+    return frozen_images
+
+
+def _synthesize_stage(
+    run: Run,
+    stage: Stage,
+    stage_teacher: Checkpoint,
+    init: StageInit,
+    dataset: ImageDataset | None,
+    union: _Union,
+    stage_dir: Path,
+    total_stages: int,
+) -> tuple[Tensor, list[int], float]:
+    """Step 3: the stage's chunks against its teacher; ``(images, iterations, seconds)``."""
+    config, info = run.config, run.info
+    shape = (info.channels, info.resolution, info.resolution)
+
+    def initial_images(chunk: Chunk, generator: torch.Generator) -> Tensor:
+        if init.picks is None:
+            # Drawn on the CPU so that a chunk's start does not depend on the device.
+            return torch.randn((len(chunk), *shape), generator=generator)
+        pairs = zip(chunk.classes, chunk.within_class, strict=True)
+        return dataset.images([init.picks[c][j] for c, j in pairs])
+
+    chunks = config.recipe.chunks(info.num_classes, stage.ipc, config.batch_size)
+    return synthesize(
+        run, stage_teacher.model, chunks, stage.ipc, stage.round_iterations, stage_dir / "chunks",
+        lambda chunk: derive_seed(config.seed, stage.index, chunk.index), initial_images,
+        frozen_images=_frozen_union(run, stage, union), frozen_sample=config.union_sample,
+        desc=f"pdd stage {stage.index}/{total_stages}",
+    )  # fmt: skip
+
+
+def _add_stage(
+    union: _Union,
+    stage: Stage,
+    stage_teacher: Checkpoint,
+    init: StageInit,
+    images: Tensor,
+    iterations: list[int],
+    seconds: float,
+    config: Any,
+) -> None:
+    """Step 4: class c's stage images into the union at ``c * IPC + offset + j``."""
+    ipc, num_classes = config.ipc, union.images.shape[0] // config.ipc
+    positions = [c * ipc + stage.offset + j for c in range(num_classes) for j in range(stage.ipc)]
+    union.images[torch.tensor(positions)] = images
+    for position, count in zip(positions, iterations, strict=True):
+        union.iterations_per_image[position] = count
+        union.stage_per_image[position] = stage.index
+    if init.picks is not None:
+        union.used.update(index for chosen in init.picks for index in chosen)
+    union.synthesis_seconds += seconds + init.student_seconds
+    union.entries.append(
+        {
+            "stage": stage.index,
+            "ipc": stage.ipc,
+            "offset": stage.offset,
+            "union_ipc": stage.union_ipc,
+            "round_iterations": stage.round_iterations,
+            "teacher": {
+                "path": str(stage_teacher.path),
+                "epoch": stage_teacher.meta.get("epoch", stage_teacher.meta.get("epochs")),
+            },
+            "init": init.info,
+            "union_in_batch": config.union_in_batch and stage.offset > 0,
+            "image_iterations": int(sum(iterations)),
+            "synthesis_seconds": seconds,
+            "student_seconds": init.student_seconds,
+        }
     )
-    teachers = _stage_teachers(config, teacher)
 
-    selection: Selection | None = None
-    dataset: ImageDataset | None = None
-    if recipe.init == "selection":
+
+def _write_union(
+    run: Run, folder: Path, selection: Selection | None, union: _Union, length: int, images: bool
+) -> None:
+    """U_k (the first ``length`` images per class) as a distilled set in ``folder``."""
+    ipc, num_classes = run.config.ipc, run.info.num_classes
+    keep = [c * ipc + j for c in range(num_classes) for j in range(length)]
+    union_images, union_labels = union.prefix(ipc, length)
+    run.write_outputs(
+        folder, selection, union_images, union_labels, length,
+        [union.iterations_per_image[p] for p in keep], union.synthesis_seconds,
+        write_images=images, stage=union.entries[-1]["stage"], stages=list(union.entries),
+        stage_per_image=[union.stage_per_image[p] for p in keep],
+    )  # fmt: skip
+
+
+def _real_images(
+    run: Run, stages: list[Stage]
+) -> tuple[Selection | None, ImageDataset | None]:
+    """The selection and training set the stages start from, if any."""
+    config = run.config
+    if config.recipe.init == "selection":
         # Usual init consumes the selection across stages; hard init only reads stage 1 from it.
         needed = stages[0].ipc if config.stage_init == "hard" else config.ipc
-        selection, dataset = load_selection(config, teacher, needed)
-    elif config.stage_init == "hard" and len(stages) > 1:
-        dataset = load_like(info, "train", config.data_root)
-        check_compatible(teacher.meta, dataset.info)
+        return load_selection(config, run.teacher, needed)
+    if config.stage_init == "hard" and len(stages) > 1:
+        dataset = load_like(run.info, "train", config.data_root)
+        check_compatible(run.teacher.meta, dataset.info)
+        return None, dataset
+    return None, None
 
-    _check_run_identity(
-        out, config, teacher, selection is not None,
+
+def recover_progressive(config: Any) -> RecoverResult:
+    """Runs (or resumes) ``delt recover --method pdd`` for a ``RecoverConfig``."""
+    run = prepare_run(config)
+    config, info = run.config, run.info
+    stages = plan_stages(
+        list(config.stage_ipc),
+        config.iterations,
+        config.round_iterations if config.recipe.early_late else None,
+    )
+    teachers = _stage_teachers(config, run.teacher)
+    selection, dataset = _real_images(run, stages)
+    run.check_identity(
+        selection is not None,
         stage_teachers_sha256=None
         if config.stage_teachers == "final"
         else [sha256_file(checkpoint.path) for checkpoint in teachers],
-    )  # fmt: skip
-
-    settings = recovery_settings(config, info)
+    )
     ipc = config.ipc
-    shape = (info.channels, info.resolution, info.resolution)
-    union = torch.zeros(info.num_classes * ipc, *shape)
-    labels = torch.arange(info.num_classes).repeat_interleave(ipc)
-    iterations_per_image = [0] * union.shape[0]
-    stage_per_image = [0] * union.shape[0]
-    stage_entries: list[dict] = []
-    used: set[int] = set()
-    teacher_scores: tuple[Tensor, Tensor] | None = None
-    wall_seconds = 0.0
+    count = info.num_classes * ipc
+    union = _Union(
+        torch.zeros(count, info.channels, info.resolution, info.resolution),
+        torch.arange(info.num_classes).repeat_interleave(ipc), [0] * count, [0] * count, [], set(),
+    )  # fmt: skip
+    # The final teacher's scores of the training set, computed once, at the first hard stage.
+    teacher_scores = functools.cache(
+        lambda: _true_class_scores(run.teacher.model, dataset, run.device)
+    )
     logger.info(
         "recover: pdd over %s, %d stages of %s images per class, %d iterations each, "
         "stage teachers %s, union in batch %s, stage init %s, device %s -> %s",
         config.base, len(stages), ",".join(map(str, config.stage_ipc)), config.iterations,
         config.stage_teachers,
         f"yes (sample {config.union_sample or 'all'})" if config.union_in_batch else "no",
-        config.stage_init, device, out,
+        config.stage_init, run.device, run.out,
     )  # fmt: skip
-
     for stage, stage_teacher in zip(stages, teachers, strict=True):
-        stage_dir = out / "stages" / str(stage.index)
-        # ---- initial images
-        student_seconds = 0.0
-        if recipe.init == "selection" and (stage.index == 1 or config.stage_init != "hard"):
-            assert selection is not None
-            picks = [
-                chosen[stage.offset : stage.offset + stage.ipc] for chosen in selection.indices
-            ]
-            init = _StageInit("selection", picks, {"kind": "selection"})
-        elif stage.index > 1 and config.stage_init == "hard":
-            assert dataset is not None
-            init_path = stage_dir / "init.json"
-            if init_path.is_file():
-                saved = read_json(init_path)
-                init = _StageInit("hard", saved["picks"], saved["info"])
-            else:
-                if teacher_scores is None:
-                    teacher_scores = _true_class_scores(teacher.model, dataset, device)
-                start = time.perf_counter()
-                unions = [
-                    (union_prefix(union, ipc, e.union_ipc), union_prefix(labels, ipc, e.union_ipc))
-                    for e in stages[: stage.index - 1]
-                ]
-                # The final teacher labels the student's batches, as in every evaluation.
-                student = _train_hard_student(
-                    unions, teacher, ipc, config.hard_student_epochs,
-                    derive_seed(config.seed, 0, stage.index), device, config.amp,
-                    config.channels_last,
-                )  # fmt: skip
-                student_scores = _true_class_scores(student, dataset, device)
-                picks, tiers = pick_hard_examples(
-                    dataset.targets, teacher_scores[0], teacher_scores[1], student_scores[0],
-                    student_scores[1], stage.ipc, used,
-                )  # fmt: skip
-                student_seconds = time.perf_counter() - start
-                student_accuracy = 100.0 * float(student_scores[1].float().mean())
-                init_info = {
-                    "kind": "hard",
-                    "tiers": tiers,
-                    "student_train_accuracy": student_accuracy,
-                    "student_epochs": config.hard_student_epochs,
-                    "student_seconds": student_seconds,
-                }
-                write_json(init_path, {"picks": picks, "info": init_info})
-                init = _StageInit("hard", picks, init_info)
-                logger.info(
-                    "recover: stage %d init: student on U_%d is %.1f%% right on the training "
-                    "set; picks %s (%.0f s)",
-                    stage.index, stage.index - 1, student_accuracy, tiers, student_seconds,
-                )  # fmt: skip
-            student_seconds = float(init.info.get("student_seconds", 0.0))
-        else:
-            init = _StageInit("noise", None, {"kind": "noise"})
-        if init.picks is not None:
-            used.update(index for chosen in init.picks for index in chosen)
-
-        def initial_images(chunk: Chunk, generator: torch.Generator, init=init) -> Tensor:
-            if init.picks is None:
-                # Drawn on the CPU so that a chunk's start does not depend on the device.
-                return torch.randn((len(chunk), *shape), generator=generator)
-            assert dataset is not None
-            pairs = zip(chunk.classes, chunk.within_class, strict=True)
-            return dataset.images([init.picks[c][j] for c, j in pairs])
-
-        frozen_images = None
-        if config.union_in_batch and stage.offset > 0:
-            earlier = union_prefix(union, ipc, stage.offset).to(device)
-
-            def frozen_images(chunk: Chunk, earlier=earlier, offset=stage.offset) -> Tensor:
-                # Every earlier image of the chunk's classes, class-major.
-                classes = list(dict.fromkeys(chunk.classes))
-                rows = torch.cat([torch.arange(c * offset, (c + 1) * offset) for c in classes])
-                return earlier.index_select(0, rows.to(earlier.device))
-
-        # ---- the stage's chunks
-        model = frozen_teacher(stage_teacher.model, device, config.channels_last)
-        chunks = recipe.chunks(info.num_classes, stage.ipc, config.batch_size)
-        with delt_ext.BNStatMatching(
-            model, first_bn_multiplier=config.first_bn_multiplier
-        ) as bn_matching:
-            forward = torch.compile(model) if config.compile else model
-            images, stage_iterations, seconds = synthesize_chunks(
-                forward, bn_matching, chunks, stage.ipc, config.iterations,
-                stage.round_iterations, settings, info, device, stage_dir / "chunks",
-                chunk_seed=lambda chunk, k=stage.index: derive_seed(config.seed, k, chunk.index),
-                initial_images=initial_images, frozen_images=frozen_images,
-                frozen_sample=config.union_sample, progress=config.progress,
-                desc=f"pdd stage {stage.index}/{len(stages)}",
-            )  # fmt: skip
-
-        # ---- into the union: class c's stage images at c * IPC + offset + j
-        positions = [
-            c * ipc + stage.offset + j for c in range(info.num_classes) for j in range(stage.ipc)
-        ]
-        union[torch.tensor(positions)] = images
-        for position, iterations in zip(positions, stage_iterations, strict=True):
-            iterations_per_image[position] = iterations
-            stage_per_image[position] = stage.index
-        wall_seconds += seconds + student_seconds
-        stage_entries.append(
-            {
-                "stage": stage.index,
-                "ipc": stage.ipc,
-                "offset": stage.offset,
-                "union_ipc": stage.union_ipc,
-                "round_iterations": stage.round_iterations,
-                "teacher": {
-                    "path": str(stage_teacher.path),
-                    "epoch": stage_teacher.meta.get("epoch", stage_teacher.meta.get("epochs")),
-                },
-                "init": init.info,
-                "union_in_batch": config.union_in_batch and stage.offset > 0,
-                "image_iterations": int(sum(stage_iterations)),
-                "synthesis_seconds": seconds,
-                "student_seconds": student_seconds,
-            }
+        stage_dir = run.out / "stages" / str(stage.index)
+        init = _stage_init(
+            run, stage, stages, selection, dataset, union, stage_dir, teacher_scores
         )
-        _write_stage(
-            stage_dir, stage, config, info, teacher, selection, union, labels,
-            iterations_per_image, stage_per_image, stage_entries, wall_seconds,
+        images, iterations, seconds = _synthesize_stage(
+            run, stage, stage_teacher, init, dataset, union, stage_dir, len(stages)
+        )
+        _add_stage(union, stage, stage_teacher, init, images, iterations, seconds, config)
+        # stages/<k>/: the stage's new images, and U_k as a distilled set of its own.
+        length = stage.union_ipc
+        union_images, union_labels = union.prefix(ipc, length)
+        new = [c * length + j for c in range(info.num_classes) for j in range(stage.offset, length)]
+        save_images(
+            stage_dir / "images", union_images, union_labels, length, info, config.image_format,
+            positions=new,
         )  # fmt: skip
+        _write_union(run, stage_dir, selection, union, length, images=False)
         logger.info(
             "recover: stage %d/%d done: %d new images per class, %d image-iterations",
-            stage.index, len(stages), stage.ipc, stage_entries[-1]["image_iterations"],
+            stage.index, len(stages), stage.ipc, union.entries[-1]["image_iterations"],
         )  # fmt: skip
-
-    _write_union(
-        out, out / "images", config, info, teacher, selection, union, labels, ipc,
-        iterations_per_image, stage_per_image, stage_entries, wall_seconds,
-    )  # fmt: skip
-    return RecoverResult(out, union, labels, iterations_per_image, wall_seconds)
-
-
-def _write_stage(
-    stage_dir: Path,
-    stage: Stage,
-    config: RecoverConfig,
-    info: DatasetInfo,
-    teacher: Checkpoint,
-    selection: Selection | None,
-    union: Tensor,
-    labels: Tensor,
-    iterations_per_image: list[int],
-    stage_per_image: list[int],
-    stage_entries: list[dict],
-    wall_seconds: float,
-) -> None:
-    """``stages/<k>/``: the stage's new images, and U_k as a distilled set of its own."""
-    ipc, length = config.ipc, stage.union_ipc
-    keep = [c * ipc + j for c in range(info.num_classes) for j in range(length)]
-    union_k = union_prefix(union, ipc, length)
-    labels_k = union_prefix(labels, ipc, length)
-    new = [c * length + j for c in range(info.num_classes) for j in range(stage.offset, length)]
-    save_images(
-        stage_dir / "images", union_k, labels_k, length, info, config.image_format, positions=new
+    _write_union(run, run.out, selection, union, ipc, images=True)
+    return RecoverResult(
+        run.out, union.images, union.labels, union.iterations_per_image, union.synthesis_seconds
     )
-    _write_union(
-        stage_dir, None, config, info, teacher, selection, union_k, labels_k, length,
-        [iterations_per_image[p] for p in keep], [stage_per_image[p] for p in keep],
-        stage_entries, wall_seconds,
-    )  # fmt: skip
-
-
-def _write_union(
-    folder: Path,
-    image_folder: Path | None,
-    config: RecoverConfig,
-    info: DatasetInfo,
-    teacher: Checkpoint,
-    selection: Selection | None,
-    images: Tensor,
-    labels: Tensor,
-    union_ipc: int,
-    iterations_per_image: list[int],
-    stage_per_image: list[int],
-    stage_entries: list[dict],
-    wall_seconds: float,
-) -> None:
-    files = {"distilled": "distilled.pt"}
-    if image_folder is not None:
-        pattern = save_images(image_folder, images, labels, union_ipc, info, config.image_format)
-        files["images"] = f"{image_folder.relative_to(folder)}/{pattern}"
-    else:
-        files["images"] = "images/<class>/<index> (this stage's new images only)"
-    torch_save({"images": images.contiguous(), "labels": labels}, folder / "distilled.pt")
-    manifest = {
-        **manifest_fields(config, info, teacher, selection),
-        # IPC of this set (U_k); the run's total is config.ipc.
-        "ipc": union_ipc,
-        "num_images": int(images.shape[0]),
-        "stage": stage_entries[-1]["stage"],
-        "stages": stage_entries,
-        "stage_per_image": stage_per_image,
-        "iterations_per_image": iterations_per_image,
-        "image_iterations": int(sum(iterations_per_image)),
-        "wall_seconds": wall_seconds,
-        "files": files,
-    }
-    write_json(folder / "manifest.json", manifest)

@@ -1,16 +1,8 @@
-"""Pure schedule functions of the recovery loop: EarlyLate rounds, chunking, cosine LR.
+"""Pure schedules: EarlyLate rounds, chunking, cosine LR, crop curriculum, PDD stage sizes.
 
-Nothing here touches a model or a tensor, so every schedule is testable on its own (STYLE.md).
-The semantics follow DELT's ``recover.py`` as documented in ``reference/delt.md`` §1.2:
-
-* The IPC images of a class, in selection order, are split into ``R = iterations //
-  round_iterations`` groups ("rounds"); group sizes are ``ipc // R``, the first ``ipc % R`` groups
-  one larger. Image ``j`` joins at the start of its group's round and stays active to the end.
-* One loop of ``iterations`` steps per chunk; one LR schedule and one crop curriculum over it.
-
-Progressive synthesis (PDD, ``reference/pdd.md`` §1.2) adds two schedules: how many images per
-class each stage synthesizes (:func:`stage_sizes`, :func:`stage_offsets`), and how a stage-wise
-evaluation splits its epochs across the growing unions (:func:`stage_epochs`).
+Nothing here touches a model or a tensor (reference/delt.md §1.2, pdd.md §1.2). EarlyLate: the
+IPC images of a class, in selection order, are split into ``R = iterations // round_iterations``
+rounds (the first ``ipc % R`` one larger); image ``j`` joins at its round's start.
 """
 
 from __future__ import annotations
@@ -19,12 +11,17 @@ import math
 from dataclasses import dataclass
 from itertools import accumulate
 
+import delt_ext
+from delt.config import check_int
+
 __all__ = [
+    "CROP_CURRICULA",
     "Chunk",
     "chunk_schedule",
     "class_contiguous_chunks",
     "class_interleaved_chunks",
     "cosine_lr",
+    "crop_min_scale",
     "early_late_iterations",
     "image_start_rounds",
     "round_group_sizes",
@@ -35,14 +32,9 @@ __all__ = [
 ]
 
 
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def _check_rounds(iterations: int, round_iterations: int) -> int:
-    _check_positive("iterations", iterations)
-    _check_positive("round_iterations", round_iterations)
+    check_int("iterations", iterations)
+    check_int("round_iterations", round_iterations)
     if round_iterations > iterations:
         raise ValueError(
             f"round_iterations ({round_iterations}) must be <= iterations ({iterations}): "
@@ -63,8 +55,8 @@ def round_group_sizes(ipc: int, num_rounds: int) -> list[int]:
     >>> round_group_sizes(10, 8)
     [2, 2, 1, 1, 1, 1, 1, 1]
     """
-    _check_positive("ipc", ipc)
-    _check_positive("num_rounds", num_rounds)
+    check_int("ipc", ipc)
+    check_int("num_rounds", num_rounds)
     base, extra = divmod(ipc, num_rounds)
     return [base + (1 if r < extra else 0) for r in range(num_rounds)]
 
@@ -75,7 +67,7 @@ def image_start_rounds(ipc: int, iterations: int, round_iterations: int) -> list
     Image ``j`` starts at the first round ``r`` with ``j < cumsum(group sizes)[r]`` (delt.md §1.2).
     """
     num_rounds = _check_rounds(iterations, round_iterations)
-    _check_positive("ipc", ipc)
+    check_int("ipc", ipc)
     bounds = list(accumulate(round_group_sizes(ipc, num_rounds)))
     starts = []
     round_index = 0
@@ -112,6 +104,23 @@ def cosine_lr(iteration: int, total: int, base_lr: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * iteration / total)) * base_lr
 
 
+# The recovery's minimum crop scale over the loop: "fixed" (0.08 throughout, SRe2L), "cosine"
+# (CDA/DELT's easy-to-hard 1 -> 0.08), "full" (1.0: the whole image, the IPC-1 ablation's).
+CROP_CURRICULA = ("fixed", "cosine", "full")
+FIXED_MIN_SCALE = 0.08
+
+
+def crop_min_scale(iteration: int, total: int, curriculum: str) -> float:
+    """The minimum crop area fraction at ``iteration`` of ``total`` under ``curriculum``."""
+    if curriculum == "cosine":
+        return delt_ext.crop_scale_schedule(iteration, total)
+    if curriculum == "fixed":
+        return FIXED_MIN_SCALE
+    if curriculum == "full":
+        return 1.0
+    raise ValueError(f"curriculum must be one of {CROP_CURRICULA}, got {curriculum!r}")
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One independent optimization problem of the recovery: a batch of images to synthesize.
@@ -140,9 +149,9 @@ def class_contiguous_chunks(num_classes: int, ipc: int, batch_size: int) -> list
     A chunk holds consecutive images in class-major, selection order, so it may span several
     classes or part of one (delt.md §1.2: a DataLoader with ``shuffle=False`` over the selection).
     """
-    _check_positive("num_classes", num_classes)
-    _check_positive("ipc", ipc)
-    _check_positive("batch_size", batch_size)
+    check_int("num_classes", num_classes)
+    check_int("ipc", ipc)
+    check_int("batch_size", batch_size)
     total = num_classes * ipc
     chunks = []
     for index, start in enumerate(range(0, total, batch_size)):
@@ -163,9 +172,9 @@ def class_interleaved_chunks(num_classes: int, ipc: int, batch_size: int) -> lis
     For each ``ipc_index`` the classes are taken ``batch_size`` at a time (SRe2L's
     ``targets = arange(1000)[kk:kk + 100]``), so a chunk never holds two images of one class.
     """
-    _check_positive("num_classes", num_classes)
-    _check_positive("ipc", ipc)
-    _check_positive("batch_size", batch_size)
+    check_int("num_classes", num_classes)
+    check_int("ipc", ipc)
+    check_int("batch_size", batch_size)
     chunks = []
     for ipc_index in range(ipc):
         for start in range(0, num_classes, batch_size):
@@ -215,8 +224,8 @@ def stage_sizes(
     >>> stage_sizes(50, 5, [20, 10, 10, 5, 5])
     [20, 10, 10, 5, 5]
     """
-    _check_positive("ipc", ipc)
-    _check_positive("stages", stages)
+    check_int("ipc", ipc)
+    check_int("stages", stages)
     if stages > ipc:
         raise ValueError(
             f"stages ({stages}) must be <= ipc ({ipc}): every stage synthesizes at least one "
@@ -228,7 +237,7 @@ def stage_sizes(
     if len(sizes) != stages:
         raise ValueError(f"stage_ipc must list one size per stage ({stages}), got {len(sizes)}")
     for size in sizes:
-        _check_positive("every stage_ipc entry", size)
+        check_int("every stage_ipc entry", size)
     if sum(sizes) != ipc:
         raise ValueError(f"stage_ipc must sum to ipc ({ipc}), got {sizes} (sum {sum(sizes)})")
     return sizes
@@ -244,14 +253,14 @@ def stage_offsets(sizes: list[int] | tuple[int, ...]) -> list[int]:
     [0, 2, 4]
     """
     for size in sizes:
-        _check_positive("every stage size", size)
+        check_int("every stage size", size)
     return [0, *accumulate(sizes)][: len(sizes)]
 
 
 def stage_round_iterations(stage_ipc: int, iterations: int, round_iterations: int) -> int:
     """DELT's RI inside one stage: one round (every image gets all iterations) at 1 image per
     class, as DELT does at IPC 1 (delt.md §1.1); otherwise ``round_iterations``."""
-    _check_positive("stage_ipc", stage_ipc)
+    check_int("stage_ipc", stage_ipc)
     _check_rounds(iterations, round_iterations)
     return iterations if stage_ipc == 1 else round_iterations
 
@@ -268,8 +277,8 @@ def stage_epochs(total_epochs: int, stages: int) -> list[int]:
     >>> stage_epochs(12, 5)
     [2, 2, 2, 3, 3]
     """
-    _check_positive("total_epochs", total_epochs)
-    _check_positive("stages", stages)
+    check_int("total_epochs", total_epochs)
+    check_int("stages", stages)
     if stages > total_epochs:
         raise ValueError(
             f"total_epochs ({total_epochs}) must be >= stages ({stages}): every stage trains "

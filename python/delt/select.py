@@ -30,12 +30,12 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from delt.config import ConfigError, identity_dict, option
+from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import load_like
 from delt.io import atomic_open, read_json, sha256_file, write_json
 from delt.models import check_compatible, load_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
-from delt.teacher import iterate_batches
+from delt.student import iterate_batches
 
 __all__ = ["SelectConfig", "Selection", "order_class", "score_images", "select_images"]
 
@@ -64,10 +64,7 @@ class SelectConfig:
     progress: bool = option(True, help="show progress bars", identity=False)
 
     def __post_init__(self) -> None:
-        if self.ipc < 1:
-            raise ConfigError(f"--ipc must be >= 1, got {self.ipc}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        check_int_fields(self, ("ipc", "batch_size"))
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 

@@ -1,27 +1,15 @@
 """``delt teacher``: train a teacher on real data and save it with its metadata.
 
-Recipe: SGD (Nesterov momentum 0.9) with a one-cycle LR (25% warm-up, cosine down), label
-smoothing 0.1, optional flip / crop-flip augmentation. The defaults are a short Fashion-MNIST
-run: ConvNet-3 at the papers' width 128 for 3 epochs, no augmentation. ``make demo`` trains a
-smaller, longer one instead, ``--width 64 --epochs 5`` (:mod:`delt.demo`); the README records
-one measured run of it (92.45% test accuracy after 125.7 s of training on 2 CPU cores). Train
-longer and with ``--augment crop-flip`` for CIFAR-like data.
-
-A finished teacher is cached: re-running the same command reuses ``DIR/teacher.pt``; a different
-configuration into the same ``--out`` is refused.
-
-``--save-epochs e1,e2,...`` also saves the model at the end of those epochs, early phase first,
-as ``DIR/checkpoints/epoch-<e>.pt`` (+ ``.json``, the same metadata with its epoch and test
-accuracy); ``teacher.json`` lists them under ``checkpoints``. They are PDD's stage teachers
-(``delt recover --method pdd --stage-teachers checkpoints``). Saving does not change training:
-the final teacher is the same with or without them.
+SGD (Nesterov 0.9) with a one-cycle LR, label smoothing 0.1, optional flip / crop-flip. A
+finished teacher is cached (another configuration into the same ``--out`` is refused).
+``--save-epochs`` also saves ``OUT/checkpoints/epoch-<e>.pt`` after those epochs (PDD's stage
+teachers), without changing the final teacher.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,17 +18,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from delt.config import ConfigError, config_diff, identity_dict, option
-from delt.data import ImageDataset, TensorImageDataset, load_dataset
+from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
+from delt.data import load_dataset
 from delt.io import read_json
 from delt.models import build_model, model_spec, save_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
+from delt.student import evaluate_accuracy, iterate_batches
 
 __all__ = [
     "TeacherConfig",
     "TeacherResult",
-    "evaluate_accuracy",
-    "iterate_batches",
     "saved_checkpoints",
     "train_teacher",
 ]
@@ -88,17 +75,11 @@ class TeacherConfig:
     progress: bool = option(True, help="show progress bars", identity=False)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
+        check_int_fields(self, ("epochs", "batch_size", "width"))
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.width is not None and self.width < 1:
-            raise ConfigError(f"--width must be >= 1, got {self.width}")
         spec = model_spec(self.arch)  # raises for an unknown --arch
         if self.width is not None and "width" not in spec.kwargs:
             raise ConfigError(f"--width applies to convnetD architectures, not --arch {self.arch}")
@@ -127,57 +108,6 @@ class TeacherResult:
     test_accuracy: float
     train_seconds: float
     reused: bool
-
-
-def iterate_batches(
-    dataset: ImageDataset,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    num_workers: int = 0,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches ``(images (B, C, H, W) float32 normalized, labels (B,) int64)`` of ``dataset``.
-
-    In-memory datasets are sliced directly (no per-image Python calls); file-backed ones go
-    through a DataLoader with ``num_workers`` workers.
-    """
-    count = len(dataset)
-    order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
-    if isinstance(dataset, TensorImageDataset):
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            yield dataset.images(index), dataset.targets[index]
-        return
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, order.tolist()),
-        batch_size=batch_size,
-        num_workers=num_workers,
-    )
-    for images, labels in loader:
-        yield images, labels.to(torch.int64)
-
-
-@torch.no_grad()
-def evaluate_accuracy(
-    model: nn.Module,
-    dataset: ImageDataset,
-    device: torch.device,
-    batch_size: int = 500,
-    amp: str = "none",
-    channels_last: bool = False,
-    num_workers: int = 0,
-) -> float:
-    """Top-1 accuracy (in %) of ``model`` on ``dataset``; the model is left in eval mode."""
-    model.eval()
-    correct = 0
-    for images, labels in iterate_batches(dataset, batch_size, num_workers=num_workers):
-        images = images.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(images)
-        correct += int((logits.argmax(1).cpu() == labels).sum())
-    return 100.0 * correct / len(dataset)
 
 
 def _augment(images: Tensor, kind: str, generator: torch.Generator) -> Tensor:

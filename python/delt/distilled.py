@@ -1,0 +1,284 @@
+"""The distilled-set format: ``DIR/distilled.pt``, ``DIR/manifest.json``, ``DIR/images/``.
+
+``distilled.pt`` holds ``{"images": (N, C, H, W) float32 normalized, "labels": (N,) int64}``,
+class-major. ``manifest.json`` is a :class:`Manifest`; every writer and reader of a set goes
+through it. Older manifests (no ``format_version``, ``wall_seconds`` for ``synthesis_seconds``)
+still load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from delt.data import DataMismatchError, DatasetInfo
+from delt.io import read_json, save_image, torch_load, torch_save, write_json
+
+__all__ = [
+    "MANIFEST_FORMAT_VERSION",
+    "MANIFEST_KIND",
+    "Manifest",
+    "check_distilled_set",
+    "load_distilled",
+    "load_stage_unions",
+    "save_distilled",
+    "save_images",
+    "union_prefix",
+]
+
+MANIFEST_KIND = "delt-distilled-set"
+# 1: main up to e216f25 (no version field, ``wall_seconds``); 2: ``synthesis_seconds``.
+MANIFEST_FORMAT_VERSION = 2
+
+
+@dataclass
+class Manifest:
+    """What a distilled set is and how it was made (``manifest.json``).
+
+    Attributes:
+        method: ``sre2l``, ``cda``, ``delt``, ``pdd``, ``random-real``, ...
+        ipc: images per class of this set (a pdd stage's union: its own IPC).
+        dataset: the dataset the images belong to.
+        teacher: ``{"path", "sha256", "meta"}`` of the teacher that made (or drew) the set.
+        config: the resolved config of the command that wrote it.
+        num_images: N.
+        iterations_per_image: N optimization steps per image (0 for real images).
+        synthesis_seconds: the chunks' optimization seconds, summed (not wall time).
+        selection: ``{"path", "strategy"}`` of a real-image init, else None.
+        files: relative paths of ``distilled`` and ``images``.
+        indices: random-real: the training-set indices drawn.
+        stage, stages, stage_per_image: pdd: the last stage k of this union, one entry per
+            stage, and each image's stage.
+        extra: keys this version does not know (kept on a round trip).
+    """
+
+    method: str
+    ipc: int
+    dataset: DatasetInfo
+    teacher: dict[str, Any]
+    config: dict[str, Any]
+    num_images: int
+    iterations_per_image: list[int]
+    synthesis_seconds: float
+    seed: int | None = None
+    selection: dict[str, Any] | None = None
+    versions: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    indices: list[int] | None = None
+    stage: int | None = None
+    stages: list[dict[str, Any]] | None = None
+    stage_per_image: list[int] | None = None
+    format_version: int = MANIFEST_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_iterations(self) -> int:
+        return int(sum(self.iterations_per_image))
+
+    def to_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"kind": MANIFEST_KIND}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name == "extra":
+                continue
+            if item.name == "dataset":
+                value = value.to_dict()
+            if value is None and item.name in ("indices", "stage", "stages", "stage_per_image"):
+                continue
+            document[item.name] = value
+        document["image_iterations"] = self.image_iterations
+        return {**self.extra, **document}
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any], where: str = "manifest") -> Manifest:
+        """Reads any version; a version-1 ``wall_seconds`` becomes ``synthesis_seconds``."""
+        document = dict(document)
+        if document.pop("kind", None) != MANIFEST_KIND:
+            raise ValueError(f"{where}: not a delt distilled-set manifest (kind {MANIFEST_KIND})")
+        version = document.pop("format_version", 1)
+        if not isinstance(version, int) or not 1 <= version <= MANIFEST_FORMAT_VERSION:
+            raise ValueError(
+                f"{where}: format_version {version!r} is not one this delt reads "
+                f"(1..{MANIFEST_FORMAT_VERSION}); upgrade delt"
+            )
+        if version == 1 and "wall_seconds" in document:
+            document["synthesis_seconds"] = document.pop("wall_seconds")
+        document.pop("image_iterations", None)  # derived from iterations_per_image
+        names = {item.name for item in dataclasses.fields(cls)} - {"extra", "format_version"}
+        missing = sorted(
+            item.name
+            for item in dataclasses.fields(cls)
+            if item.name in names
+            and item.default is dataclasses.MISSING
+            and item.default_factory is dataclasses.MISSING
+            and item.name not in document
+        )
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        known = {name: document.pop(name) for name in list(document) if name in names}
+        known["dataset"] = DatasetInfo.from_dict(known["dataset"])
+        manifest = cls(**known, format_version=MANIFEST_FORMAT_VERSION, extra=document)
+        manifest.check(where)
+        return manifest
+
+    def check(self, where: str = "manifest") -> None:
+        """Raises ValueError (naming ``where``) where the fields contradict each other."""
+        if isinstance(self.ipc, bool) or not isinstance(self.ipc, int) or self.ipc < 1:
+            raise ValueError(f"{where}: ipc must be an integer >= 1, got {self.ipc!r}")
+        if len(self.iterations_per_image) != self.num_images:
+            raise ValueError(
+                f"{where}: {len(self.iterations_per_image)} iterations_per_image entries for "
+                f"{self.num_images} images"
+            )
+        if self.stage_per_image is not None and len(self.stage_per_image) != self.num_images:
+            raise ValueError(f"{where}: one stage_per_image entry per image expected")
+        if self.method == "pdd" and not self.stages:
+            raise ValueError(f"{where}: a pdd set without stages")
+
+    def save(self, folder: str | Path) -> None:
+        """Writes ``folder/manifest.json`` (atomically)."""
+        self.check(str(folder))
+        write_json(Path(folder) / "manifest.json", self.to_dict())
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        """Reads ``folder/manifest.json``.
+
+        Raises:
+            FileNotFoundError: there is none.
+            ValueError: it is not a manifest this version reads.
+        """
+        path = Path(folder) / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--distilled {folder}: no manifest.json")
+        return cls.from_dict(read_json(path), str(path))
+
+
+def _class_dir_width(num_classes: int) -> int:
+    # Zero-padded so that sorted folder names are the class order (RDED #4).
+    return max(3, len(str(num_classes - 1)))
+
+
+def save_images(
+    folder: Path,
+    images: Tensor,
+    labels: Tensor,
+    ipc: int,
+    info: DatasetInfo,
+    image_format: str,
+    positions: list[int] | None = None,
+) -> str:
+    """Writes ``folder/<class>/<index>.<png|jpg>`` for class-major ``images`` with ``ipc`` per
+    class (index = position within the class); only ``positions`` when given.
+
+    Returns:
+        The file pattern, for the manifest.
+    """
+    width = _class_dir_width(info.num_classes)
+    index_width = max(3, len(str(ipc - 1)))
+    suffix = "png" if image_format == "png" else "jpg"
+    pixels = info.denormalize(images).clamp_(0, 1)
+    for position in range(images.shape[0]) if positions is None else positions:
+        label = int(labels[position])
+        within = position % ipc
+        save_image(
+            pixels[position],
+            folder / f"{label:0{width}d}" / f"{within:0{index_width}d}.{suffix}",
+            image_format,
+        )
+    return f"<class:0{width}d>/<index:0{index_width}d>.{suffix}"
+
+
+def save_distilled(folder: str | Path, images: Tensor, labels: Tensor, manifest: Manifest) -> None:
+    """Writes ``folder/distilled.pt`` and then ``folder/manifest.json`` (the images/ files, if
+    any, are the caller's: :func:`save_images`)."""
+    folder = Path(folder)
+    manifest.files.setdefault("distilled", "distilled.pt")
+    torch_save({"images": images.contiguous(), "labels": labels}, folder / "distilled.pt")
+    manifest.save(folder)
+
+
+def load_distilled(folder: str | Path) -> tuple[Tensor, Tensor, Manifest]:
+    """``(images (N, C, H, W) float32 normalized, labels (N,) int64, manifest)`` of a set."""
+    folder = Path(folder)
+    if not (folder / "distilled.pt").is_file():
+        raise FileNotFoundError(
+            f"--distilled {folder}: no distilled.pt (pass the --out folder of `delt recover` or "
+            "the distilled/ folder of `delt distill`)"
+        )
+    if not (folder / "manifest.json").is_file():
+        raise FileNotFoundError(f"--distilled {folder}: no manifest.json beside distilled.pt")
+    payload = torch_load(folder / "distilled.pt")
+    return payload["images"], payload["labels"], Manifest.load(folder)
+
+
+def check_distilled_set(
+    images: Tensor, labels: Tensor, info: DatasetInfo, folder: str | Path
+) -> None:
+    """Refuses a set (of :func:`load_distilled`) that does not fit its dataset ``info``.
+
+    Raises:
+        ValueError: no images, not one label per image, or a label outside
+            ``0 .. num_classes - 1``.
+        DataMismatchError: images of another shape than the dataset's (C, H, W).
+    """
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(
+            f"--distilled {folder}: the distilled set is empty (images of shape "
+            f"{tuple(images.shape)}); nothing to evaluate"
+        )
+    expected = (info.channels, info.resolution, info.resolution)
+    if tuple(images.shape[1:]) != expected:
+        raise DataMismatchError(
+            f"--distilled {folder}: images are {tuple(images.shape[1:])}, the dataset "
+            f"{info.name} has {expected}"
+        )
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"--distilled {folder}: one label per image expected")
+    if int(labels.min()) < 0 or int(labels.max()) >= info.num_classes:
+        raise ValueError(
+            f"--distilled {folder}: labels must be in 0..{info.num_classes - 1}, got "
+            f"{int(labels.min())}..{int(labels.max())}"
+        )
+
+
+def union_prefix(images: Tensor, ipc: int, length: int) -> Tensor:
+    """The first ``length`` images of every class of a class-major set with ``ipc`` per class.
+
+    ``images`` (K * ipc, ...) → (K * length, ...), still class-major: the union U_k of a
+    progressive run is ``union_prefix(U_P, IPC, offset_k + IPC_k)``.
+    """
+    if not 0 <= length <= ipc:
+        raise ValueError(f"length must be in [0, ipc={ipc}], got {length}")
+    per_class = images.reshape(-1, ipc, *images.shape[1:])
+    return per_class[:, :length].reshape(-1, *images.shape[1:])
+
+
+def load_stage_unions(folder: str | Path) -> list[tuple[Tensor, Tensor]]:
+    """The unions U_1 … U_P of a finished ``--method pdd`` set: ``[(images, labels), ...]``.
+
+    Images (N_k, C, H, W) float32 normalized, labels (N_k,) int64, class-major.
+
+    Raises:
+        FileNotFoundError: no manifest.
+        ValueError: not a progressive set.
+    """
+    manifest = Manifest.load(folder)
+    if manifest.method != "pdd":
+        raise ValueError(
+            f"--distilled {folder} was made by --method {manifest.method}, not pdd: it "
+            "has no stages to train on one after another"
+        )
+    payload = torch_load(Path(folder) / "distilled.pt")
+    images, labels = payload["images"], payload["labels"]
+    return [
+        (
+            union_prefix(images, manifest.ipc, entry["union_ipc"]),
+            union_prefix(labels, manifest.ipc, entry["union_ipc"]),
+        )
+        for entry in manifest.stages
+    ]

@@ -1,0 +1,627 @@
+"""The student-training engine: batches, accuracy, augmentation, CutMix, the trainer.
+
+:class:`StudentTrainer` holds one student with its AdamW and half-cosine LR schedule and trains it
+epoch by epoch on whatever images it is given; :func:`train_stagewise` runs it over growing
+unions (PDD). Used by ``delt eval``, ``delt eval --stagewise``, pdd's hard-init student, ``delt
+select`` and ``delt teacher`` (:func:`iterate_batches`, :func:`evaluate_accuracy`). The protocol
+is reference/delt.md §5; the README's "Evaluation" section explains it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import delt_ext
+from delt.data import DatasetInfo, ImageDataset, TensorImageDataset
+from delt.runtime import autocast
+from delt.schedules import stage_epochs
+
+__all__ = [
+    "PROTOCOL",
+    "RANDAUGMENT_BINS",
+    "STAGE_SCHEDULES",
+    "Check",
+    "CutMixParams",
+    "StagePlan",
+    "StudentAugment",
+    "StudentProtocol",
+    "StudentTrainer",
+    "TrainSettings",
+    "apply_cutmix",
+    "cutmix_cross_entropy",
+    "default_batch_size",
+    "evaluate_accuracy",
+    "half_cosine_factor",
+    "iterate_batches",
+    "parameter_groups",
+    "sample_cutmix",
+    "seeded",
+    "soft_label_kl",
+    "stage_lr_factors",
+    "stagewise_plan",
+    "train_stagewise",
+]
+
+# RandAugment magnitudes on timm's scale: M of 10 = M / 10 of each op's largest strength.
+RANDAUGMENT_BINS = 11
+STAGE_SCHEDULES = ("restart", "continue")
+
+
+@dataclass(frozen=True)
+class StudentProtocol:
+    """The evaluation protocol's defaults (RDED/DELT, delt.md §5): ``delt eval``'s flag defaults
+    and what pdd's hard-init student trains with."""
+
+    temperature: float = 20.0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    cutmix_beta: float = 1.0
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 6
+    min_crop: float = 0.25
+
+
+PROTOCOL = StudentProtocol()
+
+
+# --------------------------------------------------------------------------------------------
+# Batches and accuracy
+
+
+def iterate_batches(
+    dataset: ImageDataset,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches ``(images (B, C, H, W) float32 normalized, labels (B,) int64)`` of ``dataset``.
+
+    In-memory datasets are sliced directly (no per-image Python calls); file-backed ones go
+    through a DataLoader with ``num_workers`` workers.
+    """
+    count = len(dataset)
+    order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+    if isinstance(dataset, TensorImageDataset):
+        for start in range(0, count, batch_size):
+            index = order[start : start + batch_size]
+            yield dataset.images(index), dataset.targets[index]
+        return
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, order.tolist()),
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    for images, labels in loader:
+        yield images, labels.to(torch.int64)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: ImageDataset,
+    device: torch.device,
+    batch_size: int = 500,
+    amp: str = "none",
+    channels_last: bool = False,
+    num_workers: int = 0,
+) -> float:
+    """Top-1 accuracy (in %) of ``model`` on ``dataset``; the model is left in eval mode."""
+    model.eval()
+    correct = 0
+    for images, labels in iterate_batches(dataset, batch_size, num_workers=num_workers):
+        images = images.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(images)
+        correct += int((logits.argmax(1).cpu() == labels).sum())
+    return 100.0 * correct / len(dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces: batch size rule, LR factor, CutMix, losses
+
+
+def default_batch_size(ipc: int, num_classes: int, num_images: int) -> int:
+    """delt.md §5's training batch size, capped at ``num_images``.
+
+    IPC >= 50: 100; IPC >= 10: 50; else 10 (RDED/DELT ``argument.py``); doubled for 100- and
+    1000-class datasets (ImageNet-100/1K), fixed at 100 for 200 classes (Tiny-ImageNet). IPCs
+    between the paper's are given the value of the next smaller paper IPC.
+    """
+    base = 100 if ipc >= 50 else 50 if ipc >= 10 else 10
+    if num_classes == 200:
+        base = 100
+    elif num_classes >= 100:
+        base *= 2
+    return max(1, min(base, num_images))
+
+
+def half_cosine_factor(epoch: int, epochs: int) -> float:
+    """DELT/RDED's per-epoch LR factor ``0.5 * (1 + cos(pi * epoch / (2 * epochs)))``.
+
+    1 at epoch 0, 0.5 at ``epoch == epochs``: half a cosine period over 2E, so training ends at
+    about half the base LR (not at 0, unlike SRe2L's FKD).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * epochs)))
+
+
+@dataclass(frozen=True)
+class CutMixParams:
+    """One CutMix draw for a batch: image ``i`` gets the box of image ``permutation[i]``.
+
+    Attributes:
+        permutation: (B,) int64.
+        top, bottom, left, right: the box, rows ``top:bottom`` and columns ``left:right``
+            (possibly empty when clipped at the border).
+        lam: the fraction of each image that stays its own, ``1 - box area / image area``
+            (the area-corrected λ).
+    """
+
+    permutation: Tensor
+    top: int
+    bottom: int
+    left: int
+    right: int
+    lam: float
+
+
+def sample_cutmix(
+    batch_size: int, height: int, width: int, beta: float, generator: torch.Generator
+) -> CutMixParams:
+    """Draws CutMix params as RDED's ``rand_bbox``: λ ~ Beta(β, β), a box of side
+    ``sqrt(1 - λ)`` times the image's (truncated to whole pixels) centred at a uniform pixel and
+    clipped to the image, and a random permutation of the batch; λ is then corrected to the
+    box's actual area."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    # torch's Beta sampler takes no generator; numpy's, seeded from the generator, is reproducible.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(beta, beta))
+    cut_ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut_ratio), int(width * cut_ratio)
+    center_y = int(torch.randint(0, height, (1,), generator=generator))
+    center_x = int(torch.randint(0, width, (1,), generator=generator))
+    top, bottom = (min(max(center_y + d, 0), height) for d in (-(cut_h // 2), cut_h // 2))
+    left, right = (min(max(center_x + d, 0), width) for d in (-(cut_w // 2), cut_w // 2))
+    permutation = torch.randperm(batch_size, generator=generator)
+    area = (bottom - top) * (right - left)
+    return CutMixParams(permutation, top, bottom, left, right, 1.0 - area / (height * width))
+
+
+def apply_cutmix(images: Tensor, params: CutMixParams) -> Tensor:
+    """A new (B, C, H, W) batch: ``images`` with each box replaced by its partner's box."""
+    mixed = images.clone()
+    permutation = params.permutation.to(images.device)
+    box = (
+        slice(None),
+        slice(None),
+        slice(params.top, params.bottom),
+        slice(params.left, params.right),
+    )
+    mixed[box] = images[permutation][box]
+    return mixed
+
+
+def soft_label_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``KL(softmax(teacher / T) || softmax(student / T))`` summed over classes, averaged over
+    the batch (``batchmean``), without a ``T²`` factor (RDED/DELT); logits (B, K), float."""
+    target = (teacher_logits.float() / temperature).softmax(1)
+    log_probs = (student_logits.float() / temperature).log_softmax(1)
+    return nn.functional.kl_div(log_probs, target, reduction="batchmean")
+
+
+def cutmix_cross_entropy(logits: Tensor, labels: Tensor, params: CutMixParams | None) -> Tensor:
+    """Hard-label loss of a CutMix batch: ``λ CE(y) + (1 - λ) CE(y[permutation])``."""
+    if params is None:
+        return nn.functional.cross_entropy(logits.float(), labels)
+    partner = labels[params.permutation.to(labels.device)]
+    return params.lam * nn.functional.cross_entropy(logits.float(), labels) + (
+        1.0 - params.lam
+    ) * nn.functional.cross_entropy(logits.float(), partner)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on parameters with ``ndim > 1`` (conv and linear weights),
+    none on biases and normalization parameters (RDED/DELT ``validation/utils.py``)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Runs the block with torch's global CPU generator forked and seeded with ``seed``.
+
+    The student's initialization and torchvision's RandAugment draw from the global generator;
+    forking makes a seed's run reproducible whatever ran before, and restores the caller's state.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation and training
+
+
+class StudentAugment(nn.Module):
+    """RandAugment, then RandomResizedCrop + flip, per image, on normalized (B, C, H, W) float.
+
+    Args:
+        info: the dataset (normalization, resolution, channel means used as the fill value).
+        randaugment_ops: ops per image; 0 disables RandAugment.
+        randaugment_magnitude: 0-10 on timm's scale.
+        min_crop: smallest crop area fraction; crops are resized back to the input size.
+        generator: draws the crop boxes and flips.
+    """
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        randaugment_ops: int,
+        randaugment_magnitude: int,
+        min_crop: float,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        from torchvision.transforms import InterpolationMode, v2
+
+        self.info = info
+        self.randaugment = (
+            v2.RandAugment(
+                num_ops=randaugment_ops,
+                magnitude=randaugment_magnitude,
+                num_magnitude_bins=RANDAUGMENT_BINS,
+                interpolation=InterpolationMode.BILINEAR,
+                fill=list(info.mean),
+            )
+            if randaugment_ops > 0
+            else None
+        )
+        self.crop = delt_ext.RandomResizedCropFlip(
+            size=(info.resolution, info.resolution),
+            scale=(min_crop, 1.0),
+            per_sample=True,
+            generator=generator,
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.randaugment is not None:
+            pixels = self.info.denormalize(images).clamp_(0.0, 1.0)
+            # One draw of ops per image, as timm's per-sample transform in a DataLoader.
+            pixels = torch.stack([self.randaugment(image) for image in pixels])
+            images = self.info.normalize(pixels)
+        return self.crop(images)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a training step needs besides the models (delt.md §5).
+
+    Attributes:
+        batch_size: images per step.
+        temperature: of the KL loss.
+        cutmix_beta: λ ~ Beta(b, b); 0: no CutMix.
+        hard_labels: cross-entropy on the given labels instead of the teacher's soft labels.
+        amp: ``"none"`` or ``"bf16"`` autocast of forward passes.
+        channels_last: memory format of the batches and models.
+    """
+
+    batch_size: int
+    temperature: float = 20.0
+    cutmix_beta: float = 1.0
+    hard_labels: bool = False
+    amp: str = "none"
+    channels_last: bool = False
+
+
+@dataclass
+class Check:
+    """A test of the student: after ``epoch`` epochs (1-based), ``accuracy`` % top-1."""
+
+    epoch: int
+    accuracy: float
+
+
+class StudentTrainer:
+    """One student with its AdamW optimizer and half-cosine LR schedule over ``total_epochs``.
+
+    :meth:`train_epochs` can be called several times with different image sets: the optimizer
+    state, the schedule position (:attr:`epochs_done`) and the generator carry over, which is
+    what a stage-wise schedule (train on U1 for some epochs, then on U1∪U2, ...) needs.
+
+    Args:
+        student: the model to train (moved to ``device``).
+        teacher: frozen labeller in eval mode on ``device``; None with ``hard_labels``.
+        augment: per-image augmentation of normalized batches.
+        settings: loss and batch settings.
+        total_epochs: the length of the LR schedule (all stages together).
+        lr, weight_decay: AdamW's.
+        device: where the models run.
+        generator: CPU generator drawing batch orders and CutMix params.
+
+    A stage-wise schedule, e.g. PDD's (E epochs split over the stages, one optimizer)::
+
+        with seeded(seed):
+            trainer = context.make_trainer(seed, total_epochs=E)
+            for images, labels, epochs in stages:  # U1, then U1 ∪ U2, ...
+                losses, checks = trainer.train_epochs(images, labels, epochs, context.test_set)
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        augment: nn.Module,
+        settings: TrainSettings,
+        total_epochs: int,
+        lr: float,
+        weight_decay: float,
+        device: torch.device,
+        generator: torch.Generator,
+    ) -> None:
+        if teacher is None and not settings.hard_labels:
+            raise ValueError("a teacher is required unless settings.hard_labels")
+        self.memory_format = (
+            torch.channels_last if settings.channels_last else torch.contiguous_format
+        )
+        self.student = student.to(device).to(memory_format=self.memory_format)
+        self.teacher = teacher
+        self.augment = augment
+        self.settings = settings
+        self.total_epochs = total_epochs
+        self.device = device
+        self.generator = generator
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.student, weight_decay), lr=lr, betas=(0.9, 0.999)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: half_cosine_factor(epoch, total_epochs)
+        )
+        self.epochs_done = 0
+
+    def step(self, images: Tensor, labels: Tensor) -> float:
+        """One optimizer step on a batch of normalized images (B, C, H, W) and labels (B,)."""
+        settings = self.settings
+        batch = self.augment(images)
+        params = None
+        if settings.cutmix_beta > 0:
+            params = sample_cutmix(
+                batch.shape[0], batch.shape[2], batch.shape[3], settings.cutmix_beta,
+                self.generator,
+            )  # fmt: skip
+            batch = apply_cutmix(batch, params)
+        batch = batch.contiguous(memory_format=self.memory_format)
+        if not settings.hard_labels:
+            # The teacher labels the very batch the student sees: augmented and mixed.
+            with torch.no_grad(), autocast(self.device, settings.amp):
+                teacher_logits = self.teacher(batch)
+        self.student.train()
+        with autocast(self.device, settings.amp):
+            logits = self.student(batch)
+        if settings.hard_labels:
+            loss = cutmix_cross_entropy(logits, labels, params)
+        else:
+            loss = soft_label_kl(logits, teacher_logits, settings.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def train_epoch(self, images: Tensor, labels: Tensor) -> float:
+        """One shuffled pass over ``images`` (N, C, H, W) on ``device``; returns the mean loss.
+
+        The LR schedule advances once per epoch.
+        """
+        if self.epochs_done >= self.total_epochs:
+            raise RuntimeError(f"the schedule's {self.total_epochs} epochs are already done")
+        count = images.shape[0]
+        order = torch.randperm(count, generator=self.generator).to(images.device)
+        losses = []
+        for start in range(0, count, self.settings.batch_size):
+            index = order[start : start + self.settings.batch_size]
+            losses.append(self.step(images.index_select(0, index), labels.index_select(0, index)))
+        self.scheduler.step()
+        self.epochs_done += 1
+        return float(np.mean(losses))
+
+    def restart_schedule(self, epochs: int) -> None:
+        """From now on, a fresh half-cosine over the next ``epochs`` epochs, starting at the base
+        LR; the optimizer state (moments, step counts) is kept. PDD's stage-wise evaluation
+        restarts the schedule at every stage (pdd.md §1.5)."""
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        # A new LambdaLR keeps each group's "initial_lr" (setdefault) and sets lr = base * f(0).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: half_cosine_factor(epoch, epochs)
+        )
+
+    @property
+    def optimizer_steps(self) -> int:
+        """AdamW's step count (0 before the first step); it carries over across stages."""
+        steps = [int(state["step"]) for state in self.optimizer.state.values() if "step" in state]
+        return max(steps, default=0)
+
+    def test(self, test_set: ImageDataset) -> float:
+        """Top-1 accuracy (%) of the student on ``test_set``."""
+        return evaluate_accuracy(
+            self.student, test_set, self.device, amp=self.settings.amp,
+            channels_last=self.settings.channels_last,
+        )  # fmt: skip
+
+    def train_epochs(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        epochs: int,
+        test_set: ImageDataset | None = None,
+        eval_every: int = 10,
+        progress: tqdm | None = None,
+    ) -> tuple[list[float], list[Check]]:
+        """Trains ``epochs`` epochs on ``images``; tests after every epoch whose global count
+        (:attr:`epochs_done`) is a multiple of ``eval_every`` and after the schedule's last.
+
+        Returns:
+            ``(mean loss of each epoch, checks)``.
+        """
+        losses: list[float] = []
+        checks: list[Check] = []
+        for _ in range(epochs):
+            losses.append(self.train_epoch(images, labels))
+            done = self.epochs_done
+            if test_set is not None and (done % eval_every == 0 or done == self.total_epochs):
+                checks.append(Check(done, self.test(test_set)))
+            if progress is not None:
+                progress.update()
+                postfix = {"loss": f"{losses[-1]:.3f}"}
+                if checks:
+                    postfix["acc"] = f"{checks[-1].accuracy:.2f}"
+                progress.set_postfix(postfix, refresh=False)
+        return losses, checks
+
+
+# --------------------------------------------------------------------------------------------
+# Stage-wise training (PDD: U_1, then U_1 ∪ U_2, ...)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of a stage-wise training.
+
+    Attributes:
+        stage: 1-based stage number k.
+        union_size: images in U_k.
+        epochs: epochs trained on U_k.
+        first_epoch: epochs done before the stage.
+        steps: optimizer steps in the stage (``epochs * ceil(union_size / batch)``).
+        steps_before: optimizer steps before it: AdamW's step count when the stage starts.
+    """
+
+    stage: int
+    union_size: int
+    epochs: int
+    first_epoch: int
+    steps: int
+    steps_before: int
+
+
+def stagewise_plan(
+    total_epochs: int, union_sizes: Sequence[int], batch_size: int
+) -> list[StagePlan]:
+    """Epochs and optimizer steps of every stage: ``total_epochs`` split across the unions.
+
+    >>> [(p.epochs, p.steps) for p in stagewise_plan(100, [20, 40, 60, 80, 100], 50)]
+    [(20, 20), (20, 20), (20, 40), (20, 40), (20, 40)]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not union_sizes or min(union_sizes) < 1:
+        raise ValueError(f"union_sizes must be >= 1 each, got {list(union_sizes)}")
+    plan = []
+    first_epoch = steps_before = 0
+    for stage, (size, epochs) in enumerate(
+        zip(union_sizes, stage_epochs(total_epochs, len(union_sizes)), strict=True), start=1
+    ):
+        steps = epochs * -(-size // batch_size)  # train_epoch: batches of batch_size, last short
+        plan.append(StagePlan(stage, size, epochs, first_epoch, steps, steps_before))
+        first_epoch += epochs
+        steps_before += steps
+    return plan
+
+
+def stage_lr_factors(plan: Sequence[StagePlan], schedule: str) -> list[float]:
+    """The LR factor (times the base LR) of every epoch of a stage-wise training, in order.
+
+    ``restart``: DELT's half-cosine over each stage's epochs, from 1 at every stage start;
+    ``continue``: one half-cosine over all epochs (a plain evaluation's curve).
+    """
+    if schedule not in STAGE_SCHEDULES:
+        raise ValueError(f"schedule must be one of {STAGE_SCHEDULES}, got {schedule!r}")
+    total = sum(stage.epochs for stage in plan)
+    if schedule == "continue":
+        return [half_cosine_factor(epoch, total) for epoch in range(total)]
+    return [
+        half_cosine_factor(epoch, stage.epochs) for stage in plan for epoch in range(stage.epochs)
+    ]
+
+
+def train_stagewise(
+    trainer: StudentTrainer,
+    unions: Sequence[tuple[Tensor, Tensor]],
+    plan: Sequence[StagePlan],
+    schedule: str,
+    test_set: ImageDataset | None = None,
+    eval_every: int = 10,
+    progress: tqdm | None = None,
+) -> tuple[list[float], list[Check], list[dict]]:
+    """Trains ``trainer``'s student on each union in turn for its planned epochs.
+
+    The trainer (its optimizer, step count, generator) carries over from stage to stage; with
+    ``restart`` its LR schedule restarts at each stage. ``trainer.total_epochs`` must be the plan's
+    total. Tests ``test_set`` as :meth:`StudentTrainer.train_epochs` does and at each stage's end.
+
+    Args:
+        unions: ``(images (N_k, C, H, W), labels (N_k,))`` of U_1 … U_P on the trainer's device.
+
+    Returns:
+        ``(loss of each epoch, checks, one record per stage)``; a record holds the stage, its
+        union size, epochs, optimizer steps before and after it, the LR factor it starts at, and
+        the test accuracy at its end (None without ``test_set``).
+    """
+    if len(unions) != len(plan):
+        raise ValueError(f"{len(unions)} unions for a plan of {len(plan)} stages")
+    total = sum(stage.epochs for stage in plan)
+    if trainer.total_epochs != total or trainer.epochs_done != 0:
+        raise ValueError(
+            f"the trainer must be fresh with total_epochs = {total} (the plan's), got "
+            f"{trainer.total_epochs} with {trainer.epochs_done} done"
+        )
+    losses: list[float] = []
+    checks: list[Check] = []
+    records: list[dict] = []
+    for (images, labels), stage in zip(unions, plan, strict=True):
+        if images.shape[0] != stage.union_size:
+            raise ValueError(
+                f"stage {stage.stage}: {images.shape[0]} images, planned {stage.union_size}"
+            )
+        if schedule == "restart":
+            trainer.restart_schedule(stage.epochs)
+        lr_start = trainer.optimizer.param_groups[0]["lr"]
+        steps_before = trainer.optimizer_steps
+        stage_losses, stage_checks = trainer.train_epochs(
+            images, labels, stage.epochs, test_set, eval_every, progress
+        )
+        accuracy = None
+        if test_set is not None:
+            if not stage_checks or stage_checks[-1].epoch != trainer.epochs_done:
+                stage_checks.append(Check(trainer.epochs_done, trainer.test(test_set)))
+            accuracy = stage_checks[-1].accuracy
+        losses += stage_losses
+        checks += stage_checks
+        records.append(
+            {
+                "stage": stage.stage,
+                "union_size": stage.union_size,
+                "epochs": stage.epochs,
+                "steps_before": steps_before,
+                "steps_after": trainer.optimizer_steps,
+                "lr_start": lr_start,
+                "accuracy": accuracy,
+            }
+        )
+    return losses, checks, records

@@ -1,0 +1,554 @@
+"""Synthesis: the recipe of each method, run setup, the chunk loop and the output writer.
+
+Every method optimizes pixels (normalized space) against a frozen teacher (reference/delt.md
+§1-3): Adam, cosine LR, ``CE(teacher(aug(x)), y) + r_bn * BN-statistic loss``
+(``delt_ext.BNStatMatching``), a per-channel clamp after every step. The work is cut into chunks
+(:mod:`delt.schedules`), each seeded on its own and saved when done, so a killed run resumes and
+ends with the same bytes. ``delt recover`` (:mod:`delt.recover`) and ``--method pdd``
+(:mod:`delt.pdd`) are built from :func:`prepare_run`, :func:`synthesize` and
+:meth:`Run.write_outputs`; a benchmark can be too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import delt_ext
+from delt.config import ConfigError, config_diff
+from delt.data import DatasetInfo, ImageDataset, load_like
+from delt.distilled import Manifest, save_distilled, save_images
+from delt.io import read_json, sha256_file, torch_load, torch_save, write_json
+from delt.models import Checkpoint, TeacherMismatchError, check_compatible, load_checkpoint
+from delt.runtime import autocast, logger, resolve_device, versions
+from delt.schedules import (
+    Chunk,
+    chunk_schedule,
+    class_contiguous_chunks,
+    class_interleaved_chunks,
+    cosine_lr,
+    crop_min_scale,
+)
+from delt.select import Selection
+
+__all__ = [
+    "DEFAULT_ROUND_ITERATIONS",
+    "METHODS",
+    "ChunkResult",
+    "MethodRecipe",
+    "RecoverResult",
+    "RecoverySettings",
+    "Run",
+    "frozen_teacher",
+    "load_selection",
+    "optimize_chunk",
+    "prepare_run",
+    "recovery_settings",
+    "synthesize",
+    "synthesize_chunks",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass(frozen=True)
+class MethodRecipe:
+    """What distinguishes one synthesis method from another (README, "Methods").
+
+    Attributes:
+        init: ``"noise"`` (standard normal in normalized space) or ``"selection"`` (real images
+            from ``delt select``, in selection order).
+        chunks: the batching, ``(num_classes, ipc, batch_size) -> list[Chunk]``.
+        crop_curriculum: the minimum crop scale over the loop (``schedules.CROP_CURRICULA``).
+        early_late: MI/RI rounds (``--round-iterations``).
+        default_jitter: the roll range in pixels as a function of the image resolution.
+    """
+
+    init: Literal["noise", "selection"]
+    chunks: Callable[[int, int, int], list[Chunk]]
+    crop_curriculum: str
+    early_late: bool
+    default_jitter: Callable[[int], int]
+
+
+def _sre2l_jitter(resolution: int) -> int:
+    # SRe2L/CDA rolled by up to 32 pixels at 224 (ImageNet) and by 4 on Tiny/CIFAR (delt.md §3.2).
+    return 32 if resolution >= 224 else 4
+
+
+METHODS: dict[str, MethodRecipe] = {
+    "sre2l": MethodRecipe("noise", class_interleaved_chunks, "fixed", False, _sre2l_jitter),
+    "cda": MethodRecipe("noise", class_interleaved_chunks, "cosine", False, _sre2l_jitter),
+    # DELT's scripts pass --jitter 0 (delt.md §1.2 step 5).
+    "delt": MethodRecipe("selection", class_contiguous_chunks, "cosine", True, lambda _: 0),
+}
+
+DEFAULT_ROUND_ITERATIONS = 500
+
+
+# --------------------------------------------------------------------------------------------
+# One chunk
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """The loop's hyperparameters, shared by every chunk of a run.
+
+    ``low`` and ``high`` are the valid pixel range per channel in normalized space, (C, 1, 1).
+    """
+
+    lr: float
+    betas: tuple[float, float]
+    r_bn: float
+    crop_curriculum: str  # delt.schedules.CROP_CURRICULA
+    jitter: int
+    per_sample_aug: bool
+    amp: str
+    channels_last: bool
+    low: Tensor
+    high: Tensor
+
+
+@dataclass
+class ChunkResult:
+    """A finished chunk: final images (B, C, H, W) float32 (CPU), final loss, seconds.
+
+    ``seconds``: wall time of :func:`optimize_chunk`'s iteration loop (every step, a
+    ``--compile`` warm-up inside the first steps, and the copy of the result to the CPU), not
+    the chunk's initialization or saving. Summed over chunks it is the manifest's
+    ``synthesis_seconds``.
+    """
+
+    images: Tensor
+    loss: float
+    seconds: float
+
+
+def optimize_chunk(
+    teacher: nn.Module,
+    bn_matching: delt_ext.BNStatMatching,
+    init: Tensor,
+    labels: Tensor,
+    start_iterations: list[int],
+    total_iterations: int,
+    settings: RecoverySettings,
+    generator: torch.Generator,
+    progress: tqdm | None = None,
+    frozen: Tensor | None = None,
+    frozen_sample: int | None = None,
+) -> ChunkResult:
+    """Optimizes one chunk of images against a frozen teacher.
+
+    Image ``i`` is forwarded from iteration ``start_iterations[i]`` on (EarlyLate); before that
+    it is not in the batch, so it gets zero gradient and, its Adam moments being zero, no update.
+    One Adam holds the whole chunk tensor, so a late image's first step sees the global step
+    count (bias correction ~1), as in DELT (delt.md §1.2).
+
+    With ``frozen`` (PDD's union in the batch, pdd.md §4.2 option 2), those images are
+    concatenated after the active images *before* augmentation, so they share the step's crop and
+    flip and every BN layer's batch statistics are those of the union. They are constants (no
+    gradient, never modified). The cross-entropy covers the new images only: the teacher runs in
+    eval mode, so a frozen image's logits do not depend on the new images and its CE would be a
+    constant that only shrinks the new images' CE weight as the union grows.
+
+    Args:
+        teacher: frozen model in eval mode, hooked by ``bn_matching``.
+        bn_matching: the BN-statistic loss over the teacher's BN layers.
+        init: (B, C, H, W) float32 initial images in normalized space, on the teacher's device.
+        labels: (B,) int64 targets, same device.
+        start_iterations: B ints in ``[0, total_iterations)``.
+        total_iterations: the loop length T (the LR and crop schedules run over it).
+        settings: hyperparameters.
+        generator: CPU generator drawing every augmentation parameter of this chunk.
+        progress: a tqdm bar advanced once per iteration (optional).
+        frozen: (F, C, H, W) float32 images on the same device that join every forward pass.
+        frozen_sample: draw this many of ``frozen`` (without replacement, from ``generator``)
+            afresh at every step instead of taking all of them.
+
+    Returns:
+        The final images (not a "best" copy: SRe2L's best-image logic is dead code).
+    """
+    device = init.device
+    pixels = init.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([pixels], lr=settings.lr, betas=settings.betas, eps=1e-8)
+    augment = delt_ext.RandomResizedCropFlip(
+        size=tuple(init.shape[-2:]),
+        scale=(0.08, 1.0),
+        jitter=settings.jitter,
+        per_sample=settings.per_sample_aug,
+        generator=generator,
+    )
+    low, high = settings.low.to(device), settings.high.to(device)
+    starts = torch.tensor(start_iterations, dtype=torch.int64)
+    if frozen is not None:
+        frozen = frozen.detach()
+        if frozen_sample is not None and frozen_sample >= frozen.shape[0]:
+            frozen_sample = None  # the whole pool fits: no sampling
+    active: Tensor | None = None
+    active_count = -1
+    start = time.perf_counter()
+    loss_value = float("nan")
+    for iteration in range(total_iterations):
+        count = int((starts <= iteration).sum())
+        if count != active_count:  # the active set only changes at round starts
+            active_count = count
+            is_full = count == len(starts)
+            active = None if is_full else torch.nonzero(starts <= iteration).view(-1).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(iteration, total_iterations, settings.lr)
+        if settings.crop_curriculum != "fixed":
+            augment.set_scale(crop_min_scale(iteration, total_iterations, settings.crop_curriculum))
+        batch = pixels if active is None else pixels.index_select(0, active)
+        targets = labels if active is None else labels.index_select(0, active)
+        if frozen is not None:
+            context = frozen
+            if frozen_sample is not None:
+                pick = torch.randperm(frozen.shape[0], generator=generator)[:frozen_sample]
+                context = frozen.index_select(0, pick.to(device))
+            batch = torch.cat([batch, context])
+        inputs = augment(batch)
+        if settings.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(device, settings.amp):
+            logits = teacher(inputs)
+        if frozen is not None:
+            logits = logits[: targets.shape[0]]
+        loss = (
+            nn.functional.cross_entropy(logits.float(), targets)
+            + settings.r_bn * bn_matching.loss()
+        )
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            pixels.clamp_(min=low, max=high)
+        if progress is not None:
+            progress.update()
+            if iteration % 25 == 0 or iteration == total_iterations - 1:
+                loss_value = loss.item()
+                progress.set_postfix(loss=f"{loss_value:.3f}", active=count, refresh=False)
+    if progress is None:
+        loss_value = loss.item()
+    return ChunkResult(pixels.detach().cpu(), float(loss_value), time.perf_counter() - start)
+
+
+
+def synthesize_chunks(
+    forward: nn.Module,
+    bn_matching: delt_ext.BNStatMatching,
+    chunks: list[Chunk],
+    ipc: int,
+    iterations: int,
+    round_iterations: int,
+    settings: RecoverySettings,
+    info: DatasetInfo,
+    device: torch.device,
+    chunk_dir: Path,
+    chunk_seed: Callable[[Chunk], int],
+    initial_images: Callable[[Chunk, torch.Generator], Tensor],
+    frozen_images: Callable[[Chunk], Tensor | None] | None = None,
+    frozen_sample: int | None = None,
+    progress: bool = True,
+    desc: str = "chunks",
+) -> tuple[Tensor, list[int], float]:
+    """Optimizes (or loads, when already done) every chunk of one set of ``ipc`` per class.
+
+    Chunk ``k`` is saved to ``chunk_dir/<k>.pt`` when done and skipped on a re-run, so a killed
+    run resumes; its generator is seeded with ``chunk_seed(chunk)``, which makes a chunk's result
+    independent of whether earlier chunks ran in this process.
+
+    Args:
+        forward: the hooked teacher (possibly compiled).
+        chunks: the batching of ``num_classes x ipc`` images (:mod:`delt.schedules`).
+        iterations, round_iterations: MI and RI (``round_iterations == iterations``: no rounds).
+        initial_images: ``(chunk, generator) -> (len(chunk), C, H, W)`` float32 on the CPU.
+        frozen_images: ``chunk -> (F, C, H, W)`` images that join every forward pass of that
+            chunk (:func:`optimize_chunk`'s ``frozen``), or None.
+
+    Returns:
+        ``(images (num_classes * ipc, C, H, W) float32 CPU class-major, iterations per image,
+        seconds of optimization summed over chunks)``. The seconds of a chunk loaded from
+        ``chunk_dir`` are the ones saved with it when it was optimized, possibly by an earlier
+        process, so the sum is synthesis time, not this call's wall time.
+    """
+    total_images = info.num_classes * ipc
+    images = torch.empty(total_images, info.channels, info.resolution, info.resolution)
+    iterations_per_image = [0] * total_images
+    synthesis_seconds = 0.0
+    for chunk in tqdm(chunks, desc=desc, disable=not progress):
+        path = chunk_dir / f"{chunk.index:05d}.pt"
+        positions = chunk.positions(ipc)
+        total, starts = chunk_schedule(chunk.within_class, ipc, iterations, round_iterations)
+        if path.is_file():
+            saved = torch_load(path)
+            if saved["positions"].tolist() != positions:
+                raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
+            chunk_images, seconds = saved["images"], float(saved["seconds"])
+        else:
+            generator = torch.Generator().manual_seed(chunk_seed(chunk))
+            init = initial_images(chunk, generator)
+            chunk_labels = torch.tensor(chunk.classes, dtype=torch.int64)
+            frozen = None if frozen_images is None else frozen_images(chunk)
+            bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not progress)
+            result = optimize_chunk(
+                forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
+                settings, generator, bar,
+                frozen=None if frozen is None else frozen.to(device), frozen_sample=frozen_sample,
+            )  # fmt: skip
+            bar.close()
+            chunk_images, seconds = result.images, result.seconds
+            torch_save(
+                {
+                    "images": chunk_images,
+                    "labels": chunk_labels,
+                    "positions": torch.tensor(positions, dtype=torch.int64),
+                    "iterations": torch.tensor([total - s for s in starts], dtype=torch.int64),
+                    "seconds": seconds,
+                    "loss": result.loss,
+                },
+                path,
+            )
+            logger.info(
+                "recover: %s %d/%d done in %.1f s (loss %.3f)",
+                desc, chunk.index + 1, len(chunks), seconds, result.loss,
+            )  # fmt: skip
+        images[torch.tensor(positions, dtype=torch.int64)] = chunk_images
+        for position, start in zip(positions, starts, strict=True):
+            iterations_per_image[position] = total - start
+        synthesis_seconds += seconds
+    return images, iterations_per_image, synthesis_seconds
+
+
+def frozen_teacher(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """``model`` on ``device``, without parameter gradients, in the requested memory format."""
+    model = model.to(device)
+    model.requires_grad_(False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# A run
+
+
+@dataclass
+class RecoverResult:
+    """Where a recovery's outputs are and what they cost."""
+
+    out: Path
+    images: Tensor  # (N, C, H, W) float32, normalized, class-major
+    labels: Tensor  # (N,) int64
+    iterations_per_image: list[int]
+    synthesis_seconds: float  # the chunks' optimization seconds, summed (not wall time)
+
+
+def recovery_settings(config: Any, info: DatasetInfo) -> RecoverySettings:
+    """The loop hyperparameters of a resolved ``RecoverConfig`` (its base method's recipe)."""
+    low, high = info.pixel_bounds()
+    return RecoverySettings(
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        r_bn=config.r_bn,
+        crop_curriculum=config.recipe.crop_curriculum,
+        jitter=config.jitter,
+        per_sample_aug=config.per_sample_aug,
+        amp=config.amp,
+        channels_last=config.channels_last,
+        low=low,
+        high=high,
+    )
+
+
+def load_selection(
+    config: Any, teacher: Checkpoint, needed_ipc: int
+) -> tuple[Selection, ImageDataset]:
+    """The ``--selection`` of a real-image init and the training set its indices point into.
+
+    Raises:
+        TeacherMismatchError: the selection was made on other data than the teacher's.
+        ConfigError: it holds fewer than ``needed_ipc`` images per class.
+    """
+    selection = Selection.load(config.selection)
+    selection_info = DatasetInfo.from_dict(selection.meta["dataset"])
+    try:
+        check_compatible(teacher.meta, selection_info)
+    except TeacherMismatchError as error:
+        raise TeacherMismatchError(f"--selection {config.selection}: {error}") from None
+    if selection.ipc < needed_ipc:
+        raise ConfigError(
+            f"--ipc {config.ipc}: the selection in {config.selection} holds only "
+            f"{selection.ipc} images per class (run `delt select --ipc {needed_ipc}`)"
+        )
+    dataset = load_like(teacher.info, "train", config.data_root or selection.meta.get("data_root"))
+    check_compatible(teacher.meta, dataset.info)
+    return selection, dataset
+
+
+@dataclass
+class Run:
+    """A recovery set up by :func:`prepare_run`.
+
+    Attributes:
+        out: the output folder.
+        config: the ``RecoverConfig`` with every default resolved and the device it runs on.
+        teacher: the loaded teacher checkpoint.
+        info: its dataset.
+        device: where the loop runs.
+        settings: the loop's hyperparameters.
+    """
+
+    out: Path
+    config: Any
+    teacher: Checkpoint
+    info: DatasetInfo
+    device: torch.device
+    settings: RecoverySettings
+
+    def identity(self, uses_selection: bool, **inputs: object) -> dict:
+        """``OUT/run.json``: the config's identity fields and the SHA-256 of every input file
+        (the teacher, the selection when ``uses_selection``, and ``inputs``, ``*_sha256``)."""
+        config = self.config
+        return {
+            "config": config.identity(),
+            "teacher_sha256": sha256_file(self.teacher.path),
+            "selection_sha256": sha256_file(Path(config.selection) / "selection.json")
+            if uses_selection
+            else None,
+            **inputs,
+        }
+
+    def check_identity(self, uses_selection: bool, **inputs: object) -> None:
+        """Writes ``OUT/run.json`` on the first run; refuses a resume with another identity."""
+        identity = self.identity(uses_selection, **inputs)
+        path = self.out / "run.json"
+        if not path.is_file():
+            write_json(path, identity)
+            return
+        saved = read_json(path)
+        differences = config_diff(saved["config"], identity["config"])
+        for key in sorted(set(saved) | set(identity)):
+            if key != "config" and saved.get(key) != identity.get(key):
+                differences.append(f"{key}: the file changed since the first run")
+        if differences:
+            raise ConfigError(
+                f"--out {self.out} holds a recovery with another configuration "
+                f"({'; '.join(differences)}); re-run with the same flags to resume, or choose "
+                "another --out"
+            )
+
+    def manifest(
+        self,
+        selection: Selection | None,
+        ipc: int,
+        iterations_per_image: list[int],
+        synthesis_seconds: float,
+        files: dict[str, str],
+        **fields: Any,
+    ) -> Manifest:
+        """The manifest of a set this run wrote (``fields``: pdd's stage entries)."""
+        config = self.config
+        return Manifest(
+            method=config.method,
+            ipc=ipc,
+            dataset=self.info,
+            teacher={
+                "path": str(self.teacher.path),
+                "sha256": sha256_file(self.teacher.path),
+                "meta": self.teacher.meta,
+            },
+            config={k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
+            num_images=len(iterations_per_image),
+            iterations_per_image=iterations_per_image,
+            synthesis_seconds=synthesis_seconds,
+            seed=config.seed,
+            selection=None
+            if selection is None
+            else {"path": str(config.selection), "strategy": selection.meta["strategy"]},
+            versions=versions(),
+            files=files,
+            **fields,
+        )
+
+    def write_outputs(
+        self,
+        folder: Path,
+        selection: Selection | None,
+        images: Tensor,
+        labels: Tensor,
+        ipc: int,
+        iterations_per_image: list[int],
+        synthesis_seconds: float,
+        write_images: bool = True,
+        **fields: Any,
+    ) -> Manifest:
+        """Writes ``folder/images/`` (unless not ``write_images``), ``distilled.pt`` and
+        ``manifest.json`` of a class-major set with ``ipc`` per class."""
+        files = {"distilled": "distilled.pt"}
+        if write_images:
+            pattern = save_images(
+                folder / "images", images, labels, ipc, self.info, self.config.image_format
+            )
+            files["images"] = f"images/{pattern}"
+        else:
+            files["images"] = "images/<class>/<index> (this stage's new images only)"
+        manifest = self.manifest(
+            selection, ipc, iterations_per_image, synthesis_seconds, files, **fields
+        )
+        save_distilled(folder, images, labels, manifest)
+        return manifest
+
+
+def prepare_run(config: Any) -> Run:
+    """Loads the teacher of a ``RecoverConfig``, resolves the config's defaults and device, and
+    derives the loop settings: what every recovery does before its first chunk.
+
+    Raises:
+        FileNotFoundError, ValueError: no such teacher, or not a delt checkpoint.
+    """
+    teacher = load_checkpoint(config.teacher)
+    info = teacher.info
+    device = resolve_device(config.device)
+    # The manifest says where it ran.
+    config = dataclasses.replace(config.resolved(info), device=str(device))
+    return Run(Path(config.out), config, teacher, info, device, recovery_settings(config, info))
+
+
+def synthesize(
+    run: Run,
+    model: nn.Module,
+    chunks: list[Chunk],
+    ipc: int,
+    round_iterations: int,
+    chunk_dir: Path,
+    chunk_seed: Callable[[Chunk], int],
+    initial_images: Callable[[Chunk, torch.Generator], Tensor],
+    frozen_images: Callable[[Chunk], Tensor | None] | None = None,
+    frozen_sample: int | None = None,
+    desc: str = "chunks",
+) -> tuple[Tensor, list[int], float]:
+    """:func:`synthesize_chunks` on ``model`` (a teacher checkpoint's) frozen on the run's
+    device, hooked by ``BNStatMatching`` and, with ``--compile``, compiled after hooking."""
+    config = run.config
+    model = frozen_teacher(model, run.device, config.channels_last)
+    with delt_ext.BNStatMatching(
+        model, first_bn_multiplier=config.first_bn_multiplier
+    ) as bn_matching:
+        # Compile after hooking: the hooks are traced into the graph.
+        forward = torch.compile(model) if config.compile else model
+        return synthesize_chunks(
+            forward, bn_matching, chunks, ipc, config.iterations, round_iterations,
+            run.settings, run.info, run.device, chunk_dir, chunk_seed, initial_images,
+            frozen_images=frozen_images, frozen_sample=frozen_sample,
+            progress=config.progress, desc=desc,
+        )  # fmt: skip
