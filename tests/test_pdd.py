@@ -3,15 +3,16 @@ resume between stages and chunks, bad configurations."""
 
 import json
 
-import delt.recover as recover_module
+import delt.synthesis as synthesis_module
 import pytest
 import torch
 from conftest import SYNTHETIC
 from delt.cli import main
 from delt.config import ConfigError
 from delt.data import load_like
+from delt.distilled import load_stage_unions, union_prefix
 from delt.models import TeacherMismatchError, build_model, load_checkpoint, save_checkpoint
-from delt.pdd import load_stage_unions, pick_hard_examples, union_prefix
+from delt.pdd import pick_hard_examples
 from delt.recover import RecoverConfig, recover
 from delt.schedules import early_late_iterations
 from delt.select import SelectConfig, Selection, select_images
@@ -56,8 +57,8 @@ class _Spy:
     def __init__(self, monkeypatch, die_after=None):
         self.calls = []
         self.die_after = die_after
-        self.original = recover_module.optimize_chunk
-        monkeypatch.setattr(recover_module, "optimize_chunk", self)
+        self.original = synthesis_module.optimize_chunk
+        monkeypatch.setattr(synthesis_module, "optimize_chunk", self)
 
     def __call__(self, teacher, bn_matching, init, labels, starts, total, *args, **kwargs):
         if self.die_after is not None and len(self.calls) == self.die_after:

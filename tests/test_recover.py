@@ -3,17 +3,16 @@
 import json
 import time
 
-import delt.recover as recover_module
+import delt.synthesis as synthesis_module
 import pytest
 import torch
 from delt.config import ConfigError
 from delt.data import DatasetInfo
 from delt.models import TeacherMismatchError, build_model, load_checkpoint, save_checkpoint
-from delt.recover import METHODS, RecoverConfig, RecoverySettings, optimize_chunk, recover
+from delt.recover import RecoverConfig, recover
 from delt.schedules import early_late_iterations
 from delt.select import Selection
-
-import delt_ext
+from delt.synthesis import METHODS
 
 
 def _config(tiny_teacher, tiny_selection, out, method="delt", **overrides):
@@ -44,7 +43,7 @@ def test_each_method_writes_a_distilled_set(tiny_teacher, tiny_selection, tmp_pa
     assert set(manifest["versions"]) >= {"python", "torch", "delt_ext"}
     assert manifest["dataset"]["class_names"] == list(info.class_names)
     assert manifest["image_iterations"] == sum(manifest["iterations_per_image"])
-    assert manifest["wall_seconds"] > 0
+    assert manifest["synthesis_seconds"] > 0
     if method == "delt":
         per_class = early_late_iterations(5, 8, 2)  # 4 rounds: [8, 8, 6, 4, 2]
         assert manifest["iterations_per_image"] == per_class * 4
@@ -57,13 +56,13 @@ def test_each_method_writes_a_distilled_set(tiny_teacher, tiny_selection, tmp_pa
 
 def test_delt_starts_from_the_selection(tiny_teacher, tiny_selection, tmp_path, monkeypatch):
     seen = []
-    original = recover_module.optimize_chunk
+    original = synthesis_module.optimize_chunk
 
     def spy(teacher, bn_matching, init, *args, **kwargs):
         seen.append(init.clone())
         return original(teacher, bn_matching, init, *args, **kwargs)
 
-    monkeypatch.setattr(recover_module, "optimize_chunk", spy)
+    monkeypatch.setattr(synthesis_module, "optimize_chunk", spy)
     recover(_config(tiny_teacher, tiny_selection, tmp_path, batch_size=5))
     from delt.data import load_like
 
@@ -73,24 +72,6 @@ def test_delt_starts_from_the_selection(tiny_teacher, tiny_selection, tmp_path, 
         assert torch.equal(seen[c], dataset.images(chosen[c]))
 
 
-def test_late_images_are_untouched_until_they_join():
-    info = DatasetInfo("t", 2, 3, 8, (0.5,) * 3, (0.25,) * 3, ("a", "b"))
-    torch.manual_seed(0)
-    teacher = build_model("convnet1", info, {"width": 4}).eval().requires_grad_(False)
-    teacher(torch.randn(1, 3, 8, 8))
-    low, high = info.pixel_bounds()
-    settings = RecoverySettings(0.25, (0.5, 0.9), 0.01, True, 0, False, "none", False, low, high)
-    init = torch.rand(4, 3, 8, 8)
-    with delt_ext.BNStatMatching(teacher) as bn_matching:
-        # Rows 2 and 3 would join at iteration 6 of a 6-iteration loop: never forwarded.
-        result = optimize_chunk(
-            teacher, bn_matching, init, torch.tensor([0, 1, 0, 1]), [0, 0, 6, 6], 6, settings,
-            torch.Generator().manual_seed(0),
-        )  # fmt: skip
-    assert torch.equal(result.images[2:], init[2:])
-    assert not torch.equal(result.images[:2], init[:2])
-
-
 @pytest.mark.parametrize("method", ["delt", "cda"])
 def test_resume_after_a_kill_is_bitwise_identical(
     tiny_teacher, tiny_selection, tmp_path, monkeypatch, method
@@ -98,7 +79,7 @@ def test_resume_after_a_kill_is_bitwise_identical(
     reference = recover(_config(tiny_teacher, tiny_selection, tmp_path / "uninterrupted", method))
 
     calls = []
-    original = recover_module.optimize_chunk
+    original = synthesis_module.optimize_chunk
 
     def dies_after_one_chunk(*args, **kwargs):
         if calls:
@@ -106,7 +87,7 @@ def test_resume_after_a_kill_is_bitwise_identical(
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(recover_module, "optimize_chunk", dies_after_one_chunk)
+    monkeypatch.setattr(synthesis_module, "optimize_chunk", dies_after_one_chunk)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         recover(_config(tiny_teacher, tiny_selection, out, method))
@@ -119,7 +100,7 @@ def test_resume_after_a_kill_is_bitwise_identical(
         rerun.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(recover_module, "optimize_chunk", counting)
+    monkeypatch.setattr(synthesis_module, "optimize_chunk", counting)
     resumed = recover(_config(tiny_teacher, tiny_selection, out, method))
     assert len(rerun) == len(list((out / "chunks").iterdir())) - 1  # chunk 0 was skipped
     assert torch.equal(resumed.images, reference.images)
@@ -136,7 +117,7 @@ def test_resume_after_a_kill_is_bitwise_identical(
         assert png.read_bytes() == (out / png.relative_to(tmp_path / "uninterrupted")).read_bytes()
 
 
-def test_manifest_wall_seconds_is_the_chunks_optimization_time_summed(
+def test_manifest_synthesis_seconds_is_the_chunks_optimization_time_summed(
     tiny_teacher, tiny_selection, tmp_path
 ):
     # Documented in delt.recover: not the command's wall time, but each chunk's optimization
@@ -147,7 +128,7 @@ def test_manifest_wall_seconds_is_the_chunks_optimization_time_summed(
     assert len(chunk_files) > 1
     saved = [torch.load(path, weights_only=True)["seconds"] for path in chunk_files]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["wall_seconds"] == first.wall_seconds == pytest.approx(sum(saved))
+    assert manifest["synthesis_seconds"] == first.synthesis_seconds == pytest.approx(sum(saved))
     # As if an earlier process had spent 1000 s on chunk 0: a re-run optimizes nothing, yet
     # reports that time.
     chunk = torch.load(chunk_files[0], weights_only=True)
@@ -156,7 +137,8 @@ def test_manifest_wall_seconds_is_the_chunks_optimization_time_summed(
     again = recover(config)
     assert time.perf_counter() - start < 1000
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["wall_seconds"] == again.wall_seconds == pytest.approx(1000 + sum(saved[1:]))
+    expected = pytest.approx(1000 + sum(saved[1:]))
+    assert manifest["synthesis_seconds"] == again.synthesis_seconds == expected
 
 
 def test_resume_with_another_config_is_refused(tiny_teacher, tiny_selection, tmp_path):
@@ -239,83 +221,6 @@ def test_compiled_teacher_gives_a_distilled_set(tiny_teacher, tiny_selection, tm
 
 # --------------------------------------------------------------------------------------------
 # PDD's union in the batch (optimize_chunk's frozen images)
-
-
-class _Recorder(torch.nn.Module):
-    """Runs the teacher and keeps every input batch and BNStatMatching's per-layer losses."""
-
-    def __init__(self, teacher, bn_matching):
-        super().__init__()
-        self.teacher, self.bn_matching = teacher, bn_matching
-        self.inputs, self.layer_losses = [], []
-
-    def forward(self, x):
-        logits = self.teacher(x)
-        self.inputs.append(x.detach().clone())
-        self.layer_losses.append(
-            [loss.detach().clone() for loss in self.bn_matching.layer_losses()]
-        )
-        return logits
-
-
-def _manual_layer_losses(teacher, x):
-    """SRe2L's per-layer ||mean - running_mean||_2 + ||var - running_var||_2, by hand."""
-    inputs = []
-    bns = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    handles = [bn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for bn in bns]
-    with torch.no_grad():
-        teacher(x)
-    for handle in handles:
-        handle.remove()
-    losses = []
-    for bn, value in zip(bns, inputs, strict=True):
-        mean = value.mean(dim=(0, 2, 3))
-        var = value.var(dim=(0, 2, 3), unbiased=False)
-        losses.append(torch.norm(mean - bn.running_mean) + torch.norm(var - bn.running_var))
-    return losses
-
-
-@pytest.mark.parametrize("frozen_sample", [None, 3])
-def test_union_in_batch_matches_the_bn_statistics_of_the_union(frozen_sample):
-    info = DatasetInfo("t", 2, 3, 8, (0.5,) * 3, (0.25,) * 3, ("a", "b"))
-    torch.manual_seed(0)
-    teacher = build_model("convnet2", info, {"width": 4})
-    teacher.train()
-    teacher(torch.randn(64, 3, 8, 8) * 2 + 1)  # running statistics that are not 0/1
-    teacher.eval().requires_grad_(False)
-    low, high = info.pixel_bounds()
-    settings = RecoverySettings(0.25, (0.5, 0.9), 0.01, True, 0, False, "none", False, low, high)
-    init = torch.rand(2, 3, 8, 8)
-    frozen = torch.rand(6, 3, 8, 8) * 0.3 - 1.0  # other statistics than the new images'
-    frozen_before = frozen.clone()
-    with delt_ext.BNStatMatching(teacher) as bn_matching:
-        recorder = _Recorder(teacher, bn_matching)
-        result = optimize_chunk(
-            recorder, bn_matching, init, torch.tensor([0, 1]), [0, 0], 4, settings,
-            torch.Generator().manual_seed(0), frozen=frozen, frozen_sample=frozen_sample,
-        )  # fmt: skip
-    union_size = 2 + (frozen_sample or 6)
-    assert [x.shape[0] for x in recorder.inputs] == [union_size] * 4
-    # Iteration 0 crops the whole image (curriculum scale 1): the batch is the new images, then
-    # the frozen ones, under one shared flip.
-    first = recorder.inputs[0]
-    flip = torch.equal(first[:2], init.flip(3))
-    assert flip or torch.equal(first[:2], init)
-    frozen_view = frozen.flip(3) if flip else frozen
-    for row in first[2:]:
-        assert any(torch.equal(row, candidate) for candidate in frozen_view)
-    if frozen_sample is None:
-        assert torch.equal(first[2:], frozen_view)
-    # Every step's BN losses are those of the whole union batch, not of the new images alone.
-    for x, recorded in zip(recorder.inputs, recorder.layer_losses, strict=True):
-        manual = _manual_layer_losses(teacher, x)
-        new_only = _manual_layer_losses(teacher, x[:2])
-        for got, want, alone in zip(recorded, manual, new_only, strict=True):
-            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
-            assert not torch.allclose(got, alone, rtol=1e-2)
-    # Gradients reach the new images only: the frozen ones are bitwise unchanged.
-    assert torch.equal(frozen, frozen_before)
-    assert not torch.equal(result.images, init)
 
 
 def test_pdd_fields_stay_out_of_other_methods_identity(tiny_teacher, tiny_selection, tmp_path):

@@ -1,5 +1,4 @@
-"""delt.stagewise: the stage-wise plan and LR schedule (pure), carried optimizer state,
-``delt eval --stagewise`` on a tiny progressive set, bad input."""
+"""delt.stagewise: ``delt eval --stagewise`` on a tiny progressive set, bad input."""
 
 import json
 
@@ -7,121 +6,10 @@ import pytest
 import torch
 from delt.cli import main
 from delt.config import ConfigError
-from delt.data import load_like
-from delt.evaluate import (
-    EvalConfig,
-    StudentAugment,
-    StudentTrainer,
-    TrainSettings,
-    evaluate,
-    half_cosine_factor,
-)
-from delt.models import build_model, load_checkpoint
+from delt.evaluate import EvalConfig, evaluate
 from delt.recover import RecoverConfig, recover
-from delt.stagewise import stage_lr_factors, stagewise_plan, train_stagewise
-
-# --------------------------------------------------------------------------------------------
-# The schedule (pure)
-
-
-def test_plan_splits_the_epochs_and_counts_the_steps():
-    # IPC 10 in 5 stages of 2 per class: unions of 20 ... 100 images, batch 50 (delt.md §5).
-    plan = stagewise_plan(100, [20, 40, 60, 80, 100], 50)
-    assert [stage.epochs for stage in plan] == [20] * 5  # no extra training time: 100 in all
-    assert [stage.first_epoch for stage in plan] == [0, 20, 40, 60, 80]
-    assert [stage.steps for stage in plan] == [20, 20, 40, 40, 40]
-    assert [stage.steps_before for stage in plan] == [0, 20, 40, 80, 120]
-    # 160 optimizer steps against 200 for a plain evaluation of the final 100 images.
-    assert plan[-1].steps_before + plan[-1].steps == 160
-    uneven = stagewise_plan(7, [3, 6], 4)
-    assert [(s.epochs, s.steps) for s in uneven] == [(3, 3), (4, 8)]  # the remainder goes last
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [((4, [2, 4, 6, 8, 10], 2), "at least one epoch"), ((10, [], 2), "union_sizes"),
-     ((10, [2, 0], 2), "union_sizes"), ((10, [2, 4], 0), "batch_size")],
-)  # fmt: skip
-def test_bad_plans(args, message):
-    with pytest.raises(ValueError, match=message):
-        stagewise_plan(*args)
-
-
-def test_lr_restarts_per_stage_or_continues():
-    plan = stagewise_plan(6, [2, 4, 6], 2)
-    restart = stage_lr_factors(plan, "restart")
-    assert restart == [half_cosine_factor(e, 2) for _ in range(3) for e in range(2)]
-    assert [restart[stage.first_epoch] for stage in plan] == [1.0, 1.0, 1.0]
-    assert stage_lr_factors(plan, "continue") == [half_cosine_factor(e, 6) for e in range(6)]
-    with pytest.raises(ValueError, match="schedule"):
-        stage_lr_factors(plan, "cyclic")
-
-
-# --------------------------------------------------------------------------------------------
-# Carried optimizer state
-
-
-def _trainer(tiny_teacher, total_epochs, batch_size=4):
-    checkpoint = load_checkpoint(tiny_teacher.path)
-    info = checkpoint.info
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    return StudentTrainer(
-        build_model("convnet2", info, {"width": 4}), checkpoint.model,
-        StudentAugment(info, 0, 0, 0.5, generator), TrainSettings(batch_size=batch_size),
-        total_epochs=total_epochs, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"),
-        generator=generator,
-    )  # fmt: skip
-
-
-def _unions(info, sizes):
-    images = info.normalize(
-        torch.rand(sizes[-1], 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    )
-    labels = torch.arange(sizes[-1]) % 4
-    return [(images[:size], labels[:size]) for size in sizes]
-
-
-@pytest.mark.parametrize("schedule", ["restart", "continue"])
-def test_optimizer_state_carries_over_the_stages(tiny_teacher, schedule):
-    info = load_checkpoint(tiny_teacher.path).info
-    plan = stagewise_plan(5, [4, 8, 12], 4)  # epochs 1, 2, 2; steps 1, 4, 6
-    trainer = _trainer(tiny_teacher, total_epochs=5)
-    optimizer = trainer.optimizer
-    test_set = load_like(info, "test")
-    losses, checks, records = train_stagewise(
-        trainer, _unions(info, [4, 8, 12]), plan, schedule, test_set, eval_every=2
-    )
-    assert trainer.optimizer is optimizer  # one AdamW for all stages
-    # AdamW's step count goes on from stage to stage: it is never reset.
-    assert [(r["steps_before"], r["steps_after"]) for r in records] == [(0, 1), (1, 5), (5, 11)]
-    assert [r["steps_before"] for r in records] == [stage.steps_before for stage in plan]
-    for state in optimizer.state.values():
-        assert int(state["step"]) == 11 and state["exp_avg_sq"].abs().sum() > 0
-    assert len(losses) == 5 and trainer.epochs_done == 5
-    # Tests at the global epochs 2 and 4, at the end of each stage (1, 3, 5) and after the last.
-    assert [c.epoch for c in checks] == [1, 2, 3, 4, 5]
-    assert [r["accuracy"] for r in records] == [
-        checks[0].accuracy,
-        checks[2].accuracy,
-        checks[4].accuracy,
-    ]
-    expected_lr = [1e-3 * stage_lr_factors(plan, schedule)[stage.first_epoch] for stage in plan]
-    assert [r["lr_start"] for r in records] == pytest.approx(expected_lr)
-    if schedule == "restart":
-        assert [r["lr_start"] for r in records] == pytest.approx([1e-3] * 3)
-
-
-def test_train_stagewise_refuses_a_mismatched_trainer_or_unions(tiny_teacher):
-    info = load_checkpoint(tiny_teacher.path).info
-    plan = stagewise_plan(3, [4, 8], 4)
-    with pytest.raises(ValueError, match="total_epochs = 3"):
-        train_stagewise(_trainer(tiny_teacher, 4), _unions(info, [4, 8]), plan, "restart")
-    with pytest.raises(ValueError, match="2 unions for a plan of 1"):
-        train_stagewise(_trainer(tiny_teacher, 3), _unions(info, [4, 8]), plan[:1], "restart")
-    with pytest.raises(ValueError, match="stage 1: 8 images, planned 4"):
-        train_stagewise(_trainer(tiny_teacher, 3), _unions(info, [8, 8]), plan, "restart")
-
+from delt.stagewise import evaluate_stagewise
+from delt.student import StudentTrainer
 
 # --------------------------------------------------------------------------------------------
 # delt eval --stagewise
@@ -149,7 +37,7 @@ def _config(folder, **overrides):
 
 
 def test_eval_stagewise_reports_both_evaluations(tiny_pdd_set, monkeypatch):
-    result = evaluate(_config(tiny_pdd_set, seeds=(0, 1)))
+    result = evaluate_stagewise(_config(tiny_pdd_set, seeds=(0, 1)))
     assert result.path == tiny_pdd_set / "eval-stagewise.json"
     document = json.loads(result.path.read_text())
     assert document["format"] == "delt-eval-stagewise-v1" and document["complete"]
@@ -169,7 +57,7 @@ def test_eval_stagewise_reports_both_evaluations(tiny_pdd_set, monkeypatch):
         raise AssertionError("retrained a finished seed")
 
     monkeypatch.setattr(stagewise_module, "_run_stagewise_seed", fails)
-    assert evaluate(_config(tiny_pdd_set, seeds=(1, 0))).reused
+    assert evaluate_stagewise(_config(tiny_pdd_set, seeds=(1, 0))).reused
     plain = evaluate(_config(tiny_pdd_set, stagewise=False))
     assert plain.path == tiny_pdd_set / "eval.json"
     assert "stagewise" not in plain.document["identity"]["config"]
@@ -188,7 +76,9 @@ def test_stagewise_student_starts_like_the_plain_one(tiny_pdd_set, tmp_path, mon
         return trainer
 
     monkeypatch.setattr(EvalContext, "make_trainer", spy)
-    evaluate(_config(tiny_pdd_set, out=str(tmp_path / "e.json"), stage_schedule="continue"))
+    evaluate_stagewise(
+        _config(tiny_pdd_set, out=str(tmp_path / "e.json"), stage_schedule="continue")
+    )
     assert len(initial) == 2
     assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
 
@@ -201,7 +91,7 @@ def test_stagewise_needs_a_pdd_set(tiny_teacher, tmp_path):
         )
     )  # fmt: skip
     with pytest.raises(ConfigError, match="--stagewise: .*--method cda, not pdd"):
-        evaluate(_config(tmp_path))
+        evaluate_stagewise(_config(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -225,7 +115,7 @@ def test_stagewise_through_the_cli(tiny_pdd_set, tmp_path, capsys):
 def test_too_few_epochs_for_the_stages_names_the_flags(tiny_pdd_set, tmp_path, capsys):
     message = "--epochs 2 with --stagewise: needs at least one epoch per stage (3 stages)"
     with pytest.raises(ConfigError) as error:
-        evaluate(_config(tiny_pdd_set, epochs=2, out=str(tmp_path / "e.json")))
+        evaluate_stagewise(_config(tiny_pdd_set, epochs=2, out=str(tmp_path / "e.json")))
     assert str(error.value) == message
     argv = f"eval --distilled {tiny_pdd_set} --stagewise --epochs 2 --out {tmp_path / 'e.json'}"
     assert main([*argv.split(), "--no-progress"]) == 2
@@ -238,14 +128,14 @@ def test_stagewise_with_fewer_seeds_keeps_the_cached_ones(tiny_pdd_set, tmp_path
     from delt.evaluate import EvalContext
 
     out = str(tmp_path / "e.json")
-    both = evaluate(_config(tiny_pdd_set, out=out, seeds=(0, 1)))
+    both = evaluate_stagewise(_config(tiny_pdd_set, out=out, seeds=(0, 1)))
 
     def fails(*args, **kwargs):
         raise AssertionError("retrained a finished seed")
 
     monkeypatch.setattr(stagewise_module, "_run_stagewise_seed", fails)
     monkeypatch.setattr(EvalContext, "run_seed", fails)
-    one = evaluate(_config(tiny_pdd_set, out=out, seeds=(1,)))
+    one = evaluate_stagewise(_config(tiny_pdd_set, out=out, seeds=(1,)))
     assert one.reused and one.accuracy_mean == both.seeds[1].best_accuracy
     document = json.loads((tmp_path / "e.json").read_text())
     assert [s["seed"] for s in document["seeds"]] == [1]
@@ -253,7 +143,7 @@ def test_stagewise_with_fewer_seeds_keeps_the_cached_ones(tiny_pdd_set, tmp_path
     assert [s["seed"] for s in document["plain"]["seeds"]] == [1]
     assert [s["seed"] for s in document["plain"]["other_seeds"]] == [0]
     assert document["other_seeds"][0]["stages"] == both.document["seeds"][0]["stages"]
-    again = evaluate(_config(tiny_pdd_set, out=out, seeds=(0, 1)))
+    again = evaluate_stagewise(_config(tiny_pdd_set, out=out, seeds=(0, 1)))
     assert again.reused and again.accuracy_mean == both.accuracy_mean
     assert again.document["plain"] == both.document["plain"]
 
@@ -263,7 +153,7 @@ def test_pdd_hard_init_student_trains_on_exactly_the_earlier_unions(
 ):
     # --stage-init hard: before stage k, a student trains on U_1 ... U_{k-1} (pdd.py); record
     # every epoch it trains and the images of that epoch.
-    from delt.pdd import load_stage_unions
+    from delt.distilled import load_stage_unions
 
     epochs = []
     original = StudentTrainer.train_epoch

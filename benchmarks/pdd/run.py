@@ -225,16 +225,19 @@ def main(argv=None) -> int:
                 _log(out, {
                     "step": "recover", "variant": variant, "ipc": ipc, "seed": seed,
                     "image_iterations": sum(result.iterations_per_image),
-                    "synthesis_seconds": result.wall_seconds,
+                    "synthesis_seconds": result.synthesis_seconds,
                     "seconds": time.time() - step_started,
                 })  # fmt: skip
                 if args.no_eval:
                     continue
                 from delt.evaluate import evaluate
+                from delt.stagewise import evaluate_stagewise
 
                 step_started = time.time()
                 stagewise = variant.startswith("pdd") and variant in args.stagewise_for.split(",")
-                evaluation = evaluate(eval_config(run_dir, seed, args, stagewise))
+                evaluation = (evaluate_stagewise if stagewise else evaluate)(
+                    eval_config(run_dir, seed, args, stagewise)
+                )
                 _log(out, {
                     "step": "eval", "variant": variant, "ipc": ipc, "seed": seed,
                     "stagewise": stagewise, "path": str(evaluation.path),
@@ -242,7 +245,9 @@ def main(argv=None) -> int:
                 })  # fmt: skip
                 if stagewise and variant in args.continue_for.split(","):
                     step_started = time.time()
-                    evaluation = evaluate(eval_config(run_dir, seed, args, True, "continue"))
+                    evaluation = evaluate_stagewise(
+                        eval_config(run_dir, seed, args, True, "continue")
+                    )
                     _log(out, {
                         "step": "eval", "variant": variant, "ipc": ipc, "seed": seed,
                         "stagewise": "continue", "path": str(evaluation.path),
@@ -276,10 +281,12 @@ def _run_results(run_dir: Path) -> dict | None:
     plain_path, stagewise_path = run_dir / "eval.json", run_dir / "eval-stagewise.json"
     if not manifest_path.is_file():
         return None
-    manifest = json.loads(manifest_path.read_text())
+    from delt.distilled import Manifest
+
+    manifest = Manifest.load(run_dir)
     row = {
-        "image_iterations": manifest["image_iterations"],
-        "synthesis_seconds": manifest["wall_seconds"],
+        "image_iterations": manifest.image_iterations,
+        "synthesis_seconds": manifest.synthesis_seconds,
     }
     if stagewise_path.is_file():
         document = json.loads(stagewise_path.read_text())

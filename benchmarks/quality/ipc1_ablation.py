@@ -19,7 +19,7 @@ is synthesized and evaluated with seeds 0, 1, 2 (synthesis seed = student seed, 
 ``per-sample``  ``--per-sample-aug``: a crop/flip per image instead of one per step
 ``bn-union``    the 10 images are optimized with 90 frozen random real images (9 per class) in
                 every forward pass, so the BN statistics are those of 100 images (CE on the 10
-                only; ``delt.recover.optimize_chunk``'s ``frozen``)
+                only; ``delt.synthesis.optimize_chunk``'s ``frozen``)
 ``lr0.05``      ``--lr 0.05`` (Adam's step size; DELT: 0.25), MI 400
 ``lr0.01``      ``--lr 0.01``
 ``no-crop``     the crop curriculum held at scale 1 (the whole image, random flip only)
@@ -96,20 +96,20 @@ def main(argv=None) -> int:
     import torch
     from delt import runtime
     from delt.data import load_like
-    from delt.evaluate import EvalConfig, StudentAugment, draw_random_real, evaluate
-    from delt.io import read_json, torch_load, torch_save, write_json
+    from delt.distilled import Manifest, save_distilled
+    from delt.evaluate import EvalConfig, draw_random_real, evaluate
+    from delt.io import torch_load, write_json
     from delt.models import load_checkpoint
-    from delt.recover import (
-        RecoverConfig,
-        _write_outputs,
-        frozen_teacher,
-        load_selection,
-        recover,
-        recovery_settings,
-        synthesize_chunks,
-    )
+    from delt.recover import RecoverConfig, recover
     from delt.runtime import derive_seed, resolve_device
     from delt.select import SelectConfig, Selection, select_images
+    from delt.student import StudentAugment
+    from delt.synthesis import (
+        frozen_teacher,
+        load_selection,
+        prepare_run,
+        synthesize_chunks,
+    )
     from delt.teacher import TeacherConfig, train_teacher
     from torch import nn
 
@@ -177,49 +177,39 @@ def main(argv=None) -> int:
     ) -> None:
         """``delt.recover.recover`` for IPC 1 with CE switchable, optional frozen images, and
         optionally the crop curriculum held at scale 1 (``full_crop``)."""
-        folder = Path(config.out)
-        config = config.resolved(info)
-        config = dataclasses.replace(config, device=str(device))
-        chosen_selection, chosen_dataset = load_selection(config, checkpoint, 1)
+        run = prepare_run(config)
+        config = run.config
+        if full_crop:
+            run.settings = dataclasses.replace(run.settings, crop_curriculum="full")
+        chosen_selection, chosen_dataset = load_selection(config, run.teacher, 1)
         picks = chosen_selection.indices
-        model = frozen_teacher(load_checkpoint(teacher_path).model, device, True)
-        settings = recovery_settings(config, info)
+        model = frozen_teacher(run.teacher.model, run.device, True)
         chunks = config.recipe.chunks(classes, 1, config.batch_size)
 
         def initial(chunk, generator):
             pairs = zip(chunk.classes, chunk.within_class, strict=True)
             return chosen_dataset.images([picks[c][j] for c, j in pairs])
 
-        schedule = delt_ext.crop_scale_schedule
-        if full_crop:  # optimize_chunk looks the schedule up on delt_ext at every step
-            delt_ext.crop_scale_schedule = lambda iteration, total: 1.0
-        try:
-            with delt_ext.BNStatMatching(model, config.first_bn_multiplier) as bn_matching:
-                forward = model if ce else DetachedLogits(model)
-                images, per_image, seconds = synthesize_chunks(
-                    forward, bn_matching, chunks, 1, config.iterations, config.round_iterations,
-                    settings, info, device, folder / "chunks",
-                    chunk_seed=lambda chunk: derive_seed(config.seed, chunk.index),
-                    initial_images=initial,
-                    frozen_images=None if frozen is None else (lambda chunk: frozen),
-                    progress=False,
-                )  # fmt: skip
-        finally:
-            delt_ext.crop_scale_schedule = schedule
-        _write_outputs(folder, config, info, checkpoint, chosen_selection, images,
-                       torch.arange(classes), per_image, seconds)  # fmt: skip
+        with delt_ext.BNStatMatching(model, config.first_bn_multiplier) as bn_matching:
+            forward = model if ce else DetachedLogits(model)
+            images, per_image, seconds = synthesize_chunks(
+                forward, bn_matching, chunks, 1, config.iterations, config.round_iterations,
+                run.settings, info, run.device, run.out / "chunks",
+                chunk_seed=lambda chunk: derive_seed(config.seed, chunk.index),
+                initial_images=initial,
+                frozen_images=None if frozen is None else (lambda chunk: frozen),
+                progress=False,
+            )  # fmt: skip
+        run.write_outputs(run.out, chosen_selection, images, torch.arange(classes), 1, per_image,
+                          seconds)  # fmt: skip
 
     def save_real_set(folder: Path, images: torch.Tensor, method: str, indices, template: Path):
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = read_json(template / "manifest.json")
-        manifest.update(
-            method=method, indices=[int(i) for i in indices], iterations_per_image=[0] * classes,
-            image_iterations=0, wall_seconds=0.0,
+        manifest = dataclasses.replace(
+            Manifest.load(template), method=method, indices=[int(i) for i in indices],
+            iterations_per_image=[0] * classes, synthesis_seconds=0.0, files={},
         )  # fmt: skip
-        manifest.pop("files", None)
-        torch_save({"images": images.contiguous(), "labels": labels.clone()},
-                   folder / "distilled.pt")  # fmt: skip
-        write_json(folder / "manifest.json", manifest)
+        save_distilled(folder, images, labels.clone(), manifest)
 
     # ---- diagnostics helpers
     model = frozen_teacher(load_checkpoint(teacher_path).model, device, False).eval()
@@ -340,7 +330,7 @@ def main(argv=None) -> int:
                 )
             )  # fmt: skip
             images = torch_load(folder / "distilled.pt")["images"].float()
-            manifest = read_json(folder / "manifest.json")
+            manifest = Manifest.load(folder)
             value, layers = bn_loss(images)
             row = {
                 "variant": variant,
@@ -353,7 +343,7 @@ def main(argv=None) -> int:
                 "pixel_rms_change": float(
                     (info.denormalize(images) - info.denormalize(init_images)).pow(2).mean().sqrt()
                 ),
-                "image_iterations": manifest.get("image_iterations", 0),
+                "image_iterations": manifest.image_iterations,
                 **teacher_stats(images, seed),
             }
             rows.append(row)
