@@ -20,7 +20,7 @@ def _subparser(name):
 def test_flags_map_one_to_one_onto_config_fields(name):
     sub = _subparser(name)
     dests = {a.dest for a in sub._actions if a.dest != "help"}
-    fields = {f.name for f in dataclasses.fields(COMMANDS[name].config())}
+    fields = {f.name for f in dataclasses.fields(COMMANDS[name].config)}
     assert dests == fields
     for field in fields:
         assert "--" + field.replace("_", "-") in sub.format_help()

@@ -12,13 +12,14 @@ from delt.data import (
     FASHION_MNIST_ROOT,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DataMismatchError,
     DatasetInfo,
     DatasetNotFoundError,
     TensorImageDataset,
     load_dataset,
     load_like,
 )
-from delt.models import TeacherMismatchError, check_compatible
+from delt.models import check_compatible
 
 HAS_FASHION_MNIST = Path(FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").is_file()
 
@@ -163,21 +164,21 @@ def _folder_info(classes: tuple[str, ...], class_subset: bool = False) -> Datase
 
 def test_load_like_refuses_a_folder_with_a_class_the_teacher_does_not_know(tmp_path):
     _image_tree(tmp_path, ["a", "b", "c"])
-    with pytest.raises(TeacherMismatchError) as caught:
+    with pytest.raises(DataMismatchError) as caught:
         load_like(_folder_info(("a", "b")), "train", str(tmp_path))
     message = str(caught.value)
     assert str(tmp_path / "train") in message and "--data-root" in message
     assert "not known to the teacher: ['c']" in message and "missing: none" in message
-    with pytest.raises(TeacherMismatchError, match=re.escape("teacher: ['c']; missing: none")):
+    with pytest.raises(DataMismatchError, match=re.escape("teacher: ['c']; missing: none")):
         load_like(_folder_info(("a", "b")), "test", str(tmp_path))  # val/ is checked too
 
 
 def test_load_like_refuses_a_folder_without_a_class_of_the_teacher(tmp_path):
     _image_tree(tmp_path, ["a", "b"])
-    with pytest.raises(TeacherMismatchError, match=re.escape("teacher: none; missing: ['z']")):
+    with pytest.raises(DataMismatchError, match=re.escape("teacher: none; missing: ['z']")):
         load_like(_folder_info(("a", "b", "z")), "train", str(tmp_path))
     # Same count, other classes: both sides are named.
-    with pytest.raises(TeacherMismatchError, match=re.escape("teacher: ['b']; missing: ['z']")):
+    with pytest.raises(DataMismatchError, match=re.escape("teacher: ['b']; missing: ['z']")):
         load_like(_folder_info(("a", "z")), "train", str(tmp_path))
 
 
@@ -201,7 +202,7 @@ def test_class_order_subset_is_recorded_and_reloads_beside_other_folders(tmp_pat
     # A teacher of the subset ignores the folder it was not trained on; it still needs its own.
     assert load_like(data.info, "train", str(tmp_path)).info == data.info
     assert DatasetInfo.from_dict(data.info.to_dict()) == data.info
-    with pytest.raises(TeacherMismatchError, match=re.escape("missing: ['z']")):
+    with pytest.raises(DataMismatchError, match=re.escape("missing: ['z']")):
         load_like(_folder_info(("a", "z"), class_subset=True), "train", str(tmp_path))
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from delt.data import DatasetInfo
+from delt.data import DataMismatchError, DatasetInfo
 from delt.diversity import (
     DiversityConfig,
     centroid_cosine,
@@ -158,7 +158,7 @@ def test_diversity_refuses_labels_outside_the_classes(tiny_set, tmp_path):
 
 def test_diversity_refuses_images_of_another_shape(tiny_set, tmp_path):
     out = _altered_set(tiny_set, tmp_path / "shape", images=torch.zeros(4, 3, 16, 16))
-    with pytest.raises(TeacherMismatchError, match=r"--distilled .*: images are \(3, 16, 16\)"):
+    with pytest.raises(DataMismatchError, match=r"--distilled .*: images are \(3, 16, 16\)"):
         measure_diversity(DiversityConfig(distilled=str(out)))
 
 

@@ -135,14 +135,6 @@ def test_stage_sizes_and_bookkeeping(staged_teacher, staged_selection, tmp_path,
     assert torch.equal(unions[-1][0], payload["images"])
 
 
-def test_union_prefix():
-    images = torch.arange(12).view(12, 1)  # 3 classes x 4
-    assert union_prefix(images, 4, 2).view(-1).tolist() == [0, 1, 4, 5, 8, 9]
-    assert union_prefix(images, 4, 4).view(-1).tolist() == list(range(12))
-    with pytest.raises(ValueError, match="length"):
-        union_prefix(images, 4, 5)
-
-
 def test_earlier_stages_stay_bitwise_unchanged(tmp_path, monkeypatch, staged_teacher):
     # Three stages over CDA (noise init, one image per class per chunk), union in the batch.
     spy = _Spy(monkeypatch)
@@ -348,7 +340,7 @@ def test_resume_with_other_stages_is_refused(tmp_path, staged_teacher, staged_se
         ({"stage_ipc": (1, 1, 2)}, "one size per stage expected"),
         ({"stage_ipc": (4, 0)}, "every stage needs >= 1 image"),
         ({"union_sample": 3}, "--union-sample applies with --union-in-batch"),
-        ({"union_in_batch": True, "union_sample": 0}, "--union-sample must be >= 1"),
+        ({"union_in_batch": True, "union_sample": 0}, "--union-sample must be an integer >= 1"),
         ({"hard_student_epochs": 3}, "--hard-student-epochs applies with --stage-init hard"),
         ({"base": "mtt"}, "--base 'mtt': unknown method"),
         ({"selection": None}, "--method pdd --base delt starts from real images"),

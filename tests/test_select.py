@@ -56,7 +56,7 @@ def test_select_writes_ranking_and_order(tiny_teacher, tiny_selection):
 
 
 def test_select_errors(tiny_teacher, tmp_path):
-    with pytest.raises(ConfigError, match="--ipc must be >= 1"):
+    with pytest.raises(ConfigError, match="--ipc must be an integer >= 1"):
         SelectConfig(teacher=str(tiny_teacher.path), ipc=0, out=str(tmp_path))
     with pytest.raises(ConfigError, match="only 12 training images"):
         select_images(

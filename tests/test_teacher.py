@@ -79,7 +79,7 @@ def test_save_epochs_writes_checkpoints_early_phase_first(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"epochs": 0}, "--epochs must be >= 1"),
+        ({"epochs": 0}, "--epochs must be an integer >= 1"),
         ({"save_epochs": (2, 1)}, "--save-epochs must be strictly increasing"),
         ({"save_epochs": (1, 1)}, "--save-epochs must be strictly increasing"),
         ({"save_epochs": (0, 1)}, r"--save-epochs must lie in \[1, --epochs 3\]"),
@@ -96,8 +96,7 @@ def test_bad_teacher_configs(tmp_path, overrides, message):
 
 
 def test_imagefolder_teacher_refuses_a_folder_with_other_classes(tmp_path):
-    from delt.data import load_like
-    from delt.models import TeacherMismatchError
+    from delt.data import DataMismatchError, load_like
     from PIL import Image
 
     root = tmp_path / "data"
@@ -121,5 +120,5 @@ def test_imagefolder_teacher_refuses_a_folder_with_other_classes(tmp_path):
     assert load_like(info, "train", str(root)).info == info  # the recorded order, no file
     (root / "train" / "c").mkdir()
     Image.new("RGB", (8, 8)).save(root / "train" / "c" / "0.png")
-    with pytest.raises(TeacherMismatchError, match=r"not known to the teacher: \['c'\]"):
+    with pytest.raises(DataMismatchError, match=r"not known to the teacher: \['c'\]"):
         load_like(info, "train", str(root))
