@@ -83,9 +83,7 @@ def _show_diversity(config: DiversityConfig, result) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "teacher": Command(
-        "train a teacher on real data", TeacherConfig, train_teacher, _show_teacher
-    ),
+    "teacher": Command("train a teacher on real data", TeacherConfig, train_teacher, _show_teacher),
     "select": Command(
         "rank real images with the teacher and pick IPC per class", SelectConfig, select_images
     ),

@@ -1,23 +1,9 @@
-"""Datasets: one registry, each entry carrying its normalization, resolution and class order.
-
-Registered names (``DATASETS``):
-
-* ``fashion-mnist``: the IDX files of the Debian package ``dataset-fashion-mnist``
-  (default root ``/usr/share/datasets/fashion-mnist``), read with numpy.
-* ``cifar10``, ``cifar100``: the standard python folders (``cifar-10-batches-py``,
-  ``cifar-100-python``) through torchvision, never downloaded.
-* ``imagefolder``: any ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` tree (Tiny-ImageNet,
-  ImageNet-1K, subsets) with an explicit class order: a file of folder names, one per line, or the
-  sorted folder names. An order file may list a subset of the folders (ImageNet-100 out of an
-  ImageNet-1K tree); without one the classes are all the folders. The classes and their order
-  are recorded (RDED #4: a wrong order wrecks reproduction), and :func:`load_like` refuses a
-  folder that lacks one of them or, for a model of all the folders, has a class it does not know.
-* ``synthetic``: random class-dependent images of any size, for tests and benchmarks. Options go
-  into the name, ``synthetic:classes=4,channels=1,size=8,train=16,test=4,seed=0``, so the name
-  alone reproduces the data (it is what a teacher's metadata records).
-
-Every dataset yields normalized float images (C, H, W) and int labels; ``DatasetInfo`` travels
-with teachers, selections and distilled sets.
+"""Datasets: one registry (``DATASETS``), each entry carrying its normalization, resolution and
+class order (README, "Distilling with delt"): ``fashion-mnist``, ``cifar10``, ``cifar100``,
+``imagefolder`` (an explicit, recorded class order; :func:`load_like` refuses a folder whose
+classes differ from a model's) and ``synthetic:classes=4,size=8,...`` (options in the name).
+Every dataset yields normalized float images (C, H, W) and int labels; :class:`DatasetInfo`
+travels with teachers, selections and distilled sets.
 """
 
 from __future__ import annotations
@@ -31,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from delt.config import check_int
 
 __all__ = [
     "DATASETS",
@@ -422,8 +410,7 @@ def _load_synthetic(name, options, root, split, resolution, class_order) -> Imag
     if resolution is not None:
         values["size"] = resolution
     for key in ("classes", "channels", "size", "train", "test"):
-        if values[key] < 1:
-            raise ValueError(f"--dataset {name}: option {key} must be >= 1, got {values[key]}")
+        check_int(f"--dataset {name}: option {key}", values[key])
     classes, channels, size = values["classes"], values["channels"], values["size"]
     generator = torch.Generator().manual_seed(values["seed"])
     # Class c's images are a fixed random low-frequency pattern plus noise: random, yet
@@ -548,6 +535,6 @@ def load_dataset(
         raise ValueError(f"--dataset {name!r}: unknown dataset; known: {', '.join(DATASETS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if resolution is not None and resolution < 1:
-        raise ValueError(f"--resolution must be >= 1, got {resolution}")
+    if resolution is not None:
+        check_int("--resolution", resolution)
     return DATASETS[base].load(name, options, root, split, resolution, class_order)

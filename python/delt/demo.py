@@ -1,22 +1,10 @@
 """``delt demo`` (``make demo``): Fashion-MNIST through ``delt distill`` on a CPU in minutes.
 
-1. trains (or reuses) a ConvNet-3 teacher of width 64 for 5 epochs (``OUT/teacher``);
-2. ``delt distill --method delt --ipc 10`` with it (``OUT/delt-ipc10``): ``medium`` selection,
-   DELT recovery with MI/RI scaled down from the paper's 4000/500 to 1000/125 (the same 8
-   rounds) so that it fits a CPU, the full evaluation protocol (``delt eval``: CutMix,
-   RandAugment, online teacher soft labels) for ``--eval-epochs`` epochs (the paper: 300), and
-   the diversity metric;
-3. the same for the baseline, ``--method random-real`` (``OUT/random-real-ipc10``);
-4. ``delt report`` over both: ``OUT/comparison.png`` (+ ``.md``);
-5. prints one table of every step and the comparison, and writes ``OUT/summary.json``.
-
-Teacher training, scoring and the students use bf16 autocast and channels_last: 3-4x faster on
-a CPU; the recovery runs in full precision. Every step caches: a re-run does no work.
-
-Threads: by default torch gets as many threads as cores are idle when the demo starts (at least
-one). On a shared machine, two OpenMP threads on two cores of which another process holds one
-ran these small-image workloads 5-7x slower than one thread (each parallel region waits for the
-descheduled thread), so the demo counts idle cores instead of all cores.
+A ConvNet-3 teacher (``OUT/teacher``), then ``delt distill`` with it for ``--method delt`` (MI/RI
+scaled down to fit a CPU) and ``random-real``, ``delt report`` over both, one printed table and
+``OUT/summary.json``; every step caches (README, "make demo"). By default torch gets as many
+threads as cores are idle at the start: on a shared machine, an OpenMP thread competing for a core
+made these small workloads 5-7x slower.
 """
 
 from __future__ import annotations

@@ -1,32 +1,7 @@
-"""``delt distill``: the whole pipeline in one command, every step cached.
-
-teacher → select (delt only) → recover (or, for ``random-real``, a seeded draw of real images)
-→ eval → diversity → report. Folders under ``--out DIR``:
-
-==================  =================================================================
-``teacher/``        ``delt teacher`` (skipped with ``--teacher PATH``)
-``select/``         ``delt select`` (``--method delt``)
-``distilled/``      ``delt recover`` output (``distilled.pt``, ``manifest.json``,
-                    ``images/``), plus ``eval.json`` and ``diversity.json``
-``steps/``          one record per finished step: what it was run with
-``report.json``     exactly: method, dataset, ipc, accuracy_mean, accuracy_std,
-                    diversity, synthesis_seconds, image_iterations
-``report.md``       the same with details; ``grid.png``: the images, one row per class
-==================  =================================================================
-
-Caching: re-running the same command does no work. Each step is keyed by its own configuration
-and the SHA-256 of the files it reads (teacher, selection, distilled set), so a changed flag
-re-runs only the steps that depend on it: a new ``--eval-epochs`` re-evaluates but keeps the
-synthesis; a new ``--seed`` re-selects and re-draws. Two expensive steps refuse instead of
-overwriting: a teacher folder trained with other flags, and a recovery folder holding chunks of
-another configuration (delete ``DIR/distilled`` or choose another ``--out``).
-
-``random-real`` is the baseline: ``--ipc`` real training images per class drawn with ``--seed``
-(:func:`delt.evaluate.draw_random_real`), saved as a distilled set with zero image-iterations,
-then evaluated like the others.
-
-``synthesis_seconds`` is the recovery's optimization time (the sum of its chunks' wall times,
-as the papers' Table 6): teacher training and selection are reported in report.md, not in it.
+"""``delt distill``: teacher → select (delt) → recover (or a seeded random-real draw) → eval →
+diversity → report in one folder, every step cached by its flags and the SHA-256 of its inputs
+(README, "The whole pipeline"). ``OUT/report.json`` holds exactly :data:`delt.report.REPORT_KEYS`;
+``synthesis_seconds`` is the recovery's optimization time, not teacher training or selection.
 """
 
 from __future__ import annotations
@@ -208,22 +183,13 @@ def _draw_random_real_set(config: DistillConfig, teacher_path: str, folder: Path
     images, labels, indices = draw_random_real(dataset, config.ipc, config.seed)
     seconds = time.perf_counter() - start
     manifest = Manifest(
-        method="random-real",
-        ipc=config.ipc,
-        dataset=teacher.info,
-        teacher={
-            "path": str(teacher.path),
-            "sha256": sha256_file(teacher.path),
-            "meta": teacher.meta,
-        },
+        method="random-real", ipc=config.ipc, dataset=teacher.info,
+        teacher={"path": str(teacher.path), "sha256": sha256_file(teacher.path),
+                 "meta": teacher.meta},
         config={"ipc": config.ipc, "seed": config.seed, "data_root": config.data_root},
-        num_images=int(images.shape[0]),
-        iterations_per_image=[0] * int(images.shape[0]),
-        synthesis_seconds=seconds,
-        seed=config.seed,
-        versions=versions(),
-        indices=indices.tolist(),
-    )
+        num_images=len(labels), iterations_per_image=[0] * len(labels), synthesis_seconds=seconds,
+        seed=config.seed, versions=versions(), indices=indices.tolist(),
+    )  # fmt: skip
     save_distilled(folder, images, labels, manifest)
 
 

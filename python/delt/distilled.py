@@ -81,15 +81,9 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         document: dict[str, Any] = {"kind": MANIFEST_KIND}
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if item.name == "extra":
-                continue
-            if item.name == "dataset":
-                value = value.to_dict()
-            if value is None and item.name in ("indices", "stage", "stages", "stage_per_image"):
-                continue
-            document[item.name] = value
+        for name, value in dataclasses.asdict(self).items():
+            if name != "extra" and not (value is None and name in _OPTIONAL):
+                document[name] = self.dataset.to_dict() if name == "dataset" else value
         document["image_iterations"] = self.image_iterations
         return {**self.extra, **document}
 
@@ -108,20 +102,13 @@ class Manifest:
         if version == 1 and "wall_seconds" in document:
             document["synthesis_seconds"] = document.pop("wall_seconds")
         document.pop("image_iterations", None)  # derived from iterations_per_image
-        names = {item.name for item in dataclasses.fields(cls)} - {"extra", "format_version"}
-        missing = sorted(
-            item.name
-            for item in dataclasses.fields(cls)
-            if item.name in names
-            and item.default is dataclasses.MISSING
-            and item.default_factory is dataclasses.MISSING
-            and item.name not in document
-        )
+        fields = [f for f in dataclasses.fields(cls) if f.name not in ("extra", "format_version")]
+        missing = [f.name for f in fields if f.name not in document and f.init and _required(f)]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
-        known = {name: document.pop(name) for name in list(document) if name in names}
+        known = {f.name: document.pop(f.name) for f in fields if f.name in document}
         known["dataset"] = DatasetInfo.from_dict(known["dataset"])
-        manifest = cls(**known, format_version=MANIFEST_FORMAT_VERSION, extra=document)
+        manifest = cls(**known, extra=document)
         manifest.check(where)
         return manifest
 
@@ -156,6 +143,13 @@ class Manifest:
         if not path.is_file():
             raise FileNotFoundError(f"--distilled {folder}: no manifest.json")
         return cls.from_dict(read_json(path), str(path))
+
+
+_OPTIONAL = ("indices", "stage", "stages", "stage_per_image")  # left out of the JSON when None
+
+
+def _required(item: dataclasses.Field) -> bool:
+    return item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
 
 
 def _class_dir_width(num_classes: int) -> int:

@@ -1,23 +1,9 @@
-"""``delt diversity``: DELT's intra-class diversity metric of a distilled set (delt.md §6.5).
+"""``delt diversity``: DELT's intra-class diversity (delt.md §6.5; README, "Evaluating").
 
-For each class c with images x_1 .. x_n and features f_i = phi(x_i):
-
-    centroid_c = (1 / n) sum_i f_i          diversity_c = (1 / n) sum_i cos(f_i, centroid_c)
-
-and the set's score is the mean (± population std) of ``diversity_c`` over the classes that have
-images. **Lower is more diverse**: 1.0 means every image of a class points the same way in
-feature space. A class holding a single image scores exactly 1.0, so the metric says nothing at
-IPC 1.
-
-phi are **penultimate features**: the input of the model's final linear layer, flattened to
-(N, D) (ConvNet: the flattened last feature map; ResNet: the pooled 512-d vector; torchvision
-models: whatever enters their last ``nn.Linear``). The paper embeds with an ImageNet ResNet-18
-and does not name the layer; the penultimate layer of the teacher is our default (``--model
-teacher``), any delt checkpoint can be given instead (``--model PATH``). The centroid is the mean
-of the raw features (not of normalized ones), as the paper describes it.
-
-Writes ``DIR/diversity.json``: per-class values, mean, std, the model and its SHA-256, feature
-size. Re-running with the same model and set reuses the file.
+Per class, the mean cosine similarity of each image's penultimate feature (the input of the
+model's last linear layer) to the class centroid of the raw features; the set's score is the mean
+± population std over classes. **Lower is more diverse**; one image per class scores 1.0.
+Writes ``DIR/diversity.json``, reused while the model and the set are unchanged.
 """
 
 from __future__ import annotations

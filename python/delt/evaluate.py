@@ -1,14 +1,8 @@
 """``delt eval``: train students from scratch on a distilled set and test them on real data.
 
-RDED/DELT's protocol (reference/delt.md §5; the README's "Evaluation" explains every choice):
-the frozen teacher labels every augmented, CutMix-mixed batch online (KL at temperature T, no
-T²), RandAugment + RandomResizedCrop + flip per image, AdamW with a per-epoch half-cosine, tests
-every ``--eval-every`` epochs; the best check is reported, the final one beside it, mean ± std
-over ``--seeds``. ``--random-real``: each seed draws ``--ipc`` real images per class instead.
-The engine is :mod:`delt.student`; ``--stagewise`` runs in :mod:`delt.stagewise`.
-
-``DIR/eval.json`` (atomic) caches every finished seed of an identity (config, student, batch,
-input files; not the seeds): a re-run reuses them, another configuration starts over.
+RDED/DELT's protocol (reference/delt.md §5; README, "Evaluating"); the engine is
+:mod:`delt.student`, ``--stagewise`` runs in :mod:`delt.stagewise`. ``DIR/eval.json`` (atomic)
+caches every finished seed of an identity (config, student, batch, input files; not the seeds).
 """
 
 from __future__ import annotations
@@ -180,7 +174,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population standard deviation (numpy's default, ``ddof=0``)."""
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std())
-
 
 
 # --------------------------------------------------------------------------------------------

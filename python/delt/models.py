@@ -1,18 +1,8 @@
-"""Models: one registry by name, and checkpoints that carry their dataset's metadata.
-
-Registered architectures (``MODELS``):
-
-* ``convnet1`` .. ``convnet8``: ConvNet-D of RDED/DELT (delt.md §3.7): D blocks of
-  Conv3x3(pad 1) → BatchNorm2d → ReLU → AvgPool2d(2), then a linear classifier on the flattened
-  map. Width ``width`` (default 128, the papers'). BatchNorm (not instance norm) so that
-  BN-statistic matching has running statistics to match.
-* ``resnet18_small``: ResNet-18 for small images (CIFAR/Tiny): 3x3 stride-1 stem, no max-pool.
-* every torchvision classification model by its name (``resnet18``, ``mobilenet_v2``, ...),
-  built untrained (``weights=None``): weights come only from local checkpoints.
+"""Models: one registry by name (``MODELS``: ``convnet1``..``convnet8``, ``resnet18_small``, any
+torchvision classifier, untrained) and checkpoints that carry their dataset's metadata.
 
 A checkpoint is ``NAME.pt`` (state dict + metadata, loaded with ``weights_only=True``) with the
-same metadata as readable JSON beside it (``NAME.json``): arch, arch kwargs, the dataset's
-:class:`~delt.data.DatasetInfo` (class order, normalization, resolution), test accuracy, epochs.
+same metadata as JSON beside it (``NAME.json``): arch, kwargs, :class:`~delt.data.DatasetInfo`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""``delt recover --method pdd``: progressive synthesis (PDD, reference/pdd.md) on BN matching.
-
-The IPC images of a class are synthesized in P stages; stage k adds IPC_k per class with the
-recipe of a base method (``--base``) while earlier stages stay frozen, bitwise. Conditioning
-options (pdd.md §4.2, combinable): ``--stage-teachers checkpoints`` (stage k matches the k-th
-``delt teacher --save-epochs`` checkpoint), ``--union-in-batch`` (earlier images join every
-forward pass, :func:`delt.synthesis.optimize_chunk`'s ``frozen``), ``--stage-init hard`` (stage
-k >= 2 starts from real images a student trained on U_1 … U_{k-1} gets wrong).
-
-Outputs: the union U_P as a distilled set in ``OUT`` (class-major, stage order inside a class,
-the manifest's ``stages``), and ``OUT/stages/<k>/`` (U_k as a set of its own, that stage's new
-images, ``chunks/``, ``init.json`` of hard picks). Every chunk is seeded from ``(seed, stage,
-chunk)`` and saved when done, so a killed run resumes to the same bytes.
+"""``delt recover --method pdd``: progressive synthesis (PDD, reference/pdd.md; README,
+"Progressive synthesis"): P stages of a base method, earlier stages frozen bitwise, optionally
+conditioned on per-stage teachers, the union in the batch or hard real initial images. Outputs:
+U_P as a distilled set in ``OUT``, and ``OUT/stages/<k>/`` (U_k as a set, the stage's new images,
+``chunks/``, ``init.json``). Chunks are seeded from ``(seed, stage, chunk)``: resumes are exact.
 """
 
 from __future__ import annotations
@@ -369,7 +361,6 @@ def _true_class_scores(
     return torch.cat(probabilities), torch.cat(correct)
 
 
-
 def _train_hard_student(
     unions: list[tuple[Tensor, Tensor]],
     teacher: Checkpoint,
@@ -567,22 +558,17 @@ def _add_stage(
     union.synthesis_seconds += seconds + init.student_seconds
     union.entries.append(
         {
-            "stage": stage.index,
-            "ipc": stage.ipc,
-            "offset": stage.offset,
-            "union_ipc": stage.union_ipc,
-            "round_iterations": stage.round_iterations,
+            "stage": stage.index, "ipc": stage.ipc, "offset": stage.offset,
+            "union_ipc": stage.union_ipc, "round_iterations": stage.round_iterations,
             "teacher": {
                 "path": str(stage_teacher.path),
                 "epoch": stage_teacher.meta.get("epoch", stage_teacher.meta.get("epochs")),
             },
-            "init": init.info,
-            "union_in_batch": config.union_in_batch and stage.offset > 0,
-            "image_iterations": int(sum(iterations)),
-            "synthesis_seconds": seconds,
+            "init": init.info, "union_in_batch": config.union_in_batch and stage.offset > 0,
+            "image_iterations": int(sum(iterations)), "synthesis_seconds": seconds,
             "student_seconds": init.student_seconds,
         }
-    )
+    )  # fmt: skip
 
 
 def _write_union(
@@ -600,9 +586,7 @@ def _write_union(
     )  # fmt: skip
 
 
-def _real_images(
-    run: Run, stages: list[Stage]
-) -> tuple[Selection | None, ImageDataset | None]:
+def _real_images(run: Run, stages: list[Stage]) -> tuple[Selection | None, ImageDataset | None]:
     """The selection and training set the stages start from, if any."""
     config = run.config
     if config.recipe.init == "selection":
@@ -653,9 +637,7 @@ def recover_progressive(config: Any) -> RecoverResult:
     )  # fmt: skip
     for stage, stage_teacher in zip(stages, teachers, strict=True):
         stage_dir = run.out / "stages" / str(stage.index)
-        init = _stage_init(
-            run, stage, stages, selection, dataset, union, stage_dir, teacher_scores
-        )
+        init = _stage_init(run, stage, stages, selection, dataset, union, stage_dir, teacher_scores)
         images, iterations, seconds = _synthesize_stage(
             run, stage, stage_teacher, init, dataset, union, stage_dir, len(stages)
         )

@@ -1,17 +1,7 @@
-"""``delt recover``: synthesize a distilled set from a frozen teacher (every method).
-
-===========  ===============  ====================  ====================  ======  ==========
-method       init             batches               crop scale            jitter  EarlyLate
-===========  ===============  ====================  ====================  ======  ==========
-``sre2l``    Gaussian noise   one image per class   fixed (0.08, 1)       yes     no
-``cda``      Gaussian noise   one image per class   cosine 1 → 0.08       yes     no
-``delt``     ``delt select``  class-contiguous      cosine 1 → 0.08       0       MI/RI rounds
-``pdd``      P stages of one of the above on frozen earlier stages (:mod:`delt.pdd`)
-===========  ===============  ====================  ====================  ======  ==========
-
-Outputs: ``OUT/distilled.pt``, ``OUT/images/<class>/``, ``OUT/manifest.json``
-(:mod:`delt.distilled`), ``OUT/chunks/`` (the resume units) and ``OUT/run.json`` (the identity a
-resume must match). The loop itself is :mod:`delt.synthesis`.
+"""``delt recover``: synthesize a distilled set from a frozen teacher (README, "Methods": the
+table of ``sre2l``, ``cda``, ``delt``; ``pdd`` runs in :mod:`delt.pdd`). Outputs:
+``OUT/distilled.pt``, ``OUT/images/``, ``OUT/manifest.json`` (:mod:`delt.distilled`), and the
+resume state ``OUT/chunks/`` and ``OUT/run.json``; the loop is :mod:`delt.synthesis`.
 """
 
 from __future__ import annotations

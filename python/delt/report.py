@@ -1,13 +1,6 @@
-"""Reports a person can read at a glance: image grids, per-run report files, comparison charts.
-
-* :func:`write_image_grid`: a PNG with one row per class.
-* :func:`write_run_report`: ``DIR/report.json`` (exactly the :data:`REPORT_KEYS`) and
-  ``DIR/report.md`` of one ``delt distill`` run.
-* ``delt report RUN_DIR... --out FILE.png``: a matplotlib bar chart comparing methods over
-  several runs (accuracy mean ± std and diversity, grouped by dataset and IPC), and the same
-  numbers as a printed Markdown table. Runs of the same method, dataset and IPC (e.g. one run
-  per seed) are pooled: the mean of their accuracies, and as std the spread of those means when
-  there are several runs (else the run's own std over its evaluation seeds).
+"""Reports: image grids, a run's ``report.json`` (exactly :data:`REPORT_KEYS`) and ``report.md``,
+and ``delt report``: a bar chart and table comparing methods over runs (runs of one method,
+dataset and IPC are pooled).
 """
 
 from __future__ import annotations

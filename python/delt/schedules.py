@@ -99,8 +99,7 @@ def early_late_iterations(ipc: int, iterations: int, round_iterations: int) -> l
 
 def cosine_lr(iteration: int, total: int, base_lr: float) -> float:
     """SRe2L/CDA/DELT's LR: ``0.5 * (1 + cos(pi * iteration / total)) * base_lr``, no warm-up."""
-    if total < 1:
-        raise ValueError(f"total must be >= 1, got {total}")
+    check_int("total", total)
     return 0.5 * (1.0 + math.cos(math.pi * iteration / total)) * base_lr
 
 

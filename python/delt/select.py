@@ -1,20 +1,9 @@
 """``delt select``: rank real training images with the teacher and pick IPC per class.
 
-The images are the teacher's training set (its metadata names the dataset and class order).
-Score of an image = the teacher's softmax probability of its true class (delt.md §2.2), on the
-dataset's evaluation view and with the dataset's own normalization (DELT's ranker used ImageNet
-statistics for every dataset, an inconsistency we do not copy, delt.md §7.1).
-
-Strategies, each returning a class's picks *in selection order* (order matters: under EarlyLate
-the first picks are optimized longest):
-
-* ``medium``: sort ascending by score, ``mid = ceil(n / 2)``, then mid, mid+1, mid-1, mid+2, ...
-  (DELT's order). Indices that fall outside the class are skipped.
-* ``top``: highest score first. ``min``: lowest score first. ``random``: a seeded permutation.
-
-Outputs in ``--out DIR``: ``selection.json`` (config, dataset, teacher, and per class the chosen
-training-set indices in selection order) and ``ranking.csv`` (every image: index, label, score,
-rank within its class by descending score).
+Score = the teacher's probability of the true class (delt.md §2.2) with the dataset's own
+normalization. Strategies return a class's picks *in selection order* (EarlyLate optimizes the
+first longest): ``medium`` (DELT: from the median outwards), ``top``, ``min``, ``random``.
+Writes ``selection.json`` (per class the chosen indices, in order) and ``ranking.csv``.
 """
 
 from __future__ import annotations

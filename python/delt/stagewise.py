@@ -33,6 +33,7 @@ __all__ = ["STAGEWISE_FORMAT", "StagewiseSeedResult", "evaluate_stagewise"]
 
 STAGEWISE_FORMAT = "delt-eval-stagewise-v1"
 
+
 @dataclass
 class StagewiseSeedResult(SeedResult):
     """A stage-wise student: :class:`SeedResult`'s fields and one record per stage."""

@@ -1,10 +1,6 @@
-"""The student-training engine: batches, accuracy, augmentation, CutMix, the trainer.
-
-:class:`StudentTrainer` holds one student with its AdamW and half-cosine LR schedule and trains it
-epoch by epoch on whatever images it is given; :func:`train_stagewise` runs it over growing
-unions (PDD). Used by ``delt eval``, ``delt eval --stagewise``, pdd's hard-init student, ``delt
-select`` and ``delt teacher`` (:func:`iterate_batches`, :func:`evaluate_accuracy`). The protocol
-is reference/delt.md §5; the README's "Evaluation" section explains it.
+"""The student-training engine: batches and accuracy, augmentation, CutMix, losses,
+:class:`StudentTrainer` and stage-wise training (reference/delt.md §5), for ``delt eval``, pdd's
+hard-init student, ``delt select`` and ``delt teacher``.
 """
 
 from __future__ import annotations
@@ -20,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import delt_ext
+from delt.config import check_int
 from delt.data import DatasetInfo, ImageDataset, TensorImageDataset
 from delt.runtime import autocast
 from delt.schedules import stage_epochs
@@ -152,8 +149,7 @@ def half_cosine_factor(epoch: int, epochs: int) -> float:
     1 at epoch 0, 0.5 at ``epoch == epochs``: half a cosine period over 2E, so training ends at
     about half the base LR (not at 0, unlike SRe2L's FKD).
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    check_int("epochs", epochs)
     return 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * epochs)))
 
 
@@ -355,12 +351,7 @@ class StudentTrainer:
         device: where the models run.
         generator: CPU generator drawing batch orders and CutMix params.
 
-    A stage-wise schedule, e.g. PDD's (E epochs split over the stages, one optimizer)::
-
-        with seeded(seed):
-            trainer = context.make_trainer(seed, total_epochs=E)
-            for images, labels, epochs in stages:  # U1, then U1 ∪ U2, ...
-                losses, checks = trainer.train_epochs(images, labels, epochs, context.test_set)
+    A stage-wise schedule (PDD's) is :func:`train_stagewise`.
     """
 
     def __init__(
@@ -444,8 +435,7 @@ class StudentTrainer:
         """From now on, a fresh half-cosine over the next ``epochs`` epochs, starting at the base
         LR; the optimizer state (moments, step counts) is kept. PDD's stage-wise evaluation
         restarts the schedule at every stage (pdd.md §1.5)."""
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        check_int("epochs", epochs)
         # A new LambdaLR keeps each group's "initial_lr" (setdefault) and sets lr = base * f(0).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda epoch: half_cosine_factor(epoch, epochs)
@@ -528,8 +518,7 @@ def stagewise_plan(
     >>> [(p.epochs, p.steps) for p in stagewise_plan(100, [20, 40, 60, 80, 100], 50)]
     [(20, 20), (20, 20), (20, 40), (20, 40), (20, 40)]
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_int("batch_size", batch_size)
     if not union_sizes or min(union_sizes) < 1:
         raise ValueError(f"union_sizes must be >= 1 each, got {list(union_sizes)}")
     plan = []

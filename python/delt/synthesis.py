@@ -1,12 +1,7 @@
-"""Synthesis: the recipe of each method, run setup, the chunk loop and the output writer.
-
-Every method optimizes pixels (normalized space) against a frozen teacher (reference/delt.md
-§1-3): Adam, cosine LR, ``CE(teacher(aug(x)), y) + r_bn * BN-statistic loss``
-(``delt_ext.BNStatMatching``), a per-channel clamp after every step. The work is cut into chunks
-(:mod:`delt.schedules`), each seeded on its own and saved when done, so a killed run resumes and
-ends with the same bytes. ``delt recover`` (:mod:`delt.recover`) and ``--method pdd``
-(:mod:`delt.pdd`) are built from :func:`prepare_run`, :func:`synthesize` and
-:meth:`Run.write_outputs`; a benchmark can be too.
+"""Synthesis: each method's recipe, run setup (:func:`prepare_run`), the chunk loop
+(:func:`synthesize`, :func:`optimize_chunk`) and the output writer (:meth:`Run.write_outputs`),
+shared by ``delt recover``, ``--method pdd`` and the benchmarks (reference/delt.md §1-3). Chunks
+are seeded on their own and saved when done: a killed run resumes to the same bytes.
 """
 
 from __future__ import annotations
@@ -242,7 +237,6 @@ def optimize_chunk(
     return ChunkResult(pixels.detach().cpu(), float(loss_value), time.perf_counter() - start)
 
 
-
 def synthesize_chunks(
     forward: nn.Module,
     bn_matching: delt_ext.BNStatMatching,
@@ -397,16 +391,9 @@ def load_selection(
 
 @dataclass
 class Run:
-    """A recovery set up by :func:`prepare_run`.
-
-    Attributes:
-        out: the output folder.
-        config: the ``RecoverConfig`` with every default resolved and the device it runs on.
-        teacher: the loaded teacher checkpoint.
-        info: its dataset.
-        device: where the loop runs.
-        settings: the loop's hyperparameters.
-    """
+    """A recovery set up by :func:`prepare_run`: its output folder, its ``RecoverConfig`` with
+    every default resolved (and the device it runs on), the loaded teacher and its dataset, the
+    device and the loop's hyperparameters."""
 
     out: Path
     config: Any
@@ -415,22 +402,18 @@ class Run:
     device: torch.device
     settings: RecoverySettings
 
-    def identity(self, uses_selection: bool, **inputs: object) -> dict:
-        """``OUT/run.json``: the config's identity fields and the SHA-256 of every input file
-        (the teacher, the selection when ``uses_selection``, and ``inputs``, ``*_sha256``)."""
+    def check_identity(self, uses_selection: bool, **inputs: object) -> None:
+        """Writes ``OUT/run.json`` on the first run; refuses a resume with another identity:
+        the config's identity fields and the SHA-256 of every input file (the teacher, the
+        selection when ``uses_selection``, and ``inputs``, ``*_sha256``)."""
         config = self.config
-        return {
+        selection = Path(config.selection) / "selection.json" if uses_selection else None
+        identity = {
             "config": config.identity(),
             "teacher_sha256": sha256_file(self.teacher.path),
-            "selection_sha256": sha256_file(Path(config.selection) / "selection.json")
-            if uses_selection
-            else None,
+            "selection_sha256": None if selection is None else sha256_file(selection),
             **inputs,
         }
-
-    def check_identity(self, uses_selection: bool, **inputs: object) -> None:
-        """Writes ``OUT/run.json`` on the first run; refuses a resume with another identity."""
-        identity = self.identity(uses_selection, **inputs)
         path = self.out / "run.json"
         if not path.is_file():
             write_json(path, identity)
@@ -447,39 +430,6 @@ class Run:
                 "another --out"
             )
 
-    def manifest(
-        self,
-        selection: Selection | None,
-        ipc: int,
-        iterations_per_image: list[int],
-        synthesis_seconds: float,
-        files: dict[str, str],
-        **fields: Any,
-    ) -> Manifest:
-        """The manifest of a set this run wrote (``fields``: pdd's stage entries)."""
-        config = self.config
-        return Manifest(
-            method=config.method,
-            ipc=ipc,
-            dataset=self.info,
-            teacher={
-                "path": str(self.teacher.path),
-                "sha256": sha256_file(self.teacher.path),
-                "meta": self.teacher.meta,
-            },
-            config={k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
-            num_images=len(iterations_per_image),
-            iterations_per_image=iterations_per_image,
-            synthesis_seconds=synthesis_seconds,
-            seed=config.seed,
-            selection=None
-            if selection is None
-            else {"path": str(config.selection), "strategy": selection.meta["strategy"]},
-            versions=versions(),
-            files=files,
-            **fields,
-        )
-
     def write_outputs(
         self,
         folder: Path,
@@ -492,19 +442,29 @@ class Run:
         write_images: bool = True,
         **fields: Any,
     ) -> Manifest:
-        """Writes ``folder/images/`` (unless not ``write_images``), ``distilled.pt`` and
-        ``manifest.json`` of a class-major set with ``ipc`` per class."""
+        """Writes ``folder/images/`` (unless not ``write_images``), ``distilled.pt`` and the
+        manifest of a class-major set with ``ipc`` per class (``fields``: pdd's stages)."""
+        config, teacher = self.config, self.teacher
         files = {"distilled": "distilled.pt"}
         if write_images:
             pattern = save_images(
-                folder / "images", images, labels, ipc, self.info, self.config.image_format
+                folder / "images", images, labels, ipc, self.info, config.image_format
             )
             files["images"] = f"images/{pattern}"
         else:
             files["images"] = "images/<class>/<index> (this stage's new images only)"
-        manifest = self.manifest(
-            selection, ipc, iterations_per_image, synthesis_seconds, files, **fields
-        )
+        manifest = Manifest(
+            method=config.method, ipc=ipc, dataset=self.info,
+            teacher={"path": str(teacher.path), "sha256": sha256_file(teacher.path),
+                     "meta": teacher.meta},
+            config={k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
+            num_images=len(iterations_per_image), iterations_per_image=iterations_per_image,
+            synthesis_seconds=synthesis_seconds, seed=config.seed,
+            selection=None
+            if selection is None
+            else {"path": str(config.selection), "strategy": selection.meta["strategy"]},
+            versions=versions(), files=files, **fields,
+        )  # fmt: skip
         save_distilled(folder, images, labels, manifest)
         return manifest
 
