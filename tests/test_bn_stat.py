@@ -1,5 +1,6 @@
 """The fused BN-statistic ops against the SRe2L formula (delt_ext.reference) and the eager hook."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -402,6 +403,35 @@ def test_setup_without_torch_says_what_to_do():
     message = result.stderr.strip().splitlines()[-1]
     assert "install torch first" in message.lower()
     assert "pip install --no-build-isolation ." in message
+
+
+@pytest.mark.parametrize(
+    "variable, flags",
+    [
+        ("NVCC_FLAGS", "-O3 --use_fast_math"),
+        ("NVCC_FLAGS", "-use_fast_math"),
+        ("NVCC_FLAGS", "--ftz=true"),
+        ("NVCC_FLAGS", "--prec-div=false"),
+        ("NVCC_FLAGS", "-Xcompiler=-ffast-math,-O3"),
+        ("NVCC_APPEND_FLAGS", "--use_fast_math"),
+    ],
+)
+def test_setup_refuses_fast_math_nvcc_flags(variable, flags):
+    env = {**os.environ, variable: flags}
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert variable in message and "fast-math" in message and "not supported" in message
+
+
+def test_setup_accepts_ordinary_nvcc_flags():
+    env = {**os.environ, "NVCC_FLAGS": "-O3 --ftz=false -lineinfo"}
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # ---- CUDA --------------------------------------------------------------------------------------
