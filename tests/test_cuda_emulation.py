@@ -13,6 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bn_stat import (
+    NONFINITE_CASES,
+    assert_matches_with_nonfinite,
+    nonfinite_input,
+    reference_nonfinite,
+)
 
 import delt_ext
 from delt_ext import RandomResizedCropFlip, reference
@@ -261,6 +267,43 @@ def test_bn_backward_with_statistics_gradients(emu):
         (weights[0] * mean_ref).sum() + (weights[1] * var_ref).sum(), x
     )
     torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=list(NONFINITE_CASES))
+def test_bn_nan_inf_and_overflow_follow_the_eager_formula(emu, case, layout):
+    # Issue 18: NaN anywhere -> NaN loss and gradient everywhere; inf as torch; no overflow from
+    # the shift. The same cases as the CPU test (tests/test_bn_stat.py), on the CUDA kernels.
+    x = nonfinite_input(case, layout)
+    running_mean, running_var = targets(3)
+    loss, mean, var, coef, grad = emulated_loss_and_grad(emu, x, running_mean, running_var)
+    ref_loss, ref_grad, (ref_mean, ref_var) = reference_nonfinite(x, running_mean, running_var)
+    assert_matches_with_nonfinite(loss, ref_loss, 1e-5)
+    assert_matches_with_nonfinite(mean, ref_mean, 1e-5)
+    assert_matches_with_nonfinite(var, ref_var, 1e-4)
+    assert_matches_with_nonfinite(grad, ref_grad, 1e-4)
+    stats = emu.batch_mean_var(x)
+    assert torch.equal(stats[0].isnan(), mean.isnan())
+    assert torch.equal(stats[1].isnan(), var.isnan())
+    # The CPU kernels give the same NaN/inf pattern.
+    cpu = torch.ops.delt_ext.bn_stat_loss(x, running_mean, running_var)
+    for ours, theirs in zip((loss, mean, var, coef), cpu, strict=True):
+        assert_matches_with_nonfinite(ours, theirs, 1e-4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bn_overflow_repair_in_a_large_grid(emu, layout):
+    # Several slices per channel and a huge value deep inside one channel, NaN in another.
+    x = make_input((40, 24, 11, 13), torch.float32, layout, seed=12)
+    x[17, 3, 5, 5] = 1e37
+    x[0, 5, 0, 0] = float("-inf")
+    x[39, 11, 10, 12] = float("nan")
+    running_mean, running_var = targets(24)
+    loss, mean, var, coef, grad = emulated_loss_and_grad(emu, x, running_mean, running_var)
+    ref_mean, ref_var = reference.batch_mean_var(x)
+    assert_matches_with_nonfinite(mean, ref_mean, 1e-5)
+    assert_matches_with_nonfinite(var, ref_var, 1e-4)
+    assert torch.isnan(loss) and torch.isnan(grad).all()
 
 
 def test_bn_emulated_kernels_check_their_arguments(emu):

@@ -6,10 +6,13 @@
 // Forward = two launches, no atomics:
 //   1. partial sums: a grid over channels x slices of each channel's N*H*W values (not one block
 //      per channel), kLoads vector loads in flight per thread, shifted sums S1 = sum(x - K_c),
-//      S2 = sum((x - K_c)^2) in float32 (float64 for float64), K_c = the channel's first value;
+//      S2 = sum((x - K_c)^2) in float32 (float64 for float64), K_c = the channel's first value (0 if not finite);
 //   2. finalize: one block merges each channel's partials in a fixed order in float64, writes
 //      mean and biased variance and, for the loss, both norms, the loss and the per-channel
-//      gradient coefficients. It reads C values of x (the shifts), never x itself again.
+//      gradient coefficients. It reads C values of x (the shifts), and x itself again only for
+//      a channel whose sums are not finite (NaN/inf in x, or overflow): that channel gets an
+//      exact two-pass float64 mean and variance, as the CPU kernel does (NaN/Inf semantics of
+//      the eager formula; see csrc/cpu/bn_stat_kernel.cpp). A non-finite first value shifts by 0.
 // Work is split in groups of kWidth = 16 / sizeof(scalar_t) consecutive values of a channel
 // (NCHW: of its N*H*W sequence; channels_last: kWidth adjacent channels of a row). A group is
 // loaded with the widest vectors its alignment allows (16, 8, 4 bytes or scalars), but always
@@ -82,6 +85,22 @@ constexpr int group_width() {
   return static_cast<int>(16 / sizeof(scalar_t));
 }
 
+__host__ __device__ inline bool is_finite(double v) { return v - v == 0.0; }  // not NaN/inf
+
+// The shift of a channel: its first value, or 0 when that is not finite.
+template <typename acc_t>
+__host__ __device__ inline acc_t shift_of(acc_t first) {
+  return is_finite(static_cast<double>(first)) ? first : acc_t(0);
+}
+
+// Statistic s (float64) as the loss sees it: s, unless rounding it to acc_t overflows; then the
+// overflowed value, as the eager formula computes with it (csrc/cpu/bn_stat_kernel.cpp).
+template <typename acc_t>
+__host__ __device__ inline double as_returned(double s) {
+  const acc_t rounded = static_cast<acc_t>(s);
+  return is_finite(static_cast<double>(rounded)) ? s : static_cast<double>(rounded);
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
@@ -143,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = blockIdx.x;
   const uint32_t slice = blockIdx.y, slices = gridDim.y;
   const uint32_t groups = static_cast<uint32_t>(ceil_div(M, W));
-  const acc_t shift = static_cast<acc_t>(x[c * HW]);
+  const acc_t shift = shift_of(static_cast<acc_t>(x[c * HW]));
   const uint32_t begin = slice * groups_per_slice;
   const uint32_t end = std::min<uint32_t>(begin + groups_per_slice, groups);
   const uint32_t hw = static_cast<uint32_t>(HW);
@@ -205,7 +224,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t shift[W], s1[W], s2[W];
 #pragma unroll
   for (int k = 0; k < W; ++k) {
-    shift[k] = active && c0 + k < C ? static_cast<acc_t>(x[c0 + k]) : acc_t(0);
+    shift[k] = active && c0 + k < C ? shift_of(static_cast<acc_t>(x[c0 + k])) : acc_t(0);
     s1[k] = 0;
     s2[k] = 0;
   }
@@ -256,20 +275,64 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Exact float64 two-pass mean and biased variance of channel c by the whole block (fixed order:
+// thread t takes values t, t + blockDim.x, ...; then block_sum2). Valid in every thread.
+template <typename scalar_t>
+__device__ void exact_channel_moments(const scalar_t* __restrict__ x, int64_t C, int64_t HW,
+                                      bool channels_last, int64_t c, double count, double& mean,
+                                      double& var) {
+  __shared__ double result[2];
+  const int64_t M = static_cast<int64_t>(count);
+  auto at = [&](int64_t e) {
+    const int64_t n = e / HW, i = e - n * HW;
+    return static_cast<double>(channels_last ? x[e * C + c] : x[(n * C + c) * HW + i]);
+  };
+  double sum = 0.0, unused = 0.0;
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) sum += at(e);
+  block_sum2(sum, unused);
+  if (threadIdx.x == 0) result[0] = sum / count;
+  __syncthreads();
+  mean = result[0];
+  double squares = 0.0;
+  unused = 0.0;
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+    const double d = at(e) - mean;
+    squares += d * d;
+  }
+  block_sum2(squares, unused);
+  if (threadIdx.x == 0) result[1] = squares / count;
+  __syncthreads();
+  var = result[1];
+  __syncthreads();  // result and block_sum2's shared memory are reused by the next call
+}
+
 // One block. Groups of `group` lanes (a power of two <= 32) merge one channel's partials each,
-// in slice order, then a fixed tree. With targets, also the loss and coef = [a; b] (the
-// differences to the targets are staged in coef, then divided by their norms).
+// in slice order, then a fixed tree. Channels whose merged sums are not finite (NaN/inf in x, or
+// overflow) are then recomputed exactly by the whole block. With targets, also the loss and
+// coef = [a; b] (the differences to the targets are staged in coef, then divided by their norms).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_moments(const scalar_t* __restrict__ x, int64_t shift_stride, int64_t C,
+    finalize_moments(const scalar_t* __restrict__ x, bool channels_last, int64_t HW, int64_t C,
                      int64_t slices, int group, double count, const acc_t* __restrict__ partial,
                      const acc_t* __restrict__ target_mean, const acc_t* __restrict__ target_var,
                      acc_t* __restrict__ mean, acc_t* __restrict__ var, acc_t* __restrict__ coef,
                      acc_t* __restrict__ loss) {
+  __shared__ int any_inexact;
   const int tid = threadIdx.x;
   const int lane = tid % group;
   const int64_t groups = blockDim.x / group;
   const bool with_loss = target_mean != nullptr;
+  const int64_t shift_stride = channels_last ? 1 : HW;
+  if (tid == 0) any_inexact = 0;
+  __syncthreads();
+  auto stage = [&](int64_t c, double mu, double v) {
+    mean[c] = static_cast<acc_t>(mu);
+    var[c] = static_cast<acc_t>(v);
+    if (with_loss) {
+      coef[c] = static_cast<acc_t>(as_returned<acc_t>(mu) - static_cast<double>(target_mean[c]));
+      coef[C + c] = static_cast<acc_t>(as_returned<acc_t>(v) - static_cast<double>(target_var[c]));
+    }
+  };
   for (int64_t c_base = 0; c_base < C; c_base += groups) {
     const int64_t c = c_base + tid / group;
     double a = 0.0, b = 0.0;
@@ -284,19 +347,29 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       b += __shfl_down_sync(0xffffffffu, b, offset, group);
     }
     if (lane == 0 && c < C) {
-      const double d = a / count;
-      const double mu = static_cast<double>(static_cast<acc_t>(x[c * shift_stride])) + d;
-      const double v = fmax(b / count - d * d, 0.0);
-      mean[c] = static_cast<acc_t>(mu);
-      var[c] = static_cast<acc_t>(v);
-      if (with_loss) {
-        coef[c] = static_cast<acc_t>(mu - static_cast<double>(target_mean[c]));
-        coef[C + c] = static_cast<acc_t>(v - static_cast<double>(target_var[c]));
+      if (!is_finite(a) || !is_finite(b)) {
+        var[c] = acc_t(-1);  // marks the channel for the exact pass below (var >= 0 otherwise)
+        any_inexact = 1;
+      } else {
+        const double d = a / count;
+        const double mu =
+            static_cast<double>(shift_of(static_cast<acc_t>(x[c * shift_stride]))) + d;
+        stage(c, mu, fmax(b / count - d * d, 0.0));
       }
     }
   }
-  if (!with_loss) return;  // uniform across the block
   __syncthreads();
+  if (any_inexact != 0) {  // uniform across the block
+    for (int64_t c = 0; c < C; ++c) {
+      if (!(var[c] == acc_t(-1))) continue;  // uniform: every thread reads the same value
+      double mu = 0.0, v = 0.0;
+      __syncthreads();  // every thread has read the mark before thread 0 overwrites it
+      exact_channel_moments(x, C, HW, channels_last, c, count, mu, v);
+      if (tid == 0) stage(c, mu, v);
+      __syncthreads();
+    }
+  }
+  if (!with_loss) return;  // uniform across the block
   double ss_mean = 0.0, ss_var = 0.0;
   for (int64_t c = tid; c < C; c += blockDim.x) {
     const double dm = static_cast<double>(coef[c]), dv = static_cast<double>(coef[C + c]);
@@ -311,10 +384,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     *loss = static_cast<acc_t>(norms[0] + norms[1]);
   }
   __syncthreads();
+  // 0 only at a zero norm (autograd's subgradient); a NaN norm makes every coefficient NaN.
   for (int64_t c = tid; c < C; c += blockDim.x) {
-    coef[c] = norms[0] > 0.0 ? static_cast<acc_t>(static_cast<double>(coef[c]) / norms[0]) : acc_t(0);
-    coef[C + c] =
-        norms[1] > 0.0 ? static_cast<acc_t>(static_cast<double>(coef[C + c]) / norms[1]) : acc_t(0);
+    coef[c] = norms[0] == 0.0 ? acc_t(0)
+                              : static_cast<acc_t>(static_cast<double>(coef[c]) / norms[0]);
+    coef[C + c] = norms[1] == 0.0 ? acc_t(0)
+                                  : static_cast<acc_t>(static_cast<double>(coef[C + c]) / norms[1]);
   }
 }
 
@@ -479,8 +554,8 @@ void launch_moments(const at::Tensor& x, Layout layout, const at::Tensor& target
   const int group = std::min(next_pow2(slices), 32);
   const bool with_loss = target_mean.defined();
   auto finalize = finalize_moments<scalar_t, acc_t>;
-  DELT_LAUNCH(finalize, 1, kFinalizeThreads, 0, stream, data,
-              layout == Layout::kNCHW ? HW : int64_t{1}, C, slices, group,
+  DELT_LAUNCH(finalize, 1, kFinalizeThreads, 0, stream, data, layout == Layout::kChannelsLast,
+              HW, C, slices, group,
               static_cast<double>(M), partial.const_data_ptr<acc_t>(),
               with_loss ? target_mean.const_data_ptr<acc_t>() : nullptr,
               with_loss ? target_var.const_data_ptr<acc_t>() : nullptr,
