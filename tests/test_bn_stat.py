@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEVICES, requires_cuda
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import delt_ext
 from delt_ext import reference
@@ -180,6 +181,32 @@ def test_statistics_used_by_other_outputs_reach_the_gradient():
     ref_mean, ref_var = reference.batch_mean_var(x)
     (grad_ref,) = torch.autograd.grad(ref_loss + ref_mean.sum() + 3 * ref_var.sum(), x)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_of_the_loss_alone_is_one_kernel():
+    # Issue 14: with only the loss used, the backward is the fused kernel with the incoming
+    # gradient as its scale, not zero tensors for the unused mean/var outputs plus several
+    # elementwise ops (register_autograd materializes zeros unless told not to).
+    x = make_input((4, 6, 5, 5), torch.float32, "nchw").requires_grad_(True)
+    running_mean, running_var = make_targets(6)
+    loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
+    with _RecordOps() as recorded:
+        (grad,) = torch.autograd.grad(3.0 * loss, x)
+    kernels = [op for op in recorded.ops if op not in ("select", "detach", "alias")]
+    assert kernels.count("batch_stat_backward") == 1
+    assert not {"zeros_like", "zeros", "add", "fill_", "new_zeros"} & set(kernels), kernels
+    _, expected = exact_reference(x, running_mean, running_var)
+    assert rel_err(grad, 3.0 * expected) <= GRAD_RTOL[torch.float32]
 
 
 def test_zero_norm_gives_zero_gradient_not_nan():

@@ -406,8 +406,12 @@ void batch_stat_backward_kernel(const at::Tensor& x, Layout layout, const at::Te
   for (int64_t c = 0; c < C; ++c) {
     const double gm_c = static_cast<double>(gm.const_data_ptr<acc_t>()[c]);
     const double gv_c = static_cast<double>(gv.const_data_ptr<acc_t>()[c]);
-    c1[c] = static_cast<acc_t>(scale * gm_c * inv_m);
-    c2[c] = static_cast<acc_t>(2.0 * scale * gv_c * inv_m);
+    // g * grad is rounded to acc_t first, as when the caller scales the gradients itself (and
+    // as the CUDA kernel computes): the fused scale gives the same bits as the unfused one.
+    const double scaled_gm = static_cast<double>(static_cast<acc_t>(scale * gm_c));
+    const double scaled_gv = static_cast<double>(static_cast<acc_t>(scale * gv_c));
+    c1[c] = static_cast<acc_t>(scaled_gm * inv_m);
+    c2[c] = static_cast<acc_t>(2.0 * scaled_gv * inv_m);
     mu[c] = m.const_data_ptr<acc_t>()[c];
   }
   const scalar_t* in = x.const_data_ptr<scalar_t>();
