@@ -7,12 +7,13 @@ compiled against the torch that is already installed. Build switches (environmen
   FORCE_ONLY_CPU=1        build the CPU kernels only
   TORCH_CUDA_ARCH_LIST    archs to compile for; default: the visible GPUs, else DEFAULT_CUDA_ARCHS
   MAX_JOBS                parallel compile jobs (ninja)
-  NVCC_FLAGS              extra nvcc flags, shell-split
+  NVCC_FLAGS              extra nvcc flags, shell-split; fast-math flags are refused (see below)
   DEBUG=1                 -O0 -g host code, -G device code
 """
 
 import glob
 import os
+import re
 import shlex
 import sys
 
@@ -36,6 +37,28 @@ def _flag(name: str) -> bool:
     return os.getenv(name, "0") == "1"
 
 
+# Flags that change floating-point results of the CUDA kernels: the crop op's sampling positions
+# must be PyTorch's (an FMA, IEEE division), and the BN statistics' NaN/Inf handling needs IEEE
+# semantics. Refused in NVCC_FLAGS and in nvcc's own NVCC_APPEND_FLAGS / NVCC_PREPEND_FLAGS,
+# also when passed to the host compiler (-Xcompiler=-ffast-math).
+FAST_MATH = re.compile(
+    r"(?:^|[\s,=])-{1,2}(?:use_fast_math|ffast-math|ffinite-math-only|funsafe-math-optimizations"
+    r"|Ofast|ftz[=\s]+true|prec-div[=\s]+false|prec-sqrt[=\s]+false)(?=$|[\s,])"
+)
+
+
+def _check_nvcc_flags() -> None:
+    for variable in ("NVCC_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS"):
+        value = " ".join(shlex.split(os.getenv(variable, "")))
+        match = FAST_MATH.search(value)
+        if match:
+            sys.exit(
+                f"delt-ext: {variable} contains {match.group(0).strip(' ,=')!r}: fast-math flags "
+                "change the CUDA kernels' results (crop sampling positions, NaN/Inf handling) and "
+                "are not supported; remove it."
+            )
+
+
 def _with_cuda() -> bool:
     if _flag("FORCE_ONLY_CPU"):
         return False
@@ -50,6 +73,7 @@ def _with_cuda() -> bool:
 
 
 def _extensions():
+    _check_nvcc_flags()
     with_cuda = _with_cuda()
     debug = _flag("DEBUG")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))

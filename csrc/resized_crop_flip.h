@@ -37,8 +37,8 @@ struct Box {
 };
 
 // Nearest integer to v, clamped to [lo, hi]; NaN gives lo. Valid params are integers inside the
-// image already. The clamps exist because params on a GPU are not value-checked by the op (that
-// would need a host copy): a bad row must not make a kernel read outside x.
+// image already (both backends check every row before sampling); the clamps are a second line of
+// defence: whatever a row holds, no kernel reads outside x.
 C10_HOST_DEVICE inline int64_t clamped_integer(double v, int64_t lo, int64_t hi) {
   if (!(v >= static_cast<double>(lo))) return lo;
   if (v >= static_cast<double>(hi)) return hi;
@@ -65,6 +65,21 @@ C10_HOST_DEVICE inline Box decode_box(const param_t* row, int64_t in_h, int64_t 
   b.shift_y = wrapped_shift(static_cast<double>(row[5]), out_h);
   b.shift_x = wrapped_shift(static_cast<double>(row[6]), out_w);
   return b;
+}
+
+// True when a params row passes every value check of check_param_values below (finite integers,
+// a box of height and width >= 1 inside the in_h x in_w image, flip 0 or 1). The CUDA kernels
+// check each row with it on the device (params there are never copied to the host).
+template <typename param_t>
+C10_HOST_DEVICE inline bool params_row_valid(const param_t* row, int64_t in_h, int64_t in_w) {
+  for (int64_t k = 0; k < kParamColumns; ++k) {
+    const double v = static_cast<double>(row[k]);
+    if (!(v - v == 0.0) || v != floor(v)) return false;  // NaN, +-inf, or not an integer
+  }
+  const double top = row[0], left = row[1], height = row[2], width = row[3], flip = row[4];
+  return height >= 1 && width >= 1 && top >= 0 && left >= 0 &&
+         top + height <= static_cast<double>(in_h) && left + width <= static_cast<double>(in_w) &&
+         (flip == 0 || flip == 1);
 }
 
 // The two taps of pre-index p, as indices into the crop (0 <= i0 <= i1 < in) and weights.
@@ -209,8 +224,8 @@ inline at::Tensor empty_in_layout(at::IntArrayRef sizes, const at::Tensor& like,
                                                            : at::MemoryFormat::Contiguous));
 }
 
-// Value checks of CPU params (cheap there: no device sync). CUDA params are not checked by the
-// op; the Python wrapper checks them, and the kernels clamp (decode_box).
+// Value checks of CPU params (cheap there: no device sync), with a message naming the row and
+// column. CUDA params are checked on the device with params_row_valid (the same rules).
 inline void check_param_values(const at::Tensor& params_cpu_double, int64_t in_h, int64_t in_w,
                                const char* op) {
   const double* p = params_cpu_double.const_data_ptr<double>();

@@ -154,14 +154,17 @@ def resized_crop_flip(x: Tensor, params: Tensor, size) -> Tensor:
         (N, C, out_h, out_w), x's dtype, laid out like x (channels_last stays channels_last).
 
     Raises:
-        TypeError, ValueError: naming the bad argument. Checking the params values needs a host
-            copy (a device sync for CUDA params); it is skipped under ``torch.compile``. Params
-            from :class:`RandomResizedCropFlip` are valid by construction.
+        TypeError, ValueError: naming the bad argument. The op itself checks every params row on
+            both devices, also under ``torch.compile``: CPU params raise a RuntimeError; CUDA
+            params are checked on the GPU (no host copy, no sync), where a bad row is a
+            device-side assertion reported by the next synchronizing call. CPU params are also
+            checked here first, for a message naming the row and column. Params from
+            :class:`RandomResizedCropFlip` are valid by construction.
     """
     _check_image(x)
     out_h, out_w = _output_size(size)
     _check_params(params, x)
-    if not torch.compiler.is_compiling():
+    if params.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_param_values(params, x.shape[2], x.shape[3])
     return _apply(x, params, out_h, out_w)
 
@@ -317,7 +320,15 @@ class RandomResizedCropFlip(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Augments x (N, C, H, W) to (N, C, out_h, out_w) with freshly drawn params."""
         _check_image(x)
-        params = self.sample_params(x.shape[0], x.shape[2], x.shape[3]).to(x.device)
+        params = self.sample_params(x.shape[0], x.shape[2], x.shape[3])
+        if params.device != x.device:
+            # Drawn on the CPU for a CUDA batch: an asynchronous copy from pinned memory, so the
+            # step does not wait for the device (the caching host allocator keeps the pinned
+            # buffer alive until the copy is done).
+            if x.device.type == "cuda":
+                params = params.pin_memory().to(x.device, non_blocking=True)
+            else:
+                params = params.to(x.device)
         self.last_params = params
         return _apply(x, params, *self.size)
 

@@ -45,11 +45,13 @@ def _setup_batch_mean_var(ctx, inputs, output) -> None:
     (x,) = inputs
     mean, _ = output
     ctx.save_for_backward(x, mean)
+    # An unused output gets None, not a materialized zero tensor.
+    ctx.set_materialize_grads(False)
 
 
 def _backward_batch_mean_var(ctx, grad_mean: Tensor | None, grad_var: Tensor | None):
     x, mean = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or (grad_mean is None and grad_var is None):
         return None
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
     grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
@@ -62,6 +64,15 @@ def _setup_bn_stat_loss(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, mean, coef)
     ctx.mark_non_differentiable(coef)
     ctx.target_dtypes = (running_mean.dtype, running_var.dtype)
+    # Unused outputs (mean, var: the usual case) get None instead of zero tensors, so the
+    # backward below takes its fast path: one kernel, no elementwise ops on zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _sum_or_zeros(a: Tensor | None, b: Tensor | None, like: Tensor) -> Tensor:
+    if a is None and b is None:
+        return torch.zeros_like(like)
+    return b if a is None else (a if b is None else a + b)
 
 
 def _backward_bn_stat_loss(ctx, grad_loss, grad_mean, grad_var, _grad_coef):
@@ -69,20 +80,21 @@ def _backward_bn_stat_loss(ctx, grad_loss, grad_mean, grad_var, _grad_coef):
     grad_x = grad_running_mean = grad_running_var = None
     if ctx.needs_input_grad[0]:
         if grad_mean is None and grad_var is None:
-            # The usual case (only the loss is used): the scale is read inside the kernel.
-            grad_x = torch.ops.delt_ext.batch_stat_backward(x, mean, coef[0], coef[1], grad_loss)
+            if grad_loss is not None:
+                # The usual case (only the loss is used): the scale is read inside the kernel.
+                grad_x = torch.ops.delt_ext.batch_stat_backward(
+                    x, mean, coef[0], coef[1], grad_loss
+                )
         else:
-            total_mean = grad_loss * coef[0]
-            total_var = grad_loss * coef[1]
-            if grad_mean is not None:
-                total_mean = total_mean + grad_mean
-            if grad_var is not None:
-                total_var = total_var + grad_var
+            scaled_mean = None if grad_loss is None else grad_loss * coef[0]
+            scaled_var = None if grad_loss is None else grad_loss * coef[1]
+            total_mean = _sum_or_zeros(scaled_mean, grad_mean, mean)
+            total_var = _sum_or_zeros(scaled_var, grad_var, mean)
             grad_x = torch.ops.delt_ext.batch_stat_backward(x, mean, total_mean, total_var, None)
     # The targets enter as -(mean - target): dL/dtarget = -g * coef.
-    if ctx.needs_input_grad[1]:
+    if grad_loss is not None and ctx.needs_input_grad[1]:
         grad_running_mean = (-grad_loss * coef[0]).to(ctx.target_dtypes[0])
-    if ctx.needs_input_grad[2]:
+    if grad_loss is not None and ctx.needs_input_grad[2]:
         grad_running_var = (-grad_loss * coef[1]).to(ctx.target_dtypes[1])
     return grad_x, grad_running_mean, grad_running_var
 

@@ -470,6 +470,15 @@ def test_op_checks_cpu_param_values_itself():
         torch.ops.delt_ext.resized_crop_flip(X, GOOD[:, :5], 4, 4)
 
 
+def test_non_cpu_params_are_not_copied_to_the_host():
+    # The wrapper checks values only of CPU params; others are checked by the op on their device.
+    # Meta tensors hold no values: any host copy of them would fail.
+    x = torch.empty(2, 3, 8, 10, device="meta")
+    params = torch.empty(2, 7, device="meta")
+    out = resized_crop_flip(x, params, (4, 5))
+    assert out.device.type == "meta" and out.shape == (2, 3, 4, 5)
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------
 
 
@@ -502,8 +511,8 @@ def test_cuda_matches_cpu(dtype, memory_format, per_sample):
     out_cpu, g_cpu = run("cpu")
     out_cuda, g_cuda = run("cuda")
     assert out_cuda.stride() == out_cpu.stride() and g_cuda.stride() == g_cpu.stride()
-    assert (out_cuda.cpu().float() - out_cpu.float()).abs().max().item() <= tolerance
-    assert (g_cuda.cpu().float() - g_cpu.float()).abs().max().item() <= 8 * tolerance
+    assert (out_cuda.cpu().double() - out_cpu.double()).abs().max().item() <= tolerance
+    assert (g_cuda.cpu().double() - g_cpu.double()).abs().max().item() <= 8 * tolerance
 
 
 @CUDA

@@ -1,5 +1,6 @@
 """The fused BN-statistic ops against the SRe2L formula (delt_ext.reference) and the eager hook."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEVICES, requires_cuda
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import delt_ext
 from delt_ext import reference
@@ -181,6 +183,32 @@ def test_statistics_used_by_other_outputs_reach_the_gradient():
     torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
 
 
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_of_the_loss_alone_is_one_kernel():
+    # Issue 14: with only the loss used, the backward is the fused kernel with the incoming
+    # gradient as its scale, not zero tensors for the unused mean/var outputs plus several
+    # elementwise ops (register_autograd materializes zeros unless told not to).
+    x = make_input((4, 6, 5, 5), torch.float32, "nchw").requires_grad_(True)
+    running_mean, running_var = make_targets(6)
+    loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
+    with _RecordOps() as recorded:
+        (grad,) = torch.autograd.grad(3.0 * loss, x)
+    kernels = [op for op in recorded.ops if op not in ("select", "detach", "alias")]
+    assert kernels.count("batch_stat_backward") == 1
+    assert not {"zeros_like", "zeros", "add", "fill_", "new_zeros"} & set(kernels), kernels
+    _, expected = exact_reference(x, running_mean, running_var)
+    assert rel_err(grad, 3.0 * expected) <= GRAD_RTOL[torch.float32]
+
+
 def test_zero_norm_gives_zero_gradient_not_nan():
     # Values +-1 in every channel: the batch mean is exactly 0 and the variance exactly 1.
     signs = torch.tensor([1.0, -1.0]).repeat(8)
@@ -221,6 +249,129 @@ def test_variance_is_stable_for_large_means(layout, device):
     (grad,) = torch.autograd.grad(delt_ext.bn_stat_loss(x, running_mean, running_var), x)
     _, grad_ref = exact_reference(x, running_mean, running_var)
     assert rel_err(grad, grad_ref) < 1e-3
+
+
+# Values written into x (float32, (4, 3, 5, 6)) at (n, c, h, w): NaN, infinities and huge
+# finite values, as the first element of a channel (its shift) and elsewhere.
+NONFINITE_CASES = {
+    "nan": {(1, 1, 2, 3): float("nan")},
+    "nan first": {(0, 0, 0, 0): float("nan")},
+    "+inf": {(2, 1, 4, 5): float("inf")},
+    "+inf first": {(0, 2, 0, 0): float("inf")},
+    "-inf first": {(0, 0, 0, 0): float("-inf")},
+    "+inf and -inf": {(1, 0, 1, 1): float("inf"), (3, 0, 2, 2): float("-inf")},
+    "1e37 first": {(0, 0, 0, 0): 1e37},
+    "3e38 first": {(0, 0, 0, 0): 3e38},
+    "-3e38 first": {(0, 1, 0, 0): -3e38},
+    "1e37 inside": {(2, 2, 3, 3): 1e37},
+    "two 2e38": {(0, 1, 0, 0): 2e38, (3, 1, 4, 5): -2e38},
+}
+
+
+def nonfinite_input(case, layout, dtype=torch.float32):
+    x = make_input((4, 3, 5, 6), torch.float32, "nchw", seed=7)
+    for index, value in NONFINITE_CASES[case].items():
+        x[index] = value
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def assert_matches_with_nonfinite(ours, expected, rtol):
+    """Same NaN and +-inf positions; finite values close (relative to the largest finite one)."""
+    ours, expected = ours.detach().double(), expected.detach().double()
+    assert torch.equal(torch.isnan(ours), torch.isnan(expected))
+    assert torch.equal(torch.isposinf(ours), torch.isposinf(expected))
+    assert torch.equal(torch.isneginf(ours), torch.isneginf(expected))
+    finite = torch.isfinite(expected)
+    if finite.any():
+        scale = expected[finite].abs().max().clamp_min(1e-30)
+        assert ((ours[finite] - expected[finite]).abs().max() / scale).item() <= rtol
+
+
+def reference_nonfinite(x, running_mean, running_var):
+    """The eager formula and its autograd, in x's accumulate dtype (float32 here)."""
+    x_ref = x.detach().float().requires_grad_(True)
+    loss = reference.bn_stat_loss(x_ref, running_mean, running_var)
+    (grad,) = torch.autograd.grad(loss, x_ref)
+    return loss, grad, reference.batch_mean_var(x.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=list(NONFINITE_CASES))
+def test_nan_inf_and_overflow_follow_the_eager_formula(case, layout, device):
+    x = nonfinite_input(case, layout).to(device).requires_grad_(True)
+    running_mean, running_var = make_targets(3, device)
+    loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
+    (grad,) = torch.autograd.grad(loss, x)
+    mean, var = delt_ext.batch_mean_var(x)
+    ref_loss, ref_grad, (ref_mean, ref_var) = reference_nonfinite(x, running_mean, running_var)
+    assert_matches_with_nonfinite(loss, ref_loss, 1e-5)
+    assert_matches_with_nonfinite(mean, ref_mean, 1e-5)
+    assert_matches_with_nonfinite(var, ref_var, 1e-4)
+    assert_matches_with_nonfinite(grad, ref_grad, 1e-4)
+    if "nan" in case:
+        # NaN anywhere in the layer's input: the loss and every gradient element are NaN.
+        assert torch.isnan(loss) and torch.isnan(grad).all()
+
+
+def test_nan_and_overflow_cases_from_the_audit():
+    # Issue: 1e37 as x[0, 0, 0, 0] gave mean -inf (torch: 3.9e34); 3e38 gave a NaN loss where the
+    # eager formula gives inf; +inf gave mean NaN where torch gives inf.
+    x = make_input((8, 16, 9, 7), torch.float32, "nchw")
+    running_mean, running_var = make_targets(16)
+    x[0, 0, 0, 0] = 1e37
+    mean, _ = delt_ext.batch_mean_var(x)
+    torch.testing.assert_close(mean[0], x[:, 0].mean(), rtol=1e-6, atol=0)
+    x[0, 0, 0, 0] = 3e38
+    assert torch.isposinf(delt_ext.bn_stat_loss(x, running_mean, running_var))
+    x[0, 0, 0, 0] = float("inf")
+    assert torch.isposinf(delt_ext.batch_mean_var(x)[0][0])
+    x[0, 0, 0, 0] = float("nan")
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(delt_ext.bn_stat_loss(x, running_mean, running_var), x)
+    assert torch.isnan(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_nan_and_inf_in_other_dtypes(dtype):
+    for case in ("nan", "+inf first", "+inf and -inf"):
+        x = nonfinite_input(case, "nchw", dtype).requires_grad_(True)
+        running_mean, running_var = make_targets(3)
+        loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
+        (grad,) = torch.autograd.grad(loss, x)
+        x_ref = x.detach().to(ops_accumulate(dtype)).requires_grad_(True)
+        ref_loss = reference.bn_stat_loss(x_ref, running_mean, running_var)
+        (ref_grad,) = torch.autograd.grad(ref_loss, x_ref)
+        assert_matches_with_nonfinite(loss, ref_loss, 1e-5)
+        assert torch.equal(torch.isnan(grad), torch.isnan(ref_grad))
+        mean, var = delt_ext.batch_mean_var(x)
+        ref_mean, ref_var = reference.batch_mean_var(x.detach())
+        assert_matches_with_nonfinite(mean, ref_mean, 1e-5)
+        assert_matches_with_nonfinite(var, ref_var, 1e-4)
+
+
+def ops_accumulate(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nonfinite_results_do_not_depend_on_thread_count(layout, num_threads):
+    x = make_input((100, 64, 8, 8), torch.float32, layout)
+    x[3, 5, 1, 1] = float("inf")
+    x[0, 7, 0, 0] = 1e37
+    x[9, 9, 2, 2] = float("nan")
+    running_mean, running_var = make_targets(64)
+    results = []
+    for threads in (1, 2, 3):
+        num_threads(threads)
+        results.append((*torch.ops.delt_ext.bn_stat_loss(x, running_mean, running_var),))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -402,6 +553,35 @@ def test_setup_without_torch_says_what_to_do():
     message = result.stderr.strip().splitlines()[-1]
     assert "install torch first" in message.lower()
     assert "pip install --no-build-isolation ." in message
+
+
+@pytest.mark.parametrize(
+    "variable, flags",
+    [
+        ("NVCC_FLAGS", "-O3 --use_fast_math"),
+        ("NVCC_FLAGS", "-use_fast_math"),
+        ("NVCC_FLAGS", "--ftz=true"),
+        ("NVCC_FLAGS", "--prec-div=false"),
+        ("NVCC_FLAGS", "-Xcompiler=-ffast-math,-O3"),
+        ("NVCC_APPEND_FLAGS", "--use_fast_math"),
+    ],
+)
+def test_setup_refuses_fast_math_nvcc_flags(variable, flags):
+    env = {**os.environ, variable: flags}
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert variable in message and "fast-math" in message and "not supported" in message
+
+
+def test_setup_accepts_ordinary_nvcc_flags():
+    env = {**os.environ, "NVCC_FLAGS": "-O3 --ftz=false -lineinfo"}
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # ---- CUDA --------------------------------------------------------------------------------------

@@ -4,7 +4,16 @@
 //   S1 = sum(x - K_c),  S2 = sum((x - K_c)^2),  mean = K_c + S1/M,  var = S2/M - (S1/M)^2.
 // A shift taken from the data keeps both terms of var of the order of var itself, so a large
 // mean (1e4 with std 1 in float32) costs no precision (the shifted-data algorithm), and partial
-// sums merge by plain addition.
+// sums merge by plain addition. A non-finite first value gives K_c = 0.
+//
+// Non-finite values. A channel whose merged S1 or S2 is not finite (a NaN or an infinity in x,
+// or sums that overflowed, e.g. an outlier 1e37 as the shift of float32 data) is recomputed
+// exactly: a two-pass mean and variance in float64 over the channel, which gives what the eager
+// formula gives (NaN for NaN, +-inf means and NaN variances for infinities, finite means of
+// huge values). Ordinary finite data never take that path, so their results are unchanged.
+// In the loss, a statistic that overflows the returned dtype enters as that overflowed value
+// (inf), as in the eager formula; a NaN norm gives NaN coefficients for every channel (the
+// gradient of a NaN loss is NaN everywhere, as autograd gives); only a zero norm gives 0.
 //
 // Determinism. Each partial sum covers a fixed block of elements (kChunkElements for NCHW,
 // rows_per_chunk rows for channels_last), accumulated in float32 lanes (float64 for float64
@@ -152,6 +161,38 @@ DELT_CPU_CLONES void rows_centered_affine(const T* x, T* out, int64_t rows, int6
   }
 }
 
+inline bool is_finite(double v) { return v - v == 0.0; }  // false for NaN and +-inf
+
+// The shift of a channel: its first value, or 0 when that is not finite.
+template <typename acc_t>
+inline acc_t shift_of(acc_t first) {
+  return is_finite(static_cast<double>(first)) ? first : acc_t(0);
+}
+
+// Exact float64 mean and biased variance of channel c (two passes, in memory order).
+template <typename scalar_t>
+void exact_channel_moments(const scalar_t* data, Layout layout, int64_t N, int64_t C, int64_t HW,
+                           int64_t c, double& mean, double& var) {
+  auto at = [&](int64_t n, int64_t i) {
+    return static_cast<double>(layout == Layout::kNCHW ? data[(n * C + c) * HW + i]
+                                                       : data[(n * HW + i) * C + c]);
+  };
+  const double M = static_cast<double>(N * HW);
+  double sum = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t i = 0; i < HW; ++i) sum += at(n, i);
+  }
+  mean = sum / M;
+  double squares = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t i = 0; i < HW; ++i) {
+      const double d = at(n, i) - mean;
+      squares += d * d;
+    }
+  }
+  var = squares / M;
+}
+
 // 16-bit inputs are widened to float (and results narrowed) through a small buffer, so every
 // dtype runs the same float loops above.
 template <typename scalar_t, typename acc_t>
@@ -183,7 +224,7 @@ void channel_moments(const at::Tensor& x, Layout layout, std::vector<double>& me
     const int64_t pieces = HW >= kChunkElements ? (HW + kChunkElements - 1) / kChunkElements : 1;
     const int64_t planes = HW >= kChunkElements ? 1 : kChunkElements / HW;
     chunks = pieces > 1 ? N * pieces : (N + planes - 1) / planes;
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c * HW]);
+    for (int64_t c = 0; c < C; ++c) shift[c] = shift_of(static_cast<acc_t>(data[c * HW]));
     part1.assign(C * chunks, 0.0);  // [C][chunks]
     part2.assign(C * chunks, 0.0);
     if (pieces > 1) {
@@ -232,7 +273,7 @@ void channel_moments(const at::Tensor& x, Layout layout, std::vector<double>& me
     // x is an (M, C) row-major matrix; a chunk is a block of rows, vectorized across channels.
     const int64_t rows = std::clamp<int64_t>(kChunkElements * 8 / C, 1, kChunkRowsMax);
     chunks = (M + rows - 1) / rows;
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c]);
+    for (int64_t c = 0; c < C; ++c) shift[c] = shift_of(static_cast<acc_t>(data[c]));
     part1.assign(chunks * C, 0.0);  // [chunks][C]
     part2.assign(chunks * C, 0.0);
     const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows * C));
@@ -256,16 +297,33 @@ void channel_moments(const at::Tensor& x, Layout layout, std::vector<double>& me
   const int64_t stride_channel = layout == Layout::kNCHW ? chunks : 1;
   mean.resize(C);
   var.resize(C);
+  std::vector<int64_t> inexact;  // channels whose shifted sums are not finite
   for (int64_t c = 0; c < C; ++c) {
     double s1 = 0.0, s2 = 0.0;
     for (int64_t k = 0; k < chunks; ++k) {
       s1 += part1[c * stride_channel + k * stride_chunk];
       s2 += part2[c * stride_channel + k * stride_chunk];
     }
+    if (!is_finite(s1) || !is_finite(s2)) inexact.push_back(c);
     const double d = s1 / static_cast<double>(M);
     mean[c] = static_cast<double>(shift[c]) + d;
     var[c] = std::max(s2 / static_cast<double>(M) - d * d, 0.0);
   }
+  const int64_t repairs = static_cast<int64_t>(inexact.size());
+  at::parallel_for(0, repairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t c = inexact[k];
+      exact_channel_moments(data, layout, N, C, HW, c, mean[c], var[c]);
+    }
+  });
+}
+
+// Statistic s (float64) as the loss sees it: s itself, unless rounding it to the returned dtype
+// overflows; then the overflowed value, as the eager formula computes with it.
+template <typename acc_t>
+inline double as_returned(double s) {
+  const acc_t rounded = static_cast<acc_t>(s);
+  return is_finite(static_cast<double>(rounded)) ? s : static_cast<double>(rounded);
 }
 
 template <typename T>
@@ -309,19 +367,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_cpu(
   const std::vector<double> target_var = to_doubles(running_var);
   std::vector<double> dmean(C), dvar(C);
   double ss_mean = 0.0, ss_var = 0.0;
+  const auto options = x.options().dtype(accumulate_type(x.scalar_type()));
+  const bool is_double = options.dtype() == at::kDouble;
   for (int64_t c = 0; c < C; ++c) {
-    dmean[c] = mean[c] - target_mean[c];
-    dvar[c] = var[c] - target_var[c];
+    const double m = is_double ? mean[c] : as_returned<float>(mean[c]);
+    const double v = is_double ? var[c] : as_returned<float>(var[c]);
+    dmean[c] = m - target_mean[c];
+    dvar[c] = v - target_var[c];
     ss_mean += dmean[c] * dmean[c];
     ss_var += dvar[c] * dvar[c];
   }
   const double norm_mean = std::sqrt(ss_mean), norm_var = std::sqrt(ss_var);
   std::vector<double> coef(2 * C);
   for (int64_t c = 0; c < C; ++c) {
-    coef[c] = norm_mean > 0.0 ? dmean[c] / norm_mean : 0.0;
-    coef[C + c] = norm_var > 0.0 ? dvar[c] / norm_var : 0.0;
+    // 0 only at a zero norm (autograd's subgradient); a NaN norm makes every coefficient NaN.
+    coef[c] = norm_mean == 0.0 ? 0.0 : dmean[c] / norm_mean;
+    coef[C + c] = norm_var == 0.0 ? 0.0 : dvar[c] / norm_var;
   }
-  const auto options = x.options().dtype(accumulate_type(x.scalar_type()));
   const std::vector<double> loss_value = {norm_mean + norm_var};
   if (options.dtype() == at::kDouble) {
     return {to_tensor<double>(loss_value, options).reshape({}), to_tensor<double>(mean, options),
@@ -344,8 +406,12 @@ void batch_stat_backward_kernel(const at::Tensor& x, Layout layout, const at::Te
   for (int64_t c = 0; c < C; ++c) {
     const double gm_c = static_cast<double>(gm.const_data_ptr<acc_t>()[c]);
     const double gv_c = static_cast<double>(gv.const_data_ptr<acc_t>()[c]);
-    c1[c] = static_cast<acc_t>(scale * gm_c * inv_m);
-    c2[c] = static_cast<acc_t>(2.0 * scale * gv_c * inv_m);
+    // g * grad is rounded to acc_t first, as when the caller scales the gradients itself (and
+    // as the CUDA kernel computes): the fused scale gives the same bits as the unfused one.
+    const double scaled_gm = static_cast<double>(static_cast<acc_t>(scale * gm_c));
+    const double scaled_gv = static_cast<double>(static_cast<acc_t>(scale * gv_c));
+    c1[c] = static_cast<acc_t>(scaled_gm * inv_m);
+    c2[c] = static_cast<acc_t>(2.0 * scaled_gv * inv_m);
     mu[c] = m.const_data_ptr<acc_t>()[c];
   }
   const scalar_t* in = x.const_data_ptr<scalar_t>();
