@@ -476,3 +476,64 @@ def test_every_third_party_import_is_a_declared_dependency():
     assert {"torch", "numpy", "matplotlib"} <= imported
     missing = {DISTRIBUTION_OF.get(name, name).lower() for name in imported} - declared
     assert not missing, f"imported but not declared in pyproject.toml dependencies: {missing}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to list the tracked files")
+def test_editable_install_builds_in_place_and_works(tmp_path):
+    # A copy of the checkout, installed with `pip install -e . --no-build-isolation` into a fresh
+    # virtual environment that sees torch and the other dependencies, not the installed delt_ext.
+    # CPU-only to keep it short (a full compile here: the CUDA kernels are not what is tested).
+    checkout = tmp_path / "checkout"
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for name in filter(None, tracked):
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, checkout / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    torch_site = Path(torch.__file__).resolve().parents[1]
+    for entry in Path(torch.__file__).parents[1].iterdir():
+        if entry.name.split("-")[0] not in ("delt", "delt_ext", "delt_ext.egg") and not (
+            entry.name.startswith(("delt_ext", "__editable__", "__pycache__"))
+        ):
+            (deps / entry.name).symlink_to(entry)
+    for entry in Path(sys.prefix).glob("lib/python*/site-packages/*.pth"):  # e.g. a base venv
+        if not (deps / entry.name).exists():
+            (deps / entry.name).symlink_to(entry)
+    assert (deps / "torch").exists(), torch_site
+    (Path(site) / "zz_deps.pth").write_text(f"import site; site.addsitedir({str(deps)!r})\n")
+    env = {**__import__("os").environ, "FORCE_ONLY_CPU": "1"}
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-e", ".",
+         "--no-build-isolation", "--no-deps", "--quiet"],
+        cwd=checkout, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    built = list((checkout / "delt_ext").glob("_C*"))
+    assert built, "the editable install did not build delt_ext/_C in the checkout"
+    for cwd in (tmp_path, checkout):  # from elsewhere, and from the checkout itself
+        check = subprocess.run(
+            [python, "-c", "import delt_ext, delt; print(delt_ext.HAS_OPS, delt_ext.__file__, "
+             "delt.__file__)"],
+            cwd=cwd, capture_output=True, text=True,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stderr
+        has_ops, ext_file, delt_file = check.stdout.split()
+        assert has_ops == "True" and "RuntimeWarning" not in check.stderr
+        assert Path(ext_file).parent == checkout / "delt_ext"
+        assert Path(delt_file).parent == checkout / "python" / "delt"
+    report = subprocess.run(
+        [python, "-m", "delt_ext"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    assert "active path       compiled ops" in report and str(built[0]) in report
+    cli = subprocess.run([venv / "bin" / "delt", "--help"], capture_output=True, text=True)
+    assert cli.returncode == 0 and "usage: delt" in cli.stdout, cli.stderr
