@@ -9,6 +9,23 @@ from delt_ext.functional import bn_stat_loss
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
+def refuse_replica(owner: str, layer: str, called: nn.Module, hooked: nn.Module) -> None:
+    """Raises when a hook runs for a copy of the module it was attached to.
+
+    ``nn.DataParallel`` over several GPUs runs shallow copies (replicas) of every module, one per
+    GPU and thread, which share the original's hook dictionaries: a hook that stores a result
+    would be overwritten by whichever replica finishes last and cover only that replica's part of
+    the batch. With one device DataParallel calls the module itself, which passes.
+    """
+    if called is not hooked:
+        raise RuntimeError(
+            f"{owner}: layer '{layer}' ran as a copy of the hooked module (an nn.DataParallel "
+            "replica: several GPUs are visible). Each replica sees only part of the batch and "
+            "their statistics would overwrite each other; make one GPU visible "
+            "(CUDA_VISIBLE_DEVICES=0) or run one process per GPU (torchrun) instead."
+        )
+
+
 class BNStatMatching:
     """Matches the batch statistics of every BN layer's input to the layer's running statistics.
 
@@ -69,12 +86,7 @@ class BNStatMatching:
 
     def _recorder(self, index: int):
         def record(module: nn.Module, args) -> None:
-            if module is not self._modules[index]:
-                raise RuntimeError(
-                    f"BNStatMatching: layer '{self.layer_names[index]}' ran as a copy of the "
-                    "hooked module (nn.DataParallel replica?). Its statistics would race; run one "
-                    "process per GPU (DistributedDataParallel) instead."
-                )
+            refuse_replica("BNStatMatching", self.layer_names[index], module, self._modules[index])
             x = args[0]
             if x.dim() != 4:
                 raise ValueError(

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from delt_ext._library import HAS_OPS, LOAD_ERROR
+from delt_ext._library import HAS_OPS, LIBRARY_PATH, LOAD_ERROR, PACKAGE_DIR, fallback_message
 from delt_ext._version import __version__
 
 
@@ -20,15 +20,29 @@ class BuildInfo:
     cuda_version: str | None  # CUDA runtime the kernels were compiled with
     cuda_archs: tuple[str, ...]  # compute capabilities with device code, e.g. ("8.0", "9.0")
     cuda_available: bool  # a GPU is usable right now
+    package_path: str = PACKAGE_DIR  # the delt_ext folder that was imported
+    library_path: str | None = None  # the compiled _C file that was loaded
+    fallback_reason: str = ""  # why the reference fallback is in use (empty when compiled)
+
+    @property
+    def active_path(self) -> str:
+        """Which implementation the public functions run: the compiled ops or the fallback."""
+        if self.compiled_library:
+            return "compiled ops (torch.ops.delt_ext)"
+        return "pure-PyTorch reference fallback (delt_ext.reference; correct but slow)"
 
     def __str__(self) -> str:
         rows = [
             ("delt_ext", self.version),
             ("torch", f"{self.torch_version} (CUDA {self.torch_cuda or 'none'})"),
+            ("imported from", self.package_path),
             (
                 "compiled library",
-                "loaded" if self.compiled_library else f"NOT loaded: {self.load_error}",
+                f"loaded from {self.library_path}"
+                if self.compiled_library
+                else f"NOT loaded: {self.load_error}",
             ),
+            ("active path", self.active_path),
         ]
         if self.compiled_library:
             rows += [
@@ -42,7 +56,10 @@ class BuildInfo:
                 ]
         rows.append(("GPU available", "yes" if self.cuda_available else "no"))
         width = max(len(key) for key, _ in rows)
-        return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+        text = "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+        if self.fallback_reason:
+            text += "\n\n" + self.fallback_reason
+        return text
 
 
 def build_info() -> BuildInfo:
@@ -67,4 +84,7 @@ def build_info() -> BuildInfo:
         cuda_version=cuda_version,
         cuda_archs=archs,
         cuda_available=torch.cuda.is_available(),
+        package_path=PACKAGE_DIR,
+        library_path=LIBRARY_PATH,
+        fallback_reason=fallback_message(),
     )
