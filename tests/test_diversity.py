@@ -66,7 +66,9 @@ def test_penultimate_features_are_the_classifier_input():
     images = torch.randn(7, 3, 16, 16)
     features = penultimate_features(model, images, batch_size=3)
     assert features.shape == (7, 4 * 4 * 4)
-    assert torch.allclose(features, torch.flatten(model.features(images), 1))
+    # Batches of 3 vs 7 may round differently in the convolution (1 seed in 200 differed by
+    # more than allclose's default atol of 1e-8 near zero).
+    assert torch.allclose(features, torch.flatten(model.features(images), 1), atol=1e-6)
     assert final_linear(model) is model.classifier
 
 
