@@ -16,7 +16,7 @@ from delt.data import load_like
 from delt.distilled import Manifest, load_distilled, save_distilled
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
-from delt.io import read_json, sha256_file, write_json
+from delt.io import check_output, read_json, sha256_file, write_json
 from delt.models import TeacherMismatchError, load_checkpoint, model_spec
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
@@ -199,6 +199,8 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     ``print_summary``: print the table of steps (``delt demo`` prints its own).
     """
     out = Path(config.out)
+    # Each step probes its own folder before its work; a cached run writes nothing.
+    check_output(out, "--out", probe=False)
     steps: list[dict] = []
 
     def timed(name: str, cached: bool, seconds: float, result: str) -> None:
