@@ -73,7 +73,7 @@ def _os_error(error: BaseException) -> OSError | None:
     return None
 
 
-def _write_error(path: Path, error: BaseException) -> WriteError:
+def _write_error(path: Path, error: BaseException, started: bool = True) -> WriteError:
     cause = _os_error(error)
     if cause is not None and cause.errno == errno.ENOSPC:
         reason = "the disk is full (no space left on device)"
@@ -85,9 +85,9 @@ def _write_error(path: Path, error: BaseException) -> WriteError:
         reason = cause.strerror or str(cause)
     else:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    cleanup = " (the partial temporary file was removed)" if started else ""
     return WriteError(
-        f"cannot write {path}: {reason}; nothing was replaced (the partial temporary file was "
-        "removed)",
+        f"cannot write {path}: {reason}; nothing was replaced{cleanup}",
         None if cause is None else cause.errno,
     )
 
@@ -102,7 +102,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise _write_error(path, error) from error
+        raise _write_error(path, error, started=False) from error
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -242,7 +242,7 @@ def check_output(
     if not probe:
         return
     try:
-        fd, probe = tempfile.mkstemp(prefix=".delt-write-check.", suffix=".tmp", dir=existing)
+        fd, probe_name = tempfile.mkstemp(prefix=".delt-write-check.", suffix=".tmp", dir=existing)
     except OSError as error:
         reason = {
             errno.EROFS: "the file system is read-only",
@@ -252,7 +252,7 @@ def check_output(
         message = f"{label} {path}: cannot write in {existing}: {reason}"
         raise WriteError(message, error.errno) from None
     os.close(fd)
-    os.unlink(probe)
+    os.unlink(probe_name)
 
 
 def to_uint8(image: Tensor, image_format: str = "png") -> Tensor:
