@@ -336,6 +336,10 @@ def _markdown(report, evaluation, diversity, manifest, steps, teacher_meta) -> s
         f"T {eval_config['temperature']} |",
         f"| recovery | MI {manifest.config.get('iterations', '-')}, RI "
         f"{manifest.config.get('round_iterations', '-') or '-'}, seed {manifest.seed} |",
+        # Results differ in the last bits between thread counts (README, "Threads").
+        f"| torch CPU threads (recovery, evaluation) "
+        f"| {manifest.versions.get('torch_threads', '-')}, "
+        f"{evaluation.document['versions'].get('torch_threads', '-')} |",
         "",
         "## Seeds",
         "",
