@@ -16,7 +16,8 @@ from delt.data import load_like
 from delt.distilled import Manifest, load_distilled, save_distilled
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
-from delt.io import read_json, sha256_file, write_json
+from delt.io import read_json, remove_stray_temporaries, sha256_file, write_json
+from delt.lock import output_lock
 from delt.models import TeacherMismatchError, load_checkpoint, model_spec
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
@@ -197,7 +198,21 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     """Runs (or reuses) every step of the pipeline; writes the report files; returns them.
 
     ``print_summary``: print the table of steps (``delt demo`` prints its own).
+
+    Holds ``OUT/.lock`` (each step also locks its own folder). Every step is keyed by content
+    (flags and input SHA-256s, never paths), so a copied or moved folder is reused as it is; a
+    re-run with every step cached writes nothing.
     """
+    with output_lock(config.out) as lock:
+        if lock.held:
+            # The steps' own folders are cleaned by the steps; the random-real draw has none.
+            remove_stray_temporaries(config.out, recursive=False)
+            if config.method == "random-real":
+                remove_stray_temporaries(Path(config.out) / "distilled", recursive=False)
+        return _distill(config, print_summary)
+
+
+def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     out = Path(config.out)
     steps: list[dict] = []
 
@@ -231,9 +246,15 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     if config.method == "delt":
         start = time.perf_counter()
         select_config = config.select_config(teacher_path)
-        cached = (selection_dir / "selection.json").is_file() and read_json(
-            selection_dir / "selection.json"
-        ).get("config") == identity_dict(select_config)
+        saved_config = (
+            read_json(selection_dir / "selection.json").get("config", {})
+            if (selection_dir / "selection.json").is_file()
+            else None
+        )
+        # Selections of before the teacher path left their identity still record it.
+        cached = saved_config is not None and {
+            k: v for k, v in saved_config.items() if k != "teacher"
+        } == identity_dict(select_config)
         select_images(select_config)
         selection_sha256 = sha256_file(selection_dir / "selection.json")
         timed("select", cached, time.perf_counter() - start, f"{config.strategy}, IPC {config.ipc}")
@@ -294,7 +315,7 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     # 6. report
     images, labels, _ = load_distilled(distilled)
     teacher_checkpoint = load_checkpoint(teacher_path)
-    write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")
+    write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")  # if changed
     report = {
         "method": config.method,
         "dataset": config.dataset,
@@ -306,7 +327,14 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
         "image_iterations": int(manifest.image_iterations),
     }
     markdown = _markdown(report, evaluation, diversity, manifest, steps, teacher_checkpoint.meta)
-    write_run_report(out, report, markdown)
+    outputs = [out / "report.json", out / "report.md", out / "grid.png"]
+    if not (
+        all(step["cached"] for step in steps)
+        and all(path.is_file() for path in outputs)
+        and read_json(out / "report.json") == report
+    ):
+        # (A re-run with every step cached keeps the report of the run that computed them.)
+        write_run_report(out, report, markdown)
     if print_summary:
         _print_summary(out, steps)
     return DistillResult(out, report, evaluation, steps)
