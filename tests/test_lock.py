@@ -147,3 +147,17 @@ def test_stray_temporaries_are_ours_only(tmp_path):
     other.write_text("x")
     assert remove_stray_temporaries(tmp_path, names=("eval.json",), recursive=False) == [only]
     assert other.exists()
+
+
+def test_a_folder_made_for_the_lock_goes_again_if_nothing_was_written(tmp_path):
+    with pytest.raises(RuntimeError):
+        with output_lock(tmp_path / "refused"):
+            raise RuntimeError("the command was refused before writing")
+    assert not (tmp_path / "refused").exists()
+    with output_lock(tmp_path / "kept"):
+        (tmp_path / "kept" / "run.json").write_text("{}")
+    assert _files_in(tmp_path / "kept") == ["run.json"]
+
+
+def _files_in(folder):
+    return sorted(path.name for path in folder.iterdir())

@@ -18,7 +18,7 @@ from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
 from delt.io import read_json, remove_stray_temporaries, sha256_file, write_json
 from delt.lock import output_lock
-from delt.models import TeacherMismatchError, load_checkpoint, model_spec
+from delt.models import TeacherMismatchError, check_compatible, load_checkpoint, model_spec
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
 from delt.runtime import logger, versions
@@ -181,6 +181,7 @@ def _draw_random_real_set(config: DistillConfig, teacher_path: str, folder: Path
     teacher = load_checkpoint(teacher_path)
     start = time.perf_counter()
     dataset = load_like(teacher.info, "train", config.data_root)
+    check_compatible(teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
     images, labels, indices = draw_random_real(dataset, config.ipc, config.seed)
     seconds = time.perf_counter() - start
     manifest = Manifest(

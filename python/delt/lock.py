@@ -181,6 +181,8 @@ def output_lock(
         return
     job_id = shared_job_id if shared_job_id is not None else torchrun_job_id()
     path = folder / LOCK_NAME
+    # A folder made here and left empty (the command was refused) goes again at the end.
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = _open_locked(path)
@@ -229,6 +231,11 @@ def output_lock(
             except OSError:
                 pass
             os.close(lock._fd)
+        if created:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass
 
 
 @contextmanager
@@ -236,6 +243,10 @@ def results_lock(path: str | os.PathLike) -> Iterator[OutputLock]:
     """:func:`output_lock` of the folder a results file (``eval.json``, ``diversity.json``)
     goes to, removing that file's stray temporaries: one writer of the folder at a time."""
     path = Path(path)
+    if not path.parent.is_dir():
+        # Nothing there yet to protect (and no folder to make for a command that may be refused).
+        yield OutputLock(path.parent, held=False)
+        return
     with output_lock(path.parent, what=f"the folder of {path.name}") as lock:
         if lock.held:
             remove_stray_temporaries(path.parent, names=(path.name,), recursive=False)
