@@ -91,13 +91,23 @@ def test_the_ranks_of_one_job_share_the_lock(tmp_path, monkeypatch):
                 pass
         # Under torchrun the job id comes from the environment.
         monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
-        with output_lock(tmp_path) as lock:
-            assert not lock.held
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        with pytest.raises(OutputLockedError):  # another job
+            with output_lock(tmp_path):
+                pass
     finally:
         os.close(fd)
     with output_lock(tmp_path) as lock:
-        assert lock.held and json.loads((tmp_path / LOCK_NAME).read_text())["job"] == "job-7"
+        job = json.loads((tmp_path / LOCK_NAME).read_text())["job"]
+        assert lock.held and job == "none:127.0.0.1:29500"
+    fd = _hold(tmp_path, {"host": "h", "pid": 1, "started": "t", "job": job})
+    try:
+        with output_lock(tmp_path) as lock:  # a rank of this job
+            assert not lock.held
+    finally:
+        os.close(fd)
 
 
 def test_another_process_is_refused_at_once(tmp_path):

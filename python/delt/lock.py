@@ -8,10 +8,10 @@ holder deletes ``.lock`` when it is done (still holding it, so no one can slip i
 a finished folder holds no lock file; a folder nobody may write (read-only media) is left alone.
 
 The ranks of one ``torchrun`` job share a lock: the first rank to arrive takes it and records
-the job's id (``TORCHELASTIC_RUN_ID``, or ``shared_job_id``); a rank of that same job that finds
-it taken goes on without holding it, and everyone else is refused. The holder must therefore be
-the last rank to leave the folder (rank 0 after the final barrier), which is how a torchrun
-command that writes its outputs from rank 0 is structured anyway.
+the job's id (``TORCHELASTIC_RUN_ID`` with the rendezvous address, or ``shared_job_id``); a rank
+of that same job that finds it taken goes on without holding it, and everyone else is refused.
+The holder must therefore be the last rank to leave the folder (rank 0 after the final barrier),
+which is how a torchrun command that writes its outputs from rank 0 is structured anyway.
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def torchrun_job_id() -> str | None:
     """The id all ranks of the current ``torchrun`` job share, or None outside a multi-rank job."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT")
+    # torchrun's run id defaults to "none" without --standalone: the rendezvous address, which
+    # no two live jobs share, tells jobs apart.
+    parts = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+    return ":".join(os.environ.get(name, "") for name in parts)
 
 
 def _record(job_id: str | None) -> dict:
