@@ -206,8 +206,10 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     """
     with output_lock(config.out) as lock:
         if lock.held:
-            # The steps' own folders are cleaned by the steps; the random-real draw has none.
+            # The steps' own folders are cleaned by the steps; distill's own: OUT, OUT/steps and
+            # the random-real draw's.
             remove_stray_temporaries(config.out, recursive=False)
+            remove_stray_temporaries(Path(config.out) / "steps", recursive=False)
             if config.method == "random-real":
                 remove_stray_temporaries(Path(config.out) / "distilled", recursive=False)
         return _distill(config, print_summary)
