@@ -109,3 +109,36 @@ def test_teacher_of_another_dataset_is_refused(tiny_teacher, tmp_path):
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         _config(tmp_path, "t.pt", **overrides)
+
+
+def test_a_copied_run_folder_is_reused_as_it_is_and_nothing_is_written(tmp_path, monkeypatch):
+    # Issue 18 point 6: identities by content, so the copy's own teacher (at another path) and
+    # selection are the recorded ones; selection does not run again, and no file is rewritten.
+    import shutil
+
+    def config(out):
+        made = _config(out, "", arch="convnet1", width=4, teacher_epochs=1)
+        made.teacher = None  # trained into OUT/teacher
+        return made
+
+    first = distill(config(tmp_path / "run"))
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    before = {
+        path: (path.stat().st_ino, path.stat().st_mtime_ns)
+        for path in (tmp_path / "copy").rglob("*")
+        if path.is_file()  # (folders' mtimes change: the lock file comes and goes)
+    }
+    _forbid(
+        monkeypatch, "delt.distill.recover", "delt.select.score_images",
+        "delt.diversity.penultimate_features", "delt.teacher.build_model",
+    )  # fmt: skip
+    monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
+    again = distill(config(tmp_path / "copy"))
+    assert all(step["cached"] for step in again.steps)
+    assert again.report == first.report
+    after = {
+        path: (path.stat().st_ino, path.stat().st_mtime_ns)
+        for path in (tmp_path / "copy").rglob("*")
+        if path.is_file()  # (folders' mtimes change: the lock file comes and goes)
+    }
+    assert after == before

@@ -14,7 +14,7 @@ from delt.diversity import (
     measure_diversity,
     penultimate_features,
 )
-from delt.io import torch_save
+from delt.io import sha256_file, torch_save
 from delt.models import ConvNet, TeacherMismatchError, build_model, load_checkpoint
 from delt.recover import RecoverConfig, recover
 from torch import nn
@@ -137,6 +137,9 @@ def _altered_set(tiny_set, folder, images=None, labels=None):
     images = payload["images"] if images is None else images
     labels = payload["labels"] if labels is None else labels
     torch_save({"images": images, "labels": labels}, folder / "distilled.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["distilled_sha256"] = sha256_file(folder / "distilled.pt")  # a consistent set
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 

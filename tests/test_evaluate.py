@@ -6,7 +6,7 @@ import pytest
 import torch
 from delt.config import ConfigError
 from delt.evaluate import EvalConfig, draw_random_real, evaluate, mean_std
-from delt.io import torch_save
+from delt.io import sha256_file, torch_save
 from delt.models import TeacherMismatchError, load_checkpoint
 from delt.student import StudentTrainer
 
@@ -124,11 +124,13 @@ def test_eval_random_real_and_hard_labels(tiny_teacher, tmp_path):
 def test_empty_distilled_set_is_refused(tiny_set, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "manifest.json").write_text((tiny_set / "manifest.json").read_text())
     torch_save(
         {"images": torch.empty(0, 3, 8, 8), "labels": torch.empty(0, dtype=torch.int64)},
         empty / "distilled.pt",
     )
+    manifest = json.loads((tiny_set / "manifest.json").read_text())
+    manifest["distilled_sha256"] = sha256_file(empty / "distilled.pt")
+    (empty / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="the distilled set is empty"):
         evaluate(_eval_config(empty))
 

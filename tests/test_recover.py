@@ -129,10 +129,11 @@ def test_manifest_synthesis_seconds_is_the_chunks_optimization_time_summed(
     saved = [torch.load(path, weights_only=True)["seconds"] for path in chunk_files]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["synthesis_seconds"] == first.synthesis_seconds == pytest.approx(sum(saved))
-    # As if an earlier process had spent 1000 s on chunk 0: a re-run optimizes nothing, yet
-    # reports that time.
+    # As if an earlier process had spent 1000 s on chunk 0 and been killed before writing the
+    # manifest: a re-run optimizes nothing, yet reports that time.
     chunk = torch.load(chunk_files[0], weights_only=True)
     torch.save({**chunk, "seconds": 1000.0}, chunk_files[0])
+    (tmp_path / "manifest.json").unlink()
     start = time.perf_counter()
     again = recover(config)
     assert time.perf_counter() - start < 1000

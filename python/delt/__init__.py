@@ -6,7 +6,8 @@ of lower floors or ones listed before it on its own floor, never another module'
 (``tests/test_layering.py`` checks it). :mod:`delt_ext` sits below all of them and never imports
 ``delt``.
 
-    config, io, runtime     flags from dataclasses; atomic files; devices, seeds, logging
+    config, io, runtime,    flags from dataclasses; atomic files; devices, seeds, logging;
+      lock                  one writer per output folder (OUT/.lock)
     data                    dataset registry, DatasetInfo, DataMismatchError
     models                  model registry, checkpoints, TeacherMismatchError
     schedules               pure schedules: EarlyLate, chunks, LR, crop curriculum, stages
@@ -23,7 +24,7 @@ of lower floors or ones listed before it on its own floor, never another module'
 
 # The declared order (floors, lowest first), read by tests/test_layering.py.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "io", "runtime"),
+    ("config", "io", "runtime", "lock"),
     ("data",),
     ("models",),
     ("schedules",),

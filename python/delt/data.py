@@ -9,6 +9,7 @@ travels with teachers, selections and distilled sets.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "TensorImageDataset",
     "load_dataset",
     "load_like",
+    "same_dataset_name",
 ]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -128,6 +130,26 @@ class ImageDataset(torch.utils.data.Dataset):
         """The normalized images at ``indices``, stacked: (n, C, H, W) float32."""
         return torch.stack([self[int(i)][0] for i in indices])
 
+    def fingerprint(self) -> str:
+        """``"sha256:<hex>"`` of this split's labels and a fixed sample of its images (computed
+        once per dataset object): two splits of the same name and shape but other data differ.
+
+        Teachers and selections record their training split's fingerprint;
+        :func:`delt.models.check_compatible` compares it.
+        """
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            digest = hashlib.sha256()
+            digest.update(repr((len(self), self.info.channels, self.info.resolution)).encode())
+            digest.update(self.targets.to(torch.int64).numpy().tobytes())
+            self._fingerprint_sample(digest)
+            cached = self._fingerprint = f"sha256:{digest.hexdigest()}"
+        return cached
+
+    def _fingerprint_sample(self, digest) -> None:
+        for index in _sample_indices(len(self)):
+            digest.update(self[index][0].numpy().tobytes())
+
 
 class TensorImageDataset(ImageDataset):
     """A dataset held in memory as uint8 (N, C, H, W); normalized on access."""
@@ -145,6 +167,10 @@ class TensorImageDataset(ImageDataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.images([index])[0], int(self.targets[index])
+
+    def _fingerprint_sample(self, digest) -> None:
+        # The stored bytes, not a normalized float view: exact, whatever the normalization.
+        digest.update(self.pixels[torch.tensor(_sample_indices(len(self)))].numpy().tobytes())
 
     def images(self, indices: Sequence[int] | Tensor) -> Tensor:
         index = torch.as_tensor(indices, dtype=torch.int64)
@@ -181,11 +207,37 @@ class FolderImageDataset(ImageDataset):
         self.folder = _Ordered(str(folder), transform=transform)
         self.targets = torch.tensor(self.folder.targets, dtype=torch.int64)
 
+    def _fingerprint_sample(self, digest) -> None:
+        # The file list and the raw bytes of a sample of files: no decoding, so no dependence
+        # on the image library's version.
+        root = Path(self.folder.root)
+        for path, label in self.folder.samples:
+            digest.update(f"{Path(path).relative_to(root)}\t{label}\n".encode())
+        for index in _sample_indices(len(self), 16):
+            with open(self.folder.samples[index][0], "rb") as handle:
+                digest.update(handle.read())
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.folder[index]
         if image.shape[0] != self.info.channels:
             image = image.expand(self.info.channels, -1, -1)  # grayscale files in an RGB set
         return image, int(label)
+
+
+def _sample_indices(count: int, samples: int = 64) -> list[int]:
+    """``samples`` indices spread evenly over ``range(count)`` (all of them when fewer)."""
+    if count <= samples:
+        return list(range(count))
+    return [i * count // samples for i in range(samples)]
+
+
+def same_dataset_name(first: str, second: str) -> bool:
+    """Whether two dataset names (with options) name the same data: the options compared as a
+    set, so ``synthetic:seed=0,classes=4`` is ``synthetic:classes=4,seed=0``."""
+    try:
+        return _parse_name(first) == _parse_name(second)
+    except ValueError:
+        return first == second
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from delt.data import load_like
 from delt.distilled import Manifest, load_distilled, save_distilled
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
-from delt.io import check_output, read_json, sha256_file, write_json
-from delt.models import TeacherMismatchError, load_checkpoint, model_spec
+from delt.io import check_output, read_json, remove_stray_temporaries, sha256_file, write_json
+from delt.lock import output_lock
+from delt.models import TeacherMismatchError, check_compatible, load_checkpoint, model_spec
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
 from delt.runtime import logger, versions
@@ -180,6 +181,7 @@ def _draw_random_real_set(config: DistillConfig, teacher_path: str, folder: Path
     teacher = load_checkpoint(teacher_path)
     start = time.perf_counter()
     dataset = load_like(teacher.info, "train", config.data_root)
+    check_compatible(teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
     images, labels, indices = draw_random_real(dataset, config.ipc, config.seed)
     seconds = time.perf_counter() - start
     manifest = Manifest(
@@ -197,7 +199,23 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     """Runs (or reuses) every step of the pipeline; writes the report files; returns them.
 
     ``print_summary``: print the table of steps (``delt demo`` prints its own).
+
+    Holds ``OUT/.lock`` (each step also locks its own folder). Every step is keyed by content
+    (flags and input SHA-256s, never paths), so a copied or moved folder is reused as it is; a
+    re-run with every step cached writes nothing.
     """
+    with output_lock(config.out) as lock:
+        if lock.held:
+            # The steps' own folders are cleaned by the steps; distill's own: OUT, OUT/steps and
+            # the random-real draw's.
+            remove_stray_temporaries(config.out, recursive=False)
+            remove_stray_temporaries(Path(config.out) / "steps", recursive=False)
+            if config.method == "random-real":
+                remove_stray_temporaries(Path(config.out) / "distilled", recursive=False)
+        return _distill(config, print_summary)
+
+
+def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     out = Path(config.out)
     # Each step probes its own folder before its work; a cached run writes nothing.
     check_output(out, "--out", probe=False)
@@ -233,9 +251,15 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     if config.method == "delt":
         start = time.perf_counter()
         select_config = config.select_config(teacher_path)
-        cached = (selection_dir / "selection.json").is_file() and read_json(
-            selection_dir / "selection.json"
-        ).get("config") == identity_dict(select_config)
+        saved_config = (
+            read_json(selection_dir / "selection.json").get("config", {})
+            if (selection_dir / "selection.json").is_file()
+            else None
+        )
+        # Selections of before the teacher path left their identity still record it.
+        cached = saved_config is not None and {
+            k: v for k, v in saved_config.items() if k != "teacher"
+        } == identity_dict(select_config)
         select_images(select_config)
         selection_sha256 = sha256_file(selection_dir / "selection.json")
         timed("select", cached, time.perf_counter() - start, f"{config.strategy}, IPC {config.ipc}")
@@ -296,7 +320,7 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     # 6. report
     images, labels, _ = load_distilled(distilled)
     teacher_checkpoint = load_checkpoint(teacher_path)
-    write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")
+    write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")  # if changed
     report = {
         "method": config.method,
         "dataset": config.dataset,
@@ -308,7 +332,14 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
         "image_iterations": int(manifest.image_iterations),
     }
     markdown = _markdown(report, evaluation, diversity, manifest, steps, teacher_checkpoint.meta)
-    write_run_report(out, report, markdown)
+    outputs = [out / "report.json", out / "report.md", out / "grid.png"]
+    if not (
+        all(step["cached"] for step in steps)
+        and all(path.is_file() for path in outputs)
+        and read_json(out / "report.json") == report
+    ):
+        # (A re-run with every step cached keeps the report of the run that computed them.)
+        write_run_report(out, report, markdown)
     if print_summary:
         _print_summary(out, steps)
     return DistillResult(out, report, evaluation, steps)

@@ -2,8 +2,9 @@
 
 ``distilled.pt`` holds ``{"images": (N, C, H, W) float32 normalized, "labels": (N,) int64}``,
 class-major. ``manifest.json`` is a :class:`Manifest`; every writer and reader of a set goes
-through it. Older manifests (no ``format_version``, ``wall_seconds`` for ``synthesis_seconds``)
-still load.
+through it. The manifest records the SHA-256 of ``distilled.pt`` (``distilled_sha256``), checked
+at every load; a set written before the digest existed still loads. Older manifests (no
+``format_version``, ``wall_seconds`` for ``synthesis_seconds``) still load.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from typing import Any
 from torch import Tensor
 
 from delt.data import DataMismatchError, DatasetInfo
-from delt.io import FileFormatError, read_json, save_image, torch_load, torch_save, write_json
+from delt.io import (
+    FileFormatError,
+    IntegrityError,
+    read_json,
+    save_image,
+    sha256_file,
+    torch_load,
+    torch_save,
+    write_json,
+)
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
@@ -28,6 +38,7 @@ __all__ = [
     "save_distilled",
     "save_images",
     "union_prefix",
+    "verify_distilled",
 ]
 
 MANIFEST_KIND = "delt-distilled-set"
@@ -53,6 +64,7 @@ class Manifest:
         indices: random-real: the training-set indices drawn.
         stage, stages, stage_per_image: pdd: the last stage k of this union, one entry per
             stage, and each image's stage.
+        distilled_sha256: the SHA-256 of ``distilled.pt`` (None: written before it existed).
         extra: keys this version does not know (kept on a round trip).
     """
 
@@ -72,6 +84,7 @@ class Manifest:
     stage: int | None = None
     stages: list[dict[str, Any]] | None = None
     stage_per_image: list[int] | None = None
+    distilled_sha256: str | None = None
     format_version: int = MANIFEST_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -151,7 +164,8 @@ class Manifest:
             ) from None
 
 
-_OPTIONAL = ("indices", "stage", "stages", "stage_per_image")  # left out of the JSON when None
+# Left out of the JSON when None.
+_OPTIONAL = ("indices", "stage", "stages", "stage_per_image", "distilled_sha256")
 
 
 def _required(item: dataclasses.Field) -> bool:
@@ -199,7 +213,22 @@ def save_distilled(folder: str | Path, images: Tensor, labels: Tensor, manifest:
     folder = Path(folder)
     manifest.files.setdefault("distilled", "distilled.pt")
     torch_save({"images": images.contiguous(), "labels": labels}, folder / "distilled.pt")
+    manifest.distilled_sha256 = sha256_file(folder / "distilled.pt")
     manifest.save(folder)
+
+
+def verify_distilled(folder: str | Path, manifest: Manifest) -> None:
+    """Checks ``folder/distilled.pt`` against the SHA-256 its manifest recorded (if any).
+
+    Raises:
+        IntegrityError: they differ.
+    """
+    path = Path(folder) / "distilled.pt"
+    if manifest.distilled_sha256 is not None and sha256_file(path) != manifest.distilled_sha256:
+        raise IntegrityError(
+            f"{path}: its SHA-256 differs from the one manifest.json recorded when it was "
+            "saved; the file is corrupt or was changed (re-run the command that made it)"
+        )
 
 
 def load_distilled(folder: str | Path) -> tuple[Tensor, Tensor, Manifest]:
@@ -212,8 +241,10 @@ def load_distilled(folder: str | Path) -> tuple[Tensor, Tensor, Manifest]:
         )
     if not (folder / "manifest.json").is_file():
         raise FileNotFoundError(f"--distilled {folder}: no manifest.json beside distilled.pt")
+    manifest = Manifest.load(folder)
+    verify_distilled(folder, manifest)
     images, labels = _load_set_file(folder / "distilled.pt")
-    return images, labels, Manifest.load(folder)
+    return images, labels, manifest
 
 
 def _load_set_file(path: Path) -> tuple[Tensor, Tensor]:
@@ -282,6 +313,7 @@ def load_stage_unions(folder: str | Path) -> list[tuple[Tensor, Tensor]]:
             f"--distilled {folder} was made by --method {manifest.method}, not pdd: it "
             "has no stages to train on one after another"
         )
+    verify_distilled(folder, manifest)
     images, labels = _load_set_file(Path(folder) / "distilled.pt")
     return [
         (

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from delt.config import ConfigError, check_int_fields, option
 from delt.distilled import check_distilled_set, load_distilled
 from delt.io import check_output, read_json, sha256_file, write_json
+from delt.lock import results_lock
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint
 from delt.runtime import logger, resolve_device, versions
 
@@ -156,6 +157,12 @@ def measure_diversity(config: DiversityConfig) -> DiversityResult:
             was trained on another dataset.
         FileNotFoundError: no ``--model`` checkpoint.
     """
+    out = Path(config.out) if config.out else Path(config.distilled) / "diversity.json"
+    with results_lock(out):
+        return _measure_diversity(config, out)
+
+
+def _measure_diversity(config: DiversityConfig, out: Path) -> DiversityResult:
     folder = Path(config.distilled)
     images, labels, manifest = load_distilled(folder)
     info = manifest.dataset
@@ -167,7 +174,6 @@ def measure_diversity(config: DiversityConfig) -> DiversityResult:
             f"--model {config.model}: no such checkpoint ({model_path})"
             + (" named by the manifest; pass --model PATH" if config.model == "teacher" else "")
         )
-    out = Path(config.out) if config.out else folder / "diversity.json"
     identity = {
         "model_sha256": sha256_file(Path(model_path)),
         "distilled_sha256": sha256_file(folder / "distilled.pt"),

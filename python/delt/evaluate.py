@@ -23,12 +23,14 @@ from delt.config import ConfigError, check_int_fields, flag, identity_dict, opti
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, check_distilled_set, load_distilled
 from delt.io import check_output, read_json, sha256_file, write_json
+from delt.lock import results_lock
 from delt.models import (
     Checkpoint,
     TeacherMismatchError,
     build_model,
     check_compatible,
     check_model_memory,
+    data_fingerprint,
     load_checkpoint,
     model_spec,
 )
@@ -327,7 +329,10 @@ class EvalContext:
         if manifest is not None:
             info = manifest.dataset
             try:
-                check_compatible(teacher.meta, info)
+                # The set's data identity is its teacher's (recorded in the manifest).
+                check_compatible(
+                    teacher.meta, info, fingerprint=data_fingerprint(manifest.teacher.get("meta"))
+                )
             except TeacherMismatchError as error:
                 raise TeacherMismatchError(f"--teacher {teacher_path}: {error}") from None
             recorded = manifest.teacher.get("sha256")
@@ -350,6 +355,7 @@ class EvalContext:
             if ipc is None:
                 raise ConfigError(f"--random-real: pass --ipc ({folder} holds no distilled set)")
             train_set = load_like(info, "train", data_root)
+            check_compatible(teacher.meta, train_set.info, fingerprint=train_set.fingerprint())
             images = labels = None
             num_images = ipc * info.num_classes
         else:
@@ -520,6 +526,11 @@ def evaluate(config: EvalConfig) -> EvalResult:
     if config.stagewise:
         raise ConfigError("--stagewise: run it with delt.stagewise.evaluate_stagewise")
     config.check_results_path(probe=False)
+    with results_lock(config.results_path):
+        return _evaluate(config)
+
+
+def _evaluate(config: EvalConfig) -> EvalResult:
     context = EvalContext.from_config(config)
     identity = context.identity()
     path = config.results_path

@@ -2,7 +2,14 @@
 
 Every writer goes to a temporary file in the destination's folder and then ``os.replace``s it
 onto the final name, which is atomic on POSIX file systems. A killed process leaves at most a
-stray ``.tmp`` file, never a truncated output.
+stray ``.<name>.<random>.tmp`` file, never a truncated output; the next run of the command removes
+it (:func:`remove_stray_temporaries`, under the folder's lock). :func:`write_json` and
+:func:`write_if_changed` leave a file whose bytes would not change untouched, so a finished run
+re-run writes nothing (and works on read-only media).
+
+Fault injection, for tests: with ``DELT_FAULT_KILL_AT_WRITE=k`` the process SIGKILLs itself at its
+k-th atomic write, after the temporary file is written and before it replaces the destination;
+with ``DELT_FAULT_LOG=FILE`` every atomic write appends its destination to FILE (the write points).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import signal
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,16 +34,23 @@ from torch import Tensor
 __all__ = [
     "FileFormatError",
     "WriteError",
+    "IntegrityError",
     "atomic_open",
     "check_output",
     "read_json",
+    "remove_stray_temporaries",
     "save_image",
     "sha256_file",
     "torch_load",
     "to_uint8",
     "torch_save",
+    "write_if_changed",
     "write_json",
 ]
+
+
+class IntegrityError(ValueError):
+    """A file's contents are not the ones recorded when it was written (corrupt or changed)."""
 
 
 def _current_umask() -> int:
@@ -90,6 +106,64 @@ def _write_error(path: Path, error: BaseException, started: bool = True) -> Writ
         f"cannot write {path}: {reason}; nothing was replaced{cleanup}",
         None if cause is None else cause.errno,
     )
+# (pid, atomic writes so far) of the fault-injection hook; a forked child counts from 0.
+_fault_writes = [os.getpid(), 0]
+
+
+def _fault_point(path: Path) -> None:
+    log = os.environ.get("DELT_FAULT_LOG")
+    if log:
+        with open(log, "a") as handle:
+            handle.write(f"{path}\n")
+    kill_at = os.environ.get("DELT_FAULT_KILL_AT_WRITE")
+    if kill_at:
+        if _fault_writes[0] != os.getpid():
+            _fault_writes[:] = [os.getpid(), 0]
+        _fault_writes[1] += 1
+        if _fault_writes[1] == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# What atomic_open names its temporary files: "." + the destination's name + "." + mkstemp's
+# 8 random characters + ".tmp".
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stray_temporaries(
+    folder: str | os.PathLike, names: tuple[str, ...] | None = None, recursive: bool = True
+) -> list[Path]:
+    """Deletes the temporary files a killed :func:`atomic_open` left in ``folder``.
+
+    Only files named as ``atomic_open`` names them, and with ``names`` only those of these
+    destination names; ``recursive`` descends into sub-folders, except those that hold a
+    ``.lock`` (another command's folder: it cleans its own). Call it holding ``folder``'s lock.
+
+    Returns:
+        The files deleted.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive and not os.path.exists(os.path.join(entry.path, ".lock")):
+                        pending.append(Path(entry.path))
+                    continue
+                if not entry.is_file(follow_symlinks=False) or not _TEMPORARY.match(entry.name):
+                    continue
+                if names is not None and not any(
+                    entry.name.startswith(f".{name}.") and len(entry.name) == len(name) + 14
+                    for name in names
+                ):
+                    continue
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 @contextmanager
@@ -108,6 +182,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        _fault_point(path)
         os.chmod(tmp_name, _FILE_MODE)
         os.replace(tmp_name, path)
     except BaseException as error:
@@ -119,11 +194,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
+    """Writes ``data`` to ``path`` atomically unless the file already holds exactly these bytes.
+
+    Returns:
+        Whether it wrote.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return True
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON (keys in insertion order), atomically."""
-    with atomic_open(path, "w") as handle:
-        json.dump(obj, handle, indent=2)
-        handle.write("\n")
+    """Writes ``obj`` as indented JSON (keys in insertion order), atomically; a file that holds
+    the same JSON already is left as it is."""
+    write_if_changed(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:

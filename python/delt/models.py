@@ -2,7 +2,9 @@
 torchvision classifier, untrained) and checkpoints that carry their dataset's metadata.
 
 A checkpoint is ``NAME.pt`` (state dict + metadata, loaded with ``weights_only=True``) with the
-same metadata as JSON beside it (``NAME.json``): arch, kwargs, :class:`~delt.data.DatasetInfo`.
+same metadata as JSON beside it (``NAME.json``): arch, kwargs, :class:`~delt.data.DatasetInfo`
+(with the training split's fingerprint), and the ``sha256`` of ``NAME.pt``, checked at every
+load (a checkpoint written before the digest existed still loads).
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from delt.data import DataMismatchError, DatasetInfo
-from delt.io import FileFormatError, atomic_open, torch_load, write_json
+from delt.data import DataMismatchError, DatasetInfo, same_dataset_name
+from delt.io import (
+    FileFormatError,
+    IntegrityError,
+    atomic_open,
+    read_json,
+    sha256_file,
+    torch_load,
+    write_json,
+)
 from delt.runtime import check_memory
 
 __all__ = [
@@ -27,8 +37,10 @@ __all__ = [
     "build_model",
     "check_compatible",
     "check_model_memory",
+    "data_fingerprint",
     "load_checkpoint",
     "save_checkpoint",
+    "verify_sidecar_digest",
 ]
 
 CHECKPOINT_FORMAT = "delt-checkpoint-v1"
@@ -246,7 +258,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     with atomic_open(path, "wb") as handle:
         torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, handle)
-    write_json(path.with_suffix(".json"), meta)
+    write_json(path.with_suffix(".json"), {**meta, "sha256": sha256_file(path)})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -254,8 +266,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def check_compatible(meta: dict[str, Any], info: DatasetInfo, what: str = "teacher") -> None:
-    """Refuses a model whose classes, class order or input shape differ from ``info``'s.
+def data_fingerprint(meta: dict[str, Any]) -> str | None:
+    """The training split's fingerprint recorded in a checkpoint's (or a selection's) metadata,
+    or None for one written before fingerprints existed."""
+    dataset = meta.get("dataset") if isinstance(meta, dict) else None
+    return dataset.get("fingerprint") if isinstance(dataset, dict) else None
+
+
+def check_compatible(
+    meta: dict[str, Any],
+    info: DatasetInfo,
+    what: str = "teacher",
+    fingerprint: str | None = None,
+) -> None:
+    """Refuses a model made on other data than ``info`` describes: another dataset name or
+    parameters, classes, class order, input shape or normalization, or (when both are known) a
+    training split with another fingerprint (:meth:`delt.data.ImageDataset.fingerprint`).
 
     Raises:
         TeacherMismatchError: naming the first difference.
@@ -287,6 +313,17 @@ def check_compatible(meta: dict[str, Any], info: DatasetInfo, what: str = "teach
             f"the {what} was trained with normalization mean={saved.mean} std={saved.std}, "
             f"{info.name} uses mean={info.mean} std={info.std}"
         )
+    if not same_dataset_name(saved.name, info.name):
+        raise TeacherMismatchError(
+            f"the {what} was made on {saved.name}, but the data is {info.name}"
+        )
+    saved_fingerprint = data_fingerprint(meta)
+    if saved_fingerprint and fingerprint and saved_fingerprint != fingerprint:
+        raise TeacherMismatchError(
+            f"the {what} was made on other {info.name} data than this: the training split's "
+            f"fingerprint is {saved_fingerprint[:19]} for the {what}, {fingerprint[:19]} for the "
+            "data (same name and shape, other images or labels)"
+        )
 
 
 def load_checkpoint(path: str | Path, info: DatasetInfo | None = None) -> Checkpoint:
@@ -299,6 +336,7 @@ def load_checkpoint(path: str | Path, info: DatasetInfo | None = None) -> Checkp
     Raises:
         FileNotFoundError: no such file.
         FileFormatError: unreadable, or not a delt checkpoint (one line naming the file).
+        IntegrityError: its SHA-256 is not the one its ``.json`` recorded at save.
         TeacherMismatchError: see :func:`check_compatible`.
     """
     path = Path(path)
@@ -307,6 +345,7 @@ def load_checkpoint(path: str | Path, info: DatasetInfo | None = None) -> Checkp
             f"--teacher {path}: no such file (train one with `delt teacher --out DIR`, which "
             "writes DIR/teacher.pt)"
         )
+    verify_sidecar_digest(path)
     what = f"delt checkpoint ({CHECKPOINT_FORMAT}, as `delt teacher` writes)"
     payload = torch_load(path, what)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
@@ -331,3 +370,23 @@ def load_checkpoint(path: str | Path, info: DatasetInfo | None = None) -> Checkp
         ) from None
     model.eval()
     return Checkpoint(model=model, meta=meta, info=saved_info, path=path)
+
+
+def verify_sidecar_digest(path: Path) -> None:
+    """Checks ``path`` against the ``sha256`` its ``.json`` sidecar recorded at save (if any).
+
+    Raises:
+        IntegrityError: the digests differ.
+    """
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return
+    try:
+        recorded = read_json(sidecar).get("sha256")
+    except (ValueError, AttributeError):
+        return  # not a sidecar of ours
+    if recorded is not None and recorded != sha256_file(path):
+        raise IntegrityError(
+            f"{path}: its SHA-256 differs from the one {sidecar.name} recorded when it was "
+            "saved; the file is corrupt or was changed (restore it or train it again)"
+        )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -454,8 +456,14 @@ def _stage_init(
     if stage.index == 1 or config.stage_init != "hard":
         return StageInit("noise", None, {"kind": "noise"})
     init_path = stage_dir / "init.json"
+    identity = {**(run.identity or {}), "stage": stage.index}
     if init_path.is_file():
         saved = read_json(init_path)
+        if "identity" in saved and saved["identity"] != identity:
+            raise ConfigError(
+                f"{init_path} was made by another run; it is not used for this one: delete it "
+                "to recompute it, or choose another --out"
+            )
         info = saved["info"]
         return StageInit("hard", saved["picks"], info, float(info.get("student_seconds", 0.0)))
     scores = teacher_scores()
@@ -481,7 +489,7 @@ def _stage_init(
         "student_epochs": config.hard_student_epochs,
         "student_seconds": seconds,
     }
-    write_json(init_path, {"picks": picks, "info": info})
+    write_json(init_path, {"picks": picks, "info": info, "identity": identity})
     logger.info(
         "recover: stage %d init: student on U_%d is %.1f%% right on the training set; picks %s "
         "(%.0f s)",
@@ -528,11 +536,21 @@ def _synthesize_stage(
         return dataset.images([init.picks[c][j] for c, j in pairs])
 
     chunks = config.recipe.chunks(info.num_classes, stage.ipc, config.batch_size)
+    # What else makes this stage's chunks: its teacher and its initial images.
+    picks = json.dumps(init.picks).encode()
+    stage_identity = {
+        "stage": {
+            "index": stage.index,
+            "teacher_sha256": sha256_file(stage_teacher.path),
+            "init": init.kind,
+            "picks_sha256": hashlib.sha256(picks).hexdigest(),
+        }
+    }
     return synthesize(
         run, stage_teacher.model, chunks, stage.ipc, stage.round_iterations, stage_dir / "chunks",
         lambda chunk: derive_seed(config.seed, stage.index, chunk.index), initial_images,
         frozen_images=_frozen_union(run, stage, union), frozen_sample=config.union_sample,
-        desc=f"pdd stage {stage.index}/{total_stages}",
+        desc=f"pdd stage {stage.index}/{total_stages}", identity=stage_identity,
     )  # fmt: skip
 
 
@@ -617,6 +635,9 @@ def recover_progressive(config: Any) -> RecoverResult:
         if config.stage_teachers == "final"
         else [sha256_file(checkpoint.path) for checkpoint in teachers],
     )
+    finished = run.finished_result()
+    if finished is not None:
+        return finished
     ipc = config.ipc
     count = info.num_classes * ipc
     union = _Union(

@@ -1,7 +1,8 @@
 """``delt recover``: synthesize a distilled set from a frozen teacher (README, "Methods": the
 table of ``sre2l``, ``cda``, ``delt``; ``pdd`` runs in :mod:`delt.pdd`). Outputs:
 ``OUT/distilled.pt``, ``OUT/images/``, ``OUT/manifest.json`` (:mod:`delt.distilled`), and the
-resume state ``OUT/chunks/`` and ``OUT/run.json``; the loop is :mod:`delt.synthesis`.
+resume state ``OUT/chunks/`` and ``OUT/run.json``; the loop is :mod:`delt.synthesis`. One
+process at a time writes ``OUT`` (``OUT/.lock``, :mod:`delt.lock`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import Tensor
 
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo
+from delt.io import remove_stray_temporaries
+from delt.lock import output_lock
 from delt.pdd import (
     PDD_FIELDS,
     PDD_OPTIONS,
@@ -190,10 +193,18 @@ class RecoverConfig:
 def recover(config: RecoverConfig) -> RecoverResult:
     """Runs (or resumes) a recovery; writes ``distilled.pt``, ``images/`` and ``manifest.json``.
 
-    ``--method pdd`` is :func:`delt.pdd.recover_progressive`.
+    ``--method pdd`` is :func:`delt.pdd.recover_progressive`. Holds ``OUT/.lock`` throughout;
+    removes the temporary files a killed run left; a finished run writes nothing.
     """
-    if config.method == PROGRESSIVE:
-        return recover_progressive(config)
+    with output_lock(config.out) as lock:
+        if lock.held:
+            remove_stray_temporaries(config.out)
+        if config.method == PROGRESSIVE:
+            return recover_progressive(config)
+        return _recover(config)
+
+
+def _recover(config: RecoverConfig) -> RecoverResult:
     run = prepare_run(config)
     config, info = run.config, run.info
     recipe = config.recipe
@@ -213,6 +224,9 @@ def recover(config: RecoverConfig) -> RecoverResult:
         return dataset.images([chosen[c][j] for c, j in pairs])
 
     run.check_identity(selection is not None)
+    finished = run.finished_result()
+    if finished is not None:
+        return finished
     chunks = recipe.chunks(info.num_classes, config.ipc, config.batch_size)
     labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
     chunk_dir = run.out / "chunks"

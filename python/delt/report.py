@@ -5,6 +5,7 @@ dataset and IPC are pooled).
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from delt.config import ConfigError, option
 from delt.data import DatasetInfo
-from delt.io import atomic_open, check_output, read_json, write_json
+from delt.io import atomic_open, check_output, read_json, write_if_changed, write_json
 
 __all__ = [
     "REPORT_KEYS",
@@ -73,8 +74,9 @@ def write_image_grid(
     blank = torch.ones_like(pixels[:1])
     tiles = [torch.cat([row, blank.expand(columns - len(row), -1, -1, -1)]) for row in per_class]
     grid = make_grid(torch.cat(tiles), nrow=columns, padding=2, pad_value=1.0)
-    with atomic_open(path, "wb") as handle:
-        save_image(grid, handle, format="png")
+    encoded = io.BytesIO()
+    save_image(grid, encoded, format="png")
+    write_if_changed(path, encoded.getvalue())  # the same grid: the file is left as it is
 
 
 def check_report(report: dict, where: str = "report") -> None:
@@ -95,8 +97,7 @@ def write_run_report(out: str | Path, report: dict, markdown: str) -> None:
     check_report(report)
     out = Path(out)
     write_json(out / "report.json", report)
-    with atomic_open(out / "report.md", "w") as handle:
-        handle.write(markdown)
+    write_if_changed(out / "report.md", markdown.encode())
 
 
 def load_report(run: str | Path) -> dict:

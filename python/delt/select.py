@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import DatasetInfo, load_like
-from delt.io import FileFormatError, atomic_open, check_output, read_json, sha256_file, write_json
+from delt.io import (
+    FileFormatError,
+    atomic_open,
+    check_output,
+    read_json,
+    remove_stray_temporaries,
+    sha256_file,
+    write_json,
+)
+from delt.lock import output_lock
 from delt.models import check_compatible, check_model_memory, load_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
 from delt.student import iterate_batches
@@ -35,7 +44,11 @@ STRATEGIES = ("medium", "top", "min", "random")
 class SelectConfig:
     """Configuration of ``delt select`` (one field per flag)."""
 
-    teacher: str = option(help="teacher checkpoint (DIR/teacher.pt of `delt teacher`)")
+    # The teacher's contents are part of the identity (teacher_sha256), not its path: a copied or
+    # moved run folder is reused as it is.
+    teacher: str = option(
+        help="teacher checkpoint (DIR/teacher.pt of `delt teacher`)", identity=False
+    )
     ipc: int = option(help="images per class to select")
     out: str = option(help="output folder (selection.json, ranking.csv)", identity=False)
     strategy: Literal["medium", "top", "min", "random"] = option(
@@ -139,7 +152,7 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
     teacher = load_checkpoint(config.teacher)
     # The teacher's dataset, in the teacher's class order; a mismatch of the files is refused.
     dataset = load_like(teacher.info, "train", config.data_root)
-    check_compatible(teacher.meta, dataset.info)
+    check_compatible(teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
     check_model_memory(
         teacher.meta["arch"], teacher.info, teacher.meta["arch_kwargs"],
         min(config.batch_size, len(dataset)), device, False, f"--batch-size {config.batch_size}",
@@ -162,22 +175,36 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
             1, labels.view(-1, 1)
         ).view(-1)
         position += len(labels)
-    return scores, dataset.targets.clone(), {"teacher": teacher, "info": dataset.info}
+    context = {"teacher": teacher, "info": dataset.info, "dataset": dataset}
+    return scores, dataset.targets.clone(), context
 
 
 def select_images(config: SelectConfig) -> Selection:
     """Runs ``delt select``: scores, picks, and writes ``selection.json`` and ``ranking.csv``.
 
     A previous selection in ``--out`` made with the same configuration and the same teacher file
-    is reused; any other is replaced.
+    (by content: a copied folder is reused) is reused, writing nothing; any other is replaced.
+    Holds ``OUT/.lock`` throughout.
     """
+    with output_lock(config.out) as lock:
+        if lock.held:
+            remove_stray_temporaries(config.out)
+        return _select_images(config)
+
+
+def _same_config(saved: dict | None, current: dict) -> bool:
+    # Selections written while the teacher's path was part of the config: the path is ignored.
+    return isinstance(saved, dict) and {k: v for k, v in saved.items() if k != "teacher"} == current
+
+
+def _select_images(config: SelectConfig) -> Selection:
     out = Path(config.out)
     check_output(out, "--out", probe=False)
     teacher_sha256 = sha256_file(config.teacher) if Path(config.teacher).is_file() else None
     if (out / "selection.json").is_file():
         previous = Selection.load(out)
         if (
-            previous.meta.get("config") == identity_dict(config)
+            _same_config(previous.meta.get("config"), identity_dict(config))
             and previous.meta.get("teacher_sha256") == teacher_sha256
         ):
             logger.info("select: reusing %s", out / "selection.json")
@@ -185,7 +212,7 @@ def select_images(config: SelectConfig) -> Selection:
     check_output(out, "--out")
     start = time.perf_counter()
     scores, labels, context = score_images(config)
-    info = context["info"]
+    info = context["dataset"].info
     teacher = context["teacher"]
     generator = torch.Generator().manual_seed(config.seed)
     chosen: list[list[int]] = []
@@ -213,7 +240,7 @@ def select_images(config: SelectConfig) -> Selection:
         handle.write(text.getvalue())
     document = {
         "config": identity_dict(config),
-        "dataset": info.to_dict(),
+        "dataset": {**info.to_dict(), "fingerprint": context["dataset"].fingerprint()},
         "data_root": config.data_root,
         "teacher": {"path": str(teacher.path), "meta": teacher.meta},
         "teacher_sha256": teacher_sha256,

@@ -26,6 +26,7 @@ from delt.evaluate import (
     mean_std,
 )
 from delt.io import read_json, write_json
+from delt.lock import results_lock
 from delt.runtime import logger
 from delt.student import StagePlan, seeded, stagewise_plan, train_stagewise
 
@@ -51,6 +52,11 @@ def evaluate_stagewise(config: EvalConfig) -> EvalResult:
     if not config.stagewise:
         raise ConfigError("evaluate_stagewise runs --stagewise configs; use delt.evaluate.evaluate")
     config.check_results_path(probe=False)
+    with results_lock(config.results_path):
+        return _evaluate_stagewise(config)
+
+
+def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
     context = EvalContext.from_config(config)
     try:
         unions = load_stage_unions(config.distilled)

@@ -1,12 +1,17 @@
 """Synthesis: each method's recipe, run setup (:func:`prepare_run`), the chunk loop
 (:func:`synthesize`, :func:`optimize_chunk`) and the output writer (:meth:`Run.write_outputs`),
 shared by ``delt recover``, ``--method pdd`` and the benchmarks (reference/delt.md §1-3). Chunks
-are seeded on their own and saved when done: a killed run resumes to the same bytes.
+are seeded on their own and saved when done: a killed run resumes to the same bytes. Every chunk
+records the identity of the run that made it (the config's identity fields and the SHA-256 of
+the teacher, the selection and the other inputs, as ``OUT/run.json``); a chunk of another
+identity is refused, naming what differs. A finished run re-run returns its saved result and
+writes nothing (:meth:`Run.finished_result`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from delt.models import (
     TeacherMismatchError,
     check_compatible,
     check_model_memory,
+    data_fingerprint,
     load_checkpoint,
 )
 from delt.runtime import autocast, check_memory, logger, resolve_device, versions
@@ -268,6 +274,7 @@ def synthesize_chunks(
     frozen_sample: int | None = None,
     progress: bool = True,
     desc: str = "chunks",
+    identity: dict | None = None,
 ) -> tuple[Tensor, list[int], float]:
     """Optimizes (or loads, when already done) every chunk of one set of ``ipc`` per class.
 
@@ -282,6 +289,12 @@ def synthesize_chunks(
         initial_images: ``(chunk, generator) -> (len(chunk), C, H, W)`` float32 on the CPU.
         frozen_images: ``chunk -> (F, C, H, W)`` images that join every forward pass of that
             chunk (:func:`optimize_chunk`'s ``frozen``), or None.
+        identity: what made this set (JSON values): saved in every chunk; a saved chunk with
+            another one is refused. A chunk saved before identities existed is accepted (its
+            run's ``run.json``, checked before, matches). None: neither saved nor checked.
+
+    Raises:
+        ConfigError: a saved chunk holds other positions, or was made with another identity.
 
     Returns:
         ``(images (num_classes * ipc, C, H, W) float32 CPU class-major, iterations per image,
@@ -293,6 +306,7 @@ def synthesize_chunks(
     images = torch.empty(total_images, info.channels, info.resolution, info.resolution)
     iterations_per_image = [0] * total_images
     synthesis_seconds = 0.0
+    identity_text = None if identity is None else json.dumps(identity, sort_keys=True)
     for chunk in tqdm(chunks, desc=desc, disable=not progress):
         path = chunk_dir / f"{chunk.index:05d}.pt"
         positions = chunk.positions(ipc)
@@ -304,6 +318,13 @@ def synthesize_chunks(
                 raise FileFormatError(f"{error} (delete it to optimize that chunk again)") from None
             if saved["positions"].tolist() != positions:
                 raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
+            recorded = saved.get("identity")
+            if identity_text is not None and recorded is not None and recorded != identity_text:
+                differences = identity_differences(json.loads(recorded), json.loads(identity_text))
+                raise ConfigError(
+                    f"{path} was made by another run ({'; '.join(differences)}); it is not mixed "
+                    "into this one: delete it to recompute it, or choose another --out"
+                )
             chunk_images, seconds = saved["images"], float(saved["seconds"])
             expected = (len(positions), info.channels, info.resolution, info.resolution)
             if not isinstance(chunk_images, Tensor) or tuple(chunk_images.shape) != expected:
@@ -329,6 +350,7 @@ def synthesize_chunks(
                     "iterations": torch.tensor([total - s for s in starts], dtype=torch.int64),
                     "seconds": seconds,
                     "loss": result.loss,
+                    **({} if identity_text is None else {"identity": identity_text}),
                 },
                 path,
             )
@@ -341,6 +363,21 @@ def synthesize_chunks(
             iterations_per_image[position] = total - start
         synthesis_seconds += seconds
     return images, iterations_per_image, synthesis_seconds
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """What differs between two run identities: ``--flag: a -> b`` for config fields, else the
+    input whose contents changed."""
+    differences = config_diff(saved.get("config", {}), current.get("config", {}))
+    for key in sorted(set(saved) | set(current)):
+        if key != "config" and saved.get(key) != current.get(key):
+            differences.append(f"{key}: {_short(saved.get(key))} -> {_short(current.get(key))}")
+    return differences
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def frozen_teacher(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -396,7 +433,7 @@ def load_selection(
     selection = Selection.load(config.selection)
     selection_info = DatasetInfo.from_dict(selection.meta["dataset"])
     try:
-        check_compatible(teacher.meta, selection_info)
+        check_compatible(teacher.meta, selection_info, fingerprint=data_fingerprint(selection.meta))
     except TeacherMismatchError as error:
         raise TeacherMismatchError(f"--selection {config.selection}: {error}") from None
     if selection.ipc < needed_ipc:
@@ -405,7 +442,7 @@ def load_selection(
             f"{selection.ipc} images per class (run `delt select --ipc {needed_ipc}`)"
         )
     dataset = load_like(teacher.info, "train", config.data_root or selection.meta.get("data_root"))
-    check_compatible(teacher.meta, dataset.info)
+    check_compatible(teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
     return selection, dataset
 
 
@@ -421,11 +458,14 @@ class Run:
     info: DatasetInfo
     device: torch.device
     settings: RecoverySettings
+    identity: dict | None = None  # set by check_identity
 
     def check_identity(self, uses_selection: bool, **inputs: object) -> None:
         """Writes ``OUT/run.json`` on the first run; refuses a resume with another identity:
-        the config's identity fields and the SHA-256 of every input file (the teacher, the
-        selection when ``uses_selection``, and ``inputs``, ``*_sha256``)."""
+        the config's identity fields, the SHA-256 of every input file (the teacher, the
+        selection when ``uses_selection``, and ``inputs``, ``*_sha256``) and the data identity
+        (the dataset's name and training-split fingerprint). Sets :attr:`identity`, which every
+        chunk records. By content, never by path: a moved or copied folder resumes."""
         config = self.config
         selection = Path(config.selection) / "selection.json" if uses_selection else None
         identity = {
@@ -433,12 +473,19 @@ class Run:
             "teacher_sha256": sha256_file(self.teacher.path),
             "selection_sha256": None if selection is None else sha256_file(selection),
             **inputs,
+            "data": {"name": self.info.name, "fingerprint": data_fingerprint(self.teacher.meta)},
         }
+        # The JSON form, so that a chunk's identity compares equal to run.json's.
+        self.identity = json.loads(json.dumps(identity))
         path = self.out / "run.json"
         if not path.is_file():
             write_json(path, identity)
             return
         saved = read_json(path)
+        if "data" not in saved:
+            # run.json of a run begun before data identities: the teacher's SHA-256 (which
+            # records its data) already pins it.
+            saved = {**saved, "data": identity["data"]}
         differences = config_diff(saved["config"], identity["config"])
         for key in sorted(set(saved) | set(identity)):
             if key != "config" and saved.get(key) != identity.get(key):
@@ -449,6 +496,44 @@ class Run:
                 f"({'; '.join(differences)}); re-run with the same flags to resume, or choose "
                 "another --out"
             )
+
+    def finished_result(self) -> RecoverResult | None:
+        """The result of a finished run in ``OUT`` of this run's identity, else None.
+
+        Finished: ``manifest.json`` (written last) records this config and the SHA-256 of
+        ``distilled.pt``, which matches, and every image file it lists exists. Reads only, so a
+        finished run re-run writes nothing (read-only media included).
+        """
+        try:
+            manifest = Manifest.load(self.out)
+        except (FileNotFoundError, ValueError):
+            return None
+        distilled = self.out / "distilled.pt"
+        if manifest.distilled_sha256 is None or not distilled.is_file():
+            return None
+        saved_config = json.loads(json.dumps(manifest.config))
+        current = json.loads(json.dumps(self.config.identity()))
+        if any(saved_config.get(key) != value for key, value in current.items()):
+            return None
+        if manifest.teacher.get("sha256") != (self.identity or {}).get("teacher_sha256"):
+            return None
+        images_dir = self.out / "images"
+        count = (
+            sum(1 for p in images_dir.glob("*/*") if not p.name.startswith("."))
+            if images_dir.is_dir()
+            else 0
+        )
+        if count != manifest.num_images or sha256_file(distilled) != manifest.distilled_sha256:
+            return None
+        payload = torch_load(distilled)
+        logger.info("recover: %s is finished; nothing to do", self.out)
+        return RecoverResult(
+            self.out,
+            payload["images"],
+            payload["labels"],
+            list(manifest.iterations_per_image),
+            float(manifest.synthesis_seconds),
+        )
 
     def write_outputs(
         self,
@@ -533,9 +618,14 @@ def synthesize(
     frozen_images: Callable[[Chunk], Tensor | None] | None = None,
     frozen_sample: int | None = None,
     desc: str = "chunks",
+    identity: dict | None = None,
 ) -> tuple[Tensor, list[int], float]:
     """:func:`synthesize_chunks` on ``model`` (a teacher checkpoint's) frozen on the run's
-    device, hooked by ``BNStatMatching`` and, with ``--compile``, compiled after hooking."""
+    device, hooked by ``BNStatMatching`` and, with ``--compile``, compiled after hooking.
+
+    The chunks record ``run.identity`` (from :meth:`Run.check_identity`) updated with
+    ``identity`` (what else makes these chunks, e.g. a pdd stage's teacher and initial images).
+    """
     config = run.config
     model = frozen_teacher(model, run.device, config.channels_last)
     with delt_ext.BNStatMatching(
@@ -548,4 +638,5 @@ def synthesize(
             run.settings, run.info, run.device, chunk_dir, chunk_seed, initial_images,
             frozen_images=frozen_images, frozen_sample=frozen_sample,
             progress=config.progress, desc=desc,
+            identity=None if run.identity is None else {**run.identity, **(identity or {})},
         )  # fmt: skip

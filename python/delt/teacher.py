@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import load_dataset
-from delt.io import check_output, read_json
+from delt.io import check_output, read_json, remove_stray_temporaries
+from delt.lock import output_lock
 from delt.models import build_model, check_model_memory, model_spec, save_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
 from delt.student import evaluate_accuracy, iterate_batches
@@ -176,7 +177,16 @@ def _saved_config(path: Path) -> dict | None:
 
 
 def train_teacher(config: TeacherConfig) -> TeacherResult:
-    """Trains (or reuses) the teacher of ``config``; writes ``OUT/teacher.pt`` and ``.json``."""
+    """Trains (or reuses) the teacher of ``config``; writes ``OUT/teacher.pt`` and ``.json``.
+
+    Holds ``OUT/.lock`` throughout (:func:`delt.lock.output_lock`)."""
+    with output_lock(config.out) as lock:
+        if lock.held:
+            remove_stray_temporaries(config.out)
+        return _train_teacher(config)
+
+
+def _train_teacher(config: TeacherConfig) -> TeacherResult:
     out = Path(config.out)
     check_output(out, "--out", probe=False)
     path = out / "teacher.pt"
@@ -247,7 +257,9 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
     base_meta = {
         "arch": config.arch,
         "arch_kwargs": config.arch_kwargs,
-        "dataset": info.to_dict(),
+        # The training split's fingerprint: data of the same name and shape but other contents
+        # is refused later (models.check_compatible).
+        "dataset": {**info.to_dict(), "fingerprint": train_set.fingerprint()},
         "config": identity,
         "versions": versions(),
     }
