@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from delt.bench import SynthesisBenchConfig, run_synthesis_bench
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.demo import DemoConfig, run_demo
@@ -30,12 +31,14 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its help, its config dataclass, what it runs and what it then prints."""
+    """A subcommand: its help, its config dataclass, what it runs and what it then prints; or,
+    with ``subcommands`` (``delt bench synthesis``), a group whose parts are commands."""
 
     help: str
-    config: type
-    run: Callable[[Any], Any]
+    config: type | None
+    run: Callable[[Any], Any] | None
     show: Callable[[Any, Any], None] = lambda config, result: None
+    subcommands: dict[str, Command] | None = None
 
 
 def _show_teacher(config: TeacherConfig, result) -> None:
@@ -114,6 +117,18 @@ COMMANDS: dict[str, Command] = {
     "report": Command(
         "bar chart and table comparing methods over distill runs", ReportConfig, compare_runs
     ),
+    "bench": Command(
+        "throughput benchmarks",
+        None,
+        None,
+        subcommands={
+            "synthesis": Command(
+                "one recovery chunk: the papers' eager loop, the teacher alone, delt's loop",
+                SynthesisBenchConfig,
+                run_synthesis_bench,
+            )
+        },
+    ),
     "demo": Command(
         "Fashion-MNIST end to end: DELT and random real images through `delt distill`",
         DemoConfig,
@@ -142,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
-        add_arguments(sub, command.config)
+        if command.subcommands is None:
+            add_arguments(sub, command.config)
+            continue
+        parts = sub.add_subparsers(dest="subcommand", required=True, metavar="SUITE")
+        for part_name, part in command.subcommands.items():
+            part_parser = parts.add_parser(part_name, help=part.help, description=part.help)
+            add_arguments(part_parser, part.config)
     return parser
 
 
@@ -155,12 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    command = COMMANDS[args.command]
+    command, name = COMMANDS[args.command], args.command
+    if command.subcommands is not None:
+        command, name = command.subcommands[args.subcommand], f"{name} {args.subcommand}"
     try:
         config = from_namespace(command.config, args)
         command.show(config, command.run(config))
     except USER_ERRORS as error:
-        print(f"delt {args.command}: error: {error}", file=sys.stderr)
+        print(f"delt {name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 
