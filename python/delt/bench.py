@@ -449,6 +449,7 @@ def prepare_rows(config: SynthesisBenchConfig, device: torch.device | None = Non
 
 def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
     load_before = os.getloadavg()
+    where = machine()  # its "started" is the start of the measurement
     setup = prepare_rows(config, device)
     rows = setup.rows
     times: dict[str, list[float]] = {row: [] for row in rows}
@@ -500,7 +501,7 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
     document = {
         "config": dataclasses.asdict(config),
         "device": str(device),
-        "machine": machine(),
+        "machine": where,
         "versions": versions(),
         "load_average": {"start": list(load_before), "end": list(load_after)},
         "schedule": {
