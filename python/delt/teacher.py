@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import load_dataset
-from delt.io import read_json
-from delt.models import build_model, model_spec, save_checkpoint
+from delt.io import check_output, read_json
+from delt.models import build_model, check_model_memory, model_spec, save_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
 from delt.student import evaluate_accuracy, iterate_batches
 
@@ -178,6 +178,7 @@ def _saved_config(path: Path) -> dict | None:
 def train_teacher(config: TeacherConfig) -> TeacherResult:
     """Trains (or reuses) the teacher of ``config``; writes ``OUT/teacher.pt`` and ``.json``."""
     out = Path(config.out)
+    check_output(out, "--out", probe=False)
     path = out / "teacher.pt"
     identity = identity_dict(config)
     saved = _saved_config(path)
@@ -200,6 +201,7 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
         logger.info("teacher: reusing %s (test accuracy %.2f%%)", path, meta["test_accuracy"])
         return TeacherResult(path, meta["test_accuracy"], meta["train_seconds"], reused=True)
 
+    check_output(out, "--out")  # before training: a result that cannot be saved is lost
     device = resolve_device(config.device)
     train_set = load_dataset(
         config.dataset, "train", config.data_root, config.resolution, config.class_order
@@ -208,6 +210,13 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
         config.dataset, "test", config.data_root, config.resolution, config.class_order
     )
     info = train_set.info
+    sizes = f"--batch-size {config.batch_size}"
+    if config.resolution is not None:
+        sizes += f", --resolution {config.resolution}"
+    check_model_memory(
+        config.arch, info, config.arch_kwargs, min(config.batch_size, len(train_set)), device,
+        True, sizes,
+    )  # fmt: skip
     torch.manual_seed(config.seed)
     model = build_model(config.arch, info, config.arch_kwargs).to(device)
     if config.channels_last:
