@@ -4,7 +4,9 @@ Usage: python benchmarks/report.py .benchmarks/latest.json
 
 Per group: median time per implementation, its ratio to the fused op (how many times slower it
 is than the fused op; the per-sample variant where there are two) and the achieved bandwidth (the
-`bytes` extra_info over the median time), beside a clone of the same tensor.
+`bytes` extra_info over the median time), beside a clone of the same tensor. The synthesis
+groups (bench_synthesis.py) get their own table: ms per iteration, images·iterations per second,
+the speed-up over the `reference` loop and the loop efficiency `floor / row`.
 """
 
 import json
@@ -38,7 +40,9 @@ def main(path: str) -> None:
     }
     families = defaultdict(list)
     for group in groups:
-        if not group.startswith("clone "):
+        if group.startswith("synthesis "):
+            synthesis_table(group, groups[group])
+        elif not group.startswith("clone "):
             families[re.sub(r" (cpu|cuda) \(.*", "", group)].append(group)
     for family, names in families.items():
         print(f"\n### {family}\n")
@@ -62,6 +66,22 @@ def main(path: str) -> None:
                     f"| {key} | {implementation(bench)} | {median * 1e3:.3f} | "
                     f"{ratio:.2f}x | {gbps} | {clone_gbps} |"
                 )
+
+
+def synthesis_table(group: str, benches: list[dict]) -> None:
+    medians = {implementation(b): b["stats"]["median"] for b in benches}
+    print(f"\n### {group}\n")
+    print("| row | ms / iteration | images·it / s | vs reference | floor / row |")
+    print("|---|---:|---:|---:|---:|")
+    for bench in benches:
+        name, median = implementation(bench), bench["stats"]["median"]
+        info = bench["extra_info"]
+        speedup = f"{medians['reference'] / median:.2f}x" if "reference" in medians else ""
+        efficiency = f"{medians['floor'] / median:.2f}" if "floor" in medians else ""
+        print(
+            f"| {name} | {median * 1e3 / info['iterations']:.1f} | "
+            f"{info['image_iterations'] / median:.0f} | {speedup} | {efficiency} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,15 +12,31 @@ from delt.cli import COMMANDS, build_parser, main
 
 def _subparser(name):
     parser = build_parser()
+    names = name.split()
     action = next(a for a in parser._actions if a.dest == "command")
-    return action.choices[name]
+    sub = action.choices[names[0]]
+    if len(names) == 2:  # delt bench synthesis
+        action = next(a for a in sub._actions if a.dest == "subcommand")
+        sub = action.choices[names[1]]
+    return sub
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
+# Every command that runs something: `delt bench synthesis` for the group `bench`.
+LEAF_COMMANDS = {
+    **{name: command for name, command in COMMANDS.items() if command.subcommands is None},
+    **{
+        f"{name} {part_name}": part
+        for name, command in COMMANDS.items()
+        for part_name, part in (command.subcommands or {}).items()
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEAF_COMMANDS))
 def test_flags_map_one_to_one_onto_config_fields(name):
     sub = _subparser(name)
     dests = {a.dest for a in sub._actions if a.dest != "help"}
-    fields = {f.name for f in dataclasses.fields(COMMANDS[name].config)}
+    fields = {f.name for f in dataclasses.fields(LEAF_COMMANDS[name].config)}
     assert dests == fields
     for field in fields:
         assert "--" + field.replace("_", "-") in sub.format_help()
@@ -94,3 +110,25 @@ def test_argparse_rejects_unknown_choices(capsys):
         main(["recover", "--teacher", "t.pt", "--ipc", "1", "--out", "o", "--method", "mtt"])
     assert exit_info.value.code == 2
     assert "argument --method: invalid choice: 'mtt'" in capsys.readouterr().err
+
+
+def test_bench_synthesis_through_the_cli(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = "bench synthesis --arch convnet1 --resolution 8 --channels 1 --classes 10"
+    argv += " --batch-size 6 --ipc 3 --iterations 4 --rounds 2 --repeats 1 --device cpu"
+    argv += f" --threads 1 --rows reference,floor,delt --no-progress --json {path}"
+    assert main(argv.split()) == 0
+    out = capsys.readouterr().out
+    assert "| reference |" in out and "| floor |" in out and "| delt |" in out
+    document = json.loads(path.read_text())
+    assert [row["row"] for row in document["rows"]] == ["reference", "floor", "delt"]
+    assert document["config"]["rows"] == ["reference", "floor", "delt"]
+    assert document["schedule"]["active_counts"] == [4, 4, 6, 6]
+    assert document["versions"]["delt_ext_ops"] in ("True", "False")
+
+
+def test_bench_synthesis_bad_rows_is_one_line(capsys):
+    assert main(["bench", "synthesis", "--rows", "floor,fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("delt bench synthesis: error: --rows floor,fast: expected one or more")
+    assert "\n" not in err

@@ -1,11 +1,14 @@
 """delt.synthesis: one chunk's loop (EarlyLate masking, the union in the batch, the crop
 curriculum in the settings) and run setup."""
 
+import io
+
 import pytest
 import torch
 from delt.data import DatasetInfo
 from delt.models import build_model
-from delt.synthesis import RecoverySettings, optimize_chunk
+from delt.synthesis import ActiveSets, RecoverySettings, optimize_chunk, recovery_adam
+from tqdm import tqdm
 
 import delt_ext
 
@@ -133,3 +136,142 @@ def test_the_crop_curriculum_comes_from_the_settings(monkeypatch, curriculum, ex
             _settings(info, curriculum), torch.Generator().manual_seed(0),
         )  # fmt: skip
     assert scales == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop's overheads (issue 14): active sets without copies or syncs, one-kernel Adam,
+# the loss read only when the bar redraws, a compiled teacher in one graph.
+
+
+def test_active_sets_are_views_where_the_active_images_are_a_prefix():
+    pixels = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 2, 2).contiguous()
+    labels = torch.arange(5)
+    starts = [0, 2, 0, 4, 4]  # 2 classes in a chunk: {0, 2} active first, not a prefix
+    active_sets = ActiveSets(starts, torch.device("cpu"))
+    for iteration in range(6):
+        batch, targets = active_sets.select(iteration, pixels, labels)
+        want = [i for i, s in enumerate(starts) if s <= iteration]
+        assert targets.tolist() == want and batch[:, 0, 0, 0].tolist() == want
+        if iteration >= 4:  # everything active: the tensor itself
+            assert batch is pixels
+    one_class = ActiveSets([0, 0, 3, 6], torch.device("cpu"))
+    for iteration, count in [(0, 2), (2, 2), (3, 3), (5, 3), (6, 4)]:
+        batch, targets = one_class.select(iteration, pixels[:4], labels[:4])
+        assert targets.tolist() == list(range(count))
+        assert batch.data_ptr() == pixels.data_ptr() and batch.shape[0] == count  # a view
+
+
+def test_adam_is_foreach_on_the_cpu():
+    # foreach gives the default loop's bits on the CPU (the fused CPU kernel does not).
+    info = DatasetInfo("t", 2, 3, 8, (0.5,) * 3, (0.25,) * 3, ("a", "b"))
+    optimizer = recovery_adam([torch.zeros(2, requires_grad=True)], _settings(info))
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+    assert optimizer.defaults["betas"] == (0.5, 0.9) and optimizer.defaults["eps"] == 1e-8
+    assert optimizer.defaults["lr"] == 0.25
+
+
+def test_loss_is_read_when_the_bar_redraws_only(monkeypatch):
+    info = DatasetInfo("t", 2, 3, 8, (0.5,) * 3, (0.25,) * 3, ("a", "b"))
+    torch.manual_seed(0)
+    teacher = build_model("convnet1", info, {"width": 4}).eval().requires_grad_(False)
+    init = torch.rand(4, 3, 8, 8)
+    reads = []
+    original = torch.Tensor.item
+
+    def counting_item(self):
+        if self.grad_fn is not None:  # the loss (Adam's CPU step counters are read too)
+            reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+
+    def run(bar):
+        reads.clear()
+        with delt_ext.BNStatMatching(teacher) as bn_matching:
+            result = optimize_chunk(
+                teacher, bn_matching, init, torch.tensor([0, 1, 0, 1]),
+                [0, 0, 3, 3], 30, _settings(info), torch.Generator().manual_seed(0), bar,
+            )  # fmt: skip
+        return result, len(reads)
+
+    silent, silent_reads = run(tqdm(total=30, disable=True))
+    assert silent_reads == 1 and silent.loss == silent.loss  # once, after the loop (not NaN)
+    stream = io.StringIO()
+    bar = tqdm(total=30, file=stream, mininterval=3600)
+    shown, shown_reads = run(bar)
+    bar.close()
+    # A bar that never redraws within the hour: the last iteration reads the loss for the
+    # final display, then once more after the loop.
+    assert shown_reads == 2 and "loss=" in stream.getvalue()
+    # A bar that redraws at every update: every iteration reads it.
+    _, every_reads = run(tqdm(total=30, file=io.StringIO(), mininterval=0, miniters=1))
+    assert every_reads == 31
+    assert torch.equal(silent.images, shown.images)
+
+
+@pytest.mark.parametrize("arch", ["convnet2", "resnet18_small"])
+def test_hooked_teacher_compiles_to_one_graph(arch):
+    info = DatasetInfo("t", 3, 3, 16, (0.5,) * 3, (0.25,) * 3, ("a", "b", "c"))
+    torch.manual_seed(0)
+    teacher = build_model(arch, info).eval().requires_grad_(False)
+    x = torch.randn(4, 3, 16, 16)
+    with delt_ext.BNStatMatching(teacher) as bn_matching:
+        explained = torch._dynamo.explain(teacher)(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, (
+            explained.break_reasons
+        )
+        counter = torch._dynamo.testing.CompileCounter()
+        compiled = torch.compile(teacher, backend=counter, fullgraph=True)
+        eager_logits = teacher(x)
+        eager_loss = bn_matching.loss()
+        logits = compiled(x)
+        # The hooks' losses come out of the graph: the same values as the eager forward's.
+        torch.testing.assert_close(bn_matching.loss(), eager_loss)
+        torch.testing.assert_close(logits, eager_logits)
+        assert counter.frame_count == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("per_sample_aug", [False, True])
+def test_the_cuda_loop_never_waits_for_the_device(per_sample_aug):
+    info = DatasetInfo("t", 2, 3, 16, (0.5,) * 3, (0.25,) * 3, ("a", "b"))
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    teacher = build_model("convnet2", info, {"width": 8}).eval().requires_grad_(False).to(device)
+    low, high = info.pixel_bounds()
+    settings = RecoverySettings(
+        0.25, (0.5, 0.9), 0.01, "cosine", 2, per_sample_aug, "none", False, low, high
+    )
+    total = 6
+
+    class Strict(torch.nn.Module):
+        """Turns a host synchronization into an error from the first forward on."""
+
+        def forward(self, x):
+            torch.cuda.set_sync_debug_mode("error")
+            return teacher(x)
+
+    class Bar:
+        # Stands in for a tqdm bar that never redraws; the last update lifts the strict mode,
+        # so that the loop's final loss read (for the bar) and the result copy may wait.
+        disable, n, last_print_n = False, 0, -1
+
+        def update(self):
+            self.n += 1
+            if self.n == total:
+                torch.cuda.set_sync_debug_mode("default")
+
+        def set_postfix(self, **kwargs):
+            pass
+
+    try:
+        with delt_ext.BNStatMatching(teacher) as bn_matching:
+            result = optimize_chunk(
+                Strict(), bn_matching, torch.rand(4, 3, 16, 16, device=device),
+                torch.tensor([0, 1, 0, 1], device=device), [0, 2, 0, 4], total, settings,
+                torch.Generator().manual_seed(0), Bar(),
+            )  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.images.shape == (4, 3, 16, 16)

@@ -18,7 +18,7 @@ of lower floors or ones listed before it on its own floor, never another module'
     pdd, recover            `delt recover --method pdd` (and its options); `delt recover`
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
-    report, distill         reports and charts; `delt distill`
+    report, distill, bench  reports and charts; `delt distill`; `delt bench synthesis`
     demo, cli               `delt demo`; the command table
 """
 
@@ -34,6 +34,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("synthesis",),
     ("pdd", "recover"),
     ("evaluate", "stagewise", "diversity"),
-    ("report", "distill"),
+    ("report", "distill", "bench"),
     ("demo", "cli"),
 )

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from delt.bench import SynthesisBenchConfig, run_synthesis_bench
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.demo import DemoConfig, run_demo
@@ -40,12 +41,14 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its help, its config dataclass, what it runs and what it then prints."""
+    """A subcommand: its help, its config dataclass, what it runs and what it then prints; or,
+    with ``subcommands`` (``delt bench synthesis``), a group whose parts are commands."""
 
     help: str
-    config: type
-    run: Callable[[Any], Any]
+    config: type | None
+    run: Callable[[Any], Any] | None
     show: Callable[[Any, Any], None] = lambda config, result: None
+    subcommands: dict[str, Command] | None = None
 
 
 def _show_teacher(config: TeacherConfig, result) -> None:
@@ -124,6 +127,18 @@ COMMANDS: dict[str, Command] = {
     "report": Command(
         "bar chart and table comparing methods over distill runs", ReportConfig, compare_runs
     ),
+    "bench": Command(
+        "throughput benchmarks",
+        None,
+        None,
+        subcommands={
+            "synthesis": Command(
+                "one recovery chunk: the papers' eager loop, the teacher alone, delt's loop",
+                SynthesisBenchConfig,
+                run_synthesis_bench,
+            )
+        },
+    ),
     "demo": Command(
         "Fashion-MNIST end to end: DELT and random real images through `delt distill`",
         DemoConfig,
@@ -160,12 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch CPU threads of the command (default: %(default)s, whatever the machine's "
         "load; results can differ in the last bits between thread counts; recorded in every "
-        "output's versions). `delt demo` has its own --threads",
+        "output's versions). `delt demo` and `delt bench synthesis` have their own --threads",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
-        add_arguments(sub, command.config)
+        if command.subcommands is None:
+            add_arguments(sub, command.config)
+            continue
+        parts = sub.add_subparsers(dest="subcommand", required=True, metavar="SUITE")
+        for part_name, part in command.subcommands.items():
+            part_parser = parts.add_parser(part_name, help=part.help, description=part.help)
+            add_arguments(part_parser, part.config)
     return parser
 
 
@@ -213,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    command = COMMANDS[args.command]
+    command, name = COMMANDS[args.command], args.command
+    if command.subcommands is not None:
+        command, name = command.subcommands[args.subcommand], f"{name} {args.subcommand}"
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.global_threads)
     try:
@@ -222,13 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.verbose:
             traceback.print_exc()
-        print(f"delt {args.command}: interrupted", file=sys.stderr)
+        print(f"delt {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         if args.verbose:
             traceback.print_exc()
         message, status = error_line(error, args.verbose)
-        print(f"delt {args.command}: error: {message}", file=sys.stderr)
+        print(f"delt {name}: error: {message}", file=sys.stderr)
         return status
     finally:
         torch.set_num_threads(threads_before)

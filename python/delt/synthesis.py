@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from delt.select import Selection
 __all__ = [
     "DEFAULT_ROUND_ITERATIONS",
     "METHODS",
+    "ActiveSets",
     "ChunkResult",
     "MethodRecipe",
     "RecoverResult",
@@ -66,6 +68,7 @@ __all__ = [
     "load_selection",
     "optimize_chunk",
     "prepare_run",
+    "recovery_adam",
     "recovery_settings",
     "synthesize",
     "synthesize_chunks",
@@ -149,6 +152,62 @@ class ChunkResult:
     seconds: float
 
 
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` (CPU) on ``device``; to a GPU through pinned memory, without waiting."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def recovery_adam(params: list[Tensor], settings: RecoverySettings) -> torch.optim.Optimizer:
+    """The papers' Adam (eps 1e-8), one kernel per step where that keeps CPU results bitwise.
+
+    CUDA: the fused kernel. CPU: foreach, which gives the same bits as the default per-tensor
+    loop (the fused CPU kernel rounds differently).
+    """
+    kind = {"fused": True} if params[0].device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(params, lr=settings.lr, betas=settings.betas, eps=1e-8, **kind)
+
+
+class ActiveSets:
+    """The images of a chunk that each iteration forwards (EarlyLate), without a host sync.
+
+    Image ``i`` is active from ``start_iterations[i]`` on. Where the active images are a prefix
+    of the chunk (every round of a one-class chunk, the full set) they are a slice, a view; else
+    an ``index_select`` by an index built once per round and copied to the device without
+    waiting. The rows stay in chunk order: reordering them so that every active set is a prefix
+    would change the order of the BN-statistic sums and of per-image augmentation params, hence
+    the outputs' bits (``tests/test_recover_reference.py``).
+    """
+
+    def __init__(self, start_iterations: list[int], device: torch.device) -> None:
+        self.starts = list(start_iterations)
+        self.device = device
+        self._stale_from: float = 0  # the first iteration at which the set below is outdated
+        self._count = 0
+        self._index: Tensor | None = None
+
+    def _update(self, iteration: int) -> None:
+        active = [i for i, s in enumerate(self.starts) if s <= iteration]
+        self._stale_from = min((s for s in self.starts if s > iteration), default=math.inf)
+        self._count = len(active)
+        is_prefix = active == list(range(len(active)))
+        self._index = (
+            None if is_prefix else _to_device(torch.tensor(active, dtype=torch.int64), self.device)
+        )
+
+    def select(self, iteration: int, pixels: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The active rows of ``pixels`` (N, C, H, W) and ``labels`` (N,) at ``iteration``
+        (called with increasing iterations)."""
+        if iteration >= self._stale_from or iteration == 0:
+            self._update(iteration)
+        if self._index is not None:
+            return pixels.index_select(0, self._index), labels.index_select(0, self._index)
+        if self._count == len(self.starts):
+            return pixels, labels
+        return pixels[: self._count], labels[: self._count]
+
+
 def optimize_chunk(
     teacher: nn.Module,
     bn_matching: delt_ext.BNStatMatching,
@@ -195,7 +254,7 @@ def optimize_chunk(
     """
     device = init.device
     pixels = init.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([pixels], lr=settings.lr, betas=settings.betas, eps=1e-8)
+    optimizer = recovery_adam([pixels], settings)
     augment = delt_ext.RandomResizedCropFlip(
         size=tuple(init.shape[-2:]),
         scale=(0.08, 1.0),
@@ -204,32 +263,24 @@ def optimize_chunk(
         generator=generator,
     )
     low, high = settings.low.to(device), settings.high.to(device)
-    starts = torch.tensor(start_iterations, dtype=torch.int64)
+    active_sets = ActiveSets(start_iterations, device)
     if frozen is not None:
         frozen = frozen.detach()
         if frozen_sample is not None and frozen_sample >= frozen.shape[0]:
             frozen_sample = None  # the whole pool fits: no sampling
-    active: Tensor | None = None
-    active_count = -1
     start = time.perf_counter()
     loss_value = float("nan")
     for iteration in range(total_iterations):
-        count = int((starts <= iteration).sum())
-        if count != active_count:  # the active set only changes at round starts
-            active_count = count
-            is_full = count == len(starts)
-            active = None if is_full else torch.nonzero(starts <= iteration).view(-1).to(device)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(iteration, total_iterations, settings.lr)
         if settings.crop_curriculum != "fixed":
             augment.set_scale(crop_min_scale(iteration, total_iterations, settings.crop_curriculum))
-        batch = pixels if active is None else pixels.index_select(0, active)
-        targets = labels if active is None else labels.index_select(0, active)
+        batch, targets = active_sets.select(iteration, pixels, labels)
         if frozen is not None:
             context = frozen
             if frozen_sample is not None:
                 pick = torch.randperm(frozen.shape[0], generator=generator)[:frozen_sample]
-                context = frozen.index_select(0, pick.to(device))
+                context = frozen.index_select(0, _to_device(pick, device))
             batch = torch.cat([batch, context])
         inputs = augment(batch)
         if settings.channels_last:
@@ -247,12 +298,15 @@ def optimize_chunk(
         optimizer.step()
         with torch.no_grad():
             pixels.clamp_(min=low, max=high)
-        if progress is not None:
+        if progress is not None and not progress.disable:
             progress.update()
-            if iteration % 25 == 0 or iteration == total_iterations - 1:
+            # Reading the loss waits for the device: only when the bar has just been redrawn.
+            if progress.last_print_n == progress.n or iteration == total_iterations - 1:
                 loss_value = loss.item()
-                progress.set_postfix(loss=f"{loss_value:.3f}", active=count, refresh=False)
-    if progress is None:
+                progress.set_postfix(
+                    loss=f"{loss_value:.3f}", active=targets.shape[0], refresh=False
+                )
+    if total_iterations:
         loss_value = loss.item()
     return ChunkResult(pixels.detach().cpu(), float(loss_value), time.perf_counter() - start)
 
