@@ -39,7 +39,13 @@ class Command:
 
 
 def _show_teacher(config: TeacherConfig, result) -> None:
-    print(f"teacher: {result.path} (test accuracy {result.test_accuracy:.2f}%)")
+    accuracy = (
+        "test accuracy not measured (--measure)"
+        if result.test_accuracy is None
+        else f"test accuracy {result.test_accuracy:.2f}%"
+    )
+    source = f"imported from {result.source}, " if result.source else ""
+    print(f"teacher: {result.path} ({source}{accuracy})")
 
 
 def _show_recover(config: RecoverConfig, result) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "atomic_open",
+    "check_output_folder",
     "read_json",
     "save_image",
     "sha256_file",
@@ -61,6 +62,25 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def check_output_folder(path: str | os.PathLike, label: str = "--out") -> Path:
+    """Creates the output folder ``path`` if needed and checks that files can be written there,
+    before any work: an unwritable ``--out`` is reported at once, not after hours of it.
+
+    Raises:
+        ValueError: ``path`` is a file, cannot be created, or is not writable (naming ``label``).
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{label} {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{label} {folder}: cannot create it ({error.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{label} {folder}: not writable")
+    return folder
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
