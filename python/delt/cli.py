@@ -20,6 +20,7 @@ from delt.distill import DistillConfig, distill
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
 from delt.recover import RecoverConfig, recover
+from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
 from delt.select import SelectConfig, select_images
 from delt.stagewise import evaluate_stagewise
@@ -46,6 +47,18 @@ def _show_teacher(config: TeacherConfig, result) -> None:
     )
     source = f"imported from {result.source}, " if result.source else ""
     print(f"teacher: {result.path} ({source}{accuracy})")
+
+
+def _show_import(config: ImportConfig, result) -> None:
+    for entry in result.mapping:
+        print(
+            f"import: {entry['folder']} -> class {entry['class']} ({entry['name']}, by "
+            f"{entry['by']}): {entry['images']} images"
+        )
+    print(
+        f"import: {result.num_images} images of {len(result.mapping)} classes -> {result.out}"
+        f"{' (already there)' if result.reused else ''}"
+    )
 
 
 def _show_recover(config: RecoverConfig, result) -> None:
@@ -99,6 +112,12 @@ COMMANDS: dict[str, Command] = {
         RecoverConfig,
         recover,
         _show_recover,
+    ),
+    "import": Command(
+        "turn a released set (class folders of PNG/JPEG images) into a distilled set",
+        ImportConfig,
+        import_images,
+        _show_import,
     ),
     "eval": Command(
         "train students on a distilled set with teacher soft labels; test them (eval.json)",
