@@ -29,3 +29,22 @@ def write_image_folder(root, classes, train, val, size):
         write_images(root / "train" / name, train, size, seed=2 * index)
         write_images(root / "val" / name, val, size, seed=2 * index + 1)
     return root
+
+
+def write_tiny_imagenet(root, wnids, train, val, size=64):
+    """Tiny-ImageNet's released layout: ``wnids.txt``, ``train/<wnid>/images/<wnid>_<k>.JPEG``,
+    ``val/images/val_<i>.JPEG`` and ``val/val_annotations.txt`` (tab-separated, with boxes)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
+    lines = []
+    number = 0
+    for index, wnid in enumerate(wnids):
+        write_images(root / "train" / wnid / "images", train, size, 3 * index, "JPEG",
+                     name=f"{wnid}_{{k}}")  # fmt: skip
+        for path in write_images(root / "val" / "images", val, size, 3 * index + 1, "JPEG",
+                                 name=f"val_{number}_{{k}}"):  # fmt: skip
+            lines.append(f"{path.name}\t{wnid}\t0\t0\t{size - 1}\t{size - 1}\n")
+        number += 1
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+    return root
