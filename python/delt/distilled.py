@@ -11,6 +11,8 @@ bytes, normalized batch by batch when used (:func:`normalized`). ``manifest.json
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,7 +199,8 @@ def save_images(
     index_width = max(3, len(str(ipc - 1)))
     suffix = "png" if image_format == "png" else "jpg"
     pixels = info.denormalize(images).clamp_(0, 1)
-    for position in range(images.shape[0]) if positions is None else positions:
+
+    def write(position: int) -> None:
         label = int(labels[position])
         within = position % ipc
         save_image(
@@ -205,6 +208,15 @@ def save_images(
             folder / f"{label:0{width}d}" / f"{within:0{index_width}d}.{suffix}",
             image_format,
         )
+
+    todo = list(range(images.shape[0]) if positions is None else positions)
+    # PIL's encoders release the GIL: files are written by a thread pool (each file's bytes do
+    # not depend on the order). The class folders are made first, so threads do not race there.
+    for label in sorted({int(labels[position]) for position in todo}):
+        (folder / f"{label:0{width}d}").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(write, todo):
+            pass
     return f"<class:0{width}d>/<index:0{index_width}d>.{suffix}"
 
 
