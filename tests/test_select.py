@@ -95,3 +95,17 @@ def test_scores_in_shards_resume_and_match_the_unsharded_ranking(tiny_teacher, t
     two = select_images(config(tmp_path / "b", shard_batches=1))
     assert one.indices == two.indices and not (tmp_path / "b" / "scores").exists()
     assert labels.numel() == len(whole)
+
+
+def test_fp16_scores_are_close_to_full_precision(tiny_teacher, tmp_path):
+    from delt.select import score_images
+
+    def scores(amp):
+        config = SelectConfig(
+            teacher=str(tiny_teacher.path), ipc=3, out=str(tmp_path / amp), progress=False,
+            amp=amp,
+        )  # fmt: skip
+        return score_images(config)[0]
+
+    full, half = scores("none"), scores("fp16")
+    assert not torch.equal(full, half) and torch.allclose(full, half, atol=2e-2)
