@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import SYNTHETIC
 from delt.config import ConfigError
 from delt.distill import DistillConfig, distill
@@ -46,6 +47,8 @@ def test_distill_writes_the_report_and_a_rerun_does_no_work(tiny_teacher, tmp_pa
     assert 0 <= report["accuracy_mean"] <= 100 and -1 <= report["diversity"] <= 1
     markdown = (out / "report.md").read_text()
     assert "| 0 |" in markdown and "grid.png" in markdown and "diversity" in markdown
+    threads = torch.get_num_threads()
+    assert f"| torch CPU threads (recovery, evaluation) | {threads}, {threads} |" in markdown
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("eval.json", "diversity.json", "manifest.json"):
         assert (out / "distilled" / name).is_file()

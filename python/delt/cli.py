@@ -1,7 +1,12 @@
 """The ``delt`` command line (also ``python -m delt``): one :data:`COMMANDS` entry per subcommand.
 
-Each subcommand's flags are generated from its config dataclass (:mod:`delt.config`); bad input
-is reported as ``delt <command>: error: <message naming the flag>`` with exit status 2.
+Each subcommand's flags are generated from its config dataclass (:mod:`delt.config`); two global
+flags come before the subcommand: ``-v`` (debug logging and tracebacks) and ``--threads``
+(torch's CPU threads, fixed so that results do not depend on the machine's load).
+
+Every failure is one line, ``delt <command>: error: <message>``: exit status 2 for bad input
+(flags, files: naming the flag or file and what was expected), 1 for what the machine refused
+(a full disk, read-only media, memory) or an internal error. ``-v`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -9,9 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
@@ -19,9 +27,11 @@ from delt.demo import DemoConfig, run_demo
 from delt.distill import DistillConfig, distill
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
+from delt.io import FileFormatError, WriteError
 from delt.recover import RecoverConfig, recover
 from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
+from delt.runtime import DEFAULT_THREADS, ResourceError
 from delt.select import SelectConfig, select_images
 from delt.stagewise import evaluate_stagewise
 from delt.teacher import TeacherConfig, train_teacher
@@ -146,11 +156,12 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
-# Errors caused by the user's input: reported in one line, not as a traceback.
+# Errors caused by the user's input: reported in one line, not as a traceback (status 2).
 USER_ERRORS = (
     ConfigError,
     DatasetNotFoundError,
     DataMismatchError,
+    FileFormatError,
     FileNotFoundError,
     ValueError,
 )
@@ -163,7 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="delt", description="Dataset distillation: DELT, CDA, SRe2L."
     )
     parser.add_argument("--version", action="version", version=f"delt {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; tracebacks of errors"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        dest="global_threads",
+        metavar="N",
+        help="torch CPU threads of the command (default: %(default)s, whatever the machine's "
+        "load; results can differ in the last bits between thread counts; recorded in every "
+        "output's versions). `delt demo` has its own --threads",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
@@ -171,22 +194,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    # torch's CPU allocator raises a plain RuntimeError; CUDA's an OutOfMemoryError.
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "not enough memory" in str(error)
+    )
+
+
+def error_line(error: BaseException, verbose: bool = False) -> tuple[str, int]:
+    """The one-line message (after ``delt <command>: error:``) and exit status of ``error``."""
+    if isinstance(error, USER_ERRORS):
+        if isinstance(error, OSError) and error.filename and error.strerror:
+            return f"{error.filename}: {error.strerror}", 2
+        return _one_line(error), 2
+    if isinstance(error, (WriteError, ResourceError)):
+        return _one_line(error), 1
+    if _out_of_memory(error):
+        return (
+            f"out of memory ({_one_line(error)[:200]}); use smaller sizes (--batch-size, "
+            "--resolution, --ipc)",
+            1,
+        )
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or _one_line(error)}", 1
+    hint = "" if verbose else " (run `delt -v ...` for the traceback)"
+    return f"internal error: {type(error).__name__}: {_one_line(error)}{hint}", 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``delt`` script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.global_threads < 1:
+        parser.error(f"argument --threads: must be an integer >= 1, got {args.global_threads}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     command = COMMANDS[args.command]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.global_threads)
     try:
         config = from_namespace(command.config, args)
         command.show(config, command.run(config))
-    except USER_ERRORS as error:
-        print(f"delt {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"delt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.verbose:
+            traceback.print_exc()
+        message, status = error_line(error, args.verbose)
+        print(f"delt {args.command}: error: {message}", file=sys.stderr)
+        return status
+    finally:
+        torch.set_num_threads(threads_before)
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from delt.config import check_int
+from delt.runtime import check_memory
 
 __all__ = [
     "DATASETS",
@@ -500,12 +501,20 @@ def _load_synthetic(name, options, root, split, resolution, class_order) -> Imag
     for key in ("classes", "channels", "size", "train", "test"):
         check_int(f"--dataset {name}: option {key}", values[key])
     classes, channels, size = values["classes"], values["channels"], values["size"]
+    per_class = values["train"] if split == "train" else values["test"]
+    count = classes * per_class
+    # Float patterns and noise, their float mix and the uint8 result, all at once.
+    check_memory(
+        f"--dataset {name}"
+        + (f" --resolution {resolution}" if resolution else "")
+        + f": {count:,} {split} images of {channels}x{size}x{size}",
+        (classes + 2 * count) * channels * size * size * 4 + count * channels * size * size,
+    )
     generator = torch.Generator().manual_seed(values["seed"])
     # Class c's images are a fixed random low-frequency pattern plus noise: random, yet
     # learnable, so teachers, selection and recovery all have something to work on.
     patterns = torch.rand(classes, channels, 4, 4, generator=generator)
     patterns = torch.nn.functional.interpolate(patterns, size=(size, size), mode="bilinear")
-    per_class = values["train"] if split == "train" else values["test"]
     split_generator = torch.Generator().manual_seed(values["seed"] * 2 + (split != "train") + 1)
     labels = torch.arange(classes).repeat_interleave(per_class)
     noise = torch.rand(labels.numel(), channels, size, size, generator=split_generator)

@@ -16,7 +16,7 @@ from delt.data import load_like
 from delt.distilled import Manifest, load_distilled, save_distilled
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
-from delt.io import read_json, sha256_file, write_json
+from delt.io import check_output, read_json, sha256_file, write_json
 from delt.models import TeacherMismatchError, load_checkpoint, model_spec
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
@@ -199,6 +199,8 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     ``print_summary``: print the table of steps (``delt demo`` prints its own).
     """
     out = Path(config.out)
+    # Each step probes its own folder before its work; a cached run writes nothing.
+    check_output(out, "--out", probe=False)
     steps: list[dict] = []
 
     def timed(name: str, cached: bool, seconds: float, result: str) -> None:
@@ -334,6 +336,10 @@ def _markdown(report, evaluation, diversity, manifest, steps, teacher_meta) -> s
         f"T {eval_config['temperature']} |",
         f"| recovery | MI {manifest.config.get('iterations', '-')}, RI "
         f"{manifest.config.get('round_iterations', '-') or '-'}, seed {manifest.seed} |",
+        # Results differ in the last bits between thread counts (README, "Threads").
+        f"| torch CPU threads (recovery, evaluation) "
+        f"| {manifest.versions.get('torch_threads', '-')}, "
+        f"{evaluation.document['versions'].get('torch_threads', '-')} |",
         "",
         "## Seeds",
         "",

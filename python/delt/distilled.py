@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from delt.data import DataMismatchError, DatasetInfo
-from delt.io import read_json, save_image, torch_load, torch_save, write_json
+from delt.io import FileFormatError, read_json, save_image, torch_load, torch_save, write_json
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
@@ -165,7 +165,13 @@ class Manifest:
         path = Path(folder) / "manifest.json"
         if not path.is_file():
             raise FileNotFoundError(f"--distilled {folder}: no manifest.json")
-        return cls.from_dict(read_json(path), str(path))
+        document = read_json(path, "manifest (manifest.json of `delt recover`)")
+        try:
+            return cls.from_dict(document, str(path))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise FileFormatError(
+                f"{path}: not a manifest this version reads ({type(error).__name__}: {error})"
+            ) from None
 
 
 _OPTIONAL = ("indices", "stage", "stages", "stage_per_image")  # left out of the JSON when None
@@ -260,16 +266,24 @@ def load_stored(folder: str | Path) -> tuple[Tensor, Tensor, Manifest]:
         )
     if not (folder / "manifest.json").is_file():
         raise FileNotFoundError(f"--distilled {folder}: no manifest.json beside distilled.pt")
-    payload = torch_load(folder / "distilled.pt")
+    images, labels = _load_set_file(folder / "distilled.pt")
     manifest = Manifest.load(folder)
-    images = payload["images"]
     stored = "uint8" if images.dtype == torch.uint8 else str(images.dtype).removeprefix("torch.")
     if stored != manifest.images_dtype:
         raise ValueError(
             f"--distilled {folder}: distilled.pt holds {stored} images, its manifest says "
             f"{manifest.images_dtype}"
         )
-    return images, payload["labels"], manifest
+    return images, labels, manifest
+
+
+def _load_set_file(path: Path) -> tuple[Tensor, Tensor]:
+    what = "distilled set (distilled.pt of `delt recover`)"
+    payload = torch_load(path, what, keys=("images", "labels"))
+    images, labels = payload["images"], payload["labels"]
+    if not (isinstance(images, Tensor) and isinstance(labels, Tensor)):
+        raise FileFormatError(f"{path}: not a {what}: images and labels must be tensors")
+    return images, labels
 
 
 def check_distilled_set(
@@ -329,8 +343,7 @@ def load_stage_unions(folder: str | Path) -> list[tuple[Tensor, Tensor]]:
             f"--distilled {folder} was made by --method {manifest.method}, not pdd: it "
             "has no stages to train on one after another"
         )
-    payload = torch_load(Path(folder) / "distilled.pt")
-    images, labels = payload["images"], payload["labels"]
+    images, labels = _load_set_file(Path(folder) / "distilled.pt")
     return [
         (
             union_prefix(images, manifest.ipc, entry["union_ipc"]),

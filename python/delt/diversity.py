@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from delt.config import ConfigError, check_int_fields, option
 from delt.distilled import check_distilled_set, load_distilled
-from delt.io import read_json, sha256_file, write_json
+from delt.io import check_output, read_json, sha256_file, write_json
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint
 from delt.runtime import logger, resolve_device, versions
 
@@ -179,6 +179,7 @@ def measure_diversity(config: DiversityConfig) -> DiversityResult:
             return DiversityResult(
                 out, saved["mean"], saved["std"], saved["per_class"], reused=True
             )
+    check_output(out, "--out" if config.out else "--distilled", folder=False)
     checkpoint = load_checkpoint(model_path)
     try:
         check_compatible(checkpoint.meta, info, what="model")

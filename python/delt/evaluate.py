@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
-from delt.io import read_json, sha256_file, torch_load, torch_save, write_json
+from delt.io import check_output, read_json, sha256_file, torch_load, torch_save, write_json
 from delt.models import (
     Checkpoint,
     TeacherMismatchError,
     build_model,
     check_compatible,
+    check_model_memory,
     load_checkpoint,
     model_spec,
 )
@@ -181,6 +182,11 @@ class EvalConfig:
                 raise ConfigError(
                     f"--student-width applies to convnetD students, not --student {self.student}"
                 )
+
+    def check_results_path(self, probe: bool = True) -> None:
+        """Refuses a results path that cannot be written (:func:`delt.io.check_output`)."""
+        label = "--out" if self.out else "--distilled"
+        check_output(self.results_path, label, folder=False, probe=probe)
 
     @property
     def results_path(self) -> Path:
@@ -398,6 +404,10 @@ class EvalContext:
             student_kwargs = {}
         build_model(student_arch, info, student_kwargs)  # fails now, not after the first seed
         batch_size = config.batch_size or default_batch_size(ipc, info.num_classes, num_images)
+        check_model_memory(
+            student_arch, info, student_kwargs, min(batch_size, num_images), device, True,
+            f"--batch-size {batch_size}",
+        )  # fmt: skip
         settings = TrainSettings(
             batch_size=min(batch_size, num_images), temperature=config.temperature,
             cutmix_beta=config.cutmix_beta, hard_labels=config.hard_labels, amp=config.amp,
@@ -620,6 +630,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     """
     if config.stagewise:
         raise ConfigError("--stagewise: run it with delt.stagewise.evaluate_stagewise")
+    config.check_results_path(probe=False)
     context = EvalContext.from_config(config)
     identity = context.identity()
     path = config.results_path
@@ -634,6 +645,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
         else:
             logger.info("eval: %s comes from another configuration; evaluating again", path)
     reused = all(seed in finished for seed in config.seeds)
+    if not reused or saved_order != list(config.seeds):
+        config.check_results_path()  # before training: a result that cannot be saved is lost
     logger.info(
         "eval: %s, %d images (IPC %d), student %s%s, %d epochs, batch %d, seeds %s%s",
         "random real" if config.random_real else config.distilled,

@@ -7,10 +7,13 @@ stray ``.tmp`` file, never a truncated output.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +23,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FileFormatError",
+    "WriteError",
     "atomic_open",
+    "check_output",
     "check_output_folder",
     "read_json",
     "save_image",
@@ -42,14 +48,62 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+class FileFormatError(ValueError):
+    """A file named by the user is unreadable, truncated, corrupt or not what was expected; the
+    message names the file and what it should be."""
+
+
+class WriteError(OSError):
+    """An output could not be written (full disk, read-only media, no permission); the message
+    names the file and says that what was there before is untouched."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: itself, or one it was raised from or while handling (torch's
+    zip writer turns the ENOSPC of a write into a RuntimeError raised during that OSError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _write_error(path: Path, error: BaseException, started: bool = True) -> WriteError:
+    cause = _os_error(error)
+    if cause is not None and cause.errno == errno.ENOSPC:
+        reason = "the disk is full (no space left on device)"
+    elif cause is not None and cause.errno == errno.EROFS:
+        reason = "the file system is read-only"
+    elif cause is not None and cause.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    elif cause is not None:
+        reason = cause.strerror or str(cause)
+    else:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    cleanup = " (the partial temporary file was removed)" if started else ""
+    return WriteError(
+        f"cannot write {path}: {reason}; nothing was replaced{cleanup}",
+        None if cause is None else cause.errno,
+    )
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Opens a temporary file beside ``path``; on success it replaces ``path``, else it goes."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _write_error(path, error, started=False) from error
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -57,10 +111,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(handle.fileno())
         os.chmod(tmp_name, _FILE_MODE)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         # Also on KeyboardInterrupt: leave no temporary file behind.
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+        if isinstance(error, OSError) or _os_error(error) is not None:
+            raise _write_error(path, error) from error
         raise
 
 
@@ -90,9 +146,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         handle.write("\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as handle:
-        return json.load(handle)
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Reads a JSON file.
+
+    Raises:
+        FileFormatError: it is not valid UTF-8 JSON (truncated, corrupt), naming the file.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FileFormatError(
+            f"{path}: not a readable {what}: truncated or corrupt JSON ({error})"
+        ) from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -110,15 +176,103 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, handle)
 
 
-def torch_load(path: str | os.PathLike) -> Any:
+def torch_load(
+    path: str | os.PathLike, what: str = "torch file", keys: tuple[str, ...] = ()
+) -> Any:
     """Loads a local file with ``weights_only=True``: tensors and plain Python values only.
 
     Never unpickles arbitrary objects, so a checkpoint from elsewhere cannot run code.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the error message ("teacher checkpoint").
+        keys: when given, the file must hold a dict with these keys.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: the file is truncated, corrupt, not a torch file, holds Python objects
+            that ``weights_only`` refuses, or lacks ``keys``; one line naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            # A foreign pickle protocol: the refusal below says what matters.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise FileFormatError(f"{path}: cannot read the {what}: permission denied") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # torch raises many types here, none of them meaningful alone
+        raise FileFormatError(f"{path}: not a readable {what}: {_load_failure(error)}") from None
+    if keys and not (isinstance(payload, dict) and all(key in payload for key in keys)):
+        raise FileFormatError(
+            f"{path}: not a {what} (a torch file, but not a dict with the keys {', '.join(keys)})"
+        )
+    return payload
+
+
+def _load_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in our words. torch's own message for a
+    refused pickle suggests turning ``weights_only`` off; that advice is never passed on."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in text.lower():
+        marker = "Unsupported global: GLOBAL "
+        if marker in text:
+            name = text.split(marker, 1)[1].split()[0]
+            return (
+                f"it holds a Python object ({name}) other than tensors and plain values; delt "
+                "loads only those (weights_only) and never runs code from a file: it may be a "
+                "foreign file, or a malicious one"
+            )
+        return (
+            "it is truncated, corrupt, or a pickle that is not a torch file (delt loads "
+            "tensors and plain values only, with weights_only; it may be a foreign file, or a "
+            "malicious one)"
+        )
+    return "it is truncated, corrupt, or not a torch file"
+
+
+def check_output(
+    path: str | os.PathLike, label: str, folder: bool = True, probe: bool = True
+) -> None:
+    """Refuses an output path that cannot be written, before any work is done.
+
+    ``path`` is an output folder (``folder=True``) or file. It need not exist; nothing is
+    created. With ``probe``, the nearest existing folder is probed with a temporary file (created
+    and removed), so read-only media and missing permissions are caught too; without, only the
+    path's shape is checked (a file where a folder should be, or under a file), which a run that
+    may turn out to write nothing (a cached result) can check up front.
+
+    Raises:
+        WriteError: ``"<label> <path>: <why it cannot be written>"``.
+    """
+    path = Path(path)
+    if path.exists() and folder and not path.is_dir():
+        raise WriteError(f"{label} {path}: exists and is not a folder", errno.ENOTDIR)
+    if path.exists() and not folder and path.is_dir():
+        raise WriteError(f"{label} {path}: is a folder, expected a file path", errno.EISDIR)
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WriteError(f"{label} {path}: {existing} is a file, not a folder", errno.ENOTDIR)
+    if not probe:
+        return
+    try:
+        fd, probe_name = tempfile.mkstemp(prefix=".delt-write-check.", suffix=".tmp", dir=existing)
+    except OSError as error:
+        reason = {
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied",
+            errno.ENOSPC: "the disk is full",
+        }.get(error.errno, error.strerror or str(error))
+        message = f"{label} {path}: cannot write in {existing}: {reason}"
+        raise WriteError(message, error.errno) from None
+    os.close(fd)
+    os.unlink(probe_name)
 
 
 def to_uint8(image: Tensor, image_format: str = "png") -> Tensor:

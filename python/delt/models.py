@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from delt.data import DataMismatchError, DatasetInfo
-from delt.io import atomic_open, sha256_file, torch_load, write_json
-from delt.runtime import logger
+from delt.io import FileFormatError, atomic_open, sha256_file, torch_load, write_json
+from delt.runtime import check_memory, logger
 
 __all__ = [
     "MODELS",
@@ -28,6 +28,7 @@ __all__ = [
     "build_model",
     "cached_weights_path",
     "check_compatible",
+    "check_model_memory",
     "load_checkpoint",
     "load_weights",
     "read_weights",
@@ -168,6 +169,53 @@ def build_model(
     return spec.build(info, **arch_kwargs)
 
 
+def check_model_memory(
+    arch: str,
+    info: DatasetInfo,
+    arch_kwargs: dict[str, Any] | None,
+    batch_size: int,
+    device: torch.device | str,
+    training: bool,
+    what: str,
+) -> None:
+    """Refuses, before anything is allocated, a model and batch that cannot fit in memory.
+
+    The model is built on the meta device (no memory). The estimate is a floor: the float32
+    weights (with their gradients and two optimizer moments when ``training``), one
+    ``(batch_size, C, H, W)`` float32 batch and the output of the first layer for it (twice
+    when ``training``: kept for the backward pass, and its gradient). A forward pass on meta
+    tensors would measure every layer, but its first use imports seconds' worth of modules.
+
+    Args:
+        what: the flags that set the sizes, for the message (``"--batch-size 256"``).
+
+    Raises:
+        ResourceError: the estimate exceeds the memory available on ``device``.
+        ValueError: ``arch`` cannot be built for ``info`` (as :func:`build_model`).
+    """
+    with torch.device("meta"):
+        model = build_model(arch, info, arch_kwargs)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    pixels = info.resolution * info.resolution
+    batch = batch_size * info.channels * pixels * 4
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    activation = 0
+    if isinstance(first, nn.Conv2d):
+        rows = -(-info.resolution // first.stride[0])
+        cols = -(-info.resolution // first.stride[1])
+        activation = batch_size * first.out_channels * rows * cols * 4
+    elif isinstance(first, nn.Linear):
+        activation = batch_size * first.out_features * 4
+    needed = (4 * weights + batch + 2 * activation) if training else (weights + batch + activation)
+    shape = f"{info.channels}x{info.resolution}x{info.resolution}"
+    check_memory(
+        f"{what}: {arch} ({weights // 4:,} weights) on batches of {batch_size:,} images of "
+        f"{shape}{' (training)' if training else ''}",
+        needed,
+        device,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -255,7 +303,7 @@ def load_checkpoint(path: str | Path, info: DatasetInfo | None = None) -> Checkp
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a delt checkpoint.
+        FileFormatError: unreadable, or not a delt checkpoint (one line naming the file).
         TeacherMismatchError: see :func:`check_compatible`.
     """
     path = Path(path)
@@ -264,15 +312,28 @@ def load_checkpoint(path: str | Path, info: DatasetInfo | None = None) -> Checkp
             f"--teacher {path}: no such file (train one with `delt teacher --out DIR`, which "
             "writes DIR/teacher.pt)"
         )
-    payload = torch_load(path)
+    what = f"delt checkpoint ({CHECKPOINT_FORMAT}, as `delt teacher` writes)"
+    payload = torch_load(path, what)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a delt checkpoint ({CHECKPOINT_FORMAT})")
-    meta = payload["meta"]
-    saved_info = DatasetInfo.from_dict(meta["dataset"])
+        raise FileFormatError(f"{path}: not a {what}")
+    try:
+        meta = payload["meta"]
+        saved_info = DatasetInfo.from_dict(meta["dataset"])
+        arch, arch_kwargs = meta["arch"], meta["arch_kwargs"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise FileFormatError(
+            f"{path}: not a {what}: its metadata is incomplete ({type(error).__name__}: {error})"
+        ) from None
     if info is not None:
         check_compatible(meta, info)
-    model = build_model(meta["arch"], saved_info, meta["arch_kwargs"])
-    model.load_state_dict(payload["state_dict"])
+    model = build_model(arch, saved_info, arch_kwargs)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileFormatError(
+            f"{path}: not a {what}: its weights do not fit the {arch} it names ({first})"
+        ) from None
     model.eval()
     return Checkpoint(model=model, meta=meta, info=saved_info, path=path)
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from delt.config import ConfigError, option
 from delt.data import DatasetInfo
 from delt.distilled import Manifest
-from delt.io import atomic_open, read_json, write_json
+from delt.io import atomic_open, check_output, read_json, write_json
 
 __all__ = [
     "REPORT_KEYS",
@@ -280,6 +280,7 @@ class ReportConfig:
 
 def compare_runs(config: ReportConfig) -> list[dict]:
     """Runs ``delt report``: reads the runs, writes the chart and ``OUT.md``, returns the rows."""
+    check_output(config.out, "--out", folder=False)
     rows = pool_reports([load_report(run) for run in config.runs])
     plot_comparison(rows, config.out, config.title)
     table = markdown_table(rows)

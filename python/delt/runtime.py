@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -12,9 +13,72 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-__all__ = ["autocast", "derive_seed", "logger", "machine", "resolve_device", "versions"]
+__all__ = [
+    "DEFAULT_THREADS",
+    "ResourceError",
+    "autocast",
+    "available_memory",
+    "check_memory",
+    "derive_seed",
+    "logger",
+    "machine",
+    "resolve_device",
+    "versions",
+]
 
 logger = logging.getLogger("delt")
+
+# The CLI's torch CPU thread count unless `delt --threads N`: fixed, because results differ in
+# the last bits between thread counts (the reductions split differently), so a count taken from
+# the machine's cores or load would make the numbers depend on where and when a command ran.
+DEFAULT_THREADS = 1
+
+
+class ResourceError(RuntimeError):
+    """A requested size cannot fit the machine (memory); the message gives the numbers."""
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated now on ``device``: MemAvailable of ``/proc/meminfo`` (else
+    the free physical pages) for the CPU, the CUDA driver's free memory for a GPU; None where
+    neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _gigabytes(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
+def check_memory(what: str, nbytes: int, device: torch.device | str = "cpu") -> None:
+    """Refuses, before allocating, ``nbytes`` that exceed the memory available on ``device``.
+
+    Args:
+        what: the allocation in the user's terms, naming the flags that size it
+            ("--resolution 100000: 320 synthetic images of 3x100000x100000").
+
+    Raises:
+        ResourceError: ``"<what> need <n> GB, <m> GB are available on <device>"``.
+    """
+    device = torch.device(device)
+    available = available_memory(device)
+    if available is not None and nbytes > available:
+        raise ResourceError(
+            f"{what} need {_gigabytes(nbytes)} of memory, {_gigabytes(available)} are available "
+            f"on {device.type}"
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,7 +116,8 @@ def derive_seed(seed: int, *indices: int) -> int:
 
 
 def versions() -> dict[str, str]:
-    """Versions that determine a run's numbers: python, torch, torchvision, numpy, delt_ext."""
+    """What determines a run's numbers besides its flags: the versions of python, torch,
+    torchvision, numpy and delt_ext, and torch's CPU thread count (``torch_threads``)."""
     import delt_ext
 
     try:
@@ -68,6 +133,7 @@ def versions() -> dict[str, str]:
         "numpy": str(np.__version__),
         "delt_ext": str(delt_ext.__version__),
         "delt_ext_ops": str(delt_ext.HAS_OPS),
+        "torch_threads": str(torch.get_num_threads()),
     }
 
 

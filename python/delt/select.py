@@ -21,9 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, identity_dict, option
-from delt.data import ImageDataset, TensorImageDataset, load_like
-from delt.io import atomic_open, read_json, sha256_file, torch_load, torch_save, write_json
-from delt.models import check_compatible, load_checkpoint
+from delt.data import DatasetInfo, ImageDataset, TensorImageDataset, load_like
+from delt.io import (
+    FileFormatError,
+    atomic_open,
+    check_output,
+    read_json,
+    sha256_file,
+    torch_load,
+    torch_save,
+    write_json,
+)
+from delt.models import check_compatible, check_model_memory, load_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
 from delt.student import iterate_batches
 
@@ -88,8 +97,17 @@ class Selection:
             raise FileNotFoundError(
                 f"--selection {folder}: no selection.json (run `delt select --out {folder}` first)"
             )
-        meta = read_json(path)
-        return cls(indices=[list(map(int, c)) for c in meta["classes"]], meta=meta)
+        meta = read_json(path, "selection (selection.json of `delt select`)")
+        try:
+            indices = [list(map(int, c)) for c in meta["classes"]]
+            if not indices:
+                raise ValueError("no classes")
+            DatasetInfo.from_dict(meta["dataset"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise FileFormatError(
+                f"{path}: not a selection of `delt select` ({type(error).__name__}: {error})"
+            ) from None
+        return cls(indices=indices, meta=meta)
 
 
 def order_class(
@@ -148,6 +166,10 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
     # The teacher's dataset, in the teacher's class order; a mismatch of the files is refused.
     dataset = load_like(teacher.info, "train", config.data_root)
     check_compatible(teacher.meta, dataset.info)
+    check_model_memory(
+        teacher.meta["arch"], teacher.info, teacher.meta["arch_kwargs"],
+        min(config.batch_size, len(dataset)), device, False, f"--batch-size {config.batch_size}",
+    )  # fmt: skip
     model = teacher.model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -230,6 +252,7 @@ def select_images(config: SelectConfig) -> Selection:
     is reused; any other is replaced.
     """
     out = Path(config.out)
+    check_output(out, "--out", probe=False)
     teacher_sha256 = sha256_file(config.teacher) if Path(config.teacher).is_file() else None
     if (out / "selection.json").is_file():
         previous = Selection.load(out)
@@ -239,6 +262,7 @@ def select_images(config: SelectConfig) -> Selection:
         ):
             logger.info("select: reusing %s", out / "selection.json")
             return previous
+    check_output(out, "--out")
     start = time.perf_counter()
     scores, labels, context = score_images(config)
     info = context["info"]

@@ -50,6 +50,7 @@ def evaluate_stagewise(config: EvalConfig) -> EvalResult:
     """
     if not config.stagewise:
         raise ConfigError("evaluate_stagewise runs --stagewise configs; use delt.evaluate.evaluate")
+    config.check_results_path(probe=False)
     context = EvalContext.from_config(config)
     try:
         unions = load_stage_unions(config.distilled)
@@ -86,6 +87,8 @@ def evaluate_stagewise(config: EvalConfig) -> EvalResult:
         else:
             logger.info("eval: %s comes from another configuration; evaluating again", path)
     reused = all(seed in finished for seed in config.seeds)
+    if not reused or saved_order != list(config.seeds):
+        config.check_results_path()  # before training: a result that cannot be saved is lost
     logger.info(
         "eval --stagewise: %s, %d stages (unions of %s images), %s epochs, %s schedule, "
         "batch %d, seeds %s%s",

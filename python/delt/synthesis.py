@@ -21,9 +21,23 @@ import delt_ext
 from delt.config import ConfigError, config_diff
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, save_distilled, save_images
-from delt.io import read_json, sha256_file, torch_load, torch_save, write_json
-from delt.models import Checkpoint, TeacherMismatchError, check_compatible, load_checkpoint
-from delt.runtime import autocast, logger, resolve_device, versions
+from delt.io import (
+    FileFormatError,
+    check_output,
+    read_json,
+    sha256_file,
+    torch_load,
+    torch_save,
+    write_json,
+)
+from delt.models import (
+    Checkpoint,
+    TeacherMismatchError,
+    check_compatible,
+    check_model_memory,
+    load_checkpoint,
+)
+from delt.runtime import autocast, check_memory, logger, resolve_device, versions
 from delt.schedules import (
     Chunk,
     chunk_schedule,
@@ -284,10 +298,16 @@ def synthesize_chunks(
         positions = chunk.positions(ipc)
         total, starts = chunk_schedule(chunk.within_class, ipc, iterations, round_iterations)
         if path.is_file():
-            saved = torch_load(path)
+            try:
+                saved = torch_load(path, "recovery chunk", keys=("images", "positions", "seconds"))
+            except FileFormatError as error:
+                raise FileFormatError(f"{error} (delete it to optimize that chunk again)") from None
             if saved["positions"].tolist() != positions:
                 raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
             chunk_images, seconds = saved["images"], float(saved["seconds"])
+            expected = (len(positions), info.channels, info.resolution, info.resolution)
+            if not isinstance(chunk_images, Tensor) or tuple(chunk_images.shape) != expected:
+                raise FileFormatError(f"{path}: not a recovery chunk of {expected} images")
         else:
             generator = torch.Generator().manual_seed(chunk_seed(chunk))
             init = initial_images(chunk, generator)
@@ -476,9 +496,26 @@ def prepare_run(config: Any) -> Run:
     Raises:
         FileNotFoundError, ValueError: no such teacher, or not a delt checkpoint.
     """
+    out = Path(config.out)
+    # A finished set (re-run: nothing to write) may sit on read-only media; anything else will
+    # write, so it is probed now, before the first chunk.
+    finished = (out / "distilled.pt").is_file() and (out / "manifest.json").is_file()
+    check_output(out, "--out", probe=not finished)
     teacher = load_checkpoint(config.teacher)
     info = teacher.info
     device = resolve_device(config.device)
+    # The whole set (and its chunks as they come back), then a chunk's optimization.
+    count = info.num_classes * config.ipc
+    check_memory(
+        f"--ipc {config.ipc}: {count:,} images of {info.channels}x{info.resolution}x"
+        f"{info.resolution}",
+        2 * count * info.channels * info.resolution * info.resolution * 4,
+    )
+    meta = teacher.meta
+    check_model_memory(
+        meta["arch"], info, meta["arch_kwargs"], min(config.batch_size, count), device, True,
+        f"--batch-size {config.batch_size}",
+    )  # fmt: skip
     # The manifest says where it ran.
     config = dataclasses.replace(config.resolved(info), device=str(device))
     return Run(Path(config.out), config, teacher, info, device, recovery_settings(config, info))

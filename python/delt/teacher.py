@@ -20,8 +20,15 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import load_dataset
-from delt.io import check_output_folder, read_json
-from delt.models import build_model, load_weights, model_spec, read_weights, save_checkpoint
+from delt.io import check_output, check_output_folder, read_json
+from delt.models import (
+    build_model,
+    check_model_memory,
+    load_weights,
+    model_spec,
+    read_weights,
+    save_checkpoint,
+)
 from delt.runtime import autocast, logger, resolve_device, versions
 from delt.student import evaluate_accuracy, iterate_batches
 
@@ -218,6 +225,7 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
     if config.import_arch is not None:
         return import_teacher(config)
     out = Path(config.out)
+    check_output(out, "--out", probe=False)
     path = out / "teacher.pt"
     identity = identity_dict(config)
     saved = _saved_config(path)
@@ -240,6 +248,7 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
         logger.info("teacher: reusing %s (test accuracy %.2f%%)", path, meta["test_accuracy"])
         return TeacherResult(path, meta["test_accuracy"], meta["train_seconds"], reused=True)
 
+    check_output(out, "--out")  # before training: a result that cannot be saved is lost
     device = resolve_device(config.device)
     train_set = load_dataset(
         config.dataset, "train", config.data_root, config.resolution, config.class_order
@@ -248,6 +257,13 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
         config.dataset, "test", config.data_root, config.resolution, config.class_order
     )
     info = train_set.info
+    sizes = f"--batch-size {config.batch_size}"
+    if config.resolution is not None:
+        sizes += f", --resolution {config.resolution}"
+    check_model_memory(
+        config.arch, info, config.arch_kwargs, min(config.batch_size, len(train_set)), device,
+        True, sizes,
+    )  # fmt: skip
     torch.manual_seed(config.seed)
     model = build_model(config.arch, info, config.arch_kwargs).to(device)
     if config.channels_last:
