@@ -215,3 +215,27 @@ def test_real_fashion_mnist():
     pixels = train.pixels.float() / 255
     assert pixels.mean().item() == pytest.approx(train.info.mean[0], abs=1e-3)
     assert pixels.std().item() == pytest.approx(train.info.std[0], abs=1e-3)
+
+
+def test_tiny_imagenet_in_its_released_layout(tmp_path):
+    from delt.data import IMAGENET_MEAN
+    from imagefolders import write_tiny_imagenet
+
+    root = write_tiny_imagenet(tmp_path / "tiny-imagenet-200", ["n03", "n01", "n02"], 2, 3)
+    train = load_dataset("tiny-imagenet", "train", str(root))
+    test = load_dataset("tiny-imagenet", "test", str(root))
+    assert train.info.class_names == ("n01", "n02", "n03")  # sorted WNIDs, not wnids.txt's order
+    assert train.info.resolution == 64 and train.info.mean == IMAGENET_MEAN
+    assert train.targets.tolist() == [0, 0, 1, 1, 2, 2]
+    # val/images is one folder: the labels come from val_annotations.txt (n03 wrote val_0_*).
+    assert test.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert test.samples[0][0].name.startswith("val_1_")
+    image, label = test[0]
+    assert image.shape == (3, 64, 64) and label == 0
+    small = load_dataset("tiny-imagenet", "train", str(root), resolution=16)
+    assert small[0][0].shape == (3, 16, 16)
+    (root / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(DatasetNotFoundError, match="val_annotations.txt not found"):
+        load_dataset("tiny-imagenet", "test", str(root))
+    with pytest.raises(DatasetNotFoundError, match="needs --data-root"):
+        load_dataset("tiny-imagenet", "train")

@@ -10,6 +10,7 @@ import torch
 from delt.data import DataMismatchError, DatasetInfo
 from delt.distilled import (
     MANIFEST_FORMAT_VERSION,
+    READ_FORMAT_VERSION,
     Manifest,
     check_distilled_set,
     load_distilled,
@@ -49,7 +50,7 @@ def _write(folder, document):
 @pytest.mark.parametrize(
     "change, message",
     [(lambda d: d.update(kind="something-else"), "not a delt distilled-set manifest"),
-     (lambda d: d.update(format_version=MANIFEST_FORMAT_VERSION + 1), "upgrade delt"),
+     (lambda d: d.update(format_version=READ_FORMAT_VERSION + 1), "upgrade delt"),
      (lambda d: d.pop("wall_seconds"), "missing synthesis_seconds"),
      (lambda d: d.update(num_images=5), "4 iterations_per_image entries for 5 images"),
      (lambda d: d.update(ipc=0), "ipc must be an integer >= 1")],

@@ -101,7 +101,7 @@ def test_resume_after_a_kill_is_bitwise_identical(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(synthesis_module, "optimize_chunk", counting)
-    resumed = recover(_config(tiny_teacher, tiny_selection, out, method))
+    resumed = recover(_config(tiny_teacher, tiny_selection, out, method, keep_chunks=True))
     assert len(rerun) == len(list((out / "chunks").iterdir())) - 1  # chunk 0 was skipped
     assert torch.equal(resumed.images, reference.images)
     # The very same bytes: distilled.pt, and every image file.
@@ -122,7 +122,7 @@ def test_manifest_synthesis_seconds_is_the_chunks_optimization_time_summed(
 ):
     # Documented in delt.recover: not the command's wall time, but each chunk's optimization
     # seconds as saved in OUT/chunks/, also for chunks an earlier (killed) process finished.
-    config = _config(tiny_teacher, tiny_selection, tmp_path, "cda")
+    config = _config(tiny_teacher, tiny_selection, tmp_path, "cda", keep_chunks=True)
     first = recover(config)
     chunk_files = sorted((tmp_path / "chunks").iterdir())
     assert len(chunk_files) > 1
@@ -230,3 +230,31 @@ def test_pdd_fields_stay_out_of_other_methods_identity(tiny_teacher, tiny_select
     assert not {"stages", "base", "union_in_batch", "stage_init"} & set(identity)
     with pytest.raises(ConfigError, match="--union-in-batch applies to --method pdd"):
         _config(tiny_teacher, tiny_selection, tmp_path, union_in_batch=True)
+
+
+def test_a_finished_run_keeps_one_copy_of_the_images(tiny_teacher, tiny_selection, tmp_path):
+    kept = recover(_config(tiny_teacher, tiny_selection, tmp_path / "kept", keep_chunks=True))
+    one = recover(_config(tiny_teacher, tiny_selection, tmp_path / "one"))
+    assert not (tmp_path / "one" / "chunks").exists() and (tmp_path / "kept" / "chunks").is_dir()
+    for name in ("distilled.pt", "manifest.json"):
+        assert (tmp_path / "one" / name).is_file()
+    assert (tmp_path / "one" / "distilled.pt").read_bytes() == (
+        tmp_path / "kept" / "distilled.pt"
+    ).read_bytes()
+    for png in (tmp_path / "kept" / "images").glob("*/*.png"):
+        assert (
+            png.read_bytes() == (tmp_path / "one" / png.relative_to(tmp_path / "kept")).read_bytes()
+        )
+    # Float32 files: at most 1.1 x one copy of the images (PNGs are an 8-bit view beside it).
+    float_copy = one.images.numel() * 4
+    assert [p.name for p in (tmp_path / "one").rglob("*.pt")] == ["distilled.pt"]
+    # (+ 4 KiB: torch.save's zip headers, which dominate a set this small.)
+    assert (tmp_path / "one" / "distilled.pt").stat().st_size <= 1.1 * float_copy + 4096
+    assert sum(p.stat().st_size for p in (tmp_path / "kept").rglob("*.pt")) > 1.9 * float_copy
+    # Re-running the finished run optimizes nothing and returns the same images.
+    before = (tmp_path / "one" / "distilled.pt").stat().st_mtime_ns
+    again = recover(_config(tiny_teacher, tiny_selection, tmp_path / "one"))
+    assert torch.equal(again.images, kept.images) and again.iterations_per_image == (
+        kept.iterations_per_image
+    )
+    assert (tmp_path / "one" / "distilled.pt").stat().st_mtime_ns == before

@@ -64,3 +64,48 @@ def test_select_errors(tiny_teacher, tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="delt teacher"):
         select_images(SelectConfig(teacher=str(tmp_path / "none.pt"), ipc=1, out=str(tmp_path)))
+
+
+def test_scores_in_shards_resume_and_match_the_unsharded_ranking(tiny_teacher, tmp_path):
+    from delt.select import score_images
+
+    def config(out, **overrides):
+        values = dict(teacher=str(tiny_teacher.path), ipc=3, out=str(out), progress=False,
+                      batch_size=5)  # fmt: skip
+        values.update(overrides)
+        return SelectConfig(**values)
+
+    whole, labels, _ = score_images(config(tmp_path / "whole", shard_batches=1000))
+    assert not (tmp_path / "whole" / "scores").exists()  # one shard: nothing saved
+    sharded, _, _ = score_images(config(tmp_path / "sharded", shard_batches=2))
+    assert torch.equal(whole, sharded)  # the same batches, the same bits
+    shards = sorted((tmp_path / "sharded" / "scores").iterdir())
+    assert [p.name for p in shards] == [f"{start:09d}.pt" for start in range(0, len(whole), 10)]
+    # A killed run: the last shard is missing, the first is read back (not scored again).
+    shards[-1].unlink()
+    first = torch.load(shards[0], weights_only=True)
+    torch.save({**first, "scores": first["scores"] + 1}, shards[0])
+    resumed, _, _ = score_images(config(tmp_path / "sharded", shard_batches=2))
+    assert torch.equal(resumed[:10], whole[:10] + 1) and torch.equal(resumed[10:], whole[10:])
+    # Shards of another identity (batch size) are scored again.
+    again, _, _ = score_images(config(tmp_path / "sharded", shard_batches=1, batch_size=10))
+    assert not torch.equal(again[:10], whole[:10] + 1)
+    # The selection is the unsharded one, and the shards go once selection.json is written.
+    one = select_images(config(tmp_path / "a", shard_batches=1000))
+    two = select_images(config(tmp_path / "b", shard_batches=1))
+    assert one.indices == two.indices and not (tmp_path / "b" / "scores").exists()
+    assert labels.numel() == len(whole)
+
+
+def test_fp16_scores_are_close_to_full_precision(tiny_teacher, tmp_path):
+    from delt.select import score_images
+
+    def scores(amp):
+        config = SelectConfig(
+            teacher=str(tiny_teacher.path), ipc=3, out=str(tmp_path / amp), progress=False,
+            amp=amp,
+        )  # fmt: skip
+        return score_images(config)[0]
+
+    full, half = scores("none"), scores("fp16")
+    assert not torch.equal(full, half) and torch.allclose(full, half, atol=2e-2)

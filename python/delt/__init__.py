@@ -13,7 +13,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     schedules               pure schedules: EarlyLate, chunks, LR, crop curriculum, stages
     distilled               the distilled-set format: Manifest, save/load/check, stage unions
     student                 the training engine: batches, accuracy, StudentTrainer, CutMix
-    teacher, select         `delt teacher`, `delt select`
+    teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
+      released
     synthesis               method recipes, prepare_run, the chunk loop, the output writer
     pdd, recover            `delt recover --method pdd` (and its options); `delt recover`
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
@@ -30,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("schedules",),
     ("distilled",),
     ("student",),
-    ("teacher", "select"),
+    ("teacher", "select", "released"),
     ("synthesis",),
     ("pdd", "recover"),
     ("evaluate", "stagewise", "diversity"),

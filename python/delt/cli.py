@@ -30,6 +30,7 @@ from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
 from delt.io import FileFormatError, WriteError
 from delt.recover import RecoverConfig, recover
+from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
 from delt.runtime import DEFAULT_THREADS, ResourceError
 from delt.select import SelectConfig, select_images
@@ -52,7 +53,25 @@ class Command:
 
 
 def _show_teacher(config: TeacherConfig, result) -> None:
-    print(f"teacher: {result.path} (test accuracy {result.test_accuracy:.2f}%)")
+    accuracy = (
+        "test accuracy not measured (--measure)"
+        if result.test_accuracy is None
+        else f"test accuracy {result.test_accuracy:.2f}%"
+    )
+    source = f"imported from {result.source}, " if result.source else ""
+    print(f"teacher: {result.path} ({source}{accuracy})")
+
+
+def _show_import(config: ImportConfig, result) -> None:
+    for entry in result.mapping:
+        print(
+            f"import: {entry['folder']} -> class {entry['class']} ({entry['name']}, by "
+            f"{entry['by']}): {entry['images']} images"
+        )
+    print(
+        f"import: {result.num_images} images of {len(result.mapping)} classes -> {result.out}"
+        f"{' (already there)' if result.reused else ''}"
+    )
 
 
 def _show_recover(config: RecoverConfig, result) -> None:
@@ -106,6 +125,12 @@ COMMANDS: dict[str, Command] = {
         RecoverConfig,
         recover,
         _show_recover,
+    ),
+    "import": Command(
+        "turn a released set (class folders of PNG/JPEG images) into a distilled set",
+        ImportConfig,
+        import_images,
+        _show_import,
     ),
     "eval": Command(
         "train students on a distilled set with teacher soft labels; test them (eval.json)",

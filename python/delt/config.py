@@ -59,6 +59,7 @@ def option(
     help: str = "",
     identity: bool = True,
     choices: tuple[str, ...] | None = None,
+    cli_flag: str | None = None,
 ) -> Any:
     """A config field with its CLI help.
 
@@ -69,8 +70,12 @@ def option(
             worker counts); :func:`config_diff` ignores them when deciding whether a saved run
             may be resumed or reused.
         choices: the accepted values of a ``str`` field whose choices live in a registry.
+        cli_flag: the flag, where the field's name cannot be it (``--import`` is a Python
+            keyword: the field ``import_arch`` is ``option(cli_flag="--import")``).
     """
     metadata = {"help": help, "identity": identity, "choices": choices}
+    if cli_flag is not None:
+        metadata["cli_flag"] = cli_flag
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -157,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["choices"] = field.metadata["choices"]
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: unsupported field type {annotation}")
-        parser.add_argument(flag(field.name), **kwargs)
+        parser.add_argument(field.metadata.get("cli_flag") or flag(field.name), **kwargs)
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:

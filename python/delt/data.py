@@ -28,6 +28,7 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "DatasetSpec",
+    "FileListDataset",
     "FolderImageDataset",
     "ImageDataset",
     "TensorImageDataset",
@@ -440,6 +441,93 @@ def _load_imagefolder(name, options, root, split, resolution, class_order) -> Im
     return FolderImageDataset(info, folder)
 
 
+class FileListDataset(ImageDataset):
+    """Images read with PIL from a list of ``(path, label)``, converted to RGB, resized to the
+    resolution only if they are not already that size, then ``ToTensor`` and normalization."""
+
+    def __init__(self, info: DatasetInfo, samples: list[tuple[Path, int]]) -> None:
+        self.info = info
+        self.samples = samples
+        self.targets = torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image
+        from torchvision.transforms import functional
+
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            size = self.info.resolution
+            if image.size != (size, size):
+                image = functional.center_crop(functional.resize(image, size), size)
+            tensor = functional.to_tensor(image)
+        return functional.normalize(tensor, self.info.mean, self.info.std), label
+
+
+TINY_IMAGENET_HOW = (
+    "download tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip and "
+    "unzip it, then pass --data-root DIR/tiny-imagenet-200 (it holds wnids.txt, "
+    "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt)"
+)
+
+
+def _load_tiny_imagenet(name, options, root, split, resolution, class_order) -> ImageDataset:
+    """Tiny-ImageNet-200 in its released layout; classes in sorted-WNID order (torchvision's
+    ImageFolder order on ``train/``, what RDED's and SRe2L's teachers use), 64 px, ImageNet's
+    mean/std; the test split is ``val/`` labelled by ``val_annotations.txt``."""
+    _no_options(name, options)
+    _no_class_order(name, class_order)
+    if root is None:
+        raise DatasetNotFoundError(f"{name} needs --data-root: {TINY_IMAGENET_HOW}")
+    folder = Path(root)
+    train = folder / "train"
+    if not train.is_dir():
+        raise DatasetNotFoundError(f"{name}: {train} not found; {TINY_IMAGENET_HOW}")
+    wnids = _class_folders(train)
+    if (folder / "wnids.txt").is_file():
+        listed = sorted(filter(None, (line.strip() for line in (folder / "wnids.txt").open())))
+        if listed != wnids:
+            raise DataMismatchError(
+                f"--data-root {root}: wnids.txt lists {len(listed)} classes, train/ holds "
+                f"{len(wnids)} class folders, and they differ"
+            )
+    label_of = {wnid: index for index, wnid in enumerate(wnids)}
+    if split == "train":
+        samples = [
+            (path, label_of[wnid])
+            for wnid in wnids
+            for path in sorted((train / wnid / "images").glob("*"))
+            if path.suffix.lower() in (".jpeg", ".jpg", ".png")
+        ]
+    else:
+        annotations = folder / "val" / "val_annotations.txt"
+        if not annotations.is_file():
+            raise DatasetNotFoundError(f"{name}: {annotations} not found; {TINY_IMAGENET_HOW}")
+        samples = []
+        for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+            fields = line.split("\t")
+            if len(fields) < 2:
+                continue
+            if fields[1] not in label_of:
+                raise DataMismatchError(
+                    f"{annotations}:{number}: class {fields[1]!r} is not a train/ class folder"
+                )
+            samples.append((folder / "val" / "images" / fields[0], label_of[fields[1]]))
+        samples.sort(key=lambda sample: (sample[1], sample[0].name))
+    if not samples:
+        raise DatasetNotFoundError(f"{name}: no {split} image under {folder}; {TINY_IMAGENET_HOW}")
+    info = DatasetInfo(
+        name=name,
+        num_classes=len(wnids),
+        channels=3,
+        resolution=resolution or 64,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        class_names=tuple(wnids),
+    )
+    return FileListDataset(info, samples)
+
+
 _SYNTHETIC_DEFAULTS = {"classes": 10, "channels": 3, "size": 16, "train": 32, "test": 8, "seed": 0}
 
 
@@ -509,6 +597,11 @@ DATASETS: dict[str, DatasetSpec] = {
             "imagefolder",
             "ROOT/{train,val}/<class>/* trees, explicit class order",
             _load_imagefolder,
+        ),
+        DatasetSpec(
+            "tiny-imagenet",
+            "Tiny-ImageNet-200 (released layout), 200 classes, 3x64x64, sorted WNIDs",
+            _load_tiny_imagenet,
         ),
         DatasetSpec(
             "synthetic", "random class-dependent images for tests and benchmarks", _load_synthetic

@@ -1,19 +1,25 @@
 """The distilled-set format: ``DIR/distilled.pt``, ``DIR/manifest.json``, ``DIR/images/``.
 
-``distilled.pt`` holds ``{"images": (N, C, H, W) float32 normalized, "labels": (N,) int64}``,
-class-major. ``manifest.json`` is a :class:`Manifest`; every writer and reader of a set goes
-through it. The manifest records the SHA-256 of ``distilled.pt`` (``distilled_sha256``), checked
-at every load; a set written before the digest existed still loads. Older manifests (no
+``distilled.pt`` holds ``{"images": (N, C, H, W), "labels": (N,) int64}``, class-major. The
+images are stored as float32, normalized (synthesized sets), or as uint8 pixels 0..255
+(imported sets, ``images_dtype: "uint8"`` in the manifest, format version 3): a quarter of the
+bytes, normalized batch by batch when used (:func:`normalized`). ``manifest.json`` is a
+:class:`Manifest`; every writer and reader of a set goes through it. The manifest records the
+SHA-256 of ``distilled.pt`` (``distilled_sha256``), checked at every load; a set written before
+the digest existed still loads. Older manifests (no
 ``format_version``, ``wall_seconds`` for ``synthesis_seconds``) still load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from delt.data import DataMismatchError, DatasetInfo
@@ -31,9 +37,12 @@ from delt.io import (
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
     "MANIFEST_KIND",
+    "READ_FORMAT_VERSION",
     "Manifest",
     "check_distilled_set",
     "load_distilled",
+    "load_stored",
+    "normalized",
     "load_stage_unions",
     "save_distilled",
     "save_images",
@@ -42,8 +51,12 @@ __all__ = [
 ]
 
 MANIFEST_KIND = "delt-distilled-set"
-# 1: main up to e216f25 (no version field, ``wall_seconds``); 2: ``synthesis_seconds``.
+# 1: main up to e216f25 (no version field, ``wall_seconds``); 2: ``synthesis_seconds``;
+# 3: ``images_dtype`` (only uint8 sets are written as version 3, so float sets stay readable by
+# older versions, and an older version refuses a uint8 set instead of misreading its pixels).
 MANIFEST_FORMAT_VERSION = 2
+READ_FORMAT_VERSION = 3
+IMAGES_DTYPES = ("float32", "uint8")
 
 
 @dataclass
@@ -65,6 +78,8 @@ class Manifest:
         stage, stages, stage_per_image: pdd: the last stage k of this union, one entry per
             stage, and each image's stage.
         distilled_sha256: the SHA-256 of ``distilled.pt`` (None: written before it existed).
+        images_dtype: how ``distilled.pt`` stores the images: ``"float32"`` (normalized) or
+            ``"uint8"`` (pixels 0..255).
         extra: keys this version does not know (kept on a round trip).
     """
 
@@ -86,6 +101,7 @@ class Manifest:
     stage_per_image: list[int] | None = None
     distilled_sha256: str | None = None
     format_version: int = MANIFEST_FORMAT_VERSION
+    images_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,6 +113,10 @@ class Manifest:
         for name, value in dataclasses.asdict(self).items():
             if name != "extra" and not (value is None and name in _OPTIONAL):
                 document[name] = self.dataset.to_dict() if name == "dataset" else value
+        if self.images_dtype == "float32":
+            del document["images_dtype"]  # the manifests of float sets stay as they were
+        else:
+            document["format_version"] = READ_FORMAT_VERSION
         document["image_iterations"] = self.image_iterations
         return {**self.extra, **document}
 
@@ -107,10 +127,10 @@ class Manifest:
         if document.pop("kind", None) != MANIFEST_KIND:
             raise ValueError(f"{where}: not a delt distilled-set manifest (kind {MANIFEST_KIND})")
         version = document.pop("format_version", 1)
-        if not isinstance(version, int) or not 1 <= version <= MANIFEST_FORMAT_VERSION:
+        if not isinstance(version, int) or not 1 <= version <= READ_FORMAT_VERSION:
             raise ValueError(
                 f"{where}: format_version {version!r} is not one this delt reads "
-                f"(1..{MANIFEST_FORMAT_VERSION}); upgrade delt"
+                f"(1..{READ_FORMAT_VERSION}); upgrade delt"
             )
         if version == 1 and "wall_seconds" in document:
             document["synthesis_seconds"] = document.pop("wall_seconds")
@@ -138,6 +158,10 @@ class Manifest:
             raise ValueError(f"{where}: one stage_per_image entry per image expected")
         if self.method == "pdd" and not self.stages:
             raise ValueError(f"{where}: a pdd set without stages")
+        if self.images_dtype not in IMAGES_DTYPES:
+            raise ValueError(
+                f"{where}: images_dtype must be one of {IMAGES_DTYPES}, got {self.images_dtype!r}"
+            )
 
     def save(self, folder: str | Path) -> None:
         """Writes ``folder/manifest.json`` (atomically)."""
@@ -196,7 +220,8 @@ def save_images(
     index_width = max(3, len(str(ipc - 1)))
     suffix = "png" if image_format == "png" else "jpg"
     pixels = info.denormalize(images).clamp_(0, 1)
-    for position in range(images.shape[0]) if positions is None else positions:
+
+    def write(position: int) -> None:
         label = int(labels[position])
         within = position % ipc
         save_image(
@@ -204,14 +229,27 @@ def save_images(
             folder / f"{label:0{width}d}" / f"{within:0{index_width}d}.{suffix}",
             image_format,
         )
+
+    todo = list(range(images.shape[0]) if positions is None else positions)
+    # PIL's encoders release the GIL: files are written by a thread pool (each file's bytes do
+    # not depend on the order). The class folders are made first, so threads do not race there.
+    for label in sorted({int(labels[position]) for position in todo}):
+        (folder / f"{label:0{width}d}").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(write, todo):
+            pass
     return f"<class:0{width}d>/<index:0{index_width}d>.{suffix}"
 
 
 def save_distilled(folder: str | Path, images: Tensor, labels: Tensor, manifest: Manifest) -> None:
     """Writes ``folder/distilled.pt`` and then ``folder/manifest.json`` (the images/ files, if
-    any, are the caller's: :func:`save_images`)."""
+    any, are the caller's: :func:`save_images`).
+
+    ``images``: (N, C, H, W) float32 normalized, or uint8 pixels (then the manifest says so).
+    """
     folder = Path(folder)
     manifest.files.setdefault("distilled", "distilled.pt")
+    manifest.images_dtype = "uint8" if images.dtype == torch.uint8 else "float32"
     torch_save({"images": images.contiguous(), "labels": labels}, folder / "distilled.pt")
     manifest.distilled_sha256 = sha256_file(folder / "distilled.pt")
     manifest.save(folder)
@@ -229,10 +267,25 @@ def verify_distilled(folder: str | Path, manifest: Manifest) -> None:
             f"{path}: its SHA-256 differs from the one manifest.json recorded when it was "
             "saved; the file is corrupt or was changed (re-run the command that made it)"
         )
+def normalized(images: Tensor, info: DatasetInfo) -> Tensor:
+    """Stored images (a batch or a whole set) as normalized float32 (N, C, H, W): uint8 pixels
+    are scaled to [0, 1] and normalized with ``info``; float32 images are returned as they are."""
+    if images.dtype == torch.uint8:
+        return info.normalize(images.to(torch.float32).div_(255))
+    return images
 
 
 def load_distilled(folder: str | Path) -> tuple[Tensor, Tensor, Manifest]:
-    """``(images (N, C, H, W) float32 normalized, labels (N,) int64, manifest)`` of a set."""
+    """``(images (N, C, H, W) float32 normalized, labels (N,) int64, manifest)`` of a set.
+
+    A uint8 set is normalized here (4 bytes a pixel); :func:`load_stored` keeps it as stored.
+    """
+    images, labels, manifest = load_stored(folder)
+    return normalized(images, manifest.dataset), labels, manifest
+
+
+def load_stored(folder: str | Path) -> tuple[Tensor, Tensor, Manifest]:
+    """``(images as stored: float32 normalized or uint8 pixels, labels, manifest)`` of a set."""
     folder = Path(folder)
     if not (folder / "distilled.pt").is_file():
         raise FileNotFoundError(
@@ -244,6 +297,12 @@ def load_distilled(folder: str | Path) -> tuple[Tensor, Tensor, Manifest]:
     manifest = Manifest.load(folder)
     verify_distilled(folder, manifest)
     images, labels = _load_set_file(folder / "distilled.pt")
+    stored = "uint8" if images.dtype == torch.uint8 else str(images.dtype).removeprefix("torch.")
+    if stored != manifest.images_dtype:
+        raise ValueError(
+            f"--distilled {folder}: distilled.pt holds {stored} images, its manifest says "
+            f"{manifest.images_dtype}"
+        )
     return images, labels, manifest
 
 

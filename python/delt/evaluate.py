@@ -8,6 +8,7 @@ caches every finished seed of an identity (config, student, batch, input files; 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,8 +22,8 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.distilled import Manifest, check_distilled_set, load_distilled
-from delt.io import check_output, read_json, sha256_file, write_json
+from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
+from delt.io import check_output, read_json, sha256_file, torch_load, torch_save, write_json
 from delt.lock import results_lock
 from delt.models import (
     Checkpoint,
@@ -109,7 +110,9 @@ class EvalConfig:
         False, help="baseline: each seed draws --ipc random real images per class instead"
     )
     ipc: int | None = option(None, help="--random-real: images per class (default: the set's)")
-    amp: Literal["none", "bf16"] = option("none", help="autocast dtype of forward passes")
+    amp: Literal["none", "bf16", "fp16"] = option(
+        "none", help="autocast dtype of forward passes (fp16: with a gradient scaler)"
+    )
     channels_last: bool = option(False, help="channels_last memory format (faster on CPU)")
     stagewise: bool = option(
         False,
@@ -127,9 +130,24 @@ class EvalConfig:
     )
     device: str = option("auto", help="auto, cpu, cuda, ...", identity=False)
     progress: bool = option(True, help="show progress bars", identity=False)
+    workers: int | None = option(
+        None,
+        help="DataLoader workers that augment the student's batches and read the test set "
+        "(default: 0 on the CPU, which keeps main's numbers bitwise; min(8, CPUs) on a GPU). "
+        "0 and N > 0 draw different random augmentations; any N > 0 gives the same numbers",
+        identity=False,
+    )
+    checkpoint_every: int | None = option(
+        None,
+        help="save each student's training state every k epochs, to resume a killed run "
+        "mid-seed (default: --eval-every, every test pass)",
+        identity=False,
+    )
 
     def __post_init__(self) -> None:
         check_int_fields(self, ("epochs", "eval_every", "batch_size", "student_width", "ipc"))
+        check_int_fields(self, ("checkpoint_every",))
+        check_int_fields(self, ("workers",), low=0)
         check_int_fields(self, ("randaugment_ops", "randaugment_magnitude"), low=0)
         if self.randaugment_magnitude > RANDAUGMENT_BINS - 1:
             raise ConfigError(
@@ -176,6 +194,22 @@ class EvalConfig:
     def results_path(self) -> Path:
         name = "eval-stagewise.json" if self.stagewise else "eval.json"
         return Path(self.out) if self.out else Path(self.distilled) / name
+
+    def seed_checkpoint_path(self, seed: int) -> Path:
+        """Where seed ``seed``'s training state goes while it trains: beside the results file,
+        ``<results stem>-checkpoints/seed-<seed>.pt`` (deleted once the seed is done)."""
+        results = self.results_path
+        return results.parent / f"{results.stem}-checkpoints" / f"seed-{seed}.pt"
+
+
+def resolve_workers(workers: int | None, device: torch.device) -> int:
+    """``--workers``: as given, else 0 on the CPU (augmenting in workers would take cores from
+    the training itself, and 0 keeps main's random stream) and min(8, CPUs) on a GPU."""
+    if workers is not None:
+        return workers
+    if device.type == "cpu":
+        return 0
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -276,10 +310,13 @@ class EvalContext:
     Attributes:
         config: the command's config.
         device: resolved device.
+        workers: resolved ``--workers``.
         teacher: the teacher checkpoint (model in eval mode on ``device``, frozen).
         info: the dataset of the set and the teacher.
-        images, labels: the distilled set (N, C, H, W) normalized float32 and (N,) int64 on
-            ``device``; None with ``--random-real`` (drawn per seed from ``train_set``).
+        images, labels: the distilled set (N, C, H, W) as stored (float32 normalized, or
+            uint8 pixels) and (N,) int64, on the host: only batches go to ``device``, so device
+            memory does not grow with the set; None with ``--random-real`` (drawn per seed from
+            ``train_set``).
         train_set: the real training split (``--random-real`` only).
         test_set: the real test split.
         ipc: images per class of the set (rounded for uneven sets).
@@ -301,6 +338,7 @@ class EvalContext:
     student_kwargs: dict
     settings: TrainSettings
     manifest: Manifest | None
+    workers: int = 0
 
     @classmethod
     def from_config(cls, config: EvalConfig) -> EvalContext:
@@ -310,7 +348,7 @@ class EvalContext:
         has_set = (folder / "distilled.pt").is_file()
         images = labels = manifest = None
         if has_set:
-            images, labels, manifest = load_distilled(folder)
+            images, labels, manifest = load_stored(folder)
         elif not config.random_real:
             load_distilled(folder)  # raises the "no distilled.pt" error
         teacher_path = config.teacher
@@ -362,7 +400,6 @@ class EvalContext:
             check_distilled_set(images, labels, info, folder)
             num_images = images.shape[0]
             ipc = max(1, round(num_images / info.num_classes))
-            images, labels = images.to(device), labels.to(device)
 
         student_arch = config.student or teacher.meta["arch"]
         if config.student_width is not None:
@@ -389,6 +426,7 @@ class EvalContext:
         return cls(
             config, device, teacher, info, images, labels, train_set, test_set, ipc,
             student_arch, student_kwargs, settings, manifest,
+            resolve_workers(config.workers, device),
         )  # fmt: skip
 
     def make_trainer(self, seed: int, total_epochs: int | None = None) -> StudentTrainer:
@@ -404,7 +442,7 @@ class EvalContext:
         return StudentTrainer(
             student, None if self.settings.hard_labels else self.teacher.model, augment,
             self.settings, total_epochs or config.epochs, config.lr, config.weight_decay,
-            self.device, generator,
+            self.device, generator, workers=self.workers,
         )  # fmt: skip
 
     def identity(self) -> dict:
@@ -419,6 +457,9 @@ class EvalContext:
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,
         )  # fmt: skip
+        if self.workers > 0:
+            # Workers draw another random stream than the in-process augmentation (0).
+            config_identity["augmentation"] = "workers: per-batch seeds"
         distilled = Path(self.config.distilled) / "distilled.pt"
         return {
             "config": config_identity,
@@ -427,28 +468,98 @@ class EvalContext:
             "dataset": self.info.name,
         }
 
-    def run_seed(self, seed: int) -> SeedResult:
-        """Trains and tests one student (and, with --random-real, draws its set) for ``seed``."""
+    def run_seed(self, seed: int, identity: dict | None = None) -> SeedResult:
+        """Trains and tests one student (and, with --random-real, draws its set) for ``seed``.
+
+        With ``identity`` (the run's), the training state is saved every ``--checkpoint-every``
+        epochs (:meth:`EvalConfig.seed_checkpoint_path`, atomically) and a saved state of the
+        same identity and seed is resumed: the student, optimizer, LR schedule, gradient
+        scaler, the trainer's generator and torch's global generators continue where they
+        were, so the seed ends with the numbers of an uninterrupted run (bitwise on the CPU).
+        """
         config = self.config
         start = time.perf_counter()
         indices = None
+        every = config.checkpoint_every or config.eval_every
+        path = config.seed_checkpoint_path(seed) if identity is not None else None
         with seeded(seed):
             if config.random_real:
                 images, labels, drawn = draw_random_real(self.train_set, self.ipc, seed)
-                images, labels = images.to(self.device), labels.to(self.device)
                 indices = drawn.tolist()
             else:
                 images, labels = self.images, self.labels
             trainer = self.make_trainer(seed)
+            losses: list[float] = []
+            checks: list[Check] = []
+            seconds_before = 0.0
+            if path is not None:
+                resumed = _load_seed_state(path, identity, seed, trainer, self.device)
+                if resumed is not None:
+                    losses, checks, seconds_before = resumed
+                    logger.info(
+                        "eval: seed %d resumes after epoch %d (%s)", seed, trainer.epochs_done,
+                        path,
+                    )  # fmt: skip
             bar = tqdm(
-                total=config.epochs, desc=f"student seed {seed}", leave=False,
-                disable=not config.progress,
+                total=config.epochs, initial=trainer.epochs_done, desc=f"student seed {seed}",
+                leave=False, disable=not config.progress,
             )  # fmt: skip
-            losses, checks = trainer.train_epochs(
-                images, labels, config.epochs, self.test_set, config.eval_every, bar
-            )
+            while trainer.epochs_done < config.epochs:
+                epochs = min(
+                    every - trainer.epochs_done % every, config.epochs - trainer.epochs_done
+                )
+                more_losses, more_checks = trainer.train_epochs(
+                    images, labels, epochs, self.test_set, config.eval_every, bar
+                )
+                losses += more_losses
+                checks += more_checks
+                if path is not None and trainer.epochs_done < config.epochs:
+                    seconds = seconds_before + time.perf_counter() - start
+                    _save_seed_state(path, identity, seed, trainer, losses, checks, seconds)
             bar.close()
-        return SeedResult.from_checks(seed, checks, losses, time.perf_counter() - start, indices)
+        seconds = seconds_before + time.perf_counter() - start
+        return SeedResult.from_checks(seed, checks, losses, seconds, indices)
+
+
+SEED_STATE_FORMAT = "delt-eval-seed-state-v1"
+
+
+def _save_seed_state(
+    path: Path, identity: dict, seed: int, trainer: StudentTrainer, losses: list[float],
+    checks: list[Check], seconds: float,
+) -> None:  # fmt: skip
+    state = {
+        "format": SEED_STATE_FORMAT,
+        "identity": identity,
+        "seed": seed,
+        "trainer": trainer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "losses": losses,
+        "checks": [asdict(check) for check in checks],
+        "seconds": seconds,
+    }
+    torch_save(state, path)
+
+
+def _load_seed_state(
+    path: Path, identity: dict, seed: int, trainer: StudentTrainer, device: torch.device
+) -> tuple[list[float], list[Check], float] | None:
+    """Restores a saved seed state into ``trainer`` and torch's generators; None when there is
+    none, or it belongs to another identity or seed (then it is trained afresh)."""
+    if not path.is_file():
+        return None
+    state = torch_load(path)
+    if state.get("format") != SEED_STATE_FORMAT or state.get("identity") != identity:
+        logger.info("eval: %s comes from another configuration; seed %d starts afresh", path, seed)
+        return None
+    if state.get("seed") != seed:
+        return None
+    trainer.load_state_dict(state["trainer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return list(state["losses"]), [Check(**c) for c in state["checks"]], float(state["seconds"])
 
 
 def eval_document(
@@ -564,7 +675,7 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     for seed in config.seeds:
         if seed in finished:
             continue
-        result = context.run_seed(seed)
+        result = context.run_seed(seed, identity)
         logger.info(
             "eval: seed %d: best %.2f%% (epoch %d), final %.2f%%, %.0f s",
             seed, result.best_accuracy, result.best_epoch, result.final_accuracy, result.seconds,
@@ -572,6 +683,10 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         finished[seed] = result
         # Saved after every seed (with the finished ones): a killed run resumes at the next one.
         write_json(path, document())
+        state_path = config.seed_checkpoint_path(seed)
+        state_path.unlink(missing_ok=True)
+        if state_path.parent.is_dir() and not any(state_path.parent.iterdir()):
+            state_path.parent.rmdir()
     if reused and saved_order != list(config.seeds):
         write_json(path, document())  # a subset or reordering: the summary is over --seeds
     return EvalResult.read(path, [finished[seed] for seed in config.seeds], reused)

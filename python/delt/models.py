@@ -27,20 +27,25 @@ from delt.io import (
     torch_load,
     write_json,
 )
-from delt.runtime import check_memory
+from delt.runtime import check_memory, logger
 
 __all__ = [
     "MODELS",
     "Checkpoint",
     "ModelSpec",
     "TeacherMismatchError",
+    "Weights",
     "build_model",
+    "cached_weights_path",
     "check_compatible",
     "check_model_memory",
     "data_fingerprint",
     "load_checkpoint",
+    "load_weights",
+    "read_weights",
     "save_checkpoint",
     "verify_sidecar_digest",
+    "torchvision_weights",
 ]
 
 CHECKPOINT_FORMAT = "delt-checkpoint-v1"
@@ -390,3 +395,161 @@ def verify_sidecar_digest(path: Path) -> None:
             f"{path}: its SHA-256 differs from the one {sidecar.name} recorded when it was "
             "saved; the file is corrupt or was changed (restore it or train it again)"
         )
+# --------------------------------------------------------------------------------------------
+# Weights from elsewhere: plain state-dict files and torchvision's cached weights
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A state dict read from a file, with where it came from.
+
+    Attributes:
+        state_dict: parameter and buffer tensors by key (``module.`` prefixes stripped).
+        path: the file read.
+        sha256: its SHA-256.
+        source: ``"file"`` or ``"torchvision:<Enum>.<NAME>"``.
+        categories: torchvision weights: the class names they were trained with, else None.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    path: Path
+    sha256: str
+    source: str
+    categories: tuple[str, ...] | None = None
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+
+
+def _state_dict_of(payload: Any, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded file: a plain state dict, or one under ``state_dict``/``model``."""
+    if isinstance(payload, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+    if not isinstance(payload, dict) or not payload:
+        raise ValueError(
+            f"{where}: not a state dict (expected a dict of tensors, or one under a "
+            "'state_dict' or 'model' key)"
+        )
+    tensors = {key: value for key, value in payload.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{where}: holds no tensors")
+    state = {}
+    for key, value in tensors.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        state[key] = value
+    return state
+
+
+def torchvision_weights(arch: str, name: str) -> Any:
+    """The torchvision weights enum member ``name`` of ``arch`` (``IMAGENET1K_V1``,
+    ``ResNet18_Weights.IMAGENET1K_V1``, ``DEFAULT``), or None when ``name`` is not one."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        return None
+    member = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
+    try:
+        return enum[member] if member != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        return None
+
+
+def cached_weights_path(weights: Any) -> Path:
+    """Where torch.hub keeps the file of torchvision ``weights``: ``$TORCH_HOME/hub/checkpoints``
+    (``torch.hub.get_dir()``) and the URL's file name; nothing is downloaded."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def read_weights(arch: str, spec: str) -> Weights:
+    """Reads ``--weights``: a local state-dict file, or a torchvision weights name of ``arch``
+    resolved from the local torch hub cache only.
+
+    Raises:
+        FileNotFoundError: no such file; or the torchvision weights are not in the cache (the
+            message gives the expected path and how to put the file there).
+        ValueError: the file holds no state dict.
+    """
+    path = Path(spec)
+    if path.is_file():
+        state = _state_dict_of(torch_load(path), f"--weights {spec}")
+        return Weights(state, path, sha256_file(path), "file")
+    weights = torchvision_weights(arch, spec)
+    if weights is None:
+        raise FileNotFoundError(
+            f"--weights {spec}: no such file, and not a torchvision weights name of {arch} "
+            "(e.g. IMAGENET1K_V1, DEFAULT)"
+        )
+    cached = cached_weights_path(weights)
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"--weights {spec}: torchvision's {type(weights).__name__}.{weights.name} is not in "
+            f"the local cache: expected {cached} (delt never downloads; fetch {weights.url} "
+            "into that folder, or set TORCH_HOME to where it is, or pass the file's path)"
+        )
+    digest = sha256_file(cached)
+    # torchvision file names carry the first hex digits of the file's SHA-256.
+    stem_hash = cached.stem.rsplit("-", 1)[-1]
+    if len(stem_hash) >= 8 and not digest.startswith(stem_hash):
+        logger.warning(
+            "--weights %s: %s's SHA-256 %s does not start with the %s its name promises; it is "
+            "not the file torchvision publishes", spec, cached, digest[:12], stem_hash,
+        )  # fmt: skip
+    state = _state_dict_of(torch_load(cached), f"--weights {spec} ({cached})")
+    source = f"torchvision:{type(weights).__name__}.{weights.name}"
+    categories = weights.meta.get("categories")
+    return Weights(state, cached, digest, source, tuple(categories) if categories else None)
+
+
+def load_weights(model: nn.Module, weights: Weights, info: DatasetInfo, what: str) -> None:
+    """Loads ``weights`` into ``model`` (built for ``info``), strictly.
+
+    Raises:
+        TeacherMismatchError: the weights classify another number of classes than ``info``.
+        ValueError: missing or unexpected keys, or other shape differences (listed).
+    """
+    expected = model.state_dict()
+    given = weights.state_dict
+    if weights.categories is not None and len(weights.categories) != info.num_classes:
+        raise TeacherMismatchError(
+            f"{what}: the weights classify {len(weights.categories)} classes, --dataset "
+            f"{info.name} has {info.num_classes}"
+        )
+    reshaped = [key for key in expected if key in given and given[key].shape != expected[key].shape]
+    for key in reshaped:
+        if (
+            expected[key].dim() >= 1
+            and expected[key].shape[0] == info.num_classes
+            and given[key].shape[1:] == expected[key].shape[1:]
+        ):
+            raise TeacherMismatchError(
+                f"{what}: the weights classify {given[key].shape[0]} classes ({key} is "
+                f"{tuple(given[key].shape)}), --dataset {info.name} has {info.num_classes}"
+            )
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    if missing or unexpected or reshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listed(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_listed(unexpected)}")
+        if reshaped:
+            shapes = [
+                f"{key} {tuple(given[key].shape)} vs {tuple(expected[key].shape)}"
+                for key in reshaped
+            ]
+            parts.append(f"other shapes {_listed(shapes)}")
+        raise ValueError(f"{what}: the weights do not fit the architecture: {'; '.join(parts)}")
+    model.load_state_dict(given, strict=True)
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo
+from delt.distilled import load_distilled
 from delt.io import remove_stray_temporaries
 from delt.lock import output_lock
 from delt.pdd import (
@@ -102,6 +105,12 @@ class RecoverConfig:
     hard_student_epochs: int | None = PDD_OPTIONS["hard_student_epochs"]
     device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...", identity=False)
     progress: bool = option(True, help="show progress bars", identity=False)
+    keep_chunks: bool = option(
+        False,
+        help="keep OUT/chunks/ (the resume state, a second float32 copy of the images) after "
+        "a finished recovery; by default it is deleted once distilled.pt is written",
+        identity=False,
+    )
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, PROGRESSIVE):
@@ -190,6 +199,20 @@ class RecoverConfig:
         return resolved
 
 
+FINISHED_MARK = "chunks-deleted"
+
+
+def _finished(out: Path) -> bool:
+    """A recovery that finished and deleted its chunks: the mark (written after the outputs,
+    before the chunks go) and the outputs are there; a run killed while deleting resumes here
+    too, since its outputs were complete before the first chunk was removed."""
+    return (
+        (out / FINISHED_MARK).is_file()
+        and (out / "distilled.pt").is_file()
+        and (out / "manifest.json").is_file()
+    )
+
+
 def recover(config: RecoverConfig) -> RecoverResult:
     """Runs (or resumes) a recovery; writes ``distilled.pt``, ``images/`` and ``manifest.json``.
 
@@ -230,6 +253,15 @@ def _recover(config: RecoverConfig) -> RecoverResult:
     chunks = recipe.chunks(info.num_classes, config.ipc, config.batch_size)
     labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
     chunk_dir = run.out / "chunks"
+    if _finished(run.out):
+        # A finished run whose chunks were deleted: its outputs are the result (same identity,
+        # checked above), nothing to optimize or write again.
+        images, saved_labels, manifest = load_distilled(run.out)
+        logger.info("recover: %s is finished (%d images)", run.out, images.shape[0])
+        return RecoverResult(
+            run.out, images, saved_labels, manifest.iterations_per_image,
+            manifest.synthesis_seconds,
+        )  # fmt: skip
     done = [chunk.index for chunk in chunks if (chunk_dir / f"{chunk.index:05d}.pt").is_file()]
     logger.info(
         "recover: %s, %d classes x %d images, %d chunks of <= %d (%d already done), %d iterations, "
@@ -245,6 +277,10 @@ def _recover(config: RecoverConfig) -> RecoverResult:
     manifest = run.write_outputs(
         run.out, selection, images, labels, config.ipc, iterations_per_image, seconds
     )
+    if not config.keep_chunks:
+        # One copy of the images: distilled.pt (written and fsynced above) replaces the chunks.
+        (run.out / FINISHED_MARK).write_text("chunks deleted after distilled.pt was written\n")
+        shutil.rmtree(chunk_dir)
     logger.info(
         "recover: %d images, %d image-iterations, %.1f s of synthesis -> %s",
         images.shape[0], manifest.image_iterations, seconds, run.out,

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from delt.config import ConfigError, option
 from delt.data import DatasetInfo
+from delt.distilled import Manifest
 from delt.io import atomic_open, check_output, read_json, write_if_changed, write_json
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "compare_runs",
     "load_report",
     "pool_reports",
+    "set_report",
     "write_image_grid",
     "write_run_report",
 ]
@@ -100,14 +102,58 @@ def write_run_report(out: str | Path, report: dict, markdown: str) -> None:
     write_if_changed(out / "report.md", markdown.encode())
 
 
+def set_report(folder: str | Path) -> dict:
+    """The report of a distilled-set folder that ``delt eval`` and ``delt diversity`` have
+    scored (``manifest.json``, ``eval.json``, ``diversity.json``): e.g. an imported set.
+
+    Raises:
+        FileNotFoundError: one of the three files is missing (the message says which command
+            writes it).
+        ValueError: the evaluation is not complete.
+    """
+    folder = Path(folder)
+    needed = {
+        "manifest.json": "`delt recover` or `delt import`",
+        "eval.json": "`delt eval`",
+        "diversity.json": "`delt diversity`",
+    }
+    for name, writer in needed.items():
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"--runs {folder}: no report.json, and no {name} for a set's report (run "
+                f"{writer} --distilled {folder}; or pass output folders of `delt distill`)"
+            )
+    manifest = Manifest.load(folder)
+    evaluation = read_json(folder / "eval.json")
+    diversity = read_json(folder / "diversity.json")
+    if not evaluation.get("complete"):
+        raise ValueError(f"--runs {folder}: eval.json is not complete (rerun `delt eval`)")
+    return {
+        "method": manifest.method,
+        "dataset": manifest.dataset.name,
+        "ipc": manifest.ipc,
+        "accuracy_mean": float(evaluation["best"]["mean"]),
+        "accuracy_std": float(evaluation["best"]["std"]),
+        "diversity": float(diversity["mean"]),
+        "synthesis_seconds": float(manifest.synthesis_seconds),
+        "image_iterations": manifest.image_iterations,
+    }
+
+
 def load_report(run: str | Path) -> dict:
-    """The report.json of a run folder (or the file itself), checked."""
+    """The report.json of a run folder (or the file itself), checked; a distilled-set folder
+    without one is reported from its manifest, eval.json and diversity.json (:func:`set_report`)."""
     path = Path(run)
     if path.is_dir():
+        if not (path / "report.json").is_file() and (path / "manifest.json").is_file():
+            report = set_report(path)
+            check_report(report, str(path))
+            return report
         path = path / "report.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"--runs {run}: no report.json (pass output folders of `delt distill`)"
+            f"--runs {run}: no report.json (pass output folders of `delt distill`, or scored "
+            "distilled-set folders)"
         )
     report = read_json(path)
     check_report(report, str(path))
@@ -218,7 +264,10 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str = "") -> None
 class ReportConfig:
     """Configuration of ``delt report`` (one field per flag)."""
 
-    runs: tuple[str, ...] = option(help="output folders of `delt distill` (or report.json files)")
+    runs: tuple[str, ...] = option(
+        help="output folders of `delt distill` (or report.json files, or distilled-set folders "
+        "scored by `delt eval` and `delt diversity`)"
+    )
     out: str = option("comparison.png", help="bar chart PNG; the table also goes to OUT.md")
     title: str = option("", help="chart title")
 

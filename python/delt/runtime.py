@@ -93,14 +93,16 @@ def resolve_device(device: str) -> torch.device:
 
 @contextlib.contextmanager
 def autocast(device: torch.device, amp: str) -> Iterator[None]:
-    """``amp == "bf16"``: bfloat16 autocast on ``device``; ``"none"``: full precision."""
+    """``amp == "bf16"``/``"fp16"``: bfloat16/float16 autocast on ``device``; ``"none"``: full
+    precision. (fp16 needs a gradient scaler for training: ``torch.amp.GradScaler``.)"""
     if amp == "none":
         yield
-    elif amp == "bf16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+    elif amp in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        with torch.autocast(device_type=device.type, dtype=dtype):
             yield
     else:
-        raise ValueError(f"--amp must be 'none' or 'bf16', got {amp!r}")
+        raise ValueError(f"--amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
 
 
 def derive_seed(seed: int, *indices: int) -> int:

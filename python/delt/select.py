@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, identity_dict, option
-from delt.data import DatasetInfo, load_like
+from delt.data import DatasetInfo, ImageDataset, TensorImageDataset, load_like
 from delt.io import (
     FileFormatError,
     atomic_open,
@@ -28,6 +29,8 @@ from delt.io import (
     read_json,
     remove_stray_temporaries,
     sha256_file,
+    torch_load,
+    torch_save,
     write_json,
 )
 from delt.lock import output_lock
@@ -59,14 +62,20 @@ class SelectConfig:
     )
     seed: int = option(0, help="seed of the random strategy")
     batch_size: int = option(500, help="scoring batch size", identity=False)
-    amp: Literal["none", "bf16"] = option("none", help="autocast dtype for scoring")
+    amp: Literal["none", "bf16", "fp16"] = option("none", help="autocast dtype for scoring")
     channels_last: bool = option(False, help="channels_last memory format (faster on CPU)")
     device: str = option("auto", help="auto, cpu, cuda, ...", identity=False)
     num_workers: int = option(0, help="DataLoader workers (file-backed datasets)", identity=False)
     progress: bool = option(True, help="show progress bars", identity=False)
+    shard_batches: int = option(
+        100,
+        help="scores are saved to OUT/scores/ every this many batches, so that a killed "
+        "selection resumes at its last shard",
+        identity=False,
+    )
 
     def __post_init__(self) -> None:
-        check_int_fields(self, ("ipc", "batch_size"))
+        check_int_fields(self, ("ipc", "batch_size", "shard_batches"))
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 
@@ -145,9 +154,19 @@ def order_class(
     return order
 
 
+SHARD_FORMAT = "delt-select-scores-v1"
+
+
 @torch.no_grad()
 def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Scores every training image: ``(scores (N,) float32, labels (N,) int64, teacher meta)``."""
+    """Scores every training image: ``(scores (N,) float32, labels (N,) int64, teacher meta)``.
+
+    Batches of ``--batch-size`` (read through ``--num-workers`` DataLoader workers into pinned
+    memory for a GPU); every ``--shard-batches`` batches the scores so far go to
+    ``OUT/scores/<first index>.pt`` (atomic), and shards of the same identity (teacher file,
+    data, batch size, amp, memory format) are read back instead of scored again. Shards start at
+    batch boundaries, so a resumed run scores the very batches of an uninterrupted one.
+    """
     device = resolve_device(config.device)
     teacher = load_checkpoint(config.teacher)
     # The teacher's dataset, in the teacher's class order; a mismatch of the files is refused.
@@ -160,23 +179,77 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
     model = teacher.model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    scores = torch.empty(len(dataset), dtype=torch.float32)
-    position = 0
-    batches = iterate_batches(dataset, config.batch_size, num_workers=config.num_workers)
-    total = -(-len(dataset) // config.batch_size)
-    for images, labels in tqdm(batches, total=total, desc="scoring", disable=not config.progress):
-        images = images.to(device)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, config.amp):
-            logits = model(images)
-        probabilities = logits.float().softmax(1).cpu()
-        scores[position : position + len(labels)] = probabilities.gather(
-            1, labels.view(-1, 1)
-        ).view(-1)
-        position += len(labels)
+    count = len(dataset)
+    scores = torch.empty(count, dtype=torch.float32)
+    shard_size = config.batch_size * config.shard_batches
+    shard_dir = Path(config.out) / "scores"
+    identity = {
+        "teacher_sha256": sha256_file(teacher.path),
+        "dataset": dataset.info.name,
+        "num_images": count,
+        "batch_size": config.batch_size,
+        "amp": config.amp,
+        "channels_last": config.channels_last,
+    }
+    pin = device.type == "cuda"
+    bar = tqdm(total=-(-count // config.batch_size), desc="scoring", disable=not config.progress)
+    for start in range(0, count, shard_size):
+        end = min(start + shard_size, count)
+        path = shard_dir / f"{start:09d}.pt"
+        if path.is_file():
+            saved = torch_load(path)
+            if saved.get("format") == SHARD_FORMAT and saved.get("identity") == identity:
+                scores[start:end] = saved["scores"]
+                bar.update(-(-(end - start) // config.batch_size))
+                continue
+        part = dataset if (start, end) == (0, count) else _shard(dataset, start, end)
+        position = start
+        for images, labels in iterate_batches(
+            part, config.batch_size, num_workers=config.num_workers, pin_memory=pin
+        ):
+            images = images.to(device, non_blocking=pin)
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, config.amp):
+                logits = model(images)
+            probabilities = logits.float().softmax(1).cpu()
+            scores[position : position + len(labels)] = probabilities.gather(
+                1, labels.view(-1, 1)
+            ).view(-1)
+            position += len(labels)
+            bar.update()
+        if end < count or start > 0:  # one shard is the whole set: nothing to resume
+            torch_save(
+                {"format": SHARD_FORMAT, "identity": identity, "scores": scores[start:end].clone()},
+                path,
+            )
+    bar.close()
     context = {"teacher": teacher, "info": dataset.info, "dataset": dataset}
     return scores, dataset.targets.clone(), context
+
+
+def _shard(dataset: ImageDataset, start: int, end: int) -> ImageDataset:
+    """Images ``start .. end - 1`` of ``dataset``; an in-memory one stays one (a view)."""
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(
+            dataset.info, dataset.pixels[start:end], dataset.targets[start:end]
+        )
+    return _Range(dataset, start, end)
+
+
+class _Range(ImageDataset):
+    """Images ``start .. end - 1`` of a file-backed dataset (a shard)."""
+
+    def __init__(self, dataset: ImageDataset, start: int, end: int) -> None:
+        self.dataset, self.start = dataset, start
+        self.info = dataset.info
+        self.targets = dataset.targets[start:end]
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.start + index]
+
+    def images(self, indices):
+        return self.dataset.images(torch.as_tensor(indices, dtype=torch.int64) + self.start)
 
 
 def select_images(config: SelectConfig) -> Selection:
@@ -251,6 +324,8 @@ def _select_images(config: SelectConfig) -> Selection:
         "classes": chosen,
     }
     write_json(out / "selection.json", document)
+    if (out / "scores").is_dir():
+        shutil.rmtree(out / "scores")  # the resume state of scoring; ranking.csv has the scores
     logger.info(
         "select: %d x %d images (%s) in %.1f s -> %s",
         info.num_classes, config.ipc, config.strategy, seconds, out / "selection.json",

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 import delt_ext
 from delt.config import check_int
 from delt.data import DatasetInfo, ImageDataset, TensorImageDataset
-from delt.runtime import autocast
+from delt.distilled import normalized
+from delt.runtime import autocast, derive_seed
 from delt.schedules import stage_epochs
 
 __all__ = [
@@ -79,11 +80,13 @@ def iterate_batches(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches ``(images (B, C, H, W) float32 normalized, labels (B,) int64)`` of ``dataset``.
 
     In-memory datasets are sliced directly (no per-image Python calls); file-backed ones go
-    through a DataLoader with ``num_workers`` workers.
+    through a DataLoader with ``num_workers`` workers (each image decoded once per pass), into
+    pinned memory with ``pin_memory`` (for non-blocking copies to a GPU).
     """
     count = len(dataset)
     order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
@@ -96,6 +99,7 @@ def iterate_batches(
         torch.utils.data.Subset(dataset, order.tolist()),
         batch_size=batch_size,
         num_workers=num_workers,
+        pin_memory=pin_memory,
     )
     for images, labels in loader:
         yield images, labels.to(torch.int64)
@@ -114,8 +118,11 @@ def evaluate_accuracy(
     """Top-1 accuracy (in %) of ``model`` on ``dataset``; the model is left in eval mode."""
     model.eval()
     correct = 0
-    for images, labels in iterate_batches(dataset, batch_size, num_workers=num_workers):
-        images = images.to(device)
+    pin = device.type == "cuda"
+    for images, labels in iterate_batches(
+        dataset, batch_size, num_workers=num_workers, pin_memory=pin
+    ):
+        images = images.to(device, non_blocking=pin)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
@@ -278,6 +285,7 @@ class StudentAugment(nn.Module):
         from torchvision.transforms import InterpolationMode, v2
 
         self.info = info
+        self.options = (randaugment_ops, randaugment_magnitude, min_crop)
         self.randaugment = (
             v2.RandAugment(
                 num_ops=randaugment_ops,
@@ -295,6 +303,10 @@ class StudentAugment(nn.Module):
             per_sample=True,
             generator=generator,
         )
+
+    def reseeded(self, generator: torch.Generator) -> StudentAugment:
+        """The same augmentation drawing its crops and flips from ``generator``."""
+        return StudentAugment(self.info, *self.options, generator)
 
     def forward(self, images: Tensor) -> Tensor:
         if self.randaugment is not None:
@@ -314,7 +326,8 @@ class TrainSettings:
         temperature: of the KL loss.
         cutmix_beta: λ ~ Beta(b, b); 0: no CutMix.
         hard_labels: cross-entropy on the given labels instead of the teacher's soft labels.
-        amp: ``"none"`` or ``"bf16"`` autocast of forward passes.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (with a gradient scaler) autocast of forward
+            passes.
         channels_last: memory format of the batches and models.
     """
 
@@ -350,7 +363,15 @@ class StudentTrainer:
         lr, weight_decay: AdamW's.
         device: where the models run.
         generator: CPU generator drawing batch orders and CutMix params.
+        workers: 0: the images are augmented in this process, RandAugment drawing from torch's
+            global generator and crops from ``generator`` (main's random stream, bitwise). N > 0:
+            in N DataLoader workers (for a GPU: augmentation off the training process), each
+            batch from a seed derived from a per-epoch draw of ``generator`` and its index, so
+            the numbers are the same for any N >= 1 (but not those of 0); the test set is read
+            through N workers too.
 
+    The images given to :meth:`train_epoch` may live on the host in their stored dtype (float32
+    normalized, or uint8 pixels normalized batch by batch): only batches go to ``device``.
     A stage-wise schedule (PDD's) is :func:`train_stagewise`.
     """
 
@@ -365,7 +386,9 @@ class StudentTrainer:
         weight_decay: float,
         device: torch.device,
         generator: torch.Generator,
+        workers: int = 0,
     ) -> None:
+        check_int("workers", workers, low=0)
         if teacher is None and not settings.hard_labels:
             raise ValueError("a teacher is required unless settings.hard_labels")
         self.memory_format = (
@@ -384,12 +407,16 @@ class StudentTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda epoch: half_cosine_factor(epoch, total_epochs)
         )
+        # fp16's small range: the loss is scaled so that gradients do not underflow.
+        self.scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None
+        self.workers = workers
         self.epochs_done = 0
 
-    def step(self, images: Tensor, labels: Tensor) -> float:
-        """One optimizer step on a batch of normalized images (B, C, H, W) and labels (B,)."""
+    def step(self, images: Tensor, labels: Tensor, augmented: bool = False) -> float:
+        """One optimizer step on a batch of normalized images (B, C, H, W) and labels (B,) on
+        the device (``augmented``: the batch is already augmented, by a worker)."""
         settings = self.settings
-        batch = self.augment(images)
+        batch = images if augmented else self.augment(images)
         params = None
         if settings.cutmix_beta > 0:
             params = sample_cutmix(
@@ -410,26 +437,77 @@ class StudentTrainer:
         else:
             loss = soft_label_kl(logits, teacher_logits, settings.temperature)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return float(loss.detach())
 
-    def train_epoch(self, images: Tensor, labels: Tensor) -> float:
-        """One shuffled pass over ``images`` (N, C, H, W) on ``device``; returns the mean loss.
+    def _to_device(self, batch: Tensor) -> Tensor:
+        pin = self.device.type == "cuda" and batch.device.type == "cpu"
+        if pin and not batch.is_pinned():
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=pin)
 
-        The LR schedule advances once per epoch.
+    def train_epoch(self, images: Tensor, labels: Tensor) -> float:
+        """One shuffled pass over ``images`` (N, C, H, W) float32 normalized or uint8 pixels, on
+        the host or on ``device``; returns the mean loss. The LR schedule advances once per
+        epoch.
         """
         if self.epochs_done >= self.total_epochs:
             raise RuntimeError(f"the schedule's {self.total_epochs} epochs are already done")
         count = images.shape[0]
-        order = torch.randperm(count, generator=self.generator).to(images.device)
+        order = torch.randperm(count, generator=self.generator)
+        batch_size = self.settings.batch_size
         losses = []
-        for start in range(0, count, self.settings.batch_size):
-            index = order[start : start + self.settings.batch_size]
-            losses.append(self.step(images.index_select(0, index), labels.index_select(0, index)))
+        if self.workers == 0:
+            order = order.to(images.device)
+            for start in range(0, count, batch_size):
+                index = order[start : start + batch_size]
+                batch = self._to_device(images.index_select(0, index))
+                batch = normalized(batch, self.augment.info)
+                losses.append(self.step(batch, self._to_device(labels.index_select(0, index))))
+        else:
+            epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            batches = _AugmentedBatches(images, order, batch_size, self.augment, epoch_seed)
+            loader = torch.utils.data.DataLoader(
+                batches, batch_size=None, shuffle=False, num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
+            for position, batch in enumerate(loader):
+                index = order[position * batch_size : (position + 1) * batch_size]
+                batch = batch.to(self.device, non_blocking=self.device.type == "cuda")
+                label_batch = self._to_device(labels.index_select(0, index.to(labels.device)))
+                losses.append(self.step(batch, label_batch, augmented=True))
         self.scheduler.step()
         self.epochs_done += 1
         return float(np.mean(losses))
+
+    def state_dict(self) -> dict:
+        """Everything :meth:`load_state_dict` needs to continue exactly where this trainer is:
+        student, optimizer, LR schedule, gradient scaler, generator, epochs done (CPU tensors
+        and plain values, for ``weights_only`` loading)."""
+        return {
+            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epochs_done": self.epochs_done,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` into this (freshly built, same-config) trainer."""
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.epochs_done = int(state["epochs_done"])
 
     def restart_schedule(self, epochs: int) -> None:
         """From now on, a fresh half-cosine over the next ``epochs`` epochs, starting at the base
@@ -451,7 +529,7 @@ class StudentTrainer:
         """Top-1 accuracy (%) of the student on ``test_set``."""
         return evaluate_accuracy(
             self.student, test_set, self.device, amp=self.settings.amp,
-            channels_last=self.settings.channels_last,
+            channels_last=self.settings.channels_last, num_workers=self.workers,
         )  # fmt: skip
 
     def train_epochs(
@@ -483,6 +561,34 @@ class StudentTrainer:
                     postfix["acc"] = f"{checks[-1].accuracy:.2f}"
                 progress.set_postfix(postfix, refresh=False)
         return losses, checks
+
+
+class _AugmentedBatches(torch.utils.data.Dataset):
+    """Item b: batch b of an epoch, augmented: read from the host set in its stored dtype,
+    normalized, then ``augment`` with RandAugment and crops drawn from a seed derived from the
+    epoch's seed and b (independent of which worker makes it, or how many there are)."""
+
+    def __init__(
+        self, images: Tensor, order: Tensor, batch_size: int, augment: StudentAugment, seed: int
+    ) -> None:
+        self.images = images if images.device.type == "cpu" else images.cpu()
+        self.order = order
+        self.batch_size = batch_size
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return -(-self.order.numel() // self.batch_size)
+
+    def __getitem__(self, position: int) -> Tensor:
+        index = self.order[position * self.batch_size : (position + 1) * self.batch_size]
+        batch = normalized(self.images.index_select(0, index), self.augment.info)
+        seed = derive_seed(self.seed, position)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # RandAugment's draws
+            crops = torch.Generator().manual_seed(derive_seed(self.seed, position, 1))
+            with torch.no_grad():
+                return self.augment.reseeded(crops)(batch)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,15 +20,23 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import load_dataset
-from delt.io import check_output, read_json, remove_stray_temporaries
+from delt.io import check_output, check_output_folder, read_json, remove_stray_temporaries
 from delt.lock import output_lock
-from delt.models import build_model, check_model_memory, model_spec, save_checkpoint
+from delt.models import (
+    build_model,
+    check_model_memory,
+    load_weights,
+    model_spec,
+    read_weights,
+    save_checkpoint,
+)
 from delt.runtime import autocast, logger, resolve_device, versions
 from delt.student import evaluate_accuracy, iterate_batches
 
 __all__ = [
     "TeacherConfig",
     "TeacherResult",
+    "import_teacher",
     "saved_checkpoints",
     "train_teacher",
 ]
@@ -74,15 +82,48 @@ class TeacherConfig:
     device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...", identity=False)
     num_workers: int = option(0, help="DataLoader workers (file-backed datasets)", identity=False)
     progress: bool = option(True, help="show progress bars", identity=False)
+    import_arch: str | None = option(
+        None,
+        help="import pretrained weights (--weights) for this architecture (a torchvision name "
+        "such as resnet18, or a registered arch) instead of training; --arch is not used",
+        cli_flag="--import",
+    )
+    weights: str | None = option(
+        None,
+        help="--import: a state-dict file (.pth/.pt: plain, or under 'state_dict'/'model'; "
+        "'module.' prefixes stripped) or a torchvision weights name (IMAGENET1K_V1, DEFAULT) "
+        "read from the local torch hub cache ($TORCH_HOME/hub/checkpoints), never downloaded",
+    )
+    measure: bool = option(
+        False, help="--import: measure the imported teacher's top-1 on the dataset's test split"
+    )
 
     def __post_init__(self) -> None:
         check_int_fields(self, ("epochs", "batch_size", "width"))
+        if self.import_arch is not None:
+            if self.weights is None:
+                raise ConfigError("--import needs --weights FILE or a torchvision weights name")
+            try:
+                imported = model_spec(self.import_arch)
+            except ValueError as error:
+                raise ConfigError(str(error).replace("--arch", "--import", 1)) from None
+            if self.save_epochs is not None:
+                raise ConfigError("--save-epochs applies to training, not to --import")
+            if self.width is not None and "width" not in imported.kwargs:
+                raise ConfigError(
+                    f"--width applies to convnetD architectures, not --import {self.import_arch}"
+                )
+        elif self.weights is not None or self.measure:
+            raise ConfigError(
+                f"{'--weights' if self.weights is not None else '--measure'} applies with "
+                "--import ARCH"
+            )
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         spec = model_spec(self.arch)  # raises for an unknown --arch
-        if self.width is not None and "width" not in spec.kwargs:
+        if self.width is not None and "width" not in spec.kwargs and self.import_arch is None:
             raise ConfigError(f"--width applies to convnetD architectures, not --arch {self.arch}")
         if self.save_epochs is not None:
             self.save_epochs = tuple(self.save_epochs)
@@ -106,9 +147,10 @@ class TeacherResult:
     """What ``train_teacher`` produced: the checkpoint path, its test accuracy and training time."""
 
     path: Path
-    test_accuracy: float
+    test_accuracy: float | None  # None: imported without --measure
     train_seconds: float
     reused: bool
+    source: str | None = None  # imported: where the weights came from
 
 
 def _augment(images: Tensor, kind: str, generator: torch.Generator) -> Tensor:
@@ -179,10 +221,14 @@ def _saved_config(path: Path) -> dict | None:
 def train_teacher(config: TeacherConfig) -> TeacherResult:
     """Trains (or reuses) the teacher of ``config``; writes ``OUT/teacher.pt`` and ``.json``.
 
-    Holds ``OUT/.lock`` throughout (:func:`delt.lock.output_lock`)."""
+    Holds ``OUT/.lock`` throughout (:func:`delt.lock.output_lock`). With ``--import ARCH``
+    nothing is trained: :func:`import_teacher`.
+    """
     with output_lock(config.out) as lock:
         if lock.held:
             remove_stray_temporaries(config.out)
+        if config.import_arch is not None:
+            return import_teacher(config)
         return _train_teacher(config)
 
 
@@ -314,3 +360,77 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
         meta["checkpoints"] = checkpoints
     save_checkpoint(path, model.to("cpu").to(memory_format=torch.contiguous_format), meta)
     return TeacherResult(path, accuracy, train_seconds, reused=False)
+
+
+def import_teacher(config: TeacherConfig) -> TeacherResult:
+    """``delt teacher --import ARCH --weights W``: a delt checkpoint from pretrained weights.
+
+    Normalization, resolution and class order come from ``--dataset`` (for an ImageNet
+    ``imagefolder``: torchvision's mean/std, 224 px, sorted WNIDs, which torchvision's weights
+    assume); the weights must classify the dataset's classes. The metadata records the
+    weights' source, path and SHA-256; ``--measure`` adds the top-1 on the test split.
+
+    Raises:
+        ValueError: ``--out`` not writable; the weights do not fit (missing/unexpected keys).
+        FileNotFoundError: ``--weights`` is neither a file nor a cached torchvision weights.
+        TeacherMismatchError: the weights' class count differs from the dataset's.
+        ConfigError: ``--out`` holds a teacher of another configuration.
+    """
+    out = check_output_folder(config.out)
+    path = out / "teacher.pt"
+    identity = identity_dict(config)
+    arch = config.import_arch
+    # Read first: a missing file is an error before the dataset is scanned.
+    weights = read_weights(arch, config.weights)
+    saved = _saved_config(path)
+    if saved is not None:
+        meta = read_json(path.with_suffix(".json"))
+        differences = config_diff(saved, identity)
+        recorded = (meta.get("weights") or {}).get("sha256")
+        if recorded != weights.sha256:
+            differences.append(f"weights SHA-256: {recorded} -> {weights.sha256}")
+        if differences:
+            raise ConfigError(
+                f"{path} holds a teacher made with another configuration "
+                f"({'; '.join(differences)}); choose another --out or delete it"
+            )
+        logger.info("teacher: reusing %s (imported from %s)", path, meta["weights"]["source"])
+        return TeacherResult(
+            path, meta["test_accuracy"], meta["train_seconds"], True, meta["weights"]["source"]
+        )
+    test_set = load_dataset(
+        config.dataset, "test", config.data_root, config.resolution, config.class_order
+    )
+    info = test_set.info
+    model = build_model(arch, info, config.arch_kwargs)
+    load_weights(model, weights, info, f"--weights {config.weights}")
+    model.eval()
+    accuracy = None
+    if config.measure:
+        device = resolve_device(config.device)
+        model = model.to(device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        accuracy = evaluate_accuracy(
+            model, test_set, device, amp=config.amp, channels_last=config.channels_last,
+            num_workers=config.num_workers,
+        )  # fmt: skip
+        logger.info("teacher: imported %s, test accuracy %.2f%%", arch, accuracy)
+        model = model.to("cpu").to(memory_format=torch.contiguous_format)
+    meta = {
+        "arch": arch,
+        "arch_kwargs": config.arch_kwargs,
+        "dataset": info.to_dict(),
+        "config": identity,
+        "versions": versions(),
+        "test_accuracy": accuracy,
+        "epochs": 0,
+        "train_seconds": 0.0,
+        "weights": {
+            "source": weights.source,
+            "path": str(weights.path),
+            "sha256": weights.sha256,
+        },
+    }
+    save_checkpoint(path, model, meta)
+    return TeacherResult(path, accuracy, 0.0, reused=False, source=weights.source)
