@@ -178,16 +178,22 @@ def test_corrupt_chunk(tmp_path, capsys, tiny_teacher, tiny_set, case):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("digest", [True, False], ids=["digest", "no-digest"])
 @pytest.mark.parametrize("command", ["eval", "diversity"])
 @pytest.mark.parametrize("case", BINARY_CASES)
-def test_corrupt_distilled_set(tmp_path, capsys, tiny_set, case, command):
+def test_corrupt_distilled_set(tmp_path, capsys, tiny_set, case, command, digest):
     folder = _copy_set(tiny_set, tmp_path / "set")
     path = folder / "distilled.pt"
     path.write_bytes(binary_corruptions(path.read_bytes(), tmp_path / "pwned")[case])
+    if not digest:  # a set written before manifests recorded distilled.pt's SHA-256
+        manifest = json.loads((folder / "manifest.json").read_text())
+        del manifest["distilled_sha256"]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     argv = [command, "--distilled", folder]
     if command == "eval":
         argv += ["--epochs", 1, "--no-progress"]
-    assert_one_line_error(capsys, argv, path, "distilled set")
+    # With the digest the change is caught before the file is read; without it, by the reader.
+    assert_one_line_error(capsys, argv, path, "SHA-256" if digest else "distilled set")
     assert not (tmp_path / "pwned").exists()
 
 
