@@ -37,7 +37,6 @@ __all__ = [
     "IntegrityError",
     "atomic_open",
     "check_output",
-    "check_output_folder",
     "read_json",
     "remove_stray_temporaries",
     "save_image",
@@ -210,25 +209,6 @@ def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
     with atomic_open(path, "wb") as handle:
         handle.write(data)
     return True
-def check_output_folder(path: str | os.PathLike, label: str = "--out") -> Path:
-    """Creates the output folder ``path`` if needed and checks that files can be written there,
-    before any work: an unwritable ``--out`` is reported at once, not after hours of it.
-
-    Raises:
-        ValueError: ``path`` is a file, cannot be created, or is not writable (naming ``label``).
-    """
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{label} {folder}: exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{label} {folder}: cannot create it ({error.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{label} {folder}: not writable")
-    return folder
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes ``obj`` as indented JSON (keys in insertion order), atomically; a file that holds
     the same JSON already is left as it is."""

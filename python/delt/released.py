@@ -22,7 +22,8 @@ from torch import Tensor
 from delt.config import identity_dict, option
 from delt.data import DatasetInfo
 from delt.distilled import Manifest, save_distilled
-from delt.io import check_output_folder, read_json, sha256_file
+from delt.io import check_output, read_json, remove_stray_temporaries, sha256_file
+from delt.lock import output_lock
 from delt.models import load_checkpoint
 from delt.runtime import logger, versions
 
@@ -191,19 +192,30 @@ def _listing_digest(classes: list[_ClassFolder], root: Path) -> str:
 def import_images(config: ImportConfig) -> ImportResult:
     """Runs ``delt import``: checks everything, then writes ``OUT/distilled.pt`` + manifest.
 
+    Holds ``OUT/.lock`` throughout (:func:`delt.lock.output_lock`).
+
     Raises:
         FileNotFoundError: no such teacher or image folder.
         ValueError: unknown, duplicate or missing classes, an empty class folder, an image of
-            another size without ``--resize``, an unwritable ``--out``, or an ``--out`` holding
+            another size without ``--resize``, or an ``--out`` holding
             another set. All before anything is written.
+        WriteError: ``--out`` cannot be written (checked first).
     """
+    check_output(config.out, "--out")
+    with output_lock(config.out) as lock:
+        if lock.held:
+            remove_stray_temporaries(config.out)
+        return _import_images(config)
+
+
+def _import_images(config: ImportConfig) -> ImportResult:
     teacher = load_checkpoint(config.teacher)
     info = teacher.info
     root = Path(config.images)
     classes = _scan(root, info)
     if not config.resize:
         _check_sizes(classes, info, str(root))
-    out = check_output_folder(config.out)
+    out = Path(config.out)
     source_digest = _listing_digest(classes, root)
     teacher_sha = sha256_file(teacher.path)
     identity = {

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import load_dataset
-from delt.io import check_output, check_output_folder, read_json, remove_stray_temporaries
+from delt.io import check_output, read_json, remove_stray_temporaries
 from delt.lock import output_lock
 from delt.models import (
     build_model,
@@ -371,12 +371,14 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
     weights' source, path and SHA-256; ``--measure`` adds the top-1 on the test split.
 
     Raises:
-        ValueError: ``--out`` not writable; the weights do not fit (missing/unexpected keys).
+        WriteError: ``--out`` cannot be written.
+        ValueError: the weights do not fit (missing/unexpected keys).
         FileNotFoundError: ``--weights`` is neither a file nor a cached torchvision weights.
         TeacherMismatchError: the weights' class count differs from the dataset's.
         ConfigError: ``--out`` holds a teacher of another configuration.
     """
-    out = check_output_folder(config.out)
+    out = Path(config.out)
+    check_output(out, "--out")
     path = out / "teacher.pt"
     identity = identity_dict(config)
     arch = config.import_arch
