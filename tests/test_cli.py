@@ -68,6 +68,10 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
         (["distill", "--method", "delt", "--ipc", "1", "--out", "o", "--eval-epochs", "0"],
          "--eval-epochs must be an integer >= 1"),
         (["report", "--runs", "nowhere", "--out", "c.png"], "no report.json"),
+        (["recover", "--teacher", "t.pt", "--ipc", "10", "--out", "o", "--method", "rded",
+          "--candidates", "30"], "--candidates 30 must be >= --ipc x --factor^2 = 40"),
+        (["recover", "--teacher", "t.pt", "--ipc", "1", "--out", "o", "--method", "rded",
+          "--iterations", "10"], "--iterations applies to the methods that optimize pixels"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_with_status_2(tmp_path, monkeypatch, capsys, argv, message):

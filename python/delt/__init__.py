@@ -14,7 +14,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     student                 the training engine: batches, accuracy, StudentTrainer, CutMix
     teacher, select         `delt teacher`, `delt select`
     synthesis               method recipes, prepare_run, the chunk loop, the output writer
-    pdd, recover            `delt recover --method pdd` (and its options); `delt recover`
+    pdd, rded, recover      `delt recover --method pdd` and `--method rded` (and their
+                            options); `delt recover`
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
     report, distill         reports and charts; `delt distill`
@@ -31,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("student",),
     ("teacher", "select"),
     ("synthesis",),
-    ("pdd", "recover"),
+    ("pdd", "rded", "recover"),
     ("evaluate", "stagewise", "diversity"),
     ("report", "distill"),
     ("demo", "cli"),
