@@ -88,14 +88,16 @@ def tiny_selection(tmp_path_factory, tiny_teacher):
 
 @pytest.fixture(scope="session")
 def tiny_set(tiny_teacher, tmp_path_factory):
-    """A CDA recovery of IPC 2 with the tiny teacher (4 classes of 8x8 images): the folder."""
+    """A CDA recovery of IPC 2 with the tiny teacher (4 classes of 8x8 images): the folder.
+
+    Its ``chunks/`` are kept (``keep_chunks``), so tests can also model an unfinished run."""
     from delt.recover import RecoverConfig, recover
 
     out = tmp_path_factory.mktemp("cda")
     recover(
         RecoverConfig(
             teacher=str(tiny_teacher.path), ipc=2, out=str(out), method="cda", iterations=4,
-            progress=False,
+            progress=False, keep_chunks=True,
         )
     )  # fmt: skip
     return out

@@ -36,8 +36,8 @@ LEAF_COMMANDS = {
 def test_flags_map_one_to_one_onto_config_fields(name):
     sub = _subparser(name)
     dests = {a.dest for a in sub._actions if a.dest != "help"}
-    fields = {f.name for f in dataclasses.fields(LEAF_COMMANDS[name].config)}
-    assert dests == fields
+    fields = dataclasses.fields(LEAF_COMMANDS[name].config)
+    assert dests == {f.name for f in fields}
     for field in fields:
         shown = field.metadata.get("cli_flag") or "--" + field.name.replace("_", "-")
         assert shown in sub.format_help()
@@ -85,6 +85,10 @@ def test_pipeline_through_the_cli(tmp_path, capsys):
         (["distill", "--method", "delt", "--ipc", "1", "--out", "o", "--eval-epochs", "0"],
          "--eval-epochs must be an integer >= 1"),
         (["report", "--runs", "nowhere", "--out", "c.png"], "no report.json"),
+        (["recover", "--teacher", "t.pt", "--ipc", "10", "--out", "o", "--method", "rded",
+          "--candidates", "30"], "--candidates 30 must be >= --ipc x --factor^2 = 40"),
+        (["recover", "--teacher", "t.pt", "--ipc", "1", "--out", "o", "--method", "rded",
+          "--iterations", "10"], "--iterations applies to the methods that optimize pixels"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_with_status_2(tmp_path, monkeypatch, capsys, argv, message):

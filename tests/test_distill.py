@@ -93,6 +93,26 @@ def test_random_real_baseline(tiny_teacher, tmp_path):
     assert len(manifest["indices"]) == 8 and manifest["seed"] == 3
 
 
+def test_rded_through_distill(tiny_teacher, tmp_path):
+    result = distill(_config(tmp_path / "rded", tiny_teacher.path, method="rded", iterations=4000,
+                             round_iterations=None, candidates=10, num_crop=2))  # fmt: skip
+    assert result.report["method"] == "rded" and result.report["image_iterations"] == 0
+    assert result.report["synthesis_seconds"] > 0
+    manifest = json.loads((tmp_path / "rded" / "distilled" / "manifest.json").read_text())
+    assert manifest["config"]["candidates"] == 10 and manifest["config"]["num_crop"] == 2
+    assert not (tmp_path / "rded" / "select").exists()  # rded draws its own candidates
+
+
+def test_rded_data_is_checked_before_the_teacher_is_trained(tmp_path, monkeypatch):
+    import delt.distill as distill_module
+
+    monkeypatch.setattr(distill_module, "train_teacher", lambda *a: pytest.fail("work started"))
+    config = DistillConfig(method="rded", ipc=1, out=str(tmp_path), dataset=SYNTHETIC, factor=3,
+                           candidates=9, progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="--factor 3 must divide the image resolution 8"):
+        distill(config)
+
+
 def test_teacher_of_another_dataset_is_refused(tiny_teacher, tmp_path):
     with pytest.raises(TeacherMismatchError, match="was trained on synthetic"):
         distill(_config(tmp_path, tiny_teacher.path, dataset="fashion-mnist"))
@@ -104,7 +124,12 @@ def test_teacher_of_another_dataset_is_refused(tiny_teacher, tmp_path):
      ({"method": "cda"}, "--round-iterations applies to --method delt"),
      ({"arch": "nonet"}, "unknown architecture"),
      ({"eval_epochs": 0}, "--eval-epochs must be"),
-     ({"iterations": 3}, "multiple of --round-iterations")],
+     ({"iterations": 3}, "multiple of --round-iterations"),
+     ({"method": "rded", "round_iterations": None}, "--iterations applies to the methods that"),
+     ({"method": "random-real", "round_iterations": None, "factor": 1},
+      "--factor applies to --method rded, not random-real"),
+     ({"method": "rded", "round_iterations": None, "iterations": 4000, "candidates": 3},
+      r"--candidates 3 must be >= --ipc x --factor\^2 = 8")],
 )  # fmt: skip
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

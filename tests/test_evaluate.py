@@ -121,6 +121,57 @@ def test_eval_random_real_and_hard_labels(tiny_teacher, tmp_path):
     assert "CE on CutMix labels" in document["config"]["loss"]
 
 
+def test_shuffle_patches_is_recorded_and_part_of_the_identity(tiny_set, tmp_path):
+    plain = evaluate(_eval_config(tiny_set, out=str(tmp_path / "plain.json")))
+    shuffled = evaluate(_eval_config(tiny_set, out=str(tmp_path / "s.json"), shuffle_patches=2))
+    plain_doc = json.loads((tmp_path / "plain.json").read_text())
+    shuffled_doc = json.loads((tmp_path / "s.json").read_text())
+    assert plain_doc["config"]["shuffle_patches"] is None
+    assert shuffled_doc["config"]["shuffle_patches"] == 2
+    # Off: the identity is the one of files written before the flag existed.
+    assert "shuffle_patches" not in plain_doc["identity"]["config"]
+    assert shuffled_doc["identity"]["config"]["shuffle_patches"] == 2
+    assert plain.seeds[0].train_loss != shuffled.seeds[0].train_loss
+    with pytest.raises(ConfigError, match="--shuffle-patches 3 must divide the image resolution 8"):
+        evaluate(_eval_config(tiny_set, out=str(tmp_path / "x.json"), shuffle_patches=3))
+
+
+GRAY28 = "synthetic:classes=3,channels=1,size=28,train=6,test=3"
+
+
+@pytest.fixture(scope="module")
+def gray_set(tmp_path_factory):
+    """A 1-channel 28 px set (Fashion-MNIST's shape) drawn at random, with a ConvNet-3 teacher."""
+    from delt.distill import DistillConfig, distill
+
+    out = tmp_path_factory.mktemp("gray")
+    distill(
+        DistillConfig(
+            method="random-real", ipc=2, out=str(out), dataset=GRAY28, arch="convnet3",
+            width=8, teacher_epochs=1, eval_epochs=1, progress=False,
+        )
+    )  # fmt: skip
+    return out / "distilled"
+
+
+@pytest.mark.parametrize(
+    "student, kwargs, expected_kwargs",
+    [("resnet18_small", {}, {}), ("convnet4", {"student_width": 8}, {"width": 8})],
+)
+def test_another_student_architecture_evaluates_the_set(
+    gray_set, tmp_path, student, kwargs, expected_kwargs
+):
+    result = evaluate(
+        _eval_config(gray_set, out=str(tmp_path / "e.json"), epochs=1, student=student, **kwargs)
+    )
+    document = json.loads((tmp_path / "e.json").read_text())
+    assert document["config"]["student"] == student
+    assert document["config"]["student_kwargs"] == expected_kwargs
+    assert document["teacher"]["arch"] == "convnet3"  # soft labels from the set's teacher
+    assert document["identity"]["config"]["student"] == student
+    assert 0 <= result.accuracy_mean <= 100 and len(result.seeds[0].train_loss) == 1
+
+
 def test_empty_distilled_set_is_refused(tiny_set, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

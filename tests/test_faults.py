@@ -193,7 +193,8 @@ def test_two_recoveries_into_one_out_cannot_mix(tiny_teacher, tmp_path, num_thre
     # Issue 18's reproduce line: `delt recover $A --out X & delt recover $A --lr 0.1 --out X`.
     num_threads(1)
     out = tmp_path / "X"
-    flags = ["--iterations", "60"]  # long enough for the two to overlap
+    # Long enough for the two to overlap; the chunks are kept to check each of them.
+    flags = ["--iterations", "60", "--keep-chunks"]
     base = [*_recover_args(tiny_teacher.path, out), *flags]
     args = {lr: [*base, "--lr", lr] for lr in ("0.25", "0.1")}
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}

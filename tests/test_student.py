@@ -19,6 +19,7 @@ from delt.student import (
     half_cosine_factor,
     parameter_groups,
     sample_cutmix,
+    shuffle_patches,
     soft_label_kl,
     stage_lr_factors,
     stagewise_plan,
@@ -108,6 +109,37 @@ def test_student_augment_keeps_shape_and_range(tiny_teacher):
     torch.manual_seed(0)
     again = StudentAugment(info, 2, 6, 0.25, torch.Generator().manual_seed(0))(images)
     assert torch.equal(out, again)
+
+
+def test_shuffle_patches_permutes_whole_column_then_row_strips():
+    # An RDED-like 2x2 grid of constant tiles on a 4x4 image: every output keeps 2x2 constant
+    # tiles, the same four values, and tiles that shared a row (column) still do.
+    tiles = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    image = tiles.repeat_interleave(2, 0).repeat_interleave(2, 1)[None, None]
+    batch = image.expand(64, 3, 4, 4).contiguous()
+    out = shuffle_patches(batch, 2, torch.Generator().manual_seed(0))
+    seen = set()
+    for result in out:
+        grid = result[:, ::2, ::2]
+        assert torch.equal(result, grid.repeat_interleave(2, 1).repeat_interleave(2, 2))
+        assert sorted(grid[0].flatten().tolist()) == [1.0, 2.0, 3.0, 4.0]
+        assert sorted(grid[0, 0].tolist()) in ([1.0, 2.0], [3.0, 4.0])  # rows stay rows
+        seen.add(tuple(grid[0].flatten().tolist()))
+    assert len(seen) == 4  # 2 column orders x 2 row orders
+    again = shuffle_patches(batch, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert torch.equal(shuffle_patches(batch, 1, torch.Generator()), batch)
+    with pytest.raises(ValueError, match="factor 3 must divide 4x4"):
+        shuffle_patches(batch, 3, torch.Generator())
+
+
+def test_student_augment_without_shuffle_patches_is_unchanged(tiny_teacher):
+    info = load_checkpoint(tiny_teacher.path).info
+    images = info.normalize(torch.rand(6, 3, 8, 8))
+    plain = StudentAugment(info, 0, 6, 0.5, torch.Generator().manual_seed(1))(images)
+    off = StudentAugment(info, 0, 6, 0.5, torch.Generator().manual_seed(1), None)(images)
+    on = StudentAugment(info, 0, 6, 0.5, torch.Generator().manual_seed(1), 2)(images)
+    assert torch.equal(plain, off) and not torch.equal(plain, on)
 
 
 # --------------------------------------------------------------------------------------------

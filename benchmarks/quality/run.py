@@ -1,4 +1,4 @@
-"""Quality benchmark: random-real, SRe2L, CDA and DELT on Fashion-MNIST at IPC 1, 10 and 50.
+"""Quality benchmark: random-real, RDED, SRe2L, CDA and DELT on Fashion-MNIST.
 
 One ConvNet-3 teacher (trained once, ``OUT/teacher``) synthesizes for every method and labels
 every student; the students are ConvNet-3s of the same width, trained by ``delt eval``'s protocol
@@ -14,7 +14,15 @@ table goes to ``OUT/results.md`` / ``results.json`` and the chart to ``OUT/resul
 
     nohup python benchmarks/quality/run.py --out runs/quality > runs/quality.log 2>&1 &
 
-Options are listed by ``--help``; the defaults are the committed benchmark's.
+Two budgets (``--budget``): ``short`` (the default, the committed short-budget table: IPC 1, 10,
+50; MI 400, RI 50; 100 student epochs tested every 50) and ``paper`` (the papers' budget: IPC 10
+and 50; MI 4000, RI 500; 300 student epochs tested every 10; RDED added; every set also
+evaluated with a ResNet-18-small and a ConvNet-4 student, ``OUT/results-students.md``). A flag
+given on the command line overrides its budget's value.
+
+    nohup python benchmarks/quality/run.py --budget paper > runs/quality-paper.log 2>&1 &
+
+Options are listed by ``--help``.
 """
 
 from __future__ import annotations
@@ -25,15 +33,33 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("random-real", "sre2l", "cda", "delt")
+METHODS = ("random-real", "rded", "sre2l", "cda", "delt")
+
+# Each budget's values of the flags left unset on the command line.
+BUDGETS = {
+    "short": dict(
+        out="runs/quality", ipcs="1,10,50", methods="random-real,sre2l,cda,delt", iterations=400,
+        round_iterations=50, eval_epochs=100, eval_every=50, students="",
+    ),
+    "paper": dict(
+        out="runs/quality-paper", ipcs="10,50", methods=",".join(METHODS), iterations=4000,
+        round_iterations=500, eval_epochs=300, eval_every=10, students="resnet18_small,convnet4",
+    ),
+}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/quality", help="output folder")
+    parser.add_argument(
+        "--budget", choices=tuple(BUDGETS), default="short",
+        help="short: the committed short-budget table; paper: the papers' budget",
+    )  # fmt: skip
+    parser.add_argument("--out", help="output folder (short: runs/quality; paper: ...-paper)")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder")
-    parser.add_argument("--ipcs", default="1,10,50", help="comma-separated IPCs")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    parser.add_argument("--ipcs", help="comma-separated IPCs (short: 1,10,50; paper: 10,50)")
+    parser.add_argument(
+        "--methods", help=f"comma-separated methods of {', '.join(METHODS)} (short: no rded)"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument(
         "--synthesis", choices=("per-seed", "once"), default="per-seed",
@@ -42,10 +68,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--width", type=int, default=64, help="ConvNet-3 width")
     parser.add_argument("--teacher-epochs", type=int, default=10, help="teacher epochs")
-    parser.add_argument("--iterations", type=int, default=400, help="MI of every method")
-    parser.add_argument("--round-iterations", type=int, default=50, help="DELT's RI")
-    parser.add_argument("--eval-epochs", type=int, default=100, help="student epochs")
-    parser.add_argument("--eval-every", type=int, default=50, help="test every k epochs")
+    parser.add_argument("--iterations", type=int, help="MI of every method (400; paper 4000)")
+    parser.add_argument("--round-iterations", type=int, help="DELT's RI (50; paper 500)")
+    parser.add_argument("--eval-epochs", type=int, help="student epochs (100; paper 300)")
+    parser.add_argument("--eval-every", type=int, help="test every k epochs (50; paper 10)")
+    parser.add_argument(
+        "--students",
+        help="comma-separated extra student architectures each set is also evaluated with "
+        "(`delt eval --student`; convnetD at --width; short: none; paper: resnet18_small,convnet4)",
+    )
     parser.add_argument("--amp", choices=("none", "bf16"), default="bf16", help="eval autocast")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
@@ -53,7 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch intra-op threads (1: on a shared 2-core machine two OpenMP threads ran the "
         "recovery 4-8x slower than one)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value in BUDGETS[args.budget].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def _ints(text: str) -> list[int]:
@@ -65,6 +100,8 @@ def main(argv=None) -> int:
     import torch
     from delt import runtime
     from delt.distill import DistillConfig, distill
+    from delt.evaluate import EvalConfig, evaluate
+    from delt.models import MODELS
     from delt.report import ReportConfig, compare_runs
     from delt.teacher import TeacherConfig, train_teacher
 
@@ -75,6 +112,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     seeds = _ints(args.seeds)
+    students = [s for s in args.students.split(",") if s]
+    for student in students:
+        if student not in MODELS:
+            raise SystemExit(f"--students: unknown {student!r}; known: {', '.join(MODELS)}")
     started = time.time()
     machine = {
         **runtime.machine(),
@@ -92,6 +133,7 @@ def main(argv=None) -> int:
     print(f"teacher: {teacher.path} {teacher.test_accuracy:.2f}% test", flush=True)
 
     runs = []
+    student_rows: list[dict] = []
     for ipc in _ints(args.ipcs):
         jobs = (
             [(seed, (seed,), f"seed{seed}") for seed in seeds]
@@ -104,7 +146,8 @@ def main(argv=None) -> int:
                 config = DistillConfig(
                     method=method, ipc=ipc, out=str(run_dir), dataset="fashion-mnist",
                     data_root=args.data_root, teacher=str(teacher.path), arch="convnet3",
-                    width=args.width, iterations=args.iterations,
+                    width=args.width,
+                    **({} if method == "rded" else {"iterations": args.iterations}),
                     round_iterations=args.round_iterations if method == "delt" else None,
                     eval_epochs=args.eval_epochs, seeds=eval_seeds, eval_every=args.eval_every,
                     amp=args.amp, channels_last=True, seed=synthesis_seed, device=args.device,
@@ -134,6 +177,13 @@ def main(argv=None) -> int:
                     flush=True,
                 )
                 runs.append(str(run_dir))
+                for student in students:
+                    student_rows.append(
+                        _evaluate_student(
+                            args, evaluate, EvalConfig, run_dir, str(teacher.path), student,
+                            eval_seeds, method, ipc,
+                        )
+                    )  # fmt: skip
 
     rows = compare_runs(
         ReportConfig(
@@ -144,8 +194,61 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(
         json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=2) + "\n"
     )
+    if students:
+        _write_student_table(out, machine, args, student_rows)
     print(f"done in {time.time() - started:.0f} s", flush=True)
     return 0
+
+
+def _evaluate_student(args, evaluate, eval_config, run_dir, teacher, student, seeds, method, ipc):
+    """``delt eval --student STUDENT`` of a run's set (the set's teacher labels it), into
+    ``RUN/distilled/eval-STUDENT.json``: one row of the students table."""
+    distilled = run_dir / "distilled"
+    result = evaluate(
+        eval_config(
+            distilled=str(distilled), teacher=teacher, student=student,
+            student_width=args.width if student.startswith("convnet") else None,
+            epochs=args.eval_epochs, seeds=tuple(seeds), eval_every=args.eval_every,
+            amp=args.amp, channels_last=True, out=str(distilled / f"eval-{student}.json"),
+            device=args.device, progress=False,
+        )
+    )  # fmt: skip
+    print(
+        f"{method:>11} IPC {ipc:>2} student {student}: {result.accuracy_mean:6.2f}% "
+        f"({result.document['wall_seconds']:.0f} s{', cached' if result.reused else ''})",
+        flush=True,
+    )
+    return {
+        "method": method, "ipc": ipc, "student": student, "run": str(run_dir),
+        "accuracies": [seed.best_accuracy for seed in result.seeds],
+    }  # fmt: skip
+
+
+def _write_student_table(out: Path, machine: dict, args, rows: list[dict]) -> None:
+    """``OUT/results-students.md`` / ``.json``: mean ± std (population) over the runs' seeds of
+    each (IPC, student, method)."""
+    import numpy as np
+
+    pooled: dict[tuple, list[float]] = {}
+    for row in rows:
+        pooled.setdefault((row["ipc"], row["student"], row["method"]), []).extend(row["accuracies"])
+    order = {method: k for k, method in enumerate(METHODS)}
+    lines = [
+        "| IPC | student | method | seeds | accuracy (%) |",
+        "|---:|---|---|---:|---:|",
+    ]
+    table = []
+    for (ipc, student, method), values in sorted(
+        pooled.items(), key=lambda item: (item[0][0], item[0][1], order[item[0][2]])
+    ):
+        mean, std = float(np.mean(values)), float(np.std(values))
+        lines.append(f"| {ipc} | {student} | {method} | {len(values)} | {mean:.2f} ± {std:.2f} |")
+        table.append(dict(ipc=ipc, student=student, method=method, mean=mean, std=std,
+                          accuracies=values))  # fmt: skip
+    (out / "results-students.md").write_text("\n".join(lines) + "\n")
+    (out / "results-students.json").write_text(
+        json.dumps({"machine": machine, "args": vars(args), "rows": table}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
       released
     synthesis               method recipes, prepare_run, the chunk loop, the output writer
-    pdd, recover            `delt recover --method pdd` (and its options); `delt recover`
+    pdd, rded, recover      `delt recover --method pdd` and `--method rded` (and their
+                            options); `delt recover`
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
     report, distill, bench  reports and charts; `delt distill`; `delt bench synthesis`
@@ -33,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("student",),
     ("teacher", "select", "released"),
     ("synthesis",),
-    ("pdd", "recover"),
+    ("pdd", "rded", "recover"),
     ("evaluate", "stagewise", "diversity"),
     ("report", "distill", "bench"),
     ("demo", "cli"),

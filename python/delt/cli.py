@@ -121,7 +121,7 @@ COMMANDS: dict[str, Command] = {
     ),
     # --method pdd: recover() hands it to delt.pdd.recover_progressive.
     "recover": Command(
-        "synthesize a distilled set (sre2l, cda, delt; pdd: in stages)",
+        "synthesize a distilled set (sre2l, cda, delt; pdd: in stages; rded: scored real crops)",
         RecoverConfig,
         recover,
         _show_recover,

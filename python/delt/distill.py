@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Literal
 
 from delt.config import ConfigError, check_int_fields, identity_dict, option
-from delt.data import load_like
+from delt.data import load_dataset, load_like
 from delt.distilled import Manifest, load_distilled, save_distilled
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
 from delt.io import check_output, read_json, remove_stray_temporaries, sha256_file, write_json
 from delt.lock import output_lock
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint, model_spec
+from delt.rded import RDED, RDED_FIELDS, RDED_OPTIONS, check_rded_data, check_rded_options
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
 from delt.runtime import logger, versions
@@ -28,7 +29,7 @@ from delt.teacher import TeacherConfig, train_teacher
 
 __all__ = ["DISTILL_METHODS", "DistillConfig", "DistillResult", "distill"]
 
-DISTILL_METHODS = ("random-real", *METHODS)
+DISTILL_METHODS = ("random-real", *METHODS, RDED)
 
 
 @dataclass
@@ -58,7 +59,12 @@ class DistillConfig:
     )
     iterations: int = option(4000, help="recovery iterations per chunk (DELT's MI)")
     round_iterations: int | None = option(None, help="delt: RI (default 500)")
-    recover_batch_size: int = option(100, help="images per recovery chunk")
+    recover_batch_size: int = option(
+        100, help="images per recovery chunk (rded: crops per scoring forward)"
+    )
+    candidates: int = RDED_OPTIONS["candidates"]
+    num_crop: int = RDED_OPTIONS["num_crop"]
+    factor: int = RDED_OPTIONS["factor"]
     eval_epochs: int = option(300, help="student training epochs")
     seeds: tuple[int, ...] = option((0,), help="evaluation seeds, one student each")
     eval_every: int = option(10, help="test the student every k epochs (and after the last)")
@@ -95,6 +101,12 @@ class DistillConfig:
             raise ConfigError(
                 f"--round-iterations applies to --method delt; {self.method} has no rounds"
             )
+        check_rded_options(self)
+        if self.method == RDED and self.iterations != 4000:
+            raise ConfigError(
+                "--iterations applies to the methods that optimize pixels; rded picks real "
+                "crops and optimizes nothing"
+            )
         # The sub-configs validate the rest now, before any work, with their own messages.
         self.eval_config(Path(self.out) / "distilled", None)
         if self.method not in ("random-real",):
@@ -125,10 +137,12 @@ class DistillConfig:
             selection=(selection or str(Path(self.out) / "select"))
             if self.method == "delt"
             else None,
-            data_root=self.data_root if self.method == "delt" else None,
-            iterations=self.iterations, round_iterations=self.round_iterations,
-            batch_size=self.recover_batch_size, channels_last=self.channels_last,
-            seed=self.seed, device=self.device, progress=self.progress,
+            data_root=self.data_root if self.method in ("delt", RDED) else None,
+            round_iterations=self.round_iterations, batch_size=self.recover_batch_size,
+            channels_last=self.channels_last, seed=self.seed, device=self.device,
+            progress=self.progress,
+            **({} if self.method == RDED else {"iterations": self.iterations}),
+            **{name: getattr(self, name) for name in RDED_FIELDS},
         )  # fmt: skip
 
     def eval_config(self, distilled: Path, teacher: str | None) -> EvalConfig:
@@ -220,6 +234,13 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     # Each step probes its own folder before its work; a cached run writes nothing.
     check_output(out, "--out", probe=False)
     steps: list[dict] = []
+    if config.method == RDED:
+        # --factor and --candidates against the data, before the teacher is trained.
+        if config.teacher is not None:
+            data = load_like(load_checkpoint(config.teacher).info, "train", config.data_root)
+        else:
+            data = load_dataset(config.dataset, "train", config.data_root)
+        check_rded_data(config, data)
 
     def timed(name: str, cached: bool, seconds: float, result: str) -> None:
         steps.append({"step": name, "cached": cached, "seconds": seconds, "result": result})
@@ -271,7 +292,11 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
         step_identity = {"ipc": config.ipc, "seed": config.seed, "dataset": config.dataset}
     else:
         recover_config = config.recover_config(teacher_path, str(selection_dir))
-        step_identity = {"recover": identity_dict(recover_config)}
+        recover_identity = identity_dict(recover_config)
+        if config.method != RDED:  # as before rded existed: earlier runs stay cached
+            for name in RDED_FIELDS:
+                recover_identity.pop(name)
+        step_identity = {"recover": recover_identity}
     step_identity.update(teacher_sha256=teacher_sha256, selection_sha256=selection_sha256)
     start = time.perf_counter()
     if _step_is_current(out, "recover", step_identity, outputs):

@@ -105,6 +105,12 @@ class EvalConfig:
         PROTOCOL.randaugment_magnitude, help="RandAugment magnitude, 0-10 (timm's scale)"
     )
     min_crop: float = option(PROTOCOL.min_crop, help="smallest RandomResizedCrop area fraction")
+    shuffle_patches: int | None = option(
+        None,
+        help="RDED's ShufflePatches: shuffle each training image's FACTOR column strips, then its "
+        "row strips, before the other augmentations (RDED pairs it with --min-crop 1/FACTOR); "
+        "default off",
+    )
     hard_labels: bool = option(False, help="train on the set's labels, no teacher")
     random_real: bool = option(
         False, help="baseline: each seed draws --ipc random real images per class instead"
@@ -145,7 +151,9 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
-        check_int_fields(self, ("epochs", "eval_every", "batch_size", "student_width", "ipc"))
+        check_int_fields(
+            self, ("epochs", "eval_every", "batch_size", "student_width", "ipc", "shuffle_patches")
+        )
         check_int_fields(self, ("checkpoint_every",))
         check_int_fields(self, ("workers",), low=0)
         check_int_fields(self, ("randaugment_ops", "randaugment_magnitude"), low=0)
@@ -400,6 +408,11 @@ class EvalContext:
             check_distilled_set(images, labels, info, folder)
             num_images = images.shape[0]
             ipc = max(1, round(num_images / info.num_classes))
+        if config.shuffle_patches is not None and info.resolution % config.shuffle_patches:
+            raise ConfigError(
+                f"--shuffle-patches {config.shuffle_patches} must divide the image resolution "
+                f"{info.resolution}"
+            )
 
         student_arch = config.student or teacher.meta["arch"]
         if config.student_width is not None:
@@ -437,7 +450,7 @@ class EvalContext:
         generator = torch.Generator().manual_seed(seed)
         augment = StudentAugment(
             self.info, config.randaugment_ops, config.randaugment_magnitude, config.min_crop,
-            generator,
+            generator, config.shuffle_patches,
         )  # fmt: skip
         return StudentTrainer(
             student, None if self.settings.hard_labels else self.teacher.model, augment,
@@ -453,6 +466,8 @@ class EvalContext:
         if not self.config.stagewise:
             # Results files written before --stagewise existed stay valid.
             del config_identity["stagewise"], config_identity["stage_schedule"]
+        if self.config.shuffle_patches is None:
+            del config_identity["shuffle_patches"]  # as before the flag existed
         config_identity.update(
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,

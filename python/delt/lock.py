@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delt.config import ConfigError
-from delt.io import remove_stray_temporaries
+from delt.io import check_output, remove_stray_temporaries
 from delt.runtime import logger
 
 __all__ = [
@@ -171,8 +171,11 @@ def output_lock(
 
     Raises:
         OutputLockedError: another process (not of this job) holds it.
+        WriteError: ``folder`` cannot be made or written (a file is in the way, read-only
+            media, a full disk), naming ``what`` (:func:`delt.io.check_output`).
     """
     folder = Path(folder)
+    check_output(folder, what, probe=False)
     key = os.path.realpath(folder)
     if key in _HELD:
         nested = _HELD[key]
@@ -191,6 +194,7 @@ def output_lock(
         fd = _open_locked(path)
     except OSError as error:
         if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not folder.is_dir():
+            check_output(folder, what)  # the one-line reason, naming the flag
             raise
         # Nobody can write here (read-only media, or not ours): nothing to protect; a command
         # that still has something to write fails there with its own error.
@@ -218,9 +222,14 @@ def output_lock(
                 "lock: %s was left by a run that ended without releasing it (%s); taking it over",
                 path, _describe(previous, holding=False),
             )  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(_record(job_id)) + "\n").encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(_record(job_id)) + "\n").encode())
+        except OSError as error:
+            # The flock is what excludes; the record only names the holder. On a full disk the
+            # command goes on and fails at its first real write, with that write's message.
+            logger.debug("lock: cannot record the holder in %s (%s)", path, error.strerror)
         lock = OutputLock(folder, held=True, previous=previous, _fd=fd)
     _HELD[key] = lock
     try:

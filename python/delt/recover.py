@@ -1,5 +1,6 @@
 """``delt recover``: synthesize a distilled set from a frozen teacher (README, "Methods": the
-table of ``sre2l``, ``cda``, ``delt``; ``pdd`` runs in :mod:`delt.pdd`). Outputs:
+table of ``sre2l``, ``cda``, ``delt``; ``pdd`` runs in :mod:`delt.pdd`, ``rded`` in
+:mod:`delt.rded`). Outputs:
 ``OUT/distilled.pt``, ``OUT/images/``, ``OUT/manifest.json`` (:mod:`delt.distilled`), and the
 resume state ``OUT/chunks/`` and ``OUT/run.json``; the loop is :mod:`delt.synthesis`. One
 process at a time writes ``OUT`` (``OUT/.lock``, :mod:`delt.lock`).
@@ -31,6 +32,15 @@ from delt.pdd import (
     recover_progressive,
     resolve_pdd_options,
 )
+from delt.rded import (
+    LOOP_FIELDS,
+    RDED,
+    RDED_FIELDS,
+    RDED_OPTIONS,
+    check_rded_options,
+    recorded_fields,
+    recover_rded,
+)
 from delt.runtime import derive_seed, logger
 from delt.schedules import Chunk
 from delt.select import Selection
@@ -60,7 +70,10 @@ class RecoverConfig:
     ipc: int = option(help="images per class to synthesize")
     out: str = option(help="output folder; re-running into it resumes", identity=False)
     method: str = option(
-        "delt", help="synthesis method (pdd: progressive stages)", choices=(*METHODS, PROGRESSIVE)
+        "delt",
+        help="synthesis method (pdd: progressive stages; rded: teacher-scored real crops, no "
+        "optimization)",
+        choices=(*METHODS, PROGRESSIVE, RDED),
     )
     selection: str | None = option(
         None,
@@ -69,14 +82,15 @@ class RecoverConfig:
     )
     data_root: str | None = option(
         None,
-        help="delt: folder of the teacher's dataset (default: the one the selection used)",
+        help="delt, rded: folder of the teacher's dataset (default: delt: the one the selection "
+        "used; rded: the dataset's own)",
         identity=False,
     )
     iterations: int = option(4000, help="iterations per chunk (DELT's MI)")
     round_iterations: int | None = option(
         None, help=f"delt: iterations between rounds (RI; default {DEFAULT_ROUND_ITERATIONS})"
     )
-    batch_size: int = option(100, help="images per chunk")
+    batch_size: int = option(100, help="images per chunk (rded: crops per scoring forward)")
     lr: float = option(0.25, help="Adam learning rate (cosine-decayed to 0)")
     beta1: float = option(0.5, help="Adam beta1")
     beta2: float = option(0.9, help="Adam beta2")
@@ -103,6 +117,9 @@ class RecoverConfig:
     union_sample: int | None = PDD_OPTIONS["union_sample"]
     stage_init: Literal["base", "hard"] = PDD_OPTIONS["stage_init"]
     hard_student_epochs: int | None = PDD_OPTIONS["hard_student_epochs"]
+    candidates: int = RDED_OPTIONS["candidates"]
+    num_crop: int = RDED_OPTIONS["num_crop"]
+    factor: int = RDED_OPTIONS["factor"]
     device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...", identity=False)
     progress: bool = option(True, help="show progress bars", identity=False)
     keep_chunks: bool = option(
@@ -113,13 +130,23 @@ class RecoverConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in (*METHODS, PROGRESSIVE):
+        if self.method not in (*METHODS, PROGRESSIVE, RDED):
             raise ConfigError(
                 f"--method {self.method!r}: unknown method; known: "
-                f"{', '.join((*METHODS, PROGRESSIVE))}"
+                f"{', '.join((*METHODS, PROGRESSIVE, RDED))}"
             )
         check_int_fields(self, ("ipc", "iterations", "batch_size"))
         check_pdd_options(self)
+        check_rded_options(self)
+        if self.method == RDED:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in LOOP_FIELDS:
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(
+                        f"{flag(name)} applies to the methods that optimize pixels; rded picks "
+                        "real crops and optimizes nothing"
+                    )
+            return
         recipe = self.recipe
         for name in ("lr", "r_bn", "first_bn_multiplier"):
             value = getattr(self, name)
@@ -169,20 +196,35 @@ class RecoverConfig:
         return pdd_base(self) if self.method == PROGRESSIVE else self.method
 
     @property
-    def recipe(self) -> MethodRecipe:
-        return METHODS[self.base_method]
+    def recipe(self) -> MethodRecipe | None:
+        """The optimization recipe; None for rded, which optimizes nothing."""
+        return None if self.method == RDED else METHODS[self.base_method]
 
     def identity(self) -> dict:
-        """The fields that determine the results (``OUT/run.json``); pdd's only for pdd."""
+        """The fields that determine the results (``OUT/run.json``); pdd's only for pdd, rded's
+        only for rded (and, for rded, none of the loop's)."""
         identity = identity_dict(self)
+        dropped = [*LOOP_FIELDS] if self.method == RDED else [*RDED_FIELDS]
         if self.method != PROGRESSIVE:
-            for name in PDD_FIELDS:
-                identity.pop(name)
+            dropped += PDD_FIELDS
+        for name in dropped:
+            identity.pop(name, None)
         return identity
+
+    def manifest_fields(self) -> dict:
+        """The resolved fields the manifest records (:func:`delt.rded.recorded_fields`; rded's
+        without pdd's either)."""
+        fields = recorded_fields(self)
+        if self.method == RDED:
+            for name in PDD_FIELDS:
+                fields.pop(name)
+        return fields
 
     def resolved(self, info: DatasetInfo) -> RecoverConfig:
         """The config with every method default filled in (what the manifest records)."""
         recipe = self.recipe
+        if recipe is None:
+            return self  # rded: nothing to resolve
         round_iterations = None
         if recipe.early_late:
             # IPC 1: no EarlyLate; the single image per class gets all iterations (delt.md §1.1).
@@ -216,14 +258,17 @@ def _finished(out: Path) -> bool:
 def recover(config: RecoverConfig) -> RecoverResult:
     """Runs (or resumes) a recovery; writes ``distilled.pt``, ``images/`` and ``manifest.json``.
 
-    ``--method pdd`` is :func:`delt.pdd.recover_progressive`. Holds ``OUT/.lock`` throughout;
-    removes the temporary files a killed run left; a finished run writes nothing.
+    ``--method pdd`` is :func:`delt.pdd.recover_progressive`, ``--method rded``
+    :func:`delt.rded.recover_rded`. Holds ``OUT/.lock`` throughout; removes the temporary files
+    a killed run left; a finished run writes nothing.
     """
     with output_lock(config.out) as lock:
         if lock.held:
             remove_stray_temporaries(config.out)
         if config.method == PROGRESSIVE:
             return recover_progressive(config)
+        if config.method == RDED:
+            return recover_rded(config)
         return _recover(config)
 
 

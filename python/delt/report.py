@@ -51,7 +51,7 @@ _KEY_TYPES = {
     "synthesis_seconds": float,
     "image_iterations": int,
 }
-METHOD_ORDER = ("random-real", "sre2l", "cda", "delt")
+METHOD_ORDER = ("random-real", "rded", "sre2l", "cda", "delt")
 
 
 def write_image_grid(

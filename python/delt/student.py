@@ -42,6 +42,7 @@ __all__ = [
     "parameter_groups",
     "sample_cutmix",
     "seeded",
+    "shuffle_patches",
     "soft_label_kl",
     "stage_lr_factors",
     "stagewise_plan",
@@ -262,15 +263,47 @@ def seeded(seed: int) -> Iterator[None]:
 # Augmentation and training
 
 
+def shuffle_patches(images: Tensor, factor: int, generator: torch.Generator) -> Tensor:
+    """RDED's evaluation-side ShufflePatches, per image: the ``factor`` column strips in a
+    random order, then the ``factor`` row strips in another (so the ``factor x factor`` tiles of
+    an RDED image move by whole rows and columns of the grid).
+
+    Args:
+        images: (B, C, H, W), H and W divisible by ``factor``.
+        generator: draws the two permutations of each image (CPU).
+
+    Returns:
+        (B, C, H, W), the same pixels rearranged.
+    """
+    batch, _, height, width = images.shape
+    if height % factor or width % factor:
+        raise ValueError(f"shuffle_patches: factor {factor} must divide {height}x{width}")
+
+    def strip_order(size: int) -> Tensor:
+        # (B, size): for each output row (column), the input row (column) it takes.
+        perms = torch.argsort(torch.rand(batch, factor, generator=generator), dim=1)
+        strip = size // factor
+        offsets = torch.arange(size)
+        return perms[:, offsets // strip] * strip + offsets % strip
+
+    columns = strip_order(width).to(images.device)
+    rows = strip_order(height).to(images.device)
+    images = images.gather(3, columns[:, None, None, :].expand_as(images))
+    return images.gather(2, rows[:, None, :, None].expand_as(images))
+
+
 class StudentAugment(nn.Module):
-    """RandAugment, then RandomResizedCrop + flip, per image, on normalized (B, C, H, W) float.
+    """(ShufflePatches,) RandAugment, then RandomResizedCrop + flip, per image, on normalized
+    (B, C, H, W) float.
 
     Args:
         info: the dataset (normalization, resolution, channel means used as the fill value).
         randaugment_ops: ops per image; 0 disables RandAugment.
         randaugment_magnitude: 0-10 on timm's scale.
         min_crop: smallest crop area fraction; crops are resized back to the input size.
-        generator: draws the crop boxes and flips.
+        generator: draws the crop boxes and flips (and the patch orders).
+        shuffle_patches: RDED's ShufflePatches factor, applied first as in RDED's transform
+            (:func:`shuffle_patches`); None: off.
     """
 
     def __init__(
@@ -280,12 +313,15 @@ class StudentAugment(nn.Module):
         randaugment_magnitude: int,
         min_crop: float,
         generator: torch.Generator,
+        shuffle_patches: int | None = None,
     ) -> None:
         super().__init__()
         from torchvision.transforms import InterpolationMode, v2
 
         self.info = info
         self.options = (randaugment_ops, randaugment_magnitude, min_crop)
+        self.shuffle_patches = shuffle_patches
+        self.generator = generator
         self.randaugment = (
             v2.RandAugment(
                 num_ops=randaugment_ops,
@@ -306,9 +342,11 @@ class StudentAugment(nn.Module):
 
     def reseeded(self, generator: torch.Generator) -> StudentAugment:
         """The same augmentation drawing its crops and flips from ``generator``."""
-        return StudentAugment(self.info, *self.options, generator)
+        return StudentAugment(self.info, *self.options, generator, self.shuffle_patches)
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.shuffle_patches is not None:
+            images = shuffle_patches(images, self.shuffle_patches, self.generator)
         if self.randaugment is not None:
             pixels = self.info.denormalize(images).clamp_(0.0, 1.0)
             # One draw of ops per image, as timm's per-sample transform in a DataLoader.

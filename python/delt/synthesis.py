@@ -70,6 +70,7 @@ __all__ = [
     "prepare_run",
     "recovery_adam",
     "recovery_settings",
+    "run_chunks",
     "synthesize",
     "synthesize_chunks",
 ]
@@ -139,7 +140,8 @@ class RecoverySettings:
 
 @dataclass
 class ChunkResult:
-    """A finished chunk: final images (B, C, H, W) float32 (CPU), final loss, seconds.
+    """A finished chunk: final images (B, C, H, W) float32 (CPU), final loss, seconds, and
+    ``extra``: tensors a method saves beside them in the chunk file (rded: the crop sources).
 
     ``seconds``: wall time of :func:`optimize_chunk`'s iteration loop (every step, a
     ``--compile`` warm-up inside the first steps, and the copy of the result to the CPU), not
@@ -150,6 +152,7 @@ class ChunkResult:
     images: Tensor
     loss: float
     seconds: float
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
@@ -311,6 +314,103 @@ def optimize_chunk(
     return ChunkResult(pixels.detach().cpu(), float(loss_value), time.perf_counter() - start)
 
 
+def run_chunks(
+    chunks: list[Chunk],
+    ipc: int,
+    info: DatasetInfo,
+    chunk_dir: Path,
+    chunk_seed: Callable[[Chunk], int],
+    make_chunk: Callable[[Chunk, torch.Generator], tuple[ChunkResult, list[int]]],
+    progress: bool = True,
+    desc: str = "chunks",
+    identity: dict | None = None,
+) -> tuple[Tensor, list[int], float]:
+    """Makes (or loads, when already done) every chunk of one set of ``ipc`` per class: the one
+    resume mechanism of every method.
+
+    Chunk ``k`` is saved to ``chunk_dir/<k>.pt`` when done and skipped on a re-run, so a killed
+    run resumes; its generator is seeded with ``chunk_seed(chunk)``, which makes a chunk's result
+    independent of whether earlier chunks ran in this process.
+
+    Args:
+        chunks: the batching of ``num_classes x ipc`` images (:mod:`delt.schedules`).
+        make_chunk: ``(chunk, generator) -> (result, iterations of each image)``: the chunk's
+            images (len(chunk), C, H, W) float32 on the CPU, in chunk order; ``result.extra``
+            is saved with them.
+        identity: what made this set (JSON values): saved in every chunk; a saved chunk with
+            another one is refused. A chunk saved before identities existed is accepted (its
+            run's ``run.json``, checked before, matches). None: neither saved nor checked.
+
+    Raises:
+        ConfigError: a saved chunk holds other positions, or was made with another identity.
+        FileFormatError: a saved chunk is unreadable or holds images of another shape.
+
+    Returns:
+        ``(images (num_classes * ipc, C, H, W) float32 CPU class-major, iterations per image,
+        seconds summed over chunks)``. The seconds of a chunk loaded from ``chunk_dir`` are the
+        ones saved with it when it was made, possibly by an earlier process, so the sum is
+        synthesis time, not this call's wall time.
+    """
+    total_images = info.num_classes * ipc
+    images = torch.empty(total_images, info.channels, info.resolution, info.resolution)
+    iterations_per_image = [0] * total_images
+    synthesis_seconds = 0.0
+    identity_text = None if identity is None else json.dumps(identity, sort_keys=True)
+    expected = (info.channels, info.resolution, info.resolution)
+    for chunk in tqdm(chunks, desc=desc, disable=not progress):
+        path = chunk_dir / f"{chunk.index:05d}.pt"
+        positions = chunk.positions(ipc)
+        if path.is_file():
+            keys = ("images", "positions", "iterations", "seconds")
+            try:
+                saved = torch_load(path, "recovery chunk", keys=keys)
+            except FileFormatError as error:
+                raise FileFormatError(f"{error} (delete it to make that chunk again)") from None
+            if saved["positions"].tolist() != positions:
+                raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
+            recorded = saved.get("identity")
+            if identity_text is not None and recorded is not None and recorded != identity_text:
+                differences = identity_differences(json.loads(recorded), json.loads(identity_text))
+                raise ConfigError(
+                    f"{path} was made by another run ({'; '.join(differences)}); it is not mixed "
+                    "into this one: delete it to recompute it, or choose another --out"
+                )
+            chunk_images, seconds = saved["images"], float(saved["seconds"])
+            if not isinstance(chunk_images, Tensor) or tuple(chunk_images.shape) != (
+                len(positions), *expected
+            ):
+                raise FileFormatError(
+                    f"{path}: not a recovery chunk of {(len(positions), *expected)} images"
+                )
+            chunk_iterations = saved["iterations"].tolist()
+        else:
+            generator = torch.Generator().manual_seed(chunk_seed(chunk))
+            result, chunk_iterations = make_chunk(chunk, generator)
+            chunk_images, seconds = result.images, result.seconds
+            torch_save(
+                {
+                    "images": chunk_images,
+                    "labels": torch.tensor(chunk.classes, dtype=torch.int64),
+                    "positions": torch.tensor(positions, dtype=torch.int64),
+                    "iterations": torch.tensor(chunk_iterations, dtype=torch.int64),
+                    "seconds": seconds,
+                    "loss": result.loss,
+                    **result.extra,
+                    **({} if identity_text is None else {"identity": identity_text}),
+                },
+                path,
+            )
+            logger.info(
+                "recover: %s %d/%d done in %.1f s (loss %.3f)",
+                desc, chunk.index + 1, len(chunks), seconds, result.loss,
+            )  # fmt: skip
+        images[torch.tensor(positions, dtype=torch.int64)] = chunk_images
+        for position, iterations in zip(positions, chunk_iterations, strict=True):
+            iterations_per_image[position] = iterations
+        synthesis_seconds += seconds
+    return images, iterations_per_image, synthesis_seconds
+
+
 def synthesize_chunks(
     forward: nn.Module,
     bn_matching: delt_ext.BNStatMatching,
@@ -330,11 +430,8 @@ def synthesize_chunks(
     desc: str = "chunks",
     identity: dict | None = None,
 ) -> tuple[Tensor, list[int], float]:
-    """Optimizes (or loads, when already done) every chunk of one set of ``ipc`` per class.
-
-    Chunk ``k`` is saved to ``chunk_dir/<k>.pt`` when done and skipped on a re-run, so a killed
-    run resumes; its generator is seeded with ``chunk_seed(chunk)``, which makes a chunk's result
-    independent of whether earlier chunks ran in this process.
+    """Optimizes (or loads, when already done) every chunk of one set of ``ipc`` per class
+    (:func:`run_chunks` with :func:`optimize_chunk`).
 
     Args:
         forward: the hooked teacher (possibly compiled).
@@ -351,72 +448,26 @@ def synthesize_chunks(
         ConfigError: a saved chunk holds other positions, or was made with another identity.
 
     Returns:
-        ``(images (num_classes * ipc, C, H, W) float32 CPU class-major, iterations per image,
-        seconds of optimization summed over chunks)``. The seconds of a chunk loaded from
-        ``chunk_dir`` are the ones saved with it when it was optimized, possibly by an earlier
-        process, so the sum is synthesis time, not this call's wall time.
+        As :func:`run_chunks`; the seconds are optimization seconds.
     """
-    total_images = info.num_classes * ipc
-    images = torch.empty(total_images, info.channels, info.resolution, info.resolution)
-    iterations_per_image = [0] * total_images
-    synthesis_seconds = 0.0
-    identity_text = None if identity is None else json.dumps(identity, sort_keys=True)
-    for chunk in tqdm(chunks, desc=desc, disable=not progress):
-        path = chunk_dir / f"{chunk.index:05d}.pt"
-        positions = chunk.positions(ipc)
+
+    def optimize(chunk: Chunk, generator: torch.Generator) -> tuple[ChunkResult, list[int]]:
         total, starts = chunk_schedule(chunk.within_class, ipc, iterations, round_iterations)
-        if path.is_file():
-            try:
-                saved = torch_load(path, "recovery chunk", keys=("images", "positions", "seconds"))
-            except FileFormatError as error:
-                raise FileFormatError(f"{error} (delete it to optimize that chunk again)") from None
-            if saved["positions"].tolist() != positions:
-                raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
-            recorded = saved.get("identity")
-            if identity_text is not None and recorded is not None and recorded != identity_text:
-                differences = identity_differences(json.loads(recorded), json.loads(identity_text))
-                raise ConfigError(
-                    f"{path} was made by another run ({'; '.join(differences)}); it is not mixed "
-                    "into this one: delete it to recompute it, or choose another --out"
-                )
-            chunk_images, seconds = saved["images"], float(saved["seconds"])
-            expected = (len(positions), info.channels, info.resolution, info.resolution)
-            if not isinstance(chunk_images, Tensor) or tuple(chunk_images.shape) != expected:
-                raise FileFormatError(f"{path}: not a recovery chunk of {expected} images")
-        else:
-            generator = torch.Generator().manual_seed(chunk_seed(chunk))
-            init = initial_images(chunk, generator)
-            chunk_labels = torch.tensor(chunk.classes, dtype=torch.int64)
-            frozen = None if frozen_images is None else frozen_images(chunk)
-            bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not progress)
-            result = optimize_chunk(
-                forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
-                settings, generator, bar,
-                frozen=None if frozen is None else frozen.to(device), frozen_sample=frozen_sample,
-            )  # fmt: skip
-            bar.close()
-            chunk_images, seconds = result.images, result.seconds
-            torch_save(
-                {
-                    "images": chunk_images,
-                    "labels": chunk_labels,
-                    "positions": torch.tensor(positions, dtype=torch.int64),
-                    "iterations": torch.tensor([total - s for s in starts], dtype=torch.int64),
-                    "seconds": seconds,
-                    "loss": result.loss,
-                    **({} if identity_text is None else {"identity": identity_text}),
-                },
-                path,
-            )
-            logger.info(
-                "recover: %s %d/%d done in %.1f s (loss %.3f)",
-                desc, chunk.index + 1, len(chunks), seconds, result.loss,
-            )  # fmt: skip
-        images[torch.tensor(positions, dtype=torch.int64)] = chunk_images
-        for position, start in zip(positions, starts, strict=True):
-            iterations_per_image[position] = total - start
-        synthesis_seconds += seconds
-    return images, iterations_per_image, synthesis_seconds
+        init = initial_images(chunk, generator)
+        chunk_labels = torch.tensor(chunk.classes, dtype=torch.int64)
+        frozen = None if frozen_images is None else frozen_images(chunk)
+        bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not progress)
+        result = optimize_chunk(
+            forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
+            settings, generator, bar,
+            frozen=None if frozen is None else frozen.to(device), frozen_sample=frozen_sample,
+        )  # fmt: skip
+        bar.close()
+        return result, [total - s for s in starts]
+
+    return run_chunks(
+        chunks, ipc, info, chunk_dir, chunk_seed, optimize, progress, desc, identity
+    )
 
 
 def identity_differences(saved: dict, current: dict) -> list[str]:
@@ -461,12 +512,13 @@ class RecoverResult:
 def recovery_settings(config: Any, info: DatasetInfo) -> RecoverySettings:
     """The loop hyperparameters of a resolved ``RecoverConfig`` (its base method's recipe)."""
     low, high = info.pixel_bounds()
+    recipe = config.recipe  # None: a method that optimizes nothing (rded reads amp, bounds)
     return RecoverySettings(
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         r_bn=config.r_bn,
-        crop_curriculum=config.recipe.crop_curriculum,
-        jitter=config.jitter,
+        crop_curriculum="fixed" if recipe is None else recipe.crop_curriculum,
+        jitter=config.jitter or 0,
         per_sample_aug=config.per_sample_aug,
         amp=config.amp,
         channels_last=config.channels_last,
@@ -616,7 +668,7 @@ class Run:
             method=config.method, ipc=ipc, dataset=self.info,
             teacher={"path": str(teacher.path), "sha256": sha256_file(teacher.path),
                      "meta": teacher.meta},
-            config={k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
+            config=config.manifest_fields(),
             num_images=len(iterations_per_image), iterations_per_image=iterations_per_image,
             synthesis_seconds=synthesis_seconds, seed=config.seed,
             selection=None
