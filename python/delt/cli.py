@@ -7,16 +7,19 @@ is reported as ``delt <command>: error: <message naming the flag>`` with exit st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.demo import DemoConfig, run_demo
 from delt.distill import DistillConfig, distill
+from delt.distributed import is_main, session
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
 from delt.recover import RecoverConfig, recover
@@ -131,6 +134,18 @@ USER_ERRORS = (
 )
 
 
+def _output_folder(config: Any) -> Path | None:
+    """Where a command's rank logs go under torchrun: its output folder, or the folder of its
+    results file (eval, diversity, report)."""
+    if isinstance(config, EvalConfig):
+        return config.results_path.parent
+    out = getattr(config, "out", None)
+    if out is None:
+        distilled = getattr(config, "distilled", None)
+        return None if distilled is None else Path(distilled)
+    return Path(out).parent if Path(out).suffix else Path(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from delt_ext import __version__
 
@@ -158,7 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS[args.command]
     try:
         config = from_namespace(command.config, args)
-        command.show(config, command.run(config))
+        # Under torchrun: one rank of the job (delt.distributed); otherwise a no-op.
+        with session(getattr(config, "device", "auto"), _output_folder(config)):
+            if not is_main() and getattr(config, "progress", False):
+                config = dataclasses.replace(config, progress=False)  # rank 0's bars only
+            result = command.run(config)
+            if is_main():
+                command.show(config, result)
     except USER_ERRORS as error:
         print(f"delt {args.command}: error: {error}", file=sys.stderr)
         return 2

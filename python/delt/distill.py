@@ -14,6 +14,7 @@ from typing import Literal
 from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import load_like
 from delt.distilled import Manifest, load_distilled, save_distilled
+from delt.distributed import barrier, is_main, main_first
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
 from delt.io import read_json, sha256_file, write_json
@@ -217,7 +218,9 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
         accuracy = checkpoint.meta.get("test_accuracy", float("nan"))
         timed("teacher", True, 0.0, f"given: {teacher_path} ({accuracy:.2f}% test)")
     else:
-        teacher = train_teacher(config.teacher_config())
+        # Under torchrun rank 0 trains it; the other ranks then find it trained (reused).
+        with main_first():
+            teacher = train_teacher(config.teacher_config())
         teacher_path = str(teacher.path)
         timed(
             "teacher", teacher.reused, teacher.train_seconds,
@@ -253,7 +256,8 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     else:
         cached = False
         if config.method == "random-real":
-            _draw_random_real_set(config, teacher_path, distilled)
+            if is_main():
+                _draw_random_real_set(config, teacher_path, distilled)
         else:
             try:
                 recover(recover_config)
@@ -262,7 +266,9 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
                     f"{error}. The recovery in {distilled} was made with other flags: delete "
                     f"{distilled} to recompute it, or pass another --out"
                 ) from None
-        _record_step(out, "recover", step_identity, outputs, time.perf_counter() - start)
+        if is_main():
+            _record_step(out, "recover", step_identity, outputs, time.perf_counter() - start)
+    barrier()  # rank 0's outputs, read by every rank
     manifest = Manifest.load(distilled)
     timed(
         "recover" if config.method != "random-real" else "draw",
@@ -281,11 +287,12 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
 
     # 5. diversity (cached by delt diversity itself)
     start = time.perf_counter()
-    diversity = measure_diversity(
-        DiversityConfig(
-            distilled=str(distilled), model=config.diversity_model, device=config.device
+    with main_first():  # rank 0 measures it; the other ranks then read it (cached)
+        diversity = measure_diversity(
+            DiversityConfig(
+                distilled=str(distilled), model=config.diversity_model, device=config.device
+            )
         )
-    )
     timed(
         "diversity", diversity.reused, time.perf_counter() - start,
         f"{diversity.mean:.4f} ± {diversity.std:.4f} (cosine to class centroid)",
@@ -294,7 +301,8 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     # 6. report
     images, labels, _ = load_distilled(distilled)
     teacher_checkpoint = load_checkpoint(teacher_path)
-    write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")
+    if is_main():
+        write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")
     report = {
         "method": config.method,
         "dataset": config.dataset,
@@ -306,6 +314,8 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
         "image_iterations": int(manifest.image_iterations),
     }
     markdown = _markdown(report, evaluation, diversity, manifest, steps, teacher_checkpoint.meta)
+    if not is_main():
+        return DistillResult(out, report, evaluation, steps)
     write_run_report(out, report, markdown)
     if print_summary:
         _print_summary(out, steps)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, check_distilled_set, load_distilled
+from delt.distributed import barrier, is_main
 from delt.io import read_json, sha256_file, write_json
 from delt.models import (
     Checkpoint,
@@ -547,7 +548,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
         )  # fmt: skip
         finished[seed] = result
         # Saved after every seed (with the finished ones): a killed run resumes at the next one.
-        write_json(path, document())
-    if reused and saved_order != list(config.seeds):
+        if is_main():  # under torchrun every rank trained the same students
+            write_json(path, document())
+    if reused and saved_order != list(config.seeds) and is_main():
         write_json(path, document())  # a subset or reordering: the summary is over --seeds
+    barrier()  # rank 0's file, read by every rank
     return EvalResult.read(path, [finished[seed] for seed in config.seeds], reused)

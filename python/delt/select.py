@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import load_like
+from delt.distributed import all_gather, is_main, world
 from delt.io import atomic_open, read_json, sha256_file, write_json
 from delt.models import check_compatible, load_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
@@ -134,21 +135,35 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
     model = teacher.model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    scores = torch.empty(len(dataset), dtype=torch.float32)
+    # Under torchrun, batch b (the one-process batch b, so every score is computed in the same
+    # batch as without torchrun) is scored by rank b % world size; the shards are gathered.
+    job = world()
+    count = len(dataset)
+    starts = list(range(0, count, config.batch_size))[job.rank :: job.size]
+    shard = torch.cat(
+        [torch.arange(s, min(s + config.batch_size, count)) for s in starts]
+        or [torch.empty(0, dtype=torch.int64)]
+    )
+    shard_scores = torch.empty(len(shard), dtype=torch.float32)
     position = 0
-    batches = iterate_batches(dataset, config.batch_size, num_workers=config.num_workers)
-    total = -(-len(dataset) // config.batch_size)
-    for images, labels in tqdm(batches, total=total, desc="scoring", disable=not config.progress):
+    batches = iterate_batches(
+        dataset, config.batch_size, num_workers=config.num_workers, indices=shard
+    )
+    bar = tqdm(batches, total=len(starts), desc="scoring", disable=not config.progress)
+    for images, labels in bar:
         images = images.to(device)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, config.amp):
             logits = model(images)
         probabilities = logits.float().softmax(1).cpu()
-        scores[position : position + len(labels)] = probabilities.gather(
+        shard_scores[position : position + len(labels)] = probabilities.gather(
             1, labels.view(-1, 1)
         ).view(-1)
         position += len(labels)
+    scores = torch.empty(count, dtype=torch.float32)
+    for positions, values in all_gather((shard, shard_scores)):
+        scores[positions] = values
     return scores, dataset.targets.clone(), {"teacher": teacher, "info": dataset.info}
 
 
@@ -194,8 +209,6 @@ def select_images(config: SelectConfig) -> Selection:
         zip(labels.tolist(), scores.tolist(), rank_within_class.tolist(), strict=True)
     ):
         writer.writerow([index, label, f"{score:.6g}", rank])
-    with atomic_open(out / "ranking.csv", "w") as handle:
-        handle.write(text.getvalue())
     document = {
         "config": identity_dict(config),
         "dataset": info.to_dict(),
@@ -208,6 +221,10 @@ def select_images(config: SelectConfig) -> Selection:
         "versions": versions(),
         "classes": chosen,
     }
+    if not is_main():  # the other ranks of a torchrun job hold the same selection
+        return Selection(indices=chosen, meta=document)
+    with atomic_open(out / "ranking.csv", "w") as handle:
+        handle.write(text.getvalue())
     write_json(out / "selection.json", document)
     logger.info(
         "select: %d x %d images (%s) in %.1f s -> %s",

@@ -21,6 +21,7 @@ import delt_ext
 from delt.config import ConfigError, config_diff
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, save_distilled, save_images
+from delt.distributed import barrier, broadcast, is_main, main_first, world
 from delt.io import read_json, sha256_file, torch_load, torch_save, write_json
 from delt.models import Checkpoint, TeacherMismatchError, check_compatible, load_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
@@ -259,7 +260,9 @@ def synthesize_chunks(
 
     Chunk ``k`` is saved to ``chunk_dir/<k>.pt`` when done and skipped on a re-run, so a killed
     run resumes; its generator is seeded with ``chunk_seed(chunk)``, which makes a chunk's result
-    independent of whether earlier chunks ran in this process.
+    independent of whether earlier chunks ran in this process. Under torchrun the chunks left to
+    do are split across the ranks, and after a barrier every rank assembles the whole set from
+    ``chunk_dir`` (a shared folder): the result is the one-process result at any world size.
 
     Args:
         forward: the hooked teacher (possibly compiled).
@@ -279,43 +282,63 @@ def synthesize_chunks(
     images = torch.empty(total_images, info.channels, info.resolution, info.resolution)
     iterations_per_image = [0] * total_images
     synthesis_seconds = 0.0
-    for chunk in tqdm(chunks, desc=desc, disable=not progress):
-        path = chunk_dir / f"{chunk.index:05d}.pt"
+
+    def chunk_path(chunk: Chunk) -> Path:
+        return chunk_dir / f"{chunk.index:05d}.pt"
+
+    # Under torchrun the chunks still to do are dealt round-robin over the ranks (rank 0's view
+    # of the folder, so that every rank deals the same list); a chunk's result does not depend
+    # on which rank made it, so the set is the one-process set whatever the world size.
+    job = world()
+    pending = broadcast([chunk.index for chunk in chunks if not chunk_path(chunk).is_file()])
+    mine = set(pending[job.rank :: job.size])
+    made: dict[int, tuple[Tensor, float]] = {}
+    for chunk in tqdm(
+        [chunk for chunk in chunks if chunk.index in mine], desc=desc, disable=not progress
+    ):
+        path = chunk_path(chunk)
+        total, starts = chunk_schedule(chunk.within_class, ipc, iterations, round_iterations)
+        generator = torch.Generator().manual_seed(chunk_seed(chunk))
+        init = initial_images(chunk, generator)
+        chunk_labels = torch.tensor(chunk.classes, dtype=torch.int64)
+        frozen = None if frozen_images is None else frozen_images(chunk)
+        bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not progress)
+        result = optimize_chunk(
+            forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
+            settings, generator, bar,
+            frozen=None if frozen is None else frozen.to(device), frozen_sample=frozen_sample,
+        )  # fmt: skip
+        bar.close()
+        # Written atomically by the rank that made it: a killed job resumes from it.
+        torch_save(
+            {
+                "images": result.images,
+                "labels": chunk_labels,
+                "positions": torch.tensor(chunk.positions(ipc), dtype=torch.int64),
+                "iterations": torch.tensor([total - s for s in starts], dtype=torch.int64),
+                "seconds": result.seconds,
+                "loss": result.loss,
+            },
+            path,
+        )
+        made[chunk.index] = (result.images, result.seconds)
+        logger.info(
+            "recover: %s %d/%d done in %.1f s (loss %.3f)",
+            desc, chunk.index + 1, len(chunks), result.seconds, result.loss,
+        )  # fmt: skip
+    # Every rank assembles the whole set (the next PDD stage needs it); only rank 0 writes it.
+    barrier()
+    for chunk in chunks:
         positions = chunk.positions(ipc)
         total, starts = chunk_schedule(chunk.within_class, ipc, iterations, round_iterations)
-        if path.is_file():
+        if chunk.index in made:
+            chunk_images, seconds = made[chunk.index]
+        else:
+            path = chunk_path(chunk)
             saved = torch_load(path)
             if saved["positions"].tolist() != positions:
                 raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
             chunk_images, seconds = saved["images"], float(saved["seconds"])
-        else:
-            generator = torch.Generator().manual_seed(chunk_seed(chunk))
-            init = initial_images(chunk, generator)
-            chunk_labels = torch.tensor(chunk.classes, dtype=torch.int64)
-            frozen = None if frozen_images is None else frozen_images(chunk)
-            bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not progress)
-            result = optimize_chunk(
-                forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
-                settings, generator, bar,
-                frozen=None if frozen is None else frozen.to(device), frozen_sample=frozen_sample,
-            )  # fmt: skip
-            bar.close()
-            chunk_images, seconds = result.images, result.seconds
-            torch_save(
-                {
-                    "images": chunk_images,
-                    "labels": chunk_labels,
-                    "positions": torch.tensor(positions, dtype=torch.int64),
-                    "iterations": torch.tensor([total - s for s in starts], dtype=torch.int64),
-                    "seconds": seconds,
-                    "loss": result.loss,
-                },
-                path,
-            )
-            logger.info(
-                "recover: %s %d/%d done in %.1f s (loss %.3f)",
-                desc, chunk.index + 1, len(chunks), seconds, result.loss,
-            )  # fmt: skip
         images[torch.tensor(positions, dtype=torch.int64)] = chunk_images
         for position, start in zip(positions, starts, strict=True):
             iterations_per_image[position] = total - start
@@ -415,9 +438,11 @@ class Run:
             **inputs,
         }
         path = self.out / "run.json"
-        if not path.is_file():
-            write_json(path, identity)
-            return
+        # Rank 0 writes it; the other ranks of a torchrun job then compare with it.
+        with main_first():
+            if is_main() and not path.is_file():
+                write_json(path, identity)
+                return
         saved = read_json(path)
         differences = config_diff(saved["config"], identity["config"])
         for key in sorted(set(saved) | set(identity)):
@@ -443,12 +468,16 @@ class Run:
         **fields: Any,
     ) -> Manifest:
         """Writes ``folder/images/`` (unless not ``write_images``), ``distilled.pt`` and the
-        manifest of a class-major set with ``ipc`` per class (``fields``: pdd's stages)."""
+        manifest of a class-major set with ``ipc`` per class (``fields``: pdd's stages); on rank
+        0 only under torchrun (the other ranks get the manifest without writing it)."""
         config, teacher = self.config, self.teacher
         files = {"distilled": "distilled.pt"}
         if write_images:
-            pattern = save_images(
-                folder / "images", images, labels, ipc, self.info, config.image_format
+            # Shared outputs are rank 0's (the other ranks of a torchrun job hold the same set).
+            pattern = (
+                save_images(folder / "images", images, labels, ipc, self.info, config.image_format)
+                if is_main()
+                else "<class>/<index>"
             )
             files["images"] = f"images/{pattern}"
         else:
@@ -465,7 +494,8 @@ class Run:
             else {"path": str(config.selection), "strategy": selection.meta["strategy"]},
             versions=versions(), files=files, **fields,
         )  # fmt: skip
-        save_distilled(folder, images, labels, manifest)
+        if is_main():
+            save_distilled(folder, images, labels, manifest)
         return manifest
 
 
