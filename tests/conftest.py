@@ -9,6 +9,46 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
+# --------------------------------------------------------------------------------------------
+# Kernel test cases shared by the CPU, CUDA and CUDA-emulation tests.
+
+# (N, C, H, W) covering: whole-plane chunks, split planes (H*W > 4096, with a partial piece),
+# a single value per channel, channel counts that are not multiples of the vector widths.
+BN_SHAPES = [
+    (8, 16, 9, 7),
+    (2, 3, 65, 70),
+    (3, 5, 64, 64),
+    (1, 6, 1, 1),
+    (4, 37, 5, 5),
+    (2, 130, 3, 3),
+    (64, 3, 2, 2),
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+BN_LAYOUTS = ["nchw", "channels_last", "strided"]
+# Relative tolerance of gradients (output rounding dominates for 16-bit types).
+GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# Crop boxes (top, left, height, width) in a CROP_H x CROP_W image: the full image, 1x1 boxes in
+# every corner and the middle, strips touching each border, an interior box, one-pixel-wide rows
+# and columns.
+CROP_H, CROP_W = 13, 17
+CROP_BOXES = [
+    (0, 0, CROP_H, CROP_W),
+    (0, 0, 1, 1),
+    (0, CROP_W - 1, 1, 1),
+    (CROP_H - 1, 0, 1, 1),
+    (CROP_H - 1, CROP_W - 1, 1, 1),
+    (6, 8, 1, 1),
+    (0, 0, 3, CROP_W),
+    (CROP_H - 3, 0, 3, CROP_W),
+    (0, 0, CROP_H, 2),
+    (0, CROP_W - 2, CROP_H, 2),
+    (3, 4, 5, 6),
+    (0, 5, CROP_H, 1),
+    (6, 0, 1, CROP_W),
+]
+
+
 @pytest.fixture
 def num_threads():
     """Lets a test change torch's intra-op thread count and restores it afterwards."""

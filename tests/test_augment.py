@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import CROP_BOXES, CROP_H, CROP_W
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
@@ -46,24 +47,8 @@ def random_params(batch, height, width, size, generator, jitter=5):
     return sampler.sample_params(batch, height, width)
 
 
-# Boxes in a 13 x 17 image: the full image, 1x1 boxes in every corner and the middle, strips
-# touching each border, an interior box, one-pixel-wide rows and columns.
-H, W = 13, 17
-BOXES = [
-    (0, 0, H, W),
-    (0, 0, 1, 1),
-    (0, W - 1, 1, 1),
-    (H - 1, 0, 1, 1),
-    (H - 1, W - 1, 1, 1),
-    (6, 8, 1, 1),
-    (0, 0, 3, W),
-    (H - 3, 0, 3, W),
-    (0, 0, H, 2),
-    (0, W - 2, H, 2),
-    (3, 4, 5, 6),
-    (0, 5, H, 1),
-    (6, 0, 1, W),
-]
+H, W = CROP_H, CROP_W
+BOXES = CROP_BOXES
 # Same size (no resize), downscaling, upscaling, mixed and non-square outputs.
 SIZES = [(H, W), (8, 8), (32, 40), (5, 31), (1, 1), (29, 7)]
 FLIP_SHIFTS = [(0, 0, 0), (1, 0, 0), (1, 2, -3), (0, -1, 45)]

@@ -7,30 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES, requires_cuda
+from conftest import BN_LAYOUTS, BN_SHAPES, DEVICES, DTYPES, GRAD_RTOL, requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import delt_ext
 from delt_ext import reference
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# (N, C, H, W) covering: whole-plane chunks, split planes (H*W > 4096, with a partial piece),
-# a single value per channel, channel counts that are not multiples of the vector widths.
-SHAPES = [
-    (8, 16, 9, 7),
-    (2, 3, 65, 70),
-    (3, 5, 64, 64),
-    (1, 6, 1, 1),
-    (4, 37, 5, 5),
-    (2, 130, 3, 3),
-    (64, 3, 2, 2),
-]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-LAYOUTS = ["nchw", "channels_last", "strided"]
-
-# Relative tolerance of gradients (output rounding dominates for 16-bit types).
-GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_input(shape, dtype, layout, device="cpu", seed=0, offset=0.5, scale=2.0):
@@ -75,9 +58,9 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", BN_SHAPES)
 def test_loss_and_grad_match_reference(shape, dtype, layout, device):
     x = make_input(shape, dtype, layout, device).requires_grad_(True)
     running_mean, running_var = make_targets(shape[1], device)
@@ -97,9 +80,9 @@ def test_loss_and_grad_match_reference(shape, dtype, layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", BN_SHAPES)
 def test_batch_mean_var_matches_reference(shape, dtype, layout, device):
     x = make_input(shape, dtype, layout, device)
     mean, var = delt_ext.batch_mean_var(x)
@@ -112,9 +95,9 @@ def test_batch_mean_var_matches_reference(shape, dtype, layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", SHAPES + [(16, 32, 12, 12)])
+@pytest.mark.parametrize("shape", BN_SHAPES + [(16, 32, 12, 12)])
 def test_matches_sre2l_eager_hook(shape, dtype, layout, device):
     """The eager hook run in the input's own dtype, as SRe2L runs it (16-bit types: see below)."""
     x = make_input(shape, dtype, layout, device).requires_grad_(True)
@@ -590,7 +573,7 @@ def test_setup_accepts_ordinary_nvcc_flags():
 @requires_cuda
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(100, 64, 32, 32), (16, 512, 7, 7)])
+@pytest.mark.parametrize("shape", BN_SHAPES + [(100, 64, 32, 32), (16, 512, 7, 7)])
 def test_cuda_matches_cpu_and_is_deterministic(shape, dtype, layout):
     x_cpu = make_input(shape, dtype, layout)
     running_mean, running_var = make_targets(shape[1])

@@ -14,23 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BN_LAYOUTS, DTYPES
+from conftest import BN_SHAPES as SHARED_BN_SHAPES
 
 DIGESTS = Path(__file__).with_name("data") / "cpu_kernel_digests.json"
 
-BN_SHAPES = [
-    (8, 16, 9, 7),
-    (2, 3, 65, 70),
-    (3, 5, 64, 64),
-    (1, 6, 1, 1),
-    (4, 37, 5, 5),
-    (2, 130, 3, 3),
-    (64, 3, 2, 2),
-    (100, 64, 8, 8),
-    (3000, 3, 4, 4),
-    (16, 40, 7, 7),
-]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-LAYOUTS = ["nchw", "channels_last", "strided"]
+BN_SHAPES = SHARED_BN_SHAPES + [(100, 64, 8, 8), (3000, 3, 4, 4), (16, 40, 7, 7)]
+LAYOUTS = BN_LAYOUTS
 
 
 def _cpu_has_avx2_fma() -> bool:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BN_SHAPES as SHARED_BN_SHAPES
+from conftest import CROP_BOXES, CROP_H, CROP_W, DTYPES, GRAD_RTOL
 from test_bn_stat import (
     NONFINITE_CASES,
     assert_matches_with_nonfinite,
@@ -30,20 +32,7 @@ pytestmark = pytest.mark.skipif(not delt_ext.HAS_OPS, reason="compiled delt_ext 
 
 # The CUDA tests' BN shapes (tests/test_bn_stat.py) and more: one value per channel, C > 1024
 # and > 65535, 14x14 and 7x7 planes (vector fallbacks), many slices per channel.
-BN_SHAPES = [
-    (8, 16, 9, 7),
-    (2, 3, 65, 70),
-    (3, 5, 64, 64),
-    (1, 6, 1, 1),
-    (4, 37, 5, 5),
-    (2, 130, 3, 3),
-    (64, 3, 2, 2),
-    (16, 512, 7, 7),
-    (8, 32, 14, 14),
-    (3, 1100, 2, 3),
-]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+BN_SHAPES = SHARED_BN_SHAPES + [(16, 512, 7, 7), (8, 32, 14, 14), (3, 1100, 2, 3)]
 CROP_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -315,20 +304,8 @@ def test_bn_emulated_kernels_check_their_arguments(emu):
 
 # ---- resized_crop_flip ------------------------------------------------------------------------
 
-H, W = 13, 17
-BOXES = [
-    (0, 0, H, W),
-    (0, 0, 1, 1),
-    (0, W - 1, 1, 1),
-    (H - 1, 0, 1, 1),
-    (H - 1, W - 1, 1, 1),
-    (6, 8, 1, 1),
-    (0, 0, 3, W),
-    (H - 3, 0, 3, W),
-    (0, W - 2, H, 2),
-    (3, 4, 5, 6),
-    (0, 5, H, 1),
-]
+H, W = CROP_H, CROP_W
+BOXES = [box for box in CROP_BOXES if box not in ((0, 0, CROP_H, 2), (6, 0, 1, CROP_W))]
 SIZES = [(H, W), (8, 8), (32, 40), (1, 1), (29, 7)]
 FLIP_SHIFTS = [(0, 0, 0), (1, 0, 0), (1, 2, -3), (0, -1, 45), (1, 1000, -999)]
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
