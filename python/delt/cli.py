@@ -12,11 +12,13 @@ Every failure is one line, ``delt <command>: error: <message>``: exit status 2 f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +28,11 @@ from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.demo import DemoConfig, run_demo
 from delt.distill import DistillConfig, distill
+from delt.distributed import is_main, session, torchrun_environment
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
 from delt.io import FileFormatError, WriteError
+from delt.lock import output_lock
 from delt.recover import RecoverConfig, recover
 from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
@@ -182,6 +186,18 @@ USER_ERRORS = (
 )
 
 
+def _output_folder(config: Any) -> Path | None:
+    """Where a command's rank logs go under torchrun: its output folder, or the folder of its
+    results file (eval, diversity, report)."""
+    if isinstance(config, EvalConfig):
+        return config.results_path.parent
+    out = getattr(config, "out", None)
+    if out is None:
+        distilled = getattr(config, "distilled", None)
+        return None if distilled is None else Path(distilled)
+    return Path(out).parent if Path(out).suffix else Path(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from delt_ext import __version__
 
@@ -266,7 +282,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.global_threads)
     try:
         config = from_namespace(command.config, args)
-        command.show(config, command.run(config))
+        # Under torchrun: one rank of the job (delt.distributed), rank 0 holding the output
+        # folder's lock for the whole job (the ranks share it); otherwise a no-op.
+        folder = _output_folder(config)
+        locking = not isinstance(config, ReportConfig)  # report writes a file, not a folder
+        under_torchrun = torchrun_environment() is not None
+        lock = output_lock if under_torchrun and locking and folder is not None else None
+        with session(getattr(config, "device", "auto"), folder, lock=lock):
+            if not is_main() and getattr(config, "progress", False):
+                config = dataclasses.replace(config, progress=False)  # rank 0's bars only
+            result = command.run(config)
+            if is_main():
+                command.show(config, result)
     except KeyboardInterrupt:
         if args.verbose:
             traceback.print_exc()

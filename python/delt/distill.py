@@ -14,6 +14,7 @@ from typing import Literal
 from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import load_dataset, load_like
 from delt.distilled import Manifest, load_distilled, save_distilled
+from delt.distributed import barrier, is_main, main_first
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
 from delt.io import check_output, read_json, remove_stray_temporaries, sha256_file, write_json
@@ -258,7 +259,9 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
         accuracy = checkpoint.meta.get("test_accuracy", float("nan"))
         timed("teacher", True, 0.0, f"given: {teacher_path} ({accuracy:.2f}% test)")
     else:
-        teacher = train_teacher(config.teacher_config())
+        # Under torchrun rank 0 trains it; the other ranks then find it trained (reused).
+        with main_first():
+            teacher = train_teacher(config.teacher_config())
         teacher_path = str(teacher.path)
         timed(
             "teacher", teacher.reused, teacher.train_seconds,
@@ -304,7 +307,8 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     else:
         cached = False
         if config.method == "random-real":
-            _draw_random_real_set(config, teacher_path, distilled)
+            if is_main():
+                _draw_random_real_set(config, teacher_path, distilled)
         else:
             try:
                 recover(recover_config)
@@ -313,7 +317,9 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
                     f"{error}. The recovery in {distilled} was made with other flags: delete "
                     f"{distilled} to recompute it, or pass another --out"
                 ) from None
-        _record_step(out, "recover", step_identity, outputs, time.perf_counter() - start)
+        if is_main():
+            _record_step(out, "recover", step_identity, outputs, time.perf_counter() - start)
+    barrier()  # rank 0's outputs, read by every rank
     manifest = Manifest.load(distilled)
     timed(
         "recover" if config.method != "random-real" else "draw",
@@ -332,11 +338,12 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
 
     # 5. diversity (cached by delt diversity itself)
     start = time.perf_counter()
-    diversity = measure_diversity(
-        DiversityConfig(
-            distilled=str(distilled), model=config.diversity_model, device=config.device
+    with main_first():  # rank 0 measures it; the other ranks then read it (cached)
+        diversity = measure_diversity(
+            DiversityConfig(
+                distilled=str(distilled), model=config.diversity_model, device=config.device
+            )
         )
-    )
     timed(
         "diversity", diversity.reused, time.perf_counter() - start,
         f"{diversity.mean:.4f} ± {diversity.std:.4f} (cosine to class centroid)",
@@ -345,7 +352,8 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     # 6. report
     images, labels, _ = load_distilled(distilled)
     teacher_checkpoint = load_checkpoint(teacher_path)
-    write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")  # if changed
+    if is_main():
+        write_image_grid(images, labels, teacher_checkpoint.info, out / "grid.png")  # if changed
     report = {
         "method": config.method,
         "dataset": config.dataset,
@@ -357,6 +365,8 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
         "image_iterations": int(manifest.image_iterations),
     }
     markdown = _markdown(report, evaluation, diversity, manifest, steps, teacher_checkpoint.meta)
+    if not is_main():
+        return DistillResult(out, report, evaluation, steps)
     outputs = [out / "report.json", out / "report.md", out / "grid.png"]
     if not (
         all(step["cached"] for step in steps)

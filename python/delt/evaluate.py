@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
+from delt.distributed import barrier, is_main
 from delt.io import check_output, read_json, sha256_file, torch_load, torch_save, write_json
 from delt.lock import results_lock
 from delt.models import (
@@ -528,7 +529,8 @@ class EvalContext:
                 )
                 losses += more_losses
                 checks += more_checks
-                if path is not None and trainer.epochs_done < config.epochs:
+                # Under torchrun every rank holds the same state: rank 0 saves it.
+                if path is not None and trainer.epochs_done < config.epochs and is_main():
                     seconds = seconds_before + time.perf_counter() - start
                     _save_seed_state(path, identity, seed, trainer, losses, checks, seconds)
             bar.close()
@@ -697,11 +699,13 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         )  # fmt: skip
         finished[seed] = result
         # Saved after every seed (with the finished ones): a killed run resumes at the next one.
-        write_json(path, document())
-        state_path = config.seed_checkpoint_path(seed)
-        state_path.unlink(missing_ok=True)
-        if state_path.parent.is_dir() and not any(state_path.parent.iterdir()):
-            state_path.parent.rmdir()
-    if reused and saved_order != list(config.seeds):
+        if is_main():  # under torchrun every rank trained the same students
+            write_json(path, document())
+            state_path = config.seed_checkpoint_path(seed)
+            state_path.unlink(missing_ok=True)
+            if state_path.parent.is_dir() and not any(state_path.parent.iterdir()):
+                state_path.parent.rmdir()
+    if reused and saved_order != list(config.seeds) and is_main():
         write_json(path, document())  # a subset or reordering: the summary is over --seeds
+    barrier()  # rank 0's file, read by every rank
     return EvalResult.read(path, [finished[seed] for seed in config.seeds], reused)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from delt.config import ConfigError, check_int, flag, option
 from delt.data import ImageDataset, load_like
 from delt.distilled import save_images, union_prefix
+from delt.distributed import is_main, main_first
 from delt.io import read_json, sha256_file, write_json
 from delt.models import (
     Checkpoint,
@@ -399,7 +400,7 @@ def _train_hard_student(
         # stage loop left them.
         trainer = StudentTrainer(
             student, teacher.model.to(device), augment, settings, epochs, PROTOCOL.lr,
-            PROTOCOL.weight_decay, device, generator,
+            PROTOCOL.weight_decay, device, generator, data_parallel=False,  # rank 0 alone
         )  # fmt: skip
         unions = [(images.to(device), labels.to(device)) for images, labels in unions]
         train_stagewise(trainer, unions, plan, "restart")
@@ -457,15 +458,32 @@ def _stage_init(
         return StageInit("noise", None, {"kind": "noise"})
     init_path = stage_dir / "init.json"
     identity = {**(run.identity or {}), "stage": stage.index}
-    if init_path.is_file():
-        saved = read_json(init_path)
-        if "identity" in saved and saved["identity"] != identity:
-            raise ConfigError(
-                f"{init_path} was made by another run; it is not used for this one: delete it "
-                "to recompute it, or choose another --out"
-            )
-        info = saved["info"]
-        return StageInit("hard", saved["picks"], info, float(info.get("student_seconds", 0.0)))
+    # Under torchrun rank 0 trains the student and writes the picks; the others read them.
+    with main_first():
+        if is_main() and not init_path.is_file():
+            _pick_hard(run, stage, stages, dataset, union, init_path, teacher_scores, identity)
+    saved = read_json(init_path)
+    if "identity" in saved and saved["identity"] != identity:
+        raise ConfigError(
+            f"{init_path} was made by another run; it is not used for this one: delete it "
+            "to recompute it, or choose another --out"
+        )
+    info = saved["info"]
+    return StageInit("hard", saved["picks"], info, float(info.get("student_seconds", 0.0)))
+
+
+def _pick_hard(
+    run: Run,
+    stage: Stage,
+    stages: list[Stage],
+    dataset: ImageDataset | None,
+    union: _Union,
+    init_path: Path,
+    teacher_scores: Callable[[], tuple[Tensor, Tensor]],
+    identity: dict,
+) -> None:
+    """``--stage-init hard``: trains the student on the earlier unions, writes its picks."""
+    config = run.config
     scores = teacher_scores()
     start = time.perf_counter()
     ipc = config.ipc
@@ -495,7 +513,6 @@ def _stage_init(
         "(%.0f s)",
         stage.index, stage.index - 1, accuracy, tiers, seconds,
     )  # fmt: skip
-    return StageInit("hard", picks, info, seconds)
 
 
 def _frozen_union(run: Run, stage: Stage, union: _Union):
@@ -667,10 +684,11 @@ def recover_progressive(config: Any) -> RecoverResult:
         length = stage.union_ipc
         union_images, union_labels = union.prefix(ipc, length)
         new = [c * length + j for c in range(info.num_classes) for j in range(stage.offset, length)]
-        save_images(
-            stage_dir / "images", union_images, union_labels, length, info, config.image_format,
-            positions=new,
-        )  # fmt: skip
+        if is_main():
+            save_images(
+                stage_dir / "images", union_images, union_labels, length, info,
+                config.image_format, positions=new,
+            )  # fmt: skip
         _write_union(run, stage_dir, selection, union, length, images=False)
         logger.info(
             "recover: stage %d/%d done: %d new images per class, %d image-iterations",

@@ -21,6 +21,7 @@ from torch import Tensor
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo
 from delt.distilled import load_distilled
+from delt.distributed import barrier, is_main
 from delt.io import remove_stray_temporaries
 from delt.lock import output_lock
 from delt.pdd import (
@@ -323,9 +324,11 @@ def _recover(config: RecoverConfig) -> RecoverResult:
         run.out, selection, images, labels, config.ipc, iterations_per_image, seconds
     )
     if not config.keep_chunks:
-        # One copy of the images: distilled.pt (written and fsynced above) replaces the chunks.
-        (run.out / FINISHED_MARK).write_text("chunks deleted after distilled.pt was written\n")
-        shutil.rmtree(chunk_dir)
+        barrier()  # under torchrun: every rank has read the chunks, rank 0 has written the set
+        if is_main():
+            # One copy of the images: distilled.pt (written and fsynced above) replaces them.
+            (run.out / FINISHED_MARK).write_text("chunks deleted after distilled.pt was written\n")
+            shutil.rmtree(chunk_dir)
     logger.info(
         "recover: %d images, %d image-iterations, %.1f s of synthesis -> %s",
         images.shape[0], manifest.image_iterations, seconds, run.out,

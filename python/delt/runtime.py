@@ -82,12 +82,18 @@ def check_memory(what: str, nbytes: int, device: torch.device | str = "cpu") -> 
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` → CUDA when available, else CPU; anything else is passed to ``torch.device``.
+
+    Under torchrun (``LOCAL_RANK`` set) a CUDA device without an index is ``cuda:LOCAL_RANK``:
+    one GPU per rank.
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if resolved.type == "cuda" and resolved.index is None and "LOCAL_RANK" in os.environ:
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return resolved
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, TensorImageDataset, load_like
+from delt.distributed import all_gather, is_main, world
 from delt.io import (
     FileFormatError,
     atomic_open,
@@ -179,6 +180,9 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
     model = teacher.model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # Under torchrun, shard k of the one-process shards is scored by rank k % world size (each
+    # score computed in the very batch it has in one process) and the shards are gathered.
+    job = world()
     count = len(dataset)
     scores = torch.empty(count, dtype=torch.float32)
     shard_size = config.batch_size * config.shard_batches
@@ -192,9 +196,18 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
         "channels_last": config.channels_last,
     }
     pin = device.type == "cuda"
-    bar = tqdm(total=-(-count // config.batch_size), desc="scoring", disable=not config.progress)
-    for start in range(0, count, shard_size):
+    mine = sum(
+        -(-(min(start + shard_size, count) - start) // config.batch_size)
+        for number, start in enumerate(range(0, count, shard_size))
+        if number % job.size == job.rank
+    )
+    bar = tqdm(total=mine, desc="scoring", disable=not config.progress)
+    done = []
+    for number, start in enumerate(range(0, count, shard_size)):
+        if number % job.size != job.rank:
+            continue
         end = min(start + shard_size, count)
+        done.append(torch.arange(start, end))
         path = shard_dir / f"{start:09d}.pt"
         if path.is_file():
             saved = torch_load(path)
@@ -218,12 +231,16 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
             ).view(-1)
             position += len(labels)
             bar.update()
-        if end < count or start > 0:  # one shard is the whole set: nothing to resume
+        if end < count or start > 0 or job.size > 1:  # one shard, one process: no resume state
             torch_save(
                 {"format": SHARD_FORMAT, "identity": identity, "scores": scores[start:end].clone()},
                 path,
             )
     bar.close()
+    if job.size > 1:
+        positions = torch.cat(done or [torch.empty(0, dtype=torch.int64)])
+        for gathered, values in all_gather((positions, scores[positions])):
+            scores[gathered] = values
     context = {"teacher": teacher, "info": dataset.info, "dataset": dataset}
     return scores, dataset.targets.clone(), context
 
@@ -309,8 +326,6 @@ def _select_images(config: SelectConfig) -> Selection:
         zip(labels.tolist(), scores.tolist(), rank_within_class.tolist(), strict=True)
     ):
         writer.writerow([index, label, f"{score:.6g}", rank])
-    with atomic_open(out / "ranking.csv", "w") as handle:
-        handle.write(text.getvalue())
     document = {
         "config": identity_dict(config),
         "dataset": {**info.to_dict(), "fingerprint": context["dataset"].fingerprint()},
@@ -323,6 +338,10 @@ def _select_images(config: SelectConfig) -> Selection:
         "versions": versions(),
         "classes": chosen,
     }
+    if not is_main():  # the other ranks of a torchrun job hold the same selection
+        return Selection(indices=chosen, meta=document)
+    with atomic_open(out / "ranking.csv", "w") as handle:
+        handle.write(text.getvalue())
     write_json(out / "selection.json", document)
     if (out / "scores").is_dir():
         shutil.rmtree(out / "scores")  # the resume state of scoring; ranking.csv has the scores

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError
 from delt.distilled import load_stage_unions
+from delt.distributed import barrier, is_main
 from delt.evaluate import (
     EvalConfig,
     EvalContext,
@@ -116,10 +117,12 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
             plain.best_accuracy, plain.final_accuracy,
         )  # fmt: skip
         finished[seed] = (stagewise, plain)
-        write_json(path, _stagewise_document(context, identity, plan, finished, config))
-    if reused and saved_order != list(config.seeds):
+        if is_main():  # under torchrun every rank trained the same students
+            write_json(path, _stagewise_document(context, identity, plan, finished, config))
+    if reused and saved_order != list(config.seeds) and is_main():
         # A subset or reordering: the summary is over --seeds.
         write_json(path, _stagewise_document(context, identity, plan, finished, config))
+    barrier()  # rank 0's file, read by every rank
     results = [finished[seed][0] for seed in config.seeds]
     return EvalResult.read(path, results, reused)
 

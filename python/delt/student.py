@@ -19,6 +19,7 @@ import delt_ext
 from delt.config import check_int
 from delt.data import DatasetInfo, ImageDataset, TensorImageDataset
 from delt.distilled import normalized
+from delt.distributed import world
 from delt.runtime import autocast, derive_seed
 from delt.schedules import stage_epochs
 
@@ -28,6 +29,7 @@ __all__ = [
     "STAGE_SCHEDULES",
     "Check",
     "CutMixParams",
+    "GlobalBatchNorm2d",
     "StagePlan",
     "StudentAugment",
     "StudentProtocol",
@@ -82,15 +84,21 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    indices: Tensor | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches ``(images (B, C, H, W) float32 normalized, labels (B,) int64)`` of ``dataset``.
 
     In-memory datasets are sliced directly (no per-image Python calls); file-backed ones go
     through a DataLoader with ``num_workers`` workers (each image decoded once per pass), into
-    pinned memory with ``pin_memory`` (for non-blocking copies to a GPU).
+    pinned memory with ``pin_memory`` (for non-blocking copies to a GPU). ``indices`` (int64,
+    unshuffled): only those images, in that order (a rank's shard), batched as if they were the
+    dataset.
     """
-    count = len(dataset)
-    order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+    if indices is not None:
+        count, order = len(indices), indices
+    else:
+        count = len(dataset)
+        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
     if isinstance(dataset, TensorImageDataset):
         for start in range(0, count, batch_size):
             index = order[start : start + batch_size]
@@ -115,20 +123,39 @@ def evaluate_accuracy(
     amp: str = "none",
     channels_last: bool = False,
     num_workers: int = 0,
+    sharded: bool = False,
 ) -> float:
-    """Top-1 accuracy (in %) of ``model`` on ``dataset``; the model is left in eval mode."""
+    """Top-1 accuracy (in %) of ``model`` on ``dataset``; the model is left in eval mode.
+
+    Under torchrun (``sharded``) each rank tests batches ``rank, rank + world, ...`` and the
+    counts are summed over the ranks: every rank gets the whole set's accuracy.
+    """
     model.eval()
     correct = 0
     pin = device.type == "cuda"
-    for images, labels in iterate_batches(
-        dataset, batch_size, num_workers=num_workers, pin_memory=pin
-    ):
+    job = world() if sharded else None
+    indices = None
+    if job is not None and job.size > 1:
+        count = len(dataset)
+        starts = list(range(0, count, batch_size))[job.rank :: job.size]
+        indices = torch.cat(
+            [torch.arange(s, min(s + batch_size, count)) for s in starts]
+            or [torch.empty(0, dtype=torch.int64)]
+        )
+    batches = iterate_batches(
+        dataset, batch_size, num_workers=num_workers, pin_memory=pin, indices=indices
+    )
+    for images, labels in batches:
         images = images.to(device, non_blocking=pin)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = model(images)
         correct += int((logits.argmax(1).cpu() == labels).sum())
+    if indices is not None:
+        total = torch.tensor([correct], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(total)
+        correct = int(total.item())
     return 100.0 * correct / len(dataset)
 
 
@@ -385,6 +412,80 @@ class Check:
     accuracy: float
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the global batch of a torchrun job on Gloo (CPU), where
+    :class:`torch.nn.SyncBatchNorm` does not run (it needs GPU tensors).
+
+    In training, each rank's per-channel count, sum and sum of squares are summed over the
+    ranks with the differentiable ``torch.distributed.nn.functional.all_reduce``, so the batch
+    statistics and their gradients are those of the global batch; running statistics are
+    updated as :class:`nn.BatchNorm2d` does (unbiased variance, ``momentum``). In eval mode, or
+    without a process group, it is :class:`nn.BatchNorm2d`. Input (B, C, H, W) float.
+    """
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """``module`` with every ``nn.BatchNorm2d`` replaced (parameters and buffers kept)."""
+        if type(module) is nn.BatchNorm2d:
+            converted = cls(
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats,
+            )  # fmt: skip
+            converted.load_state_dict(module.state_dict())
+            converted.train(module.training)
+            return converted
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert(child))
+        return module
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not (
+            self.training
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = input.shape[1]
+        values = input.float()
+        local = torch.cat(
+            [
+                values.sum((0, 2, 3)),
+                (values * values).sum((0, 2, 3)),
+                values.new_tensor([input.numel() / channels]),
+            ]
+        )
+        total = all_reduce(local)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels : 2 * channels] / count - mean * mean).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = (
+                    1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None
+                    else self.momentum
+                )
+                unbiased = var * (count / (count - 1).clamp(min=1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        shape = (1, channels, 1, 1)
+        output = (values - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        return output.to(input.dtype)
+
+
+def _rank_rows(count: int) -> slice:
+    """This rank's rows of a global batch of ``count``: contiguous, sizes differing by <= 1."""
+    job = world()
+    base, extra = divmod(count, job.size)
+    start = job.rank * base + min(job.rank, extra)
+    return slice(start, start + base + (1 if job.rank < extra else 0))
+
+
 class StudentTrainer:
     """One student with its AdamW optimizer and half-cosine LR schedule over ``total_epochs``.
 
@@ -407,6 +508,8 @@ class StudentTrainer:
             batch from a seed derived from a per-epoch draw of ``generator`` and its index, so
             the numbers are the same for any N >= 1 (but not those of 0); the test set is read
             through N workers too.
+        data_parallel: under torchrun, train with DistributedDataParallel (every rank must
+            train the same student); False: this rank trains alone.
 
     The images given to :meth:`train_epoch` may live on the host in their stored dtype (float32
     normalized, or uint8 pixels normalized batch by batch): only batches go to ``device``.
@@ -425,6 +528,7 @@ class StudentTrainer:
         device: torch.device,
         generator: torch.Generator,
         workers: int = 0,
+        data_parallel: bool = True,
     ) -> None:
         check_int("workers", workers, low=0)
         if teacher is None and not settings.hard_labels:
@@ -433,6 +537,18 @@ class StudentTrainer:
             torch.channels_last if settings.channels_last else torch.contiguous_format
         )
         self.student = student.to(device).to(memory_format=self.memory_format)
+        # Under torchrun: DistributedDataParallel over the ranks, BatchNorm over the global
+        # batch (SyncBatchNorm on GPUs, GlobalBatchNorm2d on Gloo); rank r trains on its rows of
+        # every global batch, which every rank draws and augments alike (same generator).
+        self.forward_student: nn.Module = self.student
+        if data_parallel and world().size > 1:
+            if device.type == "cuda":
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            else:
+                self.student = GlobalBatchNorm2d.convert(self.student)
+            self.forward_student = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.teacher = teacher
         self.augment = augment
         self.settings = settings
@@ -463,17 +579,32 @@ class StudentTrainer:
             )  # fmt: skip
             batch = apply_cutmix(batch, params)
         batch = batch.contiguous(memory_format=self.memory_format)
+        global_count = batch.shape[0]
+        distributed = self.forward_student is not self.student
+        if distributed:
+            rows = _rank_rows(global_count)
+            if settings.hard_labels and params is not None:
+                partner = labels[params.permutation.to(labels.device)][rows]
+            batch, labels = batch[rows], labels[rows]
         if not settings.hard_labels:
             # The teacher labels the very batch the student sees: augmented and mixed.
             with torch.no_grad(), autocast(self.device, settings.amp):
                 teacher_logits = self.teacher(batch)
         self.student.train()
         with autocast(self.device, settings.amp):
-            logits = self.student(batch)
-        if settings.hard_labels:
+            logits = self.forward_student(batch)
+        if settings.hard_labels and distributed and params is not None:
+            loss = params.lam * nn.functional.cross_entropy(logits.float(), labels) + (
+                1.0 - params.lam
+            ) * nn.functional.cross_entropy(logits.float(), partner)
+        elif settings.hard_labels:
             loss = cutmix_cross_entropy(logits, labels, params)
         else:
             loss = soft_label_kl(logits, teacher_logits, settings.temperature)
+        if distributed:
+            # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
+            # global batch makes that average the global batch's mean (also for a short batch).
+            loss = loss * (batch.shape[0] * world().size / global_count)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
@@ -482,6 +613,10 @@ class StudentTrainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if distributed:
+            reported = loss.detach().reshape(1) / world().size
+            torch.distributed.all_reduce(reported)
+            return float(reported)
         return float(loss.detach())
 
     def _to_device(self, batch: Tensor) -> Tensor:
@@ -568,6 +703,7 @@ class StudentTrainer:
         return evaluate_accuracy(
             self.student, test_set, self.device, amp=self.settings.amp,
             channels_last=self.settings.channels_last, num_workers=self.workers,
+            sharded=self.forward_student is not self.student,
         )  # fmt: skip
 
     def train_epochs(

@@ -27,6 +27,7 @@ import delt_ext
 from delt.config import ConfigError, config_diff
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, save_distilled, save_images
+from delt.distributed import barrier, broadcast, is_main, main_first, world
 from delt.io import (
     FileFormatError,
     check_output,
@@ -330,7 +331,9 @@ def run_chunks(
 
     Chunk ``k`` is saved to ``chunk_dir/<k>.pt`` when done and skipped on a re-run, so a killed
     run resumes; its generator is seeded with ``chunk_seed(chunk)``, which makes a chunk's result
-    independent of whether earlier chunks ran in this process.
+    independent of whether earlier chunks ran in this process. Under torchrun the chunks left to
+    do are split across the ranks, and after a barrier every rank assembles the whole set from
+    ``chunk_dir`` (a shared folder): the result is the one-process result at any world size.
 
     Args:
         chunks: the batching of ``num_classes x ipc`` images (:mod:`delt.schedules`).
@@ -354,60 +357,90 @@ def run_chunks(
     total_images = info.num_classes * ipc
     images = torch.empty(total_images, info.channels, info.resolution, info.resolution)
     iterations_per_image = [0] * total_images
-    synthesis_seconds = 0.0
+    seconds_of: dict[int, float] = {}
     identity_text = None if identity is None else json.dumps(identity, sort_keys=True)
     expected = (info.channels, info.resolution, info.resolution)
-    for chunk in tqdm(chunks, desc=desc, disable=not progress):
-        path = chunk_dir / f"{chunk.index:05d}.pt"
+
+    def chunk_path(chunk: Chunk) -> Path:
+        return chunk_dir / f"{chunk.index:05d}.pt"
+
+    def place(chunk: Chunk, chunk_images: Tensor, seconds: float, iterations: list[int]) -> None:
         positions = chunk.positions(ipc)
-        if path.is_file():
-            keys = ("images", "positions", "iterations", "seconds")
-            try:
-                saved = torch_load(path, "recovery chunk", keys=keys)
-            except FileFormatError as error:
-                raise FileFormatError(f"{error} (delete it to make that chunk again)") from None
-            if saved["positions"].tolist() != positions:
-                raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
-            recorded = saved.get("identity")
-            if identity_text is not None and recorded is not None and recorded != identity_text:
-                differences = identity_differences(json.loads(recorded), json.loads(identity_text))
-                raise ConfigError(
-                    f"{path} was made by another run ({'; '.join(differences)}); it is not mixed "
-                    "into this one: delete it to recompute it, or choose another --out"
-                )
-            chunk_images, seconds = saved["images"], float(saved["seconds"])
-            if not isinstance(chunk_images, Tensor) or tuple(chunk_images.shape) != (
-                len(positions), *expected
-            ):
-                raise FileFormatError(
-                    f"{path}: not a recovery chunk of {(len(positions), *expected)} images"
-                )
-            chunk_iterations = saved["iterations"].tolist()
-        else:
-            generator = torch.Generator().manual_seed(chunk_seed(chunk))
-            result, chunk_iterations = make_chunk(chunk, generator)
-            chunk_images, seconds = result.images, result.seconds
-            torch_save(
-                {
-                    "images": chunk_images,
-                    "labels": torch.tensor(chunk.classes, dtype=torch.int64),
-                    "positions": torch.tensor(positions, dtype=torch.int64),
-                    "iterations": torch.tensor(chunk_iterations, dtype=torch.int64),
-                    "seconds": seconds,
-                    "loss": result.loss,
-                    **result.extra,
-                    **({} if identity_text is None else {"identity": identity_text}),
-                },
-                path,
-            )
-            logger.info(
-                "recover: %s %d/%d done in %.1f s (loss %.3f)",
-                desc, chunk.index + 1, len(chunks), seconds, result.loss,
-            )  # fmt: skip
         images[torch.tensor(positions, dtype=torch.int64)] = chunk_images
-        for position, iterations in zip(positions, chunk_iterations, strict=True):
-            iterations_per_image[position] = iterations
-        synthesis_seconds += seconds
+        for position, count in zip(positions, iterations, strict=True):
+            iterations_per_image[position] = count
+        seconds_of[chunk.index] = seconds
+
+    def load(chunk: Chunk) -> None:
+        path = chunk_path(chunk)
+        positions = chunk.positions(ipc)
+        keys = ("images", "positions", "iterations", "seconds")
+        try:
+            saved = torch_load(path, "recovery chunk", keys=keys)
+        except FileFormatError as error:
+            raise FileFormatError(f"{error} (delete it to make that chunk again)") from None
+        if saved["positions"].tolist() != positions:
+            raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
+        recorded = saved.get("identity")
+        if identity_text is not None and recorded is not None and recorded != identity_text:
+            differences = identity_differences(json.loads(recorded), json.loads(identity_text))
+            raise ConfigError(
+                f"{path} was made by another run ({'; '.join(differences)}); it is not mixed "
+                "into this one: delete it to recompute it, or choose another --out"
+            )
+        chunk_images = saved["images"]
+        if not isinstance(chunk_images, Tensor) or tuple(chunk_images.shape) != (
+            len(positions),
+            *expected,
+        ):
+            raise FileFormatError(
+                f"{path}: not a recovery chunk of {(len(positions), *expected)} images"
+            )
+        place(chunk, chunk_images, float(saved["seconds"]), saved["iterations"].tolist())
+
+    # Under torchrun the chunks still to do are dealt round-robin over the ranks (rank 0's view
+    # of the folder, so that every rank deals the same list); a chunk's result does not depend
+    # on which rank made it, so the set is the one-process set whatever the world size.
+    job = world()
+    pending = broadcast([chunk.index for chunk in chunks if not chunk_path(chunk).is_file()])
+    mine = set(pending[job.rank :: job.size])
+    # The chunks saved before are checked first: a foreign or corrupt one is refused before
+    # any work is done.
+    for chunk in chunks:
+        if chunk.index not in pending:
+            load(chunk)
+    for chunk in tqdm(
+        [chunk for chunk in chunks if chunk.index in mine], desc=desc, disable=not progress
+    ):
+        generator = torch.Generator().manual_seed(chunk_seed(chunk))
+        result, chunk_iterations = make_chunk(chunk, generator)
+        # Written atomically by the rank that made it: a killed run or job resumes from it.
+        torch_save(
+            {
+                "images": result.images,
+                "labels": torch.tensor(chunk.classes, dtype=torch.int64),
+                "positions": torch.tensor(chunk.positions(ipc), dtype=torch.int64),
+                "iterations": torch.tensor(chunk_iterations, dtype=torch.int64),
+                "seconds": result.seconds,
+                "loss": result.loss,
+                **result.extra,
+                **({} if identity_text is None else {"identity": identity_text}),
+            },
+            chunk_path(chunk),
+        )
+        logger.info(
+            "recover: %s %d/%d done in %.1f s (loss %.3f)",
+            desc, chunk.index + 1, len(chunks), result.seconds, result.loss,
+        )  # fmt: skip
+        place(chunk, result.images, result.seconds, chunk_iterations)
+    # Every rank assembles the whole set (the next PDD stage needs it); only rank 0 writes it.
+    barrier()
+    for chunk in chunks:
+        if chunk.index not in seconds_of:
+            load(chunk)  # made by another rank
+    synthesis_seconds = 0.0
+    for chunk in chunks:  # summed in chunk order, whoever made them
+        synthesis_seconds += seconds_of[chunk.index]
     return images, iterations_per_image, synthesis_seconds
 
 
@@ -465,9 +498,7 @@ def synthesize_chunks(
         bar.close()
         return result, [total - s for s in starts]
 
-    return run_chunks(
-        chunks, ipc, info, chunk_dir, chunk_seed, optimize, progress, desc, identity
-    )
+    return run_chunks(chunks, ipc, info, chunk_dir, chunk_seed, optimize, progress, desc, identity)
 
 
 def identity_differences(saved: dict, current: dict) -> list[str]:
@@ -584,9 +615,11 @@ class Run:
         # The JSON form, so that a chunk's identity compares equal to run.json's.
         self.identity = json.loads(json.dumps(identity))
         path = self.out / "run.json"
-        if not path.is_file():
-            write_json(path, identity)
-            return
+        # Rank 0 writes it; the other ranks of a torchrun job then compare with it.
+        with main_first():
+            if is_main() and not path.is_file():
+                write_json(path, identity)
+                return
         saved = read_json(path)
         if "data" not in saved:
             # run.json of a run begun before data identities: the teacher's SHA-256 (which
@@ -654,12 +687,16 @@ class Run:
         **fields: Any,
     ) -> Manifest:
         """Writes ``folder/images/`` (unless not ``write_images``), ``distilled.pt`` and the
-        manifest of a class-major set with ``ipc`` per class (``fields``: pdd's stages)."""
+        manifest of a class-major set with ``ipc`` per class (``fields``: pdd's stages); on rank
+        0 only under torchrun (the other ranks get the manifest without writing it)."""
         config, teacher = self.config, self.teacher
         files = {"distilled": "distilled.pt"}
         if write_images:
-            pattern = save_images(
-                folder / "images", images, labels, ipc, self.info, config.image_format
+            # Shared outputs are rank 0's (the other ranks of a torchrun job hold the same set).
+            pattern = (
+                save_images(folder / "images", images, labels, ipc, self.info, config.image_format)
+                if is_main()
+                else "<class>/<index>"
             )
             files["images"] = f"images/{pattern}"
         else:
@@ -676,7 +713,8 @@ class Run:
             else {"path": str(config.selection), "strategy": selection.meta["strategy"]},
             versions=versions(), files=files, **fields,
         )  # fmt: skip
-        save_distilled(folder, images, labels, manifest)
+        if is_main():
+            save_distilled(folder, images, labels, manifest)
         return manifest
 
 

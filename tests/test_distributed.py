@@ -1,0 +1,349 @@
+"""delt.distributed under torchrun (Gloo, CPU, one thread per rank): recover (cda, delt), pdd and
+select give the one-process bytes at world size 2; a killed rank fails the job and the re-run
+resumes to the same bytes; world size 2 then 1; two "nodes" through a c10d rendezvous.
+
+Every launch runs under a hard timeout (``LAUNCH_TIMEOUT``) and the process group's own timeout
+is ``DELT_DIST_TIMEOUT=60``, so nothing here can hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from delt.distributed import (
+    World,
+    all_gather,
+    barrier,
+    broadcast,
+    is_main,
+    main_first,
+    session,
+    timeout_seconds,
+    torchrun_environment,
+    world,
+)
+
+LAUNCH_TIMEOUT = 240  # seconds; a launch that takes longer fails the test (no hang)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+DELT = ["-m", "delt"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # One thread per rank (results depend on the thread count), a short collective timeout.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DELT_DIST_TIMEOUT="60")
+    # `python -m` would put the working folder (the checkout) first on sys.path, and the
+    # checkout's delt_ext (no compiled library) would shadow the installed one.
+    env["PYTHONSAFEPATH"] = "1"
+    return env
+
+
+def _one_process(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *DELT, *args], env=_env(), capture_output=True, text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )  # fmt: skip
+
+
+def _torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None):
+    command = [*TORCHRUN, *(launcher or ["--standalone"]), f"--nproc-per-node={nproc}", *DELT]
+    return subprocess.run(
+        [*command, *args], env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+    )  # fmt: skip
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _set_files(folder: Path) -> dict[str, bytes]:
+    """The distilled set's bytes: distilled.pt and every image file (stages too)."""
+    names = ["distilled.pt", *[str(p.relative_to(folder)) for p in folder.glob("**/*.png")]]
+    names += [str(p.relative_to(folder)) for p in folder.glob("stages/*/distilled.pt")]
+    return {name: (folder / name).read_bytes() for name in sorted(names)}
+
+
+def _assert_same_set(folder: Path, reference: Path) -> None:
+    files, expected = _set_files(folder), _set_files(reference)
+    assert sorted(files) == sorted(expected)
+    different = [name for name in expected if files[name] != expected[name]]
+    assert not different, f"differ from the one-process run: {different}"
+
+
+# --------------------------------------------------------------------------------------------
+# Without torchrun: the world-size-1 case, nothing initialized, nothing written.
+
+
+def test_without_torchrun_everything_is_the_one_process_world(monkeypatch, tmp_path):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert torchrun_environment() is None
+    with session("cpu", tmp_path) as job:
+        assert job == World(0, 1, 0) == world()
+        assert is_main()
+        barrier()
+        assert broadcast({"a": 1}) == {"a": 1}
+        assert all_gather(3) == [3]
+        with main_first():
+            pass
+    assert not (tmp_path / "logs").exists()
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_session_holds_the_output_lock_while_the_command_runs(monkeypatch, tmp_path):
+    # The hook for the output-folder lock: one process (rank 0 under torchrun) holds it.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    events = []
+
+    @contextlib.contextmanager
+    def lock(folder):
+        events.append(("take", folder))
+        yield
+        events.append(("release", folder))
+
+    with session("cpu", tmp_path, lock=lock):
+        assert events == [("take", tmp_path)]
+    assert events == [("take", tmp_path), ("release", tmp_path)]
+
+
+def test_global_batch_norm_is_batch_norm_in_one_process():
+    from delt.student import GlobalBatchNorm2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    converted = GlobalBatchNorm2d.convert(copy.deepcopy(model))
+    assert isinstance(converted[1], GlobalBatchNorm2d)
+    x = torch.randn(5, 3, 6, 6)
+    assert torch.equal(converted(x), model(x))
+    assert torch.equal(converted[1].running_var, model[1].running_var)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "expected integers"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, r"RANK=2 must be in \[0, "),
+    ],
+)
+def test_a_bad_torchrun_environment_is_refused(monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        torchrun_environment()
+
+
+def test_the_collective_timeout_is_bounded_and_checked(monkeypatch):
+    monkeypatch.delenv("DELT_DIST_TIMEOUT", raising=False)
+    assert 0 < timeout_seconds() <= 3600
+    monkeypatch.setenv("DELT_DIST_TIMEOUT", "12.5")
+    assert timeout_seconds() == 12.5
+    monkeypatch.setenv("DELT_DIST_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="DELT_DIST_TIMEOUT must be a number of seconds > 0"):
+        timeout_seconds()
+
+
+# --------------------------------------------------------------------------------------------
+# Under torchrun (two Gloo ranks of one thread each).
+
+
+def _recover_args(teacher, out, method, selection=None, **flags) -> list[str]:
+    values = {"ipc": 3, "iterations": 6, "batch-size": 4, "device": "cpu", **flags}
+    args = ["recover", "--teacher", str(teacher), "--out", str(out), "--method", method]
+    if selection is not None:
+        args += ["--selection", str(selection)]
+    for name, value in values.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return [*args, "--no-progress"]
+
+
+# One cda set of 16 chunks (4 classes x 8 images, 2 per chunk), made by one process, against
+# which the torchrun runs below are compared.
+def _cda_args(teacher, out) -> list[str]:
+    return _recover_args(teacher, out, "cda", ipc=8, batch_size=2, iterations=30)
+
+
+@pytest.fixture(scope="module")
+def cda_reference(tmp_path_factory, tiny_teacher):
+    out = tmp_path_factory.mktemp("cda_one_process")
+    _ok(_one_process(_cda_args(tiny_teacher.path, out)))
+    assert not (out / "logs").exists()  # a one-process run writes what it always wrote
+    return out
+
+
+def test_recover_cda_on_two_ranks_is_bitwise_the_one_process_set(
+    tmp_path, tiny_teacher, cda_reference
+):
+    result = _ok(_torchrun(_cda_args(tiny_teacher.path, tmp_path)))
+    _assert_same_set(tmp_path, cda_reference)
+    assert result.stdout.count("recover: 32 images") == 1  # rank 0 alone reports
+    for rank in (0, 1):
+        log = (tmp_path / "logs" / f"rank-{rank}.log").read_text()
+        assert f"rank {rank} of 2" in log and "backend gloo" in log
+        assert log.count("done in") == 8  # 16 chunks dealt round-robin
+
+
+def test_recover_delt_on_two_ranks_is_bitwise_the_one_process_set(
+    tmp_path, tiny_teacher, tiny_selection
+):
+    def args(out):
+        return _recover_args(tiny_teacher.path, out, "delt", tiny_selection, round_iterations=2)
+
+    reference, out = tmp_path / "one", tmp_path / "two"
+    _ok(_one_process(args(reference)))
+    _ok(_torchrun(args(out)))
+    _assert_same_set(out, reference)
+
+
+def test_pdd_with_hard_init_on_two_ranks_is_bitwise_the_one_process_set(
+    tmp_path, tiny_teacher, tiny_selection
+):
+    flags = {
+        "ipc": 4, "stages": 2, "round-iterations": 2, "stage-init": "hard",
+        "hard-student-epochs": 1, "union-sample": 2,
+    }  # fmt: skip
+    args = lambda out: [  # noqa: E731
+        *_recover_args(tiny_teacher.path, out, "pdd", tiny_selection, **flags), "--base", "delt",
+        "--union-in-batch",
+    ]  # fmt: skip
+    reference, out = tmp_path / "one", tmp_path / "two"
+    _ok(_one_process(args(reference)))
+    _ok(_torchrun(args(out)))
+    _assert_same_set(out, reference)
+    init = "stages/2/init.json"
+    assert (out / init).read_text() == (reference / init).read_text().replace(
+        _seconds(reference / init), _seconds(out / init)
+    )
+
+
+def _seconds(path: Path) -> str:
+    return re.search(r'"student_seconds": ([0-9.e+-]+)', path.read_text()).group(1)
+
+
+def test_select_on_two_ranks_is_the_one_process_selection(tmp_path, tiny_teacher):
+    def args(out):
+        return [
+            "select", "--teacher", str(tiny_teacher.path), "--ipc", "2", "--out", str(out),
+            "--batch-size", "5", "--device", "cpu", "--no-progress",
+        ]  # fmt: skip
+
+    reference, out = tmp_path / "one", tmp_path / "two"
+    _ok(_one_process(args(reference)))
+    _ok(_torchrun(args(out)))
+    assert (out / "ranking.csv").read_bytes() == (reference / "ranking.csv").read_bytes()
+    import json
+
+    chosen = [json.loads((f / "selection.json").read_text())["classes"] for f in (out, reference)]
+    assert chosen[0] == chosen[1]
+
+
+def test_a_killed_rank_fails_the_job_and_a_one_process_rerun_resumes_to_the_same_bytes(
+    tmp_path, tiny_teacher, cda_reference
+):
+    out = tmp_path / "killed"
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node=2", *DELT]
+    job = subprocess.Popen(
+        [*command, *_cda_args(tiny_teacher.path, out)], env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        log = out / "logs" / "rank-1.log"
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        pid = None
+        while time.monotonic() < deadline and job.poll() is None:
+            text = log.read_text() if log.is_file() else ""
+            found = re.search(r"pid (\d+)", text)
+            if found and "done in" in text:  # rank 1 finished a chunk: kill it mid-run
+                pid = int(found.group(1))
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        assert pid is not None, "rank 1 never finished a chunk"
+        # torchrun notices the dead rank, stops the other one and fails, well within the timeout.
+        returncode = job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert returncode != 0
+    done = len(list((out / "chunks").glob("*.pt")))
+    assert 1 <= done < 16 and not (out / "distilled.pt").exists()
+    # Another world size (one process) resumes from the finished chunks to the same bytes.
+    result = _ok(_one_process(_cda_args(tiny_teacher.path, out)))
+    assert f"({done} already done)" in result.stderr
+    _assert_same_set(out, cda_reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_through_a_c10d_rendezvous(tmp_path, tiny_teacher, cda_reference):
+    # Two torchrun "nodes" of one rank each on this machine, as on two hosts sharing --out.
+    port = _free_port()
+    launcher = [
+        "--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=delt-test",
+    ]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                *launcher,
+                "--nproc-per-node=1",
+                *DELT,
+                *_cda_args(tiny_teacher.path, tmp_path),
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=LAUNCH_TIMEOUT)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)[-4000:]
+    _assert_same_set(tmp_path, cda_reference)
+    for rank in (0, 1):
+        assert f"rank {rank} of 2" in (tmp_path / "logs" / f"rank-{rank}.log").read_text()
+
+
+def test_eval_with_ddp_matches_the_one_process_first_epoch_loss(tmp_path, tiny_set):
+    # 8 images, global batch 4 (2 per rank), GlobalBatchNorm2d over the global batch: the first
+    # epoch's loss is the one-process loss up to the order of the sums.
+    def args(out):
+        return [
+            "eval", "--distilled", str(tiny_set), "--epochs", "2", "--batch-size", "4",
+            "--seeds", "0", "--eval-every", "1", "--device", "cpu", "--out", str(out),
+            "--no-progress",
+        ]  # fmt: skip
+
+    import json
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    _ok(_one_process(args(one)))
+    result = _ok(_torchrun(args(two)))
+    assert result.stdout.count("eval: best top-1") == 1
+    seeds = [json.loads(path.read_text())["seeds"][0] for path in (one, two)]
+    assert seeds[1]["train_loss"][0] == pytest.approx(seeds[0]["train_loss"][0], rel=1e-4)
+    assert len(seeds[1]["curve"]) == 2  # the sharded test ran after every epoch
