@@ -20,7 +20,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_recover_reference import _platform, build_inputs  # noqa: E402
+from test_recover_reference import (  # noqa: E402
+    _platform,
+    at_threads,
+    build_inputs,
+    saved_reference,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eval_reference.json"
 
@@ -68,18 +73,8 @@ def _jsonable(config: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def reference_set(tmp_path_factory):
-    saved = json.loads(FIXTURE.read_text())
-    if saved["platform"] != _platform():
-        pytest.skip(
-            f"{FIXTURE.name} was written on {saved['platform']}, this is {_platform()}: bitwise "
-            "outputs differ across torch builds and CPU kernel families"
-        )
-    before = torch.get_num_threads()
-    torch.set_num_threads(saved["threads"])
-    try:
-        distilled = make_set(tmp_path_factory.mktemp("eval-reference"))
-    finally:
-        torch.set_num_threads(before)
+    saved = saved_reference(FIXTURE)
+    distilled = at_threads(saved["threads"], make_set, tmp_path_factory.mktemp("eval-reference"))
     return saved, distilled
 
 

@@ -103,20 +103,32 @@ def run_case(name: str, teacher: Path, selection: Path, out: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def reference_inputs(tmp_path_factory):
-    saved = json.loads(FIXTURE.read_text())
+def saved_reference(fixture: Path) -> dict:
+    """A saved run's JSON; skips the test where it was written on another platform."""
+    saved = json.loads(fixture.read_text())
     if saved["platform"] != _platform():
         pytest.skip(
-            f"{FIXTURE.name} was written on {saved['platform']}, this is {_platform()}: bitwise "
+            f"{fixture.name} was written on {saved['platform']}, this is {_platform()}: bitwise "
             "outputs differ across torch builds and CPU kernel families"
         )
+    return saved
+
+
+def at_threads(threads: int, build, *args):
+    """``build(*args)`` with torch at ``threads`` intra-op threads (restored afterwards)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(saved["threads"])
+    torch.set_num_threads(threads)
     try:
-        teacher, selection = build_inputs(tmp_path_factory.mktemp("reference-inputs"))
+        return build(*args)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference_inputs(tmp_path_factory):
+    saved = saved_reference(FIXTURE)
+    folder = tmp_path_factory.mktemp("reference-inputs")
+    teacher, selection = at_threads(saved["threads"], build_inputs, folder)
     return saved, teacher, selection
 
 

@@ -291,7 +291,7 @@ def recover_rded(config: Any) -> RecoverResult:
     run = prepare_run(config)
     config, info = run.config, run.info
     dataset = load_like(info, "train", config.data_root)
-    check_compatible(run.teacher.meta, dataset.info)
+    check_compatible(run.teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
     check_rded_data(config, dataset)
     run.check_identity(False)
     teacher = frozen_teacher(run.teacher.model, run.device, config.channels_last).eval()
@@ -316,7 +316,7 @@ def recover_rded(config: Any) -> RecoverResult:
 
     images, iterations_per_image, seconds = run_chunks(
         chunks, config.ipc, info, chunk_dir, lambda chunk: derive_seed(config.seed, chunk.index),
-        make_class, config.progress, "rded classes",
+        make_class, config.progress, "rded classes", run.identity,
     )  # fmt: skip
     sources = [torch_load(chunk_dir / f"{chunk.index:05d}.pt")["sources"] for chunk in chunks]
     labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
