@@ -25,7 +25,9 @@ HAS_FASHION_MNIST = Path(FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").is_fi
 
 
 def test_registry_names():
-    assert set(DATASETS) == {"fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"}
+    assert set(DATASETS) == {
+        "fashion-mnist", "cifar10", "cifar100", "imagefolder", "tiny-imagenet", "synthetic",
+    }  # fmt: skip
 
 
 def test_synthetic_shapes_options_and_determinism():
