@@ -24,7 +24,15 @@ from delt.config import ConfigError, check_int_fields, flag, identity_dict, opti
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
 from delt.distributed import barrier, is_main
-from delt.io import check_output, read_json, sha256_file, torch_load, torch_save, write_json
+from delt.io import (
+    check_output,
+    read_json,
+    remove_stray_temporaries,
+    sha256_file,
+    torch_load,
+    torch_save,
+    write_json,
+)
 from delt.lock import results_lock
 from delt.models import (
     Checkpoint,
@@ -654,7 +662,10 @@ def evaluate(config: EvalConfig) -> EvalResult:
     if config.stagewise:
         raise ConfigError("--stagewise: run it with delt.stagewise.evaluate_stagewise")
     config.check_results_path(probe=False)
-    with results_lock(config.results_path):
+    with results_lock(config.results_path) as lock:
+        checkpoints = config.seed_checkpoint_path(0).parent
+        if lock.held:  # what a killed write of a seed's training state left
+            remove_stray_temporaries(checkpoints, recursive=False)
         return _evaluate(config)
 
 
