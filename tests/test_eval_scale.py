@@ -125,3 +125,79 @@ def test_a_killed_run_resumes_mid_seed_with_the_same_result(tiny_set, tmp_path, 
     saved, again = (json.loads(path.read_text())["seeds"][0] for path in (whole, killed))
     assert again["train_loss"] == saved["train_loss"] and again["curve"] == saved["curve"]
     assert again["final_accuracy"] == saved["final_accuracy"]
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: eval's peak RSS grows with IPC by the set's own (uint8) bytes, not by a float32 copy
+
+MEMORY_DATA = "synthetic:classes=10,channels=3,size=64,train=4,test=2"
+# Measured here (2 cores, CPU, torch 2.14 with the CUDA build loaded, 2026-12-02): the peak is
+# about 718 MiB for IPC 4 (within 4 MiB over repeated runs) and grows by 26-28 MiB to IPC 200,
+# whose set is 23.0 MiB larger; with the whole set converted to float32 up front (the evaluator
+# patched to do so) it grows by 100-103 MiB and this test fails. 40 MiB of slack covers the
+# run-to-run noise several times over and still catches that.
+RSS_SLACK = 40 * 2**20
+
+
+@pytest.fixture(scope="module")
+def imported_sets(tmp_path_factory):
+    """Two `delt import` sets of one teacher, 10 classes of 3x64x64 images, IPC 4 and 200 (the
+    first 4 images of each class are the same): ``{ipc: folder}``."""
+    from delt.cli import main
+    from delt.teacher import TeacherConfig, train_teacher
+    from imagefolders import write_images
+
+    root = tmp_path_factory.mktemp("memory")
+    teacher = train_teacher(
+        TeacherConfig(
+            out=str(root / "teacher"), dataset=MEMORY_DATA, arch="convnet2", width=8, epochs=1,
+            batch_size=16, amp="none", channels_last=False, progress=False,
+        )
+    ).path  # fmt: skip
+    sets = {}
+    for ipc in (4, 200):
+        for c in range(10):
+            write_images(root / f"released{ipc}" / f"{c}", ipc, 64, seed=c, suffix="png")
+        sets[ipc] = root / f"set{ipc}"
+        argv = ["import", "--images", str(root / f"released{ipc}"), "--teacher", str(teacher)]
+        assert main([*argv, "--out", str(sets[ipc])]) == 0
+    return sets
+
+
+def _eval_peak_rss(folder, out, workers):
+    """Peak RSS in bytes (``VmHWM``) of a fresh process that runs `delt eval` for one epoch.
+
+    Read by the process itself when eval returns: ``RUSAGE_CHILDREN`` of a wrapper would be the
+    largest of every process eval waited for, and a child forked by eval (``lscpu`` for the
+    versions record) counts the RSS it shared with eval at the fork.
+    """
+    wrapper = (
+        "import sys; from delt.cli import main; assert main(sys.argv[1:]) == 0; "
+        "print(next(line.split()[1] for line in open('/proc/self/status') "
+        "if line.startswith('VmHWM:')))"
+    )
+    command = [
+        sys.executable, "-c", wrapper, "eval", "--distilled", str(folder), "--out", str(out),
+        "--epochs", "1", "--seeds", "0", "--batch-size", "10", "--workers", str(workers),
+        "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return int(run.stdout.split()[-1]) * 1024  # VmHWM is in kB
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+# About 20 s of wall time per eval process here (two cores shared with other jobs): --workers 2
+# is marked slow; `make test` (CI) runs it.
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_eval_memory_grows_with_ipc_by_the_sets_bytes_only(imported_sets, tmp_path, workers):
+    # The same batch size for both (a batch's activations are not the set's): only the set grows.
+    small, large = (imported_sets[ipc] for ipc in (4, 200))
+    set_bytes = {f: (f / "distilled.pt").stat().st_size for f in (small, large)}
+    assert set_bytes[large] > 24 * 10**6  # 2,000 x 3 x 64 x 64 uint8 pixels
+    peaks = {f: _eval_peak_rss(f, tmp_path / f"{f.name}.json", workers) for f in (small, large)}
+    grown, allowed = peaks[large] - peaks[small], 1.5 * (set_bytes[large] - set_bytes[small])
+    assert grown <= allowed + RSS_SLACK, (
+        f"peak RSS grew by {grown / 2**20:.1f} MiB from IPC 4 to 200, more than 1.5 x the set's "
+        f"{(set_bytes[large] - set_bytes[small]) / 2**20:.1f} MiB + {RSS_SLACK / 2**20:.0f} MiB"
+    )

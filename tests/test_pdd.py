@@ -89,7 +89,9 @@ def _manifest(folder):
 def test_stage_sizes_and_bookkeeping(staged_teacher, staged_selection, tmp_path, monkeypatch):
     spy = _Spy(monkeypatch)
     out = tmp_path / "run"
-    result = recover(_pdd(staged_teacher, staged_selection, out, stage_ipc=(3, 1)))
+    # --keep-chunks: the stages' own sets stay (by default they go with the chunks).
+    config = _pdd(staged_teacher, staged_selection, out, stage_ipc=(3, 1), keep_chunks=True)
+    result = recover(config)
     manifest = _manifest(out)
     assert manifest["method"] == "pdd" and manifest["ipc"] == IPC
     assert manifest["config"]["stage_ipc"] == [3, 1] and manifest["config"]["base"] == "delt"
@@ -139,7 +141,10 @@ def test_earlier_stages_stay_bitwise_unchanged(tmp_path, monkeypatch, staged_tea
     # Three stages over CDA (noise init, one image per class per chunk), union in the batch.
     spy = _Spy(monkeypatch)
     out = tmp_path / "run"
-    config = _pdd(staged_teacher, None, out, base="cda", stages=3, ipc=3, union_in_batch=True)
+    config = _pdd(
+        staged_teacher, None, out, base="cda", stages=3, ipc=3, union_in_batch=True,
+        keep_chunks=True,  # it reads the stages' own sets
+    )  # fmt: skip
     recover(config)
     final = torch.load(out / "distilled.pt", weights_only=True)["images"]
     manifest = _manifest(out)
@@ -317,8 +322,11 @@ def test_resume_between_stages_and_chunks_is_bitwise_identical(
     spy.die_after = None
     recover(config(out))
     assert len(spy.calls) == 4  # every chunk ran exactly once over all the invocations
-    files = ["distilled.pt", "stages/1/distilled.pt", "stages/2/distilled.pt"]
-    files += [str(p.relative_to(reference)) for p in reference.glob("**/*.png")]
+    # A finished run keeps U_P (every U_k is a prefix of it), not the stages' chunks and sets.
+    for folder in (out, reference):
+        kept = sorted(p.name for p in (folder / "stages" / "2").iterdir())
+        assert kept == ["images", "init.json"]
+    files = ["distilled.pt", *(str(p.relative_to(reference)) for p in reference.glob("**/*.png"))]
     for name in files:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     picks = [json.loads((f / "stages/2/init.json").read_text())["picks"] for f in (out, reference)]

@@ -258,3 +258,82 @@ def test_a_finished_run_keeps_one_copy_of_the_images(tiny_teacher, tiny_selectio
         kept.iterations_per_image
     )
     assert (tmp_path / "one" / "distilled.pt").stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------------------------
+# Disk: a finished run of every method keeps one float32 copy of its images
+
+FOOTPRINT_DATA = "synthetic:classes=4,channels=3,size=32,train=16,test=4"
+# What a finished run holds besides its images: manifest.json (the teacher's metadata, per-image
+# lists: a few bytes per image, rded's crop sources about 60), run.json, the finished mark, pdd's
+# init.json and distilled.pt's zip headers. Measured 6.4 kB (sre2l, cda) to 10.0 kB (rded) for
+# the 16 images below; 16 kB leaves room for longer temporary paths.
+METADATA_BYTES = 16 * 1024
+
+
+@pytest.fixture(scope="module")
+def footprint_inputs(tmp_path_factory):
+    """A teacher of 32-pixel images (so that the images outweigh the metadata) and a selection."""
+    from delt.select import SelectConfig, select_images
+    from delt.teacher import TeacherConfig, train_teacher
+
+    teacher = train_teacher(
+        TeacherConfig(
+            out=str(tmp_path_factory.mktemp("teacher32")), dataset=FOOTPRINT_DATA,
+            arch="convnet2", width=8, epochs=1, batch_size=32, amp="none",
+            channels_last=False, progress=False,
+        )
+    ).path  # fmt: skip
+    selection = tmp_path_factory.mktemp("select32")
+    select_images(SelectConfig(teacher=str(teacher), ipc=4, out=str(selection), progress=False))
+    return teacher, selection
+
+
+def _footprint_config(inputs, method, out, **overrides):
+    teacher, selection = inputs
+    values = dict(teacher=str(teacher), ipc=4, out=str(out), progress=False)
+    if method == "rded":
+        values.update(method="rded", candidates=16, num_crop=2, factor=2)
+    else:
+        base = "delt" if method == "pdd" else method
+        values.update(method=method, iterations=4, batch_size=8)
+        if method == "pdd":
+            values.update(stages=2, base="delt")
+        if base == "delt":
+            values.update(selection=str(selection), round_iterations=2)
+    values.update(overrides)
+    return RecoverConfig(**values)
+
+
+def _sizes(folder):
+    """``(bytes of the image files (images/ folders), bytes of every other file)``."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    images = sum(p.stat().st_size for p in files if "images" in p.relative_to(folder).parts)
+    return images, sum(p.stat().st_size for p in files) - images
+
+
+@pytest.mark.parametrize("method", ["sre2l", "cda", "delt", "pdd", "rded"])
+def test_a_finished_runs_footprint_is_one_float32_copy(footprint_inputs, tmp_path, method):
+    one, kept = tmp_path / "one", tmp_path / "kept"
+    result = recover(_footprint_config(footprint_inputs, method, one))
+    recover(_footprint_config(footprint_inputs, method, kept, keep_chunks=True))
+    float_copy = result.images.numel() * 4  # 16 images of 3x32x32: 196,608 bytes
+    image_bytes, other_bytes = _sizes(one)
+    # The float32 store: distilled.pt alone (pdd's U_k are prefixes of it), plus metadata.
+    assert [str(p.relative_to(one)) for p in one.rglob("*.pt")] == ["distilled.pt"]
+    assert other_bytes <= 1.1 * float_copy + METADATA_BYTES, (other_bytes, float_copy)
+    # The image files are an 8-bit view beside it: PNG stores at most a byte per value (+ its
+    # headers and the deflate framing); pdd's stages/<k>/images repeat each stage's new images.
+    copies = 2 if method == "pdd" else 1
+    assert image_bytes <= copies * (float_copy / 4 + result.images.shape[0] * 200)
+    # --keep-chunks keeps the resume state: the chunks (and pdd's stage sets), a second copy.
+    chunk_files = list(kept.glob("chunks/*.pt")) + list(kept.glob("stages/*/chunks/*.pt"))
+    assert chunk_files and sum(p.stat().st_size for p in chunk_files) >= float_copy
+    if method == "pdd":
+        assert all((kept / "stages" / k / "distilled.pt").is_file() for k in ("1", "2"))
+    assert (one / "distilled.pt").read_bytes() == (kept / "distilled.pt").read_bytes()
+    # Re-running the finished run (chunks gone) returns the same images and writes no file.
+    before = {p: p.stat().st_mtime_ns for p in one.rglob("*")}
+    again = recover(_footprint_config(footprint_inputs, method, one))
+    assert torch.equal(again.images, result.images)
+    assert {p: p.stat().st_mtime_ns for p in one.rglob("*")} == before

@@ -428,17 +428,27 @@ def _load_imagefolder(name, options, root, split, resolution, class_order) -> Im
         missing = [c for c in class_names if c not in present]
         if missing:
             raise DatasetNotFoundError(f"{source}: no folder in {folder} for {_shown(missing)}")
-    info = DatasetInfo(
+    info = _imagenet_style_info(
+        name, class_names, resolution or 224, class_subset=set(class_names) != set(found)
+    )
+    return FolderImageDataset(info, folder)
+
+
+def _imagenet_style_info(
+    name: str, class_names: list[str], resolution: int, class_subset: bool = False
+) -> DatasetInfo:
+    """An RGB dataset of named classes under ImageNet's normalization (torchvision's mean and
+    std, which its pretrained weights assume): imagefolder and tiny-imagenet."""
+    return DatasetInfo(
         name=name,
         num_classes=len(class_names),
         channels=3,
-        resolution=resolution or 224,
+        resolution=resolution,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         class_names=tuple(class_names),
-        class_subset=set(class_names) != set(found),
+        class_subset=class_subset,
     )
-    return FolderImageDataset(info, folder)
 
 
 class FileListDataset(ImageDataset):
@@ -516,16 +526,7 @@ def _load_tiny_imagenet(name, options, root, split, resolution, class_order) -> 
         samples.sort(key=lambda sample: (sample[1], sample[0].name))
     if not samples:
         raise DatasetNotFoundError(f"{name}: no {split} image under {folder}; {TINY_IMAGENET_HOW}")
-    info = DatasetInfo(
-        name=name,
-        num_classes=len(wnids),
-        channels=3,
-        resolution=resolution or 64,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        class_names=tuple(wnids),
-    )
-    return FileListDataset(info, samples)
+    return FileListDataset(_imagenet_style_info(name, wnids, resolution or 64), samples)
 
 
 _SYNTHETIC_DEFAULTS = {"classes": 10, "channels": 3, "size": 16, "train": 32, "test": 8, "seed": 0}

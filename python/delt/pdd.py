@@ -1,8 +1,10 @@
 """``delt recover --method pdd``: progressive synthesis (PDD, reference/pdd.md; README,
 "Progressive synthesis"): P stages of a base method, earlier stages frozen bitwise, optionally
 conditioned on per-stage teachers, the union in the batch or hard real initial images. Outputs:
-U_P as a distilled set in ``OUT``, and ``OUT/stages/<k>/`` (U_k as a set, the stage's new images,
-``chunks/``, ``init.json``). Chunks are seeded from ``(seed, stage, chunk)``: resumes are exact.
+U_P as a distilled set in ``OUT``, and ``OUT/stages/<k>/`` (the stage's new images, ``init.json``,
+and while the run is unfinished, or with ``--keep-chunks``, ``chunks/`` and U_k as a set of its
+own; U_k is the prefix of U_P that :func:`delt.distilled.load_stage_unions` reads). Chunks are
+seeded from ``(seed, stage, chunk)``: resumes are exact.
 """
 
 from __future__ import annotations
@@ -46,7 +48,16 @@ from delt.student import (
     stagewise_plan,
     train_stagewise,
 )
-from delt.synthesis import METHODS, RecoverResult, Run, load_selection, prepare_run, synthesize
+from delt.synthesis import (
+    METHODS,
+    RecoverResult,
+    Run,
+    delete_resume_state,
+    finished_without_chunks,
+    load_selection,
+    prepare_run,
+    synthesize,
+)
 from delt.teacher import saved_checkpoints
 
 __all__ = [
@@ -652,7 +663,7 @@ def recover_progressive(config: Any) -> RecoverResult:
         if config.stage_teachers == "final"
         else [sha256_file(checkpoint.path) for checkpoint in teachers],
     )
-    finished = run.finished_result()
+    finished = run.finished_result() or finished_without_chunks(run.out)
     if finished is not None:
         return finished
     ipc = config.ipc
@@ -695,6 +706,14 @@ def recover_progressive(config: Any) -> RecoverResult:
             stage.index, len(stages), stage.ipc, union.entries[-1]["image_iterations"],
         )  # fmt: skip
     _write_union(run, run.out, selection, union, ipc, images=True)
+    # DIR/distilled.pt (written and fsynced above) holds every U_k as a prefix: the chunks and
+    # the stages' float32 unions go, so that one copy of the images stays.
+    stage_dirs = [run.out / "stages" / str(stage.index) for stage in stages]
+    delete_resume_state(
+        run.out,
+        [d / name for d in stage_dirs for name in ("chunks", "distilled.pt", "manifest.json")],
+        config.keep_chunks,
+    )
     return RecoverResult(
         run.out, union.images, union.labels, union.iterations_per_image, union.synthesis_seconds
     )

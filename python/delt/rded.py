@@ -11,7 +11,8 @@ the crop ranked ``k * n + i``, so the ``n`` best crops are the top-left tiles. T
 keep the earlier crop (``argmin``) and the earlier candidate (a stable sort).
 
 A class is one chunk of :func:`delt.synthesis.run_chunks` (seeded from ``(seed, class)``, saved
-to ``OUT/chunks/`` when done, so a killed run resumes to the same bytes). ``synthesis_seconds``
+to ``OUT/chunks/`` when done, so a killed run resumes to the same bytes; deleted once
+``distilled.pt`` is written, unless ``--keep-chunks``). ``synthesis_seconds``
 is the time spent cropping, scoring and tiling; every image has 0 iterations. The manifest's
 ``rded_crops`` gives, per image and tile, ``[training-set index, top, left, size]`` of its crop.
 """
@@ -33,7 +34,15 @@ from delt.io import torch_load
 from delt.models import check_compatible
 from delt.runtime import autocast, derive_seed, logger
 from delt.schedules import Chunk, class_contiguous_chunks
-from delt.synthesis import ChunkResult, RecoverResult, frozen_teacher, prepare_run, run_chunks
+from delt.synthesis import (
+    ChunkResult,
+    RecoverResult,
+    delete_resume_state,
+    finished_without_chunks,
+    frozen_teacher,
+    prepare_run,
+    run_chunks,
+)
 
 __all__ = [
     "LOOP_FIELDS",
@@ -294,6 +303,9 @@ def recover_rded(config: Any) -> RecoverResult:
     check_compatible(run.teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
     check_rded_data(config, dataset)
     run.check_identity(False)
+    finished = run.finished_result() or finished_without_chunks(run.out)
+    if finished is not None:
+        return finished
     teacher = frozen_teacher(run.teacher.model, run.device, config.channels_last).eval()
     chunks = class_contiguous_chunks(info.num_classes, config.ipc, config.ipc)  # one per class
     chunk_dir = run.out / "chunks"
@@ -324,6 +336,9 @@ def recover_rded(config: Any) -> RecoverResult:
         run.out, None, images, labels, config.ipc, iterations_per_image, seconds,
         extra={"rded_crops": torch.cat(sources).tolist()},
     )  # fmt: skip
+    # One copy of the images: distilled.pt (written and fsynced above; the crop sources are in
+    # the manifest) replaces the chunks.
+    delete_resume_state(run.out, [chunk_dir], config.keep_chunks)
     logger.info(
         "recover: %d images, %d image-iterations, %.1f s of crop scoring -> %s",
         images.shape[0], manifest.image_iterations, seconds, run.out,

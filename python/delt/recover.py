@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,8 +18,6 @@ from torch import Tensor
 
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo
-from delt.distilled import load_distilled
-from delt.distributed import barrier, is_main
 from delt.io import remove_stray_temporaries
 from delt.lock import output_lock
 from delt.pdd import (
@@ -50,6 +46,8 @@ from delt.synthesis import (
     METHODS,
     MethodRecipe,
     RecoverResult,
+    delete_resume_state,
+    finished_without_chunks,
     load_selection,
     prepare_run,
     synthesize,
@@ -125,8 +123,9 @@ class RecoverConfig:
     progress: bool = option(True, help="show progress bars", identity=False)
     keep_chunks: bool = option(
         False,
-        help="keep OUT/chunks/ (the resume state, a second float32 copy of the images) after "
-        "a finished recovery; by default it is deleted once distilled.pt is written",
+        help="keep the resume state after a finished recovery: OUT/chunks/ (pdd: every "
+        "stages/<k>/chunks/ and the stage's own U_k set), a second float32 copy of the images; "
+        "by default it is deleted once distilled.pt is written",
         identity=False,
     )
 
@@ -242,20 +241,6 @@ class RecoverConfig:
         return resolved
 
 
-FINISHED_MARK = "chunks-deleted"
-
-
-def _finished(out: Path) -> bool:
-    """A recovery that finished and deleted its chunks: the mark (written after the outputs,
-    before the chunks go) and the outputs are there; a run killed while deleting resumes here
-    too, since its outputs were complete before the first chunk was removed."""
-    return (
-        (out / FINISHED_MARK).is_file()
-        and (out / "distilled.pt").is_file()
-        and (out / "manifest.json").is_file()
-    )
-
-
 def recover(config: RecoverConfig) -> RecoverResult:
     """Runs (or resumes) a recovery; writes ``distilled.pt``, ``images/`` and ``manifest.json``.
 
@@ -299,15 +284,11 @@ def _recover(config: RecoverConfig) -> RecoverResult:
     chunks = recipe.chunks(info.num_classes, config.ipc, config.batch_size)
     labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
     chunk_dir = run.out / "chunks"
-    if _finished(run.out):
-        # A finished run whose chunks were deleted: its outputs are the result (same identity,
-        # checked above), nothing to optimize or write again.
-        images, saved_labels, manifest = load_distilled(run.out)
-        logger.info("recover: %s is finished (%d images)", run.out, images.shape[0])
-        return RecoverResult(
-            run.out, images, saved_labels, manifest.iterations_per_image,
-            manifest.synthesis_seconds,
-        )  # fmt: skip
+    # A finished run whose chunks were deleted: its outputs are the result (same identity,
+    # checked above), nothing to optimize or write again.
+    finished = finished_without_chunks(run.out)
+    if finished is not None:
+        return finished
     done = [chunk.index for chunk in chunks if (chunk_dir / f"{chunk.index:05d}.pt").is_file()]
     logger.info(
         "recover: %s, %d classes x %d images, %d chunks of <= %d (%d already done), %d iterations, "
@@ -323,12 +304,8 @@ def _recover(config: RecoverConfig) -> RecoverResult:
     manifest = run.write_outputs(
         run.out, selection, images, labels, config.ipc, iterations_per_image, seconds
     )
-    if not config.keep_chunks:
-        barrier()  # under torchrun: every rank has read the chunks, rank 0 has written the set
-        if is_main():
-            # One copy of the images: distilled.pt (written and fsynced above) replaces them.
-            (run.out / FINISHED_MARK).write_text("chunks deleted after distilled.pt was written\n")
-            shutil.rmtree(chunk_dir)
+    # One copy of the images: distilled.pt (written and fsynced above) replaces the chunks.
+    delete_resume_state(run.out, [chunk_dir], config.keep_chunks)
     logger.info(
         "recover: %d images, %d image-iterations, %.1f s of synthesis -> %s",
         images.shape[0], manifest.image_iterations, seconds, run.out,

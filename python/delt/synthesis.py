@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 import delt_ext
 from delt.config import ConfigError, config_diff
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.distilled import Manifest, save_distilled, save_images
+from delt.distilled import Manifest, load_distilled, save_distilled, save_images
 from delt.distributed import barrier, broadcast, is_main, main_first, world
 from delt.io import (
     FileFormatError,
@@ -58,6 +59,7 @@ from delt.select import Selection
 
 __all__ = [
     "DEFAULT_ROUND_ITERATIONS",
+    "FINISHED_MARK",
     "METHODS",
     "ActiveSets",
     "ChunkResult",
@@ -65,6 +67,8 @@ __all__ = [
     "RecoverResult",
     "RecoverySettings",
     "Run",
+    "delete_resume_state",
+    "finished_without_chunks",
     "frozen_teacher",
     "load_selection",
     "optimize_chunk",
@@ -716,6 +720,45 @@ class Run:
         if is_main():
             save_distilled(folder, images, labels, manifest)
         return manifest
+
+
+# Written in OUT once its outputs are complete, before the resume state goes.
+FINISHED_MARK = "chunks-deleted"
+
+
+def finished_without_chunks(out: Path) -> RecoverResult | None:
+    """The result of a run in ``out`` that finished and deleted its resume state
+    (:func:`delete_resume_state`), else None; call it after the identity check.
+
+    The mark is written after the outputs and before the first chunk goes, so a run killed while
+    deleting is finished too. Reads only.
+    """
+    if not all((out / name).is_file() for name in (FINISHED_MARK, "distilled.pt", "manifest.json")):
+        return None
+    images, labels, manifest = load_distilled(out)
+    logger.info("recover: %s is finished (%d images)", out, images.shape[0])
+    return RecoverResult(
+        out, images, labels, list(manifest.iterations_per_image),
+        float(manifest.synthesis_seconds),
+    )  # fmt: skip
+
+
+def delete_resume_state(out: Path, paths: list[Path], keep: bool) -> None:
+    """Deletes ``paths`` (chunk folders, a pdd stage's copy of its union) once ``out``'s outputs
+    are written, so that a finished run keeps one float32 copy of its images; nothing with
+    ``keep`` (``--keep-chunks``). Under torchrun every rank has read the chunks (barrier) and
+    rank 0 deletes."""
+    if keep:
+        return
+    barrier()
+    if not is_main():
+        return
+    (out / FINISHED_MARK).write_text("resume state deleted after distilled.pt was written\n")
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def prepare_run(config: Any) -> Run:
