@@ -122,63 +122,49 @@ def layout_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _fake_resized_crop_flip(x: Tensor, params: Tensor, out_h, out_w) -> Tensor:
-    torch._check(x.dim() == 4, lambda: f"x must be 4-D, got {x.dim()}-D")
+def _fake_crop(image: Tensor, name: str, params: Tensor, height, width) -> Tensor:
+    """Both crop ops' fake kernel: ``image`` (N, C, *, *) → (N, C, height, width), same layout."""
+    torch._check(image.dim() == 4, lambda: f"{name} must be 4-D, got {image.dim()}-D")
     torch._check(params.dim() == 2 and params.shape[1] == 7, lambda: "params must be (N, 7)")
     return torch.empty(
-        (x.shape[0], x.shape[1], out_h, out_w),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=layout_format(x),
+        (image.shape[0], image.shape[1], height, width),
+        dtype=image.dtype,
+        device=image.device,
+        memory_format=layout_format(image),
     )
+
+
+def _fake_resized_crop_flip(x: Tensor, params: Tensor, out_h, out_w) -> Tensor:
+    return _fake_crop(x, "x", params, out_h, out_w)
 
 
 def _fake_resized_crop_flip_backward(grad_out: Tensor, params: Tensor, in_h, in_w) -> Tensor:
-    torch._check(grad_out.dim() == 4, lambda: f"grad_out must be 4-D, got {grad_out.dim()}-D")
-    torch._check(params.dim() == 2 and params.shape[1] == 7, lambda: "params must be (N, 7)")
-    return torch.empty(
-        (grad_out.shape[0], grad_out.shape[1], in_h, in_w),
-        dtype=grad_out.dtype,
-        device=grad_out.device,
-        memory_format=layout_format(grad_out),
-    )
+    return _fake_crop(grad_out, "grad_out", params, in_h, in_w)
 
 
-def _setup_resized_crop_flip(ctx, inputs, output) -> None:
-    x, params, out_h, out_w = inputs
+# The two crop ops are linear in their image and each other's adjoint (the backward op is the
+# forward's transpose), so each one's gradient is the other op with the same params, back to the
+# image's size and layout. That also gives the forward a double backward.
+def _setup_crop(ctx, inputs, output) -> None:
+    image, params, _, _ = inputs
     ctx.save_for_backward(params)
-    ctx.in_size = (x.shape[2], x.shape[3])
-    ctx.memory_format = layout_format(x)
+    ctx.image_size = (image.shape[2], image.shape[3])
+    ctx.memory_format = layout_format(image)
 
 
-def _backward_resized_crop_flip(ctx, grad: Tensor):
-    (params,) = ctx.saved_tensors
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        # The backward op writes grad_x laid out like grad; asking for x's layout here gives x's
-        # layout (a copy only when the incoming gradient has another layout).
-        grad = grad.contiguous(memory_format=ctx.memory_format)
-        grad_x = torch.ops.delt_ext.resized_crop_flip_backward(grad, params, *ctx.in_size)
-    # No gradient for params: the crop box, flip and shifts are discrete.
-    return grad_x, None, None, None
+def _crop_backward(adjoint):
+    def backward(ctx, grad: Tensor):
+        (params,) = ctx.saved_tensors
+        grad_image = None
+        if ctx.needs_input_grad[0]:
+            # The adjoint op writes its result laid out like grad; asking for the image's layout
+            # here gives the image's layout (a copy only when grad has another layout).
+            grad = grad.contiguous(memory_format=ctx.memory_format)
+            grad_image = adjoint(grad, params, *ctx.image_size)
+        # No gradient for params: the crop box, flip and shifts are discrete.
+        return grad_image, None, None, None
 
-
-def _setup_resized_crop_flip_backward(ctx, inputs, output) -> None:
-    grad_out, params, in_h, in_w = inputs
-    ctx.save_for_backward(params)
-    ctx.out_size = (grad_out.shape[2], grad_out.shape[3])
-    ctx.memory_format = layout_format(grad_out)
-
-
-def _backward_resized_crop_flip_backward(ctx, grad: Tensor):
-    # The backward op is linear in grad_out and the adjoint of the forward, so its own gradient
-    # is the forward op (double backward).
-    (params,) = ctx.saved_tensors
-    grad_grad_out = None
-    if ctx.needs_input_grad[0]:
-        grad = grad.contiguous(memory_format=ctx.memory_format)
-        grad_grad_out = torch.ops.delt_ext.resized_crop_flip(grad, params, *ctx.out_size)
-    return grad_grad_out, None, None, None
+    return backward
 
 
 if HAS_OPS:
@@ -188,11 +174,11 @@ if HAS_OPS:
     )
     torch.library.register_autograd(
         "delt_ext::resized_crop_flip",
-        _backward_resized_crop_flip,
-        setup_context=_setup_resized_crop_flip,
+        _crop_backward(torch.ops.delt_ext.resized_crop_flip_backward),
+        setup_context=_setup_crop,
     )
     torch.library.register_autograd(
         "delt_ext::resized_crop_flip_backward",
-        _backward_resized_crop_flip_backward,
-        setup_context=_setup_resized_crop_flip_backward,
+        _crop_backward(torch.ops.delt_ext.resized_crop_flip),
+        setup_context=_setup_crop,
     )

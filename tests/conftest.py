@@ -57,6 +57,25 @@ def num_threads():
     torch.set_num_threads(before)
 
 
+def count_calls(monkeypatch, module, name, die_after=None):
+    """Replaces ``module.name`` with a wrapper that appends to the returned list at each call
+    that runs the original; with ``die_after=k`` the call after the k-th raises
+    KeyboardInterrupt (a simulated kill). Wrapping again wraps the original, not the wrapper."""
+    original = getattr(module, name)
+    original = getattr(original, "counted", original)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        if die_after is not None and len(calls) == die_after:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    wrapper.counted = original
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
 # --------------------------------------------------------------------------------------------
 # delt (orchestration) fixtures: a tiny synthetic dataset, teacher and selection, built once.
 

@@ -1,11 +1,20 @@
 """delt.config: dataclass fields → CLI flags, identity and differences."""
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import pytest
-from delt.config import add_arguments, config_diff, flag, from_namespace, identity_dict, option
+from delt.config import (
+    ConfigError,
+    add_arguments,
+    config_diff,
+    flag,
+    from_namespace,
+    identity_dict,
+    option,
+    refuse_method_options,
+)
 
 
 @dataclass
@@ -56,3 +65,12 @@ def test_tuple_fields_take_comma_or_space_separated_values(capsys):
     assert "invalid int value: 'b'" in capsys.readouterr().err
     assert "(default: 0)" in parser.format_help()
     assert identity_dict(WithLists(seeds=(1, 2)))["seeds"] == [1, 2]  # as JSON reads it back
+
+
+def test_one_methods_flags_are_refused_on_another_in_field_order():
+    options = {f.name: f for f in fields(Example) if f.name in ("batch_size", "limit")}
+    refuse_method_options(Example(out="o", method="x"), options, "y")  # defaults: accepted
+    with pytest.raises(ConfigError, match=r"^--limit applies to --method y, not x$"):
+        refuse_method_options(Example(out="o", limit=0.5), options, "y")
+    with pytest.raises(ConfigError, match=r"^--batch-size applies to --method y, not x$"):
+        refuse_method_options(Example(out="o", batch_size=5, limit=0.5), options, "y")

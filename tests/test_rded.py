@@ -6,6 +6,7 @@ import json
 import delt.rded as rded_module
 import pytest
 import torch
+from conftest import count_calls
 from delt.config import ConfigError
 from delt.data import load_like
 from delt.distilled import load_distilled
@@ -195,28 +196,13 @@ def test_rded_is_seeded(tiny_teacher, tmp_path):
 
 def test_rded_resume_after_a_kill_gives_the_same_bytes(tiny_teacher, tmp_path, monkeypatch):
     recover(_config(tiny_teacher, tmp_path / "uninterrupted"))
-    original = rded_module.rded_class
-    calls = []
-
-    def dies_after_one_class(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt("simulated kill")
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(rded_module, "rded_class", dies_after_one_class)
+    count_calls(monkeypatch, rded_module, "rded_class", die_after=1)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         recover(_config(tiny_teacher, out))
     assert [p.name for p in (out / "chunks").iterdir()] == ["00000.pt"]
     assert not (out / "distilled.pt").exists()
-    rerun = []
-
-    def counting(*args, **kwargs):
-        rerun.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(rded_module, "rded_class", counting)
+    rerun = count_calls(monkeypatch, rded_module, "rded_class")
     recover(_config(tiny_teacher, out))
     assert len(rerun) == 3  # class 0 was loaded from its chunk file
     reference = tmp_path / "uninterrupted"

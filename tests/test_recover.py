@@ -6,6 +6,7 @@ import time
 import delt.synthesis as synthesis_module
 import pytest
 import torch
+from conftest import count_calls
 from delt.config import ConfigError
 from delt.data import DatasetInfo
 from delt.models import TeacherMismatchError, build_model, load_checkpoint, save_checkpoint
@@ -78,29 +79,14 @@ def test_resume_after_a_kill_is_bitwise_identical(
 ):
     reference = recover(_config(tiny_teacher, tiny_selection, tmp_path / "uninterrupted", method))
 
-    calls = []
-    original = synthesis_module.optimize_chunk
-
-    def dies_after_one_chunk(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt("simulated kill")
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(synthesis_module, "optimize_chunk", dies_after_one_chunk)
+    count_calls(monkeypatch, synthesis_module, "optimize_chunk", die_after=1)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         recover(_config(tiny_teacher, tiny_selection, out, method))
     assert [p.name for p in (out / "chunks").iterdir()] == ["00000.pt"]
     assert not (out / "distilled.pt").exists()
 
-    rerun = []
-
-    def counting(*args, **kwargs):
-        rerun.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(synthesis_module, "optimize_chunk", counting)
+    rerun = count_calls(monkeypatch, synthesis_module, "optimize_chunk")
     resumed = recover(_config(tiny_teacher, tiny_selection, out, method, keep_chunks=True))
     assert len(rerun) == len(list((out / "chunks").iterdir())) - 1  # chunk 0 was skipped
     assert torch.equal(resumed.images, reference.images)

@@ -137,22 +137,21 @@ def main(argv=None) -> int:
                 model(images.contiguous(memory_format=torch.channels_last))
     record("select", timer, images=args.select_images)
 
-    with _Timer() as timer:
-        result = recover(
-            RecoverConfig(
-                teacher=teacher_path, ipc=10, out=str(out / "rded10"), method="rded",
-                data_root=args.data_root, channels_last=True, progress=False,
-            )
-        )  # fmt: skip
+    def timed_recover(name: str, **fields):
+        """One timed ``delt recover`` from the teacher into OUT/name."""
+        with _Timer() as timer:
+            result = recover(
+                RecoverConfig(
+                    teacher=teacher_path, out=str(out / name), channels_last=True,
+                    progress=False, **fields,
+                )
+            )  # fmt: skip
+        return timer, result
+
+    timer, result = timed_recover("rded10", ipc=10, method="rded", data_root=args.data_root)
     record("rded_ipc10", timer, synthesis_s=result.synthesis_seconds)
 
-    with _Timer() as timer:
-        result = recover(
-            RecoverConfig(
-                teacher=teacher_path, ipc=1, out=str(out / "cda_chunk"), method="cda",
-                iterations=args.iterations, channels_last=True, progress=False,
-            )
-        )  # fmt: skip
+    timer, result = timed_recover("cda_chunk", ipc=1, method="cda", iterations=args.iterations)
     record(
         "cda_chunk", timer, steps=args.iterations, images=info.num_classes,
         synthesis_s=result.synthesis_seconds,

@@ -335,14 +335,24 @@ SampleLayout sample_layout(int64_t C, Layout layout) {
 
 // Tasks are (sample, block of rows); a task handles its rows in every plane of the sample, so the
 // sample's taps are built once per task at most.
+struct RowTask {
+  int64_t n, row_begin, row_end;  // sample n, its rows [row_begin, row_end)
+};
+
 struct Blocks {
-  int64_t rows_per_task, per_sample, grain;
+  int64_t rows, rows_per_task, per_sample, grain;
+
+  RowTask task(int64_t index) const {
+    const int64_t n = index / per_sample, block = index % per_sample;
+    const int64_t row_begin = block * rows_per_task;
+    return RowTask{n, row_begin, std::min(rows, row_begin + rows_per_task)};
+  }
 };
 
 Blocks row_blocks(int64_t rows, int64_t row_elements) {
   const int64_t rows_per_task = std::clamp<int64_t>(kGrainElements / row_elements, 1, rows);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows_per_task * row_elements));
-  return Blocks{rows_per_task, (rows + rows_per_task - 1) / rows_per_task, grain};
+  return Blocks{rows, rows_per_task, (rows + rows_per_task - 1) / rows_per_task, grain};
 }
 
 template <typename scalar_t>
@@ -362,10 +372,8 @@ void forward_kernel(const at::Tensor& x, Layout layout, const at::Tensor& params
     int64_t local_row = -1;
     std::vector<acc_t> cache(2 * out_row), source, narrow;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks.per_sample, block = task % blocks.per_sample;
+      const auto [n, p_begin, p_end] = blocks.task(task);
       const RowTaps<acc_t>& t = taps.of(n, local, local_row);
-      const int64_t p_begin = block * blocks.rows_per_task;
-      const int64_t p_end = std::min(OH, p_begin + blocks.rows_per_task);
       for (int64_t plane = 0; plane < planes; ++plane) {
         const scalar_t* plane_in = in + (n * planes + plane) * H * in_row;
         scalar_t* plane_out = result + (n * planes + plane) * OH * out_row;
@@ -419,10 +427,8 @@ void backward_kernel(const at::Tensor& grad_out, Layout layout, const at::Tensor
     // One more pixel of zeros at the end: the zero slot that padded taps read (PaddedTaps).
     std::vector<acc_t> column_sums(out_row + K, acc_t(0)), source, narrow;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks.per_sample, block = task % blocks.per_sample;
+      const auto [n, y_begin, y_end] = blocks.task(task);
       const RowTaps<acc_t>& t = taps.of(n, local, local_row);
-      const int64_t y_begin = block * blocks.rows_per_task;
-      const int64_t y_end = std::min(H, y_begin + blocks.rows_per_task);
       for (int64_t plane = 0; plane < planes; ++plane) {
         const scalar_t* plane_g = g + (n * planes + plane) * OH * out_row;
         scalar_t* plane_in = result + (n * planes + plane) * H * in_row;

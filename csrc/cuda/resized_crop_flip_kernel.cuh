@@ -62,15 +62,89 @@ struct TableShape {
 
 constexpr int kMeta = 4;
 
+// The grid-stride loops: this thread's first index, and the step (the threads in the grid).
+template <typename index_t>
+__device__ __forceinline__ index_t first_index() {
+  return static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+template <typename index_t>
+__device__ __forceinline__ index_t grid_threads() {
+  return static_cast<index_t>(gridDim.x) * blockDim.x;
+}
+
+// Where element `o` of an N x C x height x width tensor lies when the tensor is walked in memory
+// order (NCHW, or channels_last with C innermost): sample n, channel c, row y, column x.
+template <typename index_t>
+struct Element {
+  index_t n, c, y, x;
+};
+
+template <bool kChannelsLast, typename index_t>
+__device__ __forceinline__ Element<index_t> element_at(index_t o, index_t C, index_t height,
+                                                       index_t width) {
+  Element<index_t> e;
+  index_t rest;
+  if constexpr (kChannelsLast) {
+    e.c = o % C;
+    rest = o / C;
+    e.x = rest % width;
+    rest /= width;
+    e.y = rest % height;
+    e.n = rest / height;
+  } else {
+    e.x = o % width;
+    rest = o / width;
+    e.y = rest % height;
+    rest /= height;
+    e.c = rest % C;
+    e.n = rest / C;
+  }
+  return e;
+}
+
+// The tables of one params row, as build_tables writes them.
+template <typename acc_t>
+struct TableRow {
+  const int32_t* meta;     // {shift_y, shift_x, flip, 0}
+  const int32_t* taps;     // {i0, i1} per tap entry: output rows, then output columns
+  const int32_t* readers;  // {begin, end} per input row, then input column (backward only)
+  const acc_t* w;          // {w0, w1} per tap entry
+};
+
+// The table sizes in an element kernel's index type, and the params row that sample n reads
+// (row 0 for every sample when one row is broadcast).
+template <typename acc_t, typename index_t>
+struct ElementTables {
+  const int32_t* ints;
+  const acc_t* weights;
+  index_t H, W, OH, OW, ints_per_row, taps_per_row;
+
+  __device__ ElementTables(const int32_t* ints_, const acc_t* weights_, const TableShape& s)
+      : ints(ints_),
+        weights(weights_),
+        H(static_cast<index_t>(s.in_h)),
+        W(static_cast<index_t>(s.in_w)),
+        OH(static_cast<index_t>(s.out_h)),
+        OW(static_cast<index_t>(s.out_w)),
+        ints_per_row(static_cast<index_t>(s.ints_per_row())),
+        taps_per_row(static_cast<index_t>(s.taps())) {}
+
+  __device__ TableRow<acc_t> row(index_t n, bool broadcast) const {
+    const index_t r = broadcast ? 0 : n;
+    const int32_t* meta = ints + r * ints_per_row;
+    return TableRow<acc_t>{meta, meta + kMeta, meta + kMeta + 2 * taps_per_row,
+                           weights + r * taps_per_row * 2};
+  }
+};
+
 template <typename param_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     build_tables(const param_t* __restrict__ params, int64_t rows, TableShape s, bool with_readers,
                  int32_t* __restrict__ ints, acc_t* __restrict__ weights) {
   const int64_t entries = s.taps() + (with_readers ? s.readers() : 0);
   const int64_t total = rows * entries;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += stride) {
+  for (int64_t idx = first_index<int64_t>(); idx < total; idx += grid_threads<int64_t>()) {
     const int64_t r = idx / entries, e = idx - r * entries;
     const crop::Box b = crop::decode_box(params + r * crop::kParamColumns, s.in_h, s.in_w,
                                          s.out_h, s.out_w);
@@ -117,35 +191,17 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                    const int32_t* __restrict__ ints, const acc_t* __restrict__ weights,
                    TableShape s, index_t total, index_t C, bool broadcast) {
-  const index_t H = static_cast<index_t>(s.in_h), W = static_cast<index_t>(s.in_w);
-  const index_t OH = static_cast<index_t>(s.out_h), OW = static_cast<index_t>(s.out_w);
-  const index_t ints_per_row = static_cast<index_t>(s.ints_per_row());
-  const index_t taps_per_row = static_cast<index_t>(s.taps());
+  const ElementTables<acc_t, index_t> tables(ints, weights, s);
+  const index_t H = tables.H, W = tables.W, OH = tables.OH, OW = tables.OW;
   // Distance between horizontally / vertically adjacent pixels of one channel.
   const index_t step_x = kChannelsLast ? C : 1;
   const index_t step_y = W * step_x;
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
-       o += stride) {
-    index_t n, c, i, j, rest;
-    if constexpr (kChannelsLast) {
-      c = o % C;
-      rest = o / C;
-      j = rest % OW;
-      rest /= OW;
-      i = rest % OH;
-      n = rest / OH;
-    } else {
-      j = o % OW;
-      rest = o / OW;
-      i = rest % OH;
-      rest /= OH;
-      c = rest % C;
-      n = rest / C;
-    }
-    const index_t r = broadcast ? 0 : n;
-    const int32_t* taps = ints + r * ints_per_row + kMeta;
-    const acc_t* w = weights + r * taps_per_row * 2;
+  for (index_t o = first_index<index_t>(); o < total; o += grid_threads<index_t>()) {
+    const Element<index_t> e = element_at<kChannelsLast>(o, C, OH, OW);
+    const index_t n = e.n, c = e.c, i = e.y, j = e.x;
+    const TableRow<acc_t> row = tables.row(n, broadcast);
+    const int32_t* taps = row.taps;
+    const acc_t* w = row.w;
     const index_t col = OH + j;
     const index_t y0 = taps[2 * i], y1 = taps[2 * i + 1];
     const index_t x0 = taps[2 * col], x1 = taps[2 * col + 1];
@@ -173,36 +229,18 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_in,
                     const int32_t* __restrict__ ints, const acc_t* __restrict__ weights,
                     TableShape s, index_t total, index_t C, bool broadcast) {
-  const index_t H = static_cast<index_t>(s.in_h), W = static_cast<index_t>(s.in_w);
-  const index_t OH = static_cast<index_t>(s.out_h), OW = static_cast<index_t>(s.out_w);
-  const index_t ints_per_row = static_cast<index_t>(s.ints_per_row());
-  const index_t taps_per_row = static_cast<index_t>(s.taps());
+  const ElementTables<acc_t, index_t> tables(ints, weights, s);
+  const index_t H = tables.H, W = tables.W, OH = tables.OH, OW = tables.OW;
   const index_t step_x = kChannelsLast ? C : 1;  // in grad_out
   const index_t step_y = OW * step_x;
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
-       o += stride) {
-    index_t n, c, y, x, rest;
-    if constexpr (kChannelsLast) {
-      c = o % C;
-      rest = o / C;
-      x = rest % W;
-      rest /= W;
-      y = rest % H;
-      n = rest / H;
-    } else {
-      x = o % W;
-      rest = o / W;
-      y = rest % H;
-      rest /= H;
-      c = rest % C;
-      n = rest / C;
-    }
-    const index_t r = broadcast ? 0 : n;
-    const int32_t* meta = ints + r * ints_per_row;
-    const int32_t* taps = meta + kMeta;
-    const int32_t* readers = taps + 2 * taps_per_row;
-    const acc_t* w = weights + r * taps_per_row * 2;
+  for (index_t o = first_index<index_t>(); o < total; o += grid_threads<index_t>()) {
+    const Element<index_t> e = element_at<kChannelsLast>(o, C, H, W);
+    const index_t n = e.n, c = e.c, y = e.y, x = e.x;
+    const TableRow<acc_t> row = tables.row(n, broadcast);
+    const int32_t* meta = row.meta;
+    const int32_t* taps = row.taps;
+    const int32_t* readers = row.readers;
+    const acc_t* w = row.w;
     const int32_t p_begin = readers[2 * y], p_end = readers[2 * y + 1];
     const int32_t q_begin = readers[2 * (H + x)], q_end = readers[2 * (H + x) + 1];
     // Only output index mapping is used from these (start and length are not needed).

@@ -54,6 +54,19 @@ def check_int_fields(config: Any, names: tuple[str, ...], low: int = 1) -> None:
             check_int(flag(name), value, low)
 
 
+def refuse_method_options(config: Any, options: dict[str, Any], method: str) -> None:
+    """Refuses the flags of one method on a config of another: each field named in ``options``
+    (field name → its :func:`option`) must keep its default.
+
+    Raises:
+        ConfigError: ``"<flag> applies to --method <method>, not <config.method>"``, for the
+            first such field in ``options`` order.
+    """
+    for name, field in options.items():
+        if getattr(config, name) != field.default:
+            raise ConfigError(f"{flag(name)} applies to --method {method}, not {config.method}")
+
+
 def option(
     default: Any = dataclasses.MISSING,
     help: str = "",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from delt.config import ConfigError, check_int, flag, option
+from delt.config import ConfigError, check_int, option, refuse_method_options
 from delt.data import ImageDataset, load_like
 from delt.distilled import save_images, union_prefix
 from delt.distributed import is_main, main_first
@@ -137,9 +137,7 @@ def check_pdd_options(config: Any) -> None:
         ConfigError: naming the flag.
     """
     if config.method != PROGRESSIVE:
-        for name in PDD_FIELDS:
-            if getattr(config, name) != PDD_OPTIONS[name].default:
-                raise ConfigError(f"{flag(name)} applies to --method pdd, not {config.method}")
+        refuse_method_options(config, PDD_OPTIONS, PROGRESSIVE)
         return
     if config.base is not None and config.base not in METHODS:
         raise ConfigError(f"--base {config.base!r}: unknown method; known: {', '.join(METHODS)}")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import delt_ext
-from delt.config import ConfigError, check_int_fields, flag, option
+from delt.config import ConfigError, check_int_fields, option, refuse_method_options
 from delt.data import ImageDataset, load_like
 from delt.io import torch_load
 from delt.models import check_compatible
@@ -97,9 +97,7 @@ def check_rded_options(config: Any) -> None:
         ConfigError: naming the flag.
     """
     if config.method != RDED:
-        for name in RDED_FIELDS:
-            if getattr(config, name) != RDED_OPTIONS[name].default:
-                raise ConfigError(f"{flag(name)} applies to --method rded, not {config.method}")
+        refuse_method_options(config, RDED_OPTIONS, RDED)
         return
     check_int_fields(config, RDED_FIELDS)
     needed = config.ipc * config.factor**2
