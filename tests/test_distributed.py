@@ -347,3 +347,49 @@ def test_eval_with_ddp_matches_the_one_process_first_epoch_loss(tmp_path, tiny_s
     seeds = [json.loads(path.read_text())["seeds"][0] for path in (one, two)]
     assert seeds[1]["train_loss"][0] == pytest.approx(seeds[0]["train_loss"][0], rel=1e-4)
     assert len(seeds[1]["curve"]) == 2  # the sharded test ran after every epoch
+
+
+PROBE = Path(__file__).parent / "ddp_trainer_probe.py"
+
+
+def test_each_ddp_rank_augments_only_its_rows_and_their_cutmix_partners(tmp_path, tiny_teacher):
+    # 10 images, global batch 4 (batches of 4, 4, 2), 2 epochs, ShufflePatches + RandAugment +
+    # crops + CutMix, augmented in the process and in a DataLoader worker: each rank's student
+    # sees exactly its rows of the one-process batches, and RandAugment ran only on the rows a
+    # rank needs (its own and their CutMix partners).
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    probe = [str(PROBE), str(tiny_teacher.path)]
+    run = dict(env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    _ok(subprocess.run([sys.executable, *probe, str(one)], **run))
+    _ok(subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node=2", *probe, str(two)], **run))
+    for workers in (0, 1):
+        _check_rank_rows(one / f"workers-{workers}", two / f"workers-{workers}")
+
+
+def _check_rank_rows(one: Path, two: Path) -> None:
+    reference = torch.load(one / "rank-0.pt", weights_only=True)
+    ranks = [torch.load(two / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
+    batches = [4, 4, 2] * 2
+    assert len(reference["seen"]) == len(batches) and reference["world"] == 1
+
+    def calls(folder: Path, rank: int) -> int:
+        return len((folder / f"calls-rank-{rank}.txt").read_text().split())
+
+    assert calls(one, 0) == sum(batches)  # one process: every image once per epoch
+    for rank, probed in enumerate(ranks):
+        assert probed["world"] == 2 and len(probed["seen"]) == len(batches)
+        needed = 0
+        for step, count in enumerate(batches):
+            half = count // 2
+            own = torch.arange(rank * half, (rank + 1) * half)
+            assert torch.equal(probed["seen"][step], reference["seen"][step][own])
+            permutation = reference["permutations"][step]
+            assert torch.equal(probed["permutations"][step], permutation)
+            needed += torch.unique(torch.cat([own, permutation[own]])).numel()
+        assert calls(two, rank) == needed < sum(batches)
+        # Same draws on every rank as in one process: the generators end alike.
+        assert torch.equal(probed["rng"], reference["rng"])
+        assert torch.equal(probed["generator"], reference["generator"])
+        assert probed["losses"] == pytest.approx(reference["losses"], rel=1e-4)
