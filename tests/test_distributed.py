@@ -56,10 +56,13 @@ def _one_process(args: list[str]) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None):
+def _torchrun(
+    args: list[str], nproc: int = 2, launcher: list[str] | None = None, env: dict | None = None
+):
     command = [*TORCHRUN, *(launcher or ["--standalone"]), f"--nproc-per-node={nproc}", *DELT]
     return subprocess.run(
-        [*command, *args], env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+        [*command, *args], env={**_env(), **(env or {})}, capture_output=True, text=True,
+        timeout=LAUNCH_TIMEOUT,
     )  # fmt: skip
 
 
@@ -328,31 +331,72 @@ def test_two_nodes_through_a_c10d_rendezvous(tmp_path, tiny_teacher, cda_referen
         assert f"rank {rank} of 2" in (tmp_path / "logs" / f"rank-{rank}.log").read_text()
 
 
-def test_eval_with_ddp_matches_the_one_process_first_epoch_loss(tmp_path, tiny_set):
+def test_eval_with_ddp_matches_one_process_and_resumes_a_killed_run_to_the_same_numbers(
+    tmp_path, tiny_set
+):
     # 8 images, global batch 4 (2 per rank), GlobalBatchNorm2d over the global batch: the first
     # epoch's loss is the one-process loss up to the order of the sums.
     def args(out):
         return [
-            "eval", "--distilled", str(tiny_set), "--epochs", "2", "--batch-size", "4",
-            "--seeds", "0", "--eval-every", "1", "--device", "cpu", "--out", str(out),
-            "--no-progress",
+            "eval", "--distilled", str(tiny_set), "--epochs", "3", "--batch-size", "4",
+            "--seeds", "0", "--eval-every", "1", "--checkpoint-every", "1", "--device", "cpu",
+            "--out", str(out), "--no-progress",
         ]  # fmt: skip
 
     import json
 
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    _ok(_one_process(args(one)))
+    def numbers(path):
+        return [
+            {key: seed[key] for key in ("seed", "train_loss", "curve")}
+            for seed in json.loads(path.read_text())["seeds"]
+        ]
+
+    one, two = tmp_path / "one" / "eval.json", tmp_path / "two" / "eval.json"
+    from delt.cli import main
+
+    assert main(args(one)) == 0  # one process (one thread): this one
     result = _ok(_torchrun(args(two)))
     assert result.stdout.count("eval: best top-1") == 1
     seeds = [json.loads(path.read_text())["seeds"][0] for path in (one, two)]
     assert seeds[1]["train_loss"][0] == pytest.approx(seeds[0]["train_loss"][0], rel=1e-4)
-    assert len(seeds[1]["curve"]) == 2  # the sharded test ran after every epoch
+    assert len(seeds[1]["curve"]) == 3  # the sharded test ran after every epoch
+
+    # Rank 0's atomic writes: the states after epochs 1 and 2, then eval.json. Killed at the
+    # second (epoch 2's state written to its temporary, not yet in place), the job fails with
+    # epoch 1's state saved; two ranks again resume from it (each its own generators) and end
+    # with the uninterrupted run's numbers, bitwise.
+    killed = tmp_path / "killed" / "eval.json"
+    failed = _torchrun(args(killed), env={"DELT_FAULT_KILL_AT_WRITE": "2"})
+    assert failed.returncode != 0 and not killed.exists()
+    state_path = killed.parent / "eval-checkpoints" / "seed-0.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["trainer"]["epochs_done"] == 1 and len(state["ranks"]) == 2
+    # On the CPU every rank draws the global batch's numbers: the same generators on each.
+    first, second = state["ranks"]
+    assert torch.equal(first["rng"], second["rng"])
+    assert torch.equal(first["generator"], second["generator"])
+    resumed = _ok(_torchrun(args(killed)))
+    assert "seed 0 resumes after epoch 1" in resumed.stderr
+    assert "resumes after epoch 1" in (killed.parent / "logs" / "rank-1.log").read_text()
+    assert numbers(killed) == numbers(two)
+    assert not state_path.parent.exists()  # the finished seed's state (and the stray) are gone
 
 
 PROBE = Path(__file__).parent / "ddp_trainer_probe.py"
 
 
-def test_each_ddp_rank_augments_only_its_rows_and_their_cutmix_partners(tmp_path, tiny_teacher):
+def _load_probe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddp_trainer_probe", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_ddp_rank_augments_only_its_rows_and_their_cutmix_partners(
+    tmp_path, tiny_teacher, num_threads
+):
     # 10 images, global batch 4 (batches of 4, 4, 2), 2 epochs, ShufflePatches + RandAugment +
     # crops + CutMix, augmented in the process and in a DataLoader worker: each rank's student
     # sees exactly its rows of the one-process batches, and RandAugment ran only on the rows a
@@ -361,9 +405,14 @@ def test_each_ddp_rank_augments_only_its_rows_and_their_cutmix_partners(tmp_path
     for folder in (one, two):
         folder.mkdir()
     probe = [str(PROBE), str(tiny_teacher.path)]
-    run = dict(env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    _ok(subprocess.run([sys.executable, *probe, str(one)], **run))
-    _ok(subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node=2", *probe, str(two)], **run))
+    _ok(
+        subprocess.run(
+            [*TORCHRUN, "--standalone", "--nproc-per-node=2", *probe, str(two)], env=_env(),
+            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+        )
+    )  # fmt: skip
+    num_threads(1)
+    _load_probe().main([str(tiny_teacher.path), str(one)])  # one process: this one
     for workers in (0, 1):
         _check_rank_rows(one / f"workers-{workers}", two / f"workers-{workers}")
 
@@ -392,4 +441,5 @@ def _check_rank_rows(one: Path, two: Path) -> None:
         # Same draws on every rank as in one process: the generators end alike.
         assert torch.equal(probed["rng"], reference["rng"])
         assert torch.equal(probed["generator"], reference["generator"])
-        assert probed["losses"] == pytest.approx(reference["losses"], rel=1e-4)
+        # The losses to round-off (GlobalBatchNorm2d's sums; KL values of ~1e-5).
+        assert probed["losses"] == pytest.approx(reference["losses"], rel=1e-3)

@@ -369,7 +369,7 @@ def _randaugment_skip_table(num_ops: int, magnitude: int) -> tuple[bool, ...] | 
         fn(RANDAUGMENT_BINS, 1, 1) is not None and bool(signed) for fn, signed in space.values()
     )
     real = v2.RandAugment(num_ops, magnitude, RANDAUGMENT_BINS, InterpolationMode.BILINEAR)
-    image = torch.rand(3, 4, 4)
+    image = torch.linspace(0.0, 1.0, 48).reshape(3, 4, 4)  # no draw from the global generator
     with torch.random.fork_rng(devices=[]):
         for seed in range(32):
             torch.manual_seed(seed)
