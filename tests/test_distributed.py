@@ -443,3 +443,59 @@ def _check_rank_rows(one: Path, two: Path) -> None:
         assert torch.equal(probed["generator"], reference["generator"])
         # The losses to round-off (GlobalBatchNorm2d's sums; KL values of ~1e-5).
         assert probed["losses"] == pytest.approx(reference["losses"], rel=1e-3)
+
+
+def test_teacher_diversity_and_report_run_on_rank_0_alone(
+    tmp_path, tiny_set, monkeypatch, num_threads
+):
+    # Each writes one output: under torchrun rank 0 makes it, once (DELT_FAULT_LOG lists every
+    # atomic write), with the one-process result; the other rank leaves at once, status 0.
+    import json
+    import shutil
+
+    from delt.cli import main
+
+    num_threads(1)
+    scored = tmp_path / "set"
+    shutil.copytree(tiny_set, scored, ignore=shutil.ignore_patterns("chunks", ".lock"))
+    epochs = ["--epochs", "1", "--eval-every", "1", "--device", "cpu", "--no-progress"]
+    assert main(["eval", "--distilled", str(scored), *epochs]) == 0
+    assert main(["diversity", "--distilled", str(scored), "--device", "cpu"]) == 0
+
+    def commands(root: Path) -> list[list[str]]:
+        return [
+            ["teacher", "--dataset", "synthetic:classes=4,channels=3,size=8,train=12,test=4",
+             "--arch", "convnet2", "--width", "4", "--epochs", "1", "--batch-size", "16",
+             "--amp", "none", "--out", str(root / "teacher"), "--device", "cpu",
+             "--no-progress"],
+            ["diversity", "--distilled", str(scored), "--out", str(root / "diversity.json"),
+             "--device", "cpu"],
+            ["report", "--runs", str(scored), "--out", str(root / "comparison.png")],
+        ]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    monkeypatch.setenv("DELT_FAULT_LOG", str(tmp_path / "writes-one.txt"))
+    for args in commands(one):
+        assert main(args) == 0  # one process: this one
+    monkeypatch.delenv("DELT_FAULT_LOG")
+    for args in commands(two):
+        result = _ok(_torchrun(args, env={"DELT_FAULT_LOG": str(tmp_path / "writes-two.txt")}))
+        shown = {"teacher": "teacher: ", "diversity": "diversity: ", "report": "chart: "}
+        assert result.stdout.count(shown[args[0]]) == 1  # rank 0 alone reports
+    for log in (two / "teacher" / "logs" / "rank-1.log", two / "logs" / "rank-1.log"):
+        assert "runs on rank 0 alone" in log.read_text()
+
+    def writes(name: str, root: Path) -> list[str]:
+        lines = (tmp_path / name).read_text().split()
+        return [str(Path(line).relative_to(root)) for line in lines]
+
+    written = writes("writes-two.txt", two)
+    assert written == writes("writes-one.txt", one) and len(set(written)) == len(written)
+    teachers = [
+        torch.load(root / "teacher" / "teacher.pt", weights_only=True) for root in (one, two)
+    ]
+    for name, tensor in teachers[0]["state_dict"].items():
+        assert torch.equal(tensor, teachers[1]["state_dict"][name]), name
+    diversity = [json.loads((root / "diversity.json").read_text()) for root in (one, two)]
+    assert diversity[0]["per_class"] == diversity[1]["per_class"]
+    assert (one / "comparison.md").read_text() == (two / "comparison.md").read_text()
