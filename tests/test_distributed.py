@@ -49,6 +49,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _here(args: list[str]) -> None:
+    """``delt ARGS`` as one process, this one (one thread: the CLI's default), which saves the
+    interpreter's start of a subprocess."""
+    from delt.cli import main
+
+    assert main(args) == 0
+
+
 def _one_process(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *DELT, *args], env=_env(), capture_output=True, text=True,
@@ -181,7 +189,7 @@ def _cda_args(teacher, out) -> list[str]:
 @pytest.fixture(scope="module")
 def cda_reference(tmp_path_factory, tiny_teacher):
     out = tmp_path_factory.mktemp("cda_one_process")
-    _ok(_one_process(_cda_args(tiny_teacher.path, out)))
+    _here(_cda_args(tiny_teacher.path, out))
     assert not (out / "logs").exists()  # a one-process run writes what it always wrote
     return out
 
@@ -205,7 +213,7 @@ def test_recover_delt_on_two_ranks_is_bitwise_the_one_process_set(
         return _recover_args(tiny_teacher.path, out, "delt", tiny_selection, round_iterations=2)
 
     reference, out = tmp_path / "one", tmp_path / "two"
-    _ok(_one_process(args(reference)))
+    _here(args(reference))
     _ok(_torchrun(args(out)))
     _assert_same_set(out, reference)
 
@@ -222,7 +230,7 @@ def test_pdd_with_hard_init_on_two_ranks_is_bitwise_the_one_process_set(
         "--union-in-batch",
     ]  # fmt: skip
     reference, out = tmp_path / "one", tmp_path / "two"
-    _ok(_one_process(args(reference)))
+    _here(args(reference))
     _ok(_torchrun(args(out)))
     _assert_same_set(out, reference)
     init = "stages/2/init.json"
@@ -243,7 +251,7 @@ def test_select_on_two_ranks_is_the_one_process_selection(tmp_path, tiny_teacher
         ]  # fmt: skip
 
     reference, out = tmp_path / "one", tmp_path / "two"
-    _ok(_one_process(args(reference)))
+    _here(args(reference))
     _ok(_torchrun(args(out)))
     assert (out / "ranking.csv").read_bytes() == (reference / "ranking.csv").read_bytes()
     import json
@@ -352,9 +360,7 @@ def test_eval_with_ddp_matches_one_process_and_resumes_a_killed_run_to_the_same_
         ]
 
     one, two = tmp_path / "one" / "eval.json", tmp_path / "two" / "eval.json"
-    from delt.cli import main
-
-    assert main(args(one)) == 0  # one process (one thread): this one
+    _here(args(one))
     result = _ok(_torchrun(args(two)))
     assert result.stdout.count("eval: best top-1") == 1
     seeds = [json.loads(path.read_text())["seeds"][0] for path in (one, two)]
@@ -453,14 +459,12 @@ def test_teacher_diversity_and_report_run_on_rank_0_alone(
     import json
     import shutil
 
-    from delt.cli import main
-
     num_threads(1)
     scored = tmp_path / "set"
     shutil.copytree(tiny_set, scored, ignore=shutil.ignore_patterns("chunks", ".lock"))
     epochs = ["--epochs", "1", "--eval-every", "1", "--device", "cpu", "--no-progress"]
-    assert main(["eval", "--distilled", str(scored), *epochs]) == 0
-    assert main(["diversity", "--distilled", str(scored), "--device", "cpu"]) == 0
+    _here(["eval", "--distilled", str(scored), *epochs])
+    _here(["diversity", "--distilled", str(scored), "--device", "cpu"])
 
     def commands(root: Path) -> list[list[str]]:
         return [
@@ -476,7 +480,7 @@ def test_teacher_diversity_and_report_run_on_rank_0_alone(
     one, two = tmp_path / "one", tmp_path / "two"
     monkeypatch.setenv("DELT_FAULT_LOG", str(tmp_path / "writes-one.txt"))
     for args in commands(one):
-        assert main(args) == 0  # one process: this one
+        _here(args)
     monkeypatch.delenv("DELT_FAULT_LOG")
     for args in commands(two):
         result = _ok(_torchrun(args, env={"DELT_FAULT_LOG": str(tmp_path / "writes-two.txt")}))
