@@ -77,7 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated extra student architectures each set is also evaluated with "
         "(`delt eval --student`; convnetD at --width; short: none; paper: resnet18_small,convnet4)",
     )
-    parser.add_argument("--amp", choices=("none", "bf16"), default="bf16", help="eval autocast")
+    parser.add_argument(
+        "--amp", choices=("none", "bf16"), default="bf16",
+        help="autocast of the teacher's training, the selection's scoring and the students (none: "
+        "float32; on a CPU without bfloat16 units bf16 is emulated, several times slower)",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
         TeacherConfig(
             out=str(out / "teacher"), dataset="fashion-mnist", data_root=args.data_root,
             arch="convnet3", width=args.width, epochs=args.teacher_epochs, seed=0,
-            device=args.device, progress=False,
+            amp=args.amp, device=args.device, progress=False,
         )
     )  # fmt: skip
     print(f"teacher: {teacher.path} {teacher.test_accuracy:.2f}% test", flush=True)
