@@ -49,6 +49,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _here(args: list[str]) -> None:
+    """``delt ARGS`` as one process, this one (one thread: the CLI's default), which saves the
+    interpreter's start of a subprocess."""
+    from delt.cli import main
+
+    assert main(args) == 0
+
+
 def _one_process(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *DELT, *args], env=_env(), capture_output=True, text=True,
@@ -56,10 +64,13 @@ def _one_process(args: list[str]) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None):
+def _torchrun(
+    args: list[str], nproc: int = 2, launcher: list[str] | None = None, env: dict | None = None
+):
     command = [*TORCHRUN, *(launcher or ["--standalone"]), f"--nproc-per-node={nproc}", *DELT]
     return subprocess.run(
-        [*command, *args], env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+        [*command, *args], env={**_env(), **(env or {})}, capture_output=True, text=True,
+        timeout=LAUNCH_TIMEOUT,
     )  # fmt: skip
 
 
@@ -178,7 +189,7 @@ def _cda_args(teacher, out) -> list[str]:
 @pytest.fixture(scope="module")
 def cda_reference(tmp_path_factory, tiny_teacher):
     out = tmp_path_factory.mktemp("cda_one_process")
-    _ok(_one_process(_cda_args(tiny_teacher.path, out)))
+    _here(_cda_args(tiny_teacher.path, out))
     assert not (out / "logs").exists()  # a one-process run writes what it always wrote
     return out
 
@@ -202,7 +213,7 @@ def test_recover_delt_on_two_ranks_is_bitwise_the_one_process_set(
         return _recover_args(tiny_teacher.path, out, "delt", tiny_selection, round_iterations=2)
 
     reference, out = tmp_path / "one", tmp_path / "two"
-    _ok(_one_process(args(reference)))
+    _here(args(reference))
     _ok(_torchrun(args(out)))
     _assert_same_set(out, reference)
 
@@ -219,7 +230,7 @@ def test_pdd_with_hard_init_on_two_ranks_is_bitwise_the_one_process_set(
         "--union-in-batch",
     ]  # fmt: skip
     reference, out = tmp_path / "one", tmp_path / "two"
-    _ok(_one_process(args(reference)))
+    _here(args(reference))
     _ok(_torchrun(args(out)))
     _assert_same_set(out, reference)
     init = "stages/2/init.json"
@@ -240,7 +251,7 @@ def test_select_on_two_ranks_is_the_one_process_selection(tmp_path, tiny_teacher
         ]  # fmt: skip
 
     reference, out = tmp_path / "one", tmp_path / "two"
-    _ok(_one_process(args(reference)))
+    _here(args(reference))
     _ok(_torchrun(args(out)))
     assert (out / "ranking.csv").read_bytes() == (reference / "ranking.csv").read_bytes()
     import json
@@ -328,22 +339,167 @@ def test_two_nodes_through_a_c10d_rendezvous(tmp_path, tiny_teacher, cda_referen
         assert f"rank {rank} of 2" in (tmp_path / "logs" / f"rank-{rank}.log").read_text()
 
 
-def test_eval_with_ddp_matches_the_one_process_first_epoch_loss(tmp_path, tiny_set):
+def test_eval_with_ddp_matches_one_process_and_resumes_a_killed_run_to_the_same_numbers(
+    tmp_path, tiny_set
+):
     # 8 images, global batch 4 (2 per rank), GlobalBatchNorm2d over the global batch: the first
     # epoch's loss is the one-process loss up to the order of the sums.
     def args(out):
         return [
-            "eval", "--distilled", str(tiny_set), "--epochs", "2", "--batch-size", "4",
-            "--seeds", "0", "--eval-every", "1", "--device", "cpu", "--out", str(out),
-            "--no-progress",
+            "eval", "--distilled", str(tiny_set), "--epochs", "3", "--batch-size", "4",
+            "--seeds", "0", "--eval-every", "1", "--checkpoint-every", "1", "--device", "cpu",
+            "--out", str(out), "--no-progress",
         ]  # fmt: skip
 
     import json
 
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    _ok(_one_process(args(one)))
+    def numbers(path):
+        return [
+            {key: seed[key] for key in ("seed", "train_loss", "curve")}
+            for seed in json.loads(path.read_text())["seeds"]
+        ]
+
+    one, two = tmp_path / "one" / "eval.json", tmp_path / "two" / "eval.json"
+    _here(args(one))
     result = _ok(_torchrun(args(two)))
     assert result.stdout.count("eval: best top-1") == 1
     seeds = [json.loads(path.read_text())["seeds"][0] for path in (one, two)]
     assert seeds[1]["train_loss"][0] == pytest.approx(seeds[0]["train_loss"][0], rel=1e-4)
-    assert len(seeds[1]["curve"]) == 2  # the sharded test ran after every epoch
+    assert len(seeds[1]["curve"]) == 3  # the sharded test ran after every epoch
+
+    # Rank 0's atomic writes: the states after epochs 1 and 2, then eval.json. Killed at the
+    # second (epoch 2's state written to its temporary, not yet in place), the job fails with
+    # epoch 1's state saved; two ranks again resume from it (each its own generators) and end
+    # with the uninterrupted run's numbers, bitwise.
+    killed = tmp_path / "killed" / "eval.json"
+    failed = _torchrun(args(killed), env={"DELT_FAULT_KILL_AT_WRITE": "2"})
+    assert failed.returncode != 0 and not killed.exists()
+    state_path = killed.parent / "eval-checkpoints" / "seed-0.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["trainer"]["epochs_done"] == 1 and len(state["ranks"]) == 2
+    # On the CPU every rank draws the global batch's numbers: the same generators on each.
+    first, second = state["ranks"]
+    assert torch.equal(first["rng"], second["rng"])
+    assert torch.equal(first["generator"], second["generator"])
+    resumed = _ok(_torchrun(args(killed)))
+    assert "seed 0 resumes after epoch 1" in resumed.stderr
+    assert "resumes after epoch 1" in (killed.parent / "logs" / "rank-1.log").read_text()
+    assert numbers(killed) == numbers(two)
+    assert not state_path.parent.exists()  # the finished seed's state (and the stray) are gone
+
+
+PROBE = Path(__file__).parent / "ddp_trainer_probe.py"
+
+
+def _load_probe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddp_trainer_probe", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_ddp_rank_augments_only_its_rows_and_their_cutmix_partners(
+    tmp_path, tiny_teacher, num_threads
+):
+    # 10 images, global batch 4 (batches of 4, 4, 2), 2 epochs, ShufflePatches + RandAugment +
+    # crops + CutMix, augmented in the process and in a DataLoader worker: each rank's student
+    # sees exactly its rows of the one-process batches, and RandAugment ran only on the rows a
+    # rank needs (its own and their CutMix partners).
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    probe = [str(PROBE), str(tiny_teacher.path)]
+    _ok(
+        subprocess.run(
+            [*TORCHRUN, "--standalone", "--nproc-per-node=2", *probe, str(two)], env=_env(),
+            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+        )
+    )  # fmt: skip
+    num_threads(1)
+    _load_probe().main([str(tiny_teacher.path), str(one)])  # one process: this one
+    for workers in (0, 1):
+        _check_rank_rows(one / f"workers-{workers}", two / f"workers-{workers}")
+
+
+def _check_rank_rows(one: Path, two: Path) -> None:
+    reference = torch.load(one / "rank-0.pt", weights_only=True)
+    ranks = [torch.load(two / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
+    batches = [4, 4, 2] * 2
+    assert len(reference["seen"]) == len(batches) and reference["world"] == 1
+
+    def calls(folder: Path, rank: int) -> int:
+        return len((folder / f"calls-rank-{rank}.txt").read_text().split())
+
+    assert calls(one, 0) == sum(batches)  # one process: every image once per epoch
+    for rank, probed in enumerate(ranks):
+        assert probed["world"] == 2 and len(probed["seen"]) == len(batches)
+        needed = 0
+        for step, count in enumerate(batches):
+            half = count // 2
+            own = torch.arange(rank * half, (rank + 1) * half)
+            assert torch.equal(probed["seen"][step], reference["seen"][step][own])
+            permutation = reference["permutations"][step]
+            assert torch.equal(probed["permutations"][step], permutation)
+            needed += torch.unique(torch.cat([own, permutation[own]])).numel()
+        assert calls(two, rank) == needed < sum(batches)
+        # Same draws on every rank as in one process: the generators end alike.
+        assert torch.equal(probed["rng"], reference["rng"])
+        assert torch.equal(probed["generator"], reference["generator"])
+        # The losses to round-off (GlobalBatchNorm2d's sums; KL values of ~1e-5).
+        assert probed["losses"] == pytest.approx(reference["losses"], rel=1e-3)
+
+
+def test_teacher_diversity_and_report_run_on_rank_0_alone(
+    tmp_path, tiny_set, monkeypatch, num_threads
+):
+    # Each writes one output: under torchrun rank 0 makes it, once (DELT_FAULT_LOG lists every
+    # atomic write), with the one-process result; the other rank leaves at once, status 0.
+    import json
+    import shutil
+
+    num_threads(1)
+    scored = tmp_path / "set"
+    shutil.copytree(tiny_set, scored, ignore=shutil.ignore_patterns("chunks", ".lock"))
+    epochs = ["--epochs", "1", "--eval-every", "1", "--device", "cpu", "--no-progress"]
+    _here(["eval", "--distilled", str(scored), *epochs])
+    _here(["diversity", "--distilled", str(scored), "--device", "cpu"])
+
+    def commands(root: Path) -> list[list[str]]:
+        return [
+            ["teacher", "--dataset", "synthetic:classes=4,channels=3,size=8,train=12,test=4",
+             "--arch", "convnet2", "--width", "4", "--epochs", "1", "--batch-size", "16",
+             "--amp", "none", "--out", str(root / "teacher"), "--device", "cpu",
+             "--no-progress"],
+            ["diversity", "--distilled", str(scored), "--out", str(root / "diversity.json"),
+             "--device", "cpu"],
+            ["report", "--runs", str(scored), "--out", str(root / "comparison.png")],
+        ]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    monkeypatch.setenv("DELT_FAULT_LOG", str(tmp_path / "writes-one.txt"))
+    for args in commands(one):
+        _here(args)
+    monkeypatch.delenv("DELT_FAULT_LOG")
+    for args in commands(two):
+        result = _ok(_torchrun(args, env={"DELT_FAULT_LOG": str(tmp_path / "writes-two.txt")}))
+        shown = {"teacher": "teacher: ", "diversity": "diversity: ", "report": "chart: "}
+        assert result.stdout.count(shown[args[0]]) == 1  # rank 0 alone reports
+    for log in (two / "teacher" / "logs" / "rank-1.log", two / "logs" / "rank-1.log"):
+        assert "runs on rank 0 alone" in log.read_text()
+
+    def writes(name: str, root: Path) -> list[str]:
+        lines = (tmp_path / name).read_text().split()
+        return [str(Path(line).relative_to(root)) for line in lines]
+
+    written = writes("writes-two.txt", two)
+    assert written == writes("writes-one.txt", one) and len(set(written)) == len(written)
+    teachers = [
+        torch.load(root / "teacher" / "teacher.pt", weights_only=True) for root in (one, two)
+    ]
+    for name, tensor in teachers[0]["state_dict"].items():
+        assert torch.equal(tensor, teachers[1]["state_dict"][name]), name
+    diversity = [json.loads((root / "diversity.json").read_text()) for root in (one, two)]
+    assert diversity[0]["per_class"] == diversity[1]["per_class"]
+    assert (one / "comparison.md").read_text() == (two / "comparison.md").read_text()

@@ -142,6 +142,29 @@ def test_student_augment_without_shuffle_patches_is_unchanged(tiny_teacher):
     assert torch.equal(plain, off) and not torch.equal(plain, on)
 
 
+@pytest.mark.parametrize("patches", [None, 2])
+def test_augmenting_some_rows_gives_those_rows_of_the_whole_batch(tiny_teacher, patches):
+    # What a DDP rank does: the whole batch's draws, only its rows augmented. The rows equal
+    # the whole batch's, and both generators end where the whole batch leaves them.
+    info = load_checkpoint(tiny_teacher.path).info
+    images = info.normalize(torch.rand(9, 3, 8, 8, generator=torch.Generator().manual_seed(3)))
+    for seed in range(6):
+        whole = StudentAugment(info, 2, 6, 0.25, torch.Generator().manual_seed(seed), patches)
+        torch.manual_seed(100 + seed)
+        expected = whole(images)
+        state_after, generator_after = torch.get_rng_state(), whole.generator.get_state()
+        part = StudentAugment(info, 2, 6, 0.25, torch.Generator().manual_seed(seed), patches)
+        assert part.augments_subsets()
+        rows = torch.tensor([1, 4, 5, 8])
+        torch.manual_seed(100 + seed)
+        plan = part.plan(images.shape)
+        assert torch.equal(part.apply(images[rows], plan, rows), expected[rows])
+        assert torch.equal(torch.get_rng_state(), state_after)
+        assert torch.equal(part.generator.get_state(), generator_after)
+        empty = part.apply(images[:0], part.plan(images.shape), torch.empty(0, dtype=torch.int64))
+        assert empty.shape == (0, 3, 8, 8)
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer as a building block (stage-wise schedules reuse it)
 

@@ -36,7 +36,7 @@ from delt.lock import output_lock
 from delt.recover import RecoverConfig, recover
 from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
-from delt.runtime import DEFAULT_THREADS, ResourceError
+from delt.runtime import DEFAULT_THREADS, ResourceError, logger
 from delt.select import SelectConfig, select_images
 from delt.stagewise import evaluate_stagewise
 from delt.teacher import TeacherConfig, train_teacher
@@ -54,6 +54,8 @@ class Command:
     run: Callable[[Any], Any] | None
     show: Callable[[Any, Any], None] = lambda config, result: None
     subcommands: dict[str, Command] | None = None
+    # Under torchrun: rank 0 alone runs it (one output, written once); the others leave.
+    main_rank_only: bool = False
 
 
 def _show_teacher(config: TeacherConfig, result) -> None:
@@ -119,7 +121,13 @@ def _show_diversity(config: DiversityConfig, result) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "teacher": Command("train a teacher on real data", TeacherConfig, train_teacher, _show_teacher),
+    "teacher": Command(
+        "train a teacher on real data",
+        TeacherConfig,
+        train_teacher,
+        _show_teacher,
+        main_rank_only=True,
+    ),
     "select": Command(
         "rank real images with the teacher and pick IPC per class", SelectConfig, select_images
     ),
@@ -147,6 +155,7 @@ COMMANDS: dict[str, Command] = {
         DiversityConfig,
         measure_diversity,
         _show_diversity,
+        main_rank_only=True,
     ),
     "distill": Command(
         "teacher, select, recover, eval, diversity in one cached run (report.json/.md, grid)",
@@ -154,7 +163,10 @@ COMMANDS: dict[str, Command] = {
         distill,
     ),
     "report": Command(
-        "bar chart and table comparing methods over distill runs", ReportConfig, compare_runs
+        "bar chart and table comparing methods over distill runs",
+        ReportConfig,
+        compare_runs,
+        main_rank_only=True,
     ),
     "bench": Command(
         "throughput benchmarks",
@@ -288,7 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         locking = not isinstance(config, ReportConfig)  # report writes a file, not a folder
         under_torchrun = torchrun_environment() is not None
         lock = output_lock if under_torchrun and locking and folder is not None else None
-        with session(getattr(config, "device", "auto"), folder, lock=lock):
+        with session(getattr(config, "device", "auto"), folder, lock=lock) as job:
+            if command.main_rank_only and not is_main():
+                # Nothing to share out: rank 0 makes the one output. The others leave now rather
+                # than wait at a barrier, whose timeout would bound rank 0's time (a teacher
+                # trains for hours); torchrun ends the job when rank 0 ends, failed if it fails.
+                logger.info(
+                    "delt %s runs on rank 0 alone; rank %d of %d has nothing to do", name,
+                    job.rank, job.size,
+                )  # fmt: skip
+                return 0
             if not is_main() and getattr(config, "progress", False):
                 config = dataclasses.replace(config, progress=False)  # rank 0's bars only
             result = command.run(config)

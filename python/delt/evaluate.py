@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
-from delt.distributed import barrier, is_main
+from delt.distributed import all_gather, barrier, is_main, world
 from delt.io import (
     check_output,
     read_json,
@@ -537,8 +537,8 @@ class EvalContext:
                 )
                 losses += more_losses
                 checks += more_checks
-                # Under torchrun every rank holds the same state: rank 0 saves it.
-                if path is not None and trainer.epochs_done < config.epochs and is_main():
+                # Under torchrun rank 0 saves the training state, with every rank's generators.
+                if path is not None and trainer.epochs_done < config.epochs:
                     seconds = seconds_before + time.perf_counter() - start
                     _save_seed_state(path, identity, seed, trainer, losses, checks, seconds)
             bar.close()
@@ -549,17 +549,35 @@ class EvalContext:
 SEED_STATE_FORMAT = "delt-eval-seed-state-v1"
 
 
+def _generator_states(trainer: StudentTrainer) -> dict:
+    return {
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "generator": trainer.generator.get_state(),
+    }
+
+
 def _save_seed_state(
     path: Path, identity: dict, seed: int, trainer: StudentTrainer, losses: list[float],
     checks: list[Check], seconds: float,
 ) -> None:  # fmt: skip
+    """Called on every rank (a collective under torchrun); rank 0 writes ``path``.
+
+    The model, optimizer and schedule are the same on every rank (DDP); the generators are
+    saved per rank (``ranks``), so that a resumed rank continues with its own (its CUDA
+    device's generator is its own, whatever the CPU draws have in common).
+    """
+    ranks = all_gather(_generator_states(trainer))
+    if not is_main():
+        return
     state = {
         "format": SEED_STATE_FORMAT,
         "identity": identity,
         "seed": seed,
         "trainer": trainer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "rng": ranks[0]["rng"],
+        "cuda_rng": ranks[0]["cuda_rng"],
+        "ranks": ranks,
         "losses": losses,
         "checks": [asdict(check) for check in checks],
         "seconds": seconds,
@@ -571,7 +589,11 @@ def _load_seed_state(
     path: Path, identity: dict, seed: int, trainer: StudentTrainer, device: torch.device
 ) -> tuple[list[float], list[Check], float] | None:
     """Restores a saved seed state into ``trainer`` and torch's generators; None when there is
-    none, or it belongs to another identity or seed (then it is trained afresh)."""
+    none, or it belongs to another identity or seed (then it is trained afresh).
+
+    Under torchrun at the world size that saved it, each rank restores its own generators;
+    at another world size (or from a one-process state) rank 0's, which are the global batch's
+    draws, the same on every rank."""
     if not path.is_file():
         return None
     state = torch_load(path)
@@ -581,9 +603,17 @@ def _load_seed_state(
     if state.get("seed") != seed:
         return None
     trainer.load_state_dict(state["trainer"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    job = world()
+    ranks = state.get("ranks")
+    own = ranks[job.rank] if ranks is not None and len(ranks) == job.size else None
+    if own is not None:
+        trainer.generator.set_state(own["generator"])
+    rng, cuda_rng = (
+        (state["rng"], state["cuda_rng"]) if own is None else (own["rng"], own["cuda_rng"])
+    )
+    torch.set_rng_state(rng)
+    if cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(cuda_rng)
     return list(state["losses"]), [Check(**c) for c in state["checks"]], float(state["seconds"])
 
 

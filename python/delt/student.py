@@ -6,6 +6,7 @@ hard-init student, ``delt select`` and ``delt teacher``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = [
     "PROTOCOL",
     "RANDAUGMENT_BINS",
     "STAGE_SCHEDULES",
+    "AugmentPlan",
     "Check",
     "CutMixParams",
     "GlobalBatchNorm2d",
@@ -302,21 +304,89 @@ def shuffle_patches(images: Tensor, factor: int, generator: torch.Generator) -> 
     Returns:
         (B, C, H, W), the same pixels rearranged.
     """
-    batch, _, height, width = images.shape
-    if height % factor or width % factor:
-        raise ValueError(f"shuffle_patches: factor {factor} must divide {height}x{width}")
+    _check_patch_factor(images.shape, factor)
+    return _apply_patch_keys(images, factor, _patch_keys(images.shape[0], factor, generator))
 
-    def strip_order(size: int) -> Tensor:
+
+def _check_patch_factor(shape: Sequence[int], factor: int) -> None:
+    if shape[2] % factor or shape[3] % factor:
+        raise ValueError(f"shuffle_patches: factor {factor} must divide {shape[2]}x{shape[3]}")
+
+
+def _patch_keys(batch: int, factor: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The draws of :func:`shuffle_patches` for ``batch`` images: (B, factor) float32 keys whose
+    argsort orders the column strips, then the row strips."""
+    columns = torch.rand(batch, factor, generator=generator)
+    return columns, torch.rand(batch, factor, generator=generator)
+
+
+def _apply_patch_keys(images: Tensor, factor: int, keys: tuple[Tensor, Tensor]) -> Tensor:
+    _, _, height, width = images.shape
+
+    def strip_order(size: int, key: Tensor) -> Tensor:
         # (B, size): for each output row (column), the input row (column) it takes.
-        perms = torch.argsort(torch.rand(batch, factor, generator=generator), dim=1)
+        perms = torch.argsort(key, dim=1)
         strip = size // factor
         offsets = torch.arange(size)
         return perms[:, offsets // strip] * strip + offsets % strip
 
-    columns = strip_order(width).to(images.device)
-    rows = strip_order(height).to(images.device)
+    columns = strip_order(width, keys[0]).to(images.device)
+    rows = strip_order(height, keys[1]).to(images.device)
     images = images.gather(3, columns[:, None, None, :].expand_as(images))
     return images.gather(2, rows[:, None, :, None].expand_as(images))
+
+
+@dataclass(frozen=True)
+class AugmentPlan:
+    """The draws of one :class:`StudentAugment` call on a batch of ``count`` images from its
+    generator, made before any image is augmented: so a rank can augment only the rows it needs
+    of a global batch (:meth:`StudentAugment.apply`) and every row comes out as it would in the
+    whole batch.
+
+    Attributes:
+        count: images in the batch.
+        patch_keys: ShufflePatches' (count, factor) keys (columns, rows); None when off.
+        crops: (count, 7) float32 crop/flip params (``delt_ext.augment.PARAM_COLUMNS``).
+    """
+
+    count: int
+    patch_keys: tuple[Tensor, Tensor] | None
+    crops: Tensor
+
+
+@functools.cache
+def _randaugment_skip_table(num_ops: int, magnitude: int) -> tuple[bool, ...] | None:
+    """For each op of torchvision's RandAugment (in the order it picks them), whether one image's
+    call draws a sign (``torch.rand(())``) after the op's pick (``torch.randint``); None when
+    replaying these draws does not leave torch's global generator where a real call leaves it
+    (another torchvision): then every row is augmented, as in one process."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    space = getattr(v2.RandAugment, "_AUGMENTATION_SPACE", None)
+    if not isinstance(space, dict):
+        return None
+    table = tuple(
+        fn(RANDAUGMENT_BINS, 1, 1) is not None and bool(signed) for fn, signed in space.values()
+    )
+    real = v2.RandAugment(num_ops, magnitude, RANDAUGMENT_BINS, InterpolationMode.BILINEAR)
+    image = torch.linspace(0.0, 1.0, 48).reshape(3, 4, 4)  # no draw from the global generator
+    with torch.random.fork_rng(devices=[]):
+        for seed in range(32):
+            torch.manual_seed(seed)
+            real(image)
+            after_call = torch.get_rng_state()
+            torch.manual_seed(seed)
+            _skip_randaugment_draws(num_ops, table)
+            if not torch.equal(after_call, torch.get_rng_state()):
+                return None
+    return table
+
+
+def _skip_randaugment_draws(num_ops: int, table: tuple[bool, ...]) -> None:
+    """Draws from torch's global generator what one image's RandAugment call draws."""
+    for _ in range(num_ops):
+        if table[int(torch.randint(len(table), ()))]:
+            torch.rand(())
 
 
 class StudentAugment(nn.Module):
@@ -371,15 +441,79 @@ class StudentAugment(nn.Module):
         """The same augmentation drawing its crops and flips from ``generator``."""
         return StudentAugment(self.info, *self.options, generator, self.shuffle_patches)
 
-    def forward(self, images: Tensor) -> Tensor:
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(H, W) of the augmented images."""
+        return self.crop.size
+
+    def plan(self, shape: Sequence[int]) -> AugmentPlan:
+        """Draws from ``generator`` what augmenting a (B, C, H, W) batch of ``shape`` draws
+        (the patch orders, then the crops and flips, as :meth:`forward` does)."""
+        count, _, height, width = shape
+        keys = None
         if self.shuffle_patches is not None:
-            images = shuffle_patches(images, self.shuffle_patches, self.generator)
+            _check_patch_factor(shape, self.shuffle_patches)
+            keys = _patch_keys(count, self.shuffle_patches, self.generator)
+        return AugmentPlan(count, keys, self.crop.sample_params(count, height, width))
+
+    def apply(self, images: Tensor, plan: AugmentPlan, rows: Tensor | None = None) -> Tensor:
+        """Rows ``rows`` of the batch ``plan`` was drawn for, augmented: exactly those rows of
+        what :meth:`forward` makes of the whole batch (same draws).
+
+        RandAugment draws from torch's global generator image by image, the same draws whatever
+        the image's content and size; for a row not in ``rows`` they are drawn and nothing is
+        applied, so the generator ends where the whole batch leaves it.
+
+        Args:
+            images: (R, C, H, W) normalized: the batch's rows ``rows``, in that order.
+            rows: (R,) int64, ascending; None: all ``plan.count`` rows.
+        """
+        table = None
+        if rows is not None and self.randaugment is not None:
+            table = _randaugment_skip_table(self.options[0], self.options[1])
+            if table is None:
+                raise RuntimeError(
+                    "this torchvision's RandAugment draws differently: augment the whole batch"
+                )
+        index = None if rows is None else rows.to("cpu", torch.int64)
+        if plan.patch_keys is not None:
+            keys = plan.patch_keys if index is None else tuple(k[index] for k in plan.patch_keys)
+            images = _apply_patch_keys(images, self.shuffle_patches, keys)
         if self.randaugment is not None:
             pixels = self.info.denormalize(images).clamp_(0.0, 1.0)
-            # One draw of ops per image, as timm's per-sample transform in a DataLoader.
-            pixels = torch.stack([self.randaugment(image) for image in pixels])
+            if index is None:
+                # One draw of ops per image, as timm's per-sample transform in a DataLoader.
+                pixels = torch.stack([self.randaugment(image) for image in pixels])
+            else:
+                wanted = set(index.tolist())
+                augmented = []
+                for row in range(plan.count):
+                    if row in wanted:
+                        augmented.append(self.randaugment(pixels[len(augmented)]))
+                    else:
+                        _skip_randaugment_draws(self.options[0], table)
+                pixels = torch.stack(augmented) if augmented else pixels[:0]
             images = self.info.normalize(pixels)
-        return self.crop(images)
+        params = plan.crops if index is None else plan.crops[index]
+        if params.shape[0] == 0:
+            return images.new_empty((0, images.shape[1], *self.crop.size))
+        if params.device != images.device:
+            if images.device.type == "cuda":
+                params = params.pin_memory().to(images.device, non_blocking=True)
+            else:
+                params = params.to(images.device)
+        self.crop.last_params = params
+        return delt_ext.resized_crop_flip(images, params, self.crop.size)
+
+    def augments_subsets(self) -> bool:
+        """Whether :meth:`apply` can augment a subset of a batch's rows exactly (RandAugment's
+        draws can be replayed with this torchvision)."""
+        if self.randaugment is None:
+            return True
+        return _randaugment_skip_table(self.options[0], self.options[1]) is not None
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.apply(images, self.plan(images.shape))
 
 
 @dataclass(frozen=True)
@@ -520,7 +654,7 @@ class StudentTrainer:
         self,
         student: nn.Module,
         teacher: nn.Module | None,
-        augment: nn.Module,
+        augment: StudentAugment,
         settings: TrainSettings,
         total_epochs: int,
         lr: float,
@@ -539,7 +673,8 @@ class StudentTrainer:
         self.student = student.to(device).to(memory_format=self.memory_format)
         # Under torchrun: DistributedDataParallel over the ranks, BatchNorm over the global
         # batch (SyncBatchNorm on GPUs, GlobalBatchNorm2d on Gloo); rank r trains on its rows of
-        # every global batch, which every rank draws and augments alike (same generator).
+        # every global batch, which every rank draws alike (same generator) and of which it
+        # augments only its rows and their CutMix partners.
         self.forward_student: nn.Module = self.student
         if data_parallel and world().size > 1:
             if device.type == "cuda":
@@ -566,26 +701,74 @@ class StudentTrainer:
         self.workers = workers
         self.epochs_done = 0
 
-    def step(self, images: Tensor, labels: Tensor, augmented: bool = False) -> float:
-        """One optimizer step on a batch of normalized images (B, C, H, W) and labels (B,) on
-        the device (``augmented``: the batch is already augmented, by a worker)."""
+    @property
+    def distributed(self) -> bool:
+        """Whether the student trains with DistributedDataParallel (this rank: its rows)."""
+        return self.forward_student is not self.student
+
+    def _sample_cutmix(self, count: int) -> CutMixParams | None:
+        if self.settings.cutmix_beta <= 0:
+            return None
+        height, width = self.augment.output_size
+        return sample_cutmix(count, height, width, self.settings.cutmix_beta, self.generator)
+
+    def _needed_rows(self, count: int, cutmix: CutMixParams | None) -> Tensor | None:
+        """(R,) int64 ascending: the rows of a global batch of ``count`` this rank augments, its
+        own (:func:`_rank_rows`) and, with CutMix, the partners they take their box from; None:
+        all of them (one process, or a torchvision whose RandAugment draws cannot be replayed)."""
+        if not self.distributed or not self.augment.augments_subsets():
+            return None
+        own = torch.arange(count)[_rank_rows(count)]
+        if cutmix is not None:
+            own = torch.cat([own, cutmix.permutation[own]])
+        return torch.unique(own)
+
+    def _draws(self, count: int, shape: Sequence[int]):
+        """A global batch's draws, in the order of one process's: the augmentation's crops (and
+        patch orders), then CutMix; and the rows this rank needs (:meth:`_needed_rows`)."""
+        plan = self.augment.plan((count, *shape))
+        cutmix = self._sample_cutmix(count)
+        return plan, cutmix, self._needed_rows(count, cutmix)
+
+    def step(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        augmented: bool = False,
+        cutmix: CutMixParams | None = None,
+        rows: Tensor | None = None,
+    ) -> float:
+        """One optimizer step on a global batch: normalized images (B, C, H, W) and labels (B,)
+        on the device. The batch is augmented here, each rank augmenting only the rows it needs.
+
+        ``augmented``: ``images`` are already augmented (by a worker): the global batch's rows
+        ``rows`` (ascending; None: all B), ``cutmix`` its CutMix draw (drawn here if None).
+        """
+        count = labels.shape[0]
+        if augmented:
+            if cutmix is None:
+                cutmix = self._sample_cutmix(count)
+            batch = images
+        else:
+            plan, cutmix, rows = self._draws(count, images.shape[1:])
+            picked = images if rows is None else images[rows.to(images.device)]
+            batch = self.augment.apply(picked, plan, rows)
+        return self._optimize(batch, labels, cutmix, rows)
+
+    def _optimize(
+        self, batch: Tensor, labels: Tensor, params: CutMixParams | None, rows: Tensor | None
+    ) -> float:
+        """The step on augmented rows ``rows`` (None: all) of the global batch of ``labels``."""
         settings = self.settings
-        batch = images if augmented else self.augment(images)
-        params = None
-        if settings.cutmix_beta > 0:
-            params = sample_cutmix(
-                batch.shape[0], batch.shape[2], batch.shape[3], settings.cutmix_beta,
-                self.generator,
-            )  # fmt: skip
-            batch = apply_cutmix(batch, params)
+        global_count = labels.shape[0]
+        distributed = self.distributed
+        own = _rank_rows(global_count) if distributed else slice(0, global_count)
+        batch = _mixed_rows(batch, rows, own, global_count, params)
         batch = batch.contiguous(memory_format=self.memory_format)
-        global_count = batch.shape[0]
-        distributed = self.forward_student is not self.student
         if distributed:
-            rows = _rank_rows(global_count)
             if settings.hard_labels and params is not None:
-                partner = labels[params.permutation.to(labels.device)][rows]
-            batch, labels = batch[rows], labels[rows]
+                partner = labels[params.permutation.to(labels.device)][own]
+            labels = labels[own]
         if not settings.hard_labels:
             # The teacher labels the very batch the student sees: augmented and mixed.
             with torch.no_grad(), autocast(self.device, settings.amp):
@@ -628,7 +811,8 @@ class StudentTrainer:
     def train_epoch(self, images: Tensor, labels: Tensor) -> float:
         """One shuffled pass over ``images`` (N, C, H, W) float32 normalized or uint8 pixels, on
         the host or on ``device``; returns the mean loss. The LR schedule advances once per
-        epoch.
+        epoch. Under DDP the order, the augmentation draws and CutMix are the global batch's
+        (those of one process); each rank reads and augments only the rows it needs.
         """
         if self.epochs_done >= self.total_epochs:
             raise RuntimeError(f"the schedule's {self.total_epochs} epochs are already done")
@@ -640,12 +824,22 @@ class StudentTrainer:
             order = order.to(images.device)
             for start in range(0, count, batch_size):
                 index = order[start : start + batch_size]
-                batch = self._to_device(images.index_select(0, index))
-                batch = normalized(batch, self.augment.info)
-                losses.append(self.step(batch, self._to_device(labels.index_select(0, index))))
+                plan, cutmix, rows = self._draws(index.numel(), images.shape[1:])
+                picked = index if rows is None else index[rows.to(index.device)]
+                batch = self._to_device(images.index_select(0, picked))
+                batch = self.augment.apply(normalized(batch, self.augment.info), plan, rows)
+                label_batch = self._to_device(labels.index_select(0, index))
+                losses.append(self._optimize(batch, label_batch, cutmix, rows))
         else:
             epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            batches = _AugmentedBatches(images, order, batch_size, self.augment, epoch_seed)
+            # Every batch's CutMix (the same draws as step by step): the workers need the rows.
+            starts = range(0, count, batch_size)
+            cutmixes = [self._sample_cutmix(min(batch_size, count - s)) for s in starts]
+            rows = [
+                self._needed_rows(min(batch_size, count - s), c)
+                for s, c in zip(starts, cutmixes, strict=True)
+            ]
+            batches = _AugmentedBatches(images, order, batch_size, self.augment, epoch_seed, rows)
             loader = torch.utils.data.DataLoader(
                 batches, batch_size=None, shuffle=False, num_workers=self.workers,
                 pin_memory=self.device.type == "cuda",
@@ -654,7 +848,9 @@ class StudentTrainer:
                 index = order[position * batch_size : (position + 1) * batch_size]
                 batch = batch.to(self.device, non_blocking=self.device.type == "cuda")
                 label_batch = self._to_device(labels.index_select(0, index.to(labels.device)))
-                losses.append(self.step(batch, label_batch, augmented=True))
+                losses.append(
+                    self.step(batch, label_batch, True, cutmixes[position], rows[position])
+                )
         self.scheduler.step()
         self.epochs_done += 1
         return float(np.mean(losses))
@@ -740,29 +936,67 @@ class StudentTrainer:
 class _AugmentedBatches(torch.utils.data.Dataset):
     """Item b: batch b of an epoch, augmented: read from the host set in its stored dtype,
     normalized, then ``augment`` with RandAugment and crops drawn from a seed derived from the
-    epoch's seed and b (independent of which worker makes it, or how many there are)."""
+    epoch's seed and b (independent of which worker makes it, or how many there are). With
+    ``rows`` (per batch, None: all), only those rows of the batch are read and augmented."""
 
     def __init__(
-        self, images: Tensor, order: Tensor, batch_size: int, augment: StudentAugment, seed: int
+        self,
+        images: Tensor,
+        order: Tensor,
+        batch_size: int,
+        augment: StudentAugment,
+        seed: int,
+        rows: Sequence[Tensor | None] | None = None,
     ) -> None:
         self.images = images if images.device.type == "cpu" else images.cpu()
         self.order = order
         self.batch_size = batch_size
         self.augment = augment
         self.seed = seed
+        self.rows = rows
 
     def __len__(self) -> int:
         return -(-self.order.numel() // self.batch_size)
 
     def __getitem__(self, position: int) -> Tensor:
         index = self.order[position * self.batch_size : (position + 1) * self.batch_size]
-        batch = normalized(self.images.index_select(0, index), self.augment.info)
+        rows = None if self.rows is None else self.rows[position]
+        picked = index if rows is None else index[rows]
+        batch = normalized(self.images.index_select(0, picked), self.augment.info)
         seed = derive_seed(self.seed, position)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # RandAugment's draws
             crops = torch.Generator().manual_seed(derive_seed(self.seed, position, 1))
+            augment = self.augment.reseeded(crops)
+            plan = augment.plan((index.numel(), *batch.shape[1:]))
             with torch.no_grad():
-                return self.augment.reseeded(crops)(batch)
+                return augment.apply(batch, plan, rows)
+
+
+def _mixed_rows(
+    batch: Tensor, rows: Tensor | None, own: slice, count: int, params: CutMixParams | None
+) -> Tensor:
+    """Rows ``own`` of a global batch of ``count`` after CutMix (``params``; None: no CutMix),
+    from its augmented rows ``rows`` (ascending, holding ``own`` and their partners; None: all,
+    in order) given in ``batch`` (R, C, H, W)."""
+    if rows is None:
+        if params is not None:
+            batch = apply_cutmix(batch, params)
+        return batch if own == slice(0, count) else batch[own]
+    position = torch.full((count,), -1, dtype=torch.int64)
+    position[rows] = torch.arange(rows.numel())
+    mine = torch.arange(count)[own]
+    result = batch[position[mine].to(batch.device)]
+    if params is not None:
+        partners = batch[position[params.permutation[mine]].to(batch.device)]
+        box = (
+            slice(None),
+            slice(None),
+            slice(params.top, params.bottom),
+            slice(params.left, params.right),
+        )
+        result[box] = partners[box]
+    return result
 
 
 # --------------------------------------------------------------------------------------------
