@@ -83,8 +83,8 @@ def test_hook_gives_the_eager_loss_and_gradient(dtype):
     x = torch.randn(6, 3, 9, 9, dtype=dtype, requires_grad=True)
     model(x)
     assert ours.r_feature.dtype == dtype
-    grad_ours, = torch.autograd.grad(ours.r_feature, x, retain_graph=True)
-    grad_theirs, = torch.autograd.grad(theirs.r_feature, x)
+    (grad_ours,) = torch.autograd.grad(ours.r_feature, x, retain_graph=True)
+    (grad_theirs,) = torch.autograd.grad(theirs.r_feature, x)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(ours.r_feature, theirs.r_feature, rtol=tol, atol=tol)
     torch.testing.assert_close(grad_ours, grad_theirs, rtol=tol, atol=tol * grad_theirs.abs().max())
@@ -133,8 +133,8 @@ def test_autocast_bfloat16_float32_statistics_and_the_eager_option():
     assert bn_input.dtype == torch.bfloat16
     # precision="eager" is their formula in their dtype: the same bits.
     assert torch.equal(eager_option.r_feature, theirs.r_feature)
-    g_eager, = torch.autograd.grad(eager_option.r_feature, bn_input, retain_graph=True)
-    g_theirs, = torch.autograd.grad(theirs.r_feature, bn_input, retain_graph=True)
+    (g_eager,) = torch.autograd.grad(eager_option.r_feature, bn_input, retain_graph=True)
+    (g_theirs,) = torch.autograd.grad(theirs.r_feature, bn_input, retain_graph=True)
     assert torch.equal(g_eager, g_theirs)
     # The default accumulates in float32: at least as close to float64 statistics of the same
     # bf16 input as theirs.
@@ -148,7 +148,7 @@ def test_autocast_bfloat16_float32_statistics_and_the_eager_option():
 
 # ---- the README recipes ------------------------------------------------------------------------
 
-UTILS = '''
+UTILS = """
 import torch
 
 class BNFeatureHook:  # the research repositories' eager hook
@@ -170,10 +170,10 @@ def __getattr__(name):  # the other helpers their scripts import (clip, lr_cosin
     if name.startswith("__"):
         raise AttributeError(name)
     return lambda *args, **kwargs: None
-'''
+"""
 
 # Loop bodies, one per repository's structure. Each ends by writing loss and input gradient.
-LOOP_HEAD = '''
+LOOP_HEAD = """
 import json, sys
 import torch
 import torch.nn as nn
@@ -196,10 +196,10 @@ def report(loss, hooks):
     grad, = torch.autograd.grad(loss, inputs)
     json.dump({"loss": loss.item(), "grad": grad.flatten().tolist(),
                "hook": type(hooks[0]).__module__}, open(sys.argv[1], "w"))
-'''
+"""
 
 # SRe2L single GPU, CDA, SC-DD: hooks built in get_images on the DataParallel-wrapped teacher.
-LOOP_IN_GET_IMAGES = '''
+LOOP_IN_GET_IMAGES = """
 def get_images(model_teacher):
     loss_r_feature_layers = []
     for module in model_teacher.modules():
@@ -212,10 +212,10 @@ def get_images(model_teacher):
     report(loss_r_bn_feature, loss_r_feature_layers)
 
 get_images(nn.DataParallel(make_teacher()))
-'''
+"""
 
 # SRe2L multi-GPU: hooks built before the teacher moves to its device; the sum names them bn_hooks.
-LOOP_MULTI_GPU = '''
+LOOP_MULTI_GPU = """
 def get_images(model_teacher, rank):
     loss_r_feature_layers = []
     for module in model_teacher.modules():
@@ -229,10 +229,10 @@ def get_images(model_teacher, rank):
     report(loss_r_bn_feature, loss_r_feature_layers)
 
 get_images(make_teacher(), "cpu")
-'''
+"""
 
 # DELT: hooks built in main_syn, passed into get_images, which forwards the active images only.
-LOOP_DELT = '''
+LOOP_DELT = """
 def get_images(model_teacher, loss_r_feature_layers, slicing_list):
     total = 0
     for round_indx in range(len(slicing_list)):
@@ -253,7 +253,7 @@ def main_syn():
     get_images(model_teacher, loss_r_feature_layers, rounds)
 
 main_syn()
-'''
+"""
 
 
 def loop_for(path: str) -> str:
@@ -385,7 +385,7 @@ def test_readme_bn_matching_lines_give_the_eager_loss_and_gradient(structure):
             else:
                 rescale = [Args.first_bn_multiplier] + [1.0] * (len(hooks) - 1)
                 total = total + sum(h.r_feature * rescale[i] for i, h in enumerate(hooks))
-        grad, = torch.autograd.grad(total, inputs)
+        (grad,) = torch.autograd.grad(total, inputs)
         return total, grad
 
     loss_ours, grad_ours = losses(True)

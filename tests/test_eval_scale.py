@@ -100,9 +100,7 @@ def test_a_killed_run_resumes_mid_seed_with_the_same_result(tiny_set, tmp_path, 
     epochs = 60
     whole = tmp_path / "whole.json"
     num_threads(1)  # the subprocesses' count: the uninterrupted run here gives their numbers
-    evaluate(
-        _config(tiny_set, whole, epochs=epochs, eval_every=20, checkpoint_every=5, seeds=(0,))
-    )
+    evaluate(_config(tiny_set, whole, epochs=epochs, eval_every=20, checkpoint_every=5, seeds=(0,)))
     killed = tmp_path / "killed.json"
     state = tmp_path / "killed-checkpoints" / "seed-0.pt"
     process = subprocess.Popen(

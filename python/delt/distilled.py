@@ -267,6 +267,8 @@ def verify_distilled(folder: str | Path, manifest: Manifest) -> None:
             f"{path}: its SHA-256 differs from the one manifest.json recorded when it was "
             "saved; the file is corrupt or was changed (re-run the command that made it)"
         )
+
+
 def normalized(images: Tensor, info: DatasetInfo) -> Tensor:
     """Stored images (a batch or a whole set) as normalized float32 (N, C, H, W): uint8 pixels
     are scaled to [0, 1] and normalized with ``info``; float32 images are returned as they are."""

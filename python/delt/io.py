@@ -106,6 +106,8 @@ def _write_error(path: Path, error: BaseException, started: bool = True) -> Writ
         f"cannot write {path}: {reason}; nothing was replaced{cleanup}",
         None if cause is None else cause.errno,
     )
+
+
 # (pid, atomic writes so far) of the fault-injection hook; a forked child counts from 0.
 _fault_writes = [os.getpid(), 0]
 
@@ -209,6 +211,8 @@ def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
     with atomic_open(path, "wb") as handle:
         handle.write(data)
     return True
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes ``obj`` as indented JSON (keys in insertion order), atomically; a file that holds
     the same JSON already is left as it is."""

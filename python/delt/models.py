@@ -395,6 +395,8 @@ def verify_sidecar_digest(path: Path) -> None:
             f"{path}: its SHA-256 differs from the one {sidecar.name} recorded when it was "
             "saved; the file is corrupt or was changed (restore it or train it again)"
         )
+
+
 # --------------------------------------------------------------------------------------------
 # Weights from elsewhere: plain state-dict files and torchvision's cached weights
 
