@@ -122,3 +122,10 @@ def test_imagefolder_teacher_refuses_a_folder_with_other_classes(tmp_path):
     Image.new("RGB", (8, 8)).save(root / "train" / "c" / "0.png")
     with pytest.raises(DataMismatchError, match=r"not known to the teacher: \['c'\]"):
         load_like(info, "train", str(root))
+
+
+def test_a_run_of_exactly_four_steps_trains(tmp_path):
+    # torch's OneCycleLR divides by pct_start * total_steps - 1, zero at 0.25 x 4 steps.
+    dataset = "synthetic:classes=4,channels=3,size=8,train=16,test=4"  # 64 images: 4 batches
+    result = train_teacher(_tiny_config(tmp_path, dataset=dataset, epochs=1))
+    assert load_checkpoint(result.path).meta["epochs"] == 1 and 0 <= result.test_accuracy <= 100

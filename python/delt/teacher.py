@@ -290,8 +290,13 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
         momentum=config.momentum,
         nesterov=True,
     )
+    total_steps = config.epochs * steps_per_epoch
+    # A quarter of the steps warm up. torch's OneCycleLR divides by pct_start * total - 1, which is
+    # zero at exactly 4 steps: there the warm-up ends a fraction of a step later (no other run's
+    # schedule changes).
+    pct_start = 0.25 if total_steps != 4 else 0.3
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.25
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=pct_start
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
