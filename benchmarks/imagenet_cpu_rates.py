@@ -8,7 +8,9 @@ rest of the machine as much as wall time does):
   JPEG: decode, resize the short side to 256, center-crop 224;
 * ``train``: decode and RandomResizedCrop 224 + flip (a teacher's training read);
 * ``student``: the evaluator's per-image augmentation of a stored 224 px uint8 image: crop, flip,
-  RandAugment (2 ops, magnitude 6, delt eval's defaults).
+  RandAugment (2 ops, magnitude 6, delt eval's defaults);
+
+and the file size of one 224 px image as ``delt recover`` writes it (JPEG quality 75 or PNG).
 
 The JPEG is a generated 500x375 "photo-like" image (smooth gradients plus noise, quality 90),
 about ImageNet's mean size; real photos decode at a similar rate per pixel.
@@ -80,6 +82,16 @@ def main() -> None:
         "student: crop, flip, RandAugment(2, 6) of 3x224x224 uint8": lambda: student(stored),
     }
     print(f"JPEG 500x375, {len(data) / 1e3:.0f} kB; one thread; {args.images} images per row")
+    # The size of one 224 px image file as delt recover writes it (--image-format jpeg: quality
+    # 75; png: lossless): uniform noise is the worst case, the photo-like image a typical one.
+    noise = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    for name, image in (("uniform noise", noise), ("photo-like", pixels[:224, :224])):
+        sizes = []
+        for image_format, options in (("JPEG", {"quality": 75}), ("PNG", {})):
+            encoded = io.BytesIO()
+            Image.fromarray(image).save(encoded, image_format, **options)
+            sizes.append(f"{image_format} {len(encoded.getvalue()) / 1e3:.0f} kB")
+        print(f"224 px {name}: {', '.join(sizes)}")
     print("| path | CPU-ms / image | images / s per worker |")
     print("|---|---:|---:|")
     for name, function in rows.items():
