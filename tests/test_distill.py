@@ -85,6 +85,18 @@ def test_a_changed_recovery_is_refused_clearly(tiny_teacher, tmp_path):
         )
 
 
+def test_recover_lr_reaches_the_recovery(tiny_teacher, tmp_path):
+    # The papers' 0.25 unless --recover-lr says otherwise (the quality benchmark's delt-lr0.05).
+    for out, overrides, expected in ((tmp_path / "a", {}, 0.25),
+                                     (tmp_path / "b", {"recover_lr": 0.05}, 0.05)):  # fmt: skip
+        distill(_config(out, tiny_teacher.path, method="cda", round_iterations=None, **overrides))
+        manifest = json.loads((out / "distilled" / "manifest.json").read_text())
+        assert manifest["config"]["lr"] == expected
+    a = torch.load(tmp_path / "a" / "distilled" / "distilled.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "distilled" / "distilled.pt", weights_only=True)
+    assert not torch.equal(a["images"], b["images"])
+
+
 def test_random_real_baseline(tiny_teacher, tmp_path):
     result = distill(_config(tmp_path / "rr", tiny_teacher.path, method="random-real",
                              round_iterations=None, seed=3))  # fmt: skip
@@ -126,6 +138,9 @@ def test_teacher_of_another_dataset_is_refused(tiny_teacher, tmp_path):
      ({"eval_epochs": 0}, "--eval-epochs must be"),
      ({"iterations": 3}, "multiple of --round-iterations"),
      ({"method": "rded", "round_iterations": None}, "--iterations applies to the methods that"),
+     ({"recover_lr": 0.0}, "--recover-lr must be a finite number > 0, got 0.0"),
+     ({"method": "random-real", "round_iterations": None, "recover_lr": 0.05},
+      "--recover-lr applies to the methods that optimize pixels, not random-real"),
      ({"method": "random-real", "round_iterations": None, "factor": 1},
       "--factor applies to --method rded, not random-real"),
      ({"method": "rded", "round_iterations": None, "iterations": 4000, "candidates": 3},

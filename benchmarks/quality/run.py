@@ -58,8 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder")
     parser.add_argument("--ipcs", help="comma-separated IPCs (short: 1,10,50; paper: 10,50)")
     parser.add_argument(
-        "--methods", help=f"comma-separated methods of {', '.join(METHODS)} (short: no rded)"
-    )
+        "--methods",
+        help=f"comma-separated methods of {', '.join(METHODS)} (short: no rded); a method that "
+        "optimizes pixels may end in -lrVALUE for a variant with that recovery step size "
+        "(`delt distill --recover-lr`; e.g. delt-lr0.05, into OUT/delt-lr0.05)",
+    )  # fmt: skip
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument(
         "--synthesis", choices=("per-seed", "once"), default="per-seed",
@@ -99,6 +102,29 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def parse_method(name: str) -> tuple[str, dict]:
+    """``"delt"`` → ``("delt", {})``; ``"delt-lr0.05"`` → ``("delt", {"recover_lr": 0.05})``.
+
+    Raises:
+        SystemExit: ``--methods: ...`` for an unknown method or a variant of one that optimizes
+            nothing.
+    """
+    base, _, lr = name.partition("-lr")
+    if base in METHODS and not lr:
+        return base, {}
+    optimizing = [m for m in METHODS if m not in ("random-real", "rded")]
+    try:
+        value = float(lr)
+    except ValueError:
+        value = float("nan")
+    if base not in optimizing or not value > 0:
+        raise SystemExit(
+            f"--methods: unknown {name!r}; known: {', '.join(METHODS)}, or one of "
+            f"{', '.join(optimizing)} with -lrVALUE (VALUE > 0)"
+        )
+    return base, {"recover_lr": value}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -112,9 +138,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    variants = {name: parse_method(name) for name in methods}
     seeds = _ints(args.seeds)
     students = [s for s in args.students.split(",") if s]
     for student in students:
@@ -147,21 +171,23 @@ def main(argv=None) -> int:
         for synthesis_seed, eval_seeds, name in jobs:
             for method in methods:
                 run_dir = out / method / f"ipc{ipc}" / name
+                base, overrides = variants[method]
                 config = DistillConfig(
-                    method=method, ipc=ipc, out=str(run_dir), dataset="fashion-mnist",
+                    method=base, ipc=ipc, out=str(run_dir), dataset="fashion-mnist",
                     data_root=args.data_root, teacher=str(teacher.path), arch="convnet3",
                     width=args.width,
-                    **({} if method == "rded" else {"iterations": args.iterations}),
-                    round_iterations=args.round_iterations if method == "delt" else None,
+                    **({} if base == "rded" else {"iterations": args.iterations}),
+                    round_iterations=args.round_iterations if base == "delt" else None,
                     eval_epochs=args.eval_epochs, seeds=eval_seeds, eval_every=args.eval_every,
                     amp=args.amp, channels_last=True, seed=synthesis_seed, device=args.device,
-                    progress=False,
+                    progress=False, **overrides,
                 )  # fmt: skip
                 run_started = time.time()
                 result = distill(config, print_summary=False)
                 record = {
                     **result.report,
                     "run": str(run_dir),
+                    "variant": method,
                     "seed": synthesis_seed,
                     "eval_seeds": list(eval_seeds),
                     "final_mean": result.evaluation.final_mean,
@@ -243,7 +269,8 @@ def _write_student_table(out: Path, machine: dict, args, rows: list[dict]) -> No
     ]
     table = []
     for (ipc, student, method), values in sorted(
-        pooled.items(), key=lambda item: (item[0][0], item[0][1], order[item[0][2]])
+        pooled.items(),
+        key=lambda item: (item[0][0], item[0][1], order[parse_method(item[0][2])[0]], item[0][2]),
     ):
         mean, std = float(np.mean(values)), float(np.std(values))
         lines.append(f"| {ipc} | {student} | {method} | {len(values)} | {mean:.2f} ± {std:.2f} |")

@@ -6,6 +6,7 @@ diversity → report in one folder, every step cached by its flags and the SHA-2
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class DistillConfig:
     recover_batch_size: int = option(
         100, help="images per recovery chunk (rded: crops per scoring forward)"
     )
+    recover_lr: float = option(
+        0.25, help="recovery's Adam learning rate (`delt recover --lr`; not rded, random-real)"
+    )
     candidates: int = RDED_OPTIONS["candidates"]
     num_crop: int = RDED_OPTIONS["num_crop"]
     factor: int = RDED_OPTIONS["factor"]
@@ -103,6 +107,12 @@ class DistillConfig:
                 f"--round-iterations applies to --method delt; {self.method} has no rounds"
             )
         check_rded_options(self)
+        if not math.isfinite(self.recover_lr) or self.recover_lr <= 0:
+            raise ConfigError(f"--recover-lr must be a finite number > 0, got {self.recover_lr}")
+        if self.method in ("random-real", RDED) and self.recover_lr != 0.25:
+            raise ConfigError(
+                f"--recover-lr applies to the methods that optimize pixels, not {self.method}"
+            )
         if self.method == RDED and self.iterations != 4000:
             raise ConfigError(
                 "--iterations applies to the methods that optimize pixels; rded picks real "
@@ -140,8 +150,8 @@ class DistillConfig:
             else None,
             data_root=self.data_root if self.method in ("delt", RDED) else None,
             round_iterations=self.round_iterations, batch_size=self.recover_batch_size,
-            channels_last=self.channels_last, seed=self.seed, device=self.device,
-            progress=self.progress,
+            lr=self.recover_lr, channels_last=self.channels_last, seed=self.seed,
+            device=self.device, progress=self.progress,
             **({} if self.method == RDED else {"iterations": self.iterations}),
             **{name: getattr(self, name) for name in RDED_FIELDS},
         )  # fmt: skip
