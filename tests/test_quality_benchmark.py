@@ -2,6 +2,7 @@
 recovery step size (``delt-lr0.05``)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,47 @@ def test_the_variant_reaches_distill(run_module, tmp_path, monkeypatch):
     (config,) = seen
     assert config.method == "delt" and config.recover_lr == 0.05
     assert Path(config.out) == tmp_path / "delt-lr0.05" / "ipc10" / "seed0"
+
+
+def test_gains_over_random_real_are_paired_by_seed(run_module):
+    def report(ipc, accuracy):
+        return {"ipc": ipc, "accuracy_mean": accuracy}
+
+    reports = [
+        ("random-real", 0, report(10, 80.0)), ("random-real", 1, report(10, 82.0)),
+        ("delt", 0, report(10, 81.0)), ("delt", 1, report(10, 85.0)),
+        ("delt", 2, report(10, 99.0)),  # no random-real seed 2: not paired
+        ("rded", 0, report(50, 70.0)),  # no random-real at IPC 50
+    ]  # fmt: skip
+    (row,) = run_module.paired_gains(reports)
+    assert row["ipc"] == 10 and row["method"] == "delt" and row["gains"] == {0: 1.0, 1: 3.0}
+    assert row["mean"] == pytest.approx(2.0) and row["std"] == pytest.approx(1.0)
+
+
+def test_report_only_pools_variants_apart_and_runs_nothing(run_module, tmp_path, monkeypatch):
+    import delt.distill
+    import delt.teacher
+
+    monkeypatch.setattr(delt.teacher, "train_teacher", lambda c: pytest.fail("trained"))
+    monkeypatch.setattr(delt.distill, "distill", lambda *a, **k: pytest.fail("ran"))
+    accuracies = {("random-real", 0): 80.0, ("random-real", 1): 82.0, ("delt", 0): 81.0,
+                  ("delt", 1): 84.0, ("delt-lr0.05", 0): 83.0}  # fmt: skip
+    for (method, seed), accuracy in accuracies.items():
+        run = tmp_path / method / "ipc10" / f"seed{seed}"
+        run.mkdir(parents=True)
+        report = {"method": method.split("-lr")[0], "dataset": "fashion-mnist", "ipc": 10,
+                  "accuracy_mean": accuracy, "accuracy_std": 0.0, "diversity": 0.9,
+                  "synthesis_seconds": 1.0, "image_iterations": 0 if seed else 10}  # fmt: skip
+        (run / "report.json").write_text(json.dumps(report))
+    args = ["--out", str(tmp_path), "--ipcs", "10", "--seeds", "0,1", "--report-only"]
+    run_module.main([*args, "--methods", "random-real,delt,delt-lr0.05,cda"])
+    document = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["method"]: row for row in document["rows"]}
+    assert list(rows) == ["random-real", "delt", "delt-lr0.05"]  # cda: no finished run
+    assert rows["delt"]["runs"] == 2 and rows["delt"]["accuracy_mean"] == pytest.approx(82.5)
+    assert rows["delt-lr0.05"]["runs"] == 1
+    gains = {row["method"]: row for row in document["gains"]}
+    assert gains["delt"]["mean"] == pytest.approx(1.5) and gains["delt-lr0.05"]["mean"] == 3.0
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| 10 | delt | 0: +1.00, 1: +2.00 | +1.50 ± 0.50 |" in markdown
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"

@@ -85,6 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="autocast of the teacher's training, the selection's scoring and the students (none: "
         "float32; on a CPU without bfloat16 units bf16 is emulated, several times slower)",
     )  # fmt: skip
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="run nothing: write OUT/results.* from the named runs that have finished",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -132,7 +136,6 @@ def main(argv=None) -> int:
     from delt.distill import DistillConfig, distill
     from delt.evaluate import EvalConfig, evaluate
     from delt.models import MODELS
-    from delt.report import ReportConfig, compare_runs
     from delt.teacher import TeacherConfig, train_teacher
 
     torch.set_num_threads(args.threads)
@@ -150,6 +153,14 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     print(json.dumps(machine), flush=True)
+
+    if args.report_only:
+        runs = [
+            (method, str(run_dir)) for method, run_dir in _run_dirs(args, out, methods, seeds)
+            if (run_dir / "report.json").is_file()
+        ]  # fmt: skip
+        _write_results(out, machine, args, runs)
+        return 0
 
     teacher = train_teacher(
         TeacherConfig(
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
                     f"{record['wall_seconds']:7.1f} s{' (cached)' if record['cached'] else ''}",
                     flush=True,
                 )
-                runs.append(str(run_dir))
+                runs.append((method, str(run_dir)))
                 for student in students:
                     student_rows.append(
                         _evaluate_student(
@@ -215,19 +226,77 @@ def main(argv=None) -> int:
                         )
                     )  # fmt: skip
 
-    rows = compare_runs(
-        ReportConfig(
-            runs=tuple(runs), out=str(out / "results.png"),
-            title=f"Fashion-MNIST, ConvNet-3 w{args.width} teacher and student",
-        )
-    )  # fmt: skip
-    (out / "results.json").write_text(
-        json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=2) + "\n"
-    )
+    _write_results(out, machine, args, runs)
     if students:
         _write_student_table(out, machine, args, student_rows)
     print(f"done in {time.time() - started:.0f} s", flush=True)
     return 0
+
+
+def _run_dirs(args, out: Path, methods: list[str], seeds: list[int]):
+    """(method, run folder) of every run the flags name, in run order."""
+    names = [f"seed{seed}" for seed in seeds] if args.synthesis == "per-seed" else ["once"]
+    for ipc in _ints(args.ipcs):
+        for name in names:
+            for method in methods:
+                yield method, out / method / f"ipc{ipc}" / name
+
+
+def paired_gains(reports: list[tuple[str, int, dict]], baseline: str = "random-real") -> list:
+    """Each method's gain over ``baseline`` paired by (IPC, seed): the difference of the two
+    runs' accuracies for every seed both have, then their mean and (population) std.
+
+    ``reports``: (method, seed, report.json) triples. Returns one dict per (IPC, method) with a
+    paired seed: ``ipc``, ``method``, ``gains`` (seed → points), ``mean``, ``std``.
+    """
+    import numpy as np
+
+    accuracy = {(m, r["ipc"], seed): r["accuracy_mean"] for m, seed, r in reports}
+    rows = {}
+    for (method, ipc, seed), value in accuracy.items():
+        if method != baseline and (baseline, ipc, seed) in accuracy:
+            gain = value - accuracy[(baseline, ipc, seed)]
+            rows.setdefault((ipc, method), {})[seed] = gain
+    return [
+        {"ipc": ipc, "method": method, "gains": dict(sorted(gains.items())),
+         "mean": float(np.mean(list(gains.values()))), "std": float(np.std(list(gains.values())))}
+        for (ipc, method), gains in rows.items()
+    ]  # fmt: skip
+
+
+def _write_results(out: Path, machine: dict, args, runs: list[tuple[str, str]]) -> None:
+    """``OUT/results.md`` / ``.json`` / ``.png``: the runs pooled by (IPC, method variant), then
+    every method's gain over random-real paired by seed."""
+    from delt.io import atomic_open
+    from delt.report import load_report, markdown_table, plot_comparison, pool_reports
+
+    reports = []
+    for method, run in runs:
+        report = load_report(run)
+        seed = Path(run).name
+        reports.append((method, int(seed[4:]) if seed.startswith("seed") else seed, report))
+    rows = pool_reports([{**report, "method": method} for method, _, report in reports])
+    gains = paired_gains(reports) if args.synthesis == "per-seed" else []
+    plot_comparison(rows, out / "results.png",
+                    f"Fashion-MNIST, ConvNet-3 w{args.width} teacher and student")  # fmt: skip
+    lines = [markdown_table(rows)]
+    if gains:
+        lines += ["", "| IPC | method | gain over random-real, per seed (points) | mean ± std |",
+                  "|---:|---|---|---:|"]  # fmt: skip
+        for row in gains:
+            per_seed = ", ".join(f"{seed}: {g:+.2f}" for seed, g in row["gains"].items())
+            lines.append(f"| {row['ipc']} | {row['method']} | {per_seed} "
+                         f"| {row['mean']:+.2f} ± {row['std']:.2f} |")  # fmt: skip
+    with atomic_open(out / "results.md", "w") as handle:
+        handle.write("\n".join(lines).rstrip("\n") + "\n")
+    per_run = [{"method": m, "seed": seed, **{k: r[k] for k in ("ipc", "accuracy_mean",
+               "diversity", "synthesis_seconds", "image_iterations")}}
+               for m, seed, r in reports]  # fmt: skip
+    document = {"machine": machine, "args": vars(args), "rows": rows, "gains": gains,
+                "runs": per_run}  # fmt: skip
+    with atomic_open(out / "results.json", "w") as handle:
+        handle.write(json.dumps(document, indent=2) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def _evaluate_student(args, evaluate, eval_config, run_dir, teacher, student, seeds, method, ipc):
