@@ -7,10 +7,16 @@ every student; the students are ConvNet-3s of the same width, trained by ``delt 
 so the spread over seeds covers both. ``--synthesis once`` instead synthesizes once per (method,
 IPC) with seed 0 and evaluates that set with every seed (``OUT/<method>/ipc<IPC>/once``).
 
+A method that optimizes pixels may carry its own recovery step size, ``delt-lr0.05``
+(``delt distill --recover-lr 0.05``, into ``OUT/delt-lr0.05``): a variant, pooled apart.
+
 Resumable: ``delt distill`` caches each step (teacher, selection, recovery chunks, each
 evaluation seed, diversity), so a killed run picks up where it stopped; finished runs cost
 nothing. Each finished run appends a line to ``OUT/progress.jsonl``; at the end the pooled
-table goes to ``OUT/results.md`` / ``results.json`` and the chart to ``OUT/results.png``.
+table goes to ``OUT/results.md`` / ``results.json`` and the chart to ``OUT/results.png``, with
+every method's gain over random-real paired by seed (the same seed's random-real run).
+``--report-only`` writes those files from whichever of the named runs have finished, running
+nothing (several commands can share one OUT, one per method or seed, then one report).
 
     nohup python benchmarks/quality/run.py --out runs/quality > runs/quality.log 2>&1 &
 
