@@ -1,5 +1,5 @@
-"""benchmarks/quality/run.py's method names: a method, or one that optimizes pixels with its own
-recovery step size (``delt-lr0.05``)."""
+"""benchmarks/quality/run.py: method names (a method, or one that optimizes pixels with its own
+recovery step size, ``delt-lr0.05``), the gains over random-real and the results files."""
 
 import importlib.util
 import json
@@ -99,3 +99,47 @@ def test_report_only_pools_variants_apart_and_runs_nothing(run_module, tmp_path,
     markdown = (tmp_path / "results.md").read_text()
     assert "| 10 | delt | 0: +1.00, 1: +2.00 | +1.50 ± 0.50 |" in markdown
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _eval_file(path: Path, ipc: int, seed: int, accuracy: float, **config) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"student": "convnet3", "epochs": 100, "eval_every": 50, "shuffle_patches": None,
+              **config}  # fmt: skip
+    document = {"complete": True, "ipc": ipc, "config": config,
+                "seeds": [{"seed": seed, "best_accuracy": accuracy}]}  # fmt: skip
+    path.write_text(json.dumps(document))
+
+
+def test_other_evaluations_pool_by_name_and_pair_with_random_real(run_module, tmp_path):
+    runs = []
+    values = {("random-real", 0): 70.0, ("random-real", 1): 72.0, ("delt", 0): 75.0,
+              ("delt", 1): 74.0, ("rded", 1): 60.0}  # fmt: skip
+    for (method, seed), accuracy in values.items():
+        run = tmp_path / method / "ipc10" / f"seed{seed}"
+        _eval_file(run / "distilled" / "eval-100ep.json", 10, seed, accuracy)
+        _eval_file(run / "distilled" / "eval.json", 10, seed, 99.0)  # the run's own: not listed
+        runs.append((method, str(run)))
+    shuffled = tmp_path / "rded" / "ipc10" / "seed1" / "distilled" / "eval-shuffle2.json"
+    _eval_file(shuffled, 10, 1, 65.0, epochs=300, eval_every=10, shuffle_patches=2)
+    rows = run_module.other_evaluations(runs)
+    assert [(r["evaluation"], r["method"]) for r in rows] == [
+        ("100ep", "random-real"),
+        ("100ep", "delt"),
+        ("100ep", "rded"),
+        ("shuffle2", "rded"),
+    ]
+    baseline, delt, rded, shuffle = rows
+    assert baseline["mean"] == pytest.approx(71.0) and "gains" not in baseline
+    assert delt["gains"] == {0: 5.0, 1: 2.0} and delt["gain_mean"] == pytest.approx(3.5)
+    assert delt["gain_std"] == pytest.approx(1.5)
+    assert rded["gains"] == {1: -12.0}
+    assert shuffle["protocol"] == "convnet3, 300 epochs, tested every 10, ShufflePatches 2"
+    assert "gains" not in shuffle  # random-real has no shuffle2 evaluation to pair with
+
+
+def test_one_evaluation_name_means_one_protocol(run_module, tmp_path):
+    a, b = tmp_path / "random-real" / "ipc10" / "seed0", tmp_path / "delt" / "ipc10" / "seed0"
+    _eval_file(a / "distilled" / "eval-long.json", 10, 0, 80.0, epochs=300)
+    _eval_file(b / "distilled" / "eval-long.json", 10, 0, 81.0, epochs=200)
+    with pytest.raises(SystemExit, match="eval-long.json: protocol .* differs"):
+        run_module.other_evaluations([("random-real", str(a)), ("delt", str(b))])

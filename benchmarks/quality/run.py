@@ -16,7 +16,10 @@ nothing. Each finished run appends a line to ``OUT/progress.jsonl``; at the end 
 table goes to ``OUT/results.md`` / ``results.json`` and the chart to ``OUT/results.png``, with
 every method's gain over random-real paired by seed (the same seed's random-real run).
 ``--report-only`` writes those files from whichever of the named runs have finished, running
-nothing (several commands can share one OUT, one per method or seed, then one report).
+nothing (several commands can share one OUT, one per method or seed, then one report). Other
+evaluations of a run's set written beside its ``eval.json`` as ``RUN/distilled/eval-NAME.json``
+(``delt eval --out``: another student, a shorter student budget, ShufflePatches) get their own
+table, pooled by NAME and paired with random-real's evaluation of the same NAME.
 
     nohup python benchmarks/quality/run.py --out runs/quality > runs/quality.log 2>&1 &
 
@@ -270,6 +273,60 @@ def paired_gains(reports: list[tuple[str, int, dict]], baseline: str = "random-r
     ]  # fmt: skip
 
 
+def other_evaluations(runs: list[tuple[str, str]], baseline: str = "random-real") -> list:
+    """The runs' other evaluations of their sets (``RUN/distilled/eval-NAME.json`` beside the
+    run's own ``eval.json``: another student, student budget or ShufflePatches), pooled by
+    (IPC, NAME, method), with the gain over ``baseline``'s evaluation of the same NAME paired by
+    seed. A NAME is one evaluation only where every file of that NAME has the same protocol
+    (student, epochs, test interval, ShufflePatches); otherwise it is refused by name.
+
+    Returns one dict per (IPC, NAME, method): ``evaluation`` (NAME), ``protocol``, ``ipc``,
+    ``method``, ``accuracies`` (seed → best accuracy), ``mean``, ``std`` and, where the baseline
+    shares a seed, ``gains`` (seed → points), ``gain_mean``, ``gain_std``.
+    """
+    import numpy as np
+
+    found: dict[tuple, dict] = {}
+    protocols: dict[str, tuple[str, Path]] = {}
+    for method, run in runs:
+        for path in sorted((Path(run) / "distilled").glob("eval-*.json")):
+            document = json.loads(path.read_text())
+            if not document.get("complete"):
+                continue
+            config, name = document["config"], path.stem[len("eval-") :]
+            protocol = (
+                f"{config['student']}, {config['epochs']} epochs, tested every "
+                f"{config['eval_every']}"
+                + (f", ShufflePatches {config['shuffle_patches']}"
+                   if config.get("shuffle_patches") else "")
+            )  # fmt: skip
+            if protocols.setdefault(name, (protocol, path))[0] != protocol:
+                raise SystemExit(
+                    f"{path}: protocol {protocol!r} differs from {protocols[name][1]}'s "
+                    f"{protocols[name][0]!r}; an evaluation name must mean one protocol"
+                )
+            entry = found.setdefault((document["ipc"], name, method), {})
+            for seed in document["seeds"]:
+                entry[seed["seed"]] = seed["best_accuracy"]
+    rows = []
+    for (ipc, name, method), accuracies in found.items():
+        values = list(accuracies.values())
+        row = {"evaluation": name, "protocol": protocols[name][0], "ipc": ipc, "method": method,
+               "accuracies": dict(sorted(accuracies.items())), "mean": float(np.mean(values)),
+               "std": float(np.std(values))}  # fmt: skip
+        base = found.get((ipc, name, baseline), {})
+        gains = {s: a - base[s] for s, a in sorted(accuracies.items()) if s in base}
+        if method != baseline and gains:
+            row.update(gains=gains, gain_mean=float(np.mean(list(gains.values()))),
+                       gain_std=float(np.std(list(gains.values()))))  # fmt: skip
+        rows.append(row)
+    order: dict[str, int] = {}
+    for method, _ in runs:
+        order.setdefault(method, len(order))
+    rows.sort(key=lambda r: (r["ipc"], r["evaluation"], order.get(r["method"], len(order))))
+    return rows
+
+
 def _write_results(out: Path, machine: dict, args, runs: list[tuple[str, str]]) -> None:
     """``OUT/results.md`` / ``.json`` / ``.png``: the runs pooled by (IPC, method variant), then
     every method's gain over random-real paired by seed."""
@@ -293,13 +350,25 @@ def _write_results(out: Path, machine: dict, args, runs: list[tuple[str, str]]) 
             per_seed = ", ".join(f"{seed}: {g:+.2f}" for seed, g in row["gains"].items())
             lines.append(f"| {row['ipc']} | {row['method']} | {per_seed} "
                          f"| {row['mean']:+.2f} ± {row['std']:.2f} |")  # fmt: skip
+    evaluations = other_evaluations(runs)
+    if evaluations:
+        lines += ["", "Other evaluations of the same sets (`RUN/distilled/eval-NAME.json`):", "",
+                  "| IPC | evaluation | protocol | method | seeds | accuracy (%) "
+                  "| gain over random-real (points) |",
+                  "|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
+        for row in evaluations:
+            gain = (f"{row['gain_mean']:+.2f} ± {row['gain_std']:.2f}" if "gains" in row
+                    else "–")  # fmt: skip
+            lines.append(f"| {row['ipc']} | {row['evaluation']} | {row['protocol']} | "
+                         f"{row['method']} | {len(row['accuracies'])} | {row['mean']:.2f} ± "
+                         f"{row['std']:.2f} | {gain} |")  # fmt: skip
     with atomic_open(out / "results.md", "w") as handle:
         handle.write("\n".join(lines).rstrip("\n") + "\n")
     per_run = [{"method": m, "seed": seed, **{k: r[k] for k in ("ipc", "accuracy_mean",
                "diversity", "synthesis_seconds", "image_iterations")}}
                for m, seed, r in reports]  # fmt: skip
     document = {"machine": machine, "args": vars(args), "rows": rows, "gains": gains,
-                "runs": per_run}  # fmt: skip
+                "evaluations": evaluations, "runs": per_run}  # fmt: skip
     with atomic_open(out / "results.json", "w") as handle:
         handle.write(json.dumps(document, indent=2) + "\n")
     print("\n".join(lines), flush=True)
