@@ -314,12 +314,17 @@ def other_evaluations(runs: list[tuple[str, str]], baseline: str = "random-real"
         row = {"evaluation": name, "protocol": protocols[name][0], "ipc": ipc, "method": method,
                "accuracies": dict(sorted(accuracies.items())), "mean": float(np.mean(values)),
                "std": float(np.std(values))}  # fmt: skip
-        base = found.get((ipc, name, baseline), {})
-        gains = {s: a - base[s] for s, a in sorted(accuracies.items()) if s in base}
-        if method != baseline and gains:
-            row.update(gains=gains, gain_mean=float(np.mean(list(gains.values()))),
-                       gain_std=float(np.std(list(gains.values()))))  # fmt: skip
         rows.append(row)
+    # The gains: paired_gains over each evaluation name's accuracies, as for the runs' own.
+    for name in protocols:
+        reports = [(method, seed, {"ipc": ipc, "accuracy_mean": accuracy})
+                   for (ipc, n, method), accuracies in found.items() if n == name
+                   for seed, accuracy in accuracies.items()]  # fmt: skip
+        paired = {(g["ipc"], g["method"]): g for g in paired_gains(reports, baseline)}
+        for row in rows:
+            gain = paired.get((row["ipc"], row["method"])) if row["evaluation"] == name else None
+            if gain:
+                row.update(gains=gain["gains"], gain_mean=gain["mean"], gain_std=gain["std"])
     order: dict[str, int] = {}
     for method, _ in runs:
         order.setdefault(method, len(order))
