@@ -243,6 +243,48 @@ def _seconds(path: Path) -> str:
     return re.search(r'"student_seconds": ([0-9.e+-]+)', path.read_text()).group(1)
 
 
+_SWEEP_SCRIPT = """
+import sys, time
+from pathlib import Path
+import delt.lock
+from delt.distributed import barrier, session
+from delt.lock import output_lock
+
+out = Path(sys.argv[1])
+sweep = delt.lock.remove_stray_temporaries
+def slow_sweep(*args, **kwargs):
+    time.sleep(1.0)  # rank 0 sweeps late: rank 1 must still wait for it
+    return sweep(*args, **kwargs)
+delt.lock.remove_stray_temporaries = slow_sweep
+with session("cpu", out, lock=output_lock) as job:
+    with output_lock(out) as lock:
+        removed = lock.sweep()
+        if job.rank == 1:  # this rank's write under way, named as atomic_open names it
+            (out / ".chunk-1.pt.abcdefgh.tmp").write_text("rank 1, writing")
+        barrier()
+        print(f"rank {job.rank} held {lock.held} removed {[p.name for p in removed]}")
+"""
+
+
+def test_rank_0_sweeps_a_killed_runs_temporaries_before_the_other_ranks_write(tmp_path):
+    # The failure this guards: rank 0's sweep deleted the files rank 1 had begun to write (its
+    # writability probe, a chunk's temporary file) because both went on at once.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".manifest.json.zyxwvuts.tmp").write_text("a killed run's")
+    script = tmp_path / "sweep.py"
+    script.write_text(_SWEEP_SCRIPT)
+    result = subprocess.run(
+        [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(script), str(out)], env=_env(),
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+    )  # fmt: skip
+    _ok(result)
+    assert "rank 0 held True removed ['.manifest.json.zyxwvuts.tmp']" in result.stdout
+    assert "rank 1 held False removed []" in result.stdout
+    assert (out / ".chunk-1.pt.abcdefgh.tmp").read_text() == "rank 1, writing"
+    assert not (out / ".manifest.json.zyxwvuts.tmp").exists()
+
+
 def test_select_on_two_ranks_is_the_one_process_selection(tmp_path, tiny_teacher):
     def args(out):
         return [

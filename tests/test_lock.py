@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from delt.io import remove_stray_temporaries
+from delt.io import check_output, remove_stray_temporaries
 from delt.lock import LOCK_NAME, OutputLockedError, output_lock
 
 
@@ -157,6 +157,22 @@ def test_stray_temporaries_are_ours_only(tmp_path):
     other.write_text("x")
     assert remove_stray_temporaries(tmp_path, names=("eval.json",), recursive=False) == [only]
     assert other.exists()
+
+
+def test_the_writability_probe_is_not_taken_for_a_stray_temporary(tmp_path, monkeypatch):
+    # Another rank (or a command whose --out is below this folder) probes while a sweep runs:
+    # the probe's name must not be one the sweep deletes.
+    probes = []
+    unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda path: probes.append(path) or unlink(path))
+    check_output(tmp_path / "new", "--out")
+    monkeypatch.setattr(os, "unlink", unlink)
+    (probe,) = probes
+    assert os.path.dirname(probe) == str(tmp_path)  # the nearest existing folder
+    with open(probe, "w") as handle:
+        handle.write("")  # as if still there when the sweep runs
+    assert remove_stray_temporaries(tmp_path) == []
+    assert os.path.exists(probe)
 
 
 def test_a_folder_made_for_the_lock_goes_again_if_nothing_was_written(tmp_path):

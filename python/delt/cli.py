@@ -12,6 +12,7 @@ Every failure is one line, ``delt <command>: error: <message>``: exit status 2 f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -28,7 +29,7 @@ from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.demo import DemoConfig, run_demo
 from delt.distill import DistillConfig, distill
-from delt.distributed import is_main, session, torchrun_environment
+from delt.distributed import alone, is_main, session, torchrun_environment
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
 from delt.io import FileFormatError, WriteError
@@ -312,7 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             if not is_main() and getattr(config, "progress", False):
                 config = dataclasses.replace(config, progress=False)  # rank 0's bars only
-            result = command.run(config)
+            # A command rank 0 runs alone: its collectives (a sweep's barrier) must not wait
+            # for the ranks that left above.
+            with alone() if command.main_rank_only else contextlib.nullcontext():
+                result = command.run(config)
             if is_main():
                 command.show(config, result)
     except KeyboardInterrupt:

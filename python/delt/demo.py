@@ -19,7 +19,7 @@ import torch
 from delt.config import check_int_fields, option
 from delt.data import load_dataset
 from delt.distill import DistillConfig, distill
-from delt.io import check_output, remove_stray_temporaries, write_json
+from delt.io import check_output, write_json
 from delt.lock import output_lock
 from delt.report import ReportConfig, compare_runs
 from delt.runtime import logger
@@ -87,8 +87,7 @@ def run_demo(config: DemoConfig) -> dict:
 
 def _run_demo(config: DemoConfig, threads: int) -> dict:
     with output_lock(config.out) as lock:  # each run below also locks its own folder
-        if lock.held:
-            remove_stray_temporaries(config.out, recursive=False)
+        lock.sweep(recursive=False)
         return _demo_steps(config, threads)
 
 

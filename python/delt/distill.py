@@ -18,7 +18,7 @@ from delt.distilled import Manifest, load_distilled, save_distilled
 from delt.distributed import barrier, is_main, main_first
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
-from delt.io import check_output, read_json, remove_stray_temporaries, sha256_file, write_json
+from delt.io import check_output, read_json, sha256_file, write_json
 from delt.lock import output_lock
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint, model_spec
 from delt.rded import RDED, RDED_FIELDS, RDED_OPTIONS, check_rded_data, check_rded_options
@@ -230,13 +230,11 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     re-run with every step cached writes nothing.
     """
     with output_lock(config.out) as lock:
-        if lock.held:
-            # The steps' own folders are cleaned by the steps; distill's own: OUT, OUT/steps and
-            # the random-real draw's.
-            remove_stray_temporaries(config.out, recursive=False)
-            remove_stray_temporaries(Path(config.out) / "steps", recursive=False)
-            if config.method == "random-real":
-                remove_stray_temporaries(Path(config.out) / "distilled", recursive=False)
+        # The steps' own folders are cleaned by the steps; distill's own: OUT, OUT/steps and
+        # the random-real draw's.
+        out = Path(config.out)
+        draw = (out / "distilled",) if config.method == "random-real" else ()
+        lock.sweep(out, out / "steps", *draw, recursive=False)
         return _distill(config, print_summary)
 
 

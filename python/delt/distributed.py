@@ -34,6 +34,7 @@ __all__ = [
     "OutputLock",
     "World",
     "all_gather",
+    "alone",
     "barrier",
     "broadcast",
     "is_main",
@@ -109,8 +110,27 @@ def is_main() -> bool:
     return world().rank == 0
 
 
+# Set by :func:`alone`: rank 0 runs a command by itself, the other ranks have left.
+_alone = False
+
+
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return (
+        not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    )
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """A block rank 0 runs by itself while the other ranks of its job have left (a command that
+    makes one output, ``Command.main_rank_only``): the collectives do nothing in it, as in a
+    one-process run, instead of waiting for ranks that will never come."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def barrier() -> None:

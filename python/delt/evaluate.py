@@ -27,7 +27,6 @@ from delt.distributed import all_gather, barrier, is_main, world
 from delt.io import (
     check_output,
     read_json,
-    remove_stray_temporaries,
     sha256_file,
     torch_load,
     torch_save,
@@ -694,8 +693,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     config.check_results_path(probe=False)
     with results_lock(config.results_path) as lock:
         checkpoints = config.seed_checkpoint_path(0).parent
-        if lock.held:  # what a killed write of a seed's training state left
-            remove_stray_temporaries(checkpoints, recursive=False)
+        lock.sweep(checkpoints, recursive=False)  # a killed write of a seed's training state
         return _evaluate(config)
 
 

@@ -335,7 +335,11 @@ def check_output(
     if not probe:
         return
     try:
-        fd, probe_name = tempfile.mkstemp(prefix=".delt-write-check.", suffix=".tmp", dir=existing)
+        # Not named as atomic_open's temporaries: a sweep of ``existing`` (another rank's, or
+        # another command's of a folder above its own) must not take it for a killed write.
+        fd, probe_name = tempfile.mkstemp(
+            prefix=".delt-write-check.", suffix=".probe", dir=existing
+        )
     except OSError as error:
         reason = {
             errno.EROFS: "the file system is read-only",

@@ -23,11 +23,12 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from delt.config import ConfigError
+from delt.distributed import main_first
 from delt.io import check_output, remove_stray_temporaries
 from delt.runtime import logger
 
@@ -62,6 +63,31 @@ class OutputLock:
     previous: dict | None = None
     _fd: int | None = None
     _depth: int = 1
+
+    def sweep(
+        self,
+        *folders: str | os.PathLike,
+        names: tuple[str, ...] | None = None,
+        recursive: bool = True,
+    ) -> list[Path]:
+        """Deletes the temporary files a killed run left (:func:`delt.io.remove_stray_temporaries`
+        of each of ``folders``, default the locked folder) if this process holds the lock.
+
+        Under torchrun the holder (rank 0) sweeps before any other rank goes on (a barrier,
+        :func:`delt.distributed.main_first`): the other ranks write their own temporary files
+        into the folder (their chunks), which a sweep running at the same time would take for a
+        killed run's. So every rank of the job calls it, at the same point; in a one-process run
+        (or one that rank 0 runs :func:`delt.distributed.alone`) it is the sweep alone.
+
+        Returns:
+            The files deleted.
+        """
+        removed: list[Path] = []
+        with main_first():
+            if self.held:
+                for folder in folders or (self.folder,):
+                    removed += remove_stray_temporaries(folder, names=names, recursive=recursive)
+        return removed
 
 
 # Locks this process holds, by resolved folder: a command that calls another command on the same
@@ -255,11 +281,13 @@ def results_lock(path: str | os.PathLike) -> Iterator[OutputLock]:
     """:func:`output_lock` of the folder a results file (``eval.json``, ``diversity.json``)
     goes to, removing that file's stray temporaries: one writer of the folder at a time."""
     path = Path(path)
-    if not path.parent.is_dir():
-        # Nothing there yet to protect (and no folder to make for a command that may be refused).
-        yield OutputLock(path.parent, held=False)
-        return
-    with output_lock(path.parent, what=f"the folder of {path.name}") as lock:
-        if lock.held:
-            remove_stray_temporaries(path.parent, names=(path.name,), recursive=False)
+    # Without the folder there is nothing yet to protect (and no folder to make for a command
+    # that may be refused); every rank still sweeps (the barrier), whichever it found.
+    held = (
+        output_lock(path.parent, what=f"the folder of {path.name}")
+        if path.parent.is_dir()
+        else nullcontext(OutputLock(path.parent, held=False))
+    )
+    with held as lock:
+        lock.sweep(names=(path.name,), recursive=False)
         yield lock

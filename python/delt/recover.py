@@ -18,7 +18,6 @@ from torch import Tensor
 
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo
-from delt.io import remove_stray_temporaries
 from delt.lock import output_lock
 from delt.pdd import (
     PDD_FIELDS,
@@ -249,8 +248,7 @@ def recover(config: RecoverConfig) -> RecoverResult:
     a killed run left; a finished run writes nothing.
     """
     with output_lock(config.out) as lock:
-        if lock.held:
-            remove_stray_temporaries(config.out)
+        lock.sweep()
         if config.method == PROGRESSIVE:
             return recover_progressive(config)
         if config.method == RDED:

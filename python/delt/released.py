@@ -22,7 +22,7 @@ from torch import Tensor
 from delt.config import identity_dict, option
 from delt.data import DatasetInfo
 from delt.distilled import Manifest, save_distilled
-from delt.io import check_output, read_json, remove_stray_temporaries, sha256_file
+from delt.io import check_output, read_json, sha256_file
 from delt.lock import output_lock
 from delt.models import load_checkpoint
 from delt.runtime import logger, versions
@@ -203,8 +203,7 @@ def import_images(config: ImportConfig) -> ImportResult:
     """
     check_output(config.out, "--out")
     with output_lock(config.out) as lock:
-        if lock.held:
-            remove_stray_temporaries(config.out)
+        lock.sweep()
         return _import_images(config)
 
 

@@ -28,7 +28,6 @@ from delt.io import (
     atomic_open,
     check_output,
     read_json,
-    remove_stray_temporaries,
     sha256_file,
     torch_load,
     torch_save,
@@ -277,8 +276,7 @@ def select_images(config: SelectConfig) -> Selection:
     Holds ``OUT/.lock`` throughout.
     """
     with output_lock(config.out) as lock:
-        if lock.held:
-            remove_stray_temporaries(config.out)
+        lock.sweep()
         return _select_images(config)
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import load_dataset
-from delt.io import check_output, read_json, remove_stray_temporaries
+from delt.io import check_output, read_json
 from delt.lock import output_lock
 from delt.models import (
     build_model,
@@ -225,8 +225,7 @@ def train_teacher(config: TeacherConfig) -> TeacherResult:
     nothing is trained: :func:`import_teacher`.
     """
     with output_lock(config.out) as lock:
-        if lock.held:
-            remove_stray_temporaries(config.out)
+        lock.sweep()
         if config.import_arch is not None:
             return import_teacher(config)
         return _train_teacher(config)
