@@ -7,8 +7,8 @@ of lower floors or ones listed before it on its own floor, never another module'
 ``delt``.
 
     config, io, runtime,    flags from dataclasses; atomic files; devices, seeds, logging;
-      lock, distributed     one writer per output folder (OUT/.lock); torchrun: the process
-                            group, rank 0's writes, barriers, rank logs
+      distributed, lock     torchrun: the process group, rank 0's writes, barriers, rank
+                            logs; one writer per output folder (OUT/.lock)
     data                    dataset registry, DatasetInfo, DataMismatchError
     models                  model registry, checkpoints, TeacherMismatchError
     schedules               pure schedules: EarlyLate, chunks, LR, crop curriculum, stages
@@ -27,7 +27,7 @@ of lower floors or ones listed before it on its own floor, never another module'
 
 # The declared order (floors, lowest first), read by tests/test_layering.py.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "io", "runtime", "lock", "distributed"),
+    ("config", "io", "runtime", "distributed", "lock"),
     ("data",),
     ("models",),
     ("schedules",),
