@@ -1,5 +1,5 @@
 """delt.schedules: the EarlyLate tables of reference/delt.md §1.2, chunking, cosine LR, and
-PDD's stage sizes and stage-wise epochs."""
+PDD's stage sizes, stage-wise epochs and the per-stage iterations matched to DELT's cost."""
 
 import math
 
@@ -11,6 +11,7 @@ from delt.schedules import (
     cosine_lr,
     early_late_iterations,
     image_start_rounds,
+    pdd_matched_iterations,
     round_group_sizes,
     stage_epochs,
     stage_offsets,
@@ -180,3 +181,50 @@ def test_stage_epochs_split_the_total_without_extra_training():
         assert sum(split) == total and min(split) >= 1 and split == sorted(split)
     with pytest.raises(ValueError, match="at least one epoch"):
         stage_epochs(4, 5)
+
+
+@pytest.mark.parametrize(
+    "ipc, iterations, stage_iterations, pdd, delt",
+    [(10, 400, 272, 25_500, 25_500),  # benchmarks/pdd/README.md: equal at IPC 10
+     (50, 400, 360, 114_750, 115_500),  # 0.65% fewer at IPC 50
+     (10, 4000, 2720, 255_000, 255_000),  # the quality benchmark's --budget paper
+     (50, 4000, 3624, 1_155_150, 1_155_000)],
+)  # fmt: skip
+def test_pdd_matched_iterations(ipc, iterations, stage_iterations, pdd, delt):
+    matched = pdd_matched_iterations(ipc, iterations, iterations // 8, classes=10, stages=5)
+    assert matched.iterations == stage_iterations
+    assert matched.round_iterations == stage_iterations // 8  # DELT's 8 rounds in every stage
+    assert (matched.image_iterations, matched.delt_image_iterations) == (pdd, delt)
+    # The image-iterations are what the stages cost: 5 stages of IPC/5, DELT's rounds in each.
+    per_stage = early_late_iterations(ipc // 5, stage_iterations, stage_iterations // 8)
+    assert matched.image_iterations == sum(per_stage) * 5 * 10
+    assert sum(early_late_iterations(ipc, iterations, iterations // 8)) * 10 == delt
+
+
+def test_pdd_matched_iterations_is_the_closest_multiple_of_the_rounds():
+    # DELT with 4 rounds (MI 400, RI 100): the per-stage MI is a multiple of 4 and no other
+    # multiple of 4 comes closer to DELT's cost.
+    matched = pdd_matched_iterations(10, 400, 100, classes=3, stages=5)
+    assert matched.iterations % 4 == 0 and matched.round_iterations == matched.iterations // 4
+
+    def cost(t):
+        return sum(early_late_iterations(2, t, t // 4)) * 5 * 3
+
+    gap = abs(matched.image_iterations - matched.delt_image_iterations)
+    assert all(abs(cost(t) - matched.delt_image_iterations) >= gap for t in range(4, 1600, 4))
+    # Unequal stages (IPC 7 over 5 stages: 2, 2, 1, 1, 1); a one-image stage has one round.
+    matched = pdd_matched_iterations(7, 400, 50, classes=10, stages=5)
+    t = matched.iterations
+    per_class = 2 * sum(early_late_iterations(2, t, t // 8)) + 3 * t
+    assert matched.image_iterations == per_class * 10
+
+
+@pytest.mark.parametrize(
+    "ipc, iterations, round_iterations, stages, message",
+    [(4, 400, 50, 5, "stages"), (10, 400, 30, 5, "multiple"), (10, 400, 50, 0, "stages")],
+)
+def test_pdd_matched_iterations_refuses_bad_arguments(
+    ipc, iterations, round_iterations, stages, message
+):
+    with pytest.raises(ValueError, match=message):
+        pdd_matched_iterations(ipc, iterations, round_iterations, classes=10, stages=stages)

@@ -85,31 +85,23 @@ def budgets(ipc: int, iterations: int) -> dict:
 
     DELT (MI T, RI T/8) gives each class ``sum(early_late_iterations(ipc, T, T/8))``. CDA gives
     every image the same count: that sum / ipc, rounded. PDD runs 5 stages of ipc/5 images with
-    DELT's 8 rounds inside each: a stage with per-stage MI t costs
-    ``sum(early_late_iterations(ipc/5, t, t/8))`` per class; t is the multiple of 8 whose total
-    is closest to DELT's.
+    DELT's 8 rounds inside each, its per-stage MI the multiple of 8 whose total is closest to
+    DELT's (:func:`delt.schedules.pdd_matched_iterations`).
     """
-    from delt.schedules import early_late_iterations, stage_round_iterations
+    from delt.schedules import pdd_matched_iterations
 
     round_iterations = iterations // 8
-    delt = sum(early_late_iterations(ipc, iterations, round_iterations)) * CLASSES
+    pdd = pdd_matched_iterations(ipc, iterations, round_iterations, CLASSES, STAGES)
+    delt = pdd.delt_image_iterations
     cda = round(delt / (ipc * CLASSES))
-    stage_ipc = ipc // STAGES
-
-    def pdd_cost(stage_iterations: int) -> int:
-        ri = stage_round_iterations(stage_ipc, stage_iterations, stage_iterations // 8)
-        return sum(early_late_iterations(stage_ipc, stage_iterations, ri)) * CLASSES * STAGES
-
-    candidates = range(8, 4 * iterations, 8)
-    pdd = min(candidates, key=lambda t: (abs(pdd_cost(t) - delt), t))
     return {
         "delt": {"iterations": iterations, "round_iterations": round_iterations},
         "cda": {"iterations": cda},
-        "pdd": {"iterations": pdd, "round_iterations": pdd // 8},
+        "pdd": {"iterations": pdd.iterations, "round_iterations": pdd.round_iterations},
         "image_iterations": {
             "delt": delt,
             "cda": cda * ipc * CLASSES,
-            "pdd": pdd_cost(pdd),
+            "pdd": pdd.image_iterations,
         },
     }
 

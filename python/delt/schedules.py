@@ -1,4 +1,5 @@
-"""Pure schedules: EarlyLate rounds, chunking, cosine LR, crop curriculum, PDD stage sizes.
+"""Pure schedules: EarlyLate rounds, chunking, cosine LR, crop curriculum, PDD stage sizes and
+the per-stage iterations that give PDD DELT's image-iterations.
 
 Nothing here touches a model or a tensor (reference/delt.md §1.2, pdd.md §1.2). EarlyLate: the
 IPC images of a class, in selection order, are split into ``R = iterations // round_iterations``
@@ -17,6 +18,7 @@ from delt.config import check_int
 __all__ = [
     "CROP_CURRICULA",
     "Chunk",
+    "PddIterations",
     "chunk_schedule",
     "class_contiguous_chunks",
     "class_interleaved_chunks",
@@ -24,6 +26,7 @@ __all__ = [
     "crop_min_scale",
     "early_late_iterations",
     "image_start_rounds",
+    "pdd_matched_iterations",
     "round_group_sizes",
     "stage_epochs",
     "stage_offsets",
@@ -285,3 +288,52 @@ def stage_epochs(total_epochs: int, stages: int) -> list[int]:
         )
     base, extra = divmod(total_epochs, stages)
     return [base + (1 if k >= stages - extra else 0) for k in range(stages)]
+
+
+@dataclass(frozen=True)
+class PddIterations:
+    """PDD's per-stage iterations matched to a DELT run (:func:`pdd_matched_iterations`).
+
+    Attributes:
+        iterations: per-stage MI (``delt recover --method pdd --iterations``).
+        round_iterations: per-stage RI (``--round-iterations``; a stage of one image per class
+            has a single round, :func:`stage_round_iterations`).
+        image_iterations: PDD's image-iterations over all stages and classes.
+        delt_image_iterations: DELT's, the target.
+    """
+
+    iterations: int
+    round_iterations: int
+    image_iterations: int
+    delt_image_iterations: int
+
+
+def pdd_matched_iterations(
+    ipc: int, iterations: int, round_iterations: int, classes: int, stages: int
+) -> PddIterations:
+    """PDD's per-stage MI and RI for ``stages`` stages over a DELT base, so that the run spends
+    DELT's image-iterations (DELT: IPC ``ipc``, MI ``iterations``, RI ``round_iterations``).
+
+    DELT costs ``sum(early_late_iterations(ipc, MI, RI))`` per class. Every PDD stage runs
+    DELT's number of rounds ``R = MI / RI`` over its own :func:`stage_sizes` images, with
+    per-stage MI ``t`` and RI ``t / R``; ``t`` is the multiple of ``R`` below ``4 * MI`` whose
+    total is closest to DELT's (the smaller on a tie).
+
+    >>> matched = pdd_matched_iterations(10, 400, 50, classes=10, stages=5)
+    >>> matched.iterations, matched.round_iterations, matched.image_iterations
+    (272, 34, 25500)
+    """
+    check_int("classes", classes)
+    rounds = _check_rounds(iterations, round_iterations)
+    delt = sum(early_late_iterations(ipc, iterations, round_iterations)) * classes
+    sizes = stage_sizes(ipc, stages)
+
+    def cost(stage_iterations: int) -> int:
+        per_class = 0
+        for size in sizes:
+            stage_round = stage_round_iterations(size, stage_iterations, stage_iterations // rounds)
+            per_class += sum(early_late_iterations(size, stage_iterations, stage_round))
+        return per_class * classes
+
+    best = min(range(rounds, 4 * iterations, rounds), key=lambda t: (abs(cost(t) - delt), t))
+    return PddIterations(best, best // rounds, cost(best), delt)
