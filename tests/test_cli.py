@@ -43,6 +43,15 @@ def test_flags_map_one_to_one_onto_config_fields(name):
         assert shown in sub.format_help()
 
 
+def test_distill_help_lists_pdd_and_its_flags():
+    text = " ".join(_subparser("distill").format_help().split())
+    assert "pdd" in text.split("--method", 1)[1].split("--ipc", 1)[0]  # among the choices
+    for shown in ("--stages", "--base", "--stage-ipc", "--stage-teachers", "--union-in-batch",
+                  "--union-sample", "--stage-init", "--hard-student-epochs",
+                  "--teacher-save-epochs"):  # fmt: skip
+        assert shown in text
+
+
 def test_pipeline_through_the_cli(tmp_path, capsys):
     teacher = tmp_path / "teacher"
     checkpoint = str(teacher / "teacher.pt")

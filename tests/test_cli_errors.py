@@ -278,6 +278,15 @@ def test_out_that_is_a_file(tmp_path, capsys, tiny_teacher, monkeypatch):
     assert taken.read_text() == "a file"
 
 
+def test_distill_refuses_another_methods_flag_by_name(tmp_path, capsys, tiny_teacher):
+    # pdd's flags on delt, checked before any work: nothing is written.
+    out = tmp_path / "run"
+    argv = ["distill", "--method", "delt", "--ipc", 2, "--out", out, "--dataset", SYNTHETIC,
+            "--teacher", tiny_teacher.path, "--stage-teachers", "checkpoints"]  # fmt: skip
+    assert_one_line_error(capsys, argv, "--stage-teachers applies to --method pdd, not delt")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("where", ["a folder", "under a file"])
 def test_eval_checks_out_before_training(tmp_path, capsys, tiny_set, monkeypatch, where):
     _no_training(monkeypatch)

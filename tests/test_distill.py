@@ -9,17 +9,31 @@ from delt.config import ConfigError
 from delt.distill import DistillConfig, distill
 from delt.evaluate import StudentTrainer
 from delt.models import TeacherMismatchError
+from delt.recover import RecoverConfig, recover
 from delt.report import REPORT_KEYS
+from delt.select import SelectConfig, select_images
 
 TYPES = {
     "method": str, "dataset": str, "ipc": int, "accuracy_mean": float, "accuracy_std": float,
     "diversity": float, "synthesis_seconds": float, "image_iterations": int,
 }  # fmt: skip
 
+# The recover step's identity of `_config()` as distill recorded it before pdd joined distill
+# (RecoverConfig's identity fields without rded's; pdd's at their defaults): runs of that time
+# must stay cached, so it may not change.
+EARLIER_DELT_IDENTITY = {
+    "ipc": 2, "method": "delt", "iterations": 4, "round_iterations": 2, "batch_size": 4,
+    "lr": 0.25, "beta1": 0.5, "beta2": 0.9, "r_bn": 0.01, "first_bn_multiplier": 10.0,
+    "jitter": None, "per_sample_aug": False, "amp": "none", "channels_last": False,
+    "compile": False, "image_format": "png", "seed": 0, "stages": None, "base": None,
+    "stage_ipc": None, "stage_teachers": "final", "union_in_batch": False, "union_sample": None,
+    "stage_init": "base", "hard_student_epochs": None,
+}  # fmt: skip
 
-def _config(out, teacher, **overrides):
+
+def _config(out, teacher_path, **overrides):
     values = dict(
-        method="delt", ipc=2, out=str(out), dataset=SYNTHETIC, teacher=str(teacher),
+        method="delt", ipc=2, out=str(out), dataset=SYNTHETIC, teacher=str(teacher_path),
         iterations=4, round_iterations=2, recover_batch_size=4, eval_epochs=2, eval_every=1,
         progress=False,
     )  # fmt: skip
@@ -52,6 +66,8 @@ def test_distill_writes_the_report_and_a_rerun_does_no_work(tiny_teacher, tmp_pa
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("eval.json", "diversity.json", "manifest.json"):
         assert (out / "distilled" / name).is_file()
+    step = json.loads((out / "steps" / "recover.json").read_text())
+    assert step["identity"]["recover"] == EARLIER_DELT_IDENTITY
 
     _forbid(
         monkeypatch, "delt.distill.recover", "delt.select.score_images",
@@ -125,6 +141,82 @@ def test_rded_data_is_checked_before_the_teacher_is_trained(tmp_path, monkeypatc
         distill(config)
 
 
+def _stages_of(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return manifest, [(entry["stage"], entry["ipc"]) for entry in manifest["stages"]]
+
+
+def test_pdd_through_distill_is_delt_recover_pdd(tiny_teacher, tmp_path, monkeypatch):
+    # pdd over delt: distill selects, then recovers 2 stages of 2 images per class (DELT's
+    # rounds inside each stage: 4 + 2 iterations per class and stage).
+    pdd = dict(method="pdd", ipc=4, stages=2)
+    out = tmp_path / "pdd"
+    result = distill(_config(out, tiny_teacher.path, **pdd))
+    assert result.report["method"] == "pdd"
+    assert result.report["image_iterations"] == 4 * 2 * (4 + 2)
+    assert [step["step"] for step in result.steps][:3] == ["teacher", "select", "recover"]
+    manifest, stages = _stages_of(out / "distilled")
+    assert stages == [(1, 2), (2, 2)] and manifest["config"]["base"] == "delt"
+    assert manifest["config"]["stage_teachers"] == "final"
+    assert "2 stages of 2,2 images per class" in (out / "report.md").read_text()
+
+    # The same set from `delt select` + `delt recover --method pdd` with the same flags.
+    select_images(SelectConfig(teacher=str(tiny_teacher.path), ipc=4, out=str(tmp_path / "sel"),
+                               batch_size=2000, progress=False))  # fmt: skip
+    recover(
+        RecoverConfig(
+            teacher=str(tiny_teacher.path), ipc=4, out=str(tmp_path / "recover"), method="pdd",
+            stages=2, selection=str(tmp_path / "sel"), iterations=4, round_iterations=2,
+            batch_size=4, progress=False,
+        )
+    )  # fmt: skip
+    by_distill = torch.load(out / "distilled" / "distilled.pt", weights_only=True)
+    by_recover = torch.load(tmp_path / "recover" / "distilled.pt", weights_only=True)
+    assert torch.equal(by_distill["images"], by_recover["images"])
+    assert torch.equal(by_distill["labels"], by_recover["labels"])
+    recovered = _stages_of(tmp_path / "recover")[0]
+    for key in ("iterations_per_image", "stage_per_image"):
+        assert recovered[key] == manifest[key]
+
+    def timeless(entries):
+        return [{k: v for k, v in entry.items() if not k.endswith("seconds")} for entry in entries]
+
+    assert timeless(recovered["stages"]) == timeless(manifest["stages"])
+
+    # Re-running is fully cached.
+    _forbid(
+        monkeypatch, "delt.distill.recover", "delt.select.score_images",
+        "delt.diversity.penultimate_features",
+    )  # fmt: skip
+    monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
+    again = distill(_config(out, tiny_teacher.path, **pdd))
+    assert all(step["cached"] for step in again.steps) and again.report == result.report
+
+
+def test_pdd_stage_teachers_of_the_teacher_trained_here(tmp_path):
+    # --teacher-save-epochs gives the teacher distill trains its per-stage checkpoints.
+    config = _config(
+        tmp_path, "", method="pdd", base="cda", round_iterations=None, stages=2,
+        stage_teachers="checkpoints", teacher=None, arch="convnet1", width=4, teacher_epochs=2,
+        teacher_save_epochs=(1, 2),
+    )  # fmt: skip
+    result = distill(config)
+    manifest, stages = _stages_of(tmp_path / "distilled")
+    assert stages == [(1, 1), (2, 1)] and result.report["method"] == "pdd"
+    assert [entry["teacher"]["epoch"] for entry in manifest["stages"]] == [1, 2]
+    assert not (tmp_path / "select").exists()  # a cda base starts from noise
+
+
+def test_pdd_stage_teachers_without_checkpoints_are_refused_before_any_work(
+    tiny_teacher, tmp_path, monkeypatch
+):
+    _forbid(monkeypatch, "delt.distill.select_images", "delt.distill.recover")
+    config = _config(tmp_path, tiny_teacher.path, method="pdd", stages=2,
+                     stage_teachers="checkpoints")  # fmt: skip
+    with pytest.raises(ConfigError, match="--stages 2 needs 2 teacher checkpoints, but .* has 0"):
+        distill(config)
+
+
 def test_teacher_of_another_dataset_is_refused(tiny_teacher, tmp_path):
     with pytest.raises(TeacherMismatchError, match="was trained on synthetic"):
         distill(_config(tmp_path, tiny_teacher.path, dataset="fashion-mnist"))
@@ -144,7 +236,30 @@ def test_teacher_of_another_dataset_is_refused(tiny_teacher, tmp_path):
      ({"method": "random-real", "round_iterations": None, "factor": 1},
       "--factor applies to --method rded, not random-real"),
      ({"method": "rded", "round_iterations": None, "iterations": 4000, "candidates": 3},
-      r"--candidates 3 must be >= --ipc x --factor\^2 = 8")],
+      r"--candidates 3 must be >= --ipc x --factor\^2 = 8"),
+     # pdd's flags on the other methods, by name
+     ({"stages": 2}, "--stages applies to --method pdd, not delt"),
+     ({"method": "cda", "round_iterations": None, "stage_teachers": "checkpoints"},
+      "--stage-teachers applies to --method pdd, not cda"),
+     ({"method": "rded", "round_iterations": None, "iterations": 4000, "union_in_batch": True},
+      "--union-in-batch applies to --method pdd, not rded"),
+     ({"method": "random-real", "round_iterations": None, "stage_init": "hard"},
+      "--stage-init applies to --method pdd, not random-real"),
+     ({"method": "pdd", "stages": 2, "factor": 1}, "--factor applies to --method rded, not pdd"),
+     # and pdd's own checks
+     ({"method": "pdd"}, "--stages 5 must be <= --ipc 2"),
+     ({"method": "pdd", "stages": 2, "base": "cda"},
+      "--round-iterations applies to --method delt and to pdd --base delt; pdd --base cda has"),
+     ({"method": "pdd", "stages": 2, "stage_ipc": (2, 1)}, "--stage-ipc 2,1 must sum to --ipc 2"),
+     ({"method": "pdd", "stages": 2, "union_sample": 3}, "--union-sample applies with --union-in"),
+     ({"method": "pdd", "stages": 2, "teacher_save_epochs": (1, 2)},
+      "--teacher-save-epochs applies to the teacher trained here, not to --teacher"),
+     ({"method": "pdd", "stages": 2, "stage_teachers": "checkpoints", "teacher": None},
+      "--stage-teachers checkpoints needs 2 teacher checkpoints: pass --teacher-save-epochs"),
+     ({"method": "pdd", "stages": 2, "stage_teachers": "checkpoints", "teacher": None,
+       "teacher_save_epochs": (2, 4)}, r"--teacher-save-epochs must lie in \[1, --teacher-ep"),
+     ({"method": "pdd", "stages": 2, "stage_teachers": "checkpoints", "teacher": None,
+       "teacher_save_epochs": (1, 2, 3)}, "--stages 2 needs 2 epochs, got 3")],
 )  # fmt: skip
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

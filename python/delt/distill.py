@@ -1,7 +1,8 @@
-"""``delt distill``: teacher → select (delt) → recover (or a seeded random-real draw) → eval →
-diversity → report in one folder, every step cached by its flags and the SHA-256 of its inputs
-(README, "The whole pipeline"). ``OUT/report.json`` holds exactly :data:`delt.report.REPORT_KEYS`;
-``synthesis_seconds`` is the recovery's optimization time, not teacher training or selection.
+"""``delt distill``: teacher → select (delt, pdd over delt) → recover (or a seeded random-real
+draw) → eval → diversity → report in one folder, every step cached by its flags and the SHA-256
+of its inputs (README, "The whole pipeline"). ``OUT/report.json`` holds exactly
+:data:`delt.report.REPORT_KEYS`; ``synthesis_seconds`` is the recovery's optimization time, not
+teacher training or selection.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
 from delt.io import check_output, read_json, sha256_file, write_json
 from delt.lock import output_lock
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint, model_spec
+from delt.pdd import (
+    PDD_FIELDS,
+    PDD_OPTIONS,
+    PROGRESSIVE,
+    check_pdd_options,
+    pdd_base,
+    resolve_pdd_options,
+    stage_checkpoints,
+)
 from delt.rded import RDED, RDED_FIELDS, RDED_OPTIONS, check_rded_data, check_rded_options
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
@@ -31,7 +41,7 @@ from delt.teacher import TeacherConfig, train_teacher
 
 __all__ = ["DISTILL_METHODS", "DistillConfig", "DistillResult", "distill"]
 
-DISTILL_METHODS = ("random-real", *METHODS, RDED)
+DISTILL_METHODS = ("random-real", *METHODS, PROGRESSIVE, RDED)
 
 
 @dataclass
@@ -56,17 +66,34 @@ class DistillConfig:
     arch: str = option("convnet3", help="architecture of the teacher trained here (and student)")
     width: int | None = option(None, help="convnetD width of that teacher (default 128)")
     teacher_epochs: int = option(3, help="epochs of that teacher (all three: not with --teacher)")
+    # Not part of the identity, as `delt teacher --save-epochs`: the final teacher is the same.
+    teacher_save_epochs: tuple[int, ...] | None = option(
+        None,
+        help="also save that teacher after these epochs (`delt teacher --save-epochs`; pdd "
+        "--stage-teachers checkpoints: one per stage, early phase first)",
+        identity=False,
+    )
     strategy: Literal["medium", "top", "min", "random"] = option(
         "medium", help="delt: selection strategy of the initial real images"
     )
     iterations: int = option(4000, help="recovery iterations per chunk (DELT's MI)")
-    round_iterations: int | None = option(None, help="delt: RI (default 500)")
+    round_iterations: int | None = option(
+        None, help="delt, pdd over delt: RI (default 500; pdd: per stage)"
+    )
     recover_batch_size: int = option(
         100, help="images per recovery chunk (rded: crops per scoring forward)"
     )
     recover_lr: float = option(
         0.25, help="recovery's Adam learning rate (`delt recover --lr`; not rded, random-real)"
     )
+    stages: int | None = PDD_OPTIONS["stages"]
+    base: str | None = PDD_OPTIONS["base"]
+    stage_ipc: tuple[int, ...] | None = PDD_OPTIONS["stage_ipc"]
+    stage_teachers: Literal["final", "checkpoints"] = PDD_OPTIONS["stage_teachers"]
+    union_in_batch: bool = PDD_OPTIONS["union_in_batch"]
+    union_sample: int | None = PDD_OPTIONS["union_sample"]
+    stage_init: Literal["base", "hard"] = PDD_OPTIONS["stage_init"]
+    hard_student_epochs: int | None = PDD_OPTIONS["hard_student_epochs"]
     candidates: int = RDED_OPTIONS["candidates"]
     num_crop: int = RDED_OPTIONS["num_crop"]
     factor: int = RDED_OPTIONS["factor"]
@@ -102,11 +129,15 @@ class DistillConfig:
             raise ConfigError(str(error)) from None
         if self.width is not None and "width" not in spec.kwargs:
             raise ConfigError(f"--width applies to convnetD architectures, not --arch {self.arch}")
-        if self.round_iterations is not None and self.method != "delt":
+        check_pdd_options(self)
+        if self.round_iterations is not None and not self.starts_from_selection:
+            what = f"pdd --base {pdd_base(self)}" if self.method == PROGRESSIVE else self.method
             raise ConfigError(
-                f"--round-iterations applies to --method delt; {self.method} has no rounds"
+                f"--round-iterations applies to --method delt and to pdd --base delt; {what} has "
+                "no rounds"
             )
         check_rded_options(self)
+        self._check_teacher_save_epochs()
         if not math.isfinite(self.recover_lr) or self.recover_lr <= 0:
             raise ConfigError(f"--recover-lr must be a finite number > 0, got {self.recover_lr}")
         if self.method in ("random-real", RDED) and self.recover_lr != 0.25:
@@ -123,14 +154,53 @@ class DistillConfig:
         if self.method not in ("random-real",):
             self.recover_config(None, None)
 
+    @property
+    def starts_from_selection(self) -> bool:
+        """Whether the recovery starts from `delt select`'s images (delt, pdd over delt)."""
+        return self.method == "delt" or (self.method == PROGRESSIVE and pdd_base(self) == "delt")
+
+    def _check_teacher_save_epochs(self) -> None:
+        epochs = self.teacher_save_epochs
+        if epochs is not None:
+            self.teacher_save_epochs = epochs = tuple(epochs)
+            shown = ",".join(map(str, epochs))
+            if self.teacher is not None:
+                raise ConfigError(
+                    "--teacher-save-epochs applies to the teacher trained here, not to --teacher"
+                )
+            if not epochs or list(epochs) != sorted(set(epochs)):
+                raise ConfigError(
+                    f"--teacher-save-epochs must be strictly increasing (early phase first), got "
+                    f"{shown}"
+                )
+            if not 1 <= epochs[0] <= epochs[-1] <= self.teacher_epochs:
+                raise ConfigError(
+                    f"--teacher-save-epochs must lie in [1, --teacher-epochs "
+                    f"{self.teacher_epochs}], got {shown}"
+                )
+        if self.method != PROGRESSIVE or self.stage_teachers != "checkpoints":
+            return
+        stages = resolve_pdd_options(self)["stages"]
+        if self.teacher is None and epochs is None:
+            raise ConfigError(
+                f"--stage-teachers checkpoints needs {stages} teacher checkpoints: pass "
+                f"--teacher-save-epochs e1,...,e{stages} (the teacher trained here) or --teacher "
+                "PATH of `delt teacher --save-epochs`"
+            )
+        if epochs is not None and len(epochs) != stages:
+            raise ConfigError(
+                f"--teacher-save-epochs {shown}: --stage-teachers checkpoints with --stages "
+                f"{stages} needs {stages} epochs, got {len(epochs)}"
+            )
+
     # The sub-commands' configs: distill is a composition of them, not a copy.
 
     def teacher_config(self) -> TeacherConfig:
         return TeacherConfig(
             out=str(Path(self.out) / "teacher"), dataset=self.dataset, data_root=self.data_root,
-            arch=self.arch, width=self.width, epochs=self.teacher_epochs, seed=self.seed,
-            amp=self.amp, channels_last=self.channels_last, device=self.device,
-            progress=self.progress,
+            arch=self.arch, width=self.width, epochs=self.teacher_epochs,
+            save_epochs=self.teacher_save_epochs, seed=self.seed, amp=self.amp,
+            channels_last=self.channels_last, device=self.device, progress=self.progress,
         )  # fmt: skip
 
     def select_config(self, teacher: str) -> SelectConfig:
@@ -146,14 +216,17 @@ class DistillConfig:
             teacher=teacher or "", ipc=self.ipc, out=str(Path(self.out) / "distilled"),
             method=self.method,
             selection=(selection or str(Path(self.out) / "select"))
-            if self.method == "delt"
+            if self.starts_from_selection
             else None,
-            data_root=self.data_root if self.method in ("delt", RDED) else None,
+            # pdd --stage-init hard reads the training set too, whatever its base.
+            data_root=self.data_root
+            if self.starts_from_selection or self.method == RDED or self.stage_init == "hard"
+            else None,
             round_iterations=self.round_iterations, batch_size=self.recover_batch_size,
             lr=self.recover_lr, channels_last=self.channels_last, seed=self.seed,
             device=self.device, progress=self.progress,
             **({} if self.method == RDED else {"iterations": self.iterations}),
-            **{name: getattr(self, name) for name in RDED_FIELDS},
+            **{name: getattr(self, name) for name in (*PDD_FIELDS, *RDED_FIELDS)},
         )  # fmt: skip
 
     def eval_config(self, distilled: Path, teacher: str | None) -> EvalConfig:
@@ -276,11 +349,15 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
             f"{config.arch} {teacher.test_accuracy:.2f}% test",
         )  # fmt: skip
     teacher_sha256 = sha256_file(teacher_path)
+    if config.method == PROGRESSIVE and config.stage_teachers == "checkpoints":
+        # A teacher without its P checkpoints is refused now, before selection and synthesis.
+        stage_checkpoints(config.recover_config(teacher_path, None), teacher_path)
 
-    # 2. selection (delt only; it reuses its own result when config and teacher are unchanged)
+    # 2. selection (delt, pdd over delt; it reuses its own result when config and teacher are
+    # unchanged)
     selection_dir = out / "select"
     selection_sha256 = None
-    if config.method == "delt":
+    if config.starts_from_selection:
         start = time.perf_counter()
         select_config = config.select_config(teacher_path)
         saved_config = (
@@ -307,6 +384,8 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
         if config.method != RDED:  # as before rded existed: earlier runs stay cached
             for name in RDED_FIELDS:
                 recover_identity.pop(name)
+        # PDD_FIELDS stay: RecoverConfig held them (at their defaults for the other methods)
+        # before distill ran pdd, so earlier runs' identities already record them.
         step_identity = {"recover": recover_identity}
     step_identity.update(teacher_sha256=teacher_sha256, selection_sha256=selection_sha256)
     start = time.perf_counter()
@@ -409,7 +488,8 @@ def _markdown(report, evaluation, diversity, manifest, steps, teacher_meta) -> s
         f"{eval_config['randaugment']}, CutMix β {eval_config['cutmix_beta']}, "
         f"T {eval_config['temperature']} |",
         f"| recovery | MI {manifest.config.get('iterations', '-')}, RI "
-        f"{manifest.config.get('round_iterations', '-') or '-'}, seed {manifest.seed} |",
+        f"{manifest.config.get('round_iterations', '-') or '-'}{_stages(manifest)}, seed "
+        f"{manifest.seed} |",
         # Results differ in the last bits between thread counts (README, "Threads").
         f"| torch CPU threads (recovery, evaluation) "
         f"| {manifest.versions.get('torch_threads', '-')}, "
@@ -440,6 +520,14 @@ def _markdown(report, evaluation, diversity, manifest, steps, teacher_meta) -> s
         "",
     ]
     return "\n".join(lines)
+
+
+def _stages(manifest: Manifest) -> str:
+    """pdd: its stages (MI and RI above are per stage); others: nothing."""
+    if not manifest.stages:
+        return ""
+    sizes = ",".join(str(entry["ipc"]) for entry in manifest.stages)
+    return f" per stage; {len(manifest.stages)} stages of {sizes} images per class"
 
 
 def _print_summary(out: Path, steps: list[dict]) -> None:

@@ -71,6 +71,7 @@ __all__ = [
     "plan_stages",
     "recover_progressive",
     "resolve_pdd_options",
+    "stage_checkpoints",
 ]
 
 PROGRESSIVE = "pdd"
@@ -234,17 +235,16 @@ def plan_stages(sizes: list[int], iterations: int, round_iterations: int | None)
 # Conditioning: stage teachers and hard initial images
 
 
-def _stage_teachers(config: Any, teacher: Checkpoint) -> list[Checkpoint]:
-    """The teacher of every stage: the final one P times, or the P ``--save-epochs`` checkpoints.
+def stage_checkpoints(config: Any, teacher_path: str | Path) -> list[dict]:
+    """The P checkpoints of ``--stage-teachers checkpoints`` beside a teacher, early phase first
+    (:func:`delt.teacher.saved_checkpoints` entries), checked without loading them: exactly P
+    listed, every file present. ``config``: a ``RecoverConfig`` (or one with its pdd fields).
 
     Raises:
-        ConfigError: the teacher has no or another number of checkpoints.
-        TeacherMismatchError: a checkpoint is of another architecture or dataset.
+        ConfigError: the teacher has no or another number of checkpoints, or one is missing.
     """
-    stages = config.stages
-    if config.stage_teachers == "final":
-        return [teacher] * stages
-    entries = saved_checkpoints(teacher.path)
+    stages = _stage_count(config)
+    entries = saved_checkpoints(teacher_path)
     epochs = [entry["epoch"] for entry in entries]
     how = (
         f"train the teacher with `delt teacher --save-epochs e1,...,e{stages}` ({stages} "
@@ -253,16 +253,29 @@ def _stage_teachers(config: Any, teacher: Checkpoint) -> list[Checkpoint]:
     if len(entries) != stages:
         raise ConfigError(
             f"--stage-teachers checkpoints: --stages {stages} needs {stages} teacher "
-            f"checkpoints, but {teacher.path} has {len(entries)}"
+            f"checkpoints, but {teacher_path} has {len(entries)}"
             f"{f' (epochs {epochs})' if entries else ''}; {how}"
         )
-    checkpoints = []
     for entry in entries:
         if not entry["path"].is_file():
             raise ConfigError(
                 f"--stage-teachers checkpoints: {entry['path']} (epoch {entry['epoch']}) is "
                 f"missing; {how}"
             )
+    return entries
+
+
+def _stage_teachers(config: Any, teacher: Checkpoint) -> list[Checkpoint]:
+    """The teacher of every stage: the final one P times, or the P ``--save-epochs`` checkpoints.
+
+    Raises:
+        ConfigError: the teacher has no or another number of checkpoints.
+        TeacherMismatchError: a checkpoint is of another architecture or dataset.
+    """
+    if config.stage_teachers == "final":
+        return [teacher] * config.stages
+    checkpoints = []
+    for entry in stage_checkpoints(config, teacher.path):
         checkpoint = load_checkpoint(entry["path"])
         same_model = (checkpoint.meta["arch"], checkpoint.meta["arch_kwargs"]) == (
             teacher.meta["arch"],
