@@ -1,9 +1,13 @@
-"""benchmarks/quality/run.py: method names (a method, or one that optimizes pixels with its own
-recovery step size, ``delt-lr0.05``), the gains over random-real and the results files."""
+"""benchmarks/quality/run.py: method names (a method, one that optimizes pixels with its own
+recovery step size, ``delt-lr0.05``, RDED with its own tiling, ``rded-factor1``, PDD's variants),
+their settings per IPC, the teacher (trained with checkpoints for pdd+ckpt, or given), the gains
+over random-real and the results files."""
 
 import importlib.util
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,10 +29,198 @@ def test_methods_and_step_size_variants(run_module):
     assert run_module.parse_method("cda-lr1e-2") == ("cda", {"recover_lr": 0.01})
 
 
-@pytest.mark.parametrize("name", ["mtt", "rded-lr0.1", "random-real-lr0.1", "delt-lr0", "delt-lrx"])
+def test_rded_factor_variants(run_module):
+    assert run_module.parse_method("rded-factor1") == ("rded", {"factor": 1})
+    assert run_module.parse_method("rded-factor4") == ("rded", {"factor": 4})
+
+
+def test_pdd_variants_are_benchmarks_pdd_ones(run_module):
+    parse = run_module.parse_method
+    assert parse("pdd") == ("pdd", {})
+    assert parse("pdd+ckpt") == ("pdd", {"stage_teachers": "checkpoints"})
+    assert parse("pdd+union") == ("pdd", {"union_in_batch": True})
+    assert parse("pdd+hard") == ("pdd", {"stage_init": "hard", "hard_student_epochs": 30})
+    everything = {"stage_teachers": "checkpoints", "union_in_batch": True, "stage_init": "hard",
+                  "hard_student_epochs": 30}  # fmt: skip
+    assert parse("pdd+all") == ("pdd", everything)
+    ckpt = {"stage_teachers": "checkpoints", "recover_lr": 0.05}
+    assert parse("pdd+ckpt-lr0.05") == ("pdd", ckpt)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mtt", "rded-lr0.1", "random-real-lr0.1", "delt-lr0", "delt-lrx", "delt-factor1",
+     "random-real-factor1", "pdd-factor1", "rded-factor0", "rded-factorx", "rded-factor",
+     "rded-factor1-lr0.1", "pdd+foo", "pdd+ckpt-lr-1"],
+)  # fmt: skip
 def test_unknown_methods_are_refused(run_module, name):
-    with pytest.raises(SystemExit, match=f"--methods: unknown '{name}'"):
+    with pytest.raises(SystemExit, match=f"--methods: unknown '{re.escape(name)}'"):
         run_module.parse_method(name)
+
+
+def _args(run_module, *flags):
+    return run_module.parse_args(["--budget", "paper", *flags])
+
+
+def test_method_settings_match_delts_image_iterations(run_module):
+    # --budget paper: MI 4000, RI 500. pdd: 5 stages with the per-stage MI/RI of
+    # delt.schedules.pdd_matched_iterations (IPC 10: 2720/340; IPC 50: 3624/453).
+    args = _args(run_module)
+    settings = run_module.method_settings
+    assert settings("pdd", {}, 10, args) == {"stages": 5, "iterations": 2720,
+                                             "round_iterations": 340}  # fmt: skip
+    union = settings("pdd", {"union_in_batch": True}, 50, args)
+    assert union == {"stages": 5, "iterations": 3624, "round_iterations": 453,
+                     "union_in_batch": True, "union_sample": 100}  # fmt: skip
+    assert settings("delt", {}, 10, args) == {"iterations": 4000, "round_iterations": 500}
+    assert settings("cda", {"recover_lr": 0.05}, 10, args) == {
+        "iterations": 4000, "round_iterations": None, "recover_lr": 0.05}  # fmt: skip
+    assert settings("rded", {"factor": 1}, 10, args) == {"factor": 1}
+    # The short budget (MI 400, RI 50): benchmarks/pdd's 272/34 at IPC 10.
+    short = run_module.parse_args([])
+    assert settings("pdd", {}, 10, short)["iterations"] == 272
+
+
+def test_save_epochs_are_one_per_stage_ending_at_the_last(run_module):
+    assert run_module.save_epochs(10) == (2, 4, 6, 8, 10)
+    assert run_module.save_epochs(12) == (2, 4, 7, 9, 12)
+    assert run_module.save_epochs(5) == (1, 2, 3, 4, 5)
+    with pytest.raises(SystemExit, match="--teacher-epochs 4: .* >= 5 epochs"):
+        run_module.save_epochs(4)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _fake_pipeline(monkeypatch, tmp_path, teacher_configs=None, **fakes):
+    """train_teacher records its config (a fake teacher in tmp_path); distill stops."""
+    import delt.distill
+    import delt.teacher
+
+    seen = []
+
+    def train_teacher(config):
+        if teacher_configs is None:
+            pytest.fail("a teacher was trained")
+        teacher_configs.append(config)
+        return SimpleNamespace(path=Path(config.out) / "teacher.pt", test_accuracy=90.0)
+
+    def distill(config, print_summary=True):
+        seen.append(config)
+        raise _Stop
+
+    monkeypatch.setattr(delt.teacher, "train_teacher", fakes.get("train_teacher", train_teacher))
+    monkeypatch.setattr(delt.distill, "distill", fakes.get("distill", distill))
+    return seen
+
+
+def test_pdd_ckpt_trains_the_teacher_with_checkpoints(run_module, tmp_path, monkeypatch):
+    import delt.pdd
+
+    teachers = []
+    seen = _fake_pipeline(monkeypatch, tmp_path, teachers)
+    monkeypatch.setattr(delt.pdd, "stage_checkpoints", lambda config, path: [])
+    with pytest.raises(_Stop):
+        run_module.main(["--budget", "paper", "--out", str(tmp_path), "--ipcs", "10",
+                         "--methods", "pdd+ckpt"])  # fmt: skip
+    (teacher,) = teachers
+    assert teacher.save_epochs == (2, 4, 6, 8, 10)
+    (config,) = seen
+    assert (config.method, config.stages, config.base) == ("pdd", 5, None)  # base: delt
+    assert config.stage_teachers == "checkpoints" and config.starts_from_selection
+    assert (config.iterations, config.round_iterations) == (2720, 340)
+    assert Path(config.out) == tmp_path / "pdd+ckpt" / "ipc10" / "seed0"
+
+
+def test_without_pdd_ckpt_the_teacher_needs_no_checkpoints(run_module, tmp_path, monkeypatch):
+    # An earlier OUT/teacher, trained without them, stays usable by every other method.
+    teachers = []
+    seen = _fake_pipeline(monkeypatch, tmp_path, teachers)
+    with pytest.raises(_Stop):
+        run_module.main(["--out", str(tmp_path), "--ipcs", "10", "--methods", "pdd+hard,delt"])
+    assert teachers[0].save_epochs is None and seen[0].stage_init == "hard"
+
+
+def test_a_teacher_without_checkpoints_is_refused_before_any_run(run_module, tmp_path, monkeypatch):
+    from delt.config import ConfigError
+
+    # The real check (delt.pdd.stage_checkpoints): the fake teacher has no teacher.json.
+    _fake_pipeline(monkeypatch, tmp_path, [], distill=lambda *a, **k: pytest.fail("ran"))
+    argv = ["--out", str(tmp_path), "--ipcs", "10", "--methods", "delt,pdd+all"]
+    with pytest.raises(SystemExit, match="--methods pdd\\+all: .*needs 5 teacher checkpoints"):
+        run_module.main(argv)
+
+    def cached_without_checkpoints(config):
+        raise ConfigError("--save-epochs 2,4,6,8,10: teacher.pt was trained without checkpoints")
+
+    _fake_pipeline(monkeypatch, tmp_path, train_teacher=cached_without_checkpoints,
+                   distill=lambda *a, **k: pytest.fail("ran"))  # fmt: skip
+    with pytest.raises(SystemExit, match="needs the teacher's checkpoints: --save-epochs"):
+        run_module.main(argv)
+
+
+def test_pdd_at_an_ipc_below_its_stages_is_refused_before_any_work(
+    run_module, tmp_path, monkeypatch
+):
+    _fake_pipeline(monkeypatch, tmp_path)  # no teacher may be trained
+    with pytest.raises(SystemExit, match=r"--methods pdd at IPC 1: stages \(5\) must be <= ipc"):
+        run_module.main(["--out", str(tmp_path), "--methods", "delt,pdd"])  # IPC 1, 10, 50
+
+
+def test_an_existing_teacher_is_used_and_recorded(run_module, tmp_path, monkeypatch):
+    import delt.models
+
+    given = tmp_path / "t" / "checkpoints" / "epoch-002.pt"
+    monkeypatch.setattr(delt.models, "load_checkpoint",
+                        lambda path: SimpleNamespace(meta={"test_accuracy": 80.0}))  # fmt: skip
+    seen = _fake_pipeline(monkeypatch, tmp_path)  # no teacher may be trained
+    with pytest.raises(_Stop):
+        run_module.main(["--out", str(tmp_path / "weak"), "--ipcs", "10", "--methods", "cda",
+                         "--teacher", str(given)])  # fmt: skip
+    assert seen[0].teacher == str(given)
+    run = tmp_path / "weak" / "cda" / "ipc10" / "seed0"
+    run.mkdir(parents=True)
+    report = {"method": "cda", "dataset": "fashion-mnist", "ipc": 10, "accuracy_mean": 70.0,
+              "accuracy_std": 0.0, "diversity": 0.9, "synthesis_seconds": 1.0,
+              "image_iterations": 10}  # fmt: skip
+    (run / "report.json").write_text(json.dumps(report))
+    run_module.main(["--out", str(tmp_path / "weak"), "--ipcs", "10", "--methods", "cda",
+                     "--teacher", str(given), "--report-only"])  # fmt: skip
+    document = json.loads((tmp_path / "weak" / "results.json").read_text())
+    assert document["args"]["teacher"] == str(given)
+
+
+def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monkeypatch):
+    # --students: RUN/distilled/eval-STUDENT.json, listed by results.md's other evaluations;
+    # no table of its own.
+    import delt.evaluate
+
+    def distill(config, print_summary=True):
+        accuracy = {"random-real": 80.0, "delt": 83.0}[config.method]
+        report = {"method": config.method, "dataset": "fashion-mnist", "ipc": config.ipc,
+                  "accuracy_mean": accuracy, "accuracy_std": 0.0, "diversity": 0.9,
+                  "synthesis_seconds": 1.0, "image_iterations": 10}  # fmt: skip
+        (Path(config.out) / "distilled").mkdir(parents=True)
+        (Path(config.out) / "report.json").write_text(json.dumps(report))
+        return SimpleNamespace(report=report, evaluation=SimpleNamespace(final_mean=accuracy),
+                               steps=[{"cached": False}])  # fmt: skip
+
+    def evaluate(config):
+        accuracy = 70.0 if "random-real" in config.distilled else 74.0
+        _eval_file(Path(config.out), 10, config.seeds[0], accuracy, student=config.student)
+        return SimpleNamespace(accuracy_mean=accuracy, document={"wall_seconds": 1.0},
+                               reused=False)  # fmt: skip
+
+    _fake_pipeline(monkeypatch, tmp_path, [], distill=distill)
+    monkeypatch.setattr(delt.evaluate, "evaluate", evaluate)
+    run_module.main(["--out", str(tmp_path), "--ipcs", "10", "--seeds", "0",
+                     "--methods", "random-real,delt", "--students", "convnet4"])  # fmt: skip
+    assert (tmp_path / "delt" / "ipc10" / "seed0" / "distilled" / "eval-convnet4.json").is_file()
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| 10 | convnet4 | convnet4, 100 epochs, tested every 50 | delt | 1 | 74.00" in markdown
+    assert "+4.00 ± 0.00 |" in markdown
+    assert not list(tmp_path.glob("results-students*"))
 
 
 def test_the_variant_reaches_distill(run_module, tmp_path, monkeypatch):

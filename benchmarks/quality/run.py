@@ -1,14 +1,23 @@
-"""Quality benchmark: random-real, RDED, SRe2L, CDA and DELT on Fashion-MNIST.
+"""Quality benchmark: random-real, RDED, SRe2L, CDA, DELT and PDD on Fashion-MNIST.
 
-One ConvNet-3 teacher (trained once, ``OUT/teacher``) synthesizes for every method and labels
-every student; the students are ConvNet-3s of the same width, trained by ``delt eval``'s protocol
-(reference/delt.md §5). Every (method, IPC, seed) is one ``delt distill`` run in
-``OUT/<method>/ipc<IPC>/seed<seed>``: synthesis seed and evaluation seed are the same number,
-so the spread over seeds covers both. ``--synthesis once`` instead synthesizes once per (method,
-IPC) with seed 0 and evaluates that set with every seed (``OUT/<method>/ipc<IPC>/once``).
+One ConvNet-3 teacher (trained once, ``OUT/teacher``, or an existing checkpoint, ``--teacher``)
+synthesizes for every method and labels every student; the students are ConvNet-3s of the same
+width, trained by ``delt eval``'s protocol (reference/delt.md §5). Every (method, IPC, seed) is
+one ``delt distill`` run in ``OUT/<method>/ipc<IPC>/seed<seed>``: synthesis seed and evaluation
+seed are the same number, so the spread over seeds covers both. ``--synthesis once`` instead
+synthesizes once per (method, IPC) with seed 0 and evaluates that set with every seed
+(``OUT/<method>/ipc<IPC>/once``). Every run's configuration is checked before any work.
 
 A method that optimizes pixels may carry its own recovery step size, ``delt-lr0.05``
-(``delt distill --recover-lr 0.05``, into ``OUT/delt-lr0.05``): a variant, pooled apart.
+(``delt distill --recover-lr 0.05``, into ``OUT/delt-lr0.05``), and RDED its own tiling,
+``rded-factor1`` (``--factor 1``): a variant, pooled apart. PDD's variants are those of
+benchmarks/pdd/run.py, each ``delt distill --method pdd`` with 5 stages of IPC/5 images per class
+over a DELT base, its per-stage MI/RI chosen so that its image-iterations match DELT's at the
+run's MI/RI (:func:`delt.schedules.pdd_matched_iterations`): ``pdd`` (only freezing),
+``pdd+ckpt`` (``--stage-teachers checkpoints``: the teacher is trained with 5 checkpoints evenly
+spaced over its epochs), ``pdd+union`` (``--union-in-batch --union-sample`` IPC/5 x 10),
+``pdd+hard`` (``--stage-init hard --hard-student-epochs 30``) and ``pdd+all``, each into
+``OUT/<variant>``.
 
 Resumable: ``delt distill`` caches each step (teacher, selection, recovery chunks, each
 evaluation seed, diversity), so a killed run picks up where it stopped; finished runs cost
@@ -18,16 +27,17 @@ every method's gain over random-real paired by seed (the same seed's random-real
 ``--report-only`` writes those files from whichever of the named runs have finished, running
 nothing (several commands can share one OUT, one per method or seed, then one report). Other
 evaluations of a run's set written beside its ``eval.json`` as ``RUN/distilled/eval-NAME.json``
-(``delt eval --out``: another student, a shorter student budget, ShufflePatches) get their own
-table, pooled by NAME and paired with random-real's evaluation of the same NAME.
+(``delt eval --out``: another student, a shorter student budget, ShufflePatches; ``--students``
+writes ``eval-STUDENT.json``) get their own table, pooled by NAME and paired with random-real's
+evaluation of the same NAME.
 
     nohup python benchmarks/quality/run.py --out runs/quality > runs/quality.log 2>&1 &
 
 Two budgets (``--budget``): ``short`` (the default, the committed short-budget table: IPC 1, 10,
 50; MI 400, RI 50; 100 student epochs tested every 50) and ``paper`` (the papers' budget: IPC 10
 and 50; MI 4000, RI 500; 300 student epochs tested every 10; RDED added; every set also
-evaluated with a ResNet-18-small and a ConvNet-4 student, ``OUT/results-students.md``). A flag
-given on the command line overrides its budget's value.
+evaluated with a ResNet-18-small and a ConvNet-4 student, in ``results.md``'s table of other
+evaluations). A flag given on the command line overrides its budget's value.
 
     nohup python benchmarks/quality/run.py --budget paper > runs/quality-paper.log 2>&1 &
 
@@ -38,11 +48,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 METHODS = ("random-real", "rded", "sre2l", "cda", "delt")
+# PDD's variants (benchmarks/pdd/run.py's names): `delt distill --method pdd` flags of each;
+# --union-sample, which depends on the IPC, is set per run (method_settings).
+PDD_STAGES = 5
+PDD_OPTIONS = {
+    "pdd+ckpt": {"stage_teachers": "checkpoints"},
+    "pdd+union": {"union_in_batch": True},
+    "pdd+hard": {"stage_init": "hard", "hard_student_epochs": 30},
+}
+PDD_VARIANTS = {
+    "pdd": {},
+    **PDD_OPTIONS,
+    "pdd+all": {key: value for options in PDD_OPTIONS.values() for key, value in options.items()},
+}
+CLASSES = 10  # Fashion-MNIST
 
 # Each budget's values of the flags left unset on the command line.
 BUDGETS = {
@@ -68,10 +93,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ipcs", help="comma-separated IPCs (short: 1,10,50; paper: 10,50)")
     parser.add_argument(
         "--methods",
-        help=f"comma-separated methods of {', '.join(METHODS)} (short: no rded); a method that "
-        "optimizes pixels may end in -lrVALUE for a variant with that recovery step size "
-        "(`delt distill --recover-lr`; e.g. delt-lr0.05, into OUT/delt-lr0.05)",
+        help=f"comma-separated methods of {', '.join(METHODS)} (short: no rded) and PDD's "
+        f"variants {', '.join(PDD_VARIANTS)} (not by default); a method that optimizes pixels "
+        "may end in -lrVALUE for a variant with that recovery step size (`delt distill "
+        "--recover-lr`; e.g. delt-lr0.05, into OUT/delt-lr0.05), rded in -factorN for its "
+        "tiling (`--factor N`; e.g. rded-factor1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--teacher",
+        help="an existing teacher checkpoint instead of training OUT/teacher (e.g. "
+        "OUT/teacher/checkpoints/epoch-002.pt, a weaker one, into another --out); "
+        "--teacher-epochs does not apply",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument(
         "--synthesis", choices=("per-seed", "once"), default="per-seed",
@@ -116,35 +149,90 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_method(name: str) -> tuple[str, dict]:
-    """``"delt"`` → ``("delt", {})``; ``"delt-lr0.05"`` → ``("delt", {"recover_lr": 0.05})``.
+    """A ``--methods`` entry → (``delt distill --method``, its other DistillConfig fields).
+
+    ``"delt"`` → ``("delt", {})``; ``"delt-lr0.05"`` → ``("delt", {"recover_lr": 0.05})``;
+    ``"rded-factor1"`` → ``("rded", {"factor": 1})``; ``"pdd+ckpt"`` → ``("pdd",
+    {"stage_teachers": "checkpoints"})`` (the per-IPC settings: :func:`method_settings`).
 
     Raises:
-        SystemExit: ``--methods: ...`` for an unknown method or a variant of one that optimizes
-            nothing.
+        SystemExit: ``--methods: ...`` for an unknown method, or a suffix on a method it does
+            not apply to (-lr: the methods that optimize pixels; -factor: rded).
     """
-    base, _, lr = name.partition("-lr")
-    if base in METHODS and not lr:
-        return base, {}
-    optimizing = [m for m in METHODS if m not in ("random-real", "rded")]
-    try:
-        value = float(lr)
-    except ValueError:
-        value = float("nan")
-    if base not in optimizing or not value > 0:
-        raise SystemExit(
-            f"--methods: unknown {name!r}; known: {', '.join(METHODS)}, or one of "
-            f"{', '.join(optimizing)} with -lrVALUE (VALUE > 0)"
+    if name in METHODS:
+        return name, {}
+    if name in PDD_VARIANTS:
+        return "pdd", dict(PDD_VARIANTS[name])
+    optimizing = [m for m in METHODS if m not in ("random-real", "rded")] + list(PDD_VARIANTS)
+    match = re.fullmatch(r"(.+?)-(lr|factor)(.*)", name)
+    if match is not None:
+        base, suffix, text = match.groups()
+        if suffix == "lr" and base in optimizing:
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if value > 0:
+                method, options = parse_method(base)
+                return method, {**options, "recover_lr": value}
+        if suffix == "factor" and base == "rded" and text.isdigit() and int(text) >= 1:
+            return "rded", {"factor": int(text)}
+    raise SystemExit(
+        f"--methods: unknown {name!r}; known: {', '.join(METHODS)}, "
+        f"{', '.join(PDD_VARIANTS)}, or one of {', '.join(optimizing)} with -lrVALUE "
+        "(VALUE > 0), or rded-factorN (N >= 1)"
+    )
+
+
+def method_settings(method: str, options: dict, ipc: int, args) -> dict:
+    """The DistillConfig fields of one (method, IPC) beyond the shared ones: ``options``
+    (:func:`parse_method`) with the iterations. pdd: 5 stages, the per-stage MI/RI whose
+    image-iterations match DELT's at ``args.iterations`` / ``args.round_iterations``, and with
+    ``--union-in-batch`` a sample of one stage's new images (IPC/5 per class)."""
+    from delt.schedules import pdd_matched_iterations
+
+    if method == "rded":
+        return dict(options)
+    if method == "pdd":
+        matched = pdd_matched_iterations(
+            ipc, args.iterations, args.round_iterations, CLASSES, PDD_STAGES
         )
-    return base, {"recover_lr": value}
+        settings = {"stages": PDD_STAGES, "iterations": matched.iterations,
+                    "round_iterations": matched.round_iterations, **options}  # fmt: skip
+        if settings.get("union_in_batch"):
+            settings["union_sample"] = ipc // PDD_STAGES * CLASSES
+        return settings
+    return {
+        "iterations": args.iterations,
+        "round_iterations": args.round_iterations if method == "delt" else None,
+        **options,
+    }
+
+
+def save_epochs(teacher_epochs: int) -> tuple[int, ...]:
+    """The teacher's checkpoints of ``--stage-teachers checkpoints``: one per PDD stage, evenly
+    spaced, the last at the end (benchmarks/pdd's 2,4,6,8,10 at 10 epochs).
+
+    Raises:
+        SystemExit: fewer epochs than stages.
+    """
+    if teacher_epochs < PDD_STAGES:
+        raise SystemExit(
+            f"--teacher-epochs {teacher_epochs}: --stage-teachers checkpoints needs one "
+            f"checkpoint per stage, >= {PDD_STAGES} epochs"
+        )
+    return tuple(teacher_epochs * k // PDD_STAGES for k in range(1, PDD_STAGES + 1))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from delt import runtime
+    from delt.config import ConfigError
     from delt.distill import DistillConfig, distill
     from delt.evaluate import EvalConfig, evaluate
-    from delt.models import MODELS
+    from delt.models import MODELS, load_checkpoint
+    from delt.pdd import stage_checkpoints
     from delt.teacher import TeacherConfig, train_teacher
 
     torch.set_num_threads(args.threads)
@@ -171,73 +259,98 @@ def main(argv=None) -> int:
         _write_results(out, machine, args, runs)
         return 0
 
-    teacher = train_teacher(
-        TeacherConfig(
-            out=str(out / "teacher"), dataset="fashion-mnist", data_root=args.data_root,
-            arch="convnet3", width=args.width, epochs=args.teacher_epochs, seed=0,
-            amp=args.amp, device=args.device, progress=False,
-        )
-    )  # fmt: skip
-    print(f"teacher: {teacher.path} {teacher.test_accuracy:.2f}% test", flush=True)
-
-    runs = []
-    student_rows: list[dict] = []
+    # Every run's config first: a bad one (pdd's 5 stages at IPC 1) is refused before any work.
+    teacher_path = Path(args.teacher) if args.teacher else out / "teacher" / "teacher.pt"
+    jobs = []
     for ipc in _ints(args.ipcs):
-        jobs = (
+        syntheses = (
             [(seed, (seed,), f"seed{seed}") for seed in seeds]
             if args.synthesis == "per-seed"
             else [(0, tuple(seeds), "once")]
         )
-        for synthesis_seed, eval_seeds, name in jobs:
+        for synthesis_seed, eval_seeds, name in syntheses:
             for method in methods:
                 run_dir = out / method / f"ipc{ipc}" / name
-                base, overrides = variants[method]
-                config = DistillConfig(
-                    method=base, ipc=ipc, out=str(run_dir), dataset="fashion-mnist",
-                    data_root=args.data_root, teacher=str(teacher.path), arch="convnet3",
-                    width=args.width,
-                    **({} if base == "rded" else {"iterations": args.iterations}),
-                    round_iterations=args.round_iterations if base == "delt" else None,
-                    eval_epochs=args.eval_epochs, seeds=eval_seeds, eval_every=args.eval_every,
-                    amp=args.amp, channels_last=True, seed=synthesis_seed, device=args.device,
-                    progress=False, **overrides,
-                )  # fmt: skip
-                run_started = time.time()
-                result = distill(config, print_summary=False)
-                record = {
-                    **result.report,
-                    "run": str(run_dir),
-                    "variant": method,
-                    "seed": synthesis_seed,
-                    "eval_seeds": list(eval_seeds),
-                    "final_mean": result.evaluation.final_mean,
-                    "cached": all(step["cached"] for step in result.steps),
-                    "wall_seconds": time.time() - run_started,
-                    "steps": result.steps,
-                    "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-                with open(out / "progress.jsonl", "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                print(
-                    f"{method:>11} IPC {ipc:>2} {name}: {result.report['accuracy_mean']:6.2f}% "
-                    f"(final {result.evaluation.final_mean:6.2f}%), diversity "
-                    f"{result.report['diversity']:.4f}, {result.report['image_iterations']:>9,} "
-                    f"image-its, synthesis {result.report['synthesis_seconds']:7.1f} s, run "
-                    f"{record['wall_seconds']:7.1f} s{' (cached)' if record['cached'] else ''}",
-                    flush=True,
-                )
-                runs.append((method, str(run_dir)))
-                for student in students:
-                    student_rows.append(
-                        _evaluate_student(
-                            args, evaluate, EvalConfig, run_dir, str(teacher.path), student,
-                            eval_seeds, method, ipc,
-                        )
+                base, options = variants[method]
+                try:
+                    settings = method_settings(base, options, ipc, args)
+                    config = DistillConfig(
+                        method=base, ipc=ipc, out=str(run_dir), dataset="fashion-mnist",
+                        data_root=args.data_root, teacher=str(teacher_path), arch="convnet3",
+                        width=args.width, eval_epochs=args.eval_epochs, seeds=eval_seeds,
+                        eval_every=args.eval_every, amp=args.amp, channels_last=True,
+                        seed=synthesis_seed, device=args.device, progress=False, **settings,
                     )  # fmt: skip
+                except (ConfigError, ValueError) as error:
+                    raise SystemExit(f"--methods {method} at IPC {ipc}: {error}") from None
+                jobs.append((method, ipc, name, eval_seeds, config))
+    checkpoints = [job for job in jobs if job[4].stage_teachers == "checkpoints"]
+
+    if args.teacher:
+        meta = load_checkpoint(args.teacher).meta
+        print(f"teacher: {args.teacher} (given) {meta.get('test_accuracy', float('nan')):.2f}% "
+              "test", flush=True)  # fmt: skip
+    else:
+        try:
+            teacher = train_teacher(
+                TeacherConfig(
+                    out=str(out / "teacher"), dataset="fashion-mnist", data_root=args.data_root,
+                    arch="convnet3", width=args.width, epochs=args.teacher_epochs, seed=0,
+                    amp=args.amp, device=args.device, progress=False,
+                    save_epochs=save_epochs(args.teacher_epochs) if checkpoints else None,
+                )
+            )  # fmt: skip
+        except ConfigError as error:
+            if not checkpoints:
+                raise
+            # A cached teacher trained without the checkpoints: refused here, not deep inside.
+            raise SystemExit(
+                f"--methods {checkpoints[0][0]} needs the teacher's checkpoints: {error}; or pass "
+                f"--teacher PATH of a teacher trained with {PDD_STAGES} checkpoints (`delt "
+                "teacher --save-epochs`)"
+            ) from None
+        print(f"teacher: {teacher.path} {teacher.test_accuracy:.2f}% test", flush=True)
+    if checkpoints:
+        try:  # before any run: the given teacher may lack them
+            stage_checkpoints(checkpoints[0][4], teacher_path)
+        except ConfigError as error:
+            raise SystemExit(f"--methods {checkpoints[0][0]}: {error}") from None
+
+    runs = []
+    for method, ipc, name, eval_seeds, config in jobs:
+        run_dir = Path(config.out)
+        run_started = time.time()
+        result = distill(config, print_summary=False)
+        record = {
+            **result.report,
+            "run": str(run_dir),
+            "variant": method,
+            "seed": config.seed,
+            "eval_seeds": list(eval_seeds),
+            "final_mean": result.evaluation.final_mean,
+            "cached": all(step["cached"] for step in result.steps),
+            "wall_seconds": time.time() - run_started,
+            "steps": result.steps,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        with open(out / "progress.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(
+            f"{method:>11} IPC {ipc:>2} {name}: {result.report['accuracy_mean']:6.2f}% "
+            f"(final {result.evaluation.final_mean:6.2f}%), diversity "
+            f"{result.report['diversity']:.4f}, {result.report['image_iterations']:>9,} "
+            f"image-its, synthesis {result.report['synthesis_seconds']:7.1f} s, run "
+            f"{record['wall_seconds']:7.1f} s{' (cached)' if record['cached'] else ''}",
+            flush=True,
+        )
+        runs.append((method, str(run_dir)))
+        for student in students:
+            _evaluate_student(
+                args, evaluate, EvalConfig, run_dir, str(teacher_path), student, eval_seeds,
+                method, ipc,
+            )  # fmt: skip
 
     _write_results(out, machine, args, runs)
-    if students:
-        _write_student_table(out, machine, args, student_rows)
     print(f"done in {time.time() - started:.0f} s", flush=True)
     return 0
 
@@ -381,7 +494,7 @@ def _write_results(out: Path, machine: dict, args, runs: list[tuple[str, str]]) 
 
 def _evaluate_student(args, evaluate, eval_config, run_dir, teacher, student, seeds, method, ipc):
     """``delt eval --student STUDENT`` of a run's set (the set's teacher labels it), into
-    ``RUN/distilled/eval-STUDENT.json``: one row of the students table."""
+    ``RUN/distilled/eval-STUDENT.json``: a row of results.md's table of other evaluations."""
     distilled = run_dir / "distilled"
     result = evaluate(
         eval_config(
@@ -396,38 +509,6 @@ def _evaluate_student(args, evaluate, eval_config, run_dir, teacher, student, se
         f"{method:>11} IPC {ipc:>2} student {student}: {result.accuracy_mean:6.2f}% "
         f"({result.document['wall_seconds']:.0f} s{', cached' if result.reused else ''})",
         flush=True,
-    )
-    return {
-        "method": method, "ipc": ipc, "student": student, "run": str(run_dir),
-        "accuracies": [seed.best_accuracy for seed in result.seeds],
-    }  # fmt: skip
-
-
-def _write_student_table(out: Path, machine: dict, args, rows: list[dict]) -> None:
-    """``OUT/results-students.md`` / ``.json``: mean ± std (population) over the runs' seeds of
-    each (IPC, student, method)."""
-    import numpy as np
-
-    pooled: dict[tuple, list[float]] = {}
-    for row in rows:
-        pooled.setdefault((row["ipc"], row["student"], row["method"]), []).extend(row["accuracies"])
-    order = {method: k for k, method in enumerate(METHODS)}
-    lines = [
-        "| IPC | student | method | seeds | accuracy (%) |",
-        "|---:|---|---|---:|---:|",
-    ]
-    table = []
-    for (ipc, student, method), values in sorted(
-        pooled.items(),
-        key=lambda item: (item[0][0], item[0][1], order[parse_method(item[0][2])[0]], item[0][2]),
-    ):
-        mean, std = float(np.mean(values)), float(np.std(values))
-        lines.append(f"| {ipc} | {student} | {method} | {len(values)} | {mean:.2f} ± {std:.2f} |")
-        table.append(dict(ipc=ipc, student=student, method=method, mean=mean, std=std,
-                          accuracies=values))  # fmt: skip
-    (out / "results-students.md").write_text("\n".join(lines) + "\n")
-    (out / "results-students.json").write_text(
-        json.dumps({"machine": machine, "args": vars(args), "rows": table}, indent=2) + "\n"
     )
 
 
