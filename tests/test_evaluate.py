@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from delt.config import ConfigError
-from delt.evaluate import EvalConfig, draw_random_real, evaluate, mean_std
+from delt.evaluate import EvalConfig, _student_kwargs, draw_random_real, evaluate, mean_std
 from delt.io import sha256_file, torch_save
 from delt.models import TeacherMismatchError, load_checkpoint
 from delt.student import StudentTrainer
@@ -156,8 +156,10 @@ def gray_set(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "student, kwargs, expected_kwargs",
-    [("resnet18_small", {}, {}), ("convnet4", {"student_width": 8}, {"width": 8})],
-)
+    [("resnet18_small", {}, {}), ("convnet4", {"student_width": 4}, {"width": 4}),
+     # --student-width left out: the teacher's width (8), not convnet4's default 128.
+     ("convnet4", {}, {"width": 8}), ("convnet3", {}, {"width": 8})],
+)  # fmt: skip
 def test_another_student_architecture_evaluates_the_set(
     gray_set, tmp_path, student, kwargs, expected_kwargs
 ):
@@ -170,6 +172,19 @@ def test_another_student_architecture_evaluates_the_set(
     assert document["teacher"]["arch"] == "convnet3"  # soft labels from the set's teacher
     assert document["identity"]["config"]["student"] == student
     assert 0 <= result.accuracy_mean <= 100 and len(result.seeds[0].train_loss) == 1
+
+
+@pytest.mark.parametrize(
+    "student, width, teacher, teacher_kwargs, expected",
+    [("convnet4", None, "convnet3", {"width": 64}, {"width": 64}),
+     ("convnet4", 32, "convnet3", {"width": 64}, {"width": 32}),
+     ("convnet3", None, "convnet3", {"width": 64}, {"width": 64}),
+     ("convnet4", None, "convnet3", {}, {}),  # a teacher at the default width: the same 128
+     ("convnet4", None, "resnet18_small", {}, {}),
+     ("resnet18_small", None, "convnet3", {"width": 64}, {})],
+)  # fmt: skip
+def test_student_kwargs_take_the_teacher_width(student, width, teacher, teacher_kwargs, expected):
+    assert _student_kwargs(student, width, teacher, teacher_kwargs) == expected
 
 
 def test_empty_distilled_set_is_refused(tiny_set, tmp_path):

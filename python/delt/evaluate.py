@@ -89,9 +89,13 @@ class EvalConfig:
         None, help="folder of the real dataset (default: the dataset's own)", identity=False
     )
     student: str | None = option(
-        None, help="student architecture (default: the teacher's, with its --width)"
+        None,
+        help="student architecture (default: the teacher's, with its --width); a convnetD "
+        "student of another depth takes the teacher's width too",
     )
-    student_width: int | None = option(None, help="convnetD student width (default: the teacher's)")
+    student_width: int | None = option(
+        None, help="convnetD student width (default: the teacher's, where it has one; else 128)"
+    )
     epochs: int = option(300, help="training epochs per student")
     seeds: tuple[int, ...] = option((0,), help="one student per seed, e.g. 3407,4663,2897")
     eval_every: int = option(10, help="test every k epochs (and after the last)")
@@ -226,6 +230,21 @@ def resolve_workers(workers: int | None, device: torch.device) -> int:
     if device.type == "cpu":
         return 0
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+def _student_kwargs(
+    student_arch: str, student_width: int | None, teacher_arch: str, teacher_kwargs: dict
+) -> dict:
+    """The student's model kwargs: ``--student-width`` when given; else the teacher's kwargs for
+    the teacher's architecture, and the teacher's width for another architecture that takes a
+    width (``--student convnet4`` under a convnet3 w64 teacher: w64); else the model's defaults."""
+    if student_width is not None:
+        return {"width": student_width}
+    if student_arch == teacher_arch:
+        return dict(teacher_kwargs)
+    if "width" in model_spec(student_arch).kwargs and "width" in teacher_kwargs:
+        return {"width": teacher_kwargs["width"]}
+    return {}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -423,12 +442,9 @@ class EvalContext:
             )
 
         student_arch = config.student or teacher.meta["arch"]
-        if config.student_width is not None:
-            student_kwargs = {"width": config.student_width}
-        elif student_arch == teacher.meta["arch"]:
-            student_kwargs = dict(teacher.meta["arch_kwargs"])
-        else:
-            student_kwargs = {}
+        student_kwargs = _student_kwargs(
+            student_arch, config.student_width, teacher.meta["arch"], teacher.meta["arch_kwargs"]
+        )
         build_model(student_arch, info, student_kwargs)  # fails now, not after the first seed
         batch_size = config.batch_size or default_batch_size(ipc, info.num_classes, num_images)
         check_model_memory(
