@@ -208,7 +208,9 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
 
     def evaluate(config):
         accuracy = 70.0 if "random-real" in config.distilled else 74.0
-        _eval_file(Path(config.out), 10, config.seeds[0], accuracy, student=config.student)
+        _eval_file(Path(config.out), 10, config.seeds[0], accuracy, student=config.student,
+                   student_width=config.student_width,
+                   student_kwargs={"width": config.student_width})  # fmt: skip
         return SimpleNamespace(accuracy_mean=accuracy, document={"wall_seconds": 1.0},
                                reused=False)  # fmt: skip
 
@@ -218,7 +220,8 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
                      "--methods", "random-real,delt", "--students", "convnet4"])  # fmt: skip
     assert (tmp_path / "delt" / "ipc10" / "seed0" / "distilled" / "eval-convnet4.json").is_file()
     markdown = (tmp_path / "results.md").read_text()
-    assert "| 10 | convnet4 | convnet4, 100 epochs, tested every 50 | delt | 1 | 74.00" in markdown
+    row = "| 10 | convnet4 | convnet4 w64, 100 epochs, tested every 50 | delt | 1 | 74.00"
+    assert row in markdown
     assert "+4.00 ± 0.00 |" in markdown
     assert not list(tmp_path.glob("results-students*"))
 
@@ -294,10 +297,20 @@ def test_report_only_pools_variants_apart_and_runs_nothing(run_module, tmp_path,
 
 
 def _eval_file(path: Path, ipc: int, seed: int, accuracy: float, **config) -> None:
+    """A finished eval document (the keys other_evaluations reads): its identity config is
+    delt eval's, ConvNet-3 w64 at 100 epochs tested every 50 unless ``config`` says otherwise
+    (``shuffle_patches`` is absent unless given, as delt eval writes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = {"student": "convnet3", "epochs": 100, "eval_every": 50, "shuffle_patches": None,
-              **config}  # fmt: skip
-    document = {"complete": True, "ipc": ipc, "config": config,
+    identity = {"student": "convnet3", "student_kwargs": {"width": 64}, "student_width": None,
+                "epochs": 100, "eval_every": 50, "batch_size": 100 if ipc >= 50 else 50,
+                "temperature": 20.0, "lr": 0.001, "weight_decay": 0.01, "cutmix_beta": 1.0,
+                "randaugment_ops": 2, "randaugment_magnitude": 6, "min_crop": 0.25,
+                "hard_labels": False, "random_real": False, "ipc": ipc, "amp": "none",
+                "channels_last": False, **config}  # fmt: skip
+    document = {"complete": True, "ipc": ipc, "num_images": 10 * ipc,
+                "identity": {"config": identity, "teacher_sha256": "t", "distilled_sha256": "d",
+                             "dataset": "fashion-mnist"},
+                "config": {"seeds": [seed], "device": "cpu", **identity},
                 "seeds": [{"seed": seed, "best_accuracy": accuracy}]}  # fmt: skip
     path.write_text(json.dumps(document))
 
@@ -312,7 +325,8 @@ def test_other_evaluations_pool_by_name_and_pair_with_random_real(run_module, tm
         _eval_file(run / "distilled" / "eval.json", 10, seed, 99.0)  # the run's own: not listed
         runs.append((method, str(run)))
     shuffled = tmp_path / "rded" / "ipc10" / "seed1" / "distilled" / "eval-shuffle2.json"
-    _eval_file(shuffled, 10, 1, 65.0, epochs=300, eval_every=10, shuffle_patches=2)
+    _eval_file(shuffled, 10, 1, 65.0, epochs=300, eval_every=10, shuffle_patches=2,
+               min_crop=0.5, randaugment_ops=0)  # fmt: skip
     rows = run_module.other_evaluations(runs)
     assert [(r["evaluation"], r["method"]) for r in rows] == [
         ("100ep", "random-real"),
@@ -322,11 +336,26 @@ def test_other_evaluations_pool_by_name_and_pair_with_random_real(run_module, tm
     ]
     baseline, delt, rded, shuffle = rows
     assert baseline["mean"] == pytest.approx(71.0) and "gains" not in baseline
+    assert baseline["protocol"] == "convnet3 w64, 100 epochs, tested every 50"
     assert delt["gains"] == {0: 5.0, 1: 2.0} and delt["gain_mean"] == pytest.approx(3.5)
     assert delt["gain_std"] == pytest.approx(1.5)
     assert rded["gains"] == {1: -12.0}
-    assert shuffle["protocol"] == "convnet3, 300 epochs, tested every 10, ShufflePatches 2"
+    assert shuffle["protocol"] == (
+        "convnet3 w64, 300 epochs, tested every 10, ShufflePatches 2, min crop 0.5, RandAugment off"
+    )
     assert "gains" not in shuffle  # random-real has no shuffle2 evaluation to pair with
+
+
+def test_the_printed_protocol_names_every_setting_off_the_defaults(run_module, tmp_path):
+    run = tmp_path / "delt" / "ipc10" / "seed0"
+    _eval_file(run / "distilled" / "eval-odd.json", 10, 0, 80.0, student="resnet18_small",
+               student_kwargs={}, randaugment_magnitude=9, cutmix_beta=0.0, temperature=4.0,
+               amp="bf16", batch_size=20, hard_labels=True)  # fmt: skip
+    (row,) = run_module.other_evaluations([("delt", str(run))])
+    assert row["protocol"] == (
+        "resnet18_small, 100 epochs, tested every 50, RandAugment rand-m9-n2, CutMix off, "
+        "hard labels, --temperature 4.0, --amp bf16, batch 20"
+    )
 
 
 def test_one_evaluation_name_means_one_protocol(run_module, tmp_path):
@@ -335,3 +364,43 @@ def test_one_evaluation_name_means_one_protocol(run_module, tmp_path):
     _eval_file(b / "distilled" / "eval-long.json", 10, 0, 81.0, epochs=200)
     with pytest.raises(SystemExit, match="eval-long.json: protocol .* differs"):
         run_module.other_evaluations([("random-real", str(a)), ("delt", str(b))])
+
+
+@pytest.mark.parametrize(
+    "other, difference",
+    [({"student_kwargs": {"width": 128}}, "'convnet4 w128, .*--student-kwargs"),
+     ({"min_crop": 0.5}, "min crop 0.5.*--min-crop: 0.25 -> 0.5"),
+     ({"randaugment_ops": 0}, "RandAugment off.*--randaugment-ops: 2 -> 0"),
+     ({"batch_size": 25}, "batch 25.*--batch-size: 50 -> 25"),
+     ({"temperature": 4.0}, "--temperature: 20.0 -> 4.0"),
+     ({"hard_labels": True}, "hard labels"),
+     ({"shuffle_patches": 2}, "ShufflePatches 2.*--shuffle-patches: None -> 2")],
+)  # fmt: skip
+def test_a_name_with_another_training_protocol_is_refused_by_file(
+    run_module, tmp_path, other, difference
+):
+    # Beyond what the protocol column used to print: the student's width, the crop, the batch...
+    a, b = tmp_path / "random-real" / "ipc10" / "seed0", tmp_path / "delt" / "ipc10" / "seed0"
+    _eval_file(a / "distilled" / "eval-convnet4.json", 10, 0, 80.0, student="convnet4")
+    _eval_file(b / "distilled" / "eval-convnet4.json", 10, 0, 81.0, student="convnet4", **other)
+    pattern = re.escape(str(b / "distilled" / "eval-convnet4.json")) + ": protocol .*" + difference
+    with pytest.raises(SystemExit, match=pattern):
+        run_module.other_evaluations([("random-real", str(a)), ("delt", str(b))])
+
+
+def test_what_legitimately_differs_under_one_name_is_pooled(run_module, tmp_path):
+    # Per IPC (batch sizes default by IPC); the requested --student-width (the resolved width
+    # is the same), the memory format, --random-real, the workers' random stream.
+    runs = []
+    for method, ipc, config in [
+        ("random-real", 10, {"random_real": True, "channels_last": True}),
+        ("delt", 10, {"student_width": 64, "augmentation": "workers: per-batch seeds"}),
+        ("delt", 50, {}),
+    ]:  # fmt: skip
+        run = tmp_path / method / f"ipc{ipc}" / "seed0"
+        _eval_file(run / "distilled" / "eval-100ep.json", ipc, 0, 80.0, **config)
+        runs.append((method, str(run)))
+    rows = run_module.other_evaluations(runs)
+    assert [(r["ipc"], r["method"]) for r in rows] == [(10, "random-real"), (10, "delt"),
+                                                       (50, "delt")]  # fmt: skip
+    assert {r["protocol"] for r in rows} == {"convnet3 w64, 100 epochs, tested every 50"}

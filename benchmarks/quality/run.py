@@ -29,7 +29,8 @@ nothing (several commands can share one OUT, one per method or seed, then one re
 evaluations of a run's set written beside its ``eval.json`` as ``RUN/distilled/eval-NAME.json``
 (``delt eval --out``: another student, a shorter student budget, ShufflePatches; ``--students``
 writes ``eval-STUDENT.json``) get their own table, pooled by NAME and paired with random-real's
-evaluation of the same NAME.
+evaluation of the same NAME; the files of one NAME at one IPC must share their training protocol
+(student and width, epochs, augmentation, loss, optimizer, batch size), or the report stops.
 
     nohup python benchmarks/quality/run.py --out runs/quality > runs/quality.log 2>&1 &
 
@@ -386,50 +387,138 @@ def paired_gains(reports: list[tuple[str, int, dict]], baseline: str = "random-r
     ]  # fmt: skip
 
 
+# Fields of an evaluation's identity config that do not change its training protocol, or that
+# legitimately differ between the runs pooled under one NAME: the IPC (checked per IPC), the
+# requested --student-width (the resolved student_kwargs stay), the memory format, whether the
+# folder held a set or --random-real drew one, and the random stream of augmenting workers (0 on
+# a CPU, N on a GPU: another draw, as another seed is).
+NOT_PROTOCOL = ("ipc", "student_width", "channels_last", "random_real", "augmentation")
+
+
+def _eval_defaults() -> dict:
+    """``delt eval``'s default of every field of an evaluation's identity config."""
+    import dataclasses
+
+    from delt.evaluate import EvalConfig
+
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(EvalConfig)
+        if f.metadata.get("identity", True) and f.default is not dataclasses.MISSING
+    }
+
+
+def evaluation_protocol(document: dict) -> dict:
+    """The training protocol of an eval document (``delt eval``'s eval.json): its identity
+    config (the resolved student, its kwargs and batch size included), with ``delt eval``'s
+    default for a field it lacks (a file written before the flag existed, or ShufflePatches
+    off), less :data:`NOT_PROTOCOL` and the seeds."""
+    defaults = _eval_defaults()
+    defaults.pop("seeds", None)
+    protocol = {**defaults, **document["identity"]["config"]}
+    for name in NOT_PROTOCOL:
+        protocol.pop(name, None)
+    return protocol
+
+
+def describe_protocol(protocol: dict, ipc: int, num_images: int) -> str:
+    """A protocol (:func:`evaluation_protocol`) in words: the student with its width, epochs and
+    test interval, then every setting that differs from ``delt eval``'s defaults, e.g.
+    ``"convnet4 w64, 300 epochs, tested every 10, ShufflePatches 2, min crop 0.5, RandAugment
+    off"``; a batch size other than the IPC's default (``num_images`` caps it) is named too."""
+    from delt.config import flag
+    from delt.student import default_batch_size
+
+    defaults = _eval_defaults()
+    kwargs = protocol.get("student_kwargs") or {}
+    model = "".join(
+        f" w{value}" if key == "width" else f" {key}={value}" for key, value in kwargs.items()
+    )
+    parts = [
+        f"{protocol['student']}{model}",
+        f"{protocol['epochs']} epochs",
+        f"tested every {protocol['eval_every']}",
+    ]
+    if protocol.get("shuffle_patches"):
+        parts.append(f"ShufflePatches {protocol['shuffle_patches']}")
+    if protocol["min_crop"] != defaults["min_crop"]:
+        parts.append(f"min crop {protocol['min_crop']:g}")
+    ops, magnitude = protocol["randaugment_ops"], protocol["randaugment_magnitude"]
+    if ops == 0 and defaults["randaugment_ops"] != 0:
+        parts.append("RandAugment off")
+    elif (ops, magnitude) != (defaults["randaugment_ops"], defaults["randaugment_magnitude"]):
+        parts.append(f"RandAugment rand-m{magnitude}-n{ops}")
+    if protocol["cutmix_beta"] != defaults["cutmix_beta"]:
+        beta = protocol["cutmix_beta"]
+        parts.append("CutMix off" if beta == 0 else f"CutMix beta {beta:g}")
+    if protocol["hard_labels"]:
+        parts.append("hard labels")
+    for name in ("temperature", "lr", "weight_decay", "amp"):
+        if protocol[name] != defaults[name]:
+            parts.append(f"{flag(name)} {protocol[name]}")
+    classes = max(1, round(num_images / ipc))
+    if protocol["batch_size"] != default_batch_size(ipc, classes, num_images):
+        parts.append(f"batch {protocol['batch_size']}")
+    if protocol.get("stagewise"):
+        parts.append(f"stage-wise ({protocol['stage_schedule']})")
+    # Any other field (one added to delt eval later) that differs from its default, by flag.
+    described = {"student", "student_kwargs", "epochs", "eval_every", "shuffle_patches",
+                 "min_crop", "randaugment_ops", "randaugment_magnitude", "cutmix_beta",
+                 "hard_labels", "temperature", "lr", "weight_decay", "amp", "batch_size",
+                 "stagewise", "stage_schedule"}  # fmt: skip
+    parts += [
+        f"{flag(key)} {value}"
+        for key, value in protocol.items()
+        if key not in described and (key not in defaults or value != defaults[key])
+    ]
+    return ", ".join(parts)
+
+
 def other_evaluations(runs: list[tuple[str, str]], baseline: str = "random-real") -> list:
     """The runs' other evaluations of their sets (``RUN/distilled/eval-NAME.json`` beside the
     run's own ``eval.json``: another student, student budget or ShufflePatches), pooled by
     (IPC, NAME, method), with the gain over ``baseline``'s evaluation of the same NAME paired by
-    seed. A NAME is one evaluation only where every file of that NAME has the same protocol
-    (student, epochs, test interval, ShufflePatches); otherwise it is refused by name.
+    seed. A NAME is one evaluation only where every file of that NAME at an IPC has the same
+    training protocol (:func:`evaluation_protocol`: the student and its width, epochs, test
+    interval, augmentation, loss, optimizer, batch size, ...); otherwise it is refused by file.
 
-    Returns one dict per (IPC, NAME, method): ``evaluation`` (NAME), ``protocol``, ``ipc``,
-    ``method``, ``accuracies`` (seed → best accuracy), ``mean``, ``std`` and, where the baseline
-    shares a seed, ``gains`` (seed → points), ``gain_mean``, ``gain_std``.
+    Returns one dict per (IPC, NAME, method): ``evaluation`` (NAME), ``protocol``
+    (:func:`describe_protocol`), ``ipc``, ``method``, ``accuracies`` (seed → best accuracy),
+    ``mean``, ``std`` and, where the baseline shares a seed, ``gains`` (seed → points),
+    ``gain_mean``, ``gain_std``.
     """
     import numpy as np
+    from delt.config import config_diff
 
     found: dict[tuple, dict] = {}
-    protocols: dict[str, tuple[str, Path]] = {}
+    protocols: dict[tuple[int, str], tuple[dict, str, Path]] = {}
     for method, run in runs:
         for path in sorted((Path(run) / "distilled").glob("eval-*.json")):
             document = json.loads(path.read_text())
             if not document.get("complete"):
                 continue
-            config, name = document["config"], path.stem[len("eval-") :]
-            protocol = (
-                f"{config['student']}, {config['epochs']} epochs, tested every "
-                f"{config['eval_every']}"
-                + (f", ShufflePatches {config['shuffle_patches']}"
-                   if config.get("shuffle_patches") else "")
-            )  # fmt: skip
-            if protocols.setdefault(name, (protocol, path))[0] != protocol:
+            ipc, name = document["ipc"], path.stem[len("eval-") :]
+            protocol = evaluation_protocol(document)
+            described = describe_protocol(protocol, ipc, document["num_images"])
+            first = protocols.setdefault((ipc, name), (protocol, described, path))
+            if first[0] != protocol:
+                differences = "; ".join(config_diff(first[0], protocol))
                 raise SystemExit(
-                    f"{path}: protocol {protocol!r} differs from {protocols[name][1]}'s "
-                    f"{protocols[name][0]!r}; an evaluation name must mean one protocol"
+                    f"{path}: protocol {described!r} differs from {first[2]}'s {first[1]!r} "
+                    f"({differences}); an evaluation name must mean one protocol"
                 )
-            entry = found.setdefault((document["ipc"], name, method), {})
+            entry = found.setdefault((ipc, name, method), {})
             for seed in document["seeds"]:
                 entry[seed["seed"]] = seed["best_accuracy"]
     rows = []
     for (ipc, name, method), accuracies in found.items():
         values = list(accuracies.values())
-        row = {"evaluation": name, "protocol": protocols[name][0], "ipc": ipc, "method": method,
-               "accuracies": dict(sorted(accuracies.items())), "mean": float(np.mean(values)),
-               "std": float(np.std(values))}  # fmt: skip
+        row = {"evaluation": name, "protocol": protocols[(ipc, name)][1], "ipc": ipc,
+               "method": method, "accuracies": dict(sorted(accuracies.items())),
+               "mean": float(np.mean(values)), "std": float(np.std(values))}  # fmt: skip
         rows.append(row)
     # The gains: paired_gains over each evaluation name's accuracies, as for the runs' own.
-    for name in protocols:
+    for name in dict.fromkeys(name for _, name in protocols):
         reports = [(method, seed, {"ipc": ipc, "accuracy_mean": accuracy})
                    for (ipc, n, method), accuracies in found.items() if n == name
                    for seed, accuracy in accuracies.items()]  # fmt: skip
