@@ -294,6 +294,54 @@ def test_report_only_pools_variants_apart_and_runs_nothing(run_module, tmp_path,
     markdown = (tmp_path / "results.md").read_text()
     assert "| 10 | delt | 0: +1.00, 1: +2.00 | +1.50 ± 0.50 |" in markdown
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results-gains.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_run(out: Path, method: str, ipc: int, seed: int, accuracy: float, seconds: float):
+    run = out / method / f"ipc{ipc}" / f"seed{seed}"
+    run.mkdir(parents=True)
+    report = {"method": method, "dataset": "fashion-mnist", "ipc": ipc, "accuracy_mean": accuracy,
+              "accuracy_std": 0.0, "diversity": 0.9, "synthesis_seconds": seconds,
+              "image_iterations": 0 if method == "random-real" else 4_000_000}  # fmt: skip
+    (run / "report.json").write_text(json.dumps(report))
+
+
+def test_the_gains_chart_is_written_with_one_seed_and_unpaired_methods(
+    run_module, tmp_path, monkeypatch
+):
+    # IPC 10: one seed of random-real, delt and rded (rded paired); IPC 50: delt and rded
+    # without a random-real run, so no gain at all. --report-only: nothing runs.
+    import delt.distill
+
+    monkeypatch.setattr(delt.distill, "distill", lambda *a, **k: pytest.fail("ran"))
+    for method, ipc, accuracy, seconds in [
+        ("random-real", 10, 80.0, 0.0), ("delt", 10, 83.0, 900.0), ("rded", 10, 78.0, 40.0),
+        ("delt", 50, 88.0, 4000.0), ("rded", 50, 84.0, 0.0),
+    ]:  # fmt: skip
+        _fake_run(tmp_path, method, ipc, 0, accuracy, seconds)
+    run_module.main(["--out", str(tmp_path), "--ipcs", "10,50", "--seeds", "0", "--report-only",
+                     "--methods", "random-real,delt,rded"])  # fmt: skip
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert {(g["ipc"], g["method"]) for g in document["gains"]} == {(10, "delt"), (10, "rded")}
+    chart = tmp_path / "results-gains.png"
+    assert chart.read_bytes()[:4] == b"\x89PNG" and chart.stat().st_size > 10_000
+
+
+def test_plot_gains_without_any_pairing_or_cost(run_module, tmp_path):
+    # --synthesis once (no gains), a gain whose method has no pooled row, a zero-second method.
+    rows = [
+        {"method": "delt", "ipc": 10, "synthesis_seconds": 0.0, "image_iterations": 0},
+        {"method": "cda", "ipc": 10, "synthesis_seconds": 5.0, "image_iterations": 10},
+    ]
+    run_module.plot_gains([], rows, tmp_path / "none.png")
+    gains = [
+        {"ipc": 10, "method": "delt", "gains": {0: 1.0, 1: 2.0}, "mean": 1.5, "std": 0.5},
+        {"ipc": 50, "method": "sre2l", "gains": {0: -1.0}, "mean": -1.0, "std": 0.0},
+    ]
+    run_module.plot_gains(gains, rows, tmp_path / "some.png", "title")
+    run_module.plot_gains([], [], tmp_path / "empty.png")
+    for name in ("none", "some", "empty"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _eval_file(path: Path, ipc: int, seed: int, accuracy: float, **config) -> None:

@@ -23,7 +23,8 @@ Resumable: ``delt distill`` caches each step (teacher, selection, recovery chunk
 evaluation seed, diversity), so a killed run picks up where it stopped; finished runs cost
 nothing. Each finished run appends a line to ``OUT/progress.jsonl``; at the end the pooled
 table goes to ``OUT/results.md`` / ``results.json`` and the chart to ``OUT/results.png``, with
-every method's gain over random-real paired by seed (the same seed's random-real run).
+every method's gain over random-real paired by seed (the same seed's random-real run), charted
+with each method's synthesis seconds and image-iterations in ``OUT/results-gains.png``.
 ``--report-only`` writes those files from whichever of the named runs have finished, running
 nothing (several commands can share one OUT, one per method or seed, then one report). Other
 evaluations of a run's set written beside its ``eval.json`` as ``RUN/distilled/eval-NAME.json``
@@ -534,9 +535,98 @@ def other_evaluations(runs: list[tuple[str, str]], baseline: str = "random-real"
     return rows
 
 
+def _count(value: float) -> str:
+    """``4000000`` → ``"4M"``, ``340000`` → ``"340k"``: image-iterations on a chart."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.0f}"
+
+
+def plot_gains(gains: list[dict], rows: list[dict], path: Path, title: str = "") -> None:
+    """``OUT/results-gains.png``: per IPC (a row of two panels), each method's gain over
+    random-real paired by seed (bars: the mean, error bars: the seeds' population std, dots: the
+    seeds; under each bar the method's synthesis seconds and image-iterations), and that gain
+    against its synthesis seconds (log axis). ``gains``: :func:`paired_gains`' rows; ``rows``:
+    :func:`delt.report.pool_reports`' (synthesis seconds and image-iterations, the mean over a
+    method's runs). A method without a random-real run of a common seed has no gain: it is
+    named in its IPC's gain panel, not drawn."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from delt.io import atomic_open
+
+    ipcs = list(dict.fromkeys([*(r["ipc"] for r in rows), *(g["ipc"] for g in gains)]))
+    methods = list(dict.fromkeys([*(r["method"] for r in rows), *(g["method"] for g in gains)]))
+    colors = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(methods)}
+    cost = {(r["ipc"], r["method"]): r for r in rows}
+    figure, axes = plt.subplots(
+        max(1, len(ipcs)), 2, figsize=(12, 3.8 * max(1, len(ipcs))), squeeze=False
+    )
+    for (gain_axis, cost_axis), ipc in zip(axes, ipcs or [None], strict=True):
+        paired = [g for g in gains if g["ipc"] == ipc]
+        unpaired = [r["method"] for r in rows if r["ipc"] == ipc and r["method"] != "random-real"
+                    and r["method"] not in {g["method"] for g in paired}]  # fmt: skip
+        ticks = []  # the method, its synthesis seconds and image-iterations
+        for k, gain in enumerate(paired):
+            color = colors[gain["method"]]
+            gain_axis.bar(k, gain["mean"], 0.6, yerr=gain["std"], capsize=4, color=color,
+                          alpha=0.75)  # fmt: skip
+            seeds = list(gain["gains"].values())
+            offsets = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else [0.0]
+            gain_axis.scatter(k + np.asarray(offsets), seeds, s=14, color="black", zorder=3)
+            row = cost.get((ipc, gain["method"]))
+            if row is None:
+                ticks.append(gain["method"])
+                continue
+            seconds = row["synthesis_seconds"]
+            ticks.append(f"{gain['method']}\n{seconds:,.0f} s\n"
+                         f"{_count(row['image_iterations'])} image-its")  # fmt: skip
+            cost_axis.errorbar(seconds, gain["mean"], yerr=gain["std"], fmt="o", capsize=4,
+                               color=color, label=gain["method"])  # fmt: skip
+        gain_axis.set_xticks(range(len(paired)), ticks, fontsize=8)
+        gain_axis.set_xlim(-0.6, max(len(paired), 3) - 0.4)  # one bar is not the axis' width
+        gain_axis.axhline(0.0, color="gray", linewidth=0.8)
+        gain_axis.set_ylabel("gain over random-real\n(points, paired by seed)")
+        gain_axis.set_title(f"IPC {ipc}: gain, mean ± std over seeds (dots: seeds)", fontsize=10)
+        gain_axis.grid(axis="y", alpha=0.3)
+        cost_axis.axhline(0.0, color="gray", linewidth=0.8)
+        positive = [cost[(ipc, g["method"])]["synthesis_seconds"] for g in paired
+                    if (ipc, g["method"]) in cost]  # fmt: skip
+        if positive and all(v > 0 and math.isfinite(v) for v in positive):
+            cost_axis.set_xscale("log")
+        elif positive:
+            cost_axis.set_xscale("symlog", linthresh=1.0)
+        cost_axis.set_xlabel("synthesis seconds (mean over runs)")
+        cost_axis.set_ylabel("gain over random-real (points)")
+        cost_axis.set_title(f"IPC {ipc}: gain against synthesis cost", fontsize=10)
+        cost_axis.grid(alpha=0.3)
+        if cost_axis.get_legend_handles_labels()[0]:
+            cost_axis.legend(fontsize=8, loc="best")
+        note = []
+        if not paired:
+            note.append("no method paired with a random-real run by seed")
+        if unpaired:
+            note.append(f"not paired with random-real by seed: {', '.join(unpaired)}")
+        if note:
+            gain_axis.text(0.02, 0.02, "\n".join(note), transform=gain_axis.transAxes,
+                           fontsize=8, va="bottom")  # fmt: skip
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+
+
 def _write_results(out: Path, machine: dict, args, runs: list[tuple[str, str]]) -> None:
     """``OUT/results.md`` / ``.json`` / ``.png``: the runs pooled by (IPC, method variant), then
-    every method's gain over random-real paired by seed."""
+    every method's gain over random-real paired by seed (charted against the synthesis cost in
+    ``OUT/results-gains.png``)."""
     from delt.io import atomic_open
     from delt.report import load_report, markdown_table, plot_comparison, pool_reports
 
@@ -547,8 +637,9 @@ def _write_results(out: Path, machine: dict, args, runs: list[tuple[str, str]]) 
         reports.append((method, int(seed[4:]) if seed.startswith("seed") else seed, report))
     rows = pool_reports([{**report, "method": method} for method, _, report in reports])
     gains = paired_gains(reports) if args.synthesis == "per-seed" else []
-    plot_comparison(rows, out / "results.png",
-                    f"Fashion-MNIST, ConvNet-3 w{args.width} teacher and student")  # fmt: skip
+    title = f"Fashion-MNIST, ConvNet-3 w{args.width} teacher and student"
+    plot_comparison(rows, out / "results.png", title)
+    plot_gains(gains, rows, out / "results-gains.png", title)
     lines = [markdown_table(rows)]
     if gains:
         lines += ["", "| IPC | method | gain over random-real, per seed (points) | mean ± std |",
