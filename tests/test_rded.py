@@ -74,16 +74,23 @@ def test_selection_keeps_each_images_best_crop_then_the_lowest_overall():
 
 
 def test_crop_boxes_are_seeded_square_and_inside_the_image():
-    first = sample_crop_boxes(50, 5, 28, torch.Generator().manual_seed(7))
-    again = sample_crop_boxes(50, 5, 28, torch.Generator().manual_seed(7))
-    other = sample_crop_boxes(50, 5, 28, torch.Generator().manual_seed(8))
-    assert first.shape == (50, 5, 3) and first.dtype == torch.int64
+    first = sample_crop_boxes(1000, 5, 28, torch.Generator().manual_seed(7))
+    again = sample_crop_boxes(1000, 5, 28, torch.Generator().manual_seed(7))
+    other = sample_crop_boxes(1000, 5, 28, torch.Generator().manual_seed(8))
+    assert first.shape == (1000, 5, 3) and first.dtype == torch.int64
     assert torch.equal(first, again) and not torch.equal(first, other)
     top, left, size = first.view(-1, 3).unbind(1)
     assert bool((size >= 1).all()) and bool((top >= 0).all()) and bool((left >= 0).all())
     assert bool((top + size <= 28).all()) and bool((left + size <= 28).all())
-    # RandomResizedCrop's area range (0.08, 1): sides from about sqrt(0.08) * 28 = 8 to 28.
-    assert int(size.min()) >= 7 and int(size.max()) <= 28 and len(set(size.tolist())) > 5
+    # RDED's MultiRandomCrop keeps torchvision's default area range (0.08, 1): over 5000 draws
+    # at 28 px the smallest side comes within a pixel of sqrt(0.08) * 28 = 7.9 (side 8: area
+    # fraction below 8.5^2 / 784 = 0.092, about 1.3 % of draws) and the largest reaches 28
+    # (above 27.5^2 / 784 = 0.965, about 3.8 %). A range of (0.25, 1) stops at side 14, (0.5, 1)
+    # at 20.
+    assert rded_module.CROP_SCALE == (0.08, 1.0)
+    assert 7 <= int(size.min()) <= 9 and int(size.max()) == 28
+    # A fifth of the draws have an area fraction <= 14.5^2 / 784 = 0.27: (0.27 - 0.08) / 0.92.
+    assert 0.17 < float((size <= 14).double().mean()) < 0.24
 
 
 def test_crops_are_torchvisions_antialiased_resized_crops():
