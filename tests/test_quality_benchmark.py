@@ -192,8 +192,8 @@ def test_an_existing_teacher_is_used_and_recorded(run_module, tmp_path, monkeypa
 
 
 def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monkeypatch):
-    # --students: RUN/distilled/eval-STUDENT.json, listed by results.md's other evaluations;
-    # no table of its own.
+    # --students: RUN/distilled/eval-STUDENT.json, tested every --students-eval-every epochs,
+    # listed by results.md's other evaluations; no table of its own.
     import delt.evaluate
 
     def distill(config, print_summary=True):
@@ -209,7 +209,7 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
     def evaluate(config):
         accuracy = 70.0 if "random-real" in config.distilled else 74.0
         _eval_file(Path(config.out), 10, config.seeds[0], accuracy, student=config.student,
-                   student_width=config.student_width,
+                   student_width=config.student_width, eval_every=config.eval_every,
                    student_kwargs={"width": config.student_width})  # fmt: skip
         return SimpleNamespace(accuracy_mean=accuracy, document={"wall_seconds": 1.0},
                                reused=False)  # fmt: skip
@@ -217,10 +217,11 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
     _fake_pipeline(monkeypatch, tmp_path, [], distill=distill)
     monkeypatch.setattr(delt.evaluate, "evaluate", evaluate)
     run_module.main(["--out", str(tmp_path), "--ipcs", "10", "--seeds", "0",
-                     "--methods", "random-real,delt", "--students", "convnet4"])  # fmt: skip
+                     "--methods", "random-real,delt", "--students", "convnet4",
+                     "--students-eval-every", "25"])  # fmt: skip
     assert (tmp_path / "delt" / "ipc10" / "seed0" / "distilled" / "eval-convnet4.json").is_file()
     markdown = (tmp_path / "results.md").read_text()
-    row = "| 10 | convnet4 | convnet4 w64, 100 epochs, tested every 50 | delt | 1 | 74.00"
+    row = "| 10 | convnet4 | convnet4 w64, 100 epochs, tested every 25 | delt | 1 | 74.00"
     assert row in markdown
     assert "+4.00 ± 0.00 |" in markdown
     assert not list(tmp_path.glob("results-students*"))
@@ -452,3 +453,14 @@ def test_what_legitimately_differs_under_one_name_is_pooled(run_module, tmp_path
     assert [(r["ipc"], r["method"]) for r in rows] == [(10, "random-real"), (10, "delt"),
                                                        (50, "delt")]  # fmt: skip
     assert {r["protocol"] for r in rows} == {"convnet3 w64, 100 epochs, tested every 50"}
+
+
+def test_students_eval_every_defaults_to_eval_every_and_is_checked(run_module, capsys):
+    assert run_module.parse_args(["--budget", "paper"]).students_eval_every == 10
+    assert run_module.parse_args(["--eval-every", "7"]).students_eval_every == 7
+    assert run_module.parse_args(["--students-eval-every", "100"]).students_eval_every == 100
+    with pytest.raises(SystemExit):
+        run_module.parse_args(["--students-eval-every", "0"])
+    assert "--students-eval-every: expected a positive number of epochs, got 0" in (
+        capsys.readouterr().err
+    )

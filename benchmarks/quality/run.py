@@ -125,6 +125,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(`delt eval --student`; convnetD at --width; short: none; paper: resnet18_small,convnet4)",
     )
     parser.add_argument(
+        "--students-eval-every", type=int,
+        help="test the --students every k epochs (default --eval-every; one ResNet-18-small "
+        "test of the 10,000 test images cost about 80 CPU-s on a 2-core CPU, so 100 keeps three "
+        "tests of 300 epochs)",
+    )  # fmt: skip
+    parser.add_argument(
         "--amp", choices=("none", "bf16"), default="bf16",
         help="autocast of the teacher's training, the selection's scoring and the students (none: "
         "float32; on a CPU without bfloat16 units bf16 is emulated, several times slower)",
@@ -143,6 +149,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in BUDGETS[args.budget].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.students_eval_every is None:
+        args.students_eval_every = args.eval_every
+    for name in ("eval_every", "students_eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive number of epochs, "
+                         f"got {getattr(args, name)}")  # fmt: skip
     return args
 
 
@@ -680,7 +692,7 @@ def _evaluate_student(args, evaluate, eval_config, run_dir, teacher, student, se
         eval_config(
             distilled=str(distilled), teacher=teacher, student=student,
             student_width=args.width if student.startswith("convnet") else None,
-            epochs=args.eval_epochs, seeds=tuple(seeds), eval_every=args.eval_every,
+            epochs=args.eval_epochs, seeds=tuple(seeds), eval_every=args.students_eval_every,
             amp=args.amp, channels_last=True, out=str(distilled / f"eval-{student}.json"),
             device=args.device, progress=False,
         )
