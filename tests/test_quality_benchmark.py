@@ -464,3 +464,54 @@ def test_students_eval_every_defaults_to_eval_every_and_is_checked(run_module, c
     assert "--students-eval-every: expected a positive number of epochs, got 0" in (
         capsys.readouterr().err
     )
+
+
+def _log_line(out: Path, method: str, ipc: int, seed: int, accuracy: float) -> str:
+    # run.py's progress.jsonl record: the report's eight keys, then the run's own.
+    report = {"method": method.split("-lr")[0], "dataset": "fashion-mnist", "ipc": ipc,
+              "accuracy_mean": accuracy, "accuracy_std": 0.0, "diversity": 0.9,
+              "synthesis_seconds": 2.0, "image_iterations": 7}  # fmt: skip
+    return json.dumps({**report, "run": str(out / "elsewhere" / method / f"ipc{ipc}" /
+                       f"seed{seed}"), "variant": method, "seed": seed, "eval_seeds": [seed],
+                       "final_mean": accuracy, "cached": False, "wall_seconds": 3.0,
+                       "steps": [], "finished": "2026-12-07 00:00:00"})  # fmt: skip
+
+
+def test_report_only_reports_runs_whose_folders_are_gone_from_the_progress_log(
+    run_module, tmp_path, monkeypatch
+):
+    # The folders of random-real and delt seed 0 are gone; their lines in progress.jsonl remain
+    # (the older line of delt seed 0 is superseded). delt seed 1 has its folder. A folder
+    # without report.json (a run under way) is not reported from an old line.
+    import delt.distill
+
+    monkeypatch.setattr(delt.distill, "distill", lambda *a, **k: pytest.fail("ran"))
+    lines = [_log_line(tmp_path, "delt", 10, 0, 70.0), _log_line(tmp_path, "random-real", 10, 0,
+             80.0), _log_line(tmp_path, "delt", 10, 0, 81.5), _log_line(tmp_path, "cda", 10, 0,
+             60.0)]  # fmt: skip
+    (tmp_path / "progress.jsonl").write_text("\n".join(lines) + "\n\n")
+    _fake_run(tmp_path, "random-real", 10, 1, 82.0, 0.5)
+    _fake_run(tmp_path, "delt", 10, 1, 84.0, 5.0)
+    (tmp_path / "cda" / "ipc10" / "seed0").mkdir(parents=True)
+    run_module.main(["--out", str(tmp_path), "--ipcs", "10", "--seeds", "0,1", "--report-only",
+                     "--methods", "random-real,delt,cda"])  # fmt: skip
+    document = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["method"]: row for row in document["rows"]}
+    assert list(rows) == ["random-real", "delt"]
+    assert rows["delt"]["runs"] == 2 and rows["delt"]["accuracy_mean"] == pytest.approx(82.75)
+    assert (
+        "| 10 | delt | 0: +1.50, 1: +2.00 | +1.75 ± 0.25 |" in (tmp_path / "results.md").read_text()
+    )
+
+
+def test_report_only_refuses_a_bad_progress_line_by_file_and_line(run_module, tmp_path):
+    good = _log_line(tmp_path, "delt", 10, 0, 80.0)
+    (tmp_path / "progress.jsonl").write_text(good + "\n{not json\n")
+    args = ["--out", str(tmp_path), "--ipcs", "10", "--seeds", "0", "--report-only"]
+    with pytest.raises(SystemExit, match=r"progress.jsonl:2: expected a run's JSON record"):
+        run_module.main(args)
+    record = json.loads(good)
+    del record["accuracy_std"]
+    (tmp_path / "progress.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(SystemExit, match=r"progress.jsonl:1: keys must be"):
+        run_module.main(args)

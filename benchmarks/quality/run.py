@@ -26,7 +26,9 @@ table goes to ``OUT/results.md`` / ``results.json`` and the chart to ``OUT/resul
 every method's gain over random-real paired by seed (the same seed's random-real run), charted
 with each method's synthesis seconds and image-iterations in ``OUT/results-gains.png``.
 ``--report-only`` writes those files from whichever of the named runs have finished, running
-nothing (several commands can share one OUT, one per method or seed, then one report). Other
+nothing (several commands can share one OUT, one per method or seed, then one report); a run
+whose folder is gone but whose line is in ``OUT/progress.jsonl`` is reported from that line
+(its other evaluations, which lived in the folder, are not). Other
 evaluations of a run's set written beside its ``eval.json`` as ``RUN/distilled/eval-NAME.json``
 (``delt eval --out``: another student, a shorter student budget, ShufflePatches; ``--students``
 writes ``eval-STUDENT.json``) get their own table, pooled by NAME and paired with random-real's
@@ -266,11 +268,25 @@ def main(argv=None) -> int:
     print(json.dumps(machine), flush=True)
 
     if args.report_only:
-        runs = [
-            (method, str(run_dir)) for method, run_dir in _run_dirs(args, out, methods, seeds)
-            if (run_dir / "report.json").is_file()
-        ]  # fmt: skip
-        _write_results(out, machine, args, runs)
+        try:
+            logged = logged_reports(out / "progress.jsonl")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+        runs, from_log = [], {}
+        for method, run_dir in _run_dirs(args, out, methods, seeds):
+            key = (method, int(run_dir.parent.name[3:]), run_dir.name)
+            if (run_dir / "report.json").is_file():
+                runs.append((method, str(run_dir)))
+            elif key in logged and not run_dir.exists():  # a folder without report.json: running
+                runs.append((method, str(run_dir)))
+                from_log[str(run_dir)] = logged[key]
+        if from_log:
+            print(
+                f"{len(from_log)} of {len(runs)} runs reported from {out / 'progress.jsonl'} "
+                "(their folders are gone, and with them their other evaluations)",
+                flush=True,
+            )
+        _write_results(out, machine, args, runs, from_log)
         return 0
 
     # Every run's config first: a bad one (pdd's 5 stages at IPC 1) is refused before any work.
@@ -635,16 +651,48 @@ def plot_gains(gains: list[dict], rows: list[dict], path: Path, title: str = "")
     plt.close(figure)
 
 
-def _write_results(out: Path, machine: dict, args, runs: list[tuple[str, str]]) -> None:
+def logged_reports(path: Path) -> dict:
+    """The report of every run ``OUT/progress.jsonl`` logged, by (``--methods`` entry, IPC, run
+    folder name), the last line of a run winning: what ``--report-only`` reports for a run whose
+    folder is gone. No file: none.
+
+    Raises:
+        ValueError: naming the file and line of one that is not a run's JSON record.
+    """
+    from delt.report import REPORT_KEYS, check_report
+
+    logged = {}
+    if not path.is_file():
+        return logged
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+            key = (record["variant"], record["ipc"], Path(record["run"]).name)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{where}: expected a run's JSON record ({error})") from None
+        report = {name: record[name] for name in REPORT_KEYS if name in record}
+        check_report(report, where)
+        logged[key] = report
+    return logged
+
+
+def _write_results(
+    out: Path, machine: dict, args, runs: list[tuple[str, str]], from_log: dict | None = None
+) -> None:
     """``OUT/results.md`` / ``.json`` / ``.png``: the runs pooled by (IPC, method variant), then
     every method's gain over random-real paired by seed (charted against the synthesis cost in
-    ``OUT/results-gains.png``)."""
+    ``OUT/results-gains.png``). ``from_log``: run folder → its report, for runs whose folder is
+    gone (:func:`logged_reports`)."""
     from delt.io import atomic_open
     from delt.report import load_report, markdown_table, plot_comparison, pool_reports
 
+    from_log = from_log or {}
     reports = []
     for method, run in runs:
-        report = load_report(run)
+        report = from_log[run] if run in from_log else load_report(run)
         seed = Path(run).name
         reports.append((method, int(seed[4:]) if seed.startswith("seed") else seed, report))
     rows = pool_reports([{**report, "method": method} for method, _, report in reports])
