@@ -51,6 +51,7 @@ Options are listed by ``--help``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -424,8 +425,10 @@ def paired_gains(reports: list[tuple[str, int, dict]], baseline: str = "random-r
 NOT_PROTOCOL = ("ipc", "student_width", "channels_last", "random_real", "augmentation")
 
 
+@functools.cache
 def _eval_defaults() -> dict:
-    """``delt eval``'s default of every field of an evaluation's identity config."""
+    """``delt eval``'s default of every field of an evaluation's identity config (computed once;
+    callers copy before changing it)."""
     import dataclasses
 
     from delt.evaluate import EvalConfig
@@ -442,8 +445,7 @@ def evaluation_protocol(document: dict) -> dict:
     config (the resolved student, its kwargs and batch size included), with ``delt eval``'s
     default for a field it lacks (a file written before the flag existed, or ShufflePatches
     off), less :data:`NOT_PROTOCOL` and the seeds."""
-    defaults = _eval_defaults()
-    defaults.pop("seeds", None)
+    defaults = {key: value for key, value in _eval_defaults().items() if key != "seeds"}
     protocol = {**defaults, **document["identity"]["config"]}
     for name in NOT_PROTOCOL:
         protocol.pop(name, None)
@@ -528,9 +530,12 @@ def other_evaluations(runs: list[tuple[str, str]], baseline: str = "random-real"
                 continue
             ipc, name = document["ipc"], path.stem[len("eval-") :]
             protocol = evaluation_protocol(document)
-            described = describe_protocol(protocol, ipc, document["num_images"])
-            first = protocols.setdefault((ipc, name), (protocol, described, path))
+            if (ipc, name) not in protocols:  # the first file of a NAME sets its protocol
+                described = describe_protocol(protocol, ipc, document["num_images"])
+                protocols[(ipc, name)] = (protocol, described, path)
+            first = protocols[(ipc, name)]
             if first[0] != protocol:
+                described = describe_protocol(protocol, ipc, document["num_images"])
                 differences = "; ".join(config_diff(first[0], protocol))
                 raise SystemExit(
                     f"{path}: protocol {described!r} differs from {first[2]}'s {first[1]!r} "
