@@ -248,8 +248,8 @@ def main(argv=None) -> int:
     from delt.config import ConfigError
     from delt.distill import DistillConfig, distill
     from delt.evaluate import EvalConfig, evaluate
+    from delt.methods.pdd import stage_checkpoints
     from delt.models import MODELS, load_checkpoint
-    from delt.pdd import stage_checkpoints
     from delt.teacher import TeacherConfig, train_teacher
 
     torch.set_num_threads(args.threads)

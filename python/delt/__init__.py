@@ -7,8 +7,9 @@ of lower floors or ones listed before it on its own floor, never another module'
 ``delt``.
 
     config, io, runtime,    flags from dataclasses; atomic files; devices, seeds, logging;
-      distributed, lock     torchrun: the process group, rank 0's writes, barriers, rank
-                            logs; one writer per output folder (OUT/.lock)
+      distributed, lock,    torchrun: the process group, rank 0's writes, barriers, rank
+      identity              logs; one writer per output folder (OUT/.lock); run identities
+                            (one function computes them, one checks them)
     data                    dataset registry, DatasetInfo, DataMismatchError
     models                  model registry, checkpoints, TeacherMismatchError
     schedules               pure schedules: EarlyLate, chunks, LR, crop curriculum, stages
@@ -16,9 +17,16 @@ of lower floors or ones listed before it on its own floor, never another module'
     student                 the training engine: batches, accuracy, StudentTrainer, CutMix
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
       released
-    synthesis               method recipes, prepare_run, the chunk loop, the output writer
-    pdd, rded, recover      `delt recover --method pdd` and `--method rded` (and their
-                            options); `delt recover`
+    method, chunks,         the method registry, the options every method shares and the
+      synthesis             components; the chunk store (resume); the chunk optimizer, run
+                            setup, the output writer, the pixel-optimizing method
+    methods.sre2l,          one module per method, each registering itself: presets of the
+      methods.cda,          pixel method (sre2l, cda, delt), progressive stages (pdd), scored
+      methods.delt,         real crops (rded), random real images (distill's baseline)
+      methods.pdd,
+      methods.rded,
+      methods.random_real
+    methods, recover        all built-in methods; `delt recover` (looks the method up)
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
     report, distill, bench  reports and charts; `delt distill`; `delt bench synthesis`
@@ -27,15 +35,23 @@ of lower floors or ones listed before it on its own floor, never another module'
 
 # The declared order (floors, lowest first), read by tests/test_layering.py.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "io", "runtime", "distributed", "lock"),
+    ("config", "io", "runtime", "distributed", "lock", "identity"),
     ("data",),
     ("models",),
     ("schedules",),
     ("distilled",),
     ("student",),
     ("teacher", "select", "released"),
-    ("synthesis",),
-    ("pdd", "rded", "recover"),
+    ("method", "chunks", "synthesis"),
+    (
+        "methods.sre2l",
+        "methods.cda",
+        "methods.delt",
+        "methods.pdd",
+        "methods.rded",
+        "methods.random_real",
+    ),
+    ("methods", "recover"),
     ("evaluate", "stagewise", "diversity"),
     ("report", "distill", "bench"),
     ("demo", "cli"),

@@ -56,17 +56,12 @@ import delt_ext
 from delt.config import ConfigError, check_int_fields, option
 from delt.data import DatasetInfo
 from delt.io import write_json
+from delt.method import DEFAULT_ROUND_ITERATIONS, MethodRecipe, SynthesisConfig, methods
 from delt.models import build_model, load_checkpoint
 from delt.recover import RecoverConfig
 from delt.runtime import machine, resolve_device, versions
 from delt.schedules import chunk_schedule, cosine_lr, early_late_iterations
-from delt.synthesis import (
-    DEFAULT_ROUND_ITERATIONS,
-    METHODS,
-    frozen_teacher,
-    optimize_chunk,
-    recovery_settings,
-)
+from delt.synthesis import PixelMethod, frozen_teacher, optimize_chunk, recovery_settings
 
 __all__ = [
     "REPORTED_HOURS",
@@ -81,6 +76,14 @@ __all__ = [
     "reference_loop",
     "run_synthesis_bench",
 ]
+
+
+def _presets() -> dict[str, MethodRecipe]:
+    """The registered methods that are one pixel-optimizing preset (not pdd's stages)."""
+    return {
+        name: method.preset for name, method in methods().items() if isinstance(method, PixelMethod)
+    }
+
 
 ROWS = ("reference", "floor", "delt", "+channels_last", "+bf16", "+compile", "+per-sample-aug")
 # What each product row turns on: +bf16 and +compile each add to +channels_last (not to each
@@ -108,7 +111,7 @@ _STD = 0.25
 class SynthesisBenchConfig:
     """Configuration of ``delt bench synthesis`` (one field per flag)."""
 
-    method: str = option("delt", help="synthesis method of the chunk", choices=tuple(METHODS))
+    method: str = option("delt", help="synthesis method of the chunk", choices=tuple(_presets()))
     arch: str = option("resnet18_small", help="teacher architecture (ignored with --teacher)")
     resolution: int = option(32, help="image size in pixels (ignored with --teacher)")
     channels: int = option(3, help="image channels (ignored with --teacher)")
@@ -127,8 +130,10 @@ class SynthesisBenchConfig:
     progress: bool = option(True, help="show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r}: known: {', '.join(METHODS)}")
+        presets = _presets()
+        if self.method not in presets:
+            raise ConfigError(f"--method {self.method!r}: known: {', '.join(presets)}")
+        recipe = presets[self.method]
         check_int_fields(
             self,
             ("resolution", "channels", "classes", "batch_size", "ipc", "iterations", "rounds",
@@ -143,12 +148,12 @@ class SynthesisBenchConfig:
             )
         if len(set(self.rows)) != len(self.rows):
             raise ConfigError(f"--rows {','.join(self.rows)}: a row is listed twice")
-        if self.method == "delt" and self.iterations % self.rounds:
+        if recipe.early_late and self.iterations % self.rounds:
             raise ConfigError(
                 f"--iterations ({self.iterations}) must be a multiple of --rounds ({self.rounds}) "
                 "for --method delt: every round gets the same number of timed steps"
             )
-        if self.method != "delt" and self.batch_size > self.classes:
+        if recipe.one_image_per_class and self.batch_size > self.classes:
             raise ConfigError(
                 f"--batch-size {self.batch_size} > --classes {self.classes}: a {self.method} "
                 "chunk holds one image per class"
@@ -174,7 +179,7 @@ class BenchRow:
 
 def imagenet_image_iterations(method: str, ipc: int) -> int:
     """Image-iterations of an ImageNet-1K run at ``ipc`` with the papers' MI 4000 (RI 500)."""
-    if METHODS[method].early_late and ipc > 1:
+    if _presets()[method].early_late and ipc > 1:
         per_class = early_late_iterations(ipc, PAPER_ITERATIONS, DEFAULT_ROUND_ITERATIONS)
         return IMAGENET_CLASSES * sum(per_class)
     return IMAGENET_CLASSES * ipc * PAPER_ITERATIONS
@@ -305,9 +310,9 @@ def _build_case(config: SynthesisBenchConfig, device: torch.device) -> _Case:
         )  # fmt: skip
         teacher = build_model(config.arch, info)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    recipe = METHODS[config.method]
+    recipe = _presets()[config.method]
     ipc = config.ipc if recipe.early_late else 1
-    if config.method != "delt" and config.batch_size > info.num_classes:
+    if recipe.one_image_per_class and config.batch_size > info.num_classes:
         raise ConfigError(
             f"--batch-size {config.batch_size} > the teacher's {info.num_classes} classes: a "
             f"{config.method} chunk holds one image per class"
@@ -328,7 +333,7 @@ def _build_case(config: SynthesisBenchConfig, device: torch.device) -> _Case:
 
 
 def _reference_row(case: _Case, config: SynthesisBenchConfig) -> Callable[[], None]:
-    recipe = METHODS[config.method]
+    recipe = _presets()[config.method]
     low, high = (t.view(-1).tolist() for t in case.info.pixel_bounds())
     jitter = recipe.default_jitter(case.info.resolution)
     teacher = copy.deepcopy(case.teacher)
@@ -360,14 +365,19 @@ def _floor_row(case: _Case) -> Callable[[], None]:
 
 def _product_row(case: _Case, config: SynthesisBenchConfig, row: str) -> Callable[[], None]:
     overrides = _PRODUCT_ROWS[row]
-    early_late = METHODS[config.method].early_late
-    recover_config = RecoverConfig(
+    method = methods()[config.method]
+    recipe = _presets()[config.method]
+    early_late = recipe.early_late
+    recover_config: SynthesisConfig = RecoverConfig(
         teacher="-", ipc=config.ipc if early_late else 1, out="-",
         method=config.method, iterations=config.iterations, batch_size=config.batch_size,
         round_iterations=config.iterations // config.rounds if early_late else None,
-        selection="-" if METHODS[config.method].init == "selection" else None,
+        selection="-" if recipe.init == "selection" else None,
         progress=False, **overrides,
-    ).resolved(case.info)  # fmt: skip
+    )  # fmt: skip
+    recover_config = dataclasses.replace(
+        recover_config, **method.resolved(recover_config, case.info)
+    )
     settings = recovery_settings(recover_config, case.info)
     teacher = frozen_teacher(copy.deepcopy(case.teacher), case.device, settings.channels_last)
     bn_matching = delt_ext.BNStatMatching(

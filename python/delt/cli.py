@@ -199,7 +199,7 @@ USER_ERRORS = (
 )
 
 
-def _output_folder(config: Any) -> Path | None:
+def _output_folder(config: object) -> Path | None:
     """Where a command's rank logs go under torchrun: its output folder, or the folder of its
     results file (eval, diversity, report)."""
     if isinstance(config, EvalConfig):

@@ -46,7 +46,7 @@ def check_int(label: str, value: object, low: int = 1) -> None:
         raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
 
 
-def check_int_fields(config: Any, names: tuple[str, ...], low: int = 1) -> None:
+def check_int_fields(config: object, names: tuple[str, ...], low: int = 1) -> None:
     """:func:`check_int` on each named field of ``config`` that is not None, by its flag."""
     for name in names:
         value = getattr(config, name)
@@ -54,7 +54,7 @@ def check_int_fields(config: Any, names: tuple[str, ...], low: int = 1) -> None:
             check_int(flag(name), value, low)
 
 
-def refuse_method_options(config: Any, options: dict[str, Any], method: str) -> None:
+def refuse_method_options(config: object, options: dict[str, Any], method: str) -> None:
     """Refuses the flags of one method on a config of another: each field named in ``options``
     (field name → its :func:`option`) must keep its default.
 
@@ -64,7 +64,9 @@ def refuse_method_options(config: Any, options: dict[str, Any], method: str) -> 
     """
     for name, field in options.items():
         if getattr(config, name) != field.default:
-            raise ConfigError(f"{flag(name)} applies to --method {method}, not {config.method}")
+            raise ConfigError(
+                f"{flag(name)} applies to --method {method}, not {config.method}"  # type: ignore[attr-defined]
+            )
 
 
 def option(
@@ -73,6 +75,7 @@ def option(
     identity: bool = True,
     choices: tuple[str, ...] | None = None,
     cli_flag: str | None = None,
+    group: str | None = None,
 ) -> Any:
     """A config field with its CLI help.
 
@@ -85,8 +88,9 @@ def option(
         choices: the accepted values of a ``str`` field whose choices live in a registry.
         cli_flag: the flag, where the field's name cannot be it (``--import`` is a Python
             keyword: the field ``import_arch`` is ``option(cli_flag="--import")``).
+        group: the help group of the flag (a method's own flags: the method's name).
     """
-    metadata = {"help": help, "identity": identity, "choices": choices}
+    metadata = {"help": help, "identity": identity, "choices": choices, "group": group}
     if cli_flag is not None:
         metadata["cli_flag"] = cli_flag
     return dataclasses.field(default=default, metadata=metadata)
@@ -141,6 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     ``tuple[int, ...]`` and ``tuple[str, ...]`` fields take comma- or space-separated values.
     """
     hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         annotation, _ = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
@@ -175,7 +180,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["choices"] = field.metadata["choices"]
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: unsupported field type {annotation}")
-        parser.add_argument(field.metadata.get("cli_flag") or flag(field.name), **kwargs)
+        group = field.metadata.get("group")
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(f"options of --method {group}")
+        target = parser if group is None else groups[group]
+        target.add_argument(field.metadata.get("cli_flag") or flag(field.name), **kwargs)
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
@@ -183,14 +192,14 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
     return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
 
 
-def identity_dict(config: Any) -> dict[str, Any]:
+def identity_dict(config: object) -> dict[str, Any]:
     """The fields of ``config`` that determine its results (``identity=True``), as a dict.
 
     Tuples become lists, so that a dict read back from JSON compares equal to a fresh one.
     """
     return {
         f.name: list(value) if isinstance(value, tuple) else value
-        for f in dataclasses.fields(config)
+        for f in dataclasses.fields(config)  # type: ignore[arg-type]
         if f.metadata.get("identity", True)
         for value in [getattr(config, f.name)]
     }
