@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 __all__ = [
@@ -73,7 +74,7 @@ def option(
     default: Any = dataclasses.MISSING,
     help: str = "",
     identity: bool = True,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
     cli_flag: str | None = None,
     group: str | None = None,
 ) -> Any:
@@ -85,7 +86,8 @@ def option(
         identity: False for fields that do not change a command's results (progress bars,
             worker counts); :func:`config_diff` ignores them when deciding whether a saved run
             may be resumed or reused.
-        choices: the accepted values of a ``str`` field whose choices live in a registry.
+        choices: the accepted values of a ``str`` field whose choices live in a registry (or a
+            function returning them when the parser is built: a registry that grows).
         cli_flag: the flag, where the field's name cannot be it (``--import`` is a Python
             keyword: the field ``import_arch`` is ``option(cli_flag="--import")``).
         group: the help group of the flag (a method's own flags: the method's name).
@@ -176,8 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = type(choices[0])
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
-            if field.metadata.get("choices"):
-                kwargs["choices"] = field.metadata["choices"]
+            choices = field.metadata.get("choices")
+            if choices:
+                kwargs["choices"] = choices() if callable(choices) else choices
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: unsupported field type {annotation}")
         group = field.metadata.get("group")

@@ -33,11 +33,13 @@ from delt.teacher import TeacherConfig, train_teacher
 
 __all__ = ["DISTILL_METHODS", "DistillConfig", "DistillResult", "distill"]
 
-# The baseline first, then the methods of `delt recover`.
-DISTILL_METHODS = (
-    *methods(recovers=False),
-    *methods(recovers=True),
-)
+
+def distill_methods() -> tuple[str, ...]:
+    """The registered methods: the baseline first, then the methods of `delt recover`."""
+    return (*methods(recovers=False), *methods(recovers=True))
+
+
+DISTILL_METHODS = distill_methods()  # the built-in ones
 _RECOVER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RecoverConfig)}
 
 
@@ -47,7 +49,7 @@ class DistillConfig(*reversed(option_types())):  # type: ignore[misc]
     method's options (:func:`delt.method.option_types`), as ``delt recover``."""
 
     method: str = option(
-        help="synthesis method, or the random-real baseline", choices=DISTILL_METHODS
+        help="synthesis method, or the random-real baseline", choices=distill_methods
     )
     ipc: int = option(help="images per class")
     out: str = option(
@@ -99,9 +101,9 @@ class DistillConfig(*reversed(option_types())):  # type: ignore[misc]
     progress: bool = option(True, help="show progress bars", identity=False)
 
     def __post_init__(self) -> None:
-        if self.method not in DISTILL_METHODS:
+        if self.method not in distill_methods():
             raise ConfigError(
-                f"--method {self.method!r}: unknown; known: {', '.join(DISTILL_METHODS)}"
+                f"--method {self.method!r}: unknown; known: {', '.join(distill_methods())}"
             )
         method = self.recovery
         self.seeds = tuple(self.seeds)

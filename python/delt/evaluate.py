@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
+from delt.config import ConfigError, check_int_fields, flag, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
 from delt.distributed import all_gather, barrier, is_main, world
+from delt.identity import identity_defaults, identity_differences, run_identity
 from delt.io import (
     check_output,
     read_json,
@@ -98,7 +99,10 @@ class EvalConfig:
         None, help="convnetD student width (default: the teacher's, where it has one; else 128)"
     )
     epochs: int = option(300, help="training epochs per student")
-    seeds: tuple[int, ...] = option((0,), help="one student per seed, e.g. 3407,4663,2897")
+    # Seeds are results, not identity: adding a seed reuses the finished ones.
+    seeds: tuple[int, ...] = option(
+        (0,), help="one student per seed, e.g. 3407,4663,2897", identity=False
+    )
     eval_every: int = option(10, help="test every k epochs (and after the last)")
     batch_size: int | None = option(
         None, help="default: 100 / 50 / 10 for IPC >= 50 / >= 10 / less (delt.md §5), capped"
@@ -462,28 +466,25 @@ class EvalContext:
 
     def identity(self) -> dict:
         """What determines the results: config, resolved student and batch, input files."""
-        config_identity = identity_dict(self.config)
-        # Seeds are results, not identity: adding a seed reuses the finished ones.
-        del config_identity["seeds"]
-        if not self.config.stagewise:
-            # Results files written before --stagewise existed stay valid.
-            del config_identity["stagewise"], config_identity["stage_schedule"]
-        if self.config.shuffle_patches is None:
-            del config_identity["shuffle_patches"]  # as before the flag existed
-        config_identity.update(
+        distilled = Path(self.config.distilled) / "distilled.pt"
+        identity = run_identity(
+            self.config, teacher_sha256=sha256_file(self.teacher.path),
+            distilled_sha256=None if self.config.random_real else sha256_file(distilled),
+            dataset=self.info.name,
+        )  # fmt: skip
+        identity["config"].update(
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,
         )  # fmt: skip
         if self.workers > 0:
             # Workers draw another random stream than the in-process augmentation (0).
-            config_identity["augmentation"] = "workers: per-batch seeds"
-        distilled = Path(self.config.distilled) / "distilled.pt"
-        return {
-            "config": config_identity,
-            "teacher_sha256": sha256_file(self.teacher.path),
-            "distilled_sha256": None if self.config.random_real else sha256_file(distilled),
-            "dataset": self.info.name,
-        }
+            identity["config"]["augmentation"] = "workers: per-batch seeds"
+        return identity
+
+    def same_identity(self, saved: dict | None, identity: dict) -> bool:
+        """Whether ``saved`` (read from a file) is ``identity`` (:mod:`delt.identity`)."""
+        defaults = identity_defaults(self.config)
+        return saved is not None and not identity_differences(saved, identity, defaults)
 
     def run_seed(self, seed: int, identity: dict | None = None) -> SeedResult:
         """Trains and tests one student (and, with --random-real, draws its set) for ``seed``.
@@ -510,7 +511,7 @@ class EvalContext:
             checks: list[Check] = []
             seconds_before = 0.0
             if path is not None:
-                resumed = _load_seed_state(path, identity, seed, trainer, self.device)
+                resumed = _load_seed_state(path, identity, seed, trainer, self)
                 if resumed is not None:
                     losses, checks, seconds_before = resumed
                     logger.info(
@@ -579,7 +580,7 @@ def _save_seed_state(
 
 
 def _load_seed_state(
-    path: Path, identity: dict, seed: int, trainer: StudentTrainer, device: torch.device
+    path: Path, identity: dict, seed: int, trainer: StudentTrainer, context: EvalContext
 ) -> tuple[list[float], list[Check], float] | None:
     """Restores a saved seed state into ``trainer`` and torch's generators; None when there is
     none, or it belongs to another identity or seed (then it is trained afresh).
@@ -590,7 +591,10 @@ def _load_seed_state(
     if not path.is_file():
         return None
     state = torch_load(path)
-    if state.get("format") != SEED_STATE_FORMAT or state.get("identity") != identity:
+    device = context.device
+    if state.get("format") != SEED_STATE_FORMAT or not context.same_identity(
+        state.get("identity"), identity
+    ):
         logger.info("eval: %s comes from another configuration; seed %d starts afresh", path, seed)
         return None
     if state.get("seed") != seed:
@@ -699,7 +703,9 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     saved_order: list[int] = []
     if path.is_file():
         saved = read_json(path)
-        if saved.get("format") == EVAL_FORMAT and saved.get("identity") == identity:
+        if saved.get("format") == EVAL_FORMAT and context.same_identity(
+            saved.get("identity"), identity
+        ):
             for entry in saved["seeds"] + saved.get("other_seeds", []):
                 finished[int(entry["seed"])] = SeedResult(**entry)
             saved_order = [int(entry["seed"]) for entry in saved["seeds"]]

@@ -117,7 +117,8 @@ def check_or_reuse(
         ``refuse``) another identity (compute again).
 
     Raises:
-        ConfigError: with ``refuse``, another identity: ``refuse.format(differences=...)``.
+        ConfigError: with ``refuse``, another identity: ``refuse`` with ``{differences}``
+            replaced by what differs.
     """
     if refuse is not None and key is None:
         with main_first():
@@ -133,5 +134,5 @@ def check_or_reuse(
             return True
     differences = identity_differences(saved, identity, defaults)
     if differences and refuse is not None:
-        raise ConfigError(refuse.format(differences="; ".join(differences)))
+        raise ConfigError(refuse.replace("{differences}", "; ".join(differences)))
     return not differences

@@ -34,7 +34,7 @@ class RecoverConfig(*reversed(option_types()), SynthesisConfig):  # type: ignore
         "delt",
         help="synthesis method (pdd: progressive stages; rded: teacher-scored real crops, no "
         "optimization)",
-        choices=tuple(methods(recovers=True)),
+        choices=lambda: tuple(methods(recovers=True)),
     )
 
     def __post_init__(self) -> None:

@@ -82,7 +82,9 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
     saved_order: list[int] = []
     if path.is_file():
         saved = read_json(path)
-        if saved.get("format") == STAGEWISE_FORMAT and saved.get("identity") == identity:
+        if saved.get("format") == STAGEWISE_FORMAT and context.same_identity(
+            saved.get("identity"), identity
+        ):
             plain = {
                 int(entry["seed"]): SeedResult(**entry)
                 for entry in saved["plain"]["seeds"] + saved["plain"].get("other_seeds", [])

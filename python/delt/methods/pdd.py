@@ -26,6 +26,7 @@ from delt.config import ConfigError, check_int, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import save_images, union_prefix
 from delt.distributed import is_main, main_first
+from delt.identity import check_or_reuse
 from delt.io import read_json, sha256_file, write_json
 from delt.method import Method, MethodRecipe, RecoverResult, SynthesisConfig, methods, register
 from delt.methods import cda, delt, sre2l  # noqa: F401 (the bases, registered before pdd)
@@ -517,12 +518,12 @@ def _stage_init(
     with main_first():
         if is_main() and not init_path.is_file():
             _pick_hard(run, stage, stages, dataset, union, init_path, teacher_scores, identity)
+    check_or_reuse(
+        init_path, identity, run.defaults, key="identity",
+        refuse=f"{init_path} was made by another run; it is not used for this one: delete it "
+        "to recompute it, or choose another --out",
+    )  # fmt: skip
     saved = read_json(init_path)
-    if "identity" in saved and saved["identity"] != identity:
-        raise ConfigError(
-            f"{init_path} was made by another run; it is not used for this one: delete it "
-            "to recompute it, or choose another --out"
-        )
     info = saved["info"]
     return StageInit("hard", saved["picks"], info, float(info.get("student_seconds", 0.0)))
 
