@@ -182,14 +182,15 @@ def optimize_chunk(
     Image ``i`` is forwarded from iteration ``start_iterations[i]`` on (EarlyLate); before that
     it is not in the batch, so it gets zero gradient and, its Adam moments being zero, no update.
     One Adam holds the whole chunk tensor, so a late image's first step sees the global step
-    count (bias correction ~1), as in DELT (delt.md §1.2).
+    count (bias correction ~1), as in DELT (github.com/VILA-Lab/DELT, ``recover/recover.py``).
 
-    With ``frozen`` (PDD's union in the batch, pdd.md §4.2 option 2), those images are
-    concatenated after the active images *before* augmentation, so they share the step's crop and
-    flip and every BN layer's batch statistics are those of the union. They are constants (no
-    gradient, never modified). The cross-entropy covers the new images only: the teacher runs in
-    eval mode, so a frozen image's logits do not depend on the new images and its CE would be a
-    constant that only shrinks the new images' CE weight as the union grows.
+    With ``frozen`` (PDD's union in the batch: a stage conditioned on the earlier stages'
+    images), those images are concatenated after the active images *before* augmentation, so
+    they share the step's crop and flip and every BN layer's batch statistics are the union's.
+    They are constants (no gradient, never modified). The cross-entropy covers the new images
+    only: the teacher runs in eval mode, so a frozen image's logits do not depend on the new
+    images and its CE would be a constant that only shrinks the new images' CE weight as the
+    union grows.
 
     Args:
         teacher: frozen model in eval mode, hooked by ``bn_matching``.

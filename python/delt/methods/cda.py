@@ -1,15 +1,8 @@
 """CDA (Yin & Shen, TMLR 2024): SRe2L with a curriculum of the crop scale (cosine)."""
 
-from __future__ import annotations
-
 from delt.method import MethodRecipe, register, sre2l_jitter
 from delt.schedules import class_interleaved_chunks
 from delt.synthesis import PixelMethod
 
-__all__ = ["CDA"]
-
-CDA = register(
-    PixelMethod(
-        "cda", MethodRecipe("noise", class_interleaved_chunks, "cosine", False, sre2l_jitter)
-    )
-)
+RECIPE = MethodRecipe("noise", class_interleaved_chunks, "cosine", False, sre2l_jitter)
+CDA = register(PixelMethod("cda", RECIPE))

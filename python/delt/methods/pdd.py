@@ -1,4 +1,4 @@
-"""``delt recover --method pdd``: progressive synthesis (PDD, reference/pdd.md; README,
+"""``delt recover --method pdd``: progressive synthesis (PDD, Chen et al., ICLR 2024; README,
 "Progressive synthesis"): P stages of a base method, earlier stages frozen bitwise, optionally
 conditioned on per-stage teachers, the union in the batch or hard real initial images. Outputs:
 U_P as a distilled set in ``OUT``, and ``OUT/stages/<k>/`` (the stage's new images, ``init.json``,
@@ -344,8 +344,9 @@ def pick_hard_examples(
 
     Per class, candidates (training-set indices not in ``used``) are taken in three tiers:
 
-    1. the student is wrong and the teacher right (CUDD's "medium" pick, pdd.md §4.1): examples
-       the union so far has not taught, on which the teacher still carries a clean signal;
+    1. the student is wrong and the teacher right (the "medium" pick of CUDD, Ma et al.,
+       arXiv 2405.09150; github.com/MIV-XJTU/CUDD): examples the union so far has not taught,
+       on which the teacher still carries a clean signal;
     2. both are wrong (only when tier 1 runs out);
     3. the student is right, least confident first (only when tiers 1-2 run out).
 

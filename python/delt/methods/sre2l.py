@@ -1,16 +1,9 @@
 """SRe2L (Yin et al., NeurIPS 2023): images from noise, class-interleaved chunks (one image per
 class), a fixed crop scale, no rounds, a roll of 32 pixels at >= 224 px (else 4)."""
 
-from __future__ import annotations
-
 from delt.method import MethodRecipe, register, sre2l_jitter
 from delt.schedules import class_interleaved_chunks
 from delt.synthesis import PixelMethod
 
-__all__ = ["SRE2L"]
-
-SRE2L = register(
-    PixelMethod(
-        "sre2l", MethodRecipe("noise", class_interleaved_chunks, "fixed", False, sre2l_jitter)
-    )
-)
+RECIPE = MethodRecipe("noise", class_interleaved_chunks, "fixed", False, sre2l_jitter)
+SRE2L = register(PixelMethod("sre2l", RECIPE))
