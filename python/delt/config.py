@@ -148,7 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """
     hints = typing.get_type_hints(cls)
     groups: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
+    # A method's own flags (option(group=...)) after the command's, each group in its own section.
+    fields = dataclasses.fields(cls)
+    for field in sorted(fields, key=lambda field: field.metadata.get("group") is not None):
         annotation, _ = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
         required = (

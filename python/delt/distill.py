@@ -23,7 +23,13 @@ from delt.evaluate import EvalConfig, EvalResult, evaluate
 from delt.identity import check_or_reuse, config_defaults, config_identity
 from delt.io import check_output, read_json, sha256_file, write_json
 from delt.lock import output_lock
-from delt.method import Method, check_method_options, methods, option_types
+from delt.method import (
+    DEFAULT_ROUND_ITERATIONS,
+    Method,
+    check_method_options,
+    methods,
+    option_types,
+)
 from delt.models import TeacherMismatchError, load_checkpoint, model_spec
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
@@ -31,7 +37,7 @@ from delt.runtime import logger
 from delt.select import SelectConfig, select_images
 from delt.teacher import TeacherConfig, train_teacher
 
-__all__ = ["DISTILL_METHODS", "DistillConfig", "DistillResult", "distill"]
+__all__ = ["DistillConfig", "DistillResult", "distill", "distill_methods"]
 
 
 def distill_methods() -> tuple[str, ...]:
@@ -39,7 +45,6 @@ def distill_methods() -> tuple[str, ...]:
     return (*methods(recovers=False), *methods(recovers=True))
 
 
-DISTILL_METHODS = distill_methods()  # the built-in ones
 _RECOVER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RecoverConfig)}
 
 
@@ -76,12 +81,16 @@ class DistillConfig(*reversed(option_types())):  # type: ignore[misc]
     strategy: Literal["medium", "top", "min", "random"] = option(
         "medium", help="delt: selection strategy of the initial real images"
     )
-    iterations: int = option(4000, help="recovery iterations per chunk (DELT's MI)")
+    iterations: int = option(
+        _RECOVER_DEFAULTS["iterations"], help="recovery iterations per chunk (DELT's MI)"
+    )
     round_iterations: int | None = option(
-        None, help="delt, pdd over delt: RI (default 500; pdd: per stage)"
+        None,
+        help=f"delt, pdd over delt: RI (default {DEFAULT_ROUND_ITERATIONS}; pdd: per stage)",
     )
     recover_batch_size: int = option(
-        100, help="images per recovery chunk (rded: crops per scoring forward)"
+        _RECOVER_DEFAULTS["batch_size"],
+        help="images per recovery chunk (rded: crops per scoring forward)",
     )
     recover_lr: float = option(
         _RECOVER_DEFAULTS["lr"],
