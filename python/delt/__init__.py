@@ -21,7 +21,9 @@ of lower floors or ones listed before it on its own floor, never another module'
                             options); `delt recover`
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
-    report, distill, bench  reports and charts; `delt distill`; `delt bench synthesis`
+    report, comparison,     reports and charts; runs pooled by method, gains over
+      distill, bench        random-real paired by seed, other evaluations pooled by
+                            protocol; `delt distill`; `delt bench synthesis`
     demo, cli               `delt demo`; the command table
 """
 
@@ -37,6 +39,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("synthesis",),
     ("pdd", "rded", "recover"),
     ("evaluate", "stagewise", "diversity"),
-    ("report", "distill", "bench"),
+    ("report", "comparison", "distill", "bench"),
     ("demo", "cli"),
 )
