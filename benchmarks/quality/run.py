@@ -458,7 +458,7 @@ def describe_protocol(protocol: dict, ipc: int, num_images: int) -> str:
     ``"convnet4 w64, 300 epochs, tested every 10, ShufflePatches 2, min crop 0.5, RandAugment
     off"``; a batch size other than the IPC's default (``num_images`` caps it) is named too."""
     from delt.config import flag
-    from delt.student import default_batch_size
+    from delt.student_trainer import default_batch_size
 
     defaults = _eval_defaults()
     kwargs = protocol.get("student_kwargs") or {}
