@@ -1,7 +1,7 @@
-"""The student's augmentation in ``delt eval`` (RDED/DELT's evaluation protocol; README,
-"Evaluating"): RDED's ShufflePatches, torchvision's RandAugment with a replay of its draws (so a
-DDP rank augments only its rows of a global batch), RandomResizedCrop + flip, and CutMix with its
-hard-label loss.
+"""The student's augmentation in ``delt eval`` (the evaluation protocol of RDED, Sun et al.,
+CVPR 2024, as DELT uses it, Shen et al., CVPR 2025; README, "Evaluating"): RDED's ShufflePatches,
+torchvision's RandAugment with a replay of its draws (so a DDP rank augments only its rows of a
+global batch), RandomResizedCrop + flip, and CutMix with its hard-label loss.
 """
 
 from __future__ import annotations
