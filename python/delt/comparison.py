@@ -38,7 +38,7 @@ from delt.config import config_diff, flag
 from delt.evaluate import EvalConfig
 from delt.io import atomic_open
 from delt.report import markdown_table, pool_reports
-from delt.student import default_batch_size
+from delt.student_trainer import default_batch_size
 
 __all__ = [
     "BASELINE",

@@ -1,8 +1,9 @@
 """``delt select``: rank real training images with the teacher and pick IPC per class.
 
-Score = the teacher's probability of the true class (delt.md §2.2) with the dataset's own
-normalization. Strategies return a class's picks *in selection order* (EarlyLate optimizes the
-first longest): ``medium`` (DELT: from the median outwards), ``top``, ``min``, ``random``.
+Score = the teacher's probability of the true class (DELT's ``data_selection.py``,
+github.com/VILA-Lab/DELT) with the dataset's own normalization. Strategies return a class's
+picks *in selection order* (EarlyLate optimizes the first longest): ``medium`` (DELT: from the
+median outwards), ``top``, ``min``, ``random``.
 Writes ``selection.json`` (per class the chosen indices, in order) and ``ranking.csv``.
 """
 
@@ -20,6 +21,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from delt.batches import iterate_batches
 from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, TensorImageDataset, load_like
 from delt.distributed import all_gather, is_main, world
@@ -36,7 +38,6 @@ from delt.io import (
 from delt.lock import output_lock
 from delt.models import check_compatible, check_model_memory, load_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
-from delt.student import iterate_batches
 
 __all__ = ["SelectConfig", "Selection", "order_class", "score_images", "select_images"]
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from delt.batches import evaluate_accuracy, iterate_batches
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import load_dataset
 from delt.io import check_output, read_json
@@ -31,7 +32,6 @@ from delt.models import (
     save_checkpoint,
 )
 from delt.runtime import autocast, logger, resolve_device, versions
-from delt.student import evaluate_accuracy, iterate_batches
 
 __all__ = [
     "TeacherConfig",
