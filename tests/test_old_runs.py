@@ -131,32 +131,23 @@ def test_a_finished_evaluation_is_reused(old_runs, monkeypatch, capsys, name, re
     assert [s["seed"] for s in document["seeds"]] == [s["seed"] for s in saved["seeds"]]
 
 
-@pytest.mark.parametrize("name", ["recover-delt-killed", "recover-pdd-killed"])
-def test_a_killed_recovery_resumes_to_its_twins_bytes(old_runs, monkeypatch, name):
+KILLED = ["recover-delt-killed", "recover-pdd-killed"]
+
+
+def _optimized_chunks(name: str, adams: list) -> None:
+    """One Adam per chunk (the papers' loop): only the chunk the kill interrupted and the later
+    ones were optimized. (Counted at ``Adam.__init__``, however the code names the class.)"""
     record = RECORD["commands"][name]
-    folder = old_runs / name
-    # The finished chunks; pdd's finished first stage also left U_1 as a set (resume state,
-    # which a resume may write again, with the same bytes).
-    chunks = sorted(folder.rglob("chunks/*.pt"))
-    assert len(chunks) == record["killed_after_chunks"]
-    before = {path: (path.read_bytes(), path.stat().st_ino, path.stat().st_mtime_ns)
-              for path in chunks}  # fmt: skip
-    unions = {path: path.read_bytes() for path in folder.glob("stages/*/distilled.pt")}
-    # One Adam per chunk (the papers' loop): only the chunk the kill interrupted and the later
-    # ones are optimized. --keep-chunks (not part of a run's identity) keeps the chunks to check.
-    adams = count_calls(monkeypatch, torch.optim, "Adam")
-    assert main([*_argv(name), "--keep-chunks"]) == 0
-    twin = old_runs / record["twin"]
+    twin = Path(record["twin"])
     total = len(list((twin / "images").glob("*/*")))
     per_chunk = 4  # --batch-size 4 in both commands
     assert len(adams) == total // per_chunk - record["killed_after_chunks"]
-    for path, (data, inode, mtime) in before.items():
-        assert path.read_bytes() == data, f"{path} changed"
-        assert (path.stat().st_ino, path.stat().st_mtime_ns) == (inode, mtime), f"{path} rewritten"
-    for path, data in unions.items():
-        assert path.read_bytes() == data, f"{path} changed"
-    resumed = torch.load(folder / "distilled.pt", weights_only=True)
-    expected = torch.load(twin / "distilled.pt", weights_only=True)
+
+
+def _assert_twins_bytes(name: str) -> None:
+    record = RECORD["commands"][name]
+    resumed = torch.load(Path(name) / "distilled.pt", weights_only=True)
+    expected = torch.load(Path(record["twin"]) / "distilled.pt", weights_only=True)
     assert torch.equal(resumed["labels"], expected["labels"])
     if not _same_platform():
         pytest.skip(
@@ -165,5 +156,36 @@ def test_a_killed_recovery_resumes_to_its_twins_bytes(old_runs, monkeypatch, nam
         )
     from delt.io import sha256_file
 
-    assert sha256_file(folder / "distilled.pt") == record["twin_distilled_sha256"]
-    assert sha256_file(twin / "distilled.pt") == record["twin_distilled_sha256"]
+    assert sha256_file(Path(name) / "distilled.pt") == record["twin_distilled_sha256"]
+    assert sha256_file(Path(record["twin"]) / "distilled.pt") == record["twin_distilled_sha256"]
+
+
+@pytest.mark.parametrize("name", KILLED)
+def test_a_killed_recovery_resumes_without_rewriting_its_chunks(old_runs, monkeypatch, name):
+    # --keep-chunks (not part of a run's identity) keeps the chunks to check.
+    folder = old_runs / name
+    # The finished chunks; pdd's finished first stage also left U_1 as a set (resume state,
+    # which a resume may write again, with the same bytes).
+    chunks = sorted(folder.rglob("chunks/*.pt"))
+    assert len(chunks) == RECORD["commands"][name]["killed_after_chunks"]
+    before = {path: (path.read_bytes(), path.stat().st_ino, path.stat().st_mtime_ns)
+              for path in chunks}  # fmt: skip
+    unions = {path: path.read_bytes() for path in folder.glob("stages/*/distilled.pt")}
+    adams = count_calls(monkeypatch, torch.optim.Adam, "__init__")
+    assert main([*_argv(name), "--keep-chunks"]) == 0
+    _optimized_chunks(name, adams)
+    for path, (data, inode, mtime) in before.items():
+        assert path.read_bytes() == data, f"{path} changed"
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == (inode, mtime), f"{path} rewritten"
+    for path, data in unions.items():
+        assert path.read_bytes() == data, f"{path} changed"
+    _assert_twins_bytes(name)
+
+
+@pytest.mark.parametrize("name", KILLED)
+def test_a_killed_recovery_resumes_to_its_twins_bytes(old_runs, monkeypatch, name):
+    # The very command that was killed.
+    adams = count_calls(monkeypatch, torch.optim.Adam, "__init__")
+    assert main(_argv(name)) == 0
+    _optimized_chunks(name, adams)
+    _assert_twins_bytes(name)

@@ -114,6 +114,11 @@ class ChunkStore:
         images = saved["images"]
         if not isinstance(images, Tensor) or tuple(images.shape) != expected:
             raise FileFormatError(f"{path}: not a recovery chunk of {expected} images")
+        if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+            raise FileFormatError(
+                f"{path}: holds non-finite pixels (NaN or infinite); delete it to make that "
+                "chunk again"
+            )
         return images, float(saved["seconds"]), saved["iterations"].tolist()
 
     def make_all(

@@ -132,7 +132,7 @@ COMMANDS: dict[str, Command] = {
     "select": Command(
         "rank real images with the teacher and pick IPC per class", SelectConfig, select_images
     ),
-    # --method pdd: recover() hands it to delt.pdd.recover_progressive.
+    # recover() looks the method up (delt.method); pdd, rded: delt.methods.
     "recover": Command(
         "synthesize a distilled set (sre2l, cda, delt; pdd: in stages; rded: scored real crops)",
         RecoverConfig,

@@ -86,9 +86,29 @@ def identity_differences(
             continue  # an input recorded since that run: its other inputs pin it
         before, after = saved.get(key, default), current.get(key, default)
         if before != after:
-            name = flag(key) if key in defaults else key
-            differences.append(f"{name}: {_short(before)} -> {_short(after)}")
+            differences.append(_difference(key, before, after, key in defaults))
     return differences
+
+
+def _difference(key: str, saved: object, current: object, is_field: bool) -> str:
+    """How one entry differs: a config field by its flag, an input file by its SHA-256 (another
+    file, or the file changed), the data by its identity."""
+    if is_field:
+        return f"{flag(key)}: {_short(saved)} -> {_short(current)}"
+    if key.endswith("_sha256"):
+        name = key.removesuffix("_sha256")
+        flag_name = {"teacher": "--teacher", "selection": "--selection"}.get(name, name)
+
+        def shown(value: object) -> str:
+            return "none" if value is None else str(value)[:16] + "..."
+
+        return (
+            f"{flag_name}: the {name}'s SHA-256 differs (the first run's {shown(saved)}, now "
+            f"{shown(current)}): another {name} file, or that file changed since the first run"
+        )
+    if key == "data":
+        return f"the data differs ({_short(saved)} -> {_short(current)})"
+    return f"{key}: {_short(saved)} -> {_short(current)}"
 
 
 def _short(value: object) -> str:

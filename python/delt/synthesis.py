@@ -62,6 +62,7 @@ __all__ = [
     "ChunkOptimizer",
     "MatchingTarget",
     "PixelMethod",
+    "NonFiniteError",
     "RecoverySettings",
     "Run",
     "chunk_optimizer",
@@ -81,6 +82,8 @@ class MatchingTarget(Protocol):
     """What the synthesized images' statistics are matched to, as a loss over the hooked
     teacher's last forward: today the teacher's running BN statistics
     (:class:`delt_ext.BNStatMatching`)."""
+
+    weights: list[float]  # per matched layer (the first one's multiplier first)
 
     def loss(self) -> Tensor: ...
 
@@ -106,6 +109,19 @@ class RecoverySettings:
     channels_last: bool
     low: Tensor
     high: Tensor
+
+
+class NonFiniteError(ValueError):
+    """A chunk's loss (at ``iteration``) or its final pixels became NaN or infinite."""
+
+    def __init__(self, what: str, iteration: int, total_iterations: int) -> None:
+        where = (
+            f"at iteration {iteration} of {total_iterations}"
+            if what == "loss"
+            else f"after {total_iterations} iterations"
+        )
+        super().__init__(f"the {what} became non-finite (NaN or infinite) {where}")
+        self.what, self.iteration = what, iteration
 
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
@@ -226,7 +242,11 @@ def optimize_chunk(
         if frozen_sample is not None and frozen_sample >= frozen.shape[0]:
             frozen_sample = None  # the whole pool fits: no sampling
     start = time.perf_counter()
-    loss_value = float("nan")
+    loss_value = float("nan")  # no step, no loss (the chunk file stores it; no JSON holds it)
+    # The first iteration whose loss is not finite (total_iterations: none), kept on the device:
+    # no host sync per step. It is read where the loss is read anyway (a redrawn bar) and once
+    # at the chunk's end, with the pixels (copied to the host then anyway).
+    first_bad = torch.full((), total_iterations, dtype=torch.int64, device=device)
     for iteration in range(total_iterations):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(iteration, total_iterations, settings.lr)
@@ -250,6 +270,9 @@ def optimize_chunk(
             nn.functional.cross_entropy(logits.float(), targets)
             + settings.r_bn * bn_matching.loss()
         )
+        first_bad = torch.minimum(
+            first_bad, torch.where(torch.isfinite(loss.detach()), total_iterations, iteration)
+        )
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
         optimizer.step()
@@ -260,12 +283,19 @@ def optimize_chunk(
             # Reading the loss waits for the device: only when the bar has just been redrawn.
             if progress.last_print_n == progress.n or iteration == total_iterations - 1:
                 loss_value = loss.item()
+                if not math.isfinite(loss_value):  # stop now rather than at the chunk's end
+                    raise NonFiniteError("loss", int(first_bad), total_iterations)
                 progress.set_postfix(
                     loss=f"{loss_value:.3f}", active=targets.shape[0], refresh=False
                 )
     if total_iterations:
         loss_value = loss.item()
-    return ChunkResult(pixels.detach().cpu(), float(loss_value), time.perf_counter() - start)
+    images = pixels.detach().cpu()
+    if int(first_bad) < total_iterations:
+        raise NonFiniteError("loss", int(first_bad), total_iterations)
+    if not bool(torch.isfinite(images).all()):
+        raise NonFiniteError("pixels", total_iterations, total_iterations)
+    return ChunkResult(images, float(loss_value), time.perf_counter() - start)
 
 
 def frozen_teacher(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -305,8 +335,11 @@ def load_selection(
     """The ``--selection`` of a real-image init and the training set its indices point into.
 
     Raises:
-        TeacherMismatchError: the selection was made on other data than the teacher's.
+        TeacherMismatchError: the selection was made on other data than the teacher's, or
+            than the training split found.
         ConfigError: it holds fewer than ``needed_ipc`` images per class.
+        FileFormatError: an index out of range or of another class (:meth:`Selection.
+            check_indices`), before any work.
     """
     selection = Selection.load(config.selection)
     selection_info = DatasetInfo.from_dict(selection.meta["dataset"])
@@ -320,7 +353,14 @@ def load_selection(
             f"{selection.ipc} images per class (run `delt select --ipc {needed_ipc}`)"
         )
     dataset = load_like(teacher.info, "train", config.data_root or selection.meta.get("data_root"))
-    check_compatible(teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
+    fingerprint = dataset.fingerprint()
+    check_compatible(teacher.meta, dataset.info, fingerprint=fingerprint)
+    path = Path(config.selection) / "selection.json"
+    try:  # the split its indices point into, itself (a teacher of before fingerprints has none)
+        check_compatible(selection.meta, dataset.info, what="selection", fingerprint=fingerprint)
+    except TeacherMismatchError as error:
+        raise TeacherMismatchError(f"--selection {config.selection}: {error}") from None
+    selection.check_indices(dataset.targets, dataset.info.num_classes, path)
     return selection, dataset
 
 
@@ -566,6 +606,7 @@ class ChunkOptimizer:
         generator: torch.Generator,
         frozen: Tensor | None = None,
         frozen_sample: int | None = None,
+        desc: str = "chunks",
     ) -> tuple[ChunkResult, list[int]]:
         """One chunk of a set of ``ipc`` per class from ``init`` (len(chunk), C, H, W) float32
         (CPU), with RI ``round_iterations`` (``== iterations``: no rounds) and ``frozen``
@@ -574,12 +615,23 @@ class ChunkOptimizer:
         total, starts = chunk_schedule(chunk.within_class, ipc, self.iterations, round_iterations)
         labels = torch.tensor(chunk.classes, dtype=torch.int64)
         bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not self.progress)
-        result = optimize_chunk(
-            self.forward, self.target, init.to(self.device), labels.to(self.device), starts, total,
-            self.settings, generator, bar,
-            frozen=None if frozen is None else frozen.to(self.device), frozen_sample=frozen_sample,
-        )  # fmt: skip
-        bar.close()
+        try:
+            result = optimize_chunk(
+                self.forward, self.target, init.to(self.device), labels.to(self.device), starts,
+                total, self.settings, generator, bar,
+                frozen=None if frozen is None else frozen.to(self.device),
+                frozen_sample=frozen_sample,
+            )  # fmt: skip
+        except NonFiniteError as error:
+            # Nothing of the chunk is saved: a NaN set is never written.
+            settings = self.settings
+            raise ConfigError(
+                f"chunk {chunk.index} ({desc}): {error}; nothing of it was saved. The loss is "
+                f"scaled by --r-bn {settings.r_bn:g} and --first-bn-multiplier "
+                f"{self.target.weights[0]:g}, its steps by --lr {settings.lr:g}: lower them"
+            ) from None
+        finally:
+            bar.close()
         return result, [total - s for s in starts]
 
     def optimize_set(
@@ -606,7 +658,7 @@ class ChunkOptimizer:
             init = initial_images(chunk, generator)
             frozen = None if frozen_images is None else frozen_images(chunk)
             return self.optimize(
-                chunk, store.ipc, round_iterations, init, generator, frozen, frozen_sample
+                chunk, store.ipc, round_iterations, init, generator, frozen, frozen_sample, desc
             )
 
         return store.make_all(chunks, chunk_seed, make, self.progress, desc)
