@@ -22,7 +22,8 @@ of lower floors or ones listed before it on its own floor, never another module'
       released
     method, chunks,         the method registry, the options every method shares and the
       synthesis             components; the chunk store (resume); the chunk optimizer, run
-                            setup, the output writer, the pixel-optimizing method
+                            setup, the output writer
+    methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
     methods.sre2l,          one module per method, each registering itself: presets of the
       methods.cda,          pixel method (sre2l, cda, delt), progressive stages (pdd), scored
       methods.delt,         real crops (rded), random real images (distill's baseline)
@@ -50,6 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("teacher", "select", "released"),
     ("method", "chunks", "synthesis"),
     (
+        "methods.pixels",
         "methods.sre2l",
         "methods.cda",
         "methods.delt",

@@ -57,11 +57,12 @@ from delt.config import ConfigError, check_int_fields, option
 from delt.data import DatasetInfo
 from delt.io import write_json
 from delt.method import DEFAULT_ROUND_ITERATIONS, MethodRecipe, SynthesisConfig, methods
+from delt.methods.pixels import PixelMethod
 from delt.models import build_model, load_checkpoint
 from delt.recover import RecoverConfig
 from delt.runtime import machine, resolve_device, versions
 from delt.schedules import chunk_schedule, cosine_lr, early_late_iterations
-from delt.synthesis import PixelMethod, frozen_teacher, optimize_chunk, recovery_settings
+from delt.synthesis import frozen_teacher, optimize_chunk, recovery_settings
 
 __all__ = [
     "REPORTED_HOURS",

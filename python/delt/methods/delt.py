@@ -3,8 +3,8 @@ class-contiguous chunks, EarlyLate rounds (``--round-iterations``), CDA's crop c
 roll (its scripts pass ``--jitter 0``)."""
 
 from delt.method import MethodRecipe, register
+from delt.methods.pixels import PixelMethod
 from delt.schedules import class_contiguous_chunks
-from delt.synthesis import PixelMethod
 
 RECIPE = MethodRecipe("selection", class_contiguous_chunks, "cosine", True, lambda _: 0)
 DELT = register(PixelMethod("delt", RECIPE))

@@ -31,6 +31,7 @@ from delt.identity import check_or_reuse
 from delt.io import read_json, sha256_file, write_json
 from delt.method import Method, MethodRecipe, RecoverResult, SynthesisConfig, methods, register
 from delt.methods import cda, delt, sre2l  # noqa: F401 (the bases, registered before pdd)
+from delt.methods.pixels import PixelMethod
 from delt.models import (
     Checkpoint,
     TeacherMismatchError,
@@ -45,7 +46,6 @@ from delt.stagewise_training import stagewise_plan, train_stagewise
 from delt.student_augment import StudentAugment
 from delt.student_trainer import PROTOCOL, StudentTrainer, TrainSettings, default_batch_size, seeded
 from delt.synthesis import (
-    PixelMethod,
     Run,
     chunk_optimizer,
     delete_resume_state,
@@ -57,7 +57,7 @@ from delt.teacher import saved_checkpoints
 
 __all__ = [
     "PDD",
-    "PROGRESSIVE",
+    "NAME",
     "PddOptions",
     "Progressive",
     "Stage",
@@ -68,7 +68,7 @@ __all__ = [
     "stage_checkpoints",
 ]
 
-PROGRESSIVE = "pdd"
+NAME = "pdd"
 DEFAULT_STAGES = 5  # PDD's released scripts
 DEFAULT_BASE = "delt"
 DEFAULT_HARD_STUDENT_EPOCHS = 100
@@ -80,43 +80,43 @@ class PddOptions:
     """The flags of ``delt recover`` (and ``delt distill``) that only ``--method pdd`` reads."""
 
     stages: int | None = option(
-        None, help=f"pdd: number of stages P (default {DEFAULT_STAGES})", group=PROGRESSIVE
+        None, help=f"pdd: number of stages P (default {DEFAULT_STAGES})", group=NAME
     )
     base: str | None = option(
         None, help=f"pdd: the method each stage runs (default {DEFAULT_BASE})", choices=_BASES,
-        group=PROGRESSIVE,
+        group=NAME,
     )  # fmt: skip
     stage_ipc: tuple[int, ...] | None = option(
         None, help="pdd: images per class of each stage, e.g. 4,2,2,1,1 (default: IPC/P each)",
-        group=PROGRESSIVE,
+        group=NAME,
     )  # fmt: skip
     stage_teachers: Literal["final", "checkpoints"] = option(
         "final",
         help="pdd: every stage matches the final teacher, or stage k the k-th of P checkpoints "
         "of `delt teacher --save-epochs` (early phase first)",
-        group=PROGRESSIVE,
+        group=NAME,
     )
     union_in_batch: bool = option(
         False,
         help="pdd: earlier stages' images of the chunk's classes join every forward pass (BN "
         "statistics of the union; gradients reach the new images only)",
-        group=PROGRESSIVE,
+        group=NAME,
     )
     union_sample: int | None = option(
         None, help="pdd --union-in-batch: a random sample of this many earlier images per step",
-        group=PROGRESSIVE,
+        group=NAME,
     )  # fmt: skip
     stage_init: Literal["base", "hard"] = option(
         "base",
         help="pdd: stage k >= 2 starts from the base method's init, or from real images that a "
         "student trained on the union so far gets wrong",
-        group=PROGRESSIVE,
+        group=NAME,
     )
     hard_student_epochs: int | None = option(
         None,
         help=f"pdd --stage-init hard: epochs of that student (default "
         f"{DEFAULT_HARD_STUDENT_EPOCHS})",
-        group=PROGRESSIVE,
+        group=NAME,
     )
 
     @property
@@ -128,7 +128,7 @@ class Progressive(Method):
     """PDD (Chen et al., ICLR 2024): P stages of a pixel method (``--base``), earlier stages
     frozen; its own flags are :class:`PddOptions`."""
 
-    name = PROGRESSIVE
+    name = NAME
     options = PddOptions
 
     def base(self, config: object) -> PixelMethod:
