@@ -9,7 +9,7 @@ compares runs made side by side under the same load:
 row                    what one iteration runs
 =====================  ==========================================================================
 ``reference``          the papers' eager loop, written here from their description
-                       (reference/delt.md §1.3, §3): SRe2L's forward hook on every BN (mean,
+                       (SRe2L, NeurIPS 2023; DELT, CVPR 2025): SRe2L's forward hook per BN (mean,
                        ``permute().contiguous()``, biased var, two norms), torchvision's
                        ``RandomResizedCrop`` + ``RandomHorizontalFlip`` on the batch tensor, a
                        roll, index of the active rows, Adam, a per-channel clamp
@@ -30,7 +30,7 @@ round gets ``iterations / rounds`` steps), so the mean active batch is that of a
 The projection turns a row's images·iterations per second into hours for ImageNet-1K at IPC 10
 and 50 (1,000 classes; image-iterations of :mod:`delt.schedules` with MI 4000 and RI 500 for
 ``delt``, 4000 per image for ``sre2l``/``cda``), beside the hours DELT reports for IPC 50 on one
-RTX 4090 (Table 6, reference/delt.md §6.4): DELT 17.6 h, SRe2L/CDA 29.0 h. It is an ImageNet-1K
+RTX 4090 (DELT, CVPR 2025, Table 6): DELT 17.6 h, SRe2L/CDA 29.0 h. It is an ImageNet-1K
 estimate only when the row measured ResNet-18 at 224 px on the device in question; otherwise it
 only restates the measured rate.
 """
@@ -98,11 +98,11 @@ _PRODUCT_ROWS = {
     "+per-sample-aug": {"per_sample_aug": True},
 }
 
-# Hours of synthesis for ImageNet-1K IPC 50, MI 4000, one RTX 4090 (DELT Table 6, delt.md §6.4).
+# Hours of synthesis for ImageNet-1K IPC 50, MI 4000, one RTX 4090 (DELT, CVPR 2025, Table 6).
 REPORTED_HOURS = {"delt": 17.6, "sre2l": 29.0, "cda": 29.0}
 IMAGENET_CLASSES = 1000
 PAPER_ITERATIONS = 4000
-# delt.md §1.4: MI 4000, RI 500, so 8 rounds.
+# DELT's scripts: MI 4000, RI 500, so 8 rounds.
 PAPER_ROUNDS = PAPER_ITERATIONS // DEFAULT_ROUND_ITERATIONS
 _MEAN = 0.5
 _STD = 0.25
@@ -187,7 +187,7 @@ def imagenet_image_iterations(method: str, ipc: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The papers' eager loop (reference/delt.md §1.3 and §3), written from the description alone.
+# The papers' eager loop (SRe2L's and DELT's recover scripts), written from their description.
 
 
 class EagerBNHook:
