@@ -53,7 +53,7 @@ from delt.synthesis import (
     RecoverResult,
     Run,
     delete_resume_state,
-    finished_without_chunks,
+    finished_run,
     load_selection,
     prepare_run,
     synthesize,
@@ -674,7 +674,13 @@ def recover_progressive(config: Any) -> RecoverResult:
         if config.stage_teachers == "final"
         else [sha256_file(checkpoint.path) for checkpoint in teachers],
     )
-    finished = run.finished_result() or finished_without_chunks(run.out)
+    # DIR/distilled.pt holds every U_k as a prefix: the chunks and the stages' float32 unions
+    # are resume state, deleted once it is written (also by a re-run, after a kill).
+    stage_dirs = [run.out / "stages" / str(stage.index) for stage in stages]
+    resume_state = [
+        d / name for d in stage_dirs for name in ("chunks", "distilled.pt", "manifest.json")
+    ]
+    finished = finished_run(run, resume_state)
     if finished is not None:
         return finished
     ipc = config.ipc
@@ -719,12 +725,7 @@ def recover_progressive(config: Any) -> RecoverResult:
     _write_union(run, run.out, selection, union, ipc, images=True)
     # DIR/distilled.pt (written and fsynced above) holds every U_k as a prefix: the chunks and
     # the stages' float32 unions go, so that one copy of the images stays.
-    stage_dirs = [run.out / "stages" / str(stage.index) for stage in stages]
-    delete_resume_state(
-        run.out,
-        [d / name for d in stage_dirs for name in ("chunks", "distilled.pt", "manifest.json")],
-        config.keep_chunks,
-    )
+    delete_resume_state(run.out, resume_state, config.keep_chunks)
     return RecoverResult(
         run.out, union.images, union.labels, union.iterations_per_image, union.synthesis_seconds
     )
