@@ -125,7 +125,7 @@ def test_a_chunk_of_before_identities_is_accepted_when_run_json_matches(tiny_tea
     for path in (out / "chunks").iterdir():
         chunk = torch.load(path, weights_only=True)
         assert json.loads(chunk["identity"]) == json.loads((out / "run.json").read_text())
-        del chunk["identity"]
+        del chunk["identity"], chunk["digest"]  # chunks before identities had no digest either
         torch.save(chunk, path)
     (out / "manifest.json").unlink()
     assert torch.equal(recover(_cda(tiny_teacher.path, out)).images, reference.images)
@@ -227,3 +227,97 @@ def test_a_finished_recovery_re_runs_on_read_only_media(tiny_teacher, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "recover: 8 images" in result.stdout
     assert _snapshot(out) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Chunks carry a content digest; a cleanup a kill cut short is finished by the re-run
+
+
+def test_a_bit_flipped_chunk_is_refused_by_name(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    reference = recover(_cda(tiny_teacher.path, out))
+    (out / "manifest.json").unlink()  # as if killed before the manifest: the chunks are read
+    chunk = out / "chunks" / "00001.pt"
+    saved = torch.load(chunk, weights_only=True)
+    flipped = saved["images"].clone()
+    flipped.view(-1).view(torch.int32)[5] ^= 1 << 3  # one bit of one pixel
+    torch.save({**saved, "images": flipped}, chunk)
+    with pytest.raises(IntegrityError, match=r"chunks/00001\.pt: .*corrupt.*delete it"):
+        recover(_cda(tiny_teacher.path, out))
+    assert not (out / "manifest.json").exists()  # nothing mixed, nothing written
+    assert saved["digest"].startswith("sha256:")
+    chunk.unlink()  # deleting it recomputes it
+    assert torch.equal(recover(_cda(tiny_teacher.path, out)).images, reference.images)
+
+
+def test_a_chunk_of_before_digests_is_accepted(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    reference = recover(_cda(tiny_teacher.path, out))
+    for path in (out / "chunks").iterdir():
+        chunk = torch.load(path, weights_only=True)
+        del chunk["digest"]
+        torch.save(chunk, path)
+    (out / "manifest.json").unlink()
+    assert torch.equal(recover(_cda(tiny_teacher.path, out)).images, reference.images)
+
+
+def _killed_before_cleanup(monkeypatch, module):
+    """Makes ``module``'s run die where it would delete its resume state."""
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during cleanup")
+
+    monkeypatch.setattr(f"{module}.delete_resume_state", killed)
+
+
+def _rded(teacher, out, **overrides):
+    values = dict(
+        teacher=str(teacher), ipc=2, out=str(out), method="rded", candidates=10, num_crop=3,
+        factor=2, progress=False,
+    )  # fmt: skip
+    values.update(overrides)
+    return RecoverConfig(**values)
+
+
+def _pdd(teacher, out, **overrides):
+    return _cda(teacher, out, method="pdd", base="cda", stages=2, **overrides)
+
+
+@pytest.mark.parametrize(
+    "module, make, resume_state",
+    [("delt.recover", _cda, ["chunks"]),
+     ("delt.rded", _rded, ["chunks"]),
+     ("delt.pdd", _pdd,
+      ["stages/1/chunks", "stages/1/distilled.pt", "stages/2/chunks", "stages/2/manifest.json"])],
+)  # fmt: skip
+def test_a_kill_during_cleanup_is_finished_by_the_re_run(
+    tiny_teacher, tmp_path, monkeypatch, module, make, resume_state
+):
+    reference = tmp_path / "reference"
+    recover(make(tiny_teacher.path, reference, keep_chunks=False))
+    assert not any((reference / name).exists() for name in resume_state)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _killed_before_cleanup(patch, module)
+        with pytest.raises(KeyboardInterrupt):
+            recover(make(tiny_teacher.path, out, keep_chunks=False))
+    assert (out / "distilled.pt").is_file() and (out / "manifest.json").is_file()
+    assert all((out / name).exists() for name in resume_state)
+    again = recover(make(tiny_teacher.path, out, keep_chunks=False))
+    assert not any((out / name).exists() for name in resume_state)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(
+        p.relative_to(reference) for p in reference.rglob("*")
+    )
+    assert torch.equal(again.images, load_distilled(reference)[0])
+    # Finished and clean: a re-run writes nothing.
+    before = _snapshot(out)
+    recover(make(tiny_teacher.path, out, keep_chunks=False))
+    assert _snapshot(out) == before
+
+
+def test_chunks_kept_on_purpose_stay(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    recover(_cda(tiny_teacher.path, out, keep_chunks=True))
+    before = _snapshot(out)
+    recover(_cda(tiny_teacher.path, out, keep_chunks=False))  # the manifest says: kept
+    assert _snapshot(out) == before and (out / "chunks").is_dir()
