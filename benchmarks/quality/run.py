@@ -307,8 +307,8 @@ def main(argv=None) -> int:
                     settings = method_settings(base, options, ipc, args)
                     config = DistillConfig(
                         method=base, ipc=ipc, out=str(run_dir), dataset="fashion-mnist",
-                        data_root=args.data_root, teacher=str(teacher_path), arch="convnet3",
-                        width=args.width, eval_epochs=args.eval_epochs, seeds=eval_seeds,
+                        data_root=args.data_root, teacher=str(teacher_path),
+                        eval_epochs=args.eval_epochs, seeds=eval_seeds,
                         eval_every=args.eval_every, amp=args.amp, channels_last=True,
                         seed=synthesis_seed, device=args.device, progress=False, **settings,
                     )  # fmt: skip
