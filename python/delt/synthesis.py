@@ -4,8 +4,10 @@ shared by ``delt recover``, ``--method pdd`` and the benchmarks (reference/delt.
 are seeded on their own and saved when done: a killed run resumes to the same bytes. Every chunk
 records the identity of the run that made it (the config's identity fields and the SHA-256 of
 the teacher, the selection and the other inputs, as ``OUT/run.json``); a chunk of another
-identity is refused, naming what differs. A finished run re-run returns its saved result and
-writes nothing (:meth:`Run.finished_result`).
+identity is refused, naming what differs, and so is one whose content digest does not match
+(:func:`chunk_digest`). A finished run re-run returns its saved result and writes nothing
+(:meth:`Run.finished_result`), unless a kill cut its cleanup short: then it finishes it
+(:func:`finished_run`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``delt teacher``: train a teacher on real data and save it with its metadata.
 
 SGD (Nesterov 0.9) with a one-cycle LR, label smoothing 0.1, optional flip / crop-flip. A
-finished teacher is cached (another configuration into the same ``--out`` is refused).
+finished teacher is cached (another configuration, or other training data than ``--data-root``
+holds, into the same ``--out`` is refused).
 ``--save-epochs`` also saves ``OUT/checkpoints/epoch-<e>.pt`` after those epochs (PDD's stage
 teachers), without changing the final teacher.
 """
