@@ -321,3 +321,19 @@ def test_chunks_kept_on_purpose_stay(tiny_teacher, tmp_path):
     before = _snapshot(out)
     recover(_cda(tiny_teacher.path, out, keep_chunks=False))  # the manifest says: kept
     assert _snapshot(out) == before and (out / "chunks").is_dir()
+
+
+def test_pdd_hard_init_refuses_training_data_other_than_the_teachers(tiny_teacher, tmp_path):
+    # The picks of --stage-init hard come from the training split: it must be the teacher's
+    # (the run's identity records the teacher's fingerprint as its data).
+    checkpoint = load_checkpoint(tiny_teacher.path)
+    other = tmp_path / "other" / "teacher.pt"
+    meta = {**checkpoint.meta, "dataset": {**checkpoint.meta["dataset"], "fingerprint": "sha256:0"}}
+    save_checkpoint(other, checkpoint.model, meta)
+    config = _cda(
+        other, tmp_path / "out", method="pdd", base="cda", stages=2, stage_init="hard",
+        hard_student_epochs=1,
+    )  # fmt: skip
+    with pytest.raises(TeacherMismatchError, match="fingerprint"):
+        recover(config)
+    assert not (tmp_path / "out" / "distilled.pt").exists()

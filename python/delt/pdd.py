@@ -652,7 +652,8 @@ def _real_images(run: Run, stages: list[Stage]) -> tuple[Selection | None, Image
         return load_selection(config, run.teacher, needed)
     if config.stage_init == "hard" and len(stages) > 1:
         dataset = load_like(run.info, "train", config.data_root)
-        check_compatible(run.teacher.meta, dataset.info)
+        # The run's data identity is the teacher's training split: the picks must come from it.
+        check_compatible(run.teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
         return None, dataset
     return None, None
 
