@@ -834,8 +834,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
     """Runs ``delt eval``: one student per seed; writes and returns the results.
 
     Seeds already in a results file made with the same identity are reused (a complete file:
-    no training at all); a file from another configuration is replaced. A ``--stagewise``
-    config is :func:`delt.stagewise.evaluate_stagewise`'s (the CLI dispatches it there).
+    no training at all); a file of another identity is kept aside, not replaced
+    (:class:`ResultsFile`). A ``--stagewise`` config is
+    :func:`delt.stagewise.evaluate_stagewise`'s (the CLI dispatches it there).
 
     The file is a cache of every finished seed of its identity: ``seeds`` holds the requested
     ones (``--seeds``' order), over which ``best``/``final`` mean ± std are taken, and

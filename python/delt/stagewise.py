@@ -4,7 +4,8 @@ Per seed, one student trains on U_1, then U_1 ∪ U_2, … U_P (:func:`delt.stud
 ``--epochs`` split across the stages, one AdamW carried through, ``--stage-schedule`` restart or
 continue), and beside it the plain evaluation of U_P with the same seed. The results file
 (default ``DISTILLED/eval-stagewise.json``) has ``eval.json``'s keys for the stage-wise student,
-the plain one under ``plain`` and the plan under ``stagewise``; finished seeds are reused.
+the plain one under ``plain`` and the plan under ``stagewise``; finished seeds are reused, and
+results of another identity are kept aside, as ``eval.json``'s (:class:`delt.evaluate.ResultsFile`).
 """
 
 from __future__ import annotations
