@@ -272,9 +272,8 @@ def test_a_copied_run_folder_is_reused_as_it_is_and_nothing_is_written(tmp_path,
     import shutil
 
     def config(out):
-        made = _config(out, "", arch="convnet1", width=4, teacher_epochs=1)
-        made.teacher = None  # trained into OUT/teacher
-        return made
+        # No --teacher: trained into OUT/teacher (its flags are refused with one).
+        return _config(out, "", teacher=None, arch="convnet1", width=4, teacher_epochs=1)
 
     first = distill(config(tmp_path / "run"))
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
