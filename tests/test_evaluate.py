@@ -335,3 +335,32 @@ def test_a_results_file_before_test_fingerprints_is_reused_read_only(
     assert not more.reused and "data_fingerprints" in json.loads(out.read_text())["identity"]
     (kept,) = (tmp_path / "e-kept").iterdir()
     assert kept.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "name, results",
+    [("eval", "recover-delt/eval.json"), ("eval-stagewise", "recover-pdd/eval-stagewise.json")],
+)
+def test_a_results_file_of_main_a713465_warns_once_and_stays_as_it_is(
+    tmp_path, monkeypatch, caplog, name, results
+):
+    # The real files of before the test fingerprint (tests/fixtures/a713465, test_old_runs.py).
+    import shutil
+    from pathlib import Path
+
+    from delt.cli import main
+
+    fixture = Path(__file__).parent / "fixtures" / "a713465"
+    command = json.loads((fixture / "fixture.json").read_text())["commands"][name]["command"]
+    shutil.copytree(fixture, tmp_path / "runs", ignore=shutil.ignore_patterns("make.py"))
+    monkeypatch.chdir(tmp_path / "runs")
+    before = Path(results).read_bytes()
+    assert "data_fingerprints" not in json.loads(before)["identity"]
+    monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
+    with caplog.at_level("WARNING", logger="delt"):
+        assert main(command.split()[1:]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(warnings) == 1, warnings
+    assert results in warnings[0] and "its test split was not recorded" in warnings[0]
+    assert Path(results).read_bytes() == before
+    assert not list(Path(results).parent.glob("*-kept"))
