@@ -440,12 +440,6 @@ def run_chunks(
             saved = torch_load(path, "recovery chunk", keys=keys)
         except FileFormatError as error:
             raise FileFormatError(f"{error} (delete it to make that chunk again)") from None
-        # Chunks saved before digests existed have none: accepted (run.json was checked).
-        if "digest" in saved and saved["digest"] != chunk_digest(saved):
-            raise IntegrityError(
-                f"{path}: its contents do not match the digest saved with them (the chunk is "
-                "corrupt); it is not mixed into the set: delete it to recompute that chunk"
-            )
         if saved["positions"].tolist() != positions:
             raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
         recorded = saved.get("identity")
@@ -467,6 +461,13 @@ def run_chunks(
             raise FileFormatError(
                 f"{path}: holds non-finite pixels (NaN or infinite); delete it to make that "
                 "chunk again"
+            )
+        # Last, after the checks that say more: any other change (a flipped bit anywhere).
+        # Chunks saved before digests existed have none: accepted (run.json was checked).
+        if "digest" in saved and saved["digest"] != chunk_digest(saved):
+            raise IntegrityError(
+                f"{path}: its contents do not match the digest saved with them (the chunk is "
+                "corrupt); it is not mixed into the set: delete it to recompute that chunk"
             )
         place(chunk, chunk_images, float(saved["seconds"]), saved["iterations"].tolist())
 
