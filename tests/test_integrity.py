@@ -380,3 +380,22 @@ def test_pdd_hard_init_refuses_training_data_other_than_the_teachers(tiny_teache
     with pytest.raises(TeacherMismatchError, match="fingerprint"):
         recover(config)
     assert not (tmp_path / "out" / "distilled.pt").exists()
+
+
+def test_a_kill_while_deleting_the_chunks_is_finished_by_the_re_run(
+    tiny_teacher, tmp_path, monkeypatch
+):
+    import delt.synthesis as synthesis_module
+
+    out = tmp_path / "out"
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt(f"killed while deleting {path}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(synthesis_module.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            recover(_cda(tiny_teacher.path, out, keep_chunks=False))
+    assert (out / "chunks-deleted").is_file() and (out / "chunks").is_dir()
+    recover(_cda(tiny_teacher.path, out, keep_chunks=False))
+    assert not (out / "chunks").exists()
