@@ -7,6 +7,7 @@ import delt.synthesis as synthesis_module
 import pytest
 import torch
 from conftest import count_calls
+from delt.chunks import chunk_digest
 from delt.config import ConfigError
 from delt.data import DatasetInfo
 from delt.identity import config_identity
@@ -117,8 +118,8 @@ def test_manifest_synthesis_seconds_is_the_chunks_optimization_time_summed(
     assert manifest["synthesis_seconds"] == first.synthesis_seconds == pytest.approx(sum(saved))
     # As if an earlier process had spent 1000 s on chunk 0 and been killed before writing the
     # manifest: a re-run optimizes nothing, yet reports that time.
-    chunk = torch.load(chunk_files[0], weights_only=True)
-    torch.save({**chunk, "seconds": 1000.0}, chunk_files[0])
+    chunk = {**torch.load(chunk_files[0], weights_only=True), "seconds": 1000.0}
+    torch.save({**chunk, "digest": chunk_digest(chunk)}, chunk_files[0])  # as that process saved it
     (tmp_path / "manifest.json").unlink()
     start = time.perf_counter()
     again = recover(config)

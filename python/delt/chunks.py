@@ -7,6 +7,7 @@ made again on a re-run, so a killed run resumes to the same bytes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +22,31 @@ from delt.config import ConfigError
 from delt.data import DatasetInfo
 from delt.distributed import barrier, broadcast, world
 from delt.identity import identity_differences
-from delt.io import FileFormatError, torch_load, torch_save
+from delt.io import FileFormatError, IntegrityError, torch_load, torch_save
 from delt.runtime import logger
 from delt.schedules import Chunk
 
-__all__ = ["ChunkResult", "ChunkStore"]
+__all__ = ["ChunkResult", "ChunkStore", "chunk_digest"]
+
+
+def chunk_digest(payload: dict[str, Any]) -> str:
+    """``"sha256:<hex>"`` of a chunk file's content (every field but ``digest``: each tensor's
+    dtype, shape and bytes, each other value as JSON), saved with the chunk and checked before
+    the chunk is used, so that a flipped bit is refused instead of mixed into the set."""
+    digest = hashlib.sha256()
+    for key in sorted(payload):
+        if key == "digest":
+            continue
+        value = payload[key]
+        digest.update(f"{key}\0".encode())
+        if isinstance(value, Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{tensor.dtype}{tuple(value.shape)}\0".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(json.dumps(value, sort_keys=True).encode())
+        digest.update(b"\0")
+    return f"sha256:{digest.hexdigest()}"
 
 
 @dataclass
@@ -72,19 +93,17 @@ class ChunkStore:
     def save(self, chunk: Chunk, result: ChunkResult, iterations: list[int]) -> None:
         """Written atomically by the rank that made it: a killed run or job resumes from it."""
         identity = {} if self.identity is None else {"identity": json.dumps(self.identity)}
-        torch_save(
-            {
-                "images": result.images,
-                "labels": torch.tensor(chunk.classes, dtype=torch.int64),
-                "positions": torch.tensor(chunk.positions(self.ipc), dtype=torch.int64),
-                "iterations": torch.tensor(iterations, dtype=torch.int64),
-                "seconds": result.seconds,
-                "loss": result.loss,
-                **result.extra,
-                **identity,
-            },
-            self.path(chunk),
-        )
+        payload = {
+            "images": result.images,
+            "labels": torch.tensor(chunk.classes, dtype=torch.int64),
+            "positions": torch.tensor(chunk.positions(self.ipc), dtype=torch.int64),
+            "iterations": torch.tensor(iterations, dtype=torch.int64),
+            "seconds": result.seconds,
+            "loss": result.loss,
+            **result.extra,
+            **identity,
+        }
+        torch_save({**payload, "digest": chunk_digest(payload)}, self.path(chunk))
 
     def load(self, chunk: Chunk) -> tuple[Tensor, float, list[int]]:
         """``(images, seconds, iterations)`` of a saved chunk.
@@ -92,6 +111,7 @@ class ChunkStore:
         Raises:
             ConfigError: it holds other positions, or was made with another identity.
             FileFormatError: it is unreadable or holds images of another shape.
+            IntegrityError: its contents do not match its digest.
         """
         path, positions = self.path(chunk), chunk.positions(self.ipc)
         keys = ("images", "positions", "iterations", "seconds")
@@ -118,6 +138,13 @@ class ChunkStore:
             raise FileFormatError(
                 f"{path}: holds non-finite pixels (NaN or infinite); delete it to make that "
                 "chunk again"
+            )
+        # Last, after the checks that say more: any other change (a flipped bit anywhere).
+        # Chunks saved before digests existed have none: accepted (run.json was checked).
+        if "digest" in saved and saved["digest"] != chunk_digest(saved):
+            raise IntegrityError(
+                f"{path}: its contents do not match the digest saved with them (the chunk is "
+                "corrupt); it is not mixed into the set: delete it to recompute that chunk"
             )
         return images, float(saved["seconds"]), saved["iterations"].tolist()
 

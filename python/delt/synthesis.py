@@ -7,7 +7,8 @@ are seeded on their own and kept by :class:`delt.chunks.ChunkStore`: a killed ru
 same bytes. ``OUT/run.json`` records the run's identity (:func:`delt.identity.run_identity`):
 the config's identity fields and the SHA-256 of the teacher, the selection and the other
 inputs; a resume with another identity is refused, naming what differs. A finished run re-run
-returns its saved result and writes nothing (:meth:`Run.finished_result`).
+returns its saved result and writes nothing, and finishes a cleanup a kill cut short
+(:func:`finished_run`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ __all__ = [
     "Run",
     "chunk_optimizer",
     "delete_resume_state",
+    "finished_run",
+    "finished_run",
     "finished_without_chunks",
     "frozen_teacher",
     "load_selection",
@@ -525,6 +528,37 @@ def delete_resume_state(out: Path, paths: list[Path], keep: bool) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def finished_run(run: Run, resume_state: list[Path]) -> RecoverResult | None:
+    """The result of a finished run in ``run.out`` (:meth:`Run.finished_result`, else
+    :func:`finished_without_chunks`), else None; call it after the identity check.
+
+    A run killed after its outputs were written but before its resume state (``resume_state``,
+    as given to :func:`delete_resume_state`) was all deleted is finished too: the cleanup is
+    finished here when the run that wrote the outputs meant to delete it (its manifest records
+    ``keep_chunks`` false) and this one does too (no ``--keep-chunks``). Otherwise reads only:
+    a finished run without resume state left re-runs writing nothing (read-only media
+    included); resume state that cannot be deleted there is reported, not an error.
+    """
+    finished = run.finished_result() or finished_without_chunks(run.out)
+    if finished is None:
+        return None
+    left = [path for path in resume_state if path.exists()]
+    if not left or run.config.keep_chunks:
+        return finished
+    recorded = Manifest.load(run.out).config.get("keep_chunks")
+    if recorded is not False:  # kept on purpose (or a manifest too old to say): left as it is
+        return finished
+    logger.info(
+        "recover: %s is finished but a kill interrupted its cleanup; deleting %s",
+        run.out, ", ".join(str(path.relative_to(run.out)) for path in left),
+    )  # fmt: skip
+    try:
+        delete_resume_state(run.out, resume_state, keep=False)
+    except OSError as error:
+        logger.warning("recover: %s: its resume state stays (%s)", run.out, error)
+    return finished
 
 
 def prepare_run(config: SynthesisConfig) -> Run:

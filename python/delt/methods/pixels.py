@@ -26,7 +26,7 @@ from delt.select import Selection
 from delt.synthesis import (
     chunk_optimizer,
     delete_resume_state,
-    finished_without_chunks,
+    finished_run,
     load_selection,
     prepare_run,
 )
@@ -141,12 +141,13 @@ def recover_pixels(config: SynthesisConfig) -> RecoverResult:
     run.check_identity(selection is not None)
     # A finished run (or one whose chunks were deleted): its outputs are the result (same
     # identity, checked above), nothing to optimize or write again.
-    finished = run.finished_result() or finished_without_chunks(run.out)
+    store = run.chunk_store(run.out / "chunks", config.ipc)
+    # (a cleanup a kill cut short is finished by finished_run)
+    finished = finished_run(run, [store.folder])
     if finished is not None:
         return finished
     chunks = recipe.chunks(info.num_classes, config.ipc, config.batch_size)
     labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
-    store = run.chunk_store(run.out / "chunks", config.ipc)
     done = [chunk.index for chunk in chunks if store.path(chunk).is_file()]
     logger.info(
         "recover: %s, %d classes x %d images, %d chunks of <= %d (%d already done), %d iterations, "

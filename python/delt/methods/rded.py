@@ -38,7 +38,7 @@ from delt.runtime import autocast, derive_seed, logger
 from delt.schedules import Chunk, class_contiguous_chunks
 from delt.synthesis import (
     delete_resume_state,
-    finished_without_chunks,
+    finished_run,
     frozen_teacher,
     prepare_run,
 )
@@ -310,12 +310,12 @@ def recover_rded(config: SynthesisConfig) -> RecoverResult:
     options = RDED.options_of(config)
     check_rded_data(options, dataset)
     run.check_identity(False)
-    finished = run.finished_result() or finished_without_chunks(run.out)
+    store = run.chunk_store(run.out / "chunks", config.ipc)
+    finished = finished_run(run, [store.folder])
     if finished is not None:
         return finished
     teacher = frozen_teacher(run.teacher.model, run.device, config.channels_last).eval()
     chunks = class_contiguous_chunks(info.num_classes, config.ipc, config.ipc)  # one per class
-    store = run.chunk_store(run.out / "chunks", config.ipc)
     logger.info(
         "recover: rded, %d classes x %d images from %d candidates x %d crops, factor %d, "
         "device %s -> %s",
