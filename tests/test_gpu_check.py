@@ -283,3 +283,50 @@ def test_command_line_errors():
     assert result.returncode == 2 and "--steps: unknown bogus" in result.stderr
     listed = subprocess.run([*script, "--list"], capture_output=True, text=True, check=True)
     assert listed.stdout.split()[0] == "environment"
+
+
+def test_tables_from_a_runs_archive(tmp_path, capsys):
+    from delt.bench import SynthesisBenchConfig, run_synthesis_bench
+
+    work = tmp_path / "work"
+    work.mkdir()
+    run_synthesis_bench(
+        SynthesisBenchConfig(
+            arch="convnet1", resolution=8, classes=4, batch_size=4, ipc=2, iterations=8,
+            repeats=1, rows=("reference", "floor", "delt"), device="cpu", progress=False,
+            json=str(work / "synthesis.json"),
+        )
+    )  # fmt: skip
+    environment = {
+        "gpu": {"name": "NVIDIA H100 80GB HBM3", "driver": "580.159.04"},
+        "torch": {"version": "2.11.0+cu130", "cuda": "13.0"},
+        "commit": "abc1234",
+    }
+    (work / "environment.json").write_text(json.dumps(environment))
+    # The fields of pytest-benchmark's JSON that benchmarks/report.py reads.
+    bench = {
+        "machine_info": {"cpu": {"brand_raw": "test CPU"}},
+        "datetime": "2026-12-08T10:00:00",
+        "benchmarks": [
+            {"group": "bn_stat fwd+bwd cuda (100, 64, 32, 32)", "name": f"test_x[{impl}]",
+             "params": {"impl": impl}, "stats": {"median": median}, "extra_info": {"bytes": 3e8}}
+            for impl, median in (("fused", 1e-4), ("eager-hook", 1e-3))
+        ],
+    }  # fmt: skip
+    (work / "bench-kernels.json").write_text(json.dumps(bench))
+    out = tmp_path / "out"
+    out.mkdir()
+    gpu_check.pack(work, out / "logs.tar.gz")
+    capsys.readouterr()
+    assert gpu_check.tables(out, tmp_path / "tables.md") == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == (tmp_path / "tables.md").read_text().strip()
+    assert (
+        "<!-- NVIDIA H100 80GB HBM3, driver 580.159.04, torch 2.11.0+cu130 (CUDA 13.0)" in printed
+    )
+    assert "| row | ms / iteration | images·it / s | vs reference |" in printed
+    assert "| reference |" in printed and "| delt |" in printed
+    assert "| cuda (100, 64, 32, 32) | eager-hook | 1.000 | 10.00x | 300.0 |  |" in printed
+    # Without the files: says which step did not finish.
+    assert gpu_check.tables(tmp_path / "empty", None) == 0
+    assert "(no synthesis.json: the step did not finish)" in capsys.readouterr().out

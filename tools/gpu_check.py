@@ -21,8 +21,9 @@ back at most 8 files): ``summary.md`` (also printed last), ``summary.json`` and 
 Steps (``--steps`` takes a comma-separated subset; ``build`` runs before any that need it):
 
     environment      the GPU, driver, CUDA, nvcc, compute-sanitizer, Python and torch versions
-    build            pip install --no-build-isolation --no-deps --no-index . with FORCE_CUDA=1,
-                     TORCH_CUDA_ARCH_LIST from the visible GPU, MAX_JOBS = the CPU count
+    build            pip install --no-build-isolation --no-deps --no-index --target WORK/site .
+                     with FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST from the visible GPU, MAX_JOBS =
+                     the CPU count; WORK/site then comes first on every later step's PYTHONPATH
     import           the installed delt_ext: compiled library loaded, CUDA kernels, a GPU
     pytest-cuda      pytest tests -m cuda (kernels, ResNet-18 loss, delt recover + eval on CUDA
                      and under torchrun with one NCCL rank)
@@ -67,6 +68,9 @@ RESERVE = 10.0
 MIN_STEP_SECONDS = 15.0
 # Exit status of a probe meaning "the command does not exist yet" (a hook's step is skipped).
 ABSENT = 3
+# The build installs the package here, in the work folder (pip --target): the machine's own
+# environment is left as it is, whether or not it is writable.
+SITE = "site"
 # Files packed into logs.tar.gz (not checkpoints, images or build objects).
 PACKED_SUFFIXES = (".log", ".json", ".jsonl", ".xml", ".md", ".txt")
 PACK_LIMIT_BYTES = 8 * 2**20  # per file
@@ -215,6 +219,9 @@ def _environ(step: Step, context: Context) -> dict[str, str]:
         env.pop(name, None)
     if "CUDA_HOME" not in env and Path("/usr/local/cuda/bin/nvcc").exists():
         env["CUDA_HOME"] = "/usr/local/cuda"  # as the Makefile: `which nvcc` may be a wrapper
+    site = context.path(SITE)
+    if site.is_dir():  # the build's install: first on the path of every later step
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     env.update(step.env(context))
     return env
 
@@ -481,8 +488,8 @@ def import_check(dry: bool) -> int:
         problems.append("the build has no CUDA kernels")
     if not dry and not info.cuda_available:
         problems.append("torch sees no GPU")
-    if str(ROOT) in str(info.package_path) and not dry:
-        problems.append(f"delt_ext was imported from the checkout ({info.package_path})")
+    if Path(info.package_path).resolve() == ROOT / "delt_ext":
+        problems.append(f"delt_ext was imported from the checkout's sources ({info.package_path})")
     for problem in problems:
         print(f"import check: {problem}", file=sys.stderr)
     return 1 if problems else 0
@@ -636,7 +643,7 @@ def _this(context: Context, *args: str) -> list[str]:
 
 def _build_commands(context: Context) -> list[list[str]]:
     return [[context.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
-             "--no-index", "-v", "."]]  # fmt: skip
+             "--no-index", "--target", str(context.path(SITE)), "-v", "."]]  # fmt: skip
 
 
 def build_env(context: Context) -> dict[str, str]:
@@ -659,7 +666,7 @@ def _build_step() -> Step:
         "build",
         300,
         _build_commands,
-        "pip install --no-build-isolation --no-deps --no-index .",
+        "pip install --no-build-isolation --no-deps --no-index --target WORK/site .",
         env=build_env,
         note=note,
         dry=lambda c: [
