@@ -152,17 +152,24 @@ def test_missing_tools_unmet_needs_and_absent_commands_are_skipped(tmp_path):
 
 
 def test_the_budget_bounds_the_run_and_later_steps_are_skipped(tmp_path, monkeypatch):
-    # Budget 4 s less a reserve of 1 s: the first step's limit of 60 s is cut to what is left,
-    # and too little (under MIN_STEP_SECONDS) is left for the second.
-    monkeypatch.setattr(gpu_check, "RESERVE", 1.0)
+    # Budget 6 s, the last 3 s kept for final steps: the first step's limit of 60 s is cut to
+    # what is left, too little (under MIN_STEP_SECONDS) is left for the second, and the final
+    # step (the tables) still runs in the reserve.
+    monkeypatch.setattr(gpu_check, "RESERVE", 3.0)
+    monkeypatch.setattr(gpu_check, "FINAL_RESERVE", 0.0)
     monkeypatch.setattr(gpu_check, "MIN_STEP_SECONDS", 1.0)
-    steps = [step("long", "import time; time.sleep(60)", limit=60), step("later", "print(1)")]
+    steps = [
+        step("long", "import time; time.sleep(60)", limit=60),
+        step("later", "print(1)"),
+        step("final", "print(1)", final=True),
+    ]
     start = time.monotonic()
-    _, by_name, _ = run(steps, tmp_path, budget=4.0)
+    _, by_name, _ = run(steps, tmp_path, budget=6.0)
     assert time.monotonic() - start < 20
     assert by_name["long"]["status"] == "timeout" and by_name["long"]["limit"] <= 3.1
     assert by_name["later"]["status"] == "skipped"
     assert by_name["later"]["note"] == "out of time: the run's budget is spent"
+    assert by_name["final"]["status"] == "passed"
 
 
 def test_the_summary_is_written_after_every_step(tmp_path):

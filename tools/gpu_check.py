@@ -4,7 +4,7 @@
 One command, no interaction, no network, no virtualenv: it runs its steps in order with the
 Python that runs it (the machine's own, holding its torch), each under a time limit, each
 logged; a step that fails does not stop the others (a step that needs the build is skipped
-when the build failed). The whole run stays inside ``--budget`` seconds (default 540, under the
+when the build failed). The whole run stays inside ``--budget`` seconds (default 570, under the
 device tool's 10-minute limit per command): a step gets at most what is left of it, and the steps
 that find none left are reported as skipped.
 
@@ -61,9 +61,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-DEFAULT_BUDGET = 540.0
-# Seconds kept back from the budget for the last summary and archive.
-RESERVE = 10.0
+DEFAULT_BUDGET = 570.0
+# Seconds kept back from the budget: for the steps marked ``final`` (the tables, which only read
+# files) and the last summary and archive, after every other step.
+RESERVE = 30.0
+# Seconds of the budget the final steps leave for the last summary and archive.
+FINAL_RESERVE = 5.0
 # A step is not started with less than this left of the budget.
 MIN_STEP_SECONDS = 15.0
 # Exit status of a probe meaning "the command does not exist yet" (a hook's step is skipped).
@@ -119,7 +122,8 @@ class Step:
     the commands' environment. ``note``: a line about the result, from the log and the files
     (e.g. "12 passed"); ``success``: a check beyond exit status 0 (a problem, or None).
     ``dry``: the commands that replace the step in ``--dry`` mode (None: the step runs as is),
-    with their own ``dry_requires``, ``dry_note`` and ``dry_success``.
+    with their own ``dry_requires``, ``dry_note`` and ``dry_success``. ``final``: the step may
+    use the budget's RESERVE too (a short step that must run even when the others used theirs).
     """
 
     name: str
@@ -138,6 +142,7 @@ class Step:
     dry_requires: tuple[str, ...] = ()
     dry_note: Callable[[Context, str], str] | None = None
     dry_success: Callable[[Context, str], str | None] | None = None
+    final: bool = False
 
 
 @dataclass
@@ -825,6 +830,7 @@ def steps() -> list[Step]:
             tables_commands,
             "the benchmark tables, into summary.md",
             needs=("build",),
+            final=True,
         ),
     ]
 
@@ -859,6 +865,7 @@ def run(
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     deadline = started + budget - RESERVE
+    final_deadline = started + budget - FINAL_RESERVE
     context = Context(work=work, dry=dry)
     meta = {
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -869,7 +876,7 @@ def run(
     results: list[StepResult] = []
     for step in all_steps:
         echo(f"[gpu-check] {step.name}: {step.what or ''}".rstrip())
-        result = run_step(step, context, deadline)
+        result = run_step(step, context, final_deadline if step.final else deadline)
         context.results[step.name] = result
         results.append(result)
         if step.name == "environment":
