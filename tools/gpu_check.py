@@ -308,7 +308,10 @@ def run_step(step: Step, context: Context, deadline: float) -> StepResult:
         return result("failed", note or f"exit status {returncode}", seconds, **common)
     success = step.dry_success if dry else step.success
     if success is not None:
-        problem = success(context, text)
+        try:
+            problem = success(context, text)
+        except Exception as error:
+            problem = f"its check failed: {error!r}"
         if problem:
             return result("failed", problem, seconds, **common)
     return result("passed", note, seconds, **common)
