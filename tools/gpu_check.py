@@ -349,8 +349,9 @@ def summary_markdown(document: dict, tables: str = "") -> str:
         "",
         f"- device: {gpu.get('name', 'none visible')}; driver {gpu.get('driver', '?')}; "
         f"memory {gpu.get('memory', '?')}; compute capability {gpu.get('capability', '?')}",
-        f"- CUDA: torch built with {torch_info.get('cuda', '?')}; nvcc {env.get('nvcc', '?')}; "
-        f"compute-sanitizer {env.get('compute_sanitizer', '?')}",
+        f"- CUDA: torch built with {torch_info.get('cuda', '?')}; nvcc "
+        f"{env.get('nvcc') or 'not found'}; compute-sanitizer "
+        f"{env.get('compute_sanitizer') or 'not found'}",
         f"- torch {torch_info.get('version', '?')}, Python {env.get('python', '?')}, "
         f"{env.get('cpus', '?')} CPUs, kernel {env.get('kernel', '?')}",
         f"- checkout: {env.get('commit') or '?'}; budget {document.get('budget', '?')} s, "
@@ -699,6 +700,7 @@ def _sanitizer_step(tool: str, limit: float, extra_env: dict[str, str]) -> Step:
         tool, limit, commands, f"compute-sanitizer --tool {tool} tools/sanitize_kernels.py",
         requires=("compute-sanitizer",), needs=("build",), refusals=SANITIZER_REFUSALS,
         env=lambda context: dict(extra_env), note=lambda c, text: sanitizer_note(text), dry=dry,
+        dry_note=lambda c, text: sanitizer_note(text),
     )  # fmt: skip
 
 

@@ -29,9 +29,9 @@ BN_LAYOUTS = ("nchw", "channels_last", "strided")
 CROP_LAYOUTS = ("nchw", "channels_last", "strided")
 # (N, C, H, W): the cases of the docstring above.
 BN_SHAPES = ((2, 3, 65, 70), (3, 5, 8, 8), (1, 6, 1, 1), (4, 37, 5, 5), (2, 1030, 2, 2))
-# Relative tolerance against the CPU kernels, by dtype (the tests' GRAD_RTOL, widened for the
-# value rounding of 16-bit outputs).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# Relative tolerance against the CPU kernels, by dtype: twice the tests' GRAD_RTOL (each side is
+# within it of the exact value), and more for the value rounding of 16-bit outputs.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def make_input(shape, dtype, layout, generator) -> torch.Tensor:
