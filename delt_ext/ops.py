@@ -166,12 +166,20 @@ def _backward_bn_stat_loss_grouped(ctx, grad_loss, grad_group_loss, grad_mean, g
             grad_x = torch.ops.delt_ext.grouped_stat_backward(
                 x, group_index, mean, total_mean, total_var, None
             )
-    if scale is not None and ctx.needs_input_grad[2]:
-        grad_target_mean = (-table_scale * coef[0]).to(ctx.input_dtypes[0])
-    if scale is not None and ctx.needs_input_grad[3]:
-        grad_target_var = (-table_scale * coef[1]).to(ctx.input_dtypes[1])
-    if grad_loss is not None and ctx.needs_input_grad[4]:
-        grad_weight = (grad_loss * group_loss).to(ctx.input_dtypes[2])
+    if any(ctx.needs_input_grad[2:]):
+        # The targets and weight of a group without samples get 0, whatever the scale (an
+        # infinite weight times its zero coefficients would give NaN).
+        present = torch.zeros(group_loss.shape, dtype=torch.bool, device=group_loss.device)
+        present = present.index_fill(0, group_index, True)
+        if scale is not None and ctx.needs_input_grad[2]:
+            value = torch.where(present[:, None], -table_scale * coef[0], 0)
+            grad_target_mean = value.to(ctx.input_dtypes[0])
+        if scale is not None and ctx.needs_input_grad[3]:
+            value = torch.where(present[:, None], -table_scale * coef[1], 0)
+            grad_target_var = value.to(ctx.input_dtypes[1])
+        if grad_loss is not None and ctx.needs_input_grad[4]:
+            value = torch.where(present, grad_loss * group_loss, 0)
+            grad_weight = value.to(ctx.input_dtypes[2])
     return grad_x, None, grad_target_mean, grad_target_var, grad_weight
 
 

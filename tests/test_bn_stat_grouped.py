@@ -270,16 +270,24 @@ def test_empty_groups_add_nothing_and_get_no_gradient():
 def test_opcheck(layout):
     x = make_input((5, 6, 4, 3), torch.float32, layout)
     index = torch.tensor([0, 2, 0, 2, 1])
-    target_mean, target_var = group_targets(4, 6)
-    weight = group_weights(4)
+    target_mean, target_var = group_targets(3, 6)
+    weight = group_weights(3)
     for requires_grad in (False, True):
         xg = x.detach().requires_grad_(requires_grad)
         for w in (None, weight):
             torch.library.opcheck(
                 ops.bn_stat_loss_grouped.default, (xg, index, target_mean, target_var, w)
             )
+    # An empty group (G = 4): its NaN statistics fail the harness's output comparisons (NaN is
+    # not equal to NaN there), so only the schema, fake kernel and autograd registration.
+    target_mean, target_var = group_targets(4, 6)
+    torch.library.opcheck(
+        ops.bn_stat_loss_grouped.default,
+        (x.detach().requires_grad_(True), index, target_mean, target_var, group_weights(4)),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
     _, _, mean, _, coef = ops.bn_stat_loss_grouped(x, index, target_mean, target_var, None)
-    for scale in (None, torch.tensor(0.5), weight):
+    for scale in (None, torch.tensor(0.5), group_weights(4)):
         torch.library.opcheck(
             ops.grouped_stat_backward.default, (x, index, mean, coef[0], coef[1], scale)
         )
