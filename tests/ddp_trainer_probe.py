@@ -14,11 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-import delt.student as student_module
+import delt.student_trainer as trainer_module
 import torch
 from delt.distributed import session, world
 from delt.models import build_model, load_checkpoint
-from delt.student import StudentAugment, StudentTrainer, TrainSettings
+from delt.student_augment import StudentAugment
+from delt.student_trainer import StudentTrainer, TrainSettings
 from torchvision.transforms import v2
 
 
@@ -61,14 +62,14 @@ def _probe(teacher_path: str, out: Path, workers: int) -> None:
 
     v2.RandAugment.forward = counted
     permutations = []
-    real_sample = student_module.sample_cutmix
+    real_sample = trainer_module.sample_cutmix
 
     def recorded(*args, **kwargs):
         params = real_sample(*args, **kwargs)
         permutations.append(params.permutation.clone())
         return params
 
-    student_module.sample_cutmix = recorded
+    trainer_module.sample_cutmix = recorded
     seen = []
     trainer.student.register_forward_pre_hook(
         lambda module, args: seen.append(args[0].detach().clone())
@@ -77,7 +78,7 @@ def _probe(teacher_path: str, out: Path, workers: int) -> None:
         losses = [trainer.train_epoch(images, labels) for _ in range(2)]
     finally:
         v2.RandAugment.forward = real_forward
-        student_module.sample_cutmix = real_sample
+        trainer_module.sample_cutmix = real_sample
     torch.save(
         {
             "seen": seen,

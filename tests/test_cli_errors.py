@@ -466,3 +466,310 @@ def test_demo_threads_are_fixed():
     import delt.demo
 
     assert not hasattr(delt.demo, "idle_cores")
+
+
+# --------------------------------------------------------------------------------------------
+# The second audit (issue 29): non-finite values, high-depth and corrupt images, sidecars,
+# selections, and messages that broke the one-line contract
+
+
+def _set_with_pixel(tiny_set, destination, value):
+    """A copy of ``tiny_set`` whose image 1 holds one ``value`` pixel, with a matching digest
+    (as a run whose optimization diverged would have written it)."""
+    folder = _copy_set(tiny_set, destination)
+    payload = torch.load(folder / "distilled.pt", weights_only=True)
+    payload["images"][1, 0, 2, 3] = value
+    torch.save(payload, folder / "distilled.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["distilled_sha256"] = hashlib.sha256(
+        (folder / "distilled.pt").read_bytes()
+    ).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("eval.json", "diversity.json"):
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--lr", "1e300"), ("--r-bn", "1e39"), ("--first-bn-multiplier", "1e308"),
+     ("--r-bn", "nan"), ("--beta1", "inf")],
+)  # fmt: skip
+def test_float_flags_beyond_float32_are_refused_before_any_work(
+    tmp_path, capsys, tiny_teacher, flag, value
+):
+    out = tmp_path / "r"
+    argv = [*_recover_argv(tiny_teacher.path, out), flag, value]
+    line = assert_one_line_error(capsys, argv, flag, "float32")
+    assert run_cli(capsys, argv)[0] == 2 and "internal" not in line
+    assert not out.exists()
+
+
+def test_float_flags_of_every_command_are_checked(tmp_path, capsys, tiny_set):
+    argv = ["eval", "--distilled", tiny_set, "--epochs", 1, "--lr", "1e300", "--no-progress"]
+    assert_one_line_error(capsys, argv, "--lr", "float32")
+
+
+@pytest.mark.parametrize("seed", [10**23, -1])
+def test_seeds_beyond_a_generator_are_refused(tmp_path, capsys, tiny_teacher, tiny_set, seed):
+    out = tmp_path / "r"
+    argv = [*_recover_argv(tiny_teacher.path, out), "--seed", seed]
+    line = assert_one_line_error(capsys, argv, "--seed", "0..2**64-1")
+    assert "Overflow" not in line and not out.exists()
+    argv = ["eval", "--distilled", tiny_set, "--epochs", 1, "--seeds", f"0,{seed}"]
+    assert_one_line_error(capsys, argv, "--seeds", "0..2**64-1")
+
+
+def test_a_loss_that_overflows_stops_the_recovery_naming_chunk_iteration_and_flags(
+    tmp_path, capsys, tiny_teacher
+):
+    # 1e38 fits float32, but the loss it scales does not: the first step's loss is infinite.
+    out = tmp_path / "r"
+    argv = [*_recover_argv(tiny_teacher.path, out), "--r-bn", "1e38"]
+    status, lines, err = run_cli(capsys, argv)
+    assert status == 2 and len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("delt recover: error: chunk 0 ")
+    for text in ("at iteration 0 of 4", "--r-bn 1e+38", "--first-bn-multiplier 10", "--lr"):
+        assert text in line, line
+    assert not (out / "distilled.pt").exists()
+    assert not list((out / "chunks").glob("*.pt")) if (out / "chunks").exists() else True
+
+
+def test_a_chunk_with_nan_pixels_is_never_mixed_in(tmp_path, capsys, tiny_teacher, tiny_set):
+    folder = _copy_set(tiny_set, tmp_path / "set")
+    (folder / "distilled.pt").unlink()
+    chunk = sorted((folder / "chunks").iterdir())[0]
+    payload = torch.load(chunk, weights_only=True)
+    payload["images"][0, 0, 0, 0] = float("nan")
+    torch.save(payload, chunk)
+    line = assert_one_line_error(capsys, _recover_argv(tiny_teacher.path, folder), chunk)
+    assert "non-finite" in line and "delete it" in line
+    assert not (folder / "distilled.pt").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("command", ["eval", "diversity"])
+def test_a_set_with_one_non_finite_pixel_is_refused(tmp_path, capsys, tiny_set, command, value):
+    folder = _set_with_pixel(tiny_set, tmp_path / "set", value)
+    argv = [command, "--distilled", folder]
+    if command == "eval":
+        argv += ["--epochs", 1, "--no-progress"]
+    assert_one_line_error(capsys, argv, folder / "distilled.pt", "image 1", "non-finite")
+    assert not (folder / "eval.json").exists() and not (folder / "diversity.json").exists()
+
+
+def test_report_refuses_a_non_finite_result(tmp_path, capsys, tiny_set):
+    folder = _copy_set(tiny_set, tmp_path / "set")
+    assert run_cli(capsys, ["eval", "--distilled", folder, "--epochs", 1, "--no-progress"])[0] == 0
+    assert run_cli(capsys, ["diversity", "--distilled", folder])[0] == 0
+    assert run_cli(capsys, ["report", "--runs", folder, "--out", tmp_path / "c.png"])[0] == 0
+    path = folder / "diversity.json"
+    document = json.loads(path.read_text())
+    document["mean"] = float("nan")  # as an earlier delt wrote it for a NaN set
+    path.write_text(json.dumps(document))
+    argv = ["report", "--runs", folder, "--out", tmp_path / "d.png"]
+    assert_one_line_error(capsys, argv, path, "NaN")
+    report = tmp_path / "run" / "report.json"
+    report.parent.mkdir()
+    report.write_text(
+        '{"method": "delt", "dataset": "x", "ipc": 1, "accuracy_mean": 1e999, '
+        '"accuracy_std": 0.0, "diversity": 0.5, "synthesis_seconds": 1.0, "image_iterations": 1}'
+    )
+    argv = ["report", "--runs", report.parent, "--out", tmp_path / "e.png"]
+    assert_one_line_error(capsys, argv, report, "accuracy_mean", "not a finite number")
+    assert not (tmp_path / "d.png").exists() and not (tmp_path / "e.png").exists()
+
+
+def test_out_empty_is_refused(tmp_path, capsys, tiny_teacher, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["recover", "--teacher", tiny_teacher.path, "--ipc", 1, "--out", "", "--method", "cda"]
+    assert_one_line_error(capsys, argv, "--out is empty")
+    assert list(tmp_path.iterdir()) == []
+    # A flag whose default is empty (a chart's title) may be empty.
+    assert_one_line_error(capsys, ["report", "--runs", tmp_path, "--title", ""], "report.json")
+
+
+def test_another_teacher_file_is_named_as_such(tmp_path, capsys, tiny_teacher, three_class_teacher):
+    out = tmp_path / "r"
+    argv = _recover_argv(tiny_teacher.path, out)
+    assert run_cli(capsys, [*argv, "--keep-chunks"])[0] == 0
+    other = tmp_path / "other" / "teacher.pt"
+    other.parent.mkdir()
+    shutil.copy(tiny_teacher.path, other)
+    shutil.copy(tiny_teacher.path.with_suffix(".json"), other.with_suffix(".json"))
+    (out / "distilled.pt").unlink()  # unfinished: the identity is checked
+    # Another teacher of the same data and shape, retrained: another SHA-256.
+    from delt.models import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(other)
+    with torch.no_grad():
+        next(checkpoint.model.parameters()).add_(1.0)
+    save_checkpoint(other, checkpoint.model, checkpoint.meta)
+    argv[argv.index("--teacher") + 1] = other
+    line = assert_one_line_error(capsys, argv, "--teacher: the teacher's SHA-256 differs")
+    assert "another teacher file" in line
+    assert "the file changed since the first run;" not in line
+
+
+def test_a_manifest_class_count_lie_is_blamed_on_the_manifest(tmp_path, capsys, tiny_set):
+    folder = _copy_set(tiny_set, tmp_path / "set")
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["dataset"]["num_classes"] = 5
+    manifest["dataset"]["class_names"].append("class4")
+    path.write_text(json.dumps(manifest))
+    for argv in (
+        ["eval", "--distilled", folder, "--epochs", 1],
+        ["diversity", "--distilled", folder],
+    ):
+        line = assert_one_line_error(capsys, argv, path, "has 5 classes", "trained on 4")
+        assert "the manifest contradicts itself" in line and "--teacher" not in line
+
+
+def test_duplicate_option_of_a_synthetic_dataset_is_refused(tmp_path, capsys):
+    name = "synthetic:classes=4,size=8,classes=3"
+    argv = ["teacher", "--out", tmp_path / "t", "--dataset", name, "--arch", "convnet1"]
+    assert_one_line_error(capsys, argv, "option 'classes' is given twice")
+    assert not (tmp_path / "t" / "teacher.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [(b"class0\n\xff\xfeclass1\n", "not a UTF-8 text file"), (b"", "lists no class"),
+     (b"\n  \n", "lists no class")],
+)  # fmt: skip
+def test_class_order_file_unreadable_or_empty(tmp_path, capsys, content, expected):
+    from imagefolders import write_image_folder
+
+    root = write_image_folder(tmp_path / "data", ["a", "b"], 2, 1, 8)
+    order = tmp_path / "order.txt"
+    order.write_bytes(content)
+    argv = ["teacher", "--out", tmp_path / "t", "--dataset", "imagefolder", "--data-root", root,
+            "--class-order", order, "--resolution", 8, "--arch", "convnet1"]  # fmt: skip
+    status, lines, err = run_cli(capsys, argv)
+    assert status == 2 and len(lines) == 1, err
+    assert f"--class-order {order}" in lines[0] and expected in lines[0]
+
+
+def test_nfc_and_nfd_folder_names_are_shown_apart(tmp_path):
+    import unicodedata
+
+    from delt.data import DataMismatchError, load_like
+    from imagefolders import write_image_folder
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    teacher_root = write_image_folder(tmp_path / "a", [nfc, "tea"], 1, 1, 8)
+    data_root = write_image_folder(tmp_path / "b", [nfd, "tea"], 1, 1, 8)
+    from delt.data import load_dataset
+
+    info = load_dataset("imagefolder", "train", str(teacher_root), resolution=8).info
+    with pytest.raises(DataMismatchError) as caught:
+        load_like(info, "train", str(data_root))
+    message = str(caught.value)
+    unknown = message.split("not known to the teacher: ")[1].split(";")[0]
+    missing = message.split("missing: ")[1].split(";")[0].split(")")[0]
+    assert unknown != missing, message  # shown so that they differ
+    assert "Unicode normalization" in message
+
+
+# Images of other depths and broken files in `delt import`
+
+
+def _import_argv(tiny_teacher, images, out):
+    return ["import", "--images", images, "--teacher", tiny_teacher.path, "--out", out]
+
+
+def _released(root, writer):
+    """4 class folders new000..new003 of 2 8x8 images each, written by ``writer(path, c, k)``."""
+    for c in range(4):
+        (root / f"new{c:03d}").mkdir(parents=True)
+        for k in range(2):
+            writer(root / f"new{c:03d}" / f"class{c:03d}_id{k:03d}.png", c, k)
+    return root
+
+
+def test_import_scales_16_bit_grayscale(tmp_path, capsys, tiny_teacher):
+    import numpy as np
+    from PIL import Image
+
+    values = {}
+
+    def write(path, c, k):
+        array = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000 + 257 * c).astype(np.uint16)
+        Image.fromarray(array).save(path)  # a 16-bit grayscale PNG (PIL mode I;16)
+        values[path.name] = array
+
+    source = _released(tmp_path / "released", write)
+    with Image.open(next(source.glob("new000/*.png"))) as image:
+        assert image.mode in ("I;16", "I")
+    out = tmp_path / "out"
+    assert run_cli(capsys, _import_argv(tiny_teacher, source, out))[0] == 0
+    stored = torch.load(out / "distilled.pt", weights_only=True)["images"]
+    expected = torch.from_numpy(
+        ((values["class000_id000.png"].astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    )
+    assert torch.equal(stored[0, 0], expected) and torch.equal(stored[0, 2], expected)
+    assert stored.float().mean() < 200  # not saturated at 255
+
+
+def test_import_scales_16_bit_rgb(tmp_path, capsys, tiny_teacher):
+    import struct
+    import zlib
+
+    def png16(path, c, k):
+        # A 16-bit RGB PNG, by hand (PIL does not write them): every sample 0x8000 + c.
+        raw = b"".join(b"\0" + struct.pack(">H", 0x8000 + c) * 3 * 8 for _ in range(8))
+
+        def chunk(kind, data):
+            return (struct.pack(">I", len(data)) + kind + data
+                    + struct.pack(">I", zlib.crc32(kind + data)))  # fmt: skip
+
+        header = struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                         + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))  # fmt: skip
+
+    source = _released(tmp_path / "released", png16)
+    out = tmp_path / "out"
+    assert run_cli(capsys, _import_argv(tiny_teacher, source, out))[0] == 0
+    stored = torch.load(out / "distilled.pt", weights_only=True)["images"]
+    assert set(stored.unique().tolist()) == {128}  # 0x8000 / 65535 of 255, not 255
+
+
+def test_import_refuses_a_float_image_by_name(tmp_path, capsys, tiny_teacher):
+    import numpy as np
+    from PIL import Image
+
+    def write(path, c, k):
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(path)
+
+    source = _released(tmp_path / "released", write)
+    bad = source / "new001" / "class001_id001.png"
+    # A 32-bit float TIFF under a .png name: PIL opens it by its content, mode F.
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)).save(bad, format="TIFF")
+    argv = _import_argv(tiny_teacher, source, tmp_path / "out")
+    assert_one_line_error(capsys, argv, bad, "floating-point")
+    assert run_cli(capsys, argv)[0] == 2
+    assert not (tmp_path / "out" / "distilled.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated JPEG", "garbage PNG"])
+def test_import_refuses_a_broken_image_by_name_with_status_2(
+    tmp_path, capsys, tiny_teacher, damage
+):
+    from imagefolders import write_images
+
+    suffix = "jpg" if damage == "truncated JPEG" else "png"
+    source = tmp_path / "released"
+    for c in range(4):
+        write_images(source / f"new{c:03d}", 2, 8, seed=c, suffix=suffix)
+    bad = sorted((source / "new002").iterdir())[1]
+    data = bad.read_bytes()
+    bad.write_bytes(
+        data[: len(data) // 2] if damage == "truncated JPEG" else b"\x89PNG garbage" * 9
+    )
+    argv = _import_argv(tiny_teacher, source, tmp_path / "out")
+    status, lines, err = run_cli(capsys, argv)
+    assert status == 2 and len(lines) == 1, err
+    assert str(bad) in lines[0] and "not a readable image" in lines[0]
+    assert not (tmp_path / "out" / "distilled.pt").exists()

@@ -63,7 +63,7 @@ def test_bad_values(tiny_set, tmp_path, overrides):
 
 
 def test_an_interrupted_seed_resumes_where_it_was(tiny_set, tmp_path, monkeypatch):
-    from delt.student import StudentTrainer
+    from delt.student_trainer import StudentTrainer
 
     whole = evaluate(_config(tiny_set, tmp_path / "whole.json", epochs=6, eval_every=2))
     calls = {"epochs": 0}

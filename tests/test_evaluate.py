@@ -8,7 +8,7 @@ from delt.config import ConfigError
 from delt.evaluate import EvalConfig, _student_kwargs, draw_random_real, evaluate, mean_std
 from delt.io import sha256_file, torch_save
 from delt.models import TeacherMismatchError, load_checkpoint
-from delt.student import StudentTrainer
+from delt.student_trainer import StudentTrainer
 
 
 def _eval_config(folder, **overrides):

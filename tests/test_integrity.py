@@ -227,3 +227,46 @@ def test_a_finished_recovery_re_runs_on_read_only_media(tiny_teacher, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "recover: 8 images" in result.stdout
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [('{"arch": ', "truncated or corrupt JSON"), ("[1, 2]", "a JSON list"),
+     ('{"sha256": null}', "it lacks arch, arch_kwargs, dataset"),
+     ("garbage", "truncated or corrupt JSON"), ("NaN", "NaN"),
+     ("SHA", "its sha256 'abc' is not a SHA-256 hex digest")],
+)  # fmt: skip
+def test_a_corrupt_sidecar_is_an_error_naming_it(tiny_teacher, tmp_path, content, expected):
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(tiny_teacher.path, teacher)
+    if content == "SHA":
+        sidecar = json.loads(tiny_teacher.path.with_suffix(".json").read_text())
+        content = json.dumps({**sidecar, "sha256": "abc"})
+    teacher.with_suffix(".json").write_text(content)
+    _flip_bytes(teacher)  # a damaged sidecar must not let a damaged checkpoint through
+    with pytest.raises(ValueError, match=expected) as caught:
+        load_checkpoint(teacher)
+    assert str(teacher.with_suffix(".json")) in str(caught.value)
+    # The command line: one line naming the sidecar, rc 2, before any work.
+    result = subprocess.run(
+        [sys.executable, "-m", "delt", "recover", "--teacher", str(teacher), "--ipc", "1",
+         "--method", "cda", "--iterations", "2", "--out", str(tmp_path / "cli")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("delt recover: error: "), result.stderr
+    assert str(teacher.with_suffix(".json")) in lines[0]
+    assert not (tmp_path / "cli" / "run.json").exists()
+
+
+def test_a_teacher_out_with_a_corrupt_sidecar_is_refused(tiny_teacher, tmp_path):
+    from delt.teacher import TeacherConfig, train_teacher
+
+    out = tmp_path / "t"
+    out.mkdir()
+    shutil.copy(tiny_teacher.path, out / "teacher.pt")
+    (out / "teacher.json").write_text("[]")
+    config = TeacherConfig(out=str(out), dataset="synthetic", arch="convnet1", progress=False)
+    with pytest.raises(ValueError, match=r"teacher\.json: not a sidecar"):
+        train_teacher(config)

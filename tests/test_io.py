@@ -1,5 +1,7 @@
 """delt.io: atomic writes, image files and their 8-bit conversion."""
 
+import json
+
 import delt.io as io_module
 import pytest
 import torch
@@ -83,3 +85,58 @@ def test_save_image_encodes_the_converted_pixels(tmp_path, monkeypatch):
     save_image(image, tmp_path / "x.jpg", "jpeg")
     save_image(image, tmp_path / "x.png", "png")
     assert seen == ["jpeg", "png"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_write_json_refuses_non_finite_numbers_naming_file_and_key(tmp_path, value):
+    from delt.io import write_json
+
+    path = tmp_path / "out.json"
+    write_json(path, {"ok": 1})
+    with pytest.raises(ValueError, match=r"out\.json: not written: stages\[1\]\.loss is not a "):
+        write_json(path, {"stages": [{"loss": 1.0}, {"loss": value}]})
+    assert json.loads(path.read_text()) == {"ok": 1}  # untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+@pytest.mark.parametrize("text", ["NaN", '{"mean": Infinity}', "[-Infinity]"])
+def test_read_json_refuses_nan_and_infinity_naming_the_file(tmp_path, text):
+    from delt.io import FileFormatError, read_json
+
+    path = tmp_path / "in.json"
+    path.write_text(text)
+    with pytest.raises(FileFormatError, match=r"in\.json: not a readable .*not standard JSON"):
+        read_json(path)
+
+
+def test_read_image_scales_16_bit_and_keeps_8_bit_as_pil(tmp_path):
+    import numpy as np
+    from delt.io import read_image
+    from PIL import Image
+
+    eight = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "rgb.png")
+    with Image.open(tmp_path / "rgb.png") as image:
+        assert np.array_equal(np.asarray(read_image(tmp_path / "rgb.png")), np.asarray(image))
+    sixteen = np.array([[0, 128, 257, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "gray16.png")
+    gray = np.asarray(read_image(tmp_path / "gray16.png", "L"))
+    assert gray.tolist() == [[0, 0, 1, 128, 255]]
+    rgb = np.asarray(read_image(tmp_path / "gray16.png", "RGB"))
+    assert rgb.shape == (1, 5, 3) and (rgb[..., 0] == gray).all()
+
+
+def test_a_16_bit_imagefolder_is_read_scaled(tmp_path):
+    import numpy as np
+    from delt.data import load_dataset
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name, level in (("a", 20000), ("b", 50000)):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            Image.fromarray(np.full((8, 8), level, dtype=np.uint16)).save(folder / "0.png")
+    dataset = load_dataset("imagefolder", "train", str(tmp_path), resolution=8)
+    pixels = dataset.info.denormalize(torch.stack([dataset[i][0] for i in range(2)]))
+    expected = torch.tensor([round(20000 * 255 / 65535), round(50000 * 255 / 65535)]) / 255
+    assert torch.allclose(pixels.mean((1, 2, 3)), expected, atol=1e-5)

@@ -1,15 +1,18 @@
 """benchmarks/quality/run.py: method names (a method, one that optimizes pixels with its own
 recovery step size, ``delt-lr0.05``, RDED with its own tiling, ``rded-factor1``, PDD's variants),
 their settings per IPC, the teacher (trained with checkpoints for pdd+ckpt, or given), the gains
-over random-real and the results files."""
+over random-real and the results files (the pooling and pairing: tests/test_comparison.py); the
+committed tables regenerate from their progress logs."""
 
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_comparison import write_eval_document
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
 
@@ -18,8 +21,12 @@ RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
 def run_module():
     spec = importlib.util.spec_from_file_location("quality_run", RUN)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
 
 
 def test_methods_and_step_size_variants(run_module):
@@ -208,9 +215,11 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
 
     def evaluate(config):
         accuracy = 70.0 if "random-real" in config.distilled else 74.0
-        _eval_file(Path(config.out), 10, config.seeds[0], accuracy, student=config.student,
-                   student_width=config.student_width, eval_every=config.eval_every,
-                   student_kwargs={"width": config.student_width})  # fmt: skip
+        write_eval_document(
+            Path(config.out), 10, config.seeds[0], accuracy, student=config.student,
+            student_width=config.student_width, eval_every=config.eval_every,
+            student_kwargs={"width": config.student_width},
+        )  # fmt: skip
         return SimpleNamespace(accuracy_mean=accuracy, document={"wall_seconds": 1.0},
                                reused=False)  # fmt: skip
 
@@ -251,21 +260,6 @@ def test_the_variant_reaches_distill(run_module, tmp_path, monkeypatch):
     (config,) = seen
     assert config.method == "delt" and config.recover_lr == 0.05
     assert Path(config.out) == tmp_path / "delt-lr0.05" / "ipc10" / "seed0"
-
-
-def test_gains_over_random_real_are_paired_by_seed(run_module):
-    def report(ipc, accuracy):
-        return {"ipc": ipc, "accuracy_mean": accuracy}
-
-    reports = [
-        ("random-real", 0, report(10, 80.0)), ("random-real", 1, report(10, 82.0)),
-        ("delt", 0, report(10, 81.0)), ("delt", 1, report(10, 85.0)),
-        ("delt", 2, report(10, 99.0)),  # no random-real seed 2: not paired
-        ("rded", 0, report(50, 70.0)),  # no random-real at IPC 50
-    ]  # fmt: skip
-    (row,) = run_module.paired_gains(reports)
-    assert row["ipc"] == 10 and row["method"] == "delt" and row["gains"] == {0: 1.0, 1: 3.0}
-    assert row["mean"] == pytest.approx(2.0) and row["std"] == pytest.approx(1.0)
 
 
 def test_report_only_pools_variants_apart_and_runs_nothing(run_module, tmp_path, monkeypatch):
@@ -328,133 +322,6 @@ def test_the_gains_chart_is_written_with_one_seed_and_unpaired_methods(
     assert chart.read_bytes()[:4] == b"\x89PNG" and chart.stat().st_size > 10_000
 
 
-def test_plot_gains_without_any_pairing_or_cost(run_module, tmp_path):
-    # --synthesis once (no gains), a gain whose method has no pooled row, a zero-second method.
-    rows = [
-        {"method": "delt", "ipc": 10, "synthesis_seconds": 0.0, "image_iterations": 0},
-        {"method": "cda", "ipc": 10, "synthesis_seconds": 5.0, "image_iterations": 10},
-    ]
-    run_module.plot_gains([], rows, tmp_path / "none.png")
-    gains = [
-        {"ipc": 10, "method": "delt", "gains": {0: 1.0, 1: 2.0}, "mean": 1.5, "std": 0.5},
-        {"ipc": 50, "method": "sre2l", "gains": {0: -1.0}, "mean": -1.0, "std": 0.0},
-    ]
-    run_module.plot_gains(gains, rows, tmp_path / "some.png", "title")
-    run_module.plot_gains([], [], tmp_path / "empty.png")
-    for name in ("none", "some", "empty"):
-        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def _eval_file(path: Path, ipc: int, seed: int, accuracy: float, **config) -> None:
-    """A finished eval document (the keys other_evaluations reads): its identity config is
-    delt eval's, ConvNet-3 w64 at 100 epochs tested every 50 unless ``config`` says otherwise
-    (``shuffle_patches`` is absent unless given, as delt eval writes it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    identity = {"student": "convnet3", "student_kwargs": {"width": 64}, "student_width": None,
-                "epochs": 100, "eval_every": 50, "batch_size": 100 if ipc >= 50 else 50,
-                "temperature": 20.0, "lr": 0.001, "weight_decay": 0.01, "cutmix_beta": 1.0,
-                "randaugment_ops": 2, "randaugment_magnitude": 6, "min_crop": 0.25,
-                "hard_labels": False, "random_real": False, "ipc": ipc, "amp": "none",
-                "channels_last": False, **config}  # fmt: skip
-    document = {"complete": True, "ipc": ipc, "num_images": 10 * ipc,
-                "identity": {"config": identity, "teacher_sha256": "t", "distilled_sha256": "d",
-                             "dataset": "fashion-mnist"},
-                "config": {"seeds": [seed], "device": "cpu", **identity},
-                "seeds": [{"seed": seed, "best_accuracy": accuracy}]}  # fmt: skip
-    path.write_text(json.dumps(document))
-
-
-def test_other_evaluations_pool_by_name_and_pair_with_random_real(run_module, tmp_path):
-    runs = []
-    values = {("random-real", 0): 70.0, ("random-real", 1): 72.0, ("delt", 0): 75.0,
-              ("delt", 1): 74.0, ("rded", 1): 60.0}  # fmt: skip
-    for (method, seed), accuracy in values.items():
-        run = tmp_path / method / "ipc10" / f"seed{seed}"
-        _eval_file(run / "distilled" / "eval-100ep.json", 10, seed, accuracy)
-        _eval_file(run / "distilled" / "eval.json", 10, seed, 99.0)  # the run's own: not listed
-        runs.append((method, str(run)))
-    shuffled = tmp_path / "rded" / "ipc10" / "seed1" / "distilled" / "eval-shuffle2.json"
-    _eval_file(shuffled, 10, 1, 65.0, epochs=300, eval_every=10, shuffle_patches=2,
-               min_crop=0.5, randaugment_ops=0)  # fmt: skip
-    rows = run_module.other_evaluations(runs)
-    assert [(r["evaluation"], r["method"]) for r in rows] == [
-        ("100ep", "random-real"),
-        ("100ep", "delt"),
-        ("100ep", "rded"),
-        ("shuffle2", "rded"),
-    ]
-    baseline, delt, rded, shuffle = rows
-    assert baseline["mean"] == pytest.approx(71.0) and "gains" not in baseline
-    assert baseline["protocol"] == "convnet3 w64, 100 epochs, tested every 50"
-    assert delt["gains"] == {0: 5.0, 1: 2.0} and delt["gain_mean"] == pytest.approx(3.5)
-    assert delt["gain_std"] == pytest.approx(1.5)
-    assert rded["gains"] == {1: -12.0}
-    assert shuffle["protocol"] == (
-        "convnet3 w64, 300 epochs, tested every 10, ShufflePatches 2, min crop 0.5, RandAugment off"
-    )
-    assert "gains" not in shuffle  # random-real has no shuffle2 evaluation to pair with
-
-
-def test_the_printed_protocol_names_every_setting_off_the_defaults(run_module, tmp_path):
-    run = tmp_path / "delt" / "ipc10" / "seed0"
-    _eval_file(run / "distilled" / "eval-odd.json", 10, 0, 80.0, student="resnet18_small",
-               student_kwargs={}, randaugment_magnitude=9, cutmix_beta=0.0, temperature=4.0,
-               amp="bf16", batch_size=20, hard_labels=True)  # fmt: skip
-    (row,) = run_module.other_evaluations([("delt", str(run))])
-    assert row["protocol"] == (
-        "resnet18_small, 100 epochs, tested every 50, RandAugment rand-m9-n2, CutMix off, "
-        "hard labels, --temperature 4.0, --amp bf16, batch 20"
-    )
-
-
-def test_one_evaluation_name_means_one_protocol(run_module, tmp_path):
-    a, b = tmp_path / "random-real" / "ipc10" / "seed0", tmp_path / "delt" / "ipc10" / "seed0"
-    _eval_file(a / "distilled" / "eval-long.json", 10, 0, 80.0, epochs=300)
-    _eval_file(b / "distilled" / "eval-long.json", 10, 0, 81.0, epochs=200)
-    with pytest.raises(SystemExit, match="eval-long.json: protocol .* differs"):
-        run_module.other_evaluations([("random-real", str(a)), ("delt", str(b))])
-
-
-@pytest.mark.parametrize(
-    "other, difference",
-    [({"student_kwargs": {"width": 128}}, "'convnet4 w128, .*--student-kwargs"),
-     ({"min_crop": 0.5}, "min crop 0.5.*--min-crop: 0.25 -> 0.5"),
-     ({"randaugment_ops": 0}, "RandAugment off.*--randaugment-ops: 2 -> 0"),
-     ({"batch_size": 25}, "batch 25.*--batch-size: 50 -> 25"),
-     ({"temperature": 4.0}, "--temperature: 20.0 -> 4.0"),
-     ({"hard_labels": True}, "hard labels"),
-     ({"shuffle_patches": 2}, "ShufflePatches 2.*--shuffle-patches: None -> 2")],
-)  # fmt: skip
-def test_a_name_with_another_training_protocol_is_refused_by_file(
-    run_module, tmp_path, other, difference
-):
-    # Beyond what the protocol column used to print: the student's width, the crop, the batch...
-    a, b = tmp_path / "random-real" / "ipc10" / "seed0", tmp_path / "delt" / "ipc10" / "seed0"
-    _eval_file(a / "distilled" / "eval-convnet4.json", 10, 0, 80.0, student="convnet4")
-    _eval_file(b / "distilled" / "eval-convnet4.json", 10, 0, 81.0, student="convnet4", **other)
-    pattern = re.escape(str(b / "distilled" / "eval-convnet4.json")) + ": protocol .*" + difference
-    with pytest.raises(SystemExit, match=pattern):
-        run_module.other_evaluations([("random-real", str(a)), ("delt", str(b))])
-
-
-def test_what_legitimately_differs_under_one_name_is_pooled(run_module, tmp_path):
-    # Per IPC (batch sizes default by IPC); the requested --student-width (the resolved width
-    # is the same), the memory format, --random-real, the workers' random stream.
-    runs = []
-    for method, ipc, config in [
-        ("random-real", 10, {"random_real": True, "channels_last": True}),
-        ("delt", 10, {"student_width": 64, "augmentation": "workers: per-batch seeds"}),
-        ("delt", 50, {}),
-    ]:  # fmt: skip
-        run = tmp_path / method / f"ipc{ipc}" / "seed0"
-        _eval_file(run / "distilled" / "eval-100ep.json", ipc, 0, 80.0, **config)
-        runs.append((method, str(run)))
-    rows = run_module.other_evaluations(runs)
-    assert [(r["ipc"], r["method"]) for r in rows] == [(10, "random-real"), (10, "delt"),
-                                                       (50, "delt")]  # fmt: skip
-    assert {r["protocol"] for r in rows} == {"convnet3 w64, 100 epochs, tested every 50"}
-
-
 def test_students_eval_every_defaults_to_eval_every_and_is_checked(run_module, capsys):
     assert run_module.parse_args(["--budget", "paper"]).students_eval_every == 10
     assert run_module.parse_args(["--eval-every", "7"]).students_eval_every == 7
@@ -515,3 +382,45 @@ def test_report_only_refuses_a_bad_progress_line_by_file_and_line(run_module, tm
     (tmp_path / "progress.jsonl").write_text(json.dumps(record) + "\n")
     with pytest.raises(SystemExit, match=r"progress.jsonl:1: keys must be"):
         run_module.main(args)
+
+
+COMMITTED = RUN.parent
+# The committed result folders whose run folders are gone: --report-only rebuilds them from their
+# progress.jsonl, with every table; the other evaluations lived in the lost folders, so where
+# there were some, the rebuilt results.md is the committed one up to that table.
+TABLES = {"paper-b/ipc50": True, "paper-b/weak-teacher": True, "paper-b": False,
+          "paper-b/other-students": False, "paper-a": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("folder, complete", list(TABLES.items()))
+def test_committed_tables_regenerate_from_their_progress_logs(
+    run_module, tmp_path, monkeypatch, folder, complete
+):
+    import delt.distill
+
+    monkeypatch.setattr(delt.distill, "distill", lambda *a, **k: pytest.fail("ran"))
+    committed = COMMITTED / folder
+    saved = json.loads((committed / "results.json").read_text())
+    (tmp_path / "progress.jsonl").write_bytes((committed / "progress.jsonl").read_bytes())
+    argv = []  # the flags that wrote it, as results.json recorded them
+    for key, value in saved["args"].items():
+        name = "--" + key.replace("_", "-")
+        if key == "out":
+            value = str(tmp_path)
+        if isinstance(value, bool):
+            argv += [name] if value else []
+        elif value is not None:
+            argv += [name, str(value)]
+    assert run_module.main(argv) == 0
+    markdown = (tmp_path / "results.md").read_text()
+    expected = (committed / "results.md").read_text()
+    if complete:
+        assert markdown == expected
+    else:
+        kept = expected.split("\nOther evaluations of the same sets")[0]
+        assert markdown == kept.rstrip("\n") + "\n" and kept != expected
+    document = json.loads((tmp_path / "results.json").read_text())
+    for key in ("rows", "gains", "runs") + (("evaluations",) if complete else ()):
+        assert json.dumps(document[key], indent=2) == json.dumps(saved[key], indent=2), key
+    assert {**saved["args"], "out": str(tmp_path)}.items() <= document["args"].items()
+    assert list(document) == list(saved)

@@ -109,3 +109,100 @@ def test_fp16_scores_are_close_to_full_precision(tiny_teacher, tmp_path):
 
     full, half = scores("none"), scores("fp16")
     assert not torch.equal(full, half) and torch.allclose(full, half, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# selection.json's digest and its indices, checked before any work
+
+
+def _delt_argv(teacher, selection, out):
+    return [
+        "recover", "--teacher", str(teacher), "--ipc", "2", "--out", str(out), "--selection",
+        str(selection), "--iterations", "2", "--round-iterations", "1", "--no-progress",
+    ]  # fmt: skip
+
+
+def _edited(tiny_selection, tmp_path, change, digest="keep"):
+    """A copy of the tiny selection with ``change(document)`` applied; its digest kept as it
+    was (``"keep"``: an edit), recomputed (``"renew"``: a well-formed file of that content) or
+    dropped (``"drop"``: a file of before digests)."""
+    import shutil
+
+    from delt.select import content_digest
+
+    folder = tmp_path / "selection"
+    shutil.copytree(tiny_selection, folder)
+    path = folder / "selection.json"
+    document = json.loads(path.read_text())
+    change(document)
+    if digest == "renew":
+        document["content_sha256"] = content_digest(document)
+    elif digest == "drop":
+        del document["content_sha256"]
+    path.write_text(json.dumps(document))
+    return folder
+
+
+def _one_error(capsys, argv):
+    from delt.cli import main
+
+    status = main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("delt ")]
+    assert status == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_selection_records_a_digest_of_its_content(tiny_selection):
+    from delt.select import content_digest
+
+    document = json.loads((tiny_selection / "selection.json").read_text())
+    assert document["content_sha256"] == content_digest(document)
+    assert document["dataset"]["fingerprint"]  # what its indices point into, covered by it
+
+
+def test_an_edited_selection_is_refused_before_any_work(tiny_teacher, tiny_selection, tmp_path,
+                                                        capsys):  # fmt: skip
+    def swap(document):
+        document["classes"][0][0], document["classes"][0][1] = (
+            document["classes"][0][1], document["classes"][0][0],
+        )  # fmt: skip
+
+    folder = _edited(tiny_selection, tmp_path, swap)
+    out = tmp_path / "r"
+    line = _one_error(capsys, _delt_argv(tiny_teacher.path, folder, out))
+    assert str(folder / "selection.json") in line and "content_sha256" in line
+    assert not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [("-1", "lists index -1, outside"), ("out of range", "outside the training split"),
+     ("another class", "an image of class 1"), ("a float", "not an integer")],
+)  # fmt: skip
+@pytest.mark.parametrize("digest", ["renew", "drop"])
+def test_selection_indices_are_checked_against_range_and_class(
+    tiny_teacher, tiny_selection, tmp_path, capsys, case, expected, digest
+):
+    other = json.loads((tiny_selection / "selection.json").read_text())["classes"][1][0]
+
+    def change(document):
+        value = {"-1": -1, "out of range": 10**6, "another class": other, "a float": 2.5}[case]
+        document["classes"][0][1] = value
+
+    folder = _edited(tiny_selection, tmp_path, change, digest)
+    out = tmp_path / "r"
+    line = _one_error(capsys, _delt_argv(tiny_teacher.path, folder, out))
+    assert str(folder / "selection.json") in line and expected in line, line
+    assert not (out / "chunks").exists()
+
+
+def test_a_selection_of_before_digests_still_loads(tiny_teacher, tiny_selection, tmp_path):
+    from delt.recover import RecoverConfig, recover
+
+    folder = _edited(tiny_selection, tmp_path, lambda document: None, "drop")
+    assert Selection.load(folder).indices == Selection.load(tiny_selection).indices
+    config = RecoverConfig(
+        teacher=str(tiny_teacher.path), ipc=2, out=str(tmp_path / "r"), selection=str(folder),
+        iterations=2, round_iterations=1, progress=False,
+    )  # fmt: skip
+    assert recover(config).images.shape[0] == 8

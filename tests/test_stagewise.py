@@ -9,7 +9,7 @@ from delt.config import ConfigError
 from delt.evaluate import EvalConfig, evaluate
 from delt.recover import RecoverConfig, recover
 from delt.stagewise import evaluate_stagewise
-from delt.student import StudentTrainer
+from delt.student_trainer import StudentTrainer
 
 # --------------------------------------------------------------------------------------------
 # delt eval --stagewise

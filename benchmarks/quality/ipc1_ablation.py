@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     from delt.recover import RecoverConfig, recover
     from delt.runtime import derive_seed, resolve_device
     from delt.select import SelectConfig, Selection, select_images
-    from delt.student import StudentAugment
+    from delt.student_augment import StudentAugment
     from delt.synthesis import (
         frozen_teacher,
         load_selection,

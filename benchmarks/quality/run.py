@@ -23,7 +23,8 @@ Resumable: ``delt distill`` caches each step (teacher, selection, recovery chunk
 evaluation seed, diversity), so a killed run picks up where it stopped; finished runs cost
 nothing. Each finished run appends a line to ``OUT/progress.jsonl``; at the end the pooled
 table goes to ``OUT/results.md`` / ``results.json`` and the chart to ``OUT/results.png``, with
-every method's gain over random-real paired by seed (the same seed's random-real run), charted
+every method's gain over random-real paired by seed (the same seed's random-real run; the pooling
+and pairing are :mod:`delt.comparison`'s, this script composes the runs and names them), charted
 with each method's synthesis seconds and image-iterations in ``OUT/results-gains.png``.
 ``--report-only`` writes those files from whichever of the named runs have finished, running
 nothing (several commands can share one OUT, one per method or seed, then one report); a run
@@ -51,12 +52,17 @@ Options are listed by ``--help``.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # delt is imported when needed: --help answers without torch
+    from delt.comparison import RunRecord
+    from delt.distill import DistillConfig
 
 METHODS = ("random-real", "rded", "sre2l", "cda", "delt")
 # PDD's variants (benchmarks/pdd/run.py's names): `delt distill --method pdd` flags of each;
@@ -87,7 +93,63 @@ BUDGETS = {
 }  # fmt: skip
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class QualityConfig:
+    """The benchmark's settings, parsed (:func:`parse_args`; one field per flag, the budget's
+    values filled in). ``flags`` holds the flags as given, recorded in ``OUT/results.json``."""
+
+    budget: str
+    out: Path
+    data_root: str | None
+    ipcs: tuple[int, ...]
+    methods: tuple[str, ...]  # --methods entries: a method or a variant (parse_method)
+    teacher: str | None
+    seeds: tuple[int, ...]
+    synthesis: str  # per-seed, once
+    width: int
+    teacher_epochs: int
+    iterations: int
+    round_iterations: int
+    eval_epochs: int
+    eval_every: int
+    students: tuple[str, ...]
+    students_eval_every: int
+    amp: str
+    report_only: bool
+    device: str
+    threads: int
+    flags: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def teacher_path(self) -> Path:
+        """The given teacher, or the one trained into ``OUT/teacher``."""
+        return Path(self.teacher) if self.teacher else self.out / "teacher" / "teacher.pt"
+
+    @property
+    def title(self) -> str:
+        return f"Fashion-MNIST, ConvNet-3 w{self.width} teacher and student"
+
+    def run_names(self) -> list[tuple[int, str]]:
+        """(synthesis seed, the runs' folder name) of each set of one (method, IPC): one per
+        seed, or one set, ``once``, of seed 0."""
+        if self.synthesis == "per-seed":
+            return [(seed, f"seed{seed}") for seed in self.seeds]
+        return [(0, "once")]
+
+    def run_dirs(self) -> list[tuple[str, int, Path]]:
+        """(method, IPC, run folder) of every run the flags name, in run order."""
+        return [
+            (method, ipc, self.out / method / f"ipc{ipc}" / name)
+            for ipc in self.ipcs
+            for _, name in self.run_names()
+            for method in self.methods
+        ]
+
+
+def parse_args(argv=None) -> QualityConfig:
+    """The command line as a :class:`QualityConfig`; bad flags end the program (status 2, or
+    ``--methods: ...`` / ``--students: ...``)."""
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--budget", choices=tuple(BUDGETS), default="short",
@@ -158,11 +220,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive number of epochs, "
                          f"got {getattr(args, name)}")  # fmt: skip
-    return args
+    flags = dict(vars(args))
+    methods = tuple(m for m in args.methods.split(",") if m)
+    for method in methods:
+        parse_method(method)  # an unknown one is refused now
+    students = tuple(s for s in args.students.split(",") if s)
+    if students:
+        from delt.models import MODELS
+
+        for student in students:
+            if student not in MODELS:
+                raise SystemExit(f"--students: unknown {student!r}; known: {', '.join(MODELS)}")
+    return QualityConfig(
+        budget=args.budget, out=Path(args.out), data_root=args.data_root, ipcs=_ints(args.ipcs),
+        methods=methods, teacher=args.teacher, seeds=_ints(args.seeds), synthesis=args.synthesis,
+        width=args.width, teacher_epochs=args.teacher_epochs, iterations=args.iterations,
+        round_iterations=args.round_iterations, eval_epochs=args.eval_epochs,
+        eval_every=args.eval_every, students=students,
+        students_eval_every=args.students_eval_every, amp=args.amp,
+        report_only=args.report_only, device=args.device, threads=args.threads, flags=flags,
+    )  # fmt: skip
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 def parse_method(name: str) -> tuple[str, dict]:
@@ -201,18 +282,18 @@ def parse_method(name: str) -> tuple[str, dict]:
     )
 
 
-def method_settings(method: str, options: dict, ipc: int, args) -> dict:
+def method_settings(method: str, options: dict, ipc: int, config: QualityConfig) -> dict:
     """The DistillConfig fields of one (method, IPC) beyond the shared ones: ``options``
     (:func:`parse_method`) with the iterations. pdd: 5 stages, the per-stage MI/RI whose
-    image-iterations match DELT's at ``args.iterations`` / ``args.round_iterations``, and with
-    ``--union-in-batch`` a sample of one stage's new images (IPC/5 per class)."""
+    image-iterations match DELT's at ``config.iterations`` / ``config.round_iterations``, and
+    with ``--union-in-batch`` a sample of one stage's new images (IPC/5 per class)."""
     from delt.schedules import pdd_matched_iterations
 
     if method == "rded":
         return dict(options)
     if method == "pdd":
         matched = pdd_matched_iterations(
-            ipc, args.iterations, args.round_iterations, CLASSES, PDD_STAGES
+            ipc, config.iterations, config.round_iterations, CLASSES, PDD_STAGES
         )
         settings = {"stages": PDD_STAGES, "iterations": matched.iterations,
                     "round_iterations": matched.round_iterations, **options}  # fmt: skip
@@ -220,8 +301,8 @@ def method_settings(method: str, options: dict, ipc: int, args) -> dict:
             settings["union_sample"] = ipc // PDD_STAGES * CLASSES
         return settings
     return {
-        "iterations": args.iterations,
-        "round_iterations": args.round_iterations if method == "delt" else None,
+        "iterations": config.iterations,
+        "round_iterations": config.round_iterations if method == "delt" else None,
         **options,
     }
 
@@ -241,94 +322,73 @@ def save_epochs(teacher_epochs: int) -> tuple[int, ...]:
     return tuple(teacher_epochs * k // PDD_STAGES for k in range(1, PDD_STAGES + 1))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch
-    from delt import runtime
+@dataclass(frozen=True)
+class Job:
+    """One ``delt distill`` run: its ``--methods`` entry, IPC, the seeds its students train
+    with, and its config."""
+
+    method: str
+    ipc: int
+    eval_seeds: tuple[int, ...]
+    distill: DistillConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.distill.out)
+
+
+def plan_jobs(config: QualityConfig) -> list[Job]:
+    """Every run's ``delt distill`` config, checked before any work: a bad one (pdd's 5 stages
+    at IPC 1) ends the program naming the method and IPC."""
     from delt.config import ConfigError
-    from delt.distill import DistillConfig, distill
-    from delt.evaluate import EvalConfig, evaluate
-    from delt.models import MODELS, load_checkpoint
-    from delt.pdd import stage_checkpoints
-    from delt.teacher import TeacherConfig, train_teacher
+    from delt.distill import DistillConfig
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    methods = [m for m in args.methods.split(",") if m]
-    variants = {name: parse_method(name) for name in methods}
-    seeds = _ints(args.seeds)
-    students = [s for s in args.students.split(",") if s]
-    for student in students:
-        if student not in MODELS:
-            raise SystemExit(f"--students: unknown {student!r}; known: {', '.join(MODELS)}")
-    started = time.time()
-    machine = {
-        **runtime.machine(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
-    print(json.dumps(machine), flush=True)
-
-    if args.report_only:
-        try:
-            logged = logged_reports(out / "progress.jsonl")
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
-        runs, from_log = [], {}
-        for method, run_dir in _run_dirs(args, out, methods, seeds):
-            key = (method, int(run_dir.parent.name[3:]), run_dir.name)
-            if (run_dir / "report.json").is_file():
-                runs.append((method, str(run_dir)))
-            elif key in logged and not run_dir.exists():  # a folder without report.json: running
-                runs.append((method, str(run_dir)))
-                from_log[str(run_dir)] = logged[key]
-        if from_log:
-            print(
-                f"{len(from_log)} of {len(runs)} runs reported from {out / 'progress.jsonl'} "
-                "(their folders are gone, and with them their other evaluations)",
-                flush=True,
-            )
-        _write_results(out, machine, args, runs, from_log)
-        return 0
-
-    # Every run's config first: a bad one (pdd's 5 stages at IPC 1) is refused before any work.
-    teacher_path = Path(args.teacher) if args.teacher else out / "teacher" / "teacher.pt"
     jobs = []
-    for ipc in _ints(args.ipcs):
-        syntheses = (
-            [(seed, (seed,), f"seed{seed}") for seed in seeds]
-            if args.synthesis == "per-seed"
-            else [(0, tuple(seeds), "once")]
-        )
-        for synthesis_seed, eval_seeds, name in syntheses:
-            for method in methods:
-                run_dir = out / method / f"ipc{ipc}" / name
-                base, options = variants[method]
+    for ipc in config.ipcs:
+        for synthesis_seed, name in config.run_names():
+            eval_seeds = (synthesis_seed,) if config.synthesis == "per-seed" else config.seeds
+            for method in config.methods:
+                run_dir = config.out / method / f"ipc{ipc}" / name
+                base, options = parse_method(method)
                 try:
-                    settings = method_settings(base, options, ipc, args)
-                    config = DistillConfig(
+                    settings = method_settings(base, options, ipc, config)
+                    distill_config = DistillConfig(
                         method=base, ipc=ipc, out=str(run_dir), dataset="fashion-mnist",
-                        data_root=args.data_root, teacher=str(teacher_path), arch="convnet3",
-                        width=args.width, eval_epochs=args.eval_epochs, seeds=eval_seeds,
-                        eval_every=args.eval_every, amp=args.amp, channels_last=True,
-                        seed=synthesis_seed, device=args.device, progress=False, **settings,
+                        data_root=config.data_root, teacher=str(config.teacher_path),
+                        arch="convnet3", width=config.width, eval_epochs=config.eval_epochs,
+                        seeds=eval_seeds, eval_every=config.eval_every, amp=config.amp,
+                        channels_last=True, seed=synthesis_seed, device=config.device,
+                        progress=False, **settings,
                     )  # fmt: skip
                 except (ConfigError, ValueError) as error:
                     raise SystemExit(f"--methods {method} at IPC {ipc}: {error}") from None
-                jobs.append((method, ipc, name, eval_seeds, config))
-    checkpoints = [job for job in jobs if job[4].stage_teachers == "checkpoints"]
+                jobs.append(Job(method, ipc, eval_seeds, distill_config))
+    return jobs
 
-    if args.teacher:
-        meta = load_checkpoint(args.teacher).meta
-        print(f"teacher: {args.teacher} (given) {meta.get('test_accuracy', float('nan')):.2f}% "
+
+def prepare_teacher(config: QualityConfig, jobs: list[Job]) -> None:
+    """The given teacher is reported; otherwise ``OUT/teacher`` is trained (or found cached),
+    with one checkpoint per PDD stage where a job's ``--stage-teachers checkpoints`` needs them
+    (checked here, before any run)."""
+    from delt.config import ConfigError
+    from delt.models import load_checkpoint
+    from delt.pdd import stage_checkpoints
+    from delt.teacher import TeacherConfig, train_teacher
+
+    checkpoints = [job for job in jobs if job.distill.stage_teachers == "checkpoints"]
+    if config.teacher:
+        meta = load_checkpoint(config.teacher).meta
+        print(f"teacher: {config.teacher} (given) {meta.get('test_accuracy', float('nan')):.2f}% "
               "test", flush=True)  # fmt: skip
     else:
         try:
             teacher = train_teacher(
                 TeacherConfig(
-                    out=str(out / "teacher"), dataset="fashion-mnist", data_root=args.data_root,
-                    arch="convnet3", width=args.width, epochs=args.teacher_epochs, seed=0,
-                    amp=args.amp, device=args.device, progress=False,
-                    save_epochs=save_epochs(args.teacher_epochs) if checkpoints else None,
+                    out=str(config.out / "teacher"), dataset="fashion-mnist",
+                    data_root=config.data_root, arch="convnet3", width=config.width,
+                    epochs=config.teacher_epochs, seed=0, amp=config.amp, device=config.device,
+                    progress=False,
+                    save_epochs=save_epochs(config.teacher_epochs) if checkpoints else None,
                 )
             )  # fmt: skip
         except ConfigError as error:
@@ -336,324 +396,97 @@ def main(argv=None) -> int:
                 raise
             # A cached teacher trained without the checkpoints: refused here, not deep inside.
             raise SystemExit(
-                f"--methods {checkpoints[0][0]} needs the teacher's checkpoints: {error}; or pass "
-                f"--teacher PATH of a teacher trained with {PDD_STAGES} checkpoints (`delt "
+                f"--methods {checkpoints[0].method} needs the teacher's checkpoints: {error}; or "
+                f"pass --teacher PATH of a teacher trained with {PDD_STAGES} checkpoints (`delt "
                 "teacher --save-epochs`)"
             ) from None
         print(f"teacher: {teacher.path} {teacher.test_accuracy:.2f}% test", flush=True)
     if checkpoints:
         try:  # before any run: the given teacher may lack them
-            stage_checkpoints(checkpoints[0][4], teacher_path)
+            stage_checkpoints(checkpoints[0].distill, config.teacher_path)
         except ConfigError as error:
-            raise SystemExit(f"--methods {checkpoints[0][0]}: {error}") from None
+            raise SystemExit(f"--methods {checkpoints[0].method}: {error}") from None
 
-    runs = []
-    for method, ipc, name, eval_seeds, config in jobs:
-        run_dir = Path(config.out)
-        run_started = time.time()
-        result = distill(config, print_summary=False)
-        record = {
-            **result.report,
-            "run": str(run_dir),
-            "variant": method,
-            "seed": config.seed,
-            "eval_seeds": list(eval_seeds),
-            "final_mean": result.evaluation.final_mean,
-            "cached": all(step["cached"] for step in result.steps),
-            "wall_seconds": time.time() - run_started,
-            "steps": result.steps,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        with open(out / "progress.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        print(
-            f"{method:>11} IPC {ipc:>2} {name}: {result.report['accuracy_mean']:6.2f}% "
-            f"(final {result.evaluation.final_mean:6.2f}%), diversity "
-            f"{result.report['diversity']:.4f}, {result.report['image_iterations']:>9,} "
-            f"image-its, synthesis {result.report['synthesis_seconds']:7.1f} s, run "
-            f"{record['wall_seconds']:7.1f} s{' (cached)' if record['cached'] else ''}",
-            flush=True,
+
+def run_job(config: QualityConfig, job: Job) -> None:
+    """``delt distill`` of one job (finished steps are reused), its line in
+    ``OUT/progress.jsonl``, then its ``--students`` evaluations."""
+    from delt.distill import distill
+
+    run_started = time.time()
+    result = distill(job.distill, print_summary=False)
+    record = {
+        **result.report,
+        "run": str(job.folder),
+        "variant": job.method,
+        "seed": job.distill.seed,
+        "eval_seeds": list(job.eval_seeds),
+        "final_mean": result.evaluation.final_mean,
+        "cached": all(step["cached"] for step in result.steps),
+        "wall_seconds": time.time() - run_started,
+        "steps": result.steps,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    with open(config.out / "progress.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(
+        f"{job.method:>11} IPC {job.ipc:>2} {job.folder.name}: "
+        f"{result.report['accuracy_mean']:6.2f}% (final {result.evaluation.final_mean:6.2f}%), "
+        f"diversity {result.report['diversity']:.4f}, {result.report['image_iterations']:>9,} "
+        f"image-its, synthesis {result.report['synthesis_seconds']:7.1f} s, run "
+        f"{record['wall_seconds']:7.1f} s{' (cached)' if record['cached'] else ''}",
+        flush=True,
+    )
+    for student in config.students:
+        evaluate_student(config, job, student)
+
+
+def evaluate_student(config: QualityConfig, job: Job, student: str) -> None:
+    """``delt eval --student STUDENT`` of a run's set (the set's teacher labels it), into
+    ``RUN/distilled/eval-STUDENT.json``: a row of results.md's table of other evaluations."""
+    from delt.evaluate import EvalConfig, evaluate
+
+    distilled = job.folder / "distilled"
+    result = evaluate(
+        EvalConfig(
+            distilled=str(distilled), teacher=str(config.teacher_path), student=student,
+            student_width=config.width if student.startswith("convnet") else None,
+            epochs=config.eval_epochs, seeds=tuple(job.eval_seeds),
+            eval_every=config.students_eval_every, amp=config.amp, channels_last=True,
+            out=str(distilled / f"eval-{student}.json"), device=config.device, progress=False,
         )
-        runs.append((method, str(run_dir)))
-        for student in students:
-            _evaluate_student(
-                args, evaluate, EvalConfig, run_dir, str(teacher_path), student, eval_seeds,
-                method, ipc,
-            )  # fmt: skip
+    )  # fmt: skip
+    print(
+        f"{job.method:>11} IPC {job.ipc:>2} student {student}: {result.accuracy_mean:6.2f}% "
+        f"({result.document['wall_seconds']:.0f} s{', cached' if result.reused else ''})",
+        flush=True,
+    )
 
-    _write_results(out, machine, args, runs)
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    import torch
+    from delt import runtime
+
+    torch.set_num_threads(config.threads)
+    started = time.time()
+    machine = {
+        **runtime.machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    print(json.dumps(machine), flush=True)
+
+    if config.report_only:
+        write_results(config, machine, finished_runs(config))
+        return 0
+
+    jobs = plan_jobs(config)  # every run's config first: a bad one is refused before any work
+    prepare_teacher(config, jobs)
+    for job in jobs:
+        run_job(config, job)
+    write_results(config, machine, [run_record(job.method, job.folder) for job in jobs])
     print(f"done in {time.time() - started:.0f} s", flush=True)
     return 0
-
-
-def _run_dirs(args, out: Path, methods: list[str], seeds: list[int]):
-    """(method, run folder) of every run the flags name, in run order."""
-    names = [f"seed{seed}" for seed in seeds] if args.synthesis == "per-seed" else ["once"]
-    for ipc in _ints(args.ipcs):
-        for name in names:
-            for method in methods:
-                yield method, out / method / f"ipc{ipc}" / name
-
-
-def paired_gains(reports: list[tuple[str, int, dict]], baseline: str = "random-real") -> list:
-    """Each method's gain over ``baseline`` paired by (IPC, seed): the difference of the two
-    runs' accuracies for every seed both have, then their mean and (population) std.
-
-    ``reports``: (method, seed, report.json) triples. Returns one dict per (IPC, method) with a
-    paired seed: ``ipc``, ``method``, ``gains`` (seed → points), ``mean``, ``std``.
-    """
-    import numpy as np
-
-    accuracy = {(m, r["ipc"], seed): r["accuracy_mean"] for m, seed, r in reports}
-    rows = {}
-    for (method, ipc, seed), value in accuracy.items():
-        if method != baseline and (baseline, ipc, seed) in accuracy:
-            gain = value - accuracy[(baseline, ipc, seed)]
-            rows.setdefault((ipc, method), {})[seed] = gain
-    return [
-        {"ipc": ipc, "method": method, "gains": dict(sorted(gains.items())),
-         "mean": float(np.mean(list(gains.values()))), "std": float(np.std(list(gains.values())))}
-        for (ipc, method), gains in rows.items()
-    ]  # fmt: skip
-
-
-# Fields of an evaluation's identity config that do not change its training protocol, or that
-# legitimately differ between the runs pooled under one NAME: the IPC (checked per IPC), the
-# requested --student-width (the resolved student_kwargs stay), the memory format, whether the
-# folder held a set or --random-real drew one, and the random stream of augmenting workers (0 on
-# a CPU, N on a GPU: another draw, as another seed is).
-NOT_PROTOCOL = ("ipc", "student_width", "channels_last", "random_real", "augmentation")
-
-
-@functools.cache
-def _eval_defaults() -> dict:
-    """``delt eval``'s default of every field of an evaluation's identity config (computed once;
-    callers copy before changing it)."""
-    import dataclasses
-
-    from delt.evaluate import EvalConfig
-
-    return {
-        f.name: f.default
-        for f in dataclasses.fields(EvalConfig)
-        if f.metadata.get("identity", True) and f.default is not dataclasses.MISSING
-    }
-
-
-def evaluation_protocol(document: dict) -> dict:
-    """The training protocol of an eval document (``delt eval``'s eval.json): its identity
-    config (the resolved student, its kwargs and batch size included), with ``delt eval``'s
-    default for a field it lacks (a file written before the flag existed, or ShufflePatches
-    off), less :data:`NOT_PROTOCOL` and the seeds."""
-    defaults = {key: value for key, value in _eval_defaults().items() if key != "seeds"}
-    protocol = {**defaults, **document["identity"]["config"]}
-    for name in NOT_PROTOCOL:
-        protocol.pop(name, None)
-    return protocol
-
-
-def describe_protocol(protocol: dict, ipc: int, num_images: int) -> str:
-    """A protocol (:func:`evaluation_protocol`) in words: the student with its width, epochs and
-    test interval, then every setting that differs from ``delt eval``'s defaults, e.g.
-    ``"convnet4 w64, 300 epochs, tested every 10, ShufflePatches 2, min crop 0.5, RandAugment
-    off"``; a batch size other than the IPC's default (``num_images`` caps it) is named too."""
-    from delt.config import flag
-    from delt.student import default_batch_size
-
-    defaults = _eval_defaults()
-    kwargs = protocol.get("student_kwargs") or {}
-    model = "".join(
-        f" w{value}" if key == "width" else f" {key}={value}" for key, value in kwargs.items()
-    )
-    parts = [
-        f"{protocol['student']}{model}",
-        f"{protocol['epochs']} epochs",
-        f"tested every {protocol['eval_every']}",
-    ]
-    if protocol.get("shuffle_patches"):
-        parts.append(f"ShufflePatches {protocol['shuffle_patches']}")
-    if protocol["min_crop"] != defaults["min_crop"]:
-        parts.append(f"min crop {protocol['min_crop']:g}")
-    ops, magnitude = protocol["randaugment_ops"], protocol["randaugment_magnitude"]
-    if ops == 0 and defaults["randaugment_ops"] != 0:
-        parts.append("RandAugment off")
-    elif (ops, magnitude) != (defaults["randaugment_ops"], defaults["randaugment_magnitude"]):
-        parts.append(f"RandAugment rand-m{magnitude}-n{ops}")
-    if protocol["cutmix_beta"] != defaults["cutmix_beta"]:
-        beta = protocol["cutmix_beta"]
-        parts.append("CutMix off" if beta == 0 else f"CutMix beta {beta:g}")
-    if protocol["hard_labels"]:
-        parts.append("hard labels")
-    for name in ("temperature", "lr", "weight_decay", "amp"):
-        if protocol[name] != defaults[name]:
-            parts.append(f"{flag(name)} {protocol[name]}")
-    classes = max(1, round(num_images / ipc))
-    if protocol["batch_size"] != default_batch_size(ipc, classes, num_images):
-        parts.append(f"batch {protocol['batch_size']}")
-    if protocol.get("stagewise"):
-        parts.append(f"stage-wise ({protocol['stage_schedule']})")
-    # Any other field (one added to delt eval later) that differs from its default, by flag.
-    described = {"student", "student_kwargs", "epochs", "eval_every", "shuffle_patches",
-                 "min_crop", "randaugment_ops", "randaugment_magnitude", "cutmix_beta",
-                 "hard_labels", "temperature", "lr", "weight_decay", "amp", "batch_size",
-                 "stagewise", "stage_schedule"}  # fmt: skip
-    parts += [
-        f"{flag(key)} {value}"
-        for key, value in protocol.items()
-        if key not in described and (key not in defaults or value != defaults[key])
-    ]
-    return ", ".join(parts)
-
-
-def other_evaluations(runs: list[tuple[str, str]], baseline: str = "random-real") -> list:
-    """The runs' other evaluations of their sets (``RUN/distilled/eval-NAME.json`` beside the
-    run's own ``eval.json``: another student, student budget or ShufflePatches), pooled by
-    (IPC, NAME, method), with the gain over ``baseline``'s evaluation of the same NAME paired by
-    seed. A NAME is one evaluation only where every file of that NAME at an IPC has the same
-    training protocol (:func:`evaluation_protocol`: the student and its width, epochs, test
-    interval, augmentation, loss, optimizer, batch size, ...); otherwise it is refused by file.
-
-    Returns one dict per (IPC, NAME, method): ``evaluation`` (NAME), ``protocol``
-    (:func:`describe_protocol`), ``ipc``, ``method``, ``accuracies`` (seed → best accuracy),
-    ``mean``, ``std`` and, where the baseline shares a seed, ``gains`` (seed → points),
-    ``gain_mean``, ``gain_std``.
-    """
-    import numpy as np
-    from delt.config import config_diff
-
-    found: dict[tuple, dict] = {}
-    protocols: dict[tuple[int, str], tuple[dict, str, Path]] = {}
-    for method, run in runs:
-        for path in sorted((Path(run) / "distilled").glob("eval-*.json")):
-            document = json.loads(path.read_text())
-            if not document.get("complete"):
-                continue
-            ipc, name = document["ipc"], path.stem[len("eval-") :]
-            protocol = evaluation_protocol(document)
-            if (ipc, name) not in protocols:  # the first file of a NAME sets its protocol
-                described = describe_protocol(protocol, ipc, document["num_images"])
-                protocols[(ipc, name)] = (protocol, described, path)
-            first = protocols[(ipc, name)]
-            if first[0] != protocol:
-                described = describe_protocol(protocol, ipc, document["num_images"])
-                differences = "; ".join(config_diff(first[0], protocol))
-                raise SystemExit(
-                    f"{path}: protocol {described!r} differs from {first[2]}'s {first[1]!r} "
-                    f"({differences}); an evaluation name must mean one protocol"
-                )
-            entry = found.setdefault((ipc, name, method), {})
-            for seed in document["seeds"]:
-                entry[seed["seed"]] = seed["best_accuracy"]
-    rows = []
-    for (ipc, name, method), accuracies in found.items():
-        values = list(accuracies.values())
-        row = {"evaluation": name, "protocol": protocols[(ipc, name)][1], "ipc": ipc,
-               "method": method, "accuracies": dict(sorted(accuracies.items())),
-               "mean": float(np.mean(values)), "std": float(np.std(values))}  # fmt: skip
-        rows.append(row)
-    # The gains: paired_gains over each evaluation name's accuracies, as for the runs' own.
-    for name in dict.fromkeys(name for _, name in protocols):
-        reports = [(method, seed, {"ipc": ipc, "accuracy_mean": accuracy})
-                   for (ipc, n, method), accuracies in found.items() if n == name
-                   for seed, accuracy in accuracies.items()]  # fmt: skip
-        paired = {(g["ipc"], g["method"]): g for g in paired_gains(reports, baseline)}
-        for row in rows:
-            gain = paired.get((row["ipc"], row["method"])) if row["evaluation"] == name else None
-            if gain:
-                row.update(gains=gain["gains"], gain_mean=gain["mean"], gain_std=gain["std"])
-    order: dict[str, int] = {}
-    for method, _ in runs:
-        order.setdefault(method, len(order))
-    rows.sort(key=lambda r: (r["ipc"], r["evaluation"], order.get(r["method"], len(order))))
-    return rows
-
-
-def _count(value: float) -> str:
-    """``4000000`` → ``"4M"``, ``340000`` → ``"340k"``: image-iterations on a chart."""
-    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{suffix}"
-    return f"{value:.0f}"
-
-
-def plot_gains(gains: list[dict], rows: list[dict], path: Path, title: str = "") -> None:
-    """``OUT/results-gains.png``: per IPC (a row of two panels), each method's gain over
-    random-real paired by seed (bars: the mean, error bars: the seeds' population std, dots: the
-    seeds; under each bar the method's synthesis seconds and image-iterations), and that gain
-    against its synthesis seconds (log axis). ``gains``: :func:`paired_gains`' rows; ``rows``:
-    :func:`delt.report.pool_reports`' (synthesis seconds and image-iterations, the mean over a
-    method's runs). A method without a random-real run of a common seed has no gain: it is
-    named in its IPC's gain panel, not drawn."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from delt.io import atomic_open
-
-    ipcs = list(dict.fromkeys([*(r["ipc"] for r in rows), *(g["ipc"] for g in gains)]))
-    methods = list(dict.fromkeys([*(r["method"] for r in rows), *(g["method"] for g in gains)]))
-    colors = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(methods)}
-    cost = {(r["ipc"], r["method"]): r for r in rows}
-    figure, axes = plt.subplots(
-        max(1, len(ipcs)), 2, figsize=(12, 3.8 * max(1, len(ipcs))), squeeze=False
-    )
-    for (gain_axis, cost_axis), ipc in zip(axes, ipcs or [None], strict=True):
-        paired = [g for g in gains if g["ipc"] == ipc]
-        unpaired = [r["method"] for r in rows if r["ipc"] == ipc and r["method"] != "random-real"
-                    and r["method"] not in {g["method"] for g in paired}]  # fmt: skip
-        ticks = []  # the method, its synthesis seconds and image-iterations
-        for k, gain in enumerate(paired):
-            color = colors[gain["method"]]
-            gain_axis.bar(k, gain["mean"], 0.6, yerr=gain["std"], capsize=4, color=color,
-                          alpha=0.75)  # fmt: skip
-            seeds = list(gain["gains"].values())
-            offsets = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else [0.0]
-            gain_axis.scatter(k + np.asarray(offsets), seeds, s=14, color="black", zorder=3)
-            row = cost.get((ipc, gain["method"]))
-            if row is None:
-                ticks.append(gain["method"])
-                continue
-            seconds = row["synthesis_seconds"]
-            ticks.append(f"{gain['method']}\n{seconds:,.0f} s\n"
-                         f"{_count(row['image_iterations'])} image-its")  # fmt: skip
-            cost_axis.errorbar(seconds, gain["mean"], yerr=gain["std"], fmt="o", capsize=4,
-                               color=color, label=gain["method"])  # fmt: skip
-        gain_axis.set_xticks(range(len(paired)), ticks, fontsize=8)
-        gain_axis.set_xlim(-0.6, max(len(paired), 3) - 0.4)  # one bar is not the axis' width
-        gain_axis.axhline(0.0, color="gray", linewidth=0.8)
-        gain_axis.set_ylabel("gain over random-real\n(points, paired by seed)")
-        gain_axis.set_title(f"IPC {ipc}: gain, mean ± std over seeds (dots: seeds)", fontsize=10)
-        gain_axis.grid(axis="y", alpha=0.3)
-        cost_axis.axhline(0.0, color="gray", linewidth=0.8)
-        positive = [cost[(ipc, g["method"])]["synthesis_seconds"] for g in paired
-                    if (ipc, g["method"]) in cost]  # fmt: skip
-        if positive and all(v > 0 and math.isfinite(v) for v in positive):
-            cost_axis.set_xscale("log")
-        elif positive:
-            cost_axis.set_xscale("symlog", linthresh=1.0)
-        cost_axis.set_xlabel("synthesis seconds (mean over runs)")
-        cost_axis.set_ylabel("gain over random-real (points)")
-        cost_axis.set_title(f"IPC {ipc}: gain against synthesis cost", fontsize=10)
-        cost_axis.grid(alpha=0.3)
-        if cost_axis.get_legend_handles_labels()[0]:
-            cost_axis.legend(fontsize=8, loc="best")
-        note = []
-        if not paired:
-            note.append("no method paired with a random-real run by seed")
-        if unpaired:
-            note.append(f"not paired with random-real by seed: {', '.join(unpaired)}")
-        if note:
-            gain_axis.text(0.02, 0.02, "\n".join(note), transform=gain_axis.transAxes,
-                           fontsize=8, va="bottom")  # fmt: skip
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    with atomic_open(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=120)
-    plt.close(figure)
 
 
 def logged_reports(path: Path) -> dict:
@@ -684,77 +517,65 @@ def logged_reports(path: Path) -> dict:
     return logged
 
 
-def _write_results(
-    out: Path, machine: dict, args, runs: list[tuple[str, str]], from_log: dict | None = None
-) -> None:
+def run_record(method: str, folder: Path, report: dict | None = None) -> RunRecord:
+    """A run as :class:`delt.comparison.RunRecord`: its seed from its folder's name
+    (``seedN``; else the name, ``once``), its report (``report``, or the folder's report.json)."""
+    from delt.comparison import RunRecord
+    from delt.report import load_report
+
+    name = folder.name
+    seed = int(name[4:]) if name.startswith("seed") else name
+    if report is None:
+        return RunRecord(method, seed, load_report(folder), folder)
+    return RunRecord(method, seed, report, folder)
+
+
+def finished_runs(config: QualityConfig) -> list[RunRecord]:
+    """``--report-only``: the named runs that have finished (``report.json``), and those whose
+    folder is gone but whose line is in ``OUT/progress.jsonl`` (:func:`logged_reports`); a folder
+    without report.json is a run under way, not reported."""
+    progress = config.out / "progress.jsonl"
+    try:
+        logged = logged_reports(progress)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    runs, from_log = [], 0
+    for method, ipc, run_dir in config.run_dirs():
+        if (run_dir / "report.json").is_file():
+            runs.append(run_record(method, run_dir))
+        elif (method, ipc, run_dir.name) in logged and not run_dir.exists():
+            runs.append(run_record(method, run_dir, logged[(method, ipc, run_dir.name)]))
+            from_log += 1
+    if from_log:
+        print(
+            f"{from_log} of {len(runs)} runs reported from {progress} (their folders are gone, "
+            "and with them their other evaluations)",
+            flush=True,
+        )
+    return runs
+
+
+def write_results(config: QualityConfig, machine: dict, runs: list[RunRecord]) -> None:
     """``OUT/results.md`` / ``.json`` / ``.png``: the runs pooled by (IPC, method variant), then
     every method's gain over random-real paired by seed (charted against the synthesis cost in
-    ``OUT/results-gains.png``). ``from_log``: run folder → its report, for runs whose folder is
-    gone (:func:`logged_reports`)."""
+    ``OUT/results-gains.png``) and the other evaluations (:func:`delt.comparison.compare`)."""
+    from delt.comparison import ProtocolMismatchError, compare, plot_gains
     from delt.io import atomic_open
-    from delt.report import load_report, markdown_table, plot_comparison, pool_reports
+    from delt.report import plot_comparison
 
-    from_log = from_log or {}
-    reports = []
-    for method, run in runs:
-        report = from_log[run] if run in from_log else load_report(run)
-        seed = Path(run).name
-        reports.append((method, int(seed[4:]) if seed.startswith("seed") else seed, report))
-    rows = pool_reports([{**report, "method": method} for method, _, report in reports])
-    gains = paired_gains(reports) if args.synthesis == "per-seed" else []
-    title = f"Fashion-MNIST, ConvNet-3 w{args.width} teacher and student"
-    plot_comparison(rows, out / "results.png", title)
-    plot_gains(gains, rows, out / "results-gains.png", title)
-    lines = [markdown_table(rows)]
-    if gains:
-        lines += ["", "| IPC | method | gain over random-real, per seed (points) | mean ± std |",
-                  "|---:|---|---|---:|"]  # fmt: skip
-        for row in gains:
-            per_seed = ", ".join(f"{seed}: {g:+.2f}" for seed, g in row["gains"].items())
-            lines.append(f"| {row['ipc']} | {row['method']} | {per_seed} "
-                         f"| {row['mean']:+.2f} ± {row['std']:.2f} |")  # fmt: skip
-    evaluations = other_evaluations(runs)
-    if evaluations:
-        lines += ["", "Other evaluations of the same sets (`RUN/distilled/eval-NAME.json`):", "",
-                  "| IPC | evaluation | protocol | method | seeds | accuracy (%) "
-                  "| gain over random-real (points) |",
-                  "|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
-        for row in evaluations:
-            gain = (f"{row['gain_mean']:+.2f} ± {row['gain_std']:.2f}" if "gains" in row
-                    else "–")  # fmt: skip
-            lines.append(f"| {row['ipc']} | {row['evaluation']} | {row['protocol']} | "
-                         f"{row['method']} | {len(row['accuracies'])} | {row['mean']:.2f} ± "
-                         f"{row['std']:.2f} | {gain} |")  # fmt: skip
-    with atomic_open(out / "results.md", "w") as handle:
-        handle.write("\n".join(lines).rstrip("\n") + "\n")
-    per_run = [{"method": m, "seed": seed, **{k: r[k] for k in ("ipc", "accuracy_mean",
-               "diversity", "synthesis_seconds", "image_iterations")}}
-               for m, seed, r in reports]  # fmt: skip
-    document = {"machine": machine, "args": vars(args), "rows": rows, "gains": gains,
-                "evaluations": evaluations, "runs": per_run}  # fmt: skip
-    with atomic_open(out / "results.json", "w") as handle:
+    try:
+        comparison = compare(runs, pair_by_seed=config.synthesis == "per-seed")
+    except ProtocolMismatchError as error:
+        raise SystemExit(str(error)) from None
+    plot_comparison(comparison.rows, config.out / "results.png", config.title)
+    plot_gains(comparison.gains, comparison.rows, config.out / "results-gains.png", config.title)
+    markdown = comparison.markdown()
+    with atomic_open(config.out / "results.md", "w") as handle:
+        handle.write(markdown)
+    document = {"machine": machine, "args": config.flags, **comparison.document()}
+    with atomic_open(config.out / "results.json", "w") as handle:
         handle.write(json.dumps(document, indent=2) + "\n")
-    print("\n".join(lines), flush=True)
-
-
-def _evaluate_student(args, evaluate, eval_config, run_dir, teacher, student, seeds, method, ipc):
-    """``delt eval --student STUDENT`` of a run's set (the set's teacher labels it), into
-    ``RUN/distilled/eval-STUDENT.json``: a row of results.md's table of other evaluations."""
-    distilled = run_dir / "distilled"
-    result = evaluate(
-        eval_config(
-            distilled=str(distilled), teacher=teacher, student=student,
-            student_width=args.width if student.startswith("convnet") else None,
-            epochs=args.eval_epochs, seeds=tuple(seeds), eval_every=args.students_eval_every,
-            amp=args.amp, channels_last=True, out=str(distilled / f"eval-{student}.json"),
-            device=args.device, progress=False,
-        )
-    )  # fmt: skip
-    print(
-        f"{method:>11} IPC {ipc:>2} student {student}: {result.accuracy_mean:6.2f}% "
-        f"({result.document['wall_seconds']:.0f} s{', cached' if result.reused else ''})",
-        flush=True,
-    )
+    print(markdown, end="", flush=True)
 
 
 if __name__ == "__main__":

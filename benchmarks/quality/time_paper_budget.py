@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     from delt.models import build_model, load_checkpoint, save_checkpoint
     from delt.recover import RecoverConfig, recover
     from delt.runtime import autocast
-    from delt.student import seeded
+    from delt.student_trainer import seeded
 
     torch.set_num_threads(1)
     out = Path(args.out)

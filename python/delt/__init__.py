@@ -10,10 +10,13 @@ of lower floors or ones listed before it on its own floor, never another module'
       distributed, lock     torchrun: the process group, rank 0's writes, barriers, rank
                             logs; one writer per output folder (OUT/.lock)
     data                    dataset registry, DatasetInfo, DataMismatchError
+    batches                 a dataset's batches, a model's top-1 accuracy on it
     models                  model registry, checkpoints, TeacherMismatchError
     schedules               pure schedules: EarlyLate, chunks, LR, crop curriculum, stages
     distilled               the distilled-set format: Manifest, save/load/check, stage unions
-    student                 the training engine: batches, accuracy, StudentTrainer, CutMix
+    student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
+      student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
+      stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
       released
     synthesis               method recipes, prepare_run, the chunk loop, the output writer
@@ -21,7 +24,9 @@ of lower floors or ones listed before it on its own floor, never another module'
                             options); `delt recover`
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
-    report, distill, bench  reports and charts; `delt distill`; `delt bench synthesis`
+    report, comparison,     reports and charts; runs pooled by method, gains over
+      distill, bench        random-real paired by seed, other evaluations pooled by
+                            protocol; `delt distill`; `delt bench synthesis`
     demo, cli               `delt demo`; the command table
 """
 
@@ -29,14 +34,15 @@ of lower floors or ones listed before it on its own floor, never another module'
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "io", "runtime", "distributed", "lock"),
     ("data",),
+    ("batches",),
     ("models",),
     ("schedules",),
     ("distilled",),
-    ("student",),
+    ("student_augment", "student_trainer", "stagewise_training"),
     ("teacher", "select", "released"),
     ("synthesis",),
     ("pdd", "rded", "recover"),
     ("evaluate", "stagewise", "diversity"),
-    ("report", "distill", "bench"),
+    ("report", "comparison", "distill", "bench"),
     ("demo", "cli"),
 )

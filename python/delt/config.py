@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -16,8 +17,13 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 __all__ = [
     "ConfigError",
     "add_arguments",
+    "FLOAT32_MAX",
+    "SEED_MAX",
+    "check_flag_values",
+    "check_float",
     "check_int",
     "check_int_fields",
+    "check_seed",
     "config_diff",
     "flag",
     "from_namespace",
@@ -44,6 +50,65 @@ def check_int(label: str, value: object, low: int = 1) -> None:
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
+
+
+# The largest finite float32: every float flag ends up in float32 arithmetic (a loss weight, a
+# learning rate of an Adam over float32 tensors), where a larger value is infinite.
+FLOAT32_MAX = 3.4028234663852886e38
+# torch.Generator.manual_seed takes an unsigned 64-bit seed; numpy's SeedSequence (derived
+# seeds) a non-negative one.
+SEED_MAX = 2**64 - 1
+
+
+def check_float(label: str, value: object) -> None:
+    """A float flag's value must be a finite number within float32's range (``|value| <=``
+    :data:`FLOAT32_MAX`): NaN, infinity or an overflowing ``1e39`` would turn every loss or
+    step it scales into NaN.
+
+    Raises:
+        ConfigError: ``"<label> must be a finite number within float32's range ..."``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{label} must be a number, got {value!r}")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise ConfigError(
+            f"{label} must be a finite number within float32's range (|x| <= 3.4e38), got {value!r}"
+        )
+
+
+def check_seed(label: str, value: object) -> None:
+    """A seed must be an integer in ``0 .. 2**64 - 1`` (what ``torch.Generator`` takes).
+
+    Raises:
+        ConfigError: naming ``label``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{label} must be an integer in 0..2**64-1 (a seed), got {value!r}")
+
+
+def check_flag_values(cls: type, values: dict[str, Any]) -> None:
+    """The checks every command's flags get, whatever the command (:func:`from_namespace`):
+    float flags finite within float32's range (:func:`check_float`), seeds (fields ``seed`` and
+    ``seeds``) within a generator's range (:func:`check_seed`), and no empty value for a string
+    flag whose default is not empty (``--out ""`` would silently be the current folder).
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        value = values.get(field.name)
+        if value is None:
+            continue
+        label = field.metadata.get("cli_flag") or flag(field.name)
+        annotation, _ = _unwrap_optional(hints[field.name])
+        if annotation is float:
+            check_float(label, value)
+        elif field.name in ("seed", "seeds"):
+            for seed in value if isinstance(value, (tuple, list)) else (value,):
+                check_seed(label, seed)
+        elif annotation is str and value == "" and field.default != "":
+            raise ConfigError(f"{label} is empty; expected a path or name (. for this folder)")
 
 
 def check_int_fields(config: Any, names: tuple[str, ...], low: int = 1) -> None:
@@ -179,8 +244,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
-    """Builds ``cls`` from the parsed flags (its ``__post_init__`` validates)."""
-    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+    """Builds ``cls`` from the parsed flags: :func:`check_flag_values`, then its
+    ``__post_init__`` validates."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+    check_flag_values(cls, values)
+    return cls(**values)
 
 
 def identity_dict(config: Any) -> dict[str, Any]:

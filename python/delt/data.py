@@ -8,9 +8,11 @@ travels with teachers, selections and distilled sets.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from delt.config import check_int
+from delt.io import read_image
 from delt.runtime import check_memory
 
 __all__ = [
@@ -205,7 +208,11 @@ class FolderImageDataset(ImageDataset):
             ]
         )
         self.info = info
-        self.folder = _Ordered(str(folder), transform=transform)
+        # read_image: torchvision's loader's pixels for 8-bit files; 16-bit ones scaled, not
+        # clipped; an unreadable file named.
+        self.folder = _Ordered(
+            str(folder), transform=transform, loader=functools.partial(read_image, mode="RGB")
+        )
         self.targets = torch.tensor(self.folder.targets, dtype=torch.int64)
 
     def _fingerprint_sample(self, digest) -> None:
@@ -261,6 +268,8 @@ def _parse_name(name: str) -> tuple[str, dict[str, str]]:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"--dataset {name!r}: options must look like key=value, got {item!r}")
+        if key.strip() in options:
+            raise ValueError(f"--dataset {name!r}: option {key.strip()!r} is given twice")
         options[key.strip()] = value.strip()
     return base, options
 
@@ -397,8 +406,35 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
 
 
+def shown_name(name: str) -> str:
+    """A class or folder name as messages show it: its ``repr``, except that a name not in
+    Unicode NFC form shows its non-ASCII characters escaped (``'cafe\\u0301'``), so that two
+    names that differ only in normalization (NFC ``é`` vs NFD ``e`` + U+0301, e.g. folders
+    copied from macOS) never look identical."""
+    return repr(name) if unicodedata.is_normalized("NFC", name) else ascii(name)
+
+
+def normalization_note(first: Sequence[str], second: Sequence[str]) -> str:
+    """A note on the names of ``first`` that equal one of ``second`` only after Unicode NFC
+    normalization (empty if none)."""
+    normal = {unicodedata.normalize("NFC", name): name for name in second}
+    pairs = [
+        (name, normal[unicodedata.normalize("NFC", name)])
+        for name in first
+        if unicodedata.normalize("NFC", name) in normal
+        and normal[unicodedata.normalize("NFC", name)] != name
+    ]
+    if not pairs:
+        return ""
+    a, b = pairs[0]
+    return (
+        f"; {shown_name(a)} and {shown_name(b)} differ only in Unicode normalization "
+        "(NFC vs NFD): rename one so that both are spelled alike"
+    )
+
+
 def _shown(names: Sequence[str], limit: int = 5) -> str:
-    listed = ", ".join(repr(name) for name in names[:limit])
+    listed = ", ".join(shown_name(name) for name in names[:limit])
     return f"[{listed}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
@@ -419,15 +455,30 @@ def _load_imagefolder(name, options, root, split, resolution, class_order) -> Im
             order_file = Path(class_order)
             if not order_file.is_file():
                 raise DatasetNotFoundError(f"--class-order {class_order}: no such file")
-            lines = order_file.read_text().splitlines()
-            class_names = [line.strip() for line in lines if line.strip()]
             source = f"--class-order {class_order}"
+            try:
+                lines = order_file.read_bytes().decode("utf-8").splitlines()
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{source}: not a UTF-8 text file of class folder names (byte "
+                    f"{error.start} is not UTF-8)"
+                ) from None
+            class_names = [line.strip() for line in lines if line.strip()]
+            if not class_names:
+                raise ValueError(
+                    f"{source}: the file lists no class; expected class folder names of "
+                    f"{folder}, one per line"
+                )
         if len(set(class_names)) != len(class_names):
-            raise ValueError(f"{source}: a class is listed twice")
+            twice = next(name for name in class_names if class_names.count(name) > 1)
+            raise ValueError(f"{source}: class {shown_name(twice)} is listed twice")
         present = set(found)
         missing = [c for c in class_names if c not in present]
         if missing:
-            raise DatasetNotFoundError(f"{source}: no folder in {folder} for {_shown(missing)}")
+            raise DatasetNotFoundError(
+                f"{source}: no folder in {folder} for {_shown(missing)}"
+                f"{normalization_note(missing, found)}"
+            )
     info = _imagenet_style_info(
         name, class_names, resolution or 224, class_subset=set(class_names) != set(found)
     )
@@ -461,16 +512,14 @@ class FileListDataset(ImageDataset):
         self.targets = torch.tensor([label for _, label in samples], dtype=torch.int64)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image
         from torchvision.transforms import functional
 
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            size = self.info.resolution
-            if image.size != (size, size):
-                image = functional.center_crop(functional.resize(image, size), size)
-            tensor = functional.to_tensor(image)
+        image = read_image(path, "RGB")  # 16-bit files scaled, unreadable ones named
+        size = self.info.resolution
+        if image.size != (size, size):
+            image = functional.center_crop(functional.resize(image, size), size)
+        tensor = functional.to_tensor(image)
         return functional.normalize(tensor, self.info.mean, self.info.std), label
 
 
@@ -551,6 +600,8 @@ def _load_synthetic(name, options, root, split, resolution, class_order) -> Imag
             ) from None
     if resolution is not None:
         values["size"] = resolution
+    if not 0 <= values["seed"] <= 2**62:  # the test split's generator takes 2 * seed + 2
+        raise ValueError(f"--dataset {name}: option seed must be in 0..2**62, got {values['seed']}")
     for key in ("classes", "channels", "size", "train", "test"):
         check_int(f"--dataset {name}: option {key}", values[key])
     classes, channels, size = values["classes"], values["channels"], values["size"]
@@ -657,8 +708,8 @@ def _check_folder_classes(info: DatasetInfo, split: str, root: str | None) -> No
             f"--data-root {root}: the class folders of {folder} are not the "
             f"{info.num_classes} classes the teacher was trained on ({len(found)} folders; "
             f"not known to the teacher: {_shown(unknown) if unknown else 'none'}; missing: "
-            f"{_shown(missing) if missing else 'none'}); pass the --data-root the teacher was "
-            "trained on, or train a teacher on this folder"
+            f"{_shown(missing) if missing else 'none'}{normalization_note(unknown, missing)}); "
+            "pass the --data-root the teacher was trained on, or train a teacher on this folder"
         )
 
 

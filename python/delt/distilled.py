@@ -40,6 +40,7 @@ __all__ = [
     "READ_FORMAT_VERSION",
     "Manifest",
     "check_distilled_set",
+    "first_non_finite",
     "load_distilled",
     "load_stored",
     "normalized",
@@ -143,7 +144,44 @@ class Manifest:
         known["dataset"] = DatasetInfo.from_dict(known["dataset"])
         manifest = cls(**known, extra=document)
         manifest.check(where)
+        manifest.check_teacher_record(where)
         return manifest
+
+    def check_teacher_record(self, where: str = "manifest") -> None:
+        """Refuses a manifest whose dataset contradicts the teacher it records (``teacher.meta``
+        holds the teacher's own dataset): it was edited or is corrupt, and a command that
+        compared it with the teacher would blame the teacher.
+
+        Raises:
+            ValueError: naming ``where`` and the first difference.
+        """
+        meta = self.teacher.get("meta") if isinstance(self.teacher, dict) else None
+        if not isinstance(meta, dict) or not isinstance(meta.get("dataset"), dict):
+            return  # no record to compare with
+        try:
+            recorded = DatasetInfo.from_dict(meta["dataset"])
+        except (KeyError, TypeError, ValueError):
+            return
+        mine = self.dataset
+        if recorded.num_classes != mine.num_classes:
+            what = (
+                f"has {mine.num_classes} classes, but the teacher it records was trained on "
+                f"{recorded.num_classes}"
+            )
+        elif recorded.class_names != mine.class_names:
+            what = "lists other class names than the teacher it records"
+        elif (recorded.channels, recorded.resolution) != (mine.channels, mine.resolution):
+            what = (
+                f"has {mine.channels}x{mine.resolution}x{mine.resolution} images, but the "
+                f"teacher it records takes {recorded.channels}x{recorded.resolution}x"
+                f"{recorded.resolution}"
+            )
+        else:
+            return
+        raise ValueError(
+            f"{where}: its dataset {what} (teacher.meta.dataset): the manifest contradicts "
+            "itself; it is corrupt or was edited (re-run the command that made the set)"
+        )
 
     def check(self, where: str = "manifest") -> None:
         """Raises ValueError (naming ``where``) where the fields contradict each other."""
@@ -248,6 +286,12 @@ def save_distilled(folder: str | Path, images: Tensor, labels: Tensor, manifest:
     ``images``: (N, C, H, W) float32 normalized, or uint8 pixels (then the manifest says so).
     """
     folder = Path(folder)
+    bad = first_non_finite(images)
+    if bad is not None:  # the last guard: a NaN set is never written
+        raise ValueError(
+            f"{folder / 'distilled.pt'}: not written: image {bad} holds non-finite pixels "
+            "(NaN or infinite)"
+        )
     manifest.files.setdefault("distilled", "distilled.pt")
     manifest.images_dtype = "uint8" if images.dtype == torch.uint8 else "float32"
     torch_save({"images": images.contiguous(), "labels": labels}, folder / "distilled.pt")
@@ -308,12 +352,31 @@ def load_stored(folder: str | Path) -> tuple[Tensor, Tensor, Manifest]:
     return images, labels, manifest
 
 
+def first_non_finite(images: Tensor, block: int = 256) -> int | None:
+    """The index of the first image of ``images`` (N, ...) holding a NaN or infinite value, or
+    None (always None for integer pixels). Checked ``block`` images at a time, so that the
+    check never needs a mask of the whole set."""
+    if not images.is_floating_point():
+        return None
+    for start in range(0, images.shape[0], block):
+        finite = torch.isfinite(images[start : start + block]).flatten(1).all(1)
+        if not bool(finite.all()):
+            return start + int((~finite).nonzero()[0, 0])
+    return None
+
+
 def _load_set_file(path: Path) -> tuple[Tensor, Tensor]:
     what = "distilled set (distilled.pt of `delt recover`)"
     payload = torch_load(path, what, keys=("images", "labels"))
     images, labels = payload["images"], payload["labels"]
     if not (isinstance(images, Tensor) and isinstance(labels, Tensor)):
         raise FileFormatError(f"{path}: not a {what}: images and labels must be tensors")
+    bad = first_non_finite(images) if images.dim() >= 1 else None
+    if bad is not None:
+        raise FileFormatError(
+            f"{path}: image {bad} holds non-finite pixels (NaN or infinite): not a usable "
+            "distilled set (re-run the command that made it)"
+        )
     return images, labels
 
 

@@ -196,6 +196,11 @@ def _measure_diversity(config: DiversityConfig, out: Path) -> DiversityResult:
     features = penultimate_features(model, images.to(device), config.batch_size)
     per_class = centroid_cosine(features, labels, info.num_classes)
     present = per_class[~torch.isnan(per_class)].numpy()
+    if present.size == 0 or not np.isfinite(present).all():
+        raise ValueError(
+            f"--distilled {folder}: the diversity is not a finite number over "
+            f"{present.size} classes (the model's features of its images are not finite)"
+        )
     mean, std = float(np.mean(present)), float(np.std(present))
     document = {
         "format": DIVERSITY_FORMAT,

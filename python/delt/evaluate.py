@@ -1,7 +1,8 @@
 """``delt eval``: train students from scratch on a distilled set and test them on real data.
 
-RDED/DELT's protocol (reference/delt.md §5; README, "Evaluating"); the engine is
-:mod:`delt.student`, ``--stagewise`` runs in :mod:`delt.stagewise`. ``DIR/eval.json`` (atomic)
+RDED/DELT's protocol (DELT: Shen et al., CVPR 2025, github.com/VILA-Lab/DELT; README,
+"Evaluating"); the engine is :mod:`delt.student_trainer` with :mod:`delt.student_augment`,
+``--stagewise`` runs in :mod:`delt.stagewise`. ``DIR/eval.json`` (atomic)
 caches every finished seed of an identity (config, student, batch, input files; not the seeds).
 """
 
@@ -44,11 +45,10 @@ from delt.models import (
     model_spec,
 )
 from delt.runtime import logger, resolve_device, versions
-from delt.student import (
+from delt.student_augment import RANDAUGMENT_BINS, StudentAugment
+from delt.student_trainer import (
     PROTOCOL,
-    RANDAUGMENT_BINS,
-    Check,
-    StudentAugment,
+    AccuracyCheck,
     StudentTrainer,
     TrainSettings,
     default_batch_size,
@@ -100,7 +100,7 @@ class EvalConfig:
     seeds: tuple[int, ...] = option((0,), help="one student per seed, e.g. 3407,4663,2897")
     eval_every: int = option(10, help="test every k epochs (and after the last)")
     batch_size: int | None = option(
-        None, help="default: 100 / 50 / 10 for IPC >= 50 / >= 10 / less (delt.md §5), capped"
+        None, help="default: 100 / 50 / 10 for IPC >= 50 / >= 10 / less (DELT's), capped"
     )
     temperature: float = option(PROTOCOL.temperature, help="softmax temperature of the KL loss")
     lr: float = option(PROTOCOL.lr, help="AdamW learning rate")
@@ -299,7 +299,12 @@ class SeedResult:
 
     @classmethod
     def from_checks(
-        cls, seed: int, checks: list[Check], losses: list[float], seconds: float, indices=None
+        cls,
+        seed: int,
+        checks: list[AccuracyCheck],
+        losses: list[float],
+        seconds: float,
+        indices=None,
     ) -> SeedResult:
         best = max(checks, key=lambda check: check.accuracy)  # the earliest of equal bests
         return cls(
@@ -529,7 +534,7 @@ class EvalContext:
                 images, labels = self.images, self.labels
             trainer = self.make_trainer(seed)
             losses: list[float] = []
-            checks: list[Check] = []
+            checks: list[AccuracyCheck] = []
             seconds_before = 0.0
             if path is not None:
                 resumed = _load_seed_state(path, identity, seed, trainer, self.device)
@@ -574,7 +579,7 @@ def _generator_states(trainer: StudentTrainer) -> dict:
 
 def _save_seed_state(
     path: Path, identity: dict, seed: int, trainer: StudentTrainer, losses: list[float],
-    checks: list[Check], seconds: float,
+    checks: list[AccuracyCheck], seconds: float,
 ) -> None:  # fmt: skip
     """Called on every rank (a collective under torchrun); rank 0 writes ``path``.
 
@@ -602,7 +607,7 @@ def _save_seed_state(
 
 def _load_seed_state(
     path: Path, identity: dict, seed: int, trainer: StudentTrainer, device: torch.device
-) -> tuple[list[float], list[Check], float] | None:
+) -> tuple[list[float], list[AccuracyCheck], float] | None:
     """Restores a saved seed state into ``trainer`` and torch's generators; None when there is
     none, or it belongs to another identity or seed (then it is trained afresh).
 
@@ -629,7 +634,11 @@ def _load_seed_state(
     torch.set_rng_state(rng)
     if cuda_rng is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all(cuda_rng)
-    return list(state["losses"]), [Check(**c) for c in state["checks"]], float(state["seconds"])
+    return (
+        list(state["losses"]),
+        [AccuracyCheck(**c) for c in state["checks"]],
+        float(state["seconds"]),
+    )
 
 
 def eval_document(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -38,6 +39,8 @@ __all__ = [
     "atomic_open",
     "check_output",
     "read_json",
+    "image_size",
+    "read_image",
     "remove_stray_temporaries",
     "save_image",
     "sha256_file",
@@ -213,25 +216,66 @@ def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
     return True
 
 
+def _non_finite_at(obj: Any, where: str = "") -> str | None:
+    """The key path (``stages[2].loss``) of the first NaN or infinite float in ``obj``, else
+    None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value"
+    if isinstance(obj, dict):
+        items = ((f"{where}.{key}" if where else str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{index}]", value) for index, value in enumerate(obj))
+    else:
+        return None
+    for path, value in items:
+        found = _non_finite_at(value, path)
+        if found is not None:
+            return found
+    return None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes ``obj`` as indented JSON (keys in insertion order), atomically; a file that holds
-    the same JSON already is left as it is."""
-    write_if_changed(path, (json.dumps(obj, indent=2) + "\n").encode())
+    the same JSON already is left as it is.
+
+    Raises:
+        ValueError: ``obj`` holds a NaN or infinite float (standard JSON has none; delt writes
+            none), naming the file and the key; nothing is written.
+    """
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        where = _non_finite_at(obj)
+        if where is None:
+            raise
+        raise ValueError(
+            f"{path}: not written: {where} is not a finite number (NaN or infinity), which "
+            "JSON cannot hold"
+        ) from None
+    write_if_changed(path, (text + "\n").encode())
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, which is not standard JSON (delt never writes it)")
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Reads a JSON file.
 
     Raises:
-        FileFormatError: it is not valid UTF-8 JSON (truncated, corrupt), naming the file.
+        FileFormatError: it is not valid UTF-8 JSON (truncated, corrupt), or it holds ``NaN`` or
+            ``Infinity`` (Python's extension of JSON, which no delt version writes), naming the
+            file.
     """
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            return json.load(handle, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FileFormatError(
             f"{path}: not a readable {what}: truncated or corrupt JSON ({error})"
         ) from None
+    except ValueError as error:  # NaN, Infinity
+        raise FileFormatError(f"{path}: not a readable {what}: {error}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -350,6 +394,72 @@ def check_output(
         raise WriteError(message, error.errno) from None
     os.close(fd)
     os.unlink(probe_name)
+
+
+def _image_error(path: str | os.PathLike, error: BaseException) -> FileFormatError:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return FileFormatError(
+        f"{path}: not a readable image: truncated, corrupt or not a PNG/JPEG file ({text})"
+    )
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file, from its header alone.
+
+    Raises:
+        FileFormatError: not a readable image, naming the file.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (FileNotFoundError, PermissionError, MemoryError):
+        raise
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, its own errors
+        raise _image_error(path, error) from None
+
+
+def read_image(path: str | os.PathLike, mode: str = "RGB") -> Any:
+    """An image file, fully decoded, as an 8-bit PIL image in ``mode`` (``"RGB"`` or ``"L"``).
+
+    16-bit grayscale (PIL modes ``I;16*``, and ``I`` holding values in 0..65535, as PIL reads
+    16-bit PNGs) is scaled to 8 bits (``round(v * 255 / 65535)``), not clipped at 255 as PIL's
+    ``convert`` would; PIL reads 16-bit RGB(A) PNGs as their high bytes, a scaling too. A 32-bit
+    float image (mode ``F``) or an integer one outside 0..65535 has no defined range: refused.
+    8-bit images are exactly PIL's ``Image.open(path).convert(mode)``.
+
+    Raises:
+        FileFormatError: not a readable image (truncated, corrupt, not an image), or of a depth
+            that cannot be read as 8 bits, naming the file.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == "F":
+                raise FileFormatError(
+                    f"{path}: a 32-bit floating-point image (PIL mode F), whose pixel range is "
+                    "not defined; save it as an 8- or 16-bit PNG"
+                )
+            if image.mode == "I" or image.mode.startswith("I;16"):
+                values = np.asarray(image)
+                if values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
+                    raise FileFormatError(
+                        f"{path}: a 32-bit integer image (PIL mode {image.mode}) with values "
+                        f"outside 0..65535; save it as an 8- or 16-bit PNG"
+                    )
+                scaled = (values.astype(np.uint32) * 255 + 32767) // 65535
+                return Image.fromarray(scaled.astype(np.uint8)).convert(mode)
+            return image.convert(mode)
+    except (FileFormatError, FileNotFoundError, PermissionError, MemoryError):
+        raise
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, its own errors
+        raise _image_error(path, error) from None
 
 
 def to_uint8(image: Tensor, image_format: str = "png") -> Tensor:

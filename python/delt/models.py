@@ -9,6 +9,7 @@ load (a checkpoint written before the digest existed still loads).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from delt.data import DataMismatchError, DatasetInfo, same_dataset_name
+from delt.data import (
+    DataMismatchError,
+    DatasetInfo,
+    normalization_note,
+    same_dataset_name,
+    shown_name,
+)
 from delt.io import (
     FileFormatError,
     IntegrityError,
@@ -44,6 +51,7 @@ __all__ = [
     "load_weights",
     "read_weights",
     "save_checkpoint",
+    "read_sidecar",
     "verify_sidecar_digest",
     "torchvision_weights",
 ]
@@ -305,8 +313,10 @@ def check_compatible(
         )
         raise TeacherMismatchError(
             f"the {what}'s class order differs from {info.name}'s: class {first} is "
-            f"{saved.class_names[first]!r} for the {what} but {info.class_names[first]!r} for the "
-            "data (pass the teacher's order with --class-order, or retrain the teacher)"
+            f"{shown_name(saved.class_names[first])} for the {what} but "
+            f"{shown_name(info.class_names[first])} for the data"
+            f"{normalization_note(saved.class_names[first : first + 1], info.class_names)} (pass "
+            "the teacher's order with --class-order, or retrain the teacher)"
         )
     if (saved.channels, saved.resolution) != (info.channels, info.resolution):
         raise TeacherMismatchError(
@@ -377,19 +387,49 @@ def load_checkpoint(path: str | Path, info: DatasetInfo | None = None) -> Checkp
     return Checkpoint(model=model, meta=meta, info=saved_info, path=path)
 
 
-def verify_sidecar_digest(path: Path) -> None:
-    """Checks ``path`` against the ``sha256`` its ``.json`` sidecar recorded at save (if any).
+def read_sidecar(path: str | Path) -> dict[str, Any] | None:
+    """The ``.json`` sidecar of the checkpoint ``path`` (what :func:`save_checkpoint` writes: a
+    JSON object of its metadata, ``arch``, ``arch_kwargs``, ``dataset``, and its ``sha256``), or
+    None where there is none. One without ``sha256`` is accepted: written before digests
+    existed. Anything else is refused, so that a damaged sidecar never turns the digest check
+    off or passes for a checkpoint's record.
 
     Raises:
+        FileFormatError: not JSON, not an object, no metadata, or a ``sha256`` that is not a
+            SHA-256 hex digest; naming the sidecar.
+    """
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    what = f"sidecar of {path.name} (its metadata and SHA-256, as `delt teacher` writes)"
+    document = read_json(sidecar, what)
+    fix = f"restore it from where {path.name} came from, or save the checkpoint again"
+    if not isinstance(document, dict):
+        raise FileFormatError(f"{sidecar}: not a {what}: a JSON {type(document).__name__}; {fix}")
+    lacking = [key for key in ("arch", "arch_kwargs", "dataset") if key not in document]
+    if lacking:
+        raise FileFormatError(f"{sidecar}: not a {what}: it lacks {', '.join(lacking)}; {fix}")
+    recorded = document.get("sha256")
+    if recorded is not None and not (
+        isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded) is not None
+    ):
+        raise FileFormatError(
+            f"{sidecar}: not a {what}: its sha256 {recorded!r} is not a SHA-256 hex digest; {fix}"
+        )
+    return document
+
+
+def verify_sidecar_digest(path: Path) -> None:
+    """Checks ``path`` against the ``sha256`` its ``.json`` sidecar recorded at save
+    (:func:`read_sidecar`): no sidecar, or one of before digests, is nothing to check.
+
+    Raises:
+        FileFormatError: the sidecar is damaged (:func:`read_sidecar`).
         IntegrityError: the digests differ.
     """
     sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        return
-    try:
-        recorded = read_json(sidecar).get("sha256")
-    except (ValueError, AttributeError):
-        return  # not a sidecar of ours
+    recorded = (read_sidecar(path) or {}).get("sha256")
     if recorded is not None and recorded != sha256_file(path):
         raise IntegrityError(
             f"{path}: its SHA-256 differs from the one {sidecar.name} recorded when it was "

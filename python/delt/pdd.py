@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from delt.batches import iterate_batches
 from delt.config import ConfigError, check_int, option, refuse_method_options
 from delt.data import ImageDataset, load_like
 from delt.distilled import save_images, union_prefix
@@ -37,17 +38,9 @@ from delt.models import (
 from delt.runtime import autocast, derive_seed, logger
 from delt.schedules import Chunk, stage_offsets, stage_round_iterations, stage_sizes
 from delt.select import Selection, order_class
-from delt.student import (
-    PROTOCOL,
-    StudentAugment,
-    StudentTrainer,
-    TrainSettings,
-    default_batch_size,
-    iterate_batches,
-    seeded,
-    stagewise_plan,
-    train_stagewise,
-)
+from delt.stagewise_training import stagewise_plan, train_stagewise
+from delt.student_augment import StudentAugment
+from delt.student_trainer import PROTOCOL, StudentTrainer, TrainSettings, default_batch_size, seeded
 from delt.synthesis import (
     METHODS,
     RecoverResult,
@@ -398,10 +391,10 @@ def _train_hard_student(
 ) -> nn.Module:
     """The student of ``--stage-init hard``: ``delt eval --stagewise``'s student on U_1 … U_{k-1}.
 
-    The evaluation protocol's defaults (:data:`delt.student.PROTOCOL`), the batch size of an IPC
-    ``ipc`` set, ``epochs`` split across the unions with the LR schedule restarted per stage
-    (:func:`delt.student.train_stagewise`): the images a stage starts from are what a stage-wise
-    evaluation's student has not learned yet.
+    The evaluation protocol's defaults (:data:`delt.student_trainer.PROTOCOL`), the batch size
+    of an IPC ``ipc`` set, ``epochs`` split across the unions with the LR schedule restarted per
+    stage (:func:`delt.stagewise_training.train_stagewise`): the images a stage starts from are
+    what a stage-wise evaluation's student has not learned yet.
     """
     info = teacher.info
     sizes = [len(images) for images, _ in unions]

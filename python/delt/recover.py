@@ -9,14 +9,13 @@ process at a time writes ``OUT`` (``OUT/.lock``, :mod:`delt.lock`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
+from delt.config import ConfigError, check_float, check_int_fields, flag, identity_dict, option
 from delt.data import DatasetInfo
 from delt.lock import output_lock
 from delt.pdd import (
@@ -149,7 +148,8 @@ class RecoverConfig:
         recipe = self.recipe
         for name in ("lr", "r_bn", "first_bn_multiplier"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            check_float(flag(name), value)  # also through the API: float32's range
+            if value < 0 or (name == "lr" and value == 0):
                 raise ConfigError(f"{flag(name)} must be a finite number > 0, got {value}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from delt.config import identity_dict, option
-from delt.data import DatasetInfo
+from delt.data import DatasetInfo, normalization_note, shown_name
 from delt.distilled import Manifest, save_distilled
-from delt.io import check_output, read_json, sha256_file
+from delt.io import check_output, image_size, read_image, read_json, sha256_file
 from delt.lock import output_lock
 from delt.models import load_checkpoint
 from delt.runtime import logger, versions
@@ -96,19 +96,20 @@ def map_class_folders(
         else:
             unknown.append(name)
     if unknown:
-        shown = ", ".join(repr(n) for n in unknown[:5])
+        shown = ", ".join(shown_name(n) for n in unknown[:5])
         more = f", ... ({len(unknown)} in all)" if len(unknown) > 5 else ""
         raise ValueError(
             f"--images {where}: class folder(s) {shown}{more} are neither one of the teacher's "
-            f"{info.num_classes} class names (e.g. {info.class_names[0]!r}) nor a class number "
-            f"0..{info.num_classes - 1} (new007, class007, 00007, 7)"
+            f"{info.num_classes} class names (e.g. {shown_name(info.class_names[0])}) nor a "
+            f"class number 0..{info.num_classes - 1} (new007, class007, 00007, 7)"
+            f"{normalization_note(unknown, info.class_names)}"
         )
     seen: dict[int, str] = {}
     for name, label, _ in mapped:
         if label in seen:
             raise ValueError(
-                f"--images {where}: folders {seen[label]!r} and {name!r} are both class {label} "
-                f"({info.class_names[label]!r})"
+                f"--images {where}: folders {shown_name(seen[label])} and {shown_name(name)} are "
+                f"both class {label} ({shown_name(info.class_names[label])})"
             )
         seen[label] = name
     return sorted(mapped, key=lambda item: item[1])
@@ -148,32 +149,26 @@ def _scan(folder: Path, info: DatasetInfo) -> list[_ClassFolder]:
 
 def _check_sizes(classes: list[_ClassFolder], info: DatasetInfo, where: str) -> None:
     """Reads only the headers: every image must be resolution x resolution."""
-    from PIL import Image
-
     expected = (info.resolution, info.resolution)
     for entry in classes:
         for path in entry.files:
-            with Image.open(path) as image:
-                if image.size != expected:
-                    raise ValueError(
-                        f"--images {where}: {path} is {image.size[0]}x{image.size[1]}, the "
-                        f"teacher takes {expected[0]}x{expected[1]}; pass --resize to resize"
-                    )
+            size = image_size(path)
+            if size != expected:
+                raise ValueError(
+                    f"--images {where}: {path} is {size[0]}x{size[1]}, the teacher takes "
+                    f"{expected[0]}x{expected[1]}; pass --resize to resize"
+                )
 
 
 def _read_pixels(path: Path, info: DatasetInfo, resize: bool) -> Tensor:
-    """One image as uint8 (C, H, W), in the teacher's channels (RGB or grayscale)."""
-    from PIL import Image
+    """One image as uint8 (C, H, W), in the teacher's channels (RGB or grayscale); a 16-bit
+    image is scaled to 8 bits (:func:`delt.io.read_image`)."""
+    image = read_image(path, "RGB" if info.channels == 3 else "L")
+    if resize and image.size != (info.resolution, info.resolution):
+        from torchvision.transforms import functional
 
-    with Image.open(path) as image:
-        image = image.convert("RGB" if info.channels == 3 else "L")
-        if resize and image.size != (info.resolution, info.resolution):
-            from torchvision.transforms import functional
-
-            image = functional.center_crop(
-                functional.resize(image, info.resolution), info.resolution
-            )
-        array = np.asarray(image, dtype=np.uint8)
+        image = functional.center_crop(functional.resize(image, info.resolution), info.resolution)
+    array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)

@@ -90,6 +90,11 @@ def check_report(report: dict, where: str = "report") -> None:
         ok = isinstance(value, kind) and not isinstance(value, bool)
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and not math.isfinite(value):
+                raise ValueError(
+                    f"{where}: {key} is {value!r}, not a finite number: not a result to report "
+                    "(the set or its evaluation is broken; re-run the command that made it)"
+                )
         if not ok:
             raise ValueError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
 

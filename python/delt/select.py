@@ -1,15 +1,18 @@
 """``delt select``: rank real training images with the teacher and pick IPC per class.
 
-Score = the teacher's probability of the true class (delt.md §2.2) with the dataset's own
-normalization. Strategies return a class's picks *in selection order* (EarlyLate optimizes the
-first longest): ``medium`` (DELT: from the median outwards), ``top``, ``min``, ``random``.
+Score = the teacher's probability of the true class (DELT's ``data_selection.py``,
+github.com/VILA-Lab/DELT) with the dataset's own normalization. Strategies return a class's
+picks *in selection order* (EarlyLate optimizes the first longest): ``medium`` (DELT: from the
+median outwards), ``top``, ``min``, ``random``.
 Writes ``selection.json`` (per class the chosen indices, in order) and ``ranking.csv``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import shutil
 import time
@@ -20,11 +23,13 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from delt.batches import iterate_batches
 from delt.config import ConfigError, check_int_fields, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, TensorImageDataset, load_like
 from delt.distributed import all_gather, is_main, world
 from delt.io import (
     FileFormatError,
+    IntegrityError,
     atomic_open,
     check_output,
     read_json,
@@ -36,9 +41,15 @@ from delt.io import (
 from delt.lock import output_lock
 from delt.models import check_compatible, check_model_memory, load_checkpoint
 from delt.runtime import autocast, logger, resolve_device, versions
-from delt.student import iterate_batches
 
-__all__ = ["SelectConfig", "Selection", "order_class", "score_images", "select_images"]
+__all__ = [
+    "SelectConfig",
+    "Selection",
+    "content_digest",
+    "order_class",
+    "score_images",
+    "select_images",
+]
 
 STRATEGIES = ("medium", "top", "min", "random")
 
@@ -94,10 +105,18 @@ class Selection:
 
     @property
     def ipc(self) -> int:
-        return len(self.indices[0])
+        return min(len(picks) for picks in self.indices)
 
     @classmethod
     def load(cls, folder: str | Path) -> Selection:
+        """Reads ``folder/selection.json``; checks its ``content_sha256`` where it has one (a
+        selection written before the digest has none: loaded unchecked).
+
+        Raises:
+            FileNotFoundError: there is none.
+            FileFormatError: not a selection (indices that are not lists of integers included).
+            IntegrityError: its content is not the one its digest records (edited, corrupt).
+        """
         path = Path(folder) / "selection.json"
         if not path.is_file():
             raise FileNotFoundError(
@@ -105,15 +124,62 @@ class Selection:
             )
         meta = read_json(path, "selection (selection.json of `delt select`)")
         try:
-            indices = [list(map(int, c)) for c in meta["classes"]]
+            indices = [list(c) for c in meta["classes"]]
             if not indices:
                 raise ValueError("no classes")
+            for picks in indices:
+                for index in picks:
+                    if isinstance(index, bool) or not isinstance(index, int):
+                        raise TypeError(f"index {index!r} is not an integer")
             DatasetInfo.from_dict(meta["dataset"])
         except (KeyError, TypeError, ValueError) as error:
             raise FileFormatError(
                 f"{path}: not a selection of `delt select` ({type(error).__name__}: {error})"
             ) from None
+        recorded = meta.get("content_sha256")
+        if recorded is not None and recorded != content_digest(meta):
+            raise IntegrityError(
+                f"{path}: its content differs from the one its content_sha256 recorded when "
+                "it was written; the file is corrupt or was edited (run `delt select` again)"
+            )
         return cls(indices=indices, meta=meta)
+
+    def check_indices(self, targets: torch.Tensor, num_classes: int, where: str | Path) -> None:
+        """Refuses indices that do not point at an image of their class in the training split
+        whose labels are ``targets`` (N,) int64: one class list per class, each index in
+        ``0 .. N - 1`` (no Python from-the-end ``-1``) and labelled with its list's class.
+        Cheap: call it before any work.
+
+        Raises:
+            FileFormatError: naming ``where`` (the selection.json), the class and the index.
+        """
+        count = int(targets.shape[0])
+        if len(self.indices) != num_classes:
+            raise FileFormatError(
+                f"{where}: holds {len(self.indices)} class lists, the training split has "
+                f"{num_classes} classes"
+            )
+        for label, picks in enumerate(self.indices):
+            for index in picks:
+                if not 0 <= index < count:
+                    raise FileFormatError(
+                        f"{where}: class {label} lists index {index}, outside the training "
+                        f"split's 0..{count - 1}"
+                    )
+                if int(targets[index]) != label:
+                    raise FileFormatError(
+                        f"{where}: class {label} lists index {index}, an image of class "
+                        f"{int(targets[index])}"
+                    )
+
+
+def content_digest(document: dict) -> str:
+    """The ``content_sha256`` of a selection document: the SHA-256 of its canonical JSON
+    (sorted keys, no spaces) without that key. It covers the indices and the training split's
+    fingerprint (``dataset.fingerprint``), i.e. what the indices point into."""
+    body = {key: value for key, value in document.items() if key != "content_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def order_class(
@@ -336,6 +402,7 @@ def _select_images(config: SelectConfig) -> Selection:
         "versions": versions(),
         "classes": chosen,
     }
+    document["content_sha256"] = content_digest(document)
     if not is_main():  # the other ranks of a torchrun job hold the same selection
         return Selection(indices=chosen, meta=document)
     with atomic_open(out / "ranking.csv", "w") as handle:

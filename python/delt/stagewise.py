@@ -1,6 +1,8 @@
-"""``delt eval --stagewise``: PDD's stage-wise evaluation of a progressive set (pdd.md §1.5).
+"""``delt eval --stagewise``: PDD's stage-wise evaluation of a progressive set (PDD: Chen et al.,
+ICLR 2024).
 
-Per seed, one student trains on U_1, then U_1 ∪ U_2, … U_P (:func:`delt.student.train_stagewise`:
+Per seed, one student trains on U_1, then U_1 ∪ U_2, … U_P
+(:func:`delt.stagewise_training.train_stagewise`:
 ``--epochs`` split across the stages, one AdamW carried through, ``--stage-schedule`` restart or
 continue), and beside it the plain evaluation of U_P with the same seed. The results file
 (default ``DISTILLED/eval-stagewise.json``) has ``eval.json``'s keys for the stage-wise student,
@@ -29,7 +31,8 @@ from delt.evaluate import (
 from delt.io import read_json, write_json
 from delt.lock import results_lock
 from delt.runtime import logger
-from delt.student import StagePlan, seeded, stagewise_plan, train_stagewise
+from delt.stagewise_training import StagePlan, stagewise_plan, train_stagewise
+from delt.student_trainer import seeded
 
 __all__ = ["STAGEWISE_FORMAT", "StagewiseSeedResult", "evaluate_stagewise"]
 

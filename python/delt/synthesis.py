@@ -64,6 +64,7 @@ __all__ = [
     "ActiveSets",
     "ChunkResult",
     "MethodRecipe",
+    "NonFiniteError",
     "RecoverResult",
     "RecoverySettings",
     "Run",
@@ -141,6 +142,19 @@ class RecoverySettings:
     channels_last: bool
     low: Tensor
     high: Tensor
+
+
+class NonFiniteError(ValueError):
+    """A chunk's loss (at ``iteration``) or its final pixels became NaN or infinite."""
+
+    def __init__(self, what: str, iteration: int, total_iterations: int) -> None:
+        where = (
+            f"at iteration {iteration} of {total_iterations}"
+            if what == "loss"
+            else f"after {total_iterations} iterations"
+        )
+        super().__init__(f"the {what} became non-finite (NaN or infinite) {where}")
+        self.what, self.iteration = what, iteration
 
 
 @dataclass
@@ -277,7 +291,11 @@ def optimize_chunk(
         if frozen_sample is not None and frozen_sample >= frozen.shape[0]:
             frozen_sample = None  # the whole pool fits: no sampling
     start = time.perf_counter()
-    loss_value = float("nan")
+    loss_value = float("nan")  # no step, no loss (the chunk file stores it; no JSON holds it)
+    # The first iteration whose loss is not finite (total_iterations: none), kept on the device:
+    # no host sync per step. It is read where the loss is read anyway (a redrawn bar) and once
+    # at the chunk's end, with the pixels (copied to the host then anyway).
+    first_bad = torch.full((), total_iterations, dtype=torch.int64, device=device)
     for iteration in range(total_iterations):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(iteration, total_iterations, settings.lr)
@@ -301,6 +319,9 @@ def optimize_chunk(
             nn.functional.cross_entropy(logits.float(), targets)
             + settings.r_bn * bn_matching.loss()
         )
+        first_bad = torch.minimum(
+            first_bad, torch.where(torch.isfinite(loss.detach()), total_iterations, iteration)
+        )
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
         optimizer.step()
@@ -311,12 +332,19 @@ def optimize_chunk(
             # Reading the loss waits for the device: only when the bar has just been redrawn.
             if progress.last_print_n == progress.n or iteration == total_iterations - 1:
                 loss_value = loss.item()
+                if not math.isfinite(loss_value):  # stop now rather than at the chunk's end
+                    raise NonFiniteError("loss", int(first_bad), total_iterations)
                 progress.set_postfix(
                     loss=f"{loss_value:.3f}", active=targets.shape[0], refresh=False
                 )
     if total_iterations:
         loss_value = loss.item()
-    return ChunkResult(pixels.detach().cpu(), float(loss_value), time.perf_counter() - start)
+    images = pixels.detach().cpu()
+    if int(first_bad) < total_iterations:
+        raise NonFiniteError("loss", int(first_bad), total_iterations)
+    if not bool(torch.isfinite(images).all()):
+        raise NonFiniteError("pixels", total_iterations, total_iterations)
+    return ChunkResult(images, float(loss_value), time.perf_counter() - start)
 
 
 def run_chunks(
@@ -399,6 +427,11 @@ def run_chunks(
         ):
             raise FileFormatError(
                 f"{path}: not a recovery chunk of {(len(positions), *expected)} images"
+            )
+        if chunk_images.is_floating_point() and not bool(torch.isfinite(chunk_images).all()):
+            raise FileFormatError(
+                f"{path}: holds non-finite pixels (NaN or infinite); delete it to make that "
+                "chunk again"
             )
         place(chunk, chunk_images, float(saved["seconds"]), saved["iterations"].tolist())
 
@@ -494,12 +527,21 @@ def synthesize_chunks(
         chunk_labels = torch.tensor(chunk.classes, dtype=torch.int64)
         frozen = None if frozen_images is None else frozen_images(chunk)
         bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not progress)
-        result = optimize_chunk(
-            forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
-            settings, generator, bar,
-            frozen=None if frozen is None else frozen.to(device), frozen_sample=frozen_sample,
-        )  # fmt: skip
-        bar.close()
+        try:
+            result = optimize_chunk(
+                forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
+                settings, generator, bar,
+                frozen=None if frozen is None else frozen.to(device), frozen_sample=frozen_sample,
+            )  # fmt: skip
+        except NonFiniteError as error:
+            # Nothing of the chunk is saved: a NaN set is never written.
+            raise ConfigError(
+                f"chunk {chunk.index} ({desc}): {error}; nothing of it was saved. The loss is "
+                f"scaled by --r-bn {settings.r_bn:g} and --first-bn-multiplier "
+                f"{bn_matching.weights[0]:g}, its steps by --lr {settings.lr:g}: lower them"
+            ) from None
+        finally:
+            bar.close()
         return result, [total - s for s in starts]
 
     return run_chunks(chunks, ipc, info, chunk_dir, chunk_seed, optimize, progress, desc, identity)
@@ -513,6 +555,25 @@ def identity_differences(saved: dict, current: dict) -> list[str]:
         if key != "config" and saved.get(key) != current.get(key):
             differences.append(f"{key}: {_short(saved.get(key))} -> {_short(current.get(key))}")
     return differences
+
+
+def _input_difference(key: str, saved: object, current: object) -> str:
+    """How an input of ``run.json`` differs from this run's: a file's SHA-256 (another file, or
+    the file was changed), or the data's identity."""
+    if key.endswith("_sha256"):
+        name = key.removesuffix("_sha256")
+        flag_name = {"teacher": "--teacher", "selection": "--selection"}.get(name, name)
+
+        def shown(value: object) -> str:
+            return "none" if value is None else str(value)[:16] + "..."
+
+        return (
+            f"{flag_name}: the {name}'s SHA-256 differs (the first run's {shown(saved)}, now "
+            f"{shown(current)}): another {name} file, or that file changed since the first run"
+        )
+    if key == "data":
+        return f"the data differs ({_short(saved)} -> {_short(current)})"
+    return f"{key}: {_short(saved)} -> {_short(current)}"
 
 
 def _short(value: object) -> str:
@@ -568,8 +629,11 @@ def load_selection(
     """The ``--selection`` of a real-image init and the training set its indices point into.
 
     Raises:
-        TeacherMismatchError: the selection was made on other data than the teacher's.
+        TeacherMismatchError: the selection was made on other data than the teacher's, or
+            than the training split found.
         ConfigError: it holds fewer than ``needed_ipc`` images per class.
+        FileFormatError: an index out of range or of another class (:meth:`Selection.
+            check_indices`), before any work.
     """
     selection = Selection.load(config.selection)
     selection_info = DatasetInfo.from_dict(selection.meta["dataset"])
@@ -583,7 +647,14 @@ def load_selection(
             f"{selection.ipc} images per class (run `delt select --ipc {needed_ipc}`)"
         )
     dataset = load_like(teacher.info, "train", config.data_root or selection.meta.get("data_root"))
-    check_compatible(teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
+    fingerprint = dataset.fingerprint()
+    check_compatible(teacher.meta, dataset.info, fingerprint=fingerprint)
+    path = Path(config.selection) / "selection.json"
+    try:  # the split its indices point into, itself (a teacher of before fingerprints has none)
+        check_compatible(selection.meta, dataset.info, what="selection", fingerprint=fingerprint)
+    except TeacherMismatchError as error:
+        raise TeacherMismatchError(f"--selection {config.selection}: {error}") from None
+    selection.check_indices(dataset.targets, dataset.info.num_classes, path)
     return selection, dataset
 
 
@@ -632,7 +703,7 @@ class Run:
         differences = config_diff(saved["config"], identity["config"])
         for key in sorted(set(saved) | set(identity)):
             if key != "config" and saved.get(key) != identity.get(key):
-                differences.append(f"{key}: the file changed since the first run")
+                differences.append(_input_difference(key, saved.get(key), identity.get(key)))
         if differences:
             raise ConfigError(
                 f"--out {self.out} holds a recovery with another configuration "

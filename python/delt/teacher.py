@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from delt.batches import evaluate_accuracy, iterate_batches
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import load_dataset
 from delt.io import check_output, read_json
@@ -27,11 +28,11 @@ from delt.models import (
     check_model_memory,
     load_weights,
     model_spec,
+    read_sidecar,
     read_weights,
     save_checkpoint,
 )
 from delt.runtime import autocast, logger, resolve_device, versions
-from delt.student import evaluate_accuracy, iterate_batches
 
 __all__ = [
     "TeacherConfig",
@@ -190,10 +191,7 @@ def saved_checkpoints(teacher_path: str | Path) -> list[dict]:
         (empty for a teacher trained without ``--save-epochs``).
     """
     teacher_path = Path(teacher_path)
-    json_path = teacher_path.with_suffix(".json")
-    if not json_path.is_file():
-        return []
-    entries = read_json(json_path).get("checkpoints") or []
+    entries = (read_sidecar(teacher_path) or {}).get("checkpoints") or []
     return [
         {**entry, "path": teacher_path.parent / entry["file"]}
         for entry in sorted(entries, key=lambda entry: entry["epoch"])
@@ -212,10 +210,9 @@ def _save_epoch_checkpoint(
 
 
 def _saved_config(path: Path) -> dict | None:
-    json_path = path.with_suffix(".json")
-    if not (path.is_file() and json_path.is_file()):
+    if not path.is_file():
         return None
-    return read_json(json_path).get("config")
+    return (read_sidecar(path) or {}).get("config")
 
 
 def train_teacher(config: TeacherConfig) -> TeacherResult:

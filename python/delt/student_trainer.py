@@ -1,12 +1,12 @@
-"""The student-training engine: batches and accuracy, augmentation, CutMix, losses,
-:class:`StudentTrainer` and stage-wise training (reference/delt.md §5), for ``delt eval``, pdd's
-hard-init student, ``delt select`` and ``delt teacher``.
+"""The student trainer of ``delt eval``, PDD's hard-init student and stage-wise training:
+:class:`StudentTrainer` (one student, its AdamW and half-cosine LR schedule, teacher soft labels
+with a KL loss or hard labels; DistributedDataParallel under torchrun), :class:`GlobalBatchNorm2d`
+for Gloo, and the evaluation protocol's defaults (RDED/DELT's; README, "Evaluating").
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,52 +16,40 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import delt_ext
+from delt.batches import evaluate_accuracy
 from delt.config import check_int
-from delt.data import DatasetInfo, ImageDataset, TensorImageDataset
+from delt.data import ImageDataset
 from delt.distilled import normalized
 from delt.distributed import world
 from delt.runtime import autocast, derive_seed
-from delt.schedules import stage_epochs
+from delt.student_augment import (
+    CutMixParams,
+    StudentAugment,
+    apply_cutmix,
+    cutmix_cross_entropy,
+    sample_cutmix,
+)
 
 __all__ = [
     "PROTOCOL",
-    "RANDAUGMENT_BINS",
-    "STAGE_SCHEDULES",
-    "AugmentPlan",
-    "Check",
-    "CutMixParams",
+    "AccuracyCheck",
     "GlobalBatchNorm2d",
-    "StagePlan",
-    "StudentAugment",
     "StudentProtocol",
     "StudentTrainer",
     "TrainSettings",
-    "apply_cutmix",
-    "cutmix_cross_entropy",
     "default_batch_size",
-    "evaluate_accuracy",
     "half_cosine_factor",
-    "iterate_batches",
     "parameter_groups",
-    "sample_cutmix",
     "seeded",
-    "shuffle_patches",
     "soft_label_kl",
-    "stage_lr_factors",
-    "stagewise_plan",
-    "train_stagewise",
 ]
-
-# RandAugment magnitudes on timm's scale: M of 10 = M / 10 of each op's largest strength.
-RANDAUGMENT_BINS = 11
-STAGE_SCHEDULES = ("restart", "continue")
 
 
 @dataclass(frozen=True)
 class StudentProtocol:
-    """The evaluation protocol's defaults (RDED/DELT, delt.md §5): ``delt eval``'s flag defaults
-    and what pdd's hard-init student trains with."""
+    """The evaluation protocol's defaults (DELT's evaluation, Shen et al., CVPR 2025, after
+    RDED's, Sun et al., CVPR 2024): ``delt eval``'s flag defaults and what pdd's hard-init
+    student trains with."""
 
     temperature: float = 20.0
     lr: float = 1e-3
@@ -76,97 +64,11 @@ PROTOCOL = StudentProtocol()
 
 
 # --------------------------------------------------------------------------------------------
-# Batches and accuracy
-
-
-def iterate_batches(
-    dataset: ImageDataset,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    indices: Tensor | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches ``(images (B, C, H, W) float32 normalized, labels (B,) int64)`` of ``dataset``.
-
-    In-memory datasets are sliced directly (no per-image Python calls); file-backed ones go
-    through a DataLoader with ``num_workers`` workers (each image decoded once per pass), into
-    pinned memory with ``pin_memory`` (for non-blocking copies to a GPU). ``indices`` (int64,
-    unshuffled): only those images, in that order (a rank's shard), batched as if they were the
-    dataset.
-    """
-    if indices is not None:
-        count, order = len(indices), indices
-    else:
-        count = len(dataset)
-        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
-    if isinstance(dataset, TensorImageDataset):
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            yield dataset.images(index), dataset.targets[index]
-        return
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, order.tolist()),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-    )
-    for images, labels in loader:
-        yield images, labels.to(torch.int64)
-
-
-@torch.no_grad()
-def evaluate_accuracy(
-    model: nn.Module,
-    dataset: ImageDataset,
-    device: torch.device,
-    batch_size: int = 500,
-    amp: str = "none",
-    channels_last: bool = False,
-    num_workers: int = 0,
-    sharded: bool = False,
-) -> float:
-    """Top-1 accuracy (in %) of ``model`` on ``dataset``; the model is left in eval mode.
-
-    Under torchrun (``sharded``) each rank tests batches ``rank, rank + world, ...`` and the
-    counts are summed over the ranks: every rank gets the whole set's accuracy.
-    """
-    model.eval()
-    correct = 0
-    pin = device.type == "cuda"
-    job = world() if sharded else None
-    indices = None
-    if job is not None and job.size > 1:
-        count = len(dataset)
-        starts = list(range(0, count, batch_size))[job.rank :: job.size]
-        indices = torch.cat(
-            [torch.arange(s, min(s + batch_size, count)) for s in starts]
-            or [torch.empty(0, dtype=torch.int64)]
-        )
-    batches = iterate_batches(
-        dataset, batch_size, num_workers=num_workers, pin_memory=pin, indices=indices
-    )
-    for images, labels in batches:
-        images = images.to(device, non_blocking=pin)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(images)
-        correct += int((logits.argmax(1).cpu() == labels).sum())
-    if indices is not None:
-        total = torch.tensor([correct], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(total)
-        correct = int(total.item())
-    return 100.0 * correct / len(dataset)
-
-
-# --------------------------------------------------------------------------------------------
-# Pure pieces: batch size rule, LR factor, CutMix, losses
+# Pure pieces: batch size rule, LR factor, loss, optimizer groups, seeding
 
 
 def default_batch_size(ipc: int, num_classes: int, num_images: int) -> int:
-    """delt.md §5's training batch size, capped at ``num_images``.
+    """DELT's evaluation batch size (github.com/VILA-Lab/DELT), capped at ``num_images``.
 
     IPC >= 50: 100; IPC >= 10: 50; else 10 (RDED/DELT ``argument.py``); doubled for 100- and
     1000-class datasets (ImageNet-100/1K), fixed at 100 for 200 classes (Tiny-ImageNet). IPCs
@@ -190,79 +92,12 @@ def half_cosine_factor(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * epochs)))
 
 
-@dataclass(frozen=True)
-class CutMixParams:
-    """One CutMix draw for a batch: image ``i`` gets the box of image ``permutation[i]``.
-
-    Attributes:
-        permutation: (B,) int64.
-        top, bottom, left, right: the box, rows ``top:bottom`` and columns ``left:right``
-            (possibly empty when clipped at the border).
-        lam: the fraction of each image that stays its own, ``1 - box area / image area``
-            (the area-corrected λ).
-    """
-
-    permutation: Tensor
-    top: int
-    bottom: int
-    left: int
-    right: int
-    lam: float
-
-
-def sample_cutmix(
-    batch_size: int, height: int, width: int, beta: float, generator: torch.Generator
-) -> CutMixParams:
-    """Draws CutMix params as RDED's ``rand_bbox``: λ ~ Beta(β, β), a box of side
-    ``sqrt(1 - λ)`` times the image's (truncated to whole pixels) centred at a uniform pixel and
-    clipped to the image, and a random permutation of the batch; λ is then corrected to the
-    box's actual area."""
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    # torch's Beta sampler takes no generator; numpy's, seeded from the generator, is reproducible.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    lam = float(np.random.default_rng(seed).beta(beta, beta))
-    cut_ratio = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut_ratio), int(width * cut_ratio)
-    center_y = int(torch.randint(0, height, (1,), generator=generator))
-    center_x = int(torch.randint(0, width, (1,), generator=generator))
-    top, bottom = (min(max(center_y + d, 0), height) for d in (-(cut_h // 2), cut_h // 2))
-    left, right = (min(max(center_x + d, 0), width) for d in (-(cut_w // 2), cut_w // 2))
-    permutation = torch.randperm(batch_size, generator=generator)
-    area = (bottom - top) * (right - left)
-    return CutMixParams(permutation, top, bottom, left, right, 1.0 - area / (height * width))
-
-
-def apply_cutmix(images: Tensor, params: CutMixParams) -> Tensor:
-    """A new (B, C, H, W) batch: ``images`` with each box replaced by its partner's box."""
-    mixed = images.clone()
-    permutation = params.permutation.to(images.device)
-    box = (
-        slice(None),
-        slice(None),
-        slice(params.top, params.bottom),
-        slice(params.left, params.right),
-    )
-    mixed[box] = images[permutation][box]
-    return mixed
-
-
 def soft_label_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``KL(softmax(teacher / T) || softmax(student / T))`` summed over classes, averaged over
     the batch (``batchmean``), without a ``T²`` factor (RDED/DELT); logits (B, K), float."""
     target = (teacher_logits.float() / temperature).softmax(1)
     log_probs = (student_logits.float() / temperature).log_softmax(1)
     return nn.functional.kl_div(log_probs, target, reduction="batchmean")
-
-
-def cutmix_cross_entropy(logits: Tensor, labels: Tensor, params: CutMixParams | None) -> Tensor:
-    """Hard-label loss of a CutMix batch: ``λ CE(y) + (1 - λ) CE(y[permutation])``."""
-    if params is None:
-        return nn.functional.cross_entropy(logits.float(), labels)
-    partner = labels[params.permutation.to(labels.device)]
-    return params.lam * nn.functional.cross_entropy(logits.float(), labels) + (
-        1.0 - params.lam
-    ) * nn.functional.cross_entropy(logits.float(), partner)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -288,237 +123,9 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-# --------------------------------------------------------------------------------------------
-# Augmentation and training
-
-
-def shuffle_patches(images: Tensor, factor: int, generator: torch.Generator) -> Tensor:
-    """RDED's evaluation-side ShufflePatches, per image: the ``factor`` column strips in a
-    random order, then the ``factor`` row strips in another (so the ``factor x factor`` tiles of
-    an RDED image move by whole rows and columns of the grid).
-
-    Args:
-        images: (B, C, H, W), H and W divisible by ``factor``.
-        generator: draws the two permutations of each image (CPU).
-
-    Returns:
-        (B, C, H, W), the same pixels rearranged.
-    """
-    _check_patch_factor(images.shape, factor)
-    return _apply_patch_keys(images, factor, _patch_keys(images.shape[0], factor, generator))
-
-
-def _check_patch_factor(shape: Sequence[int], factor: int) -> None:
-    if shape[2] % factor or shape[3] % factor:
-        raise ValueError(f"shuffle_patches: factor {factor} must divide {shape[2]}x{shape[3]}")
-
-
-def _patch_keys(batch: int, factor: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The draws of :func:`shuffle_patches` for ``batch`` images: (B, factor) float32 keys whose
-    argsort orders the column strips, then the row strips."""
-    columns = torch.rand(batch, factor, generator=generator)
-    return columns, torch.rand(batch, factor, generator=generator)
-
-
-def _apply_patch_keys(images: Tensor, factor: int, keys: tuple[Tensor, Tensor]) -> Tensor:
-    _, _, height, width = images.shape
-
-    def strip_order(size: int, key: Tensor) -> Tensor:
-        # (B, size): for each output row (column), the input row (column) it takes.
-        perms = torch.argsort(key, dim=1)
-        strip = size // factor
-        offsets = torch.arange(size)
-        return perms[:, offsets // strip] * strip + offsets % strip
-
-    columns = strip_order(width, keys[0]).to(images.device)
-    rows = strip_order(height, keys[1]).to(images.device)
-    images = images.gather(3, columns[:, None, None, :].expand_as(images))
-    return images.gather(2, rows[:, None, :, None].expand_as(images))
-
-
-@dataclass(frozen=True)
-class AugmentPlan:
-    """The draws of one :class:`StudentAugment` call on a batch of ``count`` images from its
-    generator, made before any image is augmented: so a rank can augment only the rows it needs
-    of a global batch (:meth:`StudentAugment.apply`) and every row comes out as it would in the
-    whole batch.
-
-    Attributes:
-        count: images in the batch.
-        patch_keys: ShufflePatches' (count, factor) keys (columns, rows); None when off.
-        crops: (count, 7) float32 crop/flip params (``delt_ext.augment.PARAM_COLUMNS``).
-    """
-
-    count: int
-    patch_keys: tuple[Tensor, Tensor] | None
-    crops: Tensor
-
-
-@functools.cache
-def _randaugment_skip_table(num_ops: int, magnitude: int) -> tuple[bool, ...] | None:
-    """For each op of torchvision's RandAugment (in the order it picks them), whether one image's
-    call draws a sign (``torch.rand(())``) after the op's pick (``torch.randint``); None when
-    replaying these draws does not leave torch's global generator where a real call leaves it
-    (another torchvision): then every row is augmented, as in one process."""
-    from torchvision.transforms import InterpolationMode, v2
-
-    space = getattr(v2.RandAugment, "_AUGMENTATION_SPACE", None)
-    if not isinstance(space, dict):
-        return None
-    table = tuple(
-        fn(RANDAUGMENT_BINS, 1, 1) is not None and bool(signed) for fn, signed in space.values()
-    )
-    real = v2.RandAugment(num_ops, magnitude, RANDAUGMENT_BINS, InterpolationMode.BILINEAR)
-    image = torch.linspace(0.0, 1.0, 48).reshape(3, 4, 4)  # no draw from the global generator
-    with torch.random.fork_rng(devices=[]):
-        for seed in range(32):
-            torch.manual_seed(seed)
-            real(image)
-            after_call = torch.get_rng_state()
-            torch.manual_seed(seed)
-            _skip_randaugment_draws(num_ops, table)
-            if not torch.equal(after_call, torch.get_rng_state()):
-                return None
-    return table
-
-
-def _skip_randaugment_draws(num_ops: int, table: tuple[bool, ...]) -> None:
-    """Draws from torch's global generator what one image's RandAugment call draws."""
-    for _ in range(num_ops):
-        if table[int(torch.randint(len(table), ()))]:
-            torch.rand(())
-
-
-class StudentAugment(nn.Module):
-    """(ShufflePatches,) RandAugment, then RandomResizedCrop + flip, per image, on normalized
-    (B, C, H, W) float.
-
-    Args:
-        info: the dataset (normalization, resolution, channel means used as the fill value).
-        randaugment_ops: ops per image; 0 disables RandAugment.
-        randaugment_magnitude: 0-10 on timm's scale.
-        min_crop: smallest crop area fraction; crops are resized back to the input size.
-        generator: draws the crop boxes and flips (and the patch orders).
-        shuffle_patches: RDED's ShufflePatches factor, applied first as in RDED's transform
-            (:func:`shuffle_patches`); None: off.
-    """
-
-    def __init__(
-        self,
-        info: DatasetInfo,
-        randaugment_ops: int,
-        randaugment_magnitude: int,
-        min_crop: float,
-        generator: torch.Generator,
-        shuffle_patches: int | None = None,
-    ) -> None:
-        super().__init__()
-        from torchvision.transforms import InterpolationMode, v2
-
-        self.info = info
-        self.options = (randaugment_ops, randaugment_magnitude, min_crop)
-        self.shuffle_patches = shuffle_patches
-        self.generator = generator
-        self.randaugment = (
-            v2.RandAugment(
-                num_ops=randaugment_ops,
-                magnitude=randaugment_magnitude,
-                num_magnitude_bins=RANDAUGMENT_BINS,
-                interpolation=InterpolationMode.BILINEAR,
-                fill=list(info.mean),
-            )
-            if randaugment_ops > 0
-            else None
-        )
-        self.crop = delt_ext.RandomResizedCropFlip(
-            size=(info.resolution, info.resolution),
-            scale=(min_crop, 1.0),
-            per_sample=True,
-            generator=generator,
-        )
-
-    def reseeded(self, generator: torch.Generator) -> StudentAugment:
-        """The same augmentation drawing its crops and flips from ``generator``."""
-        return StudentAugment(self.info, *self.options, generator, self.shuffle_patches)
-
-    @property
-    def output_size(self) -> tuple[int, int]:
-        """(H, W) of the augmented images."""
-        return self.crop.size
-
-    def plan(self, shape: Sequence[int]) -> AugmentPlan:
-        """Draws from ``generator`` what augmenting a (B, C, H, W) batch of ``shape`` draws
-        (the patch orders, then the crops and flips, as :meth:`forward` does)."""
-        count, _, height, width = shape
-        keys = None
-        if self.shuffle_patches is not None:
-            _check_patch_factor(shape, self.shuffle_patches)
-            keys = _patch_keys(count, self.shuffle_patches, self.generator)
-        return AugmentPlan(count, keys, self.crop.sample_params(count, height, width))
-
-    def apply(self, images: Tensor, plan: AugmentPlan, rows: Tensor | None = None) -> Tensor:
-        """Rows ``rows`` of the batch ``plan`` was drawn for, augmented: exactly those rows of
-        what :meth:`forward` makes of the whole batch (same draws).
-
-        RandAugment draws from torch's global generator image by image, the same draws whatever
-        the image's content and size; for a row not in ``rows`` they are drawn and nothing is
-        applied, so the generator ends where the whole batch leaves it.
-
-        Args:
-            images: (R, C, H, W) normalized: the batch's rows ``rows``, in that order.
-            rows: (R,) int64, ascending; None: all ``plan.count`` rows.
-        """
-        table = None
-        if rows is not None and self.randaugment is not None:
-            table = _randaugment_skip_table(self.options[0], self.options[1])
-            if table is None:
-                raise RuntimeError(
-                    "this torchvision's RandAugment draws differently: augment the whole batch"
-                )
-        index = None if rows is None else rows.to("cpu", torch.int64)
-        if plan.patch_keys is not None:
-            keys = plan.patch_keys if index is None else tuple(k[index] for k in plan.patch_keys)
-            images = _apply_patch_keys(images, self.shuffle_patches, keys)
-        if self.randaugment is not None:
-            pixels = self.info.denormalize(images).clamp_(0.0, 1.0)
-            if index is None:
-                # One draw of ops per image, as timm's per-sample transform in a DataLoader.
-                pixels = torch.stack([self.randaugment(image) for image in pixels])
-            else:
-                wanted = set(index.tolist())
-                augmented = []
-                for row in range(plan.count):
-                    if row in wanted:
-                        augmented.append(self.randaugment(pixels[len(augmented)]))
-                    else:
-                        _skip_randaugment_draws(self.options[0], table)
-                pixels = torch.stack(augmented) if augmented else pixels[:0]
-            images = self.info.normalize(pixels)
-        params = plan.crops if index is None else plan.crops[index]
-        if params.shape[0] == 0:
-            return images.new_empty((0, images.shape[1], *self.crop.size))
-        if params.device != images.device:
-            if images.device.type == "cuda":
-                params = params.pin_memory().to(images.device, non_blocking=True)
-            else:
-                params = params.to(images.device)
-        self.crop.last_params = params
-        return delt_ext.resized_crop_flip(images, params, self.crop.size)
-
-    def augments_subsets(self) -> bool:
-        """Whether :meth:`apply` can augment a subset of a batch's rows exactly (RandAugment's
-        draws can be replayed with this torchvision)."""
-        if self.randaugment is None:
-            return True
-        return _randaugment_skip_table(self.options[0], self.options[1]) is not None
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.apply(images, self.plan(images.shape))
-
-
 @dataclass(frozen=True)
 class TrainSettings:
-    """What a training step needs besides the models (delt.md §5).
+    """What a training step needs besides the models (README, "Evaluating").
 
     Attributes:
         batch_size: images per step.
@@ -539,7 +146,7 @@ class TrainSettings:
 
 
 @dataclass
-class Check:
+class AccuracyCheck:
     """A test of the student: after ``epoch`` epochs (1-based), ``accuracy`` % top-1."""
 
     epoch: int
@@ -647,7 +254,7 @@ class StudentTrainer:
 
     The images given to :meth:`train_epoch` may live on the host in their stored dtype (float32
     normalized, or uint8 pixels normalized batch by batch): only batches go to ``device``.
-    A stage-wise schedule (PDD's) is :func:`train_stagewise`.
+    A stage-wise schedule (PDD's) is :func:`delt.stagewise_training.train_stagewise`.
     """
 
     def __init__(
@@ -765,10 +372,6 @@ class StudentTrainer:
         own = _rank_rows(global_count) if distributed else slice(0, global_count)
         batch = _mixed_rows(batch, rows, own, global_count, params)
         batch = batch.contiguous(memory_format=self.memory_format)
-        if distributed:
-            if settings.hard_labels and params is not None:
-                partner = labels[params.permutation.to(labels.device)][own]
-            labels = labels[own]
         if not settings.hard_labels:
             # The teacher labels the very batch the student sees: augmented and mixed.
             with torch.no_grad(), autocast(self.device, settings.amp):
@@ -776,12 +379,8 @@ class StudentTrainer:
         self.student.train()
         with autocast(self.device, settings.amp):
             logits = self.forward_student(batch)
-        if settings.hard_labels and distributed and params is not None:
-            loss = params.lam * nn.functional.cross_entropy(logits.float(), labels) + (
-                1.0 - params.lam
-            ) * nn.functional.cross_entropy(logits.float(), partner)
-        elif settings.hard_labels:
-            loss = cutmix_cross_entropy(logits, labels, params)
+        if settings.hard_labels:
+            loss = cutmix_cross_entropy(logits, labels, params, own if distributed else None)
         else:
             loss = soft_label_kl(logits, teacher_logits, settings.temperature)
         if distributed:
@@ -881,7 +480,7 @@ class StudentTrainer:
     def restart_schedule(self, epochs: int) -> None:
         """From now on, a fresh half-cosine over the next ``epochs`` epochs, starting at the base
         LR; the optimizer state (moments, step counts) is kept. PDD's stage-wise evaluation
-        restarts the schedule at every stage (pdd.md §1.5)."""
+        restarts the schedule at every stage (Chen et al., ICLR 2024; its evaluation code)."""
         check_int("epochs", epochs)
         # A new LambdaLR keeps each group's "initial_lr" (setdefault) and sets lr = base * f(0).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -910,7 +509,7 @@ class StudentTrainer:
         test_set: ImageDataset | None = None,
         eval_every: int = 10,
         progress: tqdm | None = None,
-    ) -> tuple[list[float], list[Check]]:
+    ) -> tuple[list[float], list[AccuracyCheck]]:
         """Trains ``epochs`` epochs on ``images``; tests after every epoch whose global count
         (:attr:`epochs_done`) is a multiple of ``eval_every`` and after the schedule's last.
 
@@ -918,12 +517,12 @@ class StudentTrainer:
             ``(mean loss of each epoch, checks)``.
         """
         losses: list[float] = []
-        checks: list[Check] = []
+        checks: list[AccuracyCheck] = []
         for _ in range(epochs):
             losses.append(self.train_epoch(images, labels))
             done = self.epochs_done
             if test_set is not None and (done % eval_every == 0 or done == self.total_epochs):
-                checks.append(Check(done, self.test(test_set)))
+                checks.append(AccuracyCheck(done, self.test(test_set)))
             if progress is not None:
                 progress.update()
                 postfix = {"loss": f"{losses[-1]:.3f}"}
@@ -988,143 +587,5 @@ def _mixed_rows(
     mine = torch.arange(count)[own]
     result = batch[position[mine].to(batch.device)]
     if params is not None:
-        partners = batch[position[params.permutation[mine]].to(batch.device)]
-        box = (
-            slice(None),
-            slice(None),
-            slice(params.top, params.bottom),
-            slice(params.left, params.right),
-        )
-        result[box] = partners[box]
+        params.paste(result, batch[position[params.permutation[mine]].to(batch.device)])
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# Stage-wise training (PDD: U_1, then U_1 ∪ U_2, ...)
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """One stage of a stage-wise training.
-
-    Attributes:
-        stage: 1-based stage number k.
-        union_size: images in U_k.
-        epochs: epochs trained on U_k.
-        first_epoch: epochs done before the stage.
-        steps: optimizer steps in the stage (``epochs * ceil(union_size / batch)``).
-        steps_before: optimizer steps before it: AdamW's step count when the stage starts.
-    """
-
-    stage: int
-    union_size: int
-    epochs: int
-    first_epoch: int
-    steps: int
-    steps_before: int
-
-
-def stagewise_plan(
-    total_epochs: int, union_sizes: Sequence[int], batch_size: int
-) -> list[StagePlan]:
-    """Epochs and optimizer steps of every stage: ``total_epochs`` split across the unions.
-
-    >>> [(p.epochs, p.steps) for p in stagewise_plan(100, [20, 40, 60, 80, 100], 50)]
-    [(20, 20), (20, 20), (20, 40), (20, 40), (20, 40)]
-    """
-    check_int("batch_size", batch_size)
-    if not union_sizes or min(union_sizes) < 1:
-        raise ValueError(f"union_sizes must be >= 1 each, got {list(union_sizes)}")
-    plan = []
-    first_epoch = steps_before = 0
-    for stage, (size, epochs) in enumerate(
-        zip(union_sizes, stage_epochs(total_epochs, len(union_sizes)), strict=True), start=1
-    ):
-        steps = epochs * -(-size // batch_size)  # train_epoch: batches of batch_size, last short
-        plan.append(StagePlan(stage, size, epochs, first_epoch, steps, steps_before))
-        first_epoch += epochs
-        steps_before += steps
-    return plan
-
-
-def stage_lr_factors(plan: Sequence[StagePlan], schedule: str) -> list[float]:
-    """The LR factor (times the base LR) of every epoch of a stage-wise training, in order.
-
-    ``restart``: DELT's half-cosine over each stage's epochs, from 1 at every stage start;
-    ``continue``: one half-cosine over all epochs (a plain evaluation's curve).
-    """
-    if schedule not in STAGE_SCHEDULES:
-        raise ValueError(f"schedule must be one of {STAGE_SCHEDULES}, got {schedule!r}")
-    total = sum(stage.epochs for stage in plan)
-    if schedule == "continue":
-        return [half_cosine_factor(epoch, total) for epoch in range(total)]
-    return [
-        half_cosine_factor(epoch, stage.epochs) for stage in plan for epoch in range(stage.epochs)
-    ]
-
-
-def train_stagewise(
-    trainer: StudentTrainer,
-    unions: Sequence[tuple[Tensor, Tensor]],
-    plan: Sequence[StagePlan],
-    schedule: str,
-    test_set: ImageDataset | None = None,
-    eval_every: int = 10,
-    progress: tqdm | None = None,
-) -> tuple[list[float], list[Check], list[dict]]:
-    """Trains ``trainer``'s student on each union in turn for its planned epochs.
-
-    The trainer (its optimizer, step count, generator) carries over from stage to stage; with
-    ``restart`` its LR schedule restarts at each stage. ``trainer.total_epochs`` must be the plan's
-    total. Tests ``test_set`` as :meth:`StudentTrainer.train_epochs` does and at each stage's end.
-
-    Args:
-        unions: ``(images (N_k, C, H, W), labels (N_k,))`` of U_1 … U_P on the trainer's device.
-
-    Returns:
-        ``(loss of each epoch, checks, one record per stage)``; a record holds the stage, its
-        union size, epochs, optimizer steps before and after it, the LR factor it starts at, and
-        the test accuracy at its end (None without ``test_set``).
-    """
-    if len(unions) != len(plan):
-        raise ValueError(f"{len(unions)} unions for a plan of {len(plan)} stages")
-    total = sum(stage.epochs for stage in plan)
-    if trainer.total_epochs != total or trainer.epochs_done != 0:
-        raise ValueError(
-            f"the trainer must be fresh with total_epochs = {total} (the plan's), got "
-            f"{trainer.total_epochs} with {trainer.epochs_done} done"
-        )
-    losses: list[float] = []
-    checks: list[Check] = []
-    records: list[dict] = []
-    for (images, labels), stage in zip(unions, plan, strict=True):
-        if images.shape[0] != stage.union_size:
-            raise ValueError(
-                f"stage {stage.stage}: {images.shape[0]} images, planned {stage.union_size}"
-            )
-        if schedule == "restart":
-            trainer.restart_schedule(stage.epochs)
-        lr_start = trainer.optimizer.param_groups[0]["lr"]
-        steps_before = trainer.optimizer_steps
-        stage_losses, stage_checks = trainer.train_epochs(
-            images, labels, stage.epochs, test_set, eval_every, progress
-        )
-        accuracy = None
-        if test_set is not None:
-            if not stage_checks or stage_checks[-1].epoch != trainer.epochs_done:
-                stage_checks.append(Check(trainer.epochs_done, trainer.test(test_set)))
-            accuracy = stage_checks[-1].accuracy
-        losses += stage_losses
-        checks += stage_checks
-        records.append(
-            {
-                "stage": stage.stage,
-                "union_size": stage.union_size,
-                "epochs": stage.epochs,
-                "steps_before": steps_before,
-                "steps_after": trainer.optimizer_steps,
-                "lr_start": lr_start,
-                "accuracy": accuracy,
-            }
-        )
-    return losses, checks, records
