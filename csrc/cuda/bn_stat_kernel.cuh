@@ -729,7 +729,7 @@ __global__ void __launch_bounds__(kThreads)
     DELT_DEVICE_CHECK(g >= 0 && g < G, "delt_ext::bn_stat_loss_grouped: a group_index is out of range");
     const acc_t shift = shift_of(static_cast<acc_t>(x[(first[g] * C + c) * HW]));
     const int64_t lo = piece * kGroupPiece;
-    const int64_t len = std::min<int64_t>(HW - lo, kGroupPiece);
+    const int64_t len = HW - lo < kGroupPiece ? HW - lo : kGroupPiece;  // no ODR-use on device
     const scalar_t* p = x + plane * HW + lo;
     const int64_t packs_total = ceil_div(len, W);
     acc_t s1 = 0, s2 = 0;
