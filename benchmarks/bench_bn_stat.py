@@ -4,6 +4,11 @@ torch.compile of that hook, with a same-device clone as the bandwidth yardstick.
 Shapes are the BN inputs of ResNet-18: on CIFAR (batch 100, 32x32) and on ImageNet (224x224;
 batch 100 on GPU, 8 on CPU). Run with `make bench`; `python benchmarks/report.py` turns the JSON
 into the table of benchmarks/README.md.
+
+The grouped loss (per-group targets: per-class statistics, or several chunks in one forward) is
+timed on one CPU thread against the eager per-class loop (a Python loop over the groups slicing
+the batch, mean and variance per slice) and against torch.compile of that loop, and with one
+group against the ungrouped op.
 """
 
 import pytest
@@ -118,3 +123,91 @@ def test_clone_bandwidth(benchmark, device, shape):
     benchmark.group = f"clone {label(device, shape)}"
     benchmark.extra_info["bytes"] = 2 * x.numel() * x.element_size()
     benchmark(copy)
+
+
+# ---- grouped loss: per-group targets ---------------------------------------------------------
+
+# (shape, groups): groups of N / G consecutive samples.
+GROUPED_CASES = [((1000, 64, 32, 32), 100), ((100, 64, 32, 32), 10)]
+
+
+def per_class_loop(x, target_mean, target_var):
+    """The eager way: one slice of the batch per group, its mean and variance, its two norms."""
+    groups, nch = target_mean.shape
+    size = x.shape[0] // groups
+    total = x.new_zeros(())
+    for g in range(groups):
+        part = x[g * size : (g + 1) * size]
+        mean = part.mean([0, 2, 3])
+        var = part.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+        total = total + torch.norm(target_var[g] - var, 2) + torch.norm(target_mean[g] - mean, 2)
+    return total
+
+
+compiled_per_class_loop = torch.compile(per_class_loop, fullgraph=True, dynamic=False)
+
+
+def fused_grouped(x, target_mean, target_var, index):
+    return delt_ext.bn_stat_loss(x, target_mean, target_var, group_index=index)
+
+
+GROUPED = {
+    "fused": lambda x, tm, tv, index: fused_grouped(x, tm, tv, index),
+    "eager-loop": lambda x, tm, tv, index: per_class_loop(x, tm, tv),
+    "compiled-loop": lambda x, tm, tv, index: compiled_per_class_loop(x, tm, tv),
+}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def grouped_inputs(shape, groups):
+    x, _, _ = inputs(shape, "cpu")
+    generator = torch.Generator().manual_seed(1)
+    target_mean = torch.randn(groups, shape[1], generator=generator)
+    target_var = torch.rand(groups, shape[1], generator=generator) + 0.5
+    index = torch.arange(shape[0]) // (shape[0] // groups)
+    return x, target_mean, target_var, index
+
+
+@pytest.mark.parametrize("impl", list(GROUPED))
+@pytest.mark.parametrize(
+    ("shape", "groups"), GROUPED_CASES, ids=[f"G{g}-{s[0]}" for s, g in GROUPED_CASES]
+)
+def test_grouped_forward_backward(benchmark, one_thread, shape, groups, impl):
+    x, target_mean, target_var, index = grouped_inputs(shape, groups)
+    loss_fn = GROUPED[impl]
+
+    def step():
+        loss = loss_fn(x, target_mean, target_var, index)
+        torch.autograd.grad(loss, x)
+
+    for _ in range(2):  # warm-up, and compilation for the compiled loop
+        step()
+    benchmark.group = f"bn_stat grouped fwd+bwd, 1 thread cpu {tuple(shape)} G={groups}"
+    benchmark.extra_info["bytes"] = 3 * x.numel() * x.element_size()
+    benchmark(step)
+
+
+@pytest.mark.parametrize("impl", ["fused", "ungrouped"])
+def test_one_group_forward_backward(benchmark, one_thread, impl):
+    shape = (100, 64, 32, 32)
+    x, target_mean, target_var, index = grouped_inputs(shape, 1)
+
+    def step():
+        if impl == "fused":
+            loss = fused_grouped(x, target_mean, target_var, index)
+        else:
+            loss = delt_ext.bn_stat_loss(x, target_mean[0], target_var[0])
+        torch.autograd.grad(loss, x)
+
+    for _ in range(2):
+        step()
+    benchmark.group = f"bn_stat grouped fwd+bwd, 1 thread cpu {tuple(shape)} G=1"
+    benchmark.extra_info["bytes"] = 3 * x.numel() * x.element_size()
+    benchmark(step)

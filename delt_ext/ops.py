@@ -99,6 +99,90 @@ def _backward_bn_stat_loss(ctx, grad_loss, grad_mean, grad_var, _grad_coef):
     return grad_x, grad_running_mean, grad_running_var
 
 
+def _fake_bn_stat_loss_grouped(
+    x: Tensor, group_index: Tensor, target_mean: Tensor, target_var: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    torch._check(x.dim() == 4, lambda: f"x must be 4-D, got {x.dim()}-D")
+    torch._check(target_mean.dim() == 2, lambda: "target_mean must be (G, C)")
+    dtype = accumulate_dtype(x.dtype)
+    groups, channels = target_mean.shape
+    table = x.new_empty((groups, channels), dtype=dtype)
+    return (
+        x.new_empty((), dtype=dtype),
+        x.new_empty((groups,), dtype=dtype),
+        table,
+        torch.empty_like(table),
+        x.new_empty((2, groups, channels), dtype=dtype),
+    )
+
+
+def _fake_grouped_stat_backward(
+    x: Tensor,
+    group_index: Tensor,
+    mean: Tensor,
+    grad_mean: Tensor,
+    grad_var: Tensor,
+    grad_scale: Tensor | None,
+) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _setup_bn_stat_loss_grouped(ctx, inputs, output) -> None:
+    x, group_index, target_mean, target_var, weight = inputs
+    _, group_loss, mean, _, coef = output
+    ctx.save_for_backward(x, group_index, mean, coef, weight, group_loss)
+    ctx.mark_non_differentiable(coef)
+    ctx.input_dtypes = (
+        target_mean.dtype,
+        target_var.dtype,
+        None if weight is None else weight.dtype,
+    )
+    ctx.set_materialize_grads(False)
+
+
+def _backward_bn_stat_loss_grouped(ctx, grad_loss, grad_group_loss, grad_mean, grad_var, _coef):
+    x, group_index, mean, coef, weight, group_loss = ctx.saved_tensors
+    # dL/dgroup_loss_g: grad_loss * weight_g, plus the gradient of the group_loss output.
+    scale = None
+    if grad_loss is not None:
+        scale = grad_loss if weight is None else grad_loss * weight.to(coef.dtype)
+    if grad_group_loss is not None:
+        scale = grad_group_loss if scale is None else scale + grad_group_loss
+    # The scale per (group, channel) entry of the coefficient tables: () or (G, 1).
+    table_scale = None if scale is None else (scale if scale.dim() == 0 else scale[:, None])
+    grad_x = grad_target_mean = grad_target_var = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        if grad_mean is None and grad_var is None:
+            if scale is not None:
+                # The usual case (only the loss is used): one kernel, the scale read inside it.
+                grad_x = torch.ops.delt_ext.grouped_stat_backward(
+                    x, group_index, mean, coef[0], coef[1], scale
+                )
+        else:
+            scaled_mean = None if scale is None else table_scale * coef[0]
+            scaled_var = None if scale is None else table_scale * coef[1]
+            total_mean = _sum_or_zeros(scaled_mean, grad_mean, mean)
+            total_var = _sum_or_zeros(scaled_var, grad_var, mean)
+            grad_x = torch.ops.delt_ext.grouped_stat_backward(
+                x, group_index, mean, total_mean, total_var, None
+            )
+    if any(ctx.needs_input_grad[2:]):
+        # The targets and weight of a group without samples get 0, whatever the scale (an
+        # infinite weight times its zero coefficients would give NaN).
+        present = torch.zeros(group_loss.shape, dtype=torch.bool, device=group_loss.device)
+        present = present.index_fill(0, group_index, True)
+        if scale is not None and ctx.needs_input_grad[2]:
+            value = torch.where(present[:, None], -table_scale * coef[0], 0)
+            grad_target_mean = value.to(ctx.input_dtypes[0])
+        if scale is not None and ctx.needs_input_grad[3]:
+            value = torch.where(present[:, None], -table_scale * coef[1], 0)
+            grad_target_var = value.to(ctx.input_dtypes[1])
+        if grad_loss is not None and ctx.needs_input_grad[4]:
+            value = torch.where(present, grad_loss * group_loss, 0)
+            grad_weight = value.to(ctx.input_dtypes[2])
+    return grad_x, None, grad_target_mean, grad_target_var, grad_weight
+
+
 if HAS_OPS:
     torch.library.register_fake("delt_ext::batch_mean_var", _fake_batch_mean_var)
     torch.library.register_fake("delt_ext::bn_stat_loss", _fake_bn_stat_loss)
@@ -108,6 +192,13 @@ if HAS_OPS:
     )
     torch.library.register_autograd(
         "delt_ext::bn_stat_loss", _backward_bn_stat_loss, setup_context=_setup_bn_stat_loss
+    )
+    torch.library.register_fake("delt_ext::bn_stat_loss_grouped", _fake_bn_stat_loss_grouped)
+    torch.library.register_fake("delt_ext::grouped_stat_backward", _fake_grouped_stat_backward)
+    torch.library.register_autograd(
+        "delt_ext::bn_stat_loss_grouped",
+        _backward_bn_stat_loss_grouped,
+        setup_context=_setup_bn_stat_loss_grouped,
     )
 
 

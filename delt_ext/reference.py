@@ -37,6 +37,59 @@ def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor
     )
 
 
+def group_mean_var(x: Tensor, group_index: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-group :func:`batch_mean_var`: (G, C) mean and biased variance over each group's samples.
+
+    ``group_index`` (N,) int64 gives each sample's group in ``[0, groups)``; a group without
+    samples gets NaN. Dtypes as :func:`batch_mean_var`.
+    """
+    _check_group_index(group_index, groups)
+    dtype = accumulate_dtype(x.dtype)
+    means, variances = [], []
+    for g in range(groups):
+        members = (group_index == g).nonzero().flatten()
+        if members.numel() == 0:
+            nan = torch.full((x.shape[1],), float("nan"), dtype=dtype, device=x.device)
+            means.append(nan)
+            variances.append(nan)
+            continue
+        mean, var = batch_mean_var(x.index_select(0, members))
+        means.append(mean)
+        variances.append(var)
+    return torch.stack(means), torch.stack(variances)
+
+
+def bn_stat_loss_grouped(
+    x: Tensor,
+    group_index: Tensor,
+    target_mean: Tensor,
+    target_var: Tensor,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """``sum_g weight_g * (||mean_g - target_mean_g||_2 + ||var_g - target_var_g||_2)``.
+
+    ``mean_g``, ``var_g``: the statistics of the samples ``n`` with ``group_index[n] == g`` (a
+    Python loop over the groups); ``target_mean``, ``target_var``: (G, C); ``weight``: (G,),
+    default 1. A group without samples adds nothing. Returns a 0-dim tensor in float32 (float64
+    for float64 ``x``).
+    """
+    groups = target_mean.shape[0]
+    _check_group_index(group_index, groups)
+    total = x.new_zeros((), dtype=accumulate_dtype(x.dtype))
+    for g in range(groups):
+        members = (group_index == g).nonzero().flatten()
+        if members.numel() == 0:
+            continue
+        group_loss = bn_stat_loss(x.index_select(0, members), target_mean[g], target_var[g])
+        total = total + (group_loss if weight is None else weight[g].to(total.dtype) * group_loss)
+    return total
+
+
+def _check_group_index(group_index: Tensor, groups: int) -> None:
+    if group_index.numel() and (group_index.min() < 0 or group_index.max() >= groups):
+        raise ValueError(f"group_index must lie in [0, {groups}), the rows of the targets")
+
+
 def resized_crop_flip(x: Tensor, params: Tensor, size: tuple[int, int]) -> Tensor:
     """Crop, bilinear resize, horizontal flip and roll, one params row at a time.
 

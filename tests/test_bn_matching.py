@@ -224,3 +224,120 @@ def test_works_with_a_compiled_model():
     (grad,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+# ---- per-group targets ------------------------------------------------------------------------
+
+
+def class_targets(model, groups, seed=0):
+    """(mean, var) of shape (G, C) per BN layer: the running statistics, perturbed per group."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.running_mean.shape[0]
+            mean = module.running_mean + 0.3 * torch.randn(groups, c, generator=generator)
+            var = module.running_var * (1 + 0.2 * torch.rand(groups, c, generator=generator))
+            targets.append((mean, var))
+    return targets
+
+
+def eager_grouped_loss(model, inputs, targets, index, weight=None, first_bn_multiplier=10.0):
+    """The per-class loop written out: hooks capture each BN input, then a Python loop over the
+    groups (delt_ext.reference) per layer."""
+    captured = []
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(lambda m, args: captured.append(args[0])) for m in layers]
+    model(inputs)
+    for hook in hooks:
+        hook.remove()
+    losses = [
+        delt_ext.reference.bn_stat_loss_grouped(x, index, mean, var, weight)
+        for x, (mean, var) in zip(captured, targets, strict=True)
+    ]
+    return first_bn_multiplier * losses[0] + sum(losses[1:]), losses
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_group_targets_equal_the_per_class_loop(channels_last):
+    model = frozen_teacher()
+    targets = class_targets(model, groups=4)
+    inputs = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    index = torch.tensor([3, 0, 3, 1, 0, 3])  # group 2 has no samples
+    weight = torch.tensor([1.0, 0.5, 7.0, 2.0])
+    x = inputs.clone().requires_grad_(True)
+    expected, expected_layers = eager_grouped_loss(model, x, targets, index, weight)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    by_name = dict(zip(names, targets, strict=True))
+    for given in (targets, by_name):
+        with delt_ext.BNStatMatching(model, targets=given) as matching:
+            assert matching.groups == 4 and "groups=4" in repr(matching)
+            matching.set_groups(index, weight)
+            model(x)
+            loss = matching.loss()
+            (grad,) = torch.autograd.grad(loss, x)
+            for ours, theirs in zip(matching.layer_losses(), expected_layers, strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+        assert (grad - expected_grad).abs().max() <= 1e-4 * expected_grad.abs().max()
+
+
+def test_chunks_in_one_forward_equal_the_chunks_apart():
+    # In eval mode the teacher treats every image on its own, so K chunks with the running
+    # statistics as every group's target give, in one forward, the sum of K separate forwards.
+    model = frozen_teacher()
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    chunks = 3
+    targets = [
+        (m.running_mean.expand(chunks, -1), m.running_var.expand(chunks, -1)) for m in layers
+    ]
+    inputs = torch.randn(chunks * 2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    x = inputs.clone().requires_grad_(True)
+    with delt_ext.BNStatMatching(model, targets=targets) as matching:
+        matching.set_groups(torch.arange(chunks * 2) // 2)
+        model(x)
+        grouped = matching.loss()
+    (grad,) = torch.autograd.grad(grouped, x)
+    apart, grads = 0.0, []
+    with delt_ext.BNStatMatching(model) as matching:
+        for k in range(chunks):
+            part = inputs[2 * k : 2 * k + 2].clone().requires_grad_(True)
+            model(part)
+            loss = matching.loss()
+            grads.append(torch.autograd.grad(loss, part)[0])
+            apart = apart + loss.detach()
+    torch.testing.assert_close(grouped.detach(), apart, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, torch.cat(grads), rtol=1e-4, atol=1e-6)
+
+
+def test_per_group_targets_are_checked():
+    model = frozen_teacher()
+    targets = class_targets(model, groups=2)
+    with pytest.raises(ValueError, match="one \\(mean, var\\) pair per BN layer"):
+        delt_ext.BNStatMatching(model, targets=targets[:-1])
+    bad = list(targets)
+    bad[3] = (bad[3][0][:, :-1], bad[3][1])
+    with pytest.raises(ValueError, match="must have shape \\(G, 64\\)"):
+        delt_ext.BNStatMatching(model, targets=bad)
+    bad[3] = (torch.zeros(3, 64), torch.ones(3, 64))
+    with pytest.raises(ValueError, match="the same number of groups"):
+        delt_ext.BNStatMatching(model, targets=bad)
+    with pytest.raises(ValueError, match="missing \\['bn1', 'layer1.0.bn2'"):
+        delt_ext.BNStatMatching(model, targets={"layer1.0.bn1": targets[1]})
+    with pytest.raises(RuntimeError, match="set_groups needs per-group targets"):
+        delt_ext.BNStatMatching(model).set_groups(torch.zeros(2, dtype=torch.int64))
+    with delt_ext.BNStatMatching(model, targets=targets) as matching:
+        with pytest.raises(RuntimeError, match="call set_groups\\(group_index\\)"):
+            model(torch.randn(2, 3, 32, 32))
+        with pytest.raises(ValueError, match="must be int64"):
+            matching.set_groups(torch.zeros(2, dtype=torch.int32))
+        matching.set_groups(torch.tensor([0, 1, 1]))
+        with pytest.raises(ValueError, match="has 3 samples but layer 'bn1' got a batch of 2"):
+            model(torch.randn(2, 3, 32, 32))
+        matching.set_groups(torch.tensor([0, 2]))
+        with pytest.raises(ValueError, match="outside \\[0, 2\\)"):
+            model(torch.randn(2, 3, 32, 32))

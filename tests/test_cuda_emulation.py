@@ -302,6 +302,123 @@ def test_bn_emulated_kernels_check_their_arguments(emu):
         emu.bn_stat_loss(torch.randn(2, 3, 4, 4), torch.zeros(2), torch.ones(3))
 
 
+# ---- grouped BN statistics ---------------------------------------------------------------------
+
+GROUPED_SHAPES = [(8, 16, 9, 7), (3, 5, 64, 65), (6, 6, 1, 1), (12, 37, 5, 5), (10, 130, 3, 3)]
+
+
+def grouped_case(n, pattern, seed=0):
+    from test_bn_stat_grouped import group_index
+
+    return group_index(n, pattern, seed)
+
+
+def emulated_grouped(emu, x, index, target_mean, target_var, weight=None, scale=None):
+    out = emu.bn_stat_loss_grouped(x, index, target_mean, target_var, weight)
+    grad_scale = scale
+    if grad_scale is None and weight is not None:
+        grad_scale = weight.to(out[0].dtype)
+    grad = emu.grouped_stat_backward(x, index, out[2], out[4][0], out[4][1], grad_scale)
+    return (*out, grad)
+
+
+@pytest.mark.parametrize("pattern", ["one", "each", "random"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GROUPED_SHAPES)
+def test_grouped_kernels_match_cpu_and_reference(emu, shape, dtype, layout, pattern):
+    from test_bn_stat_grouped import exact_grouped, group_targets, group_weights
+
+    x = make_input(shape, dtype, layout)
+    index, groups = grouped_case(shape[0], pattern)
+    target_mean, target_var = group_targets(groups, shape[1])
+    weight = group_weights(groups)
+    *outputs, grad = emulated_grouped(emu, x, index, target_mean, target_var, weight)
+    cpu = torch.ops.delt_ext.bn_stat_loss_grouped(x, index, target_mean, target_var, weight)
+    cpu_grad = torch.ops.delt_ext.grouped_stat_backward(
+        x, index, cpu[2], cpu[4][0], cpu[4][1], weight
+    )
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for ours, theirs in zip(outputs, cpu, strict=True):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=rtol, equal_nan=True)
+    assert grad.dtype == dtype and grad.stride() == x.stride()
+    assert rel_err(grad, cpu_grad) <= GRAD_RTOL[dtype]
+    expected_loss, expected_grad = exact_grouped(x, index, target_mean, target_var, weight)
+    torch.testing.assert_close(outputs[0].double(), expected_loss, rtol=rtol, atol=0)
+    assert rel_err(grad, expected_grad) <= GRAD_RTOL[dtype]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grouped_large_input_and_one_group_match_the_ungrouped_kernels(emu, layout):
+    x = make_input((100, 64, 32, 32), torch.float32, layout, seed=3)
+    running_mean, running_var = targets(64)
+    index = torch.zeros(100, dtype=torch.int64)
+    *grouped, grad = emulated_grouped(
+        emu, x, index, running_mean[None], running_var[None], scale=torch.tensor(0.5)
+    )
+    loss, mean, var, coef, ungrouped_grad = emulated_loss_and_grad(
+        emu, x, running_mean, running_var, 0.5
+    )
+    torch.testing.assert_close(grouped[0], loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grouped[2][0], mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped[3][0], var, rtol=1e-5, atol=1e-6)
+    assert rel_err(grad, ungrouped_grad) <= GRAD_RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_misaligned_view_and_block_order_give_the_same_bits(emu, dtype, layout):
+    x = make_input((6, 16, 8, 8), dtype, layout, seed=6)
+    index = torch.tensor([1, 0, 1, 2, 0, 1])
+    target_mean, target_var = targets(16)
+    tm, tv = target_mean.repeat(3, 1), target_var.repeat(3, 1)
+    aligned = emulated_grouped(emu, x, index, tm, tv)
+    width = emu.last_bn_launch()["load_width"]
+    shifted = misaligned_copy(x)
+    runs = []
+    try:
+        for workers in (1, 3):
+            emu.set_workers(workers)
+            runs.append(emulated_grouped(emu, shifted, index, tm, tv))
+            assert emu.last_bn_launch()["load_width"] < width
+    finally:
+        emu.set_workers(2)
+    for run in runs:
+        for a, b in zip(aligned, run, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=list(NONFINITE_CASES))
+def test_grouped_nan_inf_and_overflow_follow_the_cpu_kernels(emu, case, layout):
+    x = nonfinite_input(case, layout)
+    index = torch.tensor([1, 0, 1, 0])
+    target_mean, target_var = targets(3)
+    tm, tv = target_mean.repeat(2, 1), target_var.repeat(2, 1)
+    *outputs, grad = emulated_grouped(emu, x, index, tm, tv)
+    cpu = torch.ops.delt_ext.bn_stat_loss_grouped(x, index, tm, tv, None)
+    cpu_grad = torch.ops.delt_ext.grouped_stat_backward(
+        x, index, cpu[2], cpu[4][0], cpu[4][1], None
+    )
+    for ours, theirs in zip((*outputs, grad), (*cpu, cpu_grad), strict=True):
+        assert_matches_with_nonfinite(ours, theirs, 1e-4)
+
+
+def test_grouped_index_out_of_range_fails_on_the_device(emu):
+    x = torch.randn(4, 3, 2, 2)
+    target_mean, target_var = torch.zeros(2, 3), torch.ones(2, 3)
+    for bad in (torch.tensor([0, 1, 2, 0]), torch.tensor([0, -1, 1, 0])):
+        for layout in ("nchw", "channels_last"):
+            xs = make_input((4, 3, 2, 2), torch.float32, layout)
+            with pytest.raises(RuntimeError, match="group_index is out of range"):
+                emu.bn_stat_loss_grouped(xs, bad, target_mean, target_var)
+        with pytest.raises(RuntimeError, match="group_index is out of range"):
+            emu.grouped_stat_backward(x, bad, target_mean, target_mean, target_var)
+    with pytest.raises(RuntimeError, match="target_mean must be a 2-D"):
+        emu.bn_stat_loss_grouped(x, torch.tensor([0, 1, 1, 0]), torch.zeros(3), target_var)
+
+
 # ---- resized_crop_flip ------------------------------------------------------------------------
 
 H, W = CROP_H, CROP_W

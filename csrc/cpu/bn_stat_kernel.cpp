@@ -34,8 +34,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bn_stat.h"
@@ -477,12 +479,343 @@ at::Tensor batch_stat_backward_cpu(const at::Tensor& x, const at::Tensor& mean,
   return with_strides_of(dx, x);
 }
 
+
+// ---- grouped statistics --------------------------------------------------------------------
+//
+// Sample n belongs to group index[n] in [0, G). Each group gets the statistics above over its own
+// samples x H x W, with its own shift K_gc (the first value of channel c in the group's first
+// sample). Partial sums cover one plane, or a fixed piece of one (NCHW), or a fixed block of one
+// sample's rows (channels_last), and are merged per group in sample order in float64: results do
+// not depend on the thread count. Non-finite sums of a (group, channel) are recomputed exactly,
+// as above. A group without samples gets NaN statistics, loss 0 and coefficients 0.
+
+// The samples of every group, in sample order (a stable counting sort of the index).
+struct GroupLayout {
+  int64_t G = 0;
+  std::vector<int64_t> index;    // (N,) group of each sample
+  std::vector<int64_t> order;    // samples sorted by group, stable
+  std::vector<int64_t> offsets;  // (G + 1,): group g is order[offsets[g] : offsets[g + 1]]
+  int64_t count(int64_t g) const { return offsets[g + 1] - offsets[g]; }
+};
+
+GroupLayout group_layout(const at::Tensor& group_index, int64_t G, const char* op) {
+  GroupLayout groups;
+  groups.G = G;
+  const at::Tensor gi = group_index.contiguous();
+  const int64_t N = gi.numel();
+  const int64_t* p = gi.const_data_ptr<int64_t>();
+  groups.index.assign(p, p + N);
+  groups.offsets.assign(G + 1, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t g = groups.index[n];
+    TORCH_CHECK(g >= 0 && g < G, op, ": group_index[", n, "] = ", g,
+                " is out of range: the targets have G = ", G, " groups (rows), so a group index must lie in [0, ", G, ")");
+    ++groups.offsets[g + 1];
+  }
+  for (int64_t g = 0; g < G; ++g) groups.offsets[g + 1] += groups.offsets[g];
+  groups.order.resize(N);
+  std::vector<int64_t> next(groups.offsets.begin(), groups.offsets.end() - 1);
+  for (int64_t n = 0; n < N; ++n) groups.order[next[groups.index[n]]++] = n;
+  return groups;
+}
+
+// Exact float64 mean and biased variance of channel c over the samples of one group.
+template <typename scalar_t>
+void exact_group_moments(const scalar_t* data, Layout layout, int64_t C, int64_t HW,
+                         const int64_t* samples, int64_t count, int64_t c, double& mean,
+                         double& var) {
+  auto at = [&](int64_t n, int64_t i) {
+    return static_cast<double>(layout == Layout::kNCHW ? data[(n * C + c) * HW + i]
+                                                       : data[(n * HW + i) * C + c]);
+  };
+  const double M = static_cast<double>(count * HW);
+  double sum = 0.0;
+  for (int64_t k = 0; k < count; ++k) {
+    for (int64_t i = 0; i < HW; ++i) sum += at(samples[k], i);
+  }
+  mean = sum / M;
+  double squares = 0.0;
+  for (int64_t k = 0; k < count; ++k) {
+    for (int64_t i = 0; i < HW; ++i) {
+      const double d = at(samples[k], i) - mean;
+      squares += d * d;
+    }
+  }
+  var = squares / M;
+}
+
+// Per-group, per-channel float64 mean and biased variance ((G, C), row-major; NaN for a group
+// without samples).
+template <typename scalar_t>
+void grouped_moments(const at::Tensor& x, Layout layout, const GroupLayout& groups,
+                     std::vector<double>& mean, std::vector<double>& var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = groups.G;
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+
+  // shift[g * C + c]: channel c's first value in group g's first sample (0 if not finite).
+  std::vector<acc_t> shift(G * C, acc_t(0));
+  for (int64_t g = 0; g < G; ++g) {
+    if (groups.count(g) == 0) continue;
+    const int64_t first = groups.order[groups.offsets[g]];
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t v = layout == Layout::kNCHW ? data[(first * C + c) * HW] : data[first * HW * C + c];
+      shift[g * C + c] = shift_of(static_cast<acc_t>(v));
+    }
+  }
+
+  int64_t pieces = 1;              // partial sums per (sample, channel)
+  std::vector<double> part1, part2;
+  int64_t stride_n = 0, stride_c = 0, stride_piece = 0;
+  if (layout == Layout::kNCHW) {
+    // A partial sum per plane, or per piece of kChunkElements of a large plane; [n][c][piece].
+    pieces = HW > kChunkElements ? (HW + kChunkElements - 1) / kChunkElements : 1;
+    const int64_t piece_len = pieces > 1 ? kChunkElements : HW;
+    stride_n = C * pieces, stride_c = pieces, stride_piece = 1;
+    part1.assign(N * C * pieces, 0.0);
+    part2.assign(N * C * pieces, 0.0);
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / piece_len);
+    at::parallel_for(0, N * C * pieces, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer;
+      for (int64_t task = begin; task < end; ++task) {  // memory order: (n, c, piece)
+        const int64_t plane = task / pieces, piece = task % pieces;
+        const int64_t n = plane / C, c = plane % C;
+        const int64_t lo = piece * piece_len, len = std::min(HW, lo + piece_len) - lo;
+        double s1 = 0.0, s2 = 0.0;
+        shifted_sums(as_acc(data + plane * HW + lo, len, buffer), len,
+                     shift[groups.index[n] * C + c], &s1, &s2);
+        part1[task] = s1;
+        part2[task] = s2;
+      }
+    });
+  } else {
+    // A partial sum per block of `rows` rows of one sample, vectorized across channels;
+    // [n][piece][c].
+    const int64_t rows = std::clamp<int64_t>(kChunkElements * 8 / C, 1, kChunkRowsMax);
+    pieces = (HW + rows - 1) / rows;
+    stride_n = pieces * C, stride_c = 1, stride_piece = C;
+    part1.assign(N * pieces * C, 0.0);
+    part2.assign(N * pieces * C, 0.0);
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / (std::min(rows, HW) * C));
+    at::parallel_for(0, N * pieces, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s1(C), s2(C), buffer;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / pieces, piece = task % pieces;
+        const int64_t r0 = n * HW + piece * rows;
+        const int64_t n_rows = std::min(n * HW + HW, r0 + rows) - r0;
+        std::fill(s1.begin(), s1.end(), acc_t(0));
+        std::fill(s2.begin(), s2.end(), acc_t(0));
+        const acc_t* p = as_acc(data + r0 * C, n_rows * C, buffer);
+        column_shifted_sums(p, n_rows, C, shift.data() + groups.index[n] * C, s1.data(),
+                            s2.data());
+        for (int64_t c = 0; c < C; ++c) {
+          part1[task * C + c] = s1[c];
+          part2[task * C + c] = s2[c];
+        }
+      }
+    });
+  }
+
+  mean.assign(G * C, std::numeric_limits<double>::quiet_NaN());
+  var.assign(G * C, std::numeric_limits<double>::quiet_NaN());
+  std::vector<std::pair<int64_t, int64_t>> inexact;  // (group, channel) with non-finite sums
+  std::vector<double> s1(C), s2(C);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t count = groups.count(g);
+    if (count == 0) continue;
+    std::fill(s1.begin(), s1.end(), 0.0);
+    std::fill(s2.begin(), s2.end(), 0.0);
+    for (int64_t k = groups.offsets[g]; k < groups.offsets[g + 1]; ++k) {
+      const int64_t n = groups.order[k];
+      for (int64_t piece = 0; piece < pieces; ++piece) {
+        const int64_t base = n * stride_n + piece * stride_piece;
+        for (int64_t c = 0; c < C; ++c) {
+          s1[c] += part1[base + c * stride_c];
+          s2[c] += part2[base + c * stride_c];
+        }
+      }
+    }
+    const double M = static_cast<double>(count * HW);
+    for (int64_t c = 0; c < C; ++c) {
+      if (!is_finite(s1[c]) || !is_finite(s2[c])) inexact.emplace_back(g, c);
+      const double d = s1[c] / M;
+      mean[g * C + c] = static_cast<double>(shift[g * C + c]) + d;
+      var[g * C + c] = std::max(s2[c] / M - d * d, 0.0);
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(inexact.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [g, c] = inexact[k];
+      exact_group_moments(data, layout, C, HW, groups.order.data() + groups.offsets[g],
+                          groups.count(g), c, mean[g * C + c], var[g * C + c]);
+    }
+  });
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_outputs(
+    const at::TensorOptions& options, int64_t G, int64_t C, double loss,
+    const std::vector<double>& group_loss, const std::vector<double>& mean,
+    const std::vector<double>& var, const std::vector<double>& coef) {
+  return {to_tensor<T>({loss}, options).reshape({}), to_tensor<T>(group_loss, options),
+          to_tensor<T>(mean, options).view({G, C}), to_tensor<T>(var, options).view({G, C}),
+          to_tensor<T>(coef, options).view({2, G, C})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_grouped_cpu(
+    const at::Tensor& x, const at::Tensor& group_index, const at::Tensor& target_mean,
+    const at::Tensor& target_var, const c10::optional<at::Tensor>& weight) {
+  const char* op = "delt_ext::bn_stat_loss_grouped";
+  check_stat_input(x, op);
+  check_group_index(group_index, x, op);
+  const int64_t G = check_group_target(target_mean, x, "target_mean", op);
+  check_group_target(target_var, x, "target_var", op);
+  TORCH_CHECK(target_var.size(0) == G, op, ": target_mean and target_var must have the same shape, got ",
+              target_mean.sizes(), " and ", target_var.sizes());
+  check_group_weight(weight, G, x, op);
+  const GroupLayout groups = group_layout(group_index, G, op);
+  const auto [xs, layout] = supported_layout(x);
+  const int64_t C = x.size(1);
+  std::vector<double> mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_loss_grouped",
+                                  [&] { grouped_moments<scalar_t>(xs, layout, groups, mean, var); });
+  const std::vector<double> tm = to_doubles(target_mean), tv = to_doubles(target_var);
+  const std::vector<double> w = weight.has_value() ? to_doubles(*weight) : std::vector<double>(G, 1.0);
+  const auto options = x.options().dtype(accumulate_type(x.scalar_type()));
+  const bool is_double = options.dtype() == at::kDouble;
+  std::vector<double> group_loss(G, 0.0), coef(2 * G * C, 0.0);
+  std::vector<double> dmean(C), dvar(C);
+  double loss = 0.0;
+  for (int64_t g = 0; g < G; ++g) {
+    if (groups.count(g) == 0) continue;  // no samples: adds nothing
+    double ss_mean = 0.0, ss_var = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = g * C + c;
+      const double m = is_double ? mean[i] : as_returned<float>(mean[i]);
+      const double v = is_double ? var[i] : as_returned<float>(var[i]);
+      dmean[c] = m - tm[i];
+      dvar[c] = v - tv[i];
+      ss_mean += dmean[c] * dmean[c];
+      ss_var += dvar[c] * dvar[c];
+    }
+    const double norm_mean = std::sqrt(ss_mean), norm_var = std::sqrt(ss_var);
+    for (int64_t c = 0; c < C; ++c) {
+      // 0 only at a zero norm (autograd's subgradient); a NaN norm makes the group's coefficients NaN.
+      coef[g * C + c] = norm_mean == 0.0 ? 0.0 : dmean[c] / norm_mean;
+      coef[(G + g) * C + c] = norm_var == 0.0 ? 0.0 : dvar[c] / norm_var;
+    }
+    group_loss[g] = norm_mean + norm_var;
+    loss += w[g] * group_loss[g];
+  }
+  if (is_double) return grouped_outputs<double>(options, G, C, loss, group_loss, mean, var, coef);
+  return grouped_outputs<float>(options, G, C, loss, group_loss, mean, var, coef);
+}
+
+template <typename scalar_t>
+void grouped_backward_kernel(const at::Tensor& x, Layout layout, const GroupLayout& groups,
+                             const at::Tensor& mean, const at::Tensor& grad_mean,
+                             const at::Tensor& grad_var, const std::vector<double>& scale,
+                             at::Tensor& dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = groups.G;
+  // Per group the coefficients of batch_stat_backward_kernel, with M = the group's count * HW.
+  std::vector<acc_t> c1(G * C), c2(G * C), mu(G * C);
+  const at::Tensor m = mean.contiguous(), gm = grad_mean.contiguous(), gv = grad_var.contiguous();
+  const acc_t* pm = m.const_data_ptr<acc_t>();
+  const acc_t* pgm = gm.const_data_ptr<acc_t>();
+  const acc_t* pgv = gv.const_data_ptr<acc_t>();
+  for (int64_t g = 0; g < G; ++g) {
+    if (groups.count(g) == 0) continue;
+    const double inv_m = 1.0 / static_cast<double>(groups.count(g) * HW);
+    const double s = scale.size() == 1 ? scale[0] : scale[g];
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = g * C + c;
+      const double scaled_gm = static_cast<double>(static_cast<acc_t>(s * static_cast<double>(pgm[i])));
+      const double scaled_gv = static_cast<double>(static_cast<acc_t>(s * static_cast<double>(pgv[i])));
+      c1[i] = static_cast<acc_t>(scaled_gm * inv_m);
+      c2[i] = static_cast<acc_t>(2.0 * scaled_gv * inv_m);
+      mu[i] = pm[i];
+    }
+  }
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+  auto narrow = [](const std::vector<acc_t>& buffer, scalar_t* dst, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(buffer[i]);
+  };
+  if (layout == Layout::kNCHW) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElements / HW), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> buffer, result;
+      for (int64_t plane = b; plane < e; ++plane) {
+        const int64_t i = groups.index[plane / C] * C + plane % C;
+        const acc_t* src = as_acc(in + plane * HW, HW, buffer);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          centered_affine<acc_t>(src, out + plane * HW, HW, c1[i], c2[i], mu[i]);
+        } else {
+          result.resize(HW);
+          centered_affine<acc_t>(src, result.data(), HW, c1[i], c2[i], mu[i]);
+          narrow(result, out + plane * HW, HW);
+        }
+      }
+    });
+  } else {
+    const int64_t rows = std::clamp<int64_t>(kGrainElements / C, 1, HW);
+    const int64_t pieces = (HW + rows - 1) / rows;
+    at::parallel_for(0, N * pieces, 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> buffer, result;
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / pieces, r0 = n * HW + task % pieces * rows;
+        const int64_t n_rows = std::min(n * HW + HW, r0 + rows) - r0;
+        const int64_t g = groups.index[n];
+        const acc_t* src = as_acc(in + r0 * C, n_rows * C, buffer);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          rows_centered_affine(src, out + r0 * C, n_rows, C, c1.data() + g * C, c2.data() + g * C,
+                               mu.data() + g * C);
+        } else {
+          result.resize(n_rows * C);
+          rows_centered_affine(src, result.data(), n_rows, C, c1.data() + g * C,
+                               c2.data() + g * C, mu.data() + g * C);
+          narrow(result, out + r0 * C, n_rows * C);
+        }
+      }
+    });
+  }
+}
+
+at::Tensor grouped_stat_backward_cpu(const at::Tensor& x, const at::Tensor& group_index,
+                                     const at::Tensor& mean, const at::Tensor& grad_mean,
+                                     const at::Tensor& grad_var,
+                                     const c10::optional<at::Tensor>& grad_scale) {
+  const char* op = "delt_ext::grouped_stat_backward";
+  check_stat_input(x, op);
+  check_group_index(group_index, x, op);
+  TORCH_CHECK(mean.dim() == 2 && mean.size(0) >= 1, op, ": mean must be a (G, C) tensor, got shape ",
+              mean.sizes());
+  const int64_t G = mean.size(0);
+  check_group_table(mean, x, G, "mean", op);
+  check_group_table(grad_mean, x, G, "grad_mean", op);
+  check_group_table(grad_var, x, G, "grad_var", op);
+  check_group_scale(grad_scale, G, x, op);
+  const GroupLayout groups = group_layout(group_index, G, op);
+  const std::vector<double> scale =
+      grad_scale.has_value() ? to_doubles(*grad_scale) : std::vector<double>{1.0};
+  const auto [xs, layout] = supported_layout(x);
+  at::Tensor dx = at::empty_like(xs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_stat_backward",
+                                  [&] {
+                                    grouped_backward_kernel<scalar_t>(xs, layout, groups, mean,
+                                                                      grad_mean, grad_var, scale, dx);
+                                  });
+  return with_strides_of(dx, x);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(delt_ext, CPU, m) {
   m.impl("batch_mean_var", &batch_mean_var_cpu);
   m.impl("bn_stat_loss", &bn_stat_loss_cpu);
   m.impl("batch_stat_backward", &batch_stat_backward_cpu);
+  m.impl("bn_stat_loss_grouped", &bn_stat_loss_grouped_cpu);
+  m.impl("grouped_stat_backward", &grouped_stat_backward_cpu);
 }
 
 }  // namespace delt_ext

@@ -15,6 +15,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_stat_backward", &bn_cuda::batch_stat_backward, pybind11::arg("x"),
         pybind11::arg("mean"), pybind11::arg("grad_mean"), pybind11::arg("grad_var"),
         pybind11::arg("grad_scale") = pybind11::none());
+  m.def("bn_stat_loss_grouped", &bn_cuda::bn_stat_loss_grouped, pybind11::arg("x"),
+        pybind11::arg("group_index"), pybind11::arg("target_mean"), pybind11::arg("target_var"),
+        pybind11::arg("weight") = pybind11::none());
+  m.def("grouped_stat_backward", &bn_cuda::grouped_stat_backward, pybind11::arg("x"),
+        pybind11::arg("group_index"), pybind11::arg("mean"), pybind11::arg("grad_mean"),
+        pybind11::arg("grad_var"), pybind11::arg("grad_scale") = pybind11::none());
   m.def("resized_crop_flip", &crop_cuda::resized_crop_flip);
   m.def("resized_crop_flip_backward", &crop_cuda::resized_crop_flip_backward);
   // Test hooks: the crop kernels' grid cap, the emulator's OS threads, the launch counter.
