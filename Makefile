@@ -17,7 +17,8 @@ endif
 
 SOURCES := setup.py pyproject.toml $(shell find csrc delt_ext python -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: all venv install test test-fast test-cpu-only bench demo fashion-mnist lint clean
+.PHONY: all venv install test test-fast test-cpu-only bench bench-installed gpu-check gpu-check-dry \
+	demo fashion-mnist lint clean
 
 all: test
 
@@ -56,10 +57,31 @@ test-cpu-only: venv
 # Every benchmark in one run, so that ratios compare like with like; the tables of
 # benchmarks/README.md are printed by benchmarks/report.py from the JSON.
 bench: install
-	mkdir -p .benchmarks
-	$(VENV)/bin/pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds \
-		--benchmark-json=.benchmarks/latest.json
-	$(PY) benchmarks/report.py .benchmarks/latest.json
+	$(MAKE) bench-installed BENCH_PYTEST=$(VENV)/bin/pytest BENCH_PYTHON=$(PY)
+
+# The same run against a package already installed in BENCH_PYTHON's environment, without the
+# .venv (the lent GPU machine: no network; `make gpu-check` runs it with BENCH_ARGS="-k cuda").
+BENCH_PYTHON ?= $(PYTHON)
+BENCH_PYTEST ?= $(BENCH_PYTHON) -m pytest
+BENCH_JSON ?= .benchmarks/latest.json
+BENCH_ARGS ?=
+bench-installed:
+	mkdir -p $(dir $(BENCH_JSON))
+	PYTHONSAFEPATH=1 $(BENCH_PYTEST) benchmarks --benchmark-only \
+		--benchmark-columns=min,median,mean,stddev,rounds --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+	$(BENCH_PYTHON) benchmarks/report.py $(BENCH_JSON)
+
+# The prepared check for a lent GPU machine (docs/gpu-check.md): build against that machine's
+# torch, CUDA tests, compute-sanitizer, benchmarks; logs and a summary under GPU_CHECK_OUT
+# (default: $OUT, which the device tool sets, else out/gpu-check).
+GPU_CHECK_OUT ?= $(or $(OUT),out/gpu-check)
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_OUT)
+
+# The same script on this CPU with every GPU step replaced by a check that its commands and files
+# exist and parse (seconds; .ci/run runs it so that the script does not rot).
+gpu-check-dry: install
+	$(PY) tools/gpu_check.py --dry out/gpu-check-dry
 
 # The main job: Fashion-MNIST through `delt distill` (teacher, selection, DELT IPC 10, eval,
 # diversity, and the random-real baseline; `delt demo`), outputs
@@ -83,7 +105,7 @@ demo: install fashion-mnist
 	$(VENV)/bin/delt demo --out $(DEMO_OUT) --data-root $(FASHION_MNIST_ROOT)
 
 lint:
-	$(VENV)/bin/ruff check delt_ext python tests benchmarks
+	$(VENV)/bin/ruff check delt_ext python tests benchmarks tools
 
 clean:
 	rm -rf build dist *.egg-info $(VENV)/.install-stamp

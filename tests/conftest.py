@@ -3,10 +3,21 @@ import torch
 
 CUDA = torch.cuda.is_available()
 
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# Every test that needs a GPU is marked `cuda` (`pytest -m cuda` runs them all: `make gpu-check`,
+# docs/gpu-check.md); without a GPU the hook below skips them.
+requires_cuda = pytest.mark.cuda
 
 # Devices every kernel test runs on: CPU always, CUDA when a GPU is present.
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import CROP_BOXES, CROP_H, CROP_W
+from conftest import CROP_BOXES, CROP_H, CROP_W, DEVICES, requires_cuda
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
@@ -18,7 +18,7 @@ from delt_ext import RandomResizedCropFlip, crop_scale_schedule, resized_crop_fl
 
 pytestmark = pytest.mark.skipif(not delt_ext.HAS_OPS, reason="compiled delt_ext library not built")
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = requires_cuda
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
 
@@ -151,10 +151,11 @@ def test_gradients_match_autograd_of_torchvision(memory_format, per_sample, size
         assert g_op.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("memory_format", LAYOUTS)
-def test_gradcheck_float64(memory_format):
+def test_gradcheck_float64(memory_format, device):
     x = torch.randn(4, 2, 5, 6, dtype=torch.float64).contiguous(memory_format=memory_format)
-    x.requires_grad_()
+    x = x.to(device).requires_grad_()
     per_sample = torch.tensor(
         [
             [0, 0, 5, 6, 0, 0, 0],
@@ -163,6 +164,7 @@ def test_gradcheck_float64(memory_format):
             [0, 3, 5, 3, 0, 6, 1],
         ],
         dtype=torch.float64,
+        device=device,
     )
     shared = per_sample[1:2]
     for params in (per_sample, shared):
@@ -192,30 +194,32 @@ def test_backward_is_deterministic():
     assert all(torch.equal(results[0], g) for g in results[1:])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("memory_format", LAYOUTS)
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_opcheck(memory_format, per_sample):
+def test_opcheck(memory_format, per_sample, device):
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(3, 4, 9, 11, generator=generator).contiguous(memory_format=memory_format)
-    params = random_params(3 if per_sample else 1, 9, 11, (6, 13), generator)
-    x.requires_grad_()
+    params = random_params(3 if per_sample else 1, 9, 11, (6, 13), generator).to(device)
+    x = x.to(device).requires_grad_()
     torch.library.opcheck(torch.ops.delt_ext.resized_crop_flip.default, (x, params, 6, 13))
     grad = torch.randn(3, 4, 6, 13, generator=generator).contiguous(memory_format=memory_format)
-    grad.requires_grad_()
+    grad = grad.to(device).requires_grad_()
     torch.library.opcheck(
         torch.ops.delt_ext.resized_crop_flip_backward.default, (grad, params, 9, 11)
     )
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
     generator = torch.Generator().manual_seed(6)
-    params = random_params(4, 12, 12, (10, 10), generator)
+    params = random_params(4, 12, 12, (10, 10), generator).to(device)
 
     def step(x, params):
         return resized_crop_flip(x, params, (10, 10)).square().sum()
 
     compiled = torch.compile(step, fullgraph=True)
-    x = torch.randn(4, 3, 12, 12, generator=generator, requires_grad=True)
+    x = torch.randn(4, 3, 12, 12, generator=generator).to(device).requires_grad_()
     loss = compiled(x, params)
     (g,) = torch.autograd.grad(loss, x)
     x_eager = x.detach().requires_grad_()

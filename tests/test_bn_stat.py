@@ -129,9 +129,10 @@ def test_matches_sre2l_eager_hook_on_16_bit_inputs(dtype, layout, device):
     assert rel_err(grad, hook_grad) <= GRAD_RTOL[dtype]
 
 
-def test_batch_mean_var_gradient_matches_autograd():
-    x = make_input((4, 6, 5, 3), torch.float64, "channels_last").requires_grad_(True)
-    weights = torch.randn(2, 6, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_mean_var_gradient_matches_autograd(device):
+    x = make_input((4, 6, 5, 3), torch.float64, "channels_last", device).requires_grad_(True)
+    weights = torch.randn(2, 6, dtype=torch.float64).to(device)
     mean, var = delt_ext.batch_mean_var(x)
     (grad,) = torch.autograd.grad((weights[0] * mean).sum() + (weights[1] * var).sum(), x)
     mean_ref, var_ref = reference.batch_mean_var(x)
@@ -145,19 +146,22 @@ def test_batch_mean_var_gradient_matches_autograd():
     torch.testing.assert_close(grad_var_only, grad_var_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 4, 1, 1), (3, 2, 1, 7)])
-def test_gradcheck_float64(shape, layout):
-    x = make_input(shape, torch.float64, layout).requires_grad_(True)
-    running_mean, running_var = (t.double().requires_grad_(True) for t in make_targets(shape[1]))
+def test_gradcheck_float64(shape, layout, device):
+    x = make_input(shape, torch.float64, layout, device).requires_grad_(True)
+    targets = make_targets(shape[1], device)
+    running_mean, running_var = (t.double().requires_grad_(True) for t in targets)
     assert torch.autograd.gradcheck(delt_ext.bn_stat_loss, (x, running_mean, running_var))
     assert torch.autograd.gradcheck(delt_ext.batch_mean_var, (x,))
 
 
-def test_statistics_used_by_other_outputs_reach_the_gradient():
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_used_by_other_outputs_reach_the_gradient(device):
     # If a caller differentiates the op's mean/var outputs too, their gradients must add up.
-    x = make_input((3, 4, 3, 3), torch.float64, "nchw").requires_grad_(True)
-    running_mean, running_var = (t.double() for t in make_targets(4))
+    x = make_input((3, 4, 3, 3), torch.float64, "nchw", device).requires_grad_(True)
+    running_mean, running_var = (t.double() for t in make_targets(4, device))
     loss, mean, var, _ = torch.ops.delt_ext.bn_stat_loss(x, running_mean, running_var)
     (grad,) = torch.autograd.grad(loss + mean.sum() + 3 * var.sum(), x)
     ref_loss = reference.bn_stat_loss(x, running_mean, running_var)
@@ -176,12 +180,13 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_backward_of_the_loss_alone_is_one_kernel():
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_of_the_loss_alone_is_one_kernel(device):
     # Issue 14: with only the loss used, the backward is the fused kernel with the incoming
     # gradient as its scale, not zero tensors for the unused mean/var outputs plus several
     # elementwise ops (register_autograd materializes zeros unless told not to).
-    x = make_input((4, 6, 5, 5), torch.float32, "nchw").requires_grad_(True)
-    running_mean, running_var = make_targets(6)
+    x = make_input((4, 6, 5, 5), torch.float32, "nchw", device).requires_grad_(True)
+    running_mean, running_var = make_targets(6, device)
     loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
     with _RecordOps() as recorded:
         (grad,) = torch.autograd.grad(3.0 * loss, x)
@@ -192,28 +197,32 @@ def test_backward_of_the_loss_alone_is_one_kernel():
     assert rel_err(grad, 3.0 * expected) <= GRAD_RTOL[torch.float32]
 
 
-def test_zero_norm_gives_zero_gradient_not_nan():
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_norm_gives_zero_gradient_not_nan(device):
     # Values +-1 in every channel: the batch mean is exactly 0 and the variance exactly 1.
-    signs = torch.tensor([1.0, -1.0]).repeat(8)
+    signs = torch.tensor([1.0, -1.0], device=device).repeat(8)
     x = signs.reshape(2, 1, 2, 4).repeat(1, 3, 1, 1).requires_grad_(True)
-    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
     loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
     (grad,) = torch.autograd.grad(loss, x)
     assert loss.item() == 0.0
     assert torch.equal(grad, torch.zeros_like(x))
     # Only the variance matches: the mean part still has its gradient.
-    loss = delt_ext.bn_stat_loss(x, torch.full((3,), 0.5), running_var)
+    half = torch.full((3,), 0.5, device=device)
+    loss = delt_ext.bn_stat_loss(x, half, running_var)
     (grad,) = torch.autograd.grad(loss, x)
-    _, grad_ref = exact_reference(x, torch.full((3,), 0.5), running_var)
+    _, grad_ref = exact_reference(x, half, running_var)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-6, atol=1e-9)
 
 
-def test_single_value_per_channel_has_zero_variance():
-    x = torch.randn(1, 5, 1, 1, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_value_per_channel_has_zero_variance(device):
+    x = torch.randn(1, 5, 1, 1, device=device, requires_grad=True)
     mean, var = delt_ext.batch_mean_var(x)
-    assert torch.equal(var, torch.zeros(5)) and torch.equal(mean, x.detach().flatten())
-    loss = delt_ext.bn_stat_loss(x, torch.zeros(5), torch.ones(5))
+    assert torch.equal(var, torch.zeros(5, device=device))
+    assert torch.equal(mean, x.detach().flatten())
+    loss = delt_ext.bn_stat_loss(x, torch.zeros(5, device=device), torch.ones(5, device=device))
     (grad,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(grad).all()
 
@@ -300,11 +309,12 @@ def test_nan_inf_and_overflow_follow_the_eager_formula(case, layout, device):
         assert torch.isnan(loss) and torch.isnan(grad).all()
 
 
-def test_nan_and_overflow_cases_from_the_audit():
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_overflow_cases_from_the_audit(device):
     # Issue: 1e37 as x[0, 0, 0, 0] gave mean -inf (torch: 3.9e34); 3e38 gave a NaN loss where the
     # eager formula gives inf; +inf gave mean NaN where torch gives inf.
-    x = make_input((8, 16, 9, 7), torch.float32, "nchw")
-    running_mean, running_var = make_targets(16)
+    x = make_input((8, 16, 9, 7), torch.float32, "nchw", device)
+    running_mean, running_var = make_targets(16, device)
     x[0, 0, 0, 0] = 1e37
     mean, _ = delt_ext.batch_mean_var(x)
     torch.testing.assert_close(mean[0], x[:, 0].mean(), rtol=1e-6, atol=0)
@@ -318,11 +328,12 @@ def test_nan_and_overflow_cases_from_the_audit():
     assert torch.isnan(grad).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_nan_and_inf_in_other_dtypes(dtype):
+def test_nan_and_inf_in_other_dtypes(dtype, device):
     for case in ("nan", "+inf first", "+inf and -inf"):
-        x = nonfinite_input(case, "nchw", dtype).requires_grad_(True)
-        running_mean, running_var = make_targets(3)
+        x = nonfinite_input(case, "nchw", dtype).to(device).requires_grad_(True)
+        running_mean, running_var = make_targets(3, device)
         loss = delt_ext.bn_stat_loss(x, running_mean, running_var)
         (grad,) = torch.autograd.grad(loss, x)
         x_ref = x.detach().to(ops_accumulate(dtype)).requires_grad_(True)
@@ -373,10 +384,11 @@ def test_results_do_not_depend_on_thread_count(shape, layout, num_threads):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_opcheck(layout):
-    x = make_input((3, 5, 4, 6), torch.float32, layout)
-    running_mean, running_var = make_targets(5)
+def test_opcheck(layout, device):
+    x = make_input((3, 5, 4, 6), torch.float32, layout, device)
+    running_mean, running_var = make_targets(5, device)
     ops = torch.ops.delt_ext
     for requires_grad in (False, True):
         xg = x.detach().requires_grad_(requires_grad)
@@ -385,7 +397,8 @@ def test_opcheck(layout):
     _, mean, _, coef = ops.bn_stat_loss(x, running_mean, running_var)
     torch.library.opcheck(ops.batch_stat_backward.default, (x, mean, coef[0], coef[1], None))
     torch.library.opcheck(
-        ops.batch_stat_backward.default, (x, mean, coef[0], coef[1], torch.tensor(0.5))
+        ops.batch_stat_backward.default,
+        (x, mean, coef[0], coef[1], torch.tensor(0.5, device=device)),
     )
 
 
@@ -449,6 +462,13 @@ def test_rejects_statistics_on_another_device():
         delt_ext.bn_stat_loss(x, torch.zeros(3, device="meta"), torch.ones(3))
 
 
+@requires_cuda
+def test_rejects_cpu_statistics_for_cuda_input():
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    with pytest.raises(ValueError, match="running_var is on cpu but x is on cuda:0"):
+        delt_ext.bn_stat_loss(x, torch.zeros(3, device="cuda"), torch.ones(3))
+
+
 def test_rejects_non_tensors():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         delt_ext.batch_mean_var([[1.0]])
@@ -456,12 +476,17 @@ def test_rejects_non_tensors():
         delt_ext.bn_stat_loss(torch.randn(2, 3, 4, 4), [0.0] * 3, torch.ones(3))
 
 
-def test_compiled_op_checks_its_own_arguments():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_op_checks_its_own_arguments(device):
     # Callers of torch.ops.delt_ext.* directly get the kernel's checks, not a crash.
     with pytest.raises(RuntimeError, match="x must be a 4-D"):
-        torch.ops.delt_ext.batch_mean_var(torch.randn(3, 4))
+        torch.ops.delt_ext.batch_mean_var(torch.randn(3, 4, device=device))
     with pytest.raises(RuntimeError, match="running_mean must be a 1-D tensor"):
-        torch.ops.delt_ext.bn_stat_loss(torch.randn(2, 3, 4, 4), torch.zeros(2), torch.ones(3))
+        torch.ops.delt_ext.bn_stat_loss(
+            torch.randn(2, 3, 4, 4, device=device),
+            torch.zeros(2, device=device),
+            torch.ones(3, device=device),
+        )
 
 
 # ---- build, fallback ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
 import delt_ext
@@ -75,12 +76,13 @@ def added_lines(block: str) -> list[str]:
 # ---- the hook itself ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hook_gives_the_eager_loss_and_gradient(dtype):
-    model = make_teacher().to(dtype)
+def test_hook_gives_the_eager_loss_and_gradient(dtype, device):
+    model = make_teacher().to(device, dtype)
     bn = model[1]
     ours, theirs = BNFeatureHook(bn), EagerHook(bn)
-    x = torch.randn(6, 3, 9, 9, dtype=dtype, requires_grad=True)
+    x = torch.randn(6, 3, 9, 9, dtype=dtype).to(device).requires_grad_(True)
     model(x)
     assert ours.r_feature.dtype == dtype
     (grad_ours,) = torch.autograd.grad(ours.r_feature, x, retain_graph=True)
@@ -119,15 +121,16 @@ def test_dataparallel_replicas_are_refused_not_raced():
     assert hook.r_feature.ndim == 0
 
 
-def test_autocast_bfloat16_float32_statistics_and_the_eager_option():
-    model = make_teacher()
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_bfloat16_float32_statistics_and_the_eager_option(device):
+    model = make_teacher().to(device)
     ours, eager_option, theirs = (
         BNFeatureHook(model[4]), BNFeatureHook(model[4], precision="eager"), EagerHook(model[4])
     )  # fmt: skip
     captured = {}
     model[4].register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
-    x = torch.randn(32, 3, 16, 16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(32, 3, 16, 16).to(device).requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
         model(x)
     bn_input = captured["x"]
     assert bn_input.dtype == torch.bfloat16

@@ -272,9 +272,8 @@ def test_a_copied_run_folder_is_reused_as_it_is_and_nothing_is_written(tmp_path,
     import shutil
 
     def config(out):
-        made = _config(out, "", arch="convnet1", width=4, teacher_epochs=1)
-        made.teacher = None  # trained into OUT/teacher
-        return made
+        # No --teacher: trained into OUT/teacher (its flags are refused with one).
+        return _config(out, "", teacher=None, arch="convnet1", width=4, teacher_epochs=1)
 
     first = distill(config(tmp_path / "run"))
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
@@ -297,3 +296,36 @@ def test_a_copied_run_folder_is_reused_as_it_is_and_nothing_is_written(tmp_path,
         if path.is_file()  # (folders' mtimes change: the lock file comes and goes)
     }
     assert after == before
+
+
+@pytest.mark.parametrize(
+    "overrides, flags",
+    [({"arch": "convnet2"}, "--arch"), ({"width": 16}, "--width"),
+     ({"teacher_epochs": 5}, "--teacher-epochs"),
+     ({"arch": "convnet4", "width": 8, "teacher_epochs": 1}, "--arch, --width, --teacher-epochs")],
+)  # fmt: skip
+def test_teacher_training_flags_are_refused_with_a_teacher(
+    tiny_teacher, tmp_path, overrides, flags
+):
+    with pytest.raises(ConfigError) as error:
+        _config(tmp_path, tiny_teacher.path, **overrides)
+    verb = "apply" if "," in flags else "applies"
+    assert str(error.value) == (
+        f"{flags} {verb} to the teacher trained here, not to --teacher {tiny_teacher.path} (the "
+        "student and every step use that teacher's architecture)"
+    )
+    assert _config(tmp_path, "", **{**overrides, "teacher": None}).arch  # without: fine
+
+
+def test_teacher_training_flags_are_refused_by_the_cli(tiny_teacher, tmp_path, capsys):
+    from delt.cli import main
+
+    argv = ["distill", "--method", "cda", "--ipc", "2", "--out", str(tmp_path / "o"),
+            "--dataset", SYNTHETIC, "--teacher", str(tiny_teacher.path),
+            "--width", "16"]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"delt distill: error: --width applies to the teacher trained here, not to --teacher "
+        f"{tiny_teacher.path} (the student and every step use that teacher's architecture)"
+    )
+    assert not (tmp_path / "o").exists()

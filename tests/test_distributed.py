@@ -532,3 +532,53 @@ def test_teacher_diversity_and_report_run_on_rank_0_alone(
     diversity = [json.loads((root / "diversity.json").read_text()) for root in (one, two)]
     assert diversity[0]["per_class"] == diversity[1]["per_class"]
     assert (one / "comparison.md").read_text() == (two / "comparison.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU (`pytest -m cuda`, run by `make gpu-check`): recover and eval on CUDA, as one process
+# and under torchrun with one NCCL rank.
+
+
+def _cuda_pipeline(run, root: Path, teacher: Path, selection: Path) -> dict:
+    """`delt recover --method delt` then `delt eval` on CUDA, each through ``run`` (one process
+    or torchrun), under ``root``: the eval document."""
+    import json
+
+    distilled, results = root / "set", root / "eval" / "eval.json"
+    run(_recover_args(teacher, distilled, "delt", selection, round_iterations=2, device="cuda"))
+    run(
+        ["eval", "--distilled", str(distilled), "--epochs", "2", "--batch-size", "4", "--seeds",
+         "0", "--eval-every", "1", "--device", "cuda", "--out", str(results), "--no-progress"]
+    )  # fmt: skip
+    return json.loads(results.read_text())
+
+
+@pytest.mark.cuda
+def test_recover_and_eval_on_cuda_as_one_process_and_one_nccl_rank(
+    tmp_path, tiny_teacher, tiny_selection
+):
+    def one_process(args):
+        return _ok(_one_process(args))
+
+    def one_rank(args):
+        return _ok(_torchrun(args, nproc=1))
+
+    documents = [
+        _cuda_pipeline(run, tmp_path / name, tiny_teacher.path, tiny_selection)
+        for run, name in ((one_process, "one"), (one_rank, "torchrun"))
+    ]
+    for document in documents:
+        assert document["complete"] and document["config"]["device"].startswith("cuda")
+        assert document["num_images"] == 12  # 4 classes x IPC 3
+        assert len(document["seeds"][0]["curve"]) == 2  # tested after each of the 2 epochs
+        assert 0.0 <= document["best"]["mean"] <= 100.0
+    for log in ("set/logs/rank-0.log", "eval/logs/rank-0.log"):
+        text = (tmp_path / "torchrun" / log).read_text()
+        assert "rank 0 of 1" in text and "backend nccl" in text, log
+    # HOOK(delt compare): `delt compare` does not exist yet. When it lands, compare the two runs
+    # here with it (one process against one NCCL rank: the same set and eval numbers, up to
+    # CUDA's non-deterministic kernels) and drop this assertion, which fails on the GPU so that
+    # the hook is not forgotten.
+    from delt.cli import COMMANDS
+
+    assert "compare" not in COMMANDS, "delt compare exists: fill in the HOOK of this test"

@@ -227,3 +227,140 @@ def test_teacher_of_another_dataset_is_refused(tiny_set, three_class_teacher):
 def test_bad_config_names_the_flag(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         _eval_config(tmp_path, **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# The results file: its identity covers the test split; other identities are kept, not replaced
+
+
+@pytest.fixture(scope="module")
+def folder_teacher(tmp_path_factory):
+    """An imagefolder dataset (``root/train``, ``root/val``; 2 classes of 8 px) and a teacher
+    trained on it: ``(root, teacher path)``."""
+    from delt.teacher import TeacherConfig, train_teacher
+    from imagefolders import write_image_folder
+
+    root = write_image_folder(tmp_path_factory.mktemp("folder"), ["a", "b"], 4, 3, 8)
+    teacher = train_teacher(
+        TeacherConfig(
+            out=str(root.parent / "teacher"), dataset="imagefolder", data_root=str(root),
+            resolution=8, arch="convnet1", width=4, epochs=1, batch_size=8, amp="none",
+            channels_last=False, progress=False,
+        )
+    )  # fmt: skip
+    return root, str(teacher.path)
+
+
+def test_a_cached_result_of_another_test_split_is_not_reused(folder_teacher, tmp_path, monkeypatch):
+    import shutil
+
+    from imagefolders import write_images
+
+    root, teacher = folder_teacher
+    other = tmp_path / "other"  # the same training split, another val/
+    shutil.copytree(root, other)
+    for index, name in enumerate(["a", "b"]):
+        shutil.rmtree(other / "val" / name)
+        write_images(other / "val" / name, 3, 8, seed=100 + index)
+    folder = tmp_path / "random"
+    values = dict(teacher=teacher, random_real=True, ipc=2, seeds=(0,), epochs=2)
+    first = evaluate(_eval_config(folder, data_root=str(root), **values))
+    fresh = evaluate(_eval_config(folder, data_root=str(other), **values))
+    assert not fresh.reused
+    split = evaluate(_eval_config(tmp_path / "check", data_root=str(other), **values))
+    assert fresh.seeds[0].curve == split.seeds[0].curve  # measured on the other val/
+    # The first split's evaluation was kept beside it, and comes back without training.
+    assert len(list((folder / "eval-kept").glob("*.json"))) == 1
+    monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
+    back = evaluate(_eval_config(folder, data_root=str(root), **values))
+    assert back.reused and back.seeds[0].curve == first.seeds[0].curve
+    document = json.loads((folder / "eval.json").read_text())
+    assert document["identity"] == first.document["identity"]
+    assert document["identity"]["data_fingerprints"]["test"].startswith("sha256:")
+    assert document["seeds"] == first.document["seeds"]
+    kept = list((folder / "eval-kept").glob("*.json"))
+    assert [json.loads(p.read_text())["seeds"] for p in kept] == [fresh.document["seeds"]]
+
+
+def test_an_evaluation_with_other_flags_is_kept_not_replaced(
+    tiny_set, tmp_path, monkeypatch, caplog
+):
+    out = tmp_path / "e.json"
+    first = evaluate(_eval_config(tiny_set, out=str(out), seeds=(0, 1)))
+    with caplog.at_level("WARNING", logger="delt"):
+        other = evaluate(_eval_config(tiny_set, out=str(out), epochs=1))
+    assert not other.reused and json.loads(out.read_text())["identity"]["config"]["epochs"] == 1
+    (kept,) = (tmp_path / "e-kept").iterdir()
+    assert json.loads(kept.read_text()) == first.document
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--epochs: 2 -> 1" in warnings[0] and str(kept) in warnings[0]
+    # The first flags again: their seeds come back (nothing trained), the other is kept.
+    monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
+    back = evaluate(_eval_config(tiny_set, out=str(out), seeds=(1, 0)))
+    assert back.reused and [s.curve for s in back.seeds] == [s.curve for s in first.seeds[::-1]]
+    assert json.loads(out.read_text())["identity"] == first.document["identity"]
+    (kept,) = (tmp_path / "e-kept").iterdir()
+    assert json.loads(kept.read_text()) == other.document
+
+
+def _predating_data_fingerprints(path):
+    """``path`` as `delt eval` wrote it before identities held the data fingerprints."""
+    document = json.loads(path.read_text())
+    del document["identity"]["data_fingerprints"]
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path.read_bytes()
+
+
+def test_a_results_file_before_test_fingerprints_is_reused_read_only(
+    tiny_set, tmp_path, monkeypatch, caplog
+):
+    out = tmp_path / "e.json"
+    first = evaluate(_eval_config(tiny_set, out=str(out), seeds=(0, 1)))
+    before = _predating_data_fingerprints(out)
+    monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
+    for seeds in ((0, 1), (1,)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="delt"):
+            again = evaluate(_eval_config(tiny_set, out=str(out), seeds=seeds))
+        assert again.reused and out.read_bytes() == before
+        assert again.accuracy_mean == pytest.approx(
+            sum(first.seeds[s].best_accuracy for s in seeds) / len(seeds)
+        )
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and str(out) in warnings[0]
+        assert "test split was not recorded" in warnings[0]
+    monkeypatch.undo()
+    # A new seed would be tested on a split the file cannot vouch for: all afresh, the old kept.
+    more = evaluate(_eval_config(tiny_set, out=str(out), seeds=(0, 2)))
+    assert not more.reused and "data_fingerprints" in json.loads(out.read_text())["identity"]
+    (kept,) = (tmp_path / "e-kept").iterdir()
+    assert kept.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "name, results",
+    [("eval", "recover-delt/eval.json"), ("eval-stagewise", "recover-pdd/eval-stagewise.json")],
+)
+def test_a_results_file_of_main_a713465_warns_once_and_stays_as_it_is(
+    tmp_path, monkeypatch, caplog, name, results
+):
+    # The real files of before the test fingerprint (tests/fixtures/a713465, test_old_runs.py).
+    import shutil
+    from pathlib import Path
+
+    from delt.cli import main
+
+    fixture = Path(__file__).parent / "fixtures" / "a713465"
+    command = json.loads((fixture / "fixture.json").read_text())["commands"][name]["command"]
+    shutil.copytree(fixture, tmp_path / "runs", ignore=shutil.ignore_patterns("make.py"))
+    monkeypatch.chdir(tmp_path / "runs")
+    before = Path(results).read_bytes()
+    assert "data_fingerprints" not in json.loads(before)["identity"]
+    monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
+    with caplog.at_level("WARNING", logger="delt"):
+        assert main(command.split()[1:]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(warnings) == 1, warnings
+    assert results in warnings[0] and "its test split was not recorded" in warnings[0]
+    assert Path(results).read_bytes() == before
+    assert not list(Path(results).parent.glob("*-kept"))

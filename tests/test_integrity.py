@@ -125,7 +125,7 @@ def test_a_chunk_of_before_identities_is_accepted_when_run_json_matches(tiny_tea
     for path in (out / "chunks").iterdir():
         chunk = torch.load(path, weights_only=True)
         assert json.loads(chunk["identity"]) == json.loads((out / "run.json").read_text())
-        del chunk["identity"]
+        del chunk["identity"], chunk["digest"]  # chunks before identities had no digest either
         torch.save(chunk, path)
     (out / "manifest.json").unlink()
     assert torch.equal(recover(_cda(tiny_teacher.path, out)).images, reference.images)
@@ -270,3 +270,132 @@ def test_a_teacher_out_with_a_corrupt_sidecar_is_refused(tiny_teacher, tmp_path)
     config = TeacherConfig(out=str(out), dataset="synthetic", arch="convnet1", progress=False)
     with pytest.raises(ValueError, match=r"teacher\.json: not a sidecar"):
         train_teacher(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunks carry a content digest; a cleanup a kill cut short is finished by the re-run
+
+
+def test_a_bit_flipped_chunk_is_refused_by_name(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    reference = recover(_cda(tiny_teacher.path, out))
+    (out / "manifest.json").unlink()  # as if killed before the manifest: the chunks are read
+    chunk = out / "chunks" / "00001.pt"
+    saved = torch.load(chunk, weights_only=True)
+    flipped = saved["images"].clone()
+    flipped.view(-1).view(torch.int32)[5] ^= 1 << 3  # one bit of one pixel
+    torch.save({**saved, "images": flipped}, chunk)
+    with pytest.raises(IntegrityError, match=r"chunks/00001\.pt: .*corrupt.*delete it"):
+        recover(_cda(tiny_teacher.path, out))
+    assert not (out / "manifest.json").exists()  # nothing mixed, nothing written
+    assert saved["digest"].startswith("sha256:")
+    chunk.unlink()  # deleting it recomputes it
+    assert torch.equal(recover(_cda(tiny_teacher.path, out)).images, reference.images)
+
+
+def test_a_chunk_of_before_digests_is_accepted(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    reference = recover(_cda(tiny_teacher.path, out))
+    for path in (out / "chunks").iterdir():
+        chunk = torch.load(path, weights_only=True)
+        del chunk["digest"]
+        torch.save(chunk, path)
+    (out / "manifest.json").unlink()
+    assert torch.equal(recover(_cda(tiny_teacher.path, out)).images, reference.images)
+
+
+def _killed_before_cleanup(monkeypatch, module):
+    """Makes ``module``'s run die where it would delete its resume state."""
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during cleanup")
+
+    monkeypatch.setattr(f"{module}.delete_resume_state", killed)
+
+
+def _rded(teacher, out, **overrides):
+    values = dict(
+        teacher=str(teacher), ipc=2, out=str(out), method="rded", candidates=10, num_crop=3,
+        factor=2, progress=False,
+    )  # fmt: skip
+    values.update(overrides)
+    return RecoverConfig(**values)
+
+
+def _pdd(teacher, out, **overrides):
+    return _cda(teacher, out, method="pdd", base="cda", stages=2, **overrides)
+
+
+@pytest.mark.parametrize(
+    "module, make, resume_state",
+    [("delt.recover", _cda, ["chunks"]),
+     ("delt.rded", _rded, ["chunks"]),
+     ("delt.pdd", _pdd,
+      ["stages/1/chunks", "stages/1/distilled.pt", "stages/2/chunks", "stages/2/manifest.json"])],
+)  # fmt: skip
+def test_a_kill_during_cleanup_is_finished_by_the_re_run(
+    tiny_teacher, tmp_path, monkeypatch, module, make, resume_state
+):
+    reference = tmp_path / "reference"
+    recover(make(tiny_teacher.path, reference, keep_chunks=False))
+    assert not any((reference / name).exists() for name in resume_state)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _killed_before_cleanup(patch, module)
+        with pytest.raises(KeyboardInterrupt):
+            recover(make(tiny_teacher.path, out, keep_chunks=False))
+    assert (out / "distilled.pt").is_file() and (out / "manifest.json").is_file()
+    assert all((out / name).exists() for name in resume_state)
+    again = recover(make(tiny_teacher.path, out, keep_chunks=False))
+    assert not any((out / name).exists() for name in resume_state)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(
+        p.relative_to(reference) for p in reference.rglob("*")
+    )
+    assert torch.equal(again.images, load_distilled(reference)[0])
+    # Finished and clean: a re-run writes nothing.
+    before = _snapshot(out)
+    recover(make(tiny_teacher.path, out, keep_chunks=False))
+    assert _snapshot(out) == before
+
+
+def test_chunks_kept_on_purpose_stay(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    recover(_cda(tiny_teacher.path, out, keep_chunks=True))
+    before = _snapshot(out)
+    recover(_cda(tiny_teacher.path, out, keep_chunks=False))  # the manifest says: kept
+    assert _snapshot(out) == before and (out / "chunks").is_dir()
+
+
+def test_pdd_hard_init_refuses_training_data_other_than_the_teachers(tiny_teacher, tmp_path):
+    # The picks of --stage-init hard come from the training split: it must be the teacher's
+    # (the run's identity records the teacher's fingerprint as its data).
+    checkpoint = load_checkpoint(tiny_teacher.path)
+    other = tmp_path / "other" / "teacher.pt"
+    meta = {**checkpoint.meta, "dataset": {**checkpoint.meta["dataset"], "fingerprint": "sha256:0"}}
+    save_checkpoint(other, checkpoint.model, meta)
+    config = _cda(
+        other, tmp_path / "out", method="pdd", base="cda", stages=2, stage_init="hard",
+        hard_student_epochs=1,
+    )  # fmt: skip
+    with pytest.raises(TeacherMismatchError, match="fingerprint"):
+        recover(config)
+    assert not (tmp_path / "out" / "distilled.pt").exists()
+
+
+def test_a_kill_while_deleting_the_chunks_is_finished_by_the_re_run(
+    tiny_teacher, tmp_path, monkeypatch
+):
+    import delt.synthesis as synthesis_module
+
+    out = tmp_path / "out"
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt(f"killed while deleting {path}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(synthesis_module.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            recover(_cda(tiny_teacher.path, out, keep_chunks=False))
+    assert (out / "chunks-deleted").is_file() and (out / "chunks").is_dir()
+    recover(_cda(tiny_teacher.path, out, keep_chunks=False))
+    assert not (out / "chunks").exists()

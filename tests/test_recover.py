@@ -13,7 +13,7 @@ from delt.models import TeacherMismatchError, build_model, load_checkpoint, save
 from delt.recover import RecoverConfig, recover
 from delt.schedules import early_late_iterations
 from delt.select import Selection
-from delt.synthesis import METHODS
+from delt.synthesis import METHODS, chunk_digest
 
 
 def _config(tiny_teacher, tiny_selection, out, method="delt", **overrides):
@@ -117,8 +117,8 @@ def test_manifest_synthesis_seconds_is_the_chunks_optimization_time_summed(
     assert manifest["synthesis_seconds"] == first.synthesis_seconds == pytest.approx(sum(saved))
     # As if an earlier process had spent 1000 s on chunk 0 and been killed before writing the
     # manifest: a re-run optimizes nothing, yet reports that time.
-    chunk = torch.load(chunk_files[0], weights_only=True)
-    torch.save({**chunk, "seconds": 1000.0}, chunk_files[0])
+    chunk = {**torch.load(chunk_files[0], weights_only=True), "seconds": 1000.0}
+    torch.save({**chunk, "digest": chunk_digest(chunk)}, chunk_files[0])  # as that process saved it
     (tmp_path / "manifest.json").unlink()
     start = time.perf_counter()
     again = recover(config)

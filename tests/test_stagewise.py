@@ -176,3 +176,31 @@ def test_pdd_hard_init_student_trains_on_exactly_the_earlier_unions(
     assert len(epochs) == len(expected)
     for (images, labels), (union_images, union_labels) in zip(epochs, expected, strict=True):
         assert torch.equal(images, union_images) and torch.equal(labels, union_labels)
+
+
+def test_stagewise_results_of_another_test_split_are_not_reused(
+    tiny_pdd_set, tmp_path, monkeypatch
+):
+    import delt.evaluate as evaluate_module
+    from delt.data import TensorImageDataset
+
+    out = str(tmp_path / "e.json")
+    first = evaluate_stagewise(_config(tiny_pdd_set, out=out))
+    real_load_like = evaluate_module.load_like
+
+    def other_test_split(info, split="train", root=None):
+        dataset = real_load_like(info, split, root)
+        if split != "test":
+            return dataset
+        return TensorImageDataset(dataset.info, 255 - dataset.pixels, dataset.targets)
+
+    monkeypatch.setattr(evaluate_module, "load_like", other_test_split)
+    other = evaluate_stagewise(_config(tiny_pdd_set, out=out))
+    assert not other.reused
+    assert (
+        other.document["identity"]["data_fingerprints"]["test"]
+        != (first.document["identity"]["data_fingerprints"]["test"])
+    )
+    # The first split's results were kept aside, not replaced.
+    (kept,) = (tmp_path / "e-kept").iterdir()
+    assert json.loads(kept.read_text()) == first.document

@@ -232,7 +232,6 @@ def test_hooked_teacher_compiles_to_one_graph(arch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("per_sample_aug", [False, True])
 def test_the_cuda_loop_never_waits_for_the_device(per_sample_aug):
     info = DatasetInfo("t", 2, 3, 16, (0.5,) * 3, (0.25,) * 3, ("a", "b"))

@@ -129,3 +129,25 @@ def test_a_run_of_exactly_four_steps_trains(tmp_path):
     dataset = "synthetic:classes=4,channels=3,size=8,train=16,test=4"  # 64 images: 4 batches
     result = train_teacher(_tiny_config(tmp_path, dataset=dataset, epochs=1))
     assert load_checkpoint(result.path).meta["epochs"] == 1 and 0 <= result.test_accuracy <= 100
+
+
+def test_a_teacher_of_other_training_data_is_not_reused(tmp_path):
+    import shutil
+
+    from imagefolders import write_image_folder, write_images
+
+    root = write_image_folder(tmp_path / "data", ["a", "b"], 3, 2, 8)
+    other = tmp_path / "other"  # the same class folders and file names, other train/ images
+    shutil.copytree(root, other)
+    shutil.rmtree(other / "train" / "a")
+    write_images(other / "train" / "a", 3, 8, seed=99)
+    values = dict(
+        out=str(tmp_path / "t"), dataset="imagefolder", resolution=8, arch="convnet1", width=4,
+        epochs=1, batch_size=4, amp="none", channels_last=False, progress=False,
+    )  # fmt: skip
+    first = train_teacher(TeacherConfig(data_root=str(root), **values))
+    assert train_teacher(TeacherConfig(data_root=str(root), **values)).reused
+    message = r"teacher\.pt holds a teacher trained on other imagefolder data than --data-root"
+    with pytest.raises(ConfigError, match=message + ".*other"):
+        train_teacher(TeacherConfig(data_root=str(other), **values))
+    assert load_checkpoint(first.path).meta["dataset"]["fingerprint"].startswith("sha256:")

@@ -355,10 +355,9 @@ def plan_jobs(config: QualityConfig) -> list[Job]:
                     distill_config = DistillConfig(
                         method=base, ipc=ipc, out=str(run_dir), dataset="fashion-mnist",
                         data_root=config.data_root, teacher=str(config.teacher_path),
-                        arch="convnet3", width=config.width, eval_epochs=config.eval_epochs,
-                        seeds=eval_seeds, eval_every=config.eval_every, amp=config.amp,
-                        channels_last=True, seed=synthesis_seed, device=config.device,
-                        progress=False, **settings,
+                        eval_epochs=config.eval_epochs, seeds=eval_seeds,
+                        eval_every=config.eval_every, amp=config.amp, channels_last=True,
+                        seed=synthesis_seed, device=config.device, progress=False, **settings,
                     )  # fmt: skip
                 except (ConfigError, ValueError) as error:
                     raise SystemExit(f"--methods {method} at IPC {ipc}: {error}") from None

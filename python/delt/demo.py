@@ -65,7 +65,12 @@ class DemoConfig:
         return DistillConfig(
             method=method, ipc=self.ipc, out=str(Path(self.out) / f"{method}-ipc{self.ipc}"),
             dataset="fashion-mnist", data_root=self.data_root, teacher=teacher,
-            arch="convnet3", width=self.width, teacher_epochs=self.teacher_epochs,
+            # The teacher's training flags only where it is trained (distill refuses them else).
+            **(
+                {"arch": "convnet3", "width": self.width, "teacher_epochs": self.teacher_epochs}
+                if teacher is None
+                else {}
+            ),
             iterations=self.iterations,
             round_iterations=self.round_iterations if method == "delt" else None,
             eval_epochs=self.eval_epochs, eval_every=self.eval_every, seeds=(self.seed,),

@@ -7,13 +7,14 @@ teacher training or selection.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from delt.config import ConfigError, check_int_fields, identity_dict, option
+from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import load_dataset, load_like
 from delt.distilled import Manifest, load_distilled, save_distilled
 from delt.distributed import barrier, is_main, main_first
@@ -42,6 +43,8 @@ from delt.teacher import TeacherConfig, train_teacher
 __all__ = ["DISTILL_METHODS", "DistillConfig", "DistillResult", "distill"]
 
 DISTILL_METHODS = ("random-real", *METHODS, PROGRESSIVE, RDED)
+# DistillConfig's fields that only configure the teacher trained here: refused with --teacher.
+TEACHER_TRAINING_FIELDS = ("arch", "width", "teacher_epochs")
 
 
 @dataclass
@@ -65,7 +68,9 @@ class DistillConfig:
     )  # fmt: skip
     arch: str = option("convnet3", help="architecture of the teacher trained here (and student)")
     width: int | None = option(None, help="convnetD width of that teacher (default 128)")
-    teacher_epochs: int = option(3, help="epochs of that teacher (all three: not with --teacher)")
+    teacher_epochs: int = option(
+        3, help="epochs of that teacher (all three: refused with --teacher, whose own are used)"
+    )
     # Not part of the identity, as `delt teacher --save-epochs`: the final teacher is the same.
     teacher_save_epochs: tuple[int, ...] | None = option(
         None,
@@ -129,6 +134,7 @@ class DistillConfig:
             raise ConfigError(str(error)) from None
         if self.width is not None and "width" not in spec.kwargs:
             raise ConfigError(f"--width applies to convnetD architectures, not --arch {self.arch}")
+        self._check_teacher_training_flags()
         check_pdd_options(self)
         if self.round_iterations is not None and not self.starts_from_selection:
             what = f"pdd --base {pdd_base(self)}" if self.method == PROGRESSIVE else self.method
@@ -158,6 +164,22 @@ class DistillConfig:
     def starts_from_selection(self) -> bool:
         """Whether the recovery starts from `delt select`'s images (delt, pdd over delt)."""
         return self.method == "delt" or (self.method == PROGRESSIVE and pdd_base(self) == "delt")
+
+    def _check_teacher_training_flags(self) -> None:
+        # The flags of the teacher trained here; --teacher-save-epochs has its own message.
+        if self.teacher is None:
+            return
+        given = [
+            flag(f.name)
+            for f in dataclasses.fields(self)
+            if f.name in TEACHER_TRAINING_FIELDS and getattr(self, f.name) != f.default
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to the teacher "
+                f"trained here, not to --teacher {self.teacher} (the student and every step use "
+                "that teacher's architecture)"
+            )
 
     def _check_teacher_save_epochs(self) -> None:
         epochs = self.teacher_save_epochs

@@ -2,12 +2,16 @@
 
 RDED/DELT's protocol (DELT: Shen et al., CVPR 2025, github.com/VILA-Lab/DELT; README,
 "Evaluating"); the engine is :mod:`delt.student_trainer` with :mod:`delt.student_augment`,
-``--stagewise`` runs in :mod:`delt.stagewise`. ``DIR/eval.json`` (atomic)
-caches every finished seed of an identity (config, student, batch, input files; not the seeds).
+``--stagewise`` runs in :mod:`delt.stagewise`. ``DIR/eval.json`` (atomic) caches every finished
+seed of an identity (config, student, batch, input files, the test split's fingerprint; not the
+seeds). An evaluation of another identity is never lost: it is kept as
+``DIR/eval-kept/<key>.json`` (:class:`ResultsFile`) and comes back when its flags are used again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -21,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
+from delt.config import ConfigError, check_int_fields, config_diff, flag, identity_dict, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
 from delt.distributed import all_gather, barrier, is_main, world
@@ -59,14 +63,18 @@ __all__ = [
     "EvalConfig",
     "EvalContext",
     "EvalResult",
+    "ResultsFile",
     "SeedResult",
     "draw_random_real",
     "eval_document",
     "evaluate",
+    "kept_folder",
     "mean_std",
 ]
 
 EVAL_FORMAT = "delt-eval-v1"
+# The identity's data fingerprints; results files written before it existed lack it.
+DATA_KEY = "data_fingerprints"
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,9 +336,10 @@ class EvalResult:
     document: dict = field(repr=False)
 
     @classmethod
-    def read(cls, path: Path, seeds: list, reused: bool) -> EvalResult:
-        """The result whose summary (best and final mean ± std) is the written file ``path``."""
-        document = read_json(path)
+    def read(cls, path: Path, seeds: list, reused: bool, document: dict | None = None):
+        """The result whose summary (best and final mean ± std) is the written file ``path``
+        (or ``document``, a results file's content that was not written)."""
+        document = read_json(path) if document is None else document
         return cls(
             path=path,
             seeds=seeds,
@@ -341,6 +350,130 @@ class EvalResult:
             reused=reused,
             document=document,
         )
+
+
+def kept_folder(path: Path) -> Path:
+    """Where the results of other identities than the one in results file ``path`` are kept:
+    ``<stem>-kept/`` beside it (not matched by ``eval-*.json``)."""
+    return path.parent / f"{path.stem}-kept"
+
+
+def _identity_key(identity: object) -> str:
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """What differs between two evaluation identities: ``--flag: a -> b``, else the input."""
+    differences = config_diff(saved.get("config", {}), current.get("config", {}))
+    for key in sorted(set(saved) | set(current)):
+        if key == "config" or saved.get(key) == current.get(key):
+            continue
+        if key == DATA_KEY and key not in saved:
+            differences.append("test split: not recorded")
+        elif key == DATA_KEY:
+            for split in ("test", "train"):
+                if saved[key].get(split) != current.get(key, {}).get(split):
+                    differences.append(f"{split} split: other data")
+        else:
+            differences.append(f"{key}: the file changed")
+    return differences
+
+
+@dataclass
+class ResultsFile:
+    """A results file (``eval.json``, ``eval-stagewise.json``, ``--out``) and the evaluations of
+    other identities kept beside it.
+
+    The file at :attr:`path` holds the evaluation of the last run; an evaluation of another
+    identity found there is never replaced: before the first write of this run it moves to
+    ``<stem>-kept/<key>.json`` (``key``: a digest of its identity; a WARNING names the flags
+    that differ), and a later run with its flags takes it back from there, finished seeds and
+    all. Readers of ``eval.json`` (``delt report``, ``delt distill``, the quality benchmark)
+    see the last run's evaluation, as before.
+
+    A file written before identities recorded the data fingerprints (:data:`DATA_KEY`) whose
+    identity is otherwise this one is reused as it is, never rewritten, with a WARNING that its
+    test split was not recorded (``legacy``); when it lacks a requested seed it is kept aside
+    like any other identity and everything is evaluated afresh.
+
+    Attributes:
+        document: the saved results of this identity (None: none yet).
+        legacy: ``document`` predates the data fingerprints (read-only).
+    """
+
+    path: Path
+    format: str
+    identity: dict
+    document: dict | None = None
+    legacy: bool = False
+    _source: Path | None = None  # where ``document`` was read from
+    _other: dict | None = None  # the content of ``path`` when it holds another identity
+
+    def kept_path(self, identity: object) -> Path:
+        return kept_folder(self.path) / f"{_identity_key(identity)}.json"
+
+    @classmethod
+    def open(cls, path: Path, format: str, identity: dict) -> ResultsFile:
+        """Finds the saved results of ``identity``: in ``path``, else kept beside it."""
+        results = cls(path, format, json.loads(json.dumps(identity)))
+        if path.is_file():
+            saved = read_json(path)
+            saved_identity = saved.get("identity") if saved.get("format") == format else None
+            if saved_identity == results.identity:
+                results.document, results._source = saved, path
+                return results
+            current = dict(results.identity)
+            del current[DATA_KEY]
+            if isinstance(saved_identity, dict) and DATA_KEY not in saved_identity:
+                if saved_identity == current:
+                    results.document, results._source, results.legacy = saved, path, True
+                    return results
+            results._other = saved
+        kept = results.kept_path(results.identity)
+        if kept.is_file():
+            saved = read_json(kept)
+            if saved.get("format") == format and saved.get("identity") == results.identity:
+                results.document, results._source = saved, kept
+                logger.info("eval: %s holds the finished seeds of these flags", kept)
+        return results
+
+    def set_aside_legacy(self) -> None:
+        """A legacy document that cannot answer this run: kept aside (as another identity)."""
+        self._other, self.document, self.legacy, self._source = self.document, None, False, None
+
+    @property
+    def needs_write(self) -> bool:
+        """Whether ``path`` does not yet hold this identity's results (taken back from their
+        kept copy, or another identity is in the way)."""
+        return self._source != self.path
+
+    def write(self, document: dict) -> None:
+        """Writes ``document`` (this identity's) to ``path``, first keeping another identity's
+        results that are there; then drops this identity's kept copy (now in ``path``)."""
+        if self.legacy:
+            raise RuntimeError(f"{self.path} predates data fingerprints: it is not rewritten")
+        if self._other is not None:
+            other_identity = self._other.get("identity")
+            kept = self.kept_path(other_identity if other_identity is not None else self._other)
+            differences = (
+                _differences(other_identity, self.identity)
+                if isinstance(other_identity, dict)
+                else ["not a results file of this kind"]
+            )
+            write_json(kept, self._other)
+            logger.warning(
+                "eval: %s held an evaluation with another configuration (%s); it is kept as %s "
+                "(the same flags take it back)", self.path, "; ".join(differences), kept,
+            )  # fmt: skip
+            self._other = None
+        write_json(self.path, document)
+        if self._source is not None and self._source != self.path:
+            self._source.unlink(missing_ok=True)
+            folder = self._source.parent
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        self._source = self.path
 
 
 @dataclass
@@ -510,6 +643,12 @@ class EvalContext:
             "teacher_sha256": sha256_file(self.teacher.path),
             "distilled_sha256": None if self.config.random_real else sha256_file(distilled),
             "dataset": self.info.name,
+            # The data the numbers come from: the test split, and the training split a
+            # --random-real set is drawn from (a teacher may predate training fingerprints).
+            DATA_KEY: {
+                "test": self.test_set.fingerprint(),
+                "train": None if self.train_set is None else self.train_set.fingerprint(),
+            },
         }
 
     def run_seed(self, seed: int, identity: dict | None = None) -> SeedResult:
@@ -704,8 +843,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
     """Runs ``delt eval``: one student per seed; writes and returns the results.
 
     Seeds already in a results file made with the same identity are reused (a complete file:
-    no training at all); a file from another configuration is replaced. A ``--stagewise``
-    config is :func:`delt.stagewise.evaluate_stagewise`'s (the CLI dispatches it there).
+    no training at all); a file of another identity is kept aside, not replaced
+    (:class:`ResultsFile`). A ``--stagewise`` config is
+    :func:`delt.stagewise.evaluate_stagewise`'s (the CLI dispatches it there).
 
     The file is a cache of every finished seed of its identity: ``seeds`` holds the requested
     ones (``--seeds``' order), over which ``best``/``final`` mean ± std are taken, and
@@ -718,7 +858,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
     config.check_results_path(probe=False)
     with results_lock(config.results_path) as lock:
         checkpoints = config.seed_checkpoint_path(0).parent
-        lock.sweep(checkpoints, recursive=False)  # a killed write of a seed's training state
+        kept = kept_folder(config.results_path)
+        # A killed write of a seed's training state, or of a results file kept aside.
+        lock.sweep(checkpoints, kept, recursive=False)
         return _evaluate(config)
 
 
@@ -728,16 +870,24 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     path = config.results_path
     finished: dict[int, SeedResult] = {}
     saved_order: list[int] = []
-    if path.is_file():
-        saved = read_json(path)
-        if saved.get("format") == EVAL_FORMAT and saved.get("identity") == identity:
-            for entry in saved["seeds"] + saved.get("other_seeds", []):
-                finished[int(entry["seed"])] = SeedResult(**entry)
-            saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
-        else:
-            logger.info("eval: %s comes from another configuration; evaluating again", path)
+    results = ResultsFile.open(path, EVAL_FORMAT, identity)
+    if results.document is not None:
+        saved = results.document
+        for entry in saved["seeds"] + saved.get("other_seeds", []):
+            finished[int(entry["seed"])] = SeedResult(**entry)
+        saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
     reused = all(seed in finished for seed in config.seeds)
-    if not reused or saved_order != list(config.seeds):
+    if results.legacy:
+        if reused:
+            logger.warning(
+                "eval: %s predates test-split fingerprints: its test split was not recorded; "
+                "it is reused as it is (not rewritten)", path,
+            )  # fmt: skip
+        else:  # new seeds would be tested on a split it cannot vouch for: all afresh
+            results.set_aside_legacy()
+            finished, saved_order = {}, []
+    rewrite = not results.legacy and (saved_order != list(config.seeds) or results.needs_write)
+    if not reused or rewrite:
         config.check_results_path()  # before training: a result that cannot be saved is lost
     logger.info(
         "eval: %s, %d images (IPC %d), student %s%s, %d epochs, batch %d, seeds %s%s",
@@ -764,12 +914,35 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         finished[seed] = result
         # Saved after every seed (with the finished ones): a killed run resumes at the next one.
         if is_main():  # under torchrun every rank trained the same students
-            write_json(path, document())
+            results.write(document())
             state_path = config.seed_checkpoint_path(seed)
             state_path.unlink(missing_ok=True)
             if state_path.parent.is_dir() and not any(state_path.parent.iterdir()):
                 state_path.parent.rmdir()
-    if reused and saved_order != list(config.seeds) and is_main():
-        write_json(path, document())  # a subset or reordering: the summary is over --seeds
+    seeds = [finished[seed] for seed in config.seeds]
+    if results.legacy and saved_order != list(config.seeds):
+        # A subset or reordering of a file that is not rewritten: summarized here only.
+        return EvalResult.read(path, seeds, reused, _legacy_summary(results.document, seeds))
+    if reused and rewrite and is_main():
+        results.write(document())  # a subset or reordering: the summary is over --seeds
     barrier()  # rank 0's file, read by every rank
-    return EvalResult.read(path, [finished[seed] for seed in config.seeds], reused)
+    return EvalResult.read(path, seeds, reused)
+
+
+def _legacy_summary(saved: dict, seeds: list[SeedResult]) -> dict:
+    """A results file's content summarized over ``seeds`` (requested, all in it), as
+    :func:`eval_document` would write it, without writing it."""
+    best = mean_std([s.best_accuracy for s in seeds])
+    final = mean_std([s.final_accuracy for s in seeds])
+    chosen = {s.seed for s in seeds}
+    every = saved["seeds"] + saved.get("other_seeds", [])
+    return {
+        **saved,
+        "seeds": [asdict(s) for s in seeds],
+        "other_seeds": [e for e in every if int(e["seed"]) not in chosen],
+        "best": {"mean": best[0], "std": best[1]},
+        "final": {"mean": final[0], "std": final[1]},
+        "accuracy_mean": best[0],
+        "accuracy_std": best[1],
+        "wall_seconds": float(sum(s.seconds for s in seeds)),
+    }

@@ -46,7 +46,7 @@ from delt.synthesis import (
     RecoverResult,
     Run,
     delete_resume_state,
-    finished_without_chunks,
+    finished_run,
     load_selection,
     prepare_run,
     synthesize,
@@ -645,7 +645,8 @@ def _real_images(run: Run, stages: list[Stage]) -> tuple[Selection | None, Image
         return load_selection(config, run.teacher, needed)
     if config.stage_init == "hard" and len(stages) > 1:
         dataset = load_like(run.info, "train", config.data_root)
-        check_compatible(run.teacher.meta, dataset.info)
+        # The run's data identity is the teacher's training split: the picks must come from it.
+        check_compatible(run.teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
         return None, dataset
     return None, None
 
@@ -667,7 +668,13 @@ def recover_progressive(config: Any) -> RecoverResult:
         if config.stage_teachers == "final"
         else [sha256_file(checkpoint.path) for checkpoint in teachers],
     )
-    finished = run.finished_result() or finished_without_chunks(run.out)
+    # DIR/distilled.pt holds every U_k as a prefix: the chunks and the stages' float32 unions
+    # are resume state, deleted once it is written (also by a re-run, after a kill).
+    stage_dirs = [run.out / "stages" / str(stage.index) for stage in stages]
+    resume_state = [
+        d / name for d in stage_dirs for name in ("chunks", "distilled.pt", "manifest.json")
+    ]
+    finished = finished_run(run, resume_state)
     if finished is not None:
         return finished
     ipc = config.ipc
@@ -712,12 +719,7 @@ def recover_progressive(config: Any) -> RecoverResult:
     _write_union(run, run.out, selection, union, ipc, images=True)
     # DIR/distilled.pt (written and fsynced above) holds every U_k as a prefix: the chunks and
     # the stages' float32 unions go, so that one copy of the images stays.
-    stage_dirs = [run.out / "stages" / str(stage.index) for stage in stages]
-    delete_resume_state(
-        run.out,
-        [d / name for d in stage_dirs for name in ("chunks", "distilled.pt", "manifest.json")],
-        config.keep_chunks,
-    )
+    delete_resume_state(run.out, resume_state, config.keep_chunks)
     return RecoverResult(
         run.out, union.images, union.labels, union.iterations_per_image, union.synthesis_seconds
     )

@@ -38,7 +38,7 @@ from delt.synthesis import (
     ChunkResult,
     RecoverResult,
     delete_resume_state,
-    finished_without_chunks,
+    finished_run,
     frozen_teacher,
     prepare_run,
     run_chunks,
@@ -301,12 +301,12 @@ def recover_rded(config: Any) -> RecoverResult:
     check_compatible(run.teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
     check_rded_data(config, dataset)
     run.check_identity(False)
-    finished = run.finished_result() or finished_without_chunks(run.out)
+    chunk_dir = run.out / "chunks"
+    finished = finished_run(run, [chunk_dir])
     if finished is not None:
         return finished
     teacher = frozen_teacher(run.teacher.model, run.device, config.channels_last).eval()
     chunks = class_contiguous_chunks(info.num_classes, config.ipc, config.ipc)  # one per class
-    chunk_dir = run.out / "chunks"
     logger.info(
         "recover: rded, %d classes x %d images from %d candidates x %d crops, factor %d, "
         "device %s -> %s",

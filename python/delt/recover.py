@@ -45,7 +45,7 @@ from delt.synthesis import (
     MethodRecipe,
     RecoverResult,
     delete_resume_state,
-    finished_without_chunks,
+    finished_run,
     load_selection,
     prepare_run,
     synthesize,
@@ -276,17 +276,14 @@ def _recover(config: RecoverConfig) -> RecoverResult:
         return dataset.images([chosen[c][j] for c, j in pairs])
 
     run.check_identity(selection is not None)
-    finished = run.finished_result()
+    chunk_dir = run.out / "chunks"
+    # A finished run (its chunks deleted or not): its outputs are the result (same identity,
+    # checked above), nothing to optimize or write again; a cleanup a kill cut short is finished.
+    finished = finished_run(run, [chunk_dir])
     if finished is not None:
         return finished
     chunks = recipe.chunks(info.num_classes, config.ipc, config.batch_size)
     labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
-    chunk_dir = run.out / "chunks"
-    # A finished run whose chunks were deleted: its outputs are the result (same identity,
-    # checked above), nothing to optimize or write again.
-    finished = finished_without_chunks(run.out)
-    if finished is not None:
-        return finished
     done = [chunk.index for chunk in chunks if (chunk_dir / f"{chunk.index:05d}.pt").is_file()]
     logger.info(
         "recover: %s, %d classes x %d images, %d chunks of <= %d (%d already done), %d iterations, "

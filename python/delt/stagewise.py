@@ -6,7 +6,8 @@ Per seed, one student trains on U_1, then U_1 ∪ U_2, … U_P
 ``--epochs`` split across the stages, one AdamW carried through, ``--stage-schedule`` restart or
 continue), and beside it the plain evaluation of U_P with the same seed. The results file
 (default ``DISTILLED/eval-stagewise.json``) has ``eval.json``'s keys for the stage-wise student,
-the plain one under ``plain`` and the plan under ``stagewise``; finished seeds are reused.
+the plain one under ``plain`` and the plan under ``stagewise``; finished seeds are reused, and
+results of another identity are kept aside, as ``eval.json``'s (:class:`delt.evaluate.ResultsFile`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from delt.evaluate import (
     EvalConfig,
     EvalContext,
     EvalResult,
+    ResultsFile,
     SeedResult,
     eval_document,
+    kept_folder,
     mean_std,
 )
-from delt.io import read_json, write_json
 from delt.lock import results_lock
 from delt.runtime import logger
 from delt.stagewise_training import StagePlan, stagewise_plan, train_stagewise
@@ -56,7 +58,8 @@ def evaluate_stagewise(config: EvalConfig) -> EvalResult:
     if not config.stagewise:
         raise ConfigError("evaluate_stagewise runs --stagewise configs; use delt.evaluate.evaluate")
     config.check_results_path(probe=False)
-    with results_lock(config.results_path):
+    with results_lock(config.results_path) as lock:
+        lock.sweep(kept_folder(config.results_path), recursive=False)
         return _evaluate_stagewise(config)
 
 
@@ -83,21 +86,30 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
     path = config.results_path
     finished: dict[int, tuple[StagewiseSeedResult, SeedResult]] = {}
     saved_order: list[int] = []
-    if path.is_file():
-        saved = read_json(path)
-        if saved.get("format") == STAGEWISE_FORMAT and saved.get("identity") == identity:
-            plain = {
-                int(entry["seed"]): SeedResult(**entry)
-                for entry in saved["plain"]["seeds"] + saved["plain"].get("other_seeds", [])
-            }
-            for entry in saved["seeds"] + saved.get("other_seeds", []):
-                seed = int(entry["seed"])
-                finished[seed] = (StagewiseSeedResult(**entry), plain[seed])
-            saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
-        else:
-            logger.info("eval: %s comes from another configuration; evaluating again", path)
+    # As eval.json (delt.evaluate.ResultsFile): another identity's results are kept aside.
+    results = ResultsFile.open(path, STAGEWISE_FORMAT, identity)
+    if results.document is not None:
+        saved = results.document
+        plain = {
+            int(entry["seed"]): SeedResult(**entry)
+            for entry in saved["plain"]["seeds"] + saved["plain"].get("other_seeds", [])
+        }
+        for entry in saved["seeds"] + saved.get("other_seeds", []):
+            seed = int(entry["seed"])
+            finished[seed] = (StagewiseSeedResult(**entry), plain[seed])
+        saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
     reused = all(seed in finished for seed in config.seeds)
-    if not reused or saved_order != list(config.seeds):
+    if results.legacy:
+        if reused and saved_order == list(config.seeds):
+            logger.warning(
+                "eval: %s predates test-split fingerprints: its test split was not recorded; "
+                "it is reused as it is (not rewritten)", path,
+            )  # fmt: skip
+        else:  # a new summary or new seeds would vouch for a split it did not record
+            results.set_aside_legacy()
+            finished, saved_order, reused = {}, [], False
+    rewrite = saved_order != list(config.seeds) or results.needs_write
+    if not reused or rewrite:
         config.check_results_path()  # before training: a result that cannot be saved is lost
     logger.info(
         "eval --stagewise: %s, %d stages (unions of %s images), %s epochs, %s schedule, "
@@ -121,10 +133,10 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
         )  # fmt: skip
         finished[seed] = (stagewise, plain)
         if is_main():  # under torchrun every rank trained the same students
-            write_json(path, _stagewise_document(context, identity, plan, finished, config))
-    if reused and saved_order != list(config.seeds) and is_main():
-        # A subset or reordering: the summary is over --seeds.
-        write_json(path, _stagewise_document(context, identity, plan, finished, config))
+            results.write(_stagewise_document(context, identity, plan, finished, config))
+    if reused and rewrite and not results.legacy and is_main():
+        # A subset or reordering (or results taken back from their kept copy).
+        results.write(_stagewise_document(context, identity, plan, finished, config))
     barrier()  # rank 0's file, read by every rank
     results = [finished[seed][0] for seed in config.seeds]
     return EvalResult.read(path, results, reused)

@@ -4,13 +4,16 @@ shared by ``delt recover``, ``--method pdd`` and the benchmarks (reference/delt.
 are seeded on their own and saved when done: a killed run resumes to the same bytes. Every chunk
 records the identity of the run that made it (the config's identity fields and the SHA-256 of
 the teacher, the selection and the other inputs, as ``OUT/run.json``); a chunk of another
-identity is refused, naming what differs. A finished run re-run returns its saved result and
-writes nothing (:meth:`Run.finished_result`).
+identity is refused, naming what differs, and so is one whose content digest does not match
+(:func:`chunk_digest`). A finished run re-run returns its saved result and writes nothing
+(:meth:`Run.finished_result`), unless a kill cut its cleanup short: then it finishes it
+(:func:`finished_run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -31,6 +34,7 @@ from delt.distilled import Manifest, load_distilled, save_distilled, save_images
 from delt.distributed import barrier, broadcast, is_main, main_first, world
 from delt.io import (
     FileFormatError,
+    IntegrityError,
     check_output,
     read_json,
     sha256_file,
@@ -68,7 +72,9 @@ __all__ = [
     "RecoverResult",
     "RecoverySettings",
     "Run",
+    "chunk_digest",
     "delete_resume_state",
+    "finished_run",
     "finished_without_chunks",
     "frozen_teacher",
     "load_selection",
@@ -347,6 +353,26 @@ def optimize_chunk(
     return ChunkResult(images, float(loss_value), time.perf_counter() - start)
 
 
+def chunk_digest(payload: dict[str, Any]) -> str:
+    """``"sha256:<hex>"`` of a chunk file's content (every field but ``digest``: each tensor's
+    dtype, shape and bytes, each other value as JSON), saved with the chunk and checked before
+    the chunk is used, so that a flipped bit is refused instead of mixed into the set."""
+    digest = hashlib.sha256()
+    for key in sorted(payload):
+        if key == "digest":
+            continue
+        value = payload[key]
+        digest.update(f"{key}\0".encode())
+        if isinstance(value, Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{tensor.dtype}{tuple(value.shape)}\0".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(json.dumps(value, sort_keys=True).encode())
+        digest.update(b"\0")
+    return f"sha256:{digest.hexdigest()}"
+
+
 def run_chunks(
     chunks: list[Chunk],
     ipc: int,
@@ -361,11 +387,13 @@ def run_chunks(
     """Makes (or loads, when already done) every chunk of one set of ``ipc`` per class: the one
     resume mechanism of every method.
 
-    Chunk ``k`` is saved to ``chunk_dir/<k>.pt`` when done and skipped on a re-run, so a killed
-    run resumes; its generator is seeded with ``chunk_seed(chunk)``, which makes a chunk's result
-    independent of whether earlier chunks ran in this process. Under torchrun the chunks left to
-    do are split across the ranks, and after a barrier every rank assembles the whole set from
-    ``chunk_dir`` (a shared folder): the result is the one-process result at any world size.
+    Chunk ``k`` is saved to ``chunk_dir/<k>.pt`` when done, with its :func:`chunk_digest`, and
+    skipped on a re-run, so a killed run resumes; a saved chunk whose contents do not match its
+    digest is refused by name (delete it to recompute it), one saved before digests existed is
+    accepted as it is. Its generator is seeded with ``chunk_seed(chunk)``, which makes a chunk's
+    result independent of whether earlier chunks ran in this process. Under torchrun the chunks
+    left to do are split across the ranks, and after a barrier every rank assembles the whole set
+    from ``chunk_dir`` (a shared folder): the result is the one-process result at any world size.
 
     Args:
         chunks: the batching of ``num_classes x ipc`` images (:mod:`delt.schedules`).
@@ -379,6 +407,7 @@ def run_chunks(
     Raises:
         ConfigError: a saved chunk holds other positions, or was made with another identity.
         FileFormatError: a saved chunk is unreadable or holds images of another shape.
+        IntegrityError: a saved chunk's contents do not match its digest.
 
     Returns:
         ``(images (num_classes * ipc, C, H, W) float32 CPU class-major, iterations per image,
@@ -433,6 +462,13 @@ def run_chunks(
                 f"{path}: holds non-finite pixels (NaN or infinite); delete it to make that "
                 "chunk again"
             )
+        # Last, after the checks that say more: any other change (a flipped bit anywhere).
+        # Chunks saved before digests existed have none: accepted (run.json was checked).
+        if "digest" in saved and saved["digest"] != chunk_digest(saved):
+            raise IntegrityError(
+                f"{path}: its contents do not match the digest saved with them (the chunk is "
+                "corrupt); it is not mixed into the set: delete it to recompute that chunk"
+            )
         place(chunk, chunk_images, float(saved["seconds"]), saved["iterations"].tolist())
 
     # Under torchrun the chunks still to do are dealt round-robin over the ranks (rank 0's view
@@ -452,19 +488,17 @@ def run_chunks(
         generator = torch.Generator().manual_seed(chunk_seed(chunk))
         result, chunk_iterations = make_chunk(chunk, generator)
         # Written atomically by the rank that made it: a killed run or job resumes from it.
-        torch_save(
-            {
-                "images": result.images,
-                "labels": torch.tensor(chunk.classes, dtype=torch.int64),
-                "positions": torch.tensor(chunk.positions(ipc), dtype=torch.int64),
-                "iterations": torch.tensor(chunk_iterations, dtype=torch.int64),
-                "seconds": result.seconds,
-                "loss": result.loss,
-                **result.extra,
-                **({} if identity_text is None else {"identity": identity_text}),
-            },
-            chunk_path(chunk),
-        )
+        payload = {
+            "images": result.images,
+            "labels": torch.tensor(chunk.classes, dtype=torch.int64),
+            "positions": torch.tensor(chunk.positions(ipc), dtype=torch.int64),
+            "iterations": torch.tensor(chunk_iterations, dtype=torch.int64),
+            "seconds": result.seconds,
+            "loss": result.loss,
+            **result.extra,
+            **({} if identity_text is None else {"identity": identity_text}),
+        }
+        torch_save({**payload, "digest": chunk_digest(payload)}, chunk_path(chunk))
         logger.info(
             "recover: %s %d/%d done in %.1f s (loss %.3f)",
             desc, chunk.index + 1, len(chunks), result.seconds, result.loss,
@@ -830,6 +864,37 @@ def delete_resume_state(out: Path, paths: list[Path], keep: bool) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def finished_run(run: Run, resume_state: list[Path]) -> RecoverResult | None:
+    """The result of a finished run in ``run.out`` (:meth:`Run.finished_result`, else
+    :func:`finished_without_chunks`), else None; call it after the identity check.
+
+    A run killed after its outputs were written but before its resume state (``resume_state``,
+    as given to :func:`delete_resume_state`) was all deleted is finished too: the cleanup is
+    finished here when the run that wrote the outputs meant to delete it (its manifest records
+    ``keep_chunks`` false) and this one does too (no ``--keep-chunks``). Otherwise reads only:
+    a finished run without resume state left re-runs writing nothing (read-only media
+    included); resume state that cannot be deleted there is reported, not an error.
+    """
+    finished = run.finished_result() or finished_without_chunks(run.out)
+    if finished is None:
+        return None
+    left = [path for path in resume_state if path.exists()]
+    if not left or run.config.keep_chunks:
+        return finished
+    recorded = Manifest.load(run.out).config.get("keep_chunks")
+    if recorded is not False:  # kept on purpose (or a manifest too old to say): left as it is
+        return finished
+    logger.info(
+        "recover: %s is finished but a kill interrupted its cleanup; deleting %s",
+        run.out, ", ".join(str(path.relative_to(run.out)) for path in left),
+    )  # fmt: skip
+    try:
+        delete_resume_state(run.out, resume_state, keep=False)
+    except OSError as error:
+        logger.warning("recover: %s: its resume state stays (%s)", run.out, error)
+    return finished
 
 
 def prepare_run(config: Any) -> Run:

@@ -1,7 +1,8 @@
 """``delt teacher``: train a teacher on real data and save it with its metadata.
 
 SGD (Nesterov 0.9) with a one-cycle LR, label smoothing 0.1, optional flip / crop-flip. A
-finished teacher is cached (another configuration into the same ``--out`` is refused).
+finished teacher is cached (another configuration, or other training data than ``--data-root``
+holds, into the same ``--out`` is refused).
 ``--save-epochs`` also saves ``OUT/checkpoints/epoch-<e>.pt`` after those epochs (PDD's stage
 teachers), without changing the final teacher.
 """
@@ -26,6 +27,7 @@ from delt.lock import output_lock
 from delt.models import (
     build_model,
     check_model_memory,
+    data_fingerprint,
     load_weights,
     model_spec,
     read_sidecar,
@@ -215,6 +217,24 @@ def _saved_config(path: Path) -> dict | None:
     return (read_sidecar(path) or {}).get("config")
 
 
+def _check_training_data(config: TeacherConfig, path: Path, meta: dict) -> None:
+    """Refuses to reuse a teacher trained on other data than ``--data-root`` holds now
+    (``--data-root`` is not part of the identity: the data is, by its recorded fingerprint)."""
+    recorded = data_fingerprint(meta)
+    if recorded is None:
+        return  # a teacher of before fingerprints: its data cannot be compared
+    train_set = load_dataset(
+        config.dataset, "train", config.data_root, config.resolution, config.class_order
+    )
+    current = train_set.fingerprint()
+    if current != recorded:
+        raise ConfigError(
+            f"{path} holds a teacher trained on other {config.dataset} data than --data-root "
+            f"{config.data_root or '(the default)'} holds (training split fingerprint "
+            f"{recorded[:19]} there, {current[:19]} here); choose another --out or delete it"
+        )
+
+
 def train_teacher(config: TeacherConfig) -> TeacherResult:
     """Trains (or reuses) the teacher of ``config``; writes ``OUT/teacher.pt`` and ``.json``.
 
@@ -242,6 +262,7 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
                 f"({'; '.join(differences)}); choose another --out or delete it"
             )
         meta = read_json(path.with_suffix(".json"))
+        _check_training_data(config, path, meta)
         have = {entry["epoch"] for entry in saved_checkpoints(path) if entry["path"].is_file()}
         missing = [epoch for epoch in config.save_epochs or () if epoch not in have]
         if missing:
