@@ -328,9 +328,9 @@ def _pdd(teacher, out, **overrides):
 
 @pytest.mark.parametrize(
     "module, make, resume_state",
-    [("delt.recover", _cda, ["chunks"]),
-     ("delt.rded", _rded, ["chunks"]),
-     ("delt.pdd", _pdd,
+    [("delt.methods.pixels", _cda, ["chunks"]),
+     ("delt.methods.rded", _rded, ["chunks"]),
+     ("delt.methods.pdd", _pdd,
       ["stages/1/chunks", "stages/1/distilled.pt", "stages/2/chunks", "stages/2/manifest.json"])],
 )  # fmt: skip
 def test_a_kill_during_cleanup_is_finished_by_the_re_run(

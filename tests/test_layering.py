@@ -33,15 +33,30 @@ class Import:
 
 
 def _module_name(package: str, path: Path) -> str:
-    stem = path.stem
-    return package if stem == "__init__" else f"{package}.{stem}"
+    parts = path.relative_to(PACKAGES[package]).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join((package, *parts))
+
+
+def _package_folder(target: str) -> Path | None:
+    """The folder of a (sub)package of ours, e.g. ``delt.methods``; None for a module."""
+    root, *rest = target.split(".")
+    if root not in PACKAGES:
+        return None
+    folder = PACKAGES[root].joinpath(*rest)
+    return folder if (folder / "__init__.py").is_file() else None
 
 
 def _is_submodule(target: str, name: str) -> bool:
-    package = PACKAGES.get(target)
+    package = _package_folder(target)
     if package is None:
         return False
-    return (package / f"{name}.py").is_file() or name == "_C"  # _C: the compiled library
+    return (
+        (package / f"{name}.py").is_file()
+        or (package / name / "__init__.py").is_file()
+        or name == "_C"  # _C: the compiled library
+    )
 
 
 def _imports(path: Path, module: str) -> list[Import]:
@@ -65,7 +80,7 @@ def _sources() -> dict[str, Path]:
     return {
         _module_name(package, path): path
         for package, folder in PACKAGES.items()
-        for path in sorted(folder.glob("*.py"))
+        for path in sorted(folder.rglob("*.py"))
     }
 
 
@@ -110,9 +125,18 @@ def test_the_package_declares_its_layers():
     assert not missing, f"the package docstring's map leaves out {missing}"
 
 
+def _local(module: str) -> str:
+    """``delt.methods.pdd`` -> ``methods.pdd``."""
+    return module.split(".", 1)[1] if "." in module else "__init__"
+
+
 def test_every_module_is_in_the_declared_order():
     declared = [name for floor in _declared_layers() for name in floor]
-    present = sorted(p.stem for p in PACKAGES["delt"].glob("*.py") if p.stem not in EXEMPT)
+    present = sorted(
+        _local(module)
+        for module in _sources()
+        if module.startswith("delt.") and _local(module) not in EXEMPT
+    )
     assert sorted(set(declared)) == sorted(declared), "a module is declared twice"
     assert present == sorted(declared), (
         f"undeclared: {sorted(set(present) - set(declared))}; "
@@ -124,7 +148,7 @@ def test_no_module_imports_one_to_its_right():
     rank = _rank()
     wrong = []
     for imp in _all_imports():
-        if not imp.importer.startswith("delt.") or imp.importer.split(".")[1] in EXEMPT:
+        if not imp.importer.startswith("delt.") or _local(imp.importer) in EXEMPT:
             continue
         target = imp.target
         if target == "delt":
@@ -185,3 +209,82 @@ def test_no_module_imports_another_modules_private_names(scope):
         if name.startswith("_") and not name.startswith("__")
     ]
     assert not wrong, "private names imported across modules:\n" + "\n".join(wrong)
+
+
+# --------------------------------------------------------------------------------------------
+# Methods are data: no config typed Any, no code outside a method's module that branches on its
+# name.
+
+
+def _method_names() -> set[str]:
+    """The names the methods of ``delt.methods`` register (``name = "..."`` of a Method class,
+    a module constant such as ``NAME = "pdd"``, ``PixelMethod("sre2l", ...)``)."""
+    names = set()
+    for path in sorted((PACKAGES["delt"] / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+                targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                if any(t == "name" or t.isupper() for t in targets) and isinstance(
+                    node.value.value, str
+                ):
+                    names.add(node.value.value)
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "PixelMethod"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                names.add(node.args[0].value)
+    return names
+
+
+def test_the_registered_method_names_are_found():
+    assert {"sre2l", "cda", "delt", "pdd", "rded", "random-real"} <= _method_names()
+
+
+def _outside_the_methods() -> dict[str, Path]:
+    return {
+        module: path
+        for module, path in _sources().items()
+        if module.startswith("delt.")
+        and not module.startswith("delt.methods")
+        and module not in ("delt.method",)
+    }
+
+
+def test_no_comparison_with_a_method_name_outside_the_methods():
+    names = _method_names()
+    constants = {"NAME", "PROGRESSIVE", "RDED", "RANDOM_REAL"}
+
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(named(item) for item in node.elts)
+        if isinstance(node, ast.Starred):
+            return named(node.value)
+        return isinstance(node, ast.Name) and node.id in constants
+
+    wrong = [
+        f"{module}:{node.lineno}: {ast.unparse(node)}"
+        for module, path in _outside_the_methods().items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Compare) and any(named(n) for n in [node.left, *node.comparators])
+    ]
+    assert not wrong, "method names compared outside delt.methods:\n" + "\n".join(wrong)
+
+
+def test_no_config_parameter_is_typed_any():
+    wrong = []
+    for module, path in _sources().items():
+        if not module.startswith("delt"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            arguments = node.args
+            for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]:
+                annotation = ast.unparse(arg.annotation) if arg.annotation else ""
+                if "config" in arg.arg and annotation in ("Any", "typing.Any"):
+                    wrong.append(f"{module}:{node.lineno} {node.name}({arg.arg}: Any)")
+    assert not wrong, "config parameters typed Any:\n" + "\n".join(wrong)

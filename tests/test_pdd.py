@@ -11,8 +11,8 @@ from delt.cli import main
 from delt.config import ConfigError
 from delt.data import load_like
 from delt.distilled import load_stage_unions, union_prefix
+from delt.methods.pdd import pick_hard_examples
 from delt.models import TeacherMismatchError, build_model, load_checkpoint, save_checkpoint
-from delt.pdd import pick_hard_examples
 from delt.recover import RecoverConfig, recover
 from delt.schedules import early_late_iterations
 from delt.select import SelectConfig, Selection, select_images

@@ -123,11 +123,11 @@ def _fake_pipeline(monkeypatch, tmp_path, teacher_configs=None, **fakes):
 
 
 def test_pdd_ckpt_trains_the_teacher_with_checkpoints(run_module, tmp_path, monkeypatch):
-    import delt.pdd
+    import delt.methods.pdd
 
     teachers = []
     seen = _fake_pipeline(monkeypatch, tmp_path, teachers)
-    monkeypatch.setattr(delt.pdd, "stage_checkpoints", lambda config, path: [])
+    monkeypatch.setattr(delt.methods.pdd, "stage_checkpoints", lambda config, path: [])
     with pytest.raises(_Stop):
         run_module.main(["--budget", "paper", "--out", str(tmp_path), "--ipcs", "10",
                          "--methods", "pdd+ckpt"])  # fmt: skip
@@ -152,7 +152,7 @@ def test_without_pdd_ckpt_the_teacher_needs_no_checkpoints(run_module, tmp_path,
 def test_a_teacher_without_checkpoints_is_refused_before_any_run(run_module, tmp_path, monkeypatch):
     from delt.config import ConfigError
 
-    # The real check (delt.pdd.stage_checkpoints): the fake teacher has no teacher.json.
+    # The real check (delt.methods.pdd.stage_checkpoints): the fake teacher has no teacher.json.
     _fake_pipeline(monkeypatch, tmp_path, [], distill=lambda *a, **k: pytest.fail("ran"))
     argv = ["--out", str(tmp_path), "--ipcs", "10", "--methods", "delt,pdd+all"]
     with pytest.raises(SystemExit, match="--methods pdd\\+all: .*needs 5 teacher checkpoints"):

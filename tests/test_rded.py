@@ -3,15 +3,14 @@ resume after a kill, bad flags refused before any work."""
 
 import json
 
-import delt.rded as rded_module
+import delt.methods.rded as rded_module
 import pytest
 import torch
 from conftest import count_calls
 from delt.config import ConfigError
 from delt.data import load_like
 from delt.distilled import load_distilled
-from delt.models import load_checkpoint
-from delt.rded import (
+from delt.methods.rded import (
     crop_candidates,
     pad_to,
     sample_crop_boxes,
@@ -19,6 +18,7 @@ from delt.rded import (
     select_crops,
     tile_crops,
 )
+from delt.models import load_checkpoint
 from delt.recover import RecoverConfig, recover
 from torch import nn
 from torchvision.transforms.v2 import functional as TF

@@ -7,13 +7,14 @@ import delt.synthesis as synthesis_module
 import pytest
 import torch
 from conftest import count_calls
+from delt.chunks import chunk_digest
 from delt.config import ConfigError
 from delt.data import DatasetInfo
+from delt.identity import config_identity
 from delt.models import TeacherMismatchError, build_model, load_checkpoint, save_checkpoint
 from delt.recover import RecoverConfig, recover
 from delt.schedules import early_late_iterations
 from delt.select import Selection
-from delt.synthesis import METHODS, chunk_digest
 
 
 def _config(tiny_teacher, tiny_selection, out, method="delt", **overrides):
@@ -27,7 +28,7 @@ def _config(tiny_teacher, tiny_selection, out, method="delt", **overrides):
     return RecoverConfig(**values)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", ["cda", "delt", "sre2l"])
 def test_each_method_writes_a_distilled_set(tiny_teacher, tiny_selection, tmp_path, method):
     result = recover(_config(tiny_teacher, tiny_selection, tmp_path, method))
     payload = torch.load(tmp_path / "distilled.pt", weights_only=True)
@@ -212,7 +213,7 @@ def test_compiled_teacher_gives_a_distilled_set(tiny_teacher, tiny_selection, tm
 
 def test_pdd_fields_stay_out_of_other_methods_identity(tiny_teacher, tiny_selection, tmp_path):
     # Runs started before PDD existed have no such keys in run.json; they must still resume.
-    identity = _config(tiny_teacher, tiny_selection, tmp_path).identity()
+    identity = config_identity(_config(tiny_teacher, tiny_selection, tmp_path))
     assert not {"stages", "base", "union_in_batch", "stage_init"} & set(identity)
     with pytest.raises(ConfigError, match="--union-in-batch applies to --method pdd"):
         _config(tiny_teacher, tiny_selection, tmp_path, union_in_batch=True)

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from delt import runtime
+    from delt.chunks import ChunkStore
     from delt.data import load_like
     from delt.distilled import Manifest, save_distilled
     from delt.evaluate import EvalConfig, draw_random_real, evaluate
@@ -105,10 +106,10 @@ def main(argv=None) -> int:
     from delt.select import SelectConfig, Selection, select_images
     from delt.student_augment import StudentAugment
     from delt.synthesis import (
+        ChunkOptimizer,
         frozen_teacher,
         load_selection,
         prepare_run,
-        synthesize_chunks,
     )
     from delt.teacher import TeacherConfig, train_teacher
     from torch import nn
@@ -192,13 +193,14 @@ def main(argv=None) -> int:
 
         with delt_ext.BNStatMatching(model, config.first_bn_multiplier) as bn_matching:
             forward = model if ce else DetachedLogits(model)
-            images, per_image, seconds = synthesize_chunks(
-                forward, bn_matching, chunks, 1, config.iterations, config.round_iterations,
-                run.settings, info, run.device, run.out / "chunks",
+            optimizer = ChunkOptimizer(
+                forward, bn_matching, run.settings, run.device, config.iterations, progress=False
+            )
+            images, per_image, seconds = optimizer.optimize_set(
+                ChunkStore(run.out / "chunks", info, 1), chunks, config.round_iterations,
                 chunk_seed=lambda chunk: derive_seed(config.seed, chunk.index),
                 initial_images=initial,
                 frozen_images=None if frozen is None else (lambda chunk: frozen),
-                progress=False,
             )  # fmt: skip
         run.write_outputs(run.out, chosen_selection, images, torch.arange(classes), 1, per_image,
                           seconds)  # fmt: skip

@@ -370,8 +370,8 @@ def prepare_teacher(config: QualityConfig, jobs: list[Job]) -> None:
     with one checkpoint per PDD stage where a job's ``--stage-teachers checkpoints`` needs them
     (checked here, before any run)."""
     from delt.config import ConfigError
+    from delt.methods.pdd import stage_checkpoints
     from delt.models import load_checkpoint
-    from delt.pdd import stage_checkpoints
     from delt.teacher import TeacherConfig, train_teacher
 
     checkpoints = [job for job in jobs if job.distill.stage_teachers == "checkpoints"]

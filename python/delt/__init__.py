@@ -7,8 +7,9 @@ of lower floors or ones listed before it on its own floor, never another module'
 ``delt``.
 
     config, io, runtime,    flags from dataclasses; atomic files; devices, seeds, logging;
-      distributed, lock     torchrun: the process group, rank 0's writes, barriers, rank
-                            logs; one writer per output folder (OUT/.lock)
+      distributed, lock,    torchrun: the process group, rank 0's writes, barriers, rank
+      identity              logs; one writer per output folder (OUT/.lock); run identities
+                            (one function computes them, one checks them)
     data                    dataset registry, DatasetInfo, DataMismatchError
     batches                 a dataset's batches, a model's top-1 accuracy on it
     models                  model registry, checkpoints, TeacherMismatchError
@@ -19,9 +20,17 @@ of lower floors or ones listed before it on its own floor, never another module'
       stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
       released
-    synthesis               method recipes, prepare_run, the chunk loop, the output writer
-    pdd, rded, recover      `delt recover --method pdd` and `--method rded` (and their
-                            options); `delt recover`
+    method, chunks,         the method registry, the options every method shares and the
+      synthesis             components; the chunk store (resume); the chunk optimizer, run
+                            setup, the output writer
+    methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
+    methods.sre2l,          one module per method, each registering itself: presets of the
+      methods.cda,          pixel method (sre2l, cda, delt), progressive stages (pdd), scored
+      methods.delt,         real crops (rded), random real images (distill's baseline)
+      methods.pdd,
+      methods.rded,
+      methods.random_real
+    methods, recover        all built-in methods; `delt recover` (looks the method up)
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
     report, comparison,     reports and charts; runs pooled by method, gains over
@@ -32,7 +41,7 @@ of lower floors or ones listed before it on its own floor, never another module'
 
 # The declared order (floors, lowest first), read by tests/test_layering.py.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "io", "runtime", "distributed", "lock"),
+    ("config", "io", "runtime", "distributed", "lock", "identity"),
     ("data",),
     ("batches",),
     ("models",),
@@ -40,8 +49,17 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("distilled",),
     ("student_augment", "student_trainer", "stagewise_training"),
     ("teacher", "select", "released"),
-    ("synthesis",),
-    ("pdd", "rded", "recover"),
+    ("method", "chunks", "synthesis"),
+    (
+        "methods.pixels",
+        "methods.sre2l",
+        "methods.cda",
+        "methods.delt",
+        "methods.pdd",
+        "methods.rded",
+        "methods.random_real",
+    ),
+    ("methods", "recover"),
     ("evaluate", "stagewise", "diversity"),
     ("report", "comparison", "distill", "bench", "bench_eval"),
     ("demo", "cli"),

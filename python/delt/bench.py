@@ -9,7 +9,7 @@ compares runs made side by side under the same load:
 row                    what one iteration runs
 =====================  ==========================================================================
 ``reference``          the papers' eager loop, written here from their description
-                       (reference/delt.md §1.3, §3): SRe2L's forward hook on every BN (mean,
+                       (SRe2L, NeurIPS 2023; DELT, CVPR 2025): SRe2L's forward hook per BN (mean,
                        ``permute().contiguous()``, biased var, two norms), torchvision's
                        ``RandomResizedCrop`` + ``RandomHorizontalFlip`` on the batch tensor, a
                        roll, index of the active rows, Adam, a per-channel clamp
@@ -30,7 +30,7 @@ round gets ``iterations / rounds`` steps), so the mean active batch is that of a
 The projection turns a row's images·iterations per second into hours for ImageNet-1K at IPC 10
 and 50 (1,000 classes; image-iterations of :mod:`delt.schedules` with MI 4000 and RI 500 for
 ``delt``, 4000 per image for ``sre2l``/``cda``), beside the hours DELT reports for IPC 50 on one
-RTX 4090 (Table 6, reference/delt.md §6.4): DELT 17.6 h, SRe2L/CDA 29.0 h. It is an ImageNet-1K
+RTX 4090 (DELT, CVPR 2025, Table 6): DELT 17.6 h, SRe2L/CDA 29.0 h. It is an ImageNet-1K
 estimate only when the row measured ResNet-18 at 224 px on the device in question; otherwise it
 only restates the measured rate.
 """
@@ -56,17 +56,13 @@ import delt_ext
 from delt.config import ConfigError, check_int_fields, option
 from delt.data import DatasetInfo
 from delt.io import write_json
+from delt.method import DEFAULT_ROUND_ITERATIONS, MethodRecipe, SynthesisConfig, methods
+from delt.methods.pixels import PixelMethod
 from delt.models import build_model, load_checkpoint
 from delt.recover import RecoverConfig
 from delt.runtime import machine, resolve_device, versions
 from delt.schedules import chunk_schedule, cosine_lr, early_late_iterations
-from delt.synthesis import (
-    DEFAULT_ROUND_ITERATIONS,
-    METHODS,
-    frozen_teacher,
-    optimize_chunk,
-    recovery_settings,
-)
+from delt.synthesis import frozen_teacher, optimize_chunk, recovery_settings
 
 __all__ = [
     "REPORTED_HOURS",
@@ -82,6 +78,14 @@ __all__ = [
     "run_synthesis_bench",
 ]
 
+
+def _presets() -> dict[str, MethodRecipe]:
+    """The registered methods that are one pixel-optimizing preset (not pdd's stages)."""
+    return {
+        name: method.preset for name, method in methods().items() if isinstance(method, PixelMethod)
+    }
+
+
 ROWS = ("reference", "floor", "delt", "+channels_last", "+bf16", "+compile", "+per-sample-aug")
 # What each product row turns on: +bf16 and +compile each add to +channels_last (not to each
 # other: a CPU without bfloat16 units runs bf16 convolutions ~40x slower than fp32, which would
@@ -94,11 +98,11 @@ _PRODUCT_ROWS = {
     "+per-sample-aug": {"per_sample_aug": True},
 }
 
-# Hours of synthesis for ImageNet-1K IPC 50, MI 4000, one RTX 4090 (DELT Table 6, delt.md §6.4).
+# Hours of synthesis for ImageNet-1K IPC 50, MI 4000, one RTX 4090 (DELT, CVPR 2025, Table 6).
 REPORTED_HOURS = {"delt": 17.6, "sre2l": 29.0, "cda": 29.0}
 IMAGENET_CLASSES = 1000
 PAPER_ITERATIONS = 4000
-# delt.md §1.4: MI 4000, RI 500, so 8 rounds.
+# DELT's scripts: MI 4000, RI 500, so 8 rounds.
 PAPER_ROUNDS = PAPER_ITERATIONS // DEFAULT_ROUND_ITERATIONS
 _MEAN = 0.5
 _STD = 0.25
@@ -108,7 +112,7 @@ _STD = 0.25
 class SynthesisBenchConfig:
     """Configuration of ``delt bench synthesis`` (one field per flag)."""
 
-    method: str = option("delt", help="synthesis method of the chunk", choices=tuple(METHODS))
+    method: str = option("delt", help="synthesis method of the chunk", choices=tuple(_presets()))
     arch: str = option("resnet18_small", help="teacher architecture (ignored with --teacher)")
     resolution: int = option(32, help="image size in pixels (ignored with --teacher)")
     channels: int = option(3, help="image channels (ignored with --teacher)")
@@ -127,8 +131,10 @@ class SynthesisBenchConfig:
     progress: bool = option(True, help="show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r}: known: {', '.join(METHODS)}")
+        presets = _presets()
+        if self.method not in presets:
+            raise ConfigError(f"--method {self.method!r}: known: {', '.join(presets)}")
+        recipe = presets[self.method]
         check_int_fields(
             self,
             ("resolution", "channels", "classes", "batch_size", "ipc", "iterations", "rounds",
@@ -143,12 +149,12 @@ class SynthesisBenchConfig:
             )
         if len(set(self.rows)) != len(self.rows):
             raise ConfigError(f"--rows {','.join(self.rows)}: a row is listed twice")
-        if self.method == "delt" and self.iterations % self.rounds:
+        if recipe.early_late and self.iterations % self.rounds:
             raise ConfigError(
                 f"--iterations ({self.iterations}) must be a multiple of --rounds ({self.rounds}) "
                 "for --method delt: every round gets the same number of timed steps"
             )
-        if self.method != "delt" and self.batch_size > self.classes:
+        if recipe.one_image_per_class and self.batch_size > self.classes:
             raise ConfigError(
                 f"--batch-size {self.batch_size} > --classes {self.classes}: a {self.method} "
                 "chunk holds one image per class"
@@ -174,14 +180,14 @@ class BenchRow:
 
 def imagenet_image_iterations(method: str, ipc: int) -> int:
     """Image-iterations of an ImageNet-1K run at ``ipc`` with the papers' MI 4000 (RI 500)."""
-    if METHODS[method].early_late and ipc > 1:
+    if _presets()[method].early_late and ipc > 1:
         per_class = early_late_iterations(ipc, PAPER_ITERATIONS, DEFAULT_ROUND_ITERATIONS)
         return IMAGENET_CLASSES * sum(per_class)
     return IMAGENET_CLASSES * ipc * PAPER_ITERATIONS
 
 
 # --------------------------------------------------------------------------------------------
-# The papers' eager loop (reference/delt.md §1.3 and §3), written from the description alone.
+# The papers' eager loop (SRe2L's and DELT's recover scripts), written from their description.
 
 
 class EagerBNHook:
@@ -305,9 +311,9 @@ def _build_case(config: SynthesisBenchConfig, device: torch.device) -> _Case:
         )  # fmt: skip
         teacher = build_model(config.arch, info)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    recipe = METHODS[config.method]
+    recipe = _presets()[config.method]
     ipc = config.ipc if recipe.early_late else 1
-    if config.method != "delt" and config.batch_size > info.num_classes:
+    if recipe.one_image_per_class and config.batch_size > info.num_classes:
         raise ConfigError(
             f"--batch-size {config.batch_size} > the teacher's {info.num_classes} classes: a "
             f"{config.method} chunk holds one image per class"
@@ -328,7 +334,7 @@ def _build_case(config: SynthesisBenchConfig, device: torch.device) -> _Case:
 
 
 def _reference_row(case: _Case, config: SynthesisBenchConfig) -> Callable[[], None]:
-    recipe = METHODS[config.method]
+    recipe = _presets()[config.method]
     low, high = (t.view(-1).tolist() for t in case.info.pixel_bounds())
     jitter = recipe.default_jitter(case.info.resolution)
     teacher = copy.deepcopy(case.teacher)
@@ -360,14 +366,19 @@ def _floor_row(case: _Case) -> Callable[[], None]:
 
 def _product_row(case: _Case, config: SynthesisBenchConfig, row: str) -> Callable[[], None]:
     overrides = _PRODUCT_ROWS[row]
-    early_late = METHODS[config.method].early_late
-    recover_config = RecoverConfig(
+    method = methods()[config.method]
+    recipe = _presets()[config.method]
+    early_late = recipe.early_late
+    recover_config: SynthesisConfig = RecoverConfig(
         teacher="-", ipc=config.ipc if early_late else 1, out="-",
         method=config.method, iterations=config.iterations, batch_size=config.batch_size,
         round_iterations=config.iterations // config.rounds if early_late else None,
-        selection="-" if METHODS[config.method].init == "selection" else None,
+        selection="-" if recipe.init == "selection" else None,
         progress=False, **overrides,
-    ).resolved(case.info)  # fmt: skip
+    )  # fmt: skip
+    recover_config = dataclasses.replace(
+        recover_config, **method.resolved(recover_config, case.info)
+    )
     settings = recovery_settings(recover_config, case.info)
     teacher = frozen_teacher(copy.deepcopy(case.teacher), case.device, settings.channels_last)
     bn_matching = delt_ext.BNStatMatching(

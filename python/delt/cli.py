@@ -133,7 +133,7 @@ COMMANDS: dict[str, Command] = {
     "select": Command(
         "rank real images with the teacher and pick IPC per class", SelectConfig, select_images
     ),
-    # --method pdd: recover() hands it to delt.pdd.recover_progressive.
+    # recover() looks the method up (delt.method); pdd, rded: delt.methods.
     "recover": Command(
         "synthesize a distilled set (sre2l, cda, delt; pdd: in stages; rded: scored real crops)",
         RecoverConfig,
@@ -205,7 +205,7 @@ USER_ERRORS = (
 )
 
 
-def _output_folder(config: Any) -> Path | None:
+def _output_folder(config: object) -> Path | None:
     """Where a command's rank logs go under torchrun: its output folder, or the folder of its
     results file (eval, diversity, report)."""
     if isinstance(config, EvalConfig):

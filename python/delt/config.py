@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 __all__ = [
@@ -111,7 +112,7 @@ def check_flag_values(cls: type, values: dict[str, Any]) -> None:
             raise ConfigError(f"{label} is empty; expected a path or name (. for this folder)")
 
 
-def check_int_fields(config: Any, names: tuple[str, ...], low: int = 1) -> None:
+def check_int_fields(config: object, names: tuple[str, ...], low: int = 1) -> None:
     """:func:`check_int` on each named field of ``config`` that is not None, by its flag."""
     for name in names:
         value = getattr(config, name)
@@ -119,7 +120,7 @@ def check_int_fields(config: Any, names: tuple[str, ...], low: int = 1) -> None:
             check_int(flag(name), value, low)
 
 
-def refuse_method_options(config: Any, options: dict[str, Any], method: str) -> None:
+def refuse_method_options(config: object, options: dict[str, Any], method: str) -> None:
     """Refuses the flags of one method on a config of another: each field named in ``options``
     (field name → its :func:`option`) must keep its default.
 
@@ -129,15 +130,18 @@ def refuse_method_options(config: Any, options: dict[str, Any], method: str) -> 
     """
     for name, field in options.items():
         if getattr(config, name) != field.default:
-            raise ConfigError(f"{flag(name)} applies to --method {method}, not {config.method}")
+            raise ConfigError(
+                f"{flag(name)} applies to --method {method}, not {config.method}"  # type: ignore[attr-defined]
+            )
 
 
 def option(
     default: Any = dataclasses.MISSING,
     help: str = "",
     identity: bool = True,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
     cli_flag: str | None = None,
+    group: str | None = None,
 ) -> Any:
     """A config field with its CLI help.
 
@@ -147,11 +151,13 @@ def option(
         identity: False for fields that do not change a command's results (progress bars,
             worker counts); :func:`config_diff` ignores them when deciding whether a saved run
             may be resumed or reused.
-        choices: the accepted values of a ``str`` field whose choices live in a registry.
+        choices: the accepted values of a ``str`` field whose choices live in a registry (or a
+            function returning them when the parser is built: a registry that grows).
         cli_flag: the flag, where the field's name cannot be it (``--import`` is a Python
             keyword: the field ``import_arch`` is ``option(cli_flag="--import")``).
+        group: the help group of the flag (a method's own flags: the method's name).
     """
-    metadata = {"help": help, "identity": identity, "choices": choices}
+    metadata = {"help": help, "identity": identity, "choices": choices, "group": group}
     if cli_flag is not None:
         metadata["cli_flag"] = cli_flag
     return dataclasses.field(default=default, metadata=metadata)
@@ -206,7 +212,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     ``tuple[int, ...]`` and ``tuple[str, ...]`` fields take comma- or space-separated values.
     """
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
+    groups: dict[str, Any] = {}
+    # A method's own flags (option(group=...)) after the command's, each group in its own section.
+    fields = dataclasses.fields(cls)
+    for field in sorted(fields, key=lambda field: field.metadata.get("group") is not None):
         annotation, _ = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
         required = (
@@ -236,11 +245,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = type(choices[0])
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
-            if field.metadata.get("choices"):
-                kwargs["choices"] = field.metadata["choices"]
+            choices = field.metadata.get("choices")
+            if choices:
+                kwargs["choices"] = choices() if callable(choices) else choices
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: unsupported field type {annotation}")
-        parser.add_argument(field.metadata.get("cli_flag") or flag(field.name), **kwargs)
+        group = field.metadata.get("group")
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(f"options of --method {group}")
+        target = parser if group is None else groups[group]
+        target.add_argument(field.metadata.get("cli_flag") or flag(field.name), **kwargs)
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
@@ -251,14 +265,14 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
     return cls(**values)
 
 
-def identity_dict(config: Any) -> dict[str, Any]:
+def identity_dict(config: object) -> dict[str, Any]:
     """The fields of ``config`` that determine its results (``identity=True``), as a dict.
 
     Tuples become lists, so that a dict read back from JSON compares equal to a fresh one.
     """
     return {
         f.name: list(value) if isinstance(value, tuple) else value
-        for f in dataclasses.fields(config)
+        for f in dataclasses.fields(config)  # type: ignore[arg-type]
         if f.metadata.get("identity", True)
         for value in [getattr(config, f.name)]
     }

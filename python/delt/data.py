@@ -185,7 +185,7 @@ class FolderImageDataset(ImageDataset):
     """An ImageFolder tree read with PIL, in an explicit class order.
 
     Images get DELT's evaluation view, ``Resize(S // 7 * 8)`` then ``CenterCrop(S)``
-    (delt.md §2.2), then ``ToTensor`` and normalization.
+    (DELT, github.com/VILA-Lab/DELT), then ``ToTensor`` and normalization.
     """
 
     def __init__(self, info: DatasetInfo, folder: Path) -> None:
@@ -372,7 +372,7 @@ def _cifar_loader(num_classes: int) -> Callable[..., ImageDataset]:
             num_classes=num_classes,
             channels=3,
             resolution=32,
-            # DELT recover.py's CIFAR constants (delt.md §3.4), for CIFAR-10 and CIFAR-100.
+            # DELT recover.py's CIFAR constants (VILA-Lab/DELT), for CIFAR-10 and CIFAR-100.
             mean=(0.4914, 0.4822, 0.4465),
             std=(0.2023, 0.1994, 0.2010),
             class_names=tuple(data.classes),

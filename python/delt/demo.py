@@ -21,6 +21,7 @@ from delt.data import load_dataset
 from delt.distill import DistillConfig, distill
 from delt.io import check_output, write_json
 from delt.lock import output_lock
+from delt.method import methods
 from delt.report import ReportConfig, compare_runs
 from delt.runtime import logger
 from delt.teacher import train_teacher
@@ -72,7 +73,7 @@ class DemoConfig:
                 else {}
             ),
             iterations=self.iterations,
-            round_iterations=self.round_iterations if method == "delt" else None,
+            round_iterations=self.round_iterations if methods()[method].optimizes else None,
             eval_epochs=self.eval_epochs, eval_every=self.eval_every, seeds=(self.seed,),
             amp="bf16", channels_last=True, seed=self.seed, device=self.device,
             progress=self.progress,

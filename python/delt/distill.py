@@ -16,43 +16,47 @@ from typing import Literal
 
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import load_dataset, load_like
-from delt.distilled import Manifest, load_distilled, save_distilled
+from delt.distilled import Manifest, load_distilled
 from delt.distributed import barrier, is_main, main_first
 from delt.diversity import DiversityConfig, measure_diversity
-from delt.evaluate import EvalConfig, EvalResult, draw_random_real, evaluate
+from delt.evaluate import EvalConfig, EvalResult, evaluate
+from delt.identity import check_or_reuse, config_defaults, config_identity
 from delt.io import check_output, read_json, sha256_file, write_json
 from delt.lock import output_lock
-from delt.models import TeacherMismatchError, check_compatible, load_checkpoint, model_spec
-from delt.pdd import (
-    PDD_FIELDS,
-    PDD_OPTIONS,
-    PROGRESSIVE,
-    check_pdd_options,
-    pdd_base,
-    resolve_pdd_options,
-    stage_checkpoints,
+from delt.method import (
+    DEFAULT_ROUND_ITERATIONS,
+    Method,
+    check_method_options,
+    methods,
+    option_types,
 )
-from delt.rded import RDED, RDED_FIELDS, RDED_OPTIONS, check_rded_data, check_rded_options
+from delt.models import TeacherMismatchError, load_checkpoint, model_spec
 from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
-from delt.runtime import logger, versions
+from delt.runtime import logger
 from delt.select import SelectConfig, select_images
-from delt.synthesis import METHODS
 from delt.teacher import TeacherConfig, train_teacher
 
-__all__ = ["DISTILL_METHODS", "DistillConfig", "DistillResult", "distill"]
-
-DISTILL_METHODS = ("random-real", *METHODS, PROGRESSIVE, RDED)
+__all__ = ["DistillConfig", "DistillResult", "distill", "distill_methods"]
 # DistillConfig's fields that only configure the teacher trained here: refused with --teacher.
 TEACHER_TRAINING_FIELDS = ("arch", "width", "teacher_epochs")
 
 
-@dataclass
-class DistillConfig:
-    """Configuration of ``delt distill`` (one field per flag)."""
+def distill_methods() -> tuple[str, ...]:
+    """The registered methods: the baseline first, then the methods of `delt recover`."""
+    return (*methods(recovers=False), *methods(recovers=True))
+
+
+_RECOVER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RecoverConfig)}
+
+
+@dataclass(kw_only=True)
+class DistillConfig(*reversed(option_types())):  # type: ignore[misc]
+    """Configuration of ``delt distill`` (one field per flag): its own, and every registered
+    method's options (:func:`delt.method.option_types`), as ``delt recover``."""
 
     method: str = option(
-        help="synthesis method, or the random-real baseline", choices=DISTILL_METHODS
+        help="synthesis method, or the random-real baseline", choices=distill_methods
     )
     ipc: int = option(help="images per class")
     out: str = option(
@@ -81,27 +85,21 @@ class DistillConfig:
     strategy: Literal["medium", "top", "min", "random"] = option(
         "medium", help="delt: selection strategy of the initial real images"
     )
-    iterations: int = option(4000, help="recovery iterations per chunk (DELT's MI)")
+    iterations: int = option(
+        _RECOVER_DEFAULTS["iterations"], help="recovery iterations per chunk (DELT's MI)"
+    )
     round_iterations: int | None = option(
-        None, help="delt, pdd over delt: RI (default 500; pdd: per stage)"
+        None,
+        help=f"delt, pdd over delt: RI (default {DEFAULT_ROUND_ITERATIONS}; pdd: per stage)",
     )
     recover_batch_size: int = option(
-        100, help="images per recovery chunk (rded: crops per scoring forward)"
+        _RECOVER_DEFAULTS["batch_size"],
+        help="images per recovery chunk (rded: crops per scoring forward)",
     )
     recover_lr: float = option(
-        0.25, help="recovery's Adam learning rate (`delt recover --lr`; not rded, random-real)"
+        _RECOVER_DEFAULTS["lr"],
+        help="recovery's Adam learning rate (`delt recover --lr`; not rded, random-real)",
     )
-    stages: int | None = PDD_OPTIONS["stages"]
-    base: str | None = PDD_OPTIONS["base"]
-    stage_ipc: tuple[int, ...] | None = PDD_OPTIONS["stage_ipc"]
-    stage_teachers: Literal["final", "checkpoints"] = PDD_OPTIONS["stage_teachers"]
-    union_in_batch: bool = PDD_OPTIONS["union_in_batch"]
-    union_sample: int | None = PDD_OPTIONS["union_sample"]
-    stage_init: Literal["base", "hard"] = PDD_OPTIONS["stage_init"]
-    hard_student_epochs: int | None = PDD_OPTIONS["hard_student_epochs"]
-    candidates: int = RDED_OPTIONS["candidates"]
-    num_crop: int = RDED_OPTIONS["num_crop"]
-    factor: int = RDED_OPTIONS["factor"]
     eval_epochs: int = option(300, help="student training epochs")
     seeds: tuple[int, ...] = option((0,), help="evaluation seeds, one student each")
     eval_every: int = option(10, help="test the student every k epochs (and after the last)")
@@ -116,10 +114,11 @@ class DistillConfig:
     progress: bool = option(True, help="show progress bars", identity=False)
 
     def __post_init__(self) -> None:
-        if self.method not in DISTILL_METHODS:
+        if self.method not in distill_methods():
             raise ConfigError(
-                f"--method {self.method!r}: unknown; known: {', '.join(DISTILL_METHODS)}"
+                f"--method {self.method!r}: unknown; known: {', '.join(distill_methods())}"
             )
+        method = self.recovery
         self.seeds = tuple(self.seeds)
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ConfigError(f"--seeds must list distinct seeds, got {self.seeds}")
@@ -135,35 +134,34 @@ class DistillConfig:
         if self.width is not None and "width" not in spec.kwargs:
             raise ConfigError(f"--width applies to convnetD architectures, not --arch {self.arch}")
         self._check_teacher_training_flags()
-        check_pdd_options(self)
+        check_method_options(self, method, self.ipc)
         if self.round_iterations is not None and not self.starts_from_selection:
-            what = f"pdd --base {pdd_base(self)}" if self.method == PROGRESSIVE else self.method
             raise ConfigError(
-                f"--round-iterations applies to --method delt and to pdd --base delt; {what} has "
-                "no rounds"
+                "--round-iterations applies to --method delt and to pdd --base delt; "
+                f"{method.label(self)} has no rounds"
             )
-        check_rded_options(self)
         self._check_teacher_save_epochs()
         if not math.isfinite(self.recover_lr) or self.recover_lr <= 0:
             raise ConfigError(f"--recover-lr must be a finite number > 0, got {self.recover_lr}")
-        if self.method in ("random-real", RDED) and self.recover_lr != 0.25:
+        if not method.optimizes and self.recover_lr != _RECOVER_DEFAULTS["lr"]:
             raise ConfigError(
                 f"--recover-lr applies to the methods that optimize pixels, not {self.method}"
             )
-        if self.method == RDED and self.iterations != 4000:
-            raise ConfigError(
-                "--iterations applies to the methods that optimize pixels; rded picks real "
-                "crops and optimizes nothing"
-            )
-        # The sub-configs validate the rest now, before any work, with their own messages.
+        # The sub-configs validate the rest now, before any work, with their own messages
+        # (rded: --iterations, as delt recover's).
         self.eval_config(Path(self.out) / "distilled", None)
-        if self.method not in ("random-real",):
+        if method.recovers:
             self.recover_config(None, None)
+
+    @property
+    def recovery(self) -> Method:
+        """The method that makes the set (:func:`delt.method.methods`)."""
+        return methods()[self.method]
 
     @property
     def starts_from_selection(self) -> bool:
         """Whether the recovery starts from `delt select`'s images (delt, pdd over delt)."""
-        return self.method == "delt" or (self.method == PROGRESSIVE and pdd_base(self) == "delt")
+        return self.recovery.starts_from_selection(self)
 
     def _check_teacher_training_flags(self) -> None:
         # The flags of the teacher trained here; --teacher-save-epochs has its own message.
@@ -200,9 +198,10 @@ class DistillConfig:
                     f"--teacher-save-epochs must lie in [1, --teacher-epochs "
                     f"{self.teacher_epochs}], got {shown}"
                 )
-        if self.method != PROGRESSIVE or self.stage_teachers != "checkpoints":
+        # (pdd's flag: at its default on the other methods, refused above)
+        if self.stage_teachers != "checkpoints":
             return
-        stages = resolve_pdd_options(self)["stages"]
+        stages = self.stage_count
         if self.teacher is None and epochs is None:
             raise ConfigError(
                 f"--stage-teachers checkpoints needs {stages} teacher checkpoints: pass "
@@ -234,21 +233,22 @@ class DistillConfig:
         )  # fmt: skip
 
     def recover_config(self, teacher: str | None, selection: str | None) -> RecoverConfig:
+        method = self.recovery
+        options = {
+            field.name: getattr(self, field.name)
+            for options in option_types()
+            for field in dataclasses.fields(options)
+        }
         return RecoverConfig(
             teacher=teacher or "", ipc=self.ipc, out=str(Path(self.out) / "distilled"),
             method=self.method,
             selection=(selection or str(Path(self.out) / "select"))
             if self.starts_from_selection
             else None,
-            # pdd --stage-init hard reads the training set too, whatever its base.
-            data_root=self.data_root
-            if self.starts_from_selection or self.method == RDED or self.stage_init == "hard"
-            else None,
+            data_root=self.data_root if method.reads_training_set(self) else None,
             round_iterations=self.round_iterations, batch_size=self.recover_batch_size,
             lr=self.recover_lr, channels_last=self.channels_last, seed=self.seed,
-            device=self.device, progress=self.progress,
-            **({} if self.method == RDED else {"iterations": self.iterations}),
-            **{name: getattr(self, name) for name in (*PDD_FIELDS, *RDED_FIELDS)},
+            device=self.device, progress=self.progress, iterations=self.iterations, **options,
         )  # fmt: skip
 
     def eval_config(self, distilled: Path, teacher: str | None) -> EvalConfig:
@@ -270,15 +270,17 @@ class DistillResult:
     steps: list[dict]
 
 
-def _step_is_current(out: Path, name: str, identity: dict, outputs: list[Path]) -> bool:
-    """True when ``OUT/steps/NAME.json`` records ``identity`` and the outputs it hashed are
-    unchanged."""
+def _step_is_current(
+    out: Path, name: str, identity: dict, defaults: dict, outputs: list[Path]
+) -> bool:
+    """True when ``OUT/steps/NAME.json`` records ``identity`` (:func:`delt.identity.
+    check_or_reuse`) and the outputs it hashed are unchanged."""
     record_path = out / "steps" / f"{name}.json"
-    if not record_path.is_file():
+    if not record_path.is_file() or "identity" not in read_json(record_path):
+        return False
+    if not check_or_reuse(record_path, identity, defaults, key="identity"):
         return False
     record = read_json(record_path)
-    if record.get("identity") != identity:
-        return False
     for path in outputs:
         if not path.is_file() or record.get("outputs", {}).get(path.name) != sha256_file(path):
             return False
@@ -296,25 +298,6 @@ def _record_step(out: Path, name: str, identity: dict, outputs: list[Path], seco
     )
 
 
-def _draw_random_real_set(config: DistillConfig, teacher_path: str, folder: Path) -> None:
-    """Saves ``--ipc`` random real images per class as a distilled set (zero iterations)."""
-    teacher = load_checkpoint(teacher_path)
-    start = time.perf_counter()
-    dataset = load_like(teacher.info, "train", config.data_root)
-    check_compatible(teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
-    images, labels, indices = draw_random_real(dataset, config.ipc, config.seed)
-    seconds = time.perf_counter() - start
-    manifest = Manifest(
-        method="random-real", ipc=config.ipc, dataset=teacher.info,
-        teacher={"path": str(teacher.path), "sha256": sha256_file(teacher.path),
-                 "meta": teacher.meta},
-        config={"ipc": config.ipc, "seed": config.seed, "data_root": config.data_root},
-        num_images=len(labels), iterations_per_image=[0] * len(labels), synthesis_seconds=seconds,
-        seed=config.seed, versions=versions(), indices=indices.tolist(),
-    )  # fmt: skip
-    save_distilled(folder, images, labels, manifest)
-
-
 def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
     """Runs (or reuses) every step of the pipeline; writes the report files; returns them.
 
@@ -328,7 +311,7 @@ def distill(config: DistillConfig, print_summary: bool = True) -> DistillResult:
         # The steps' own folders are cleaned by the steps; distill's own: OUT, OUT/steps and
         # the random-real draw's.
         out = Path(config.out)
-        draw = (out / "distilled",) if config.method == "random-real" else ()
+        draw = () if config.recovery.recovers else (out / "distilled",)
         lock.sweep(out, out / "steps", *draw, recursive=False)
         return _distill(config, print_summary)
 
@@ -338,13 +321,14 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     # Each step probes its own folder before its work; a cached run writes nothing.
     check_output(out, "--out", probe=False)
     steps: list[dict] = []
-    if config.method == RDED:
-        # --factor and --candidates against the data, before the teacher is trained.
+    method = config.recovery
+    if method.checks_data:
+        # rded's --factor and --candidates against the data, before the teacher is trained.
         if config.teacher is not None:
             data = load_like(load_checkpoint(config.teacher).info, "train", config.data_root)
         else:
             data = load_dataset(config.dataset, "train", config.data_root)
-        check_rded_data(config, data)
+        method.check_data(config, data)
 
     def timed(name: str, cached: bool, seconds: float, result: str) -> None:
         steps.append({"step": name, "cached": cached, "seconds": seconds, "result": result})
@@ -371,9 +355,9 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
             f"{config.arch} {teacher.test_accuracy:.2f}% test",
         )  # fmt: skip
     teacher_sha256 = sha256_file(teacher_path)
-    if config.method == PROGRESSIVE and config.stage_teachers == "checkpoints":
-        # A teacher without its P checkpoints is refused now, before selection and synthesis.
-        stage_checkpoints(config.recover_config(teacher_path, None), teacher_path)
+    if method.recovers:
+        # (pdd: a teacher without its P checkpoints is refused now, before selection.)
+        method.check_teacher(config.recover_config(teacher_path, None), teacher_path)
 
     # 2. selection (delt, pdd over delt; it reuses its own result when config and teacher are
     # unchanged)
@@ -398,26 +382,22 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     # 3. recovery (or the random-real draw)
     distilled = out / "distilled"
     outputs = [distilled / "distilled.pt", distilled / "manifest.json"]
-    if config.method == "random-real":
-        step_identity = {"ipc": config.ipc, "seed": config.seed, "dataset": config.dataset}
-    else:
+    defaults: dict = {}
+    if method.recovers:
         recover_config = config.recover_config(teacher_path, str(selection_dir))
-        recover_identity = identity_dict(recover_config)
-        if config.method != RDED:  # as before rded existed: earlier runs stay cached
-            for name in RDED_FIELDS:
-                recover_identity.pop(name)
-        # PDD_FIELDS stay: RecoverConfig held them (at their defaults for the other methods)
-        # before distill ran pdd, so earlier runs' identities already record them.
-        step_identity = {"recover": recover_identity}
+        step_identity: dict = {"recover": config_identity(recover_config)}
+        defaults = {"recover": config_defaults(recover_config)}
+    else:
+        step_identity = {"ipc": config.ipc, "seed": config.seed, "dataset": config.dataset}
     step_identity.update(teacher_sha256=teacher_sha256, selection_sha256=selection_sha256)
     start = time.perf_counter()
-    if _step_is_current(out, "recover", step_identity, outputs):
+    if _step_is_current(out, "recover", step_identity, defaults, outputs):
         cached = True
     else:
         cached = False
-        if config.method == "random-real":
+        if not method.recovers:
             if is_main():
-                _draw_random_real_set(config, teacher_path, distilled)
+                method.draw_set(teacher_path, config.ipc, config.seed, config.data_root, distilled)
         else:
             try:
                 recover(recover_config)
@@ -431,7 +411,7 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     barrier()  # rank 0's outputs, read by every rank
     manifest = Manifest.load(distilled)
     timed(
-        "recover" if config.method != "random-real" else "draw",
+        "recover" if method.recovers else "draw",
         cached,
         manifest.synthesis_seconds,
         f"{config.method} IPC {config.ipc}: {manifest.image_iterations:,} image-iterations",

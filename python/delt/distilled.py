@@ -194,8 +194,6 @@ class Manifest:
             )
         if self.stage_per_image is not None and len(self.stage_per_image) != self.num_images:
             raise ValueError(f"{where}: one stage_per_image entry per image expected")
-        if self.method == "pdd" and not self.stages:
-            raise ValueError(f"{where}: a pdd set without stages")
         if self.images_dtype not in IMAGES_DTYPES:
             raise ValueError(
                 f"{where}: images_dtype must be one of {IMAGES_DTYPES}, got {self.images_dtype!r}"
@@ -432,7 +430,7 @@ def load_stage_unions(folder: str | Path) -> list[tuple[Tensor, Tensor]]:
         ValueError: not a progressive set.
     """
     manifest = Manifest.load(folder)
-    if manifest.method != "pdd":
+    if not manifest.stages:
         raise ValueError(
             f"--distilled {folder} was made by --method {manifest.method}, not pdd: it "
             "has no stages to train on one after another"

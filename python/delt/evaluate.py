@@ -38,6 +38,7 @@ from delt.io import (
     write_json,
 )
 from delt.lock import results_lock
+from delt.methods.random_real import draw_random_real
 from delt.models import (
     Checkpoint,
     TeacherMismatchError,
@@ -259,33 +260,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population standard deviation (numpy's default, ``ddof=0``)."""
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std())
-
-
-# --------------------------------------------------------------------------------------------
-# Sets: distilled or random real
-
-
-def draw_random_real(dataset: ImageDataset, ipc: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``ipc`` random training images per class, class-major, drawn with ``seed``.
-
-    Returns:
-        ``(images (K * ipc, C, H, W) float32 normalized, labels int64, dataset indices int64)``.
-
-    Raises:
-        ConfigError: a class has fewer than ``ipc`` images.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in range(dataset.info.num_classes):
-        members = torch.nonzero(dataset.targets == c).view(-1)
-        if members.numel() < ipc:
-            raise ConfigError(
-                f"--ipc {ipc}: class {c} ({dataset.info.class_names[c]!r}) has only "
-                f"{members.numel()} training images"
-            )
-        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:ipc]])
-    indices = torch.cat(chosen)
-    return dataset.images(indices), dataset.targets[indices].clone(), indices
 
 
 # --------------------------------------------------------------------------------------------

@@ -470,7 +470,7 @@ def to_uint8(image: Tensor, image_format: str = "png") -> Tensor:
     * ``"png"``: rounded to nearest (torchvision's ``save_image`` convention): the float tensors
       in ``distilled.pt`` are the exact result, the PNG files a faithful lossless 8-bit view;
     * ``"jpeg"``: truncated, as the DELT/SRe2L/CDA code does before saving its JPEGs
-      (``(x * 255).astype(np.uint8)`` after clamping to [0, 1], delt.md §3.6), so that
+      (``(x * 255).astype(np.uint8)`` after clamping to [0, 1]; github.com/VILA-Lab/DELT), so that
       ``--image-format jpeg`` gives the papers' files. E.g. 0.999 → 254 (rounding: 255).
     """
     if image_format not in ("png", "jpeg"):

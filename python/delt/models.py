@@ -106,8 +106,8 @@ def _resnet18_small(info: DatasetInfo) -> nn.Module:
     import torchvision
 
     model = torchvision.models.resnet18(num_classes=info.num_classes)
-    # CIFAR/Tiny variant (delt.md §2.2): a 3x3 stride-1 stem and no max-pool keep the small
-    # images' resolution for the residual stages.
+    # CIFAR/Tiny variant (DELT's and SRe2L's small-image teachers): a 3x3 stride-1 stem and no
+    # max-pool keep the small images' resolution for the residual stages.
     model.conv1 = nn.Conv2d(info.channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model

@@ -1,9 +1,10 @@
 """Pure schedules: EarlyLate rounds, chunking, cosine LR, crop curriculum, PDD stage sizes and
 the per-stage iterations that give PDD DELT's image-iterations.
 
-Nothing here touches a model or a tensor (reference/delt.md §1.2, pdd.md §1.2). EarlyLate: the
-IPC images of a class, in selection order, are split into ``R = iterations // round_iterations``
-rounds (the first ``ipc % R`` one larger); image ``j`` joins at its round's start.
+Nothing here touches a model or a tensor (DELT, Shen et al., CVPR 2025; PDD, Chen et al., ICLR
+2024). EarlyLate: the IPC images of a class, in selection order, are split into
+``R = iterations // round_iterations`` rounds (the first ``ipc % R`` one larger); image ``j``
+joins at its round's start.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def round_group_sizes(ipc: int, num_rounds: int) -> list[int]:
 def image_start_rounds(ipc: int, iterations: int, round_iterations: int) -> list[int]:
     """The round at which each image of a class joins, in selection order (0 = from the start).
 
-    Image ``j`` starts at the first round ``r`` with ``j < cumsum(group sizes)[r]`` (delt.md §1.2).
+    Image ``j`` starts at the first round ``r`` with ``j < cumsum(group sizes)[r]`` (DELT).
     """
     num_rounds = _check_rounds(iterations, round_iterations)
     check_int("ipc", ipc)
@@ -149,7 +150,8 @@ def class_contiguous_chunks(num_classes: int, ipc: int, batch_size: int) -> list
     """DELT's batching: the class-major sequence of images cut into runs of ``batch_size``.
 
     A chunk holds consecutive images in class-major, selection order, so it may span several
-    classes or part of one (delt.md §1.2: a DataLoader with ``shuffle=False`` over the selection).
+    classes or part of one (DELT's recover script: a DataLoader with ``shuffle=False`` over the
+    selection).
     """
     check_int("num_classes", num_classes)
     check_int("ipc", ipc)
@@ -219,7 +221,7 @@ def stage_sizes(
     """Images per class that each of the ``stages`` stages synthesizes; they sum to ``ipc``.
 
     Without ``stage_ipc`` every stage gets ``ipc // stages``, the first ``ipc % stages`` one more
-    (the rule of :func:`round_group_sizes`; PDD's scripts use equal stages, pdd.md §2).
+    (the rule of :func:`round_group_sizes`; PDD's scripts use equal stages).
 
     >>> stage_sizes(10, 5)
     [2, 2, 2, 2, 2]
@@ -261,7 +263,7 @@ def stage_offsets(sizes: list[int] | tuple[int, ...]) -> list[int]:
 
 def stage_round_iterations(stage_ipc: int, iterations: int, round_iterations: int) -> int:
     """DELT's RI inside one stage: one round (every image gets all iterations) at 1 image per
-    class, as DELT does at IPC 1 (delt.md §1.1); otherwise ``round_iterations``."""
+    class, as DELT does at IPC 1; otherwise ``round_iterations``."""
     check_int("stage_ipc", stage_ipc)
     _check_rounds(iterations, round_iterations)
     return iterations if stage_ipc == 1 else round_iterations
@@ -270,7 +272,7 @@ def stage_round_iterations(stage_ipc: int, iterations: int, round_iterations: in
 def stage_epochs(total_epochs: int, stages: int) -> list[int]:
     """Epochs of each stage of a stage-wise evaluation: ``total_epochs`` split across stages.
 
-    PDD trains on U_1, then U_1 ∪ U_2, ... "without additional training time" (pdd.md §1.5): the
+    PDD trains on U_1, then U_1 ∪ U_2, ... "without additional training time" (PDD, ICLR 2024): the
     stages share the epochs of one plain evaluation. Every stage gets ``total // stages``; the
     remainder goes to the *last* stages, which train on the largest unions.
 

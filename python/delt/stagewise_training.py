@@ -1,8 +1,8 @@
 """Stage-wise student training: one student trains on U_1, then U_1 ∪ U_2, … U_P of a
 progressive set, the training epochs split across the stages and one AdamW carried through (PDD's
 evaluation, Chen et al., ICLR 2024). ``delt eval --stagewise`` (:mod:`delt.stagewise`) and PDD's
-hard-init student (:mod:`delt.pdd`) train with it; it sits below both because pdd sits below the
-evaluation commands.
+hard-init student (:mod:`delt.methods.pdd`) train with it; it sits below both because pdd sits
+below the evaluation commands.
 """
 
 from __future__ import annotations

@@ -1,46 +1,46 @@
-"""Synthesis: each method's recipe, run setup (:func:`prepare_run`), the chunk loop
-(:func:`synthesize`, :func:`optimize_chunk`) and the output writer (:meth:`Run.write_outputs`),
-shared by ``delt recover``, ``--method pdd`` and the benchmarks (reference/delt.md §1-3). Chunks
-are seeded on their own and saved when done: a killed run resumes to the same bytes. Every chunk
-records the identity of the run that made it (the config's identity fields and the SHA-256 of
-the teacher, the selection and the other inputs, as ``OUT/run.json``); a chunk of another
-identity is refused, naming what differs, and so is one whose content digest does not match
-(:func:`chunk_digest`). A finished run re-run returns its saved result and writes nothing
-(:meth:`Run.finished_result`), unless a kill cut its cleanup short: then it finishes it
+"""Synthesis by pixel optimization, shared by every method that optimizes pixels: run setup
+(:func:`prepare_run`), the chunk optimizer (:class:`ChunkOptimizer`: the teacher, its matching
+target, the settings and the device; one chunk's loop is :func:`optimize_chunk`), the output
+writer (:meth:`Run.write_outputs`), shared by every method that optimizes pixels
+(:mod:`delt.methods.pixels`, :mod:`delt.methods.pdd`). Chunks
+are seeded on their own and kept by :class:`delt.chunks.ChunkStore`: a killed run resumes to the
+same bytes. ``OUT/run.json`` records the run's identity (:func:`delt.identity.run_identity`):
+the config's identity fields and the SHA-256 of the teacher, the selection and the other
+inputs; a resume with another identity is refused, naming what differs. A finished run re-run
+returns its saved result and writes nothing, and finishes a cleanup a kill cut short
 (:func:`finished_run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import delt_ext
-from delt.config import ConfigError, config_diff
+from delt.chunks import ChunkResult, ChunkStore
+from delt.config import ConfigError
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import Manifest, load_distilled, save_distilled, save_images
-from delt.distributed import barrier, broadcast, is_main, main_first, world
-from delt.io import (
-    FileFormatError,
-    IntegrityError,
-    check_output,
-    read_json,
-    sha256_file,
-    torch_load,
-    torch_save,
-    write_json,
+from delt.distributed import barrier, is_main
+from delt.identity import check_or_reuse, identity_defaults, identity_differences, run_identity
+from delt.io import check_output, sha256_file, torch_load
+from delt.method import (
+    LOOP_FIELDS,
+    RecoverResult,
+    SynthesisConfig,
+    method_named,
+    methods,
 )
 from delt.models import (
     Checkpoint,
@@ -51,29 +51,20 @@ from delt.models import (
     load_checkpoint,
 )
 from delt.runtime import autocast, check_memory, logger, resolve_device, versions
-from delt.schedules import (
-    Chunk,
-    chunk_schedule,
-    class_contiguous_chunks,
-    class_interleaved_chunks,
-    cosine_lr,
-    crop_min_scale,
-)
+from delt.schedules import Chunk, chunk_schedule, cosine_lr, crop_min_scale
 from delt.select import Selection
 
 __all__ = [
-    "DEFAULT_ROUND_ITERATIONS",
     "FINISHED_MARK",
-    "METHODS",
     "ActiveSets",
-    "ChunkResult",
-    "MethodRecipe",
+    "ChunkOptimizer",
+    "MatchingTarget",
     "NonFiniteError",
-    "RecoverResult",
     "RecoverySettings",
     "Run",
-    "chunk_digest",
+    "chunk_optimizer",
     "delete_resume_state",
+    "finished_run",
     "finished_run",
     "finished_without_chunks",
     "frozen_teacher",
@@ -82,49 +73,17 @@ __all__ = [
     "prepare_run",
     "recovery_adam",
     "recovery_settings",
-    "run_chunks",
-    "synthesize",
-    "synthesize_chunks",
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# Methods
+class MatchingTarget(Protocol):
+    """What the synthesized images' statistics are matched to, as a loss over the hooked
+    teacher's last forward: today the teacher's running BN statistics
+    (:class:`delt_ext.BNStatMatching`)."""
 
+    weights: list[float]  # per matched layer (the first one's multiplier first)
 
-@dataclass(frozen=True)
-class MethodRecipe:
-    """What distinguishes one synthesis method from another (README, "Methods").
-
-    Attributes:
-        init: ``"noise"`` (standard normal in normalized space) or ``"selection"`` (real images
-            from ``delt select``, in selection order).
-        chunks: the batching, ``(num_classes, ipc, batch_size) -> list[Chunk]``.
-        crop_curriculum: the minimum crop scale over the loop (``schedules.CROP_CURRICULA``).
-        early_late: MI/RI rounds (``--round-iterations``).
-        default_jitter: the roll range in pixels as a function of the image resolution.
-    """
-
-    init: Literal["noise", "selection"]
-    chunks: Callable[[int, int, int], list[Chunk]]
-    crop_curriculum: str
-    early_late: bool
-    default_jitter: Callable[[int], int]
-
-
-def _sre2l_jitter(resolution: int) -> int:
-    # SRe2L/CDA rolled by up to 32 pixels at 224 (ImageNet) and by 4 on Tiny/CIFAR (delt.md §3.2).
-    return 32 if resolution >= 224 else 4
-
-
-METHODS: dict[str, MethodRecipe] = {
-    "sre2l": MethodRecipe("noise", class_interleaved_chunks, "fixed", False, _sre2l_jitter),
-    "cda": MethodRecipe("noise", class_interleaved_chunks, "cosine", False, _sre2l_jitter),
-    # DELT's scripts pass --jitter 0 (delt.md §1.2 step 5).
-    "delt": MethodRecipe("selection", class_contiguous_chunks, "cosine", True, lambda _: 0),
-}
-
-DEFAULT_ROUND_ITERATIONS = 500
+    def loss(self) -> Tensor: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,23 +120,6 @@ class NonFiniteError(ValueError):
         )
         super().__init__(f"the {what} became non-finite (NaN or infinite) {where}")
         self.what, self.iteration = what, iteration
-
-
-@dataclass
-class ChunkResult:
-    """A finished chunk: final images (B, C, H, W) float32 (CPU), final loss, seconds, and
-    ``extra``: tensors a method saves beside them in the chunk file (rded: the crop sources).
-
-    ``seconds``: wall time of :func:`optimize_chunk`'s iteration loop (every step, a
-    ``--compile`` warm-up inside the first steps, and the copy of the result to the CPU), not
-    the chunk's initialization or saving. Summed over chunks it is the manifest's
-    ``synthesis_seconds``.
-    """
-
-    images: Tensor
-    loss: float
-    seconds: float
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
@@ -238,7 +180,7 @@ class ActiveSets:
 
 def optimize_chunk(
     teacher: nn.Module,
-    bn_matching: delt_ext.BNStatMatching,
+    bn_matching: MatchingTarget,
     init: Tensor,
     labels: Tensor,
     start_iterations: list[int],
@@ -254,14 +196,15 @@ def optimize_chunk(
     Image ``i`` is forwarded from iteration ``start_iterations[i]`` on (EarlyLate); before that
     it is not in the batch, so it gets zero gradient and, its Adam moments being zero, no update.
     One Adam holds the whole chunk tensor, so a late image's first step sees the global step
-    count (bias correction ~1), as in DELT (delt.md §1.2).
+    count (bias correction ~1), as in DELT (github.com/VILA-Lab/DELT, ``recover/recover.py``).
 
-    With ``frozen`` (PDD's union in the batch, pdd.md §4.2 option 2), those images are
-    concatenated after the active images *before* augmentation, so they share the step's crop and
-    flip and every BN layer's batch statistics are those of the union. They are constants (no
-    gradient, never modified). The cross-entropy covers the new images only: the teacher runs in
-    eval mode, so a frozen image's logits do not depend on the new images and its CE would be a
-    constant that only shrinks the new images' CE weight as the union grows.
+    With ``frozen`` (PDD's union in the batch: a stage conditioned on the earlier stages'
+    images), those images are concatenated after the active images *before* augmentation, so
+    they share the step's crop and flip and every BN layer's batch statistics are the union's.
+    They are constants (no gradient, never modified). The cross-entropy covers the new images
+    only: the teacher runs in eval mode, so a frozen image's logits do not depend on the new
+    images and its CE would be a constant that only shrinks the new images' CE weight as the
+    union grows.
 
     Args:
         teacher: frozen model in eval mode, hooked by ``bn_matching``.
@@ -353,268 +296,6 @@ def optimize_chunk(
     return ChunkResult(images, float(loss_value), time.perf_counter() - start)
 
 
-def chunk_digest(payload: dict[str, Any]) -> str:
-    """``"sha256:<hex>"`` of a chunk file's content (every field but ``digest``: each tensor's
-    dtype, shape and bytes, each other value as JSON), saved with the chunk and checked before
-    the chunk is used, so that a flipped bit is refused instead of mixed into the set."""
-    digest = hashlib.sha256()
-    for key in sorted(payload):
-        if key == "digest":
-            continue
-        value = payload[key]
-        digest.update(f"{key}\0".encode())
-        if isinstance(value, Tensor):
-            tensor = value.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{tensor.dtype}{tuple(value.shape)}\0".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(json.dumps(value, sort_keys=True).encode())
-        digest.update(b"\0")
-    return f"sha256:{digest.hexdigest()}"
-
-
-def run_chunks(
-    chunks: list[Chunk],
-    ipc: int,
-    info: DatasetInfo,
-    chunk_dir: Path,
-    chunk_seed: Callable[[Chunk], int],
-    make_chunk: Callable[[Chunk, torch.Generator], tuple[ChunkResult, list[int]]],
-    progress: bool = True,
-    desc: str = "chunks",
-    identity: dict | None = None,
-) -> tuple[Tensor, list[int], float]:
-    """Makes (or loads, when already done) every chunk of one set of ``ipc`` per class: the one
-    resume mechanism of every method.
-
-    Chunk ``k`` is saved to ``chunk_dir/<k>.pt`` when done, with its :func:`chunk_digest`, and
-    skipped on a re-run, so a killed run resumes; a saved chunk whose contents do not match its
-    digest is refused by name (delete it to recompute it), one saved before digests existed is
-    accepted as it is. Its generator is seeded with ``chunk_seed(chunk)``, which makes a chunk's
-    result independent of whether earlier chunks ran in this process. Under torchrun the chunks
-    left to do are split across the ranks, and after a barrier every rank assembles the whole set
-    from ``chunk_dir`` (a shared folder): the result is the one-process result at any world size.
-
-    Args:
-        chunks: the batching of ``num_classes x ipc`` images (:mod:`delt.schedules`).
-        make_chunk: ``(chunk, generator) -> (result, iterations of each image)``: the chunk's
-            images (len(chunk), C, H, W) float32 on the CPU, in chunk order; ``result.extra``
-            is saved with them.
-        identity: what made this set (JSON values): saved in every chunk; a saved chunk with
-            another one is refused. A chunk saved before identities existed is accepted (its
-            run's ``run.json``, checked before, matches). None: neither saved nor checked.
-
-    Raises:
-        ConfigError: a saved chunk holds other positions, or was made with another identity.
-        FileFormatError: a saved chunk is unreadable or holds images of another shape.
-        IntegrityError: a saved chunk's contents do not match its digest.
-
-    Returns:
-        ``(images (num_classes * ipc, C, H, W) float32 CPU class-major, iterations per image,
-        seconds summed over chunks)``. The seconds of a chunk loaded from ``chunk_dir`` are the
-        ones saved with it when it was made, possibly by an earlier process, so the sum is
-        synthesis time, not this call's wall time.
-    """
-    total_images = info.num_classes * ipc
-    images = torch.empty(total_images, info.channels, info.resolution, info.resolution)
-    iterations_per_image = [0] * total_images
-    seconds_of: dict[int, float] = {}
-    identity_text = None if identity is None else json.dumps(identity, sort_keys=True)
-    expected = (info.channels, info.resolution, info.resolution)
-
-    def chunk_path(chunk: Chunk) -> Path:
-        return chunk_dir / f"{chunk.index:05d}.pt"
-
-    def place(chunk: Chunk, chunk_images: Tensor, seconds: float, iterations: list[int]) -> None:
-        positions = chunk.positions(ipc)
-        images[torch.tensor(positions, dtype=torch.int64)] = chunk_images
-        for position, count in zip(positions, iterations, strict=True):
-            iterations_per_image[position] = count
-        seconds_of[chunk.index] = seconds
-
-    def load(chunk: Chunk) -> None:
-        path = chunk_path(chunk)
-        positions = chunk.positions(ipc)
-        keys = ("images", "positions", "iterations", "seconds")
-        try:
-            saved = torch_load(path, "recovery chunk", keys=keys)
-        except FileFormatError as error:
-            raise FileFormatError(f"{error} (delete it to make that chunk again)") from None
-        if saved["positions"].tolist() != positions:
-            raise ConfigError(f"{path} does not hold chunk {chunk.index} of this run")
-        recorded = saved.get("identity")
-        if identity_text is not None and recorded is not None and recorded != identity_text:
-            differences = identity_differences(json.loads(recorded), json.loads(identity_text))
-            raise ConfigError(
-                f"{path} was made by another run ({'; '.join(differences)}); it is not mixed "
-                "into this one: delete it to recompute it, or choose another --out"
-            )
-        chunk_images = saved["images"]
-        if not isinstance(chunk_images, Tensor) or tuple(chunk_images.shape) != (
-            len(positions),
-            *expected,
-        ):
-            raise FileFormatError(
-                f"{path}: not a recovery chunk of {(len(positions), *expected)} images"
-            )
-        if chunk_images.is_floating_point() and not bool(torch.isfinite(chunk_images).all()):
-            raise FileFormatError(
-                f"{path}: holds non-finite pixels (NaN or infinite); delete it to make that "
-                "chunk again"
-            )
-        # Last, after the checks that say more: any other change (a flipped bit anywhere).
-        # Chunks saved before digests existed have none: accepted (run.json was checked).
-        if "digest" in saved and saved["digest"] != chunk_digest(saved):
-            raise IntegrityError(
-                f"{path}: its contents do not match the digest saved with them (the chunk is "
-                "corrupt); it is not mixed into the set: delete it to recompute that chunk"
-            )
-        place(chunk, chunk_images, float(saved["seconds"]), saved["iterations"].tolist())
-
-    # Under torchrun the chunks still to do are dealt round-robin over the ranks (rank 0's view
-    # of the folder, so that every rank deals the same list); a chunk's result does not depend
-    # on which rank made it, so the set is the one-process set whatever the world size.
-    job = world()
-    pending = broadcast([chunk.index for chunk in chunks if not chunk_path(chunk).is_file()])
-    mine = set(pending[job.rank :: job.size])
-    # The chunks saved before are checked first: a foreign or corrupt one is refused before
-    # any work is done.
-    for chunk in chunks:
-        if chunk.index not in pending:
-            load(chunk)
-    for chunk in tqdm(
-        [chunk for chunk in chunks if chunk.index in mine], desc=desc, disable=not progress
-    ):
-        generator = torch.Generator().manual_seed(chunk_seed(chunk))
-        result, chunk_iterations = make_chunk(chunk, generator)
-        # Written atomically by the rank that made it: a killed run or job resumes from it.
-        payload = {
-            "images": result.images,
-            "labels": torch.tensor(chunk.classes, dtype=torch.int64),
-            "positions": torch.tensor(chunk.positions(ipc), dtype=torch.int64),
-            "iterations": torch.tensor(chunk_iterations, dtype=torch.int64),
-            "seconds": result.seconds,
-            "loss": result.loss,
-            **result.extra,
-            **({} if identity_text is None else {"identity": identity_text}),
-        }
-        torch_save({**payload, "digest": chunk_digest(payload)}, chunk_path(chunk))
-        logger.info(
-            "recover: %s %d/%d done in %.1f s (loss %.3f)",
-            desc, chunk.index + 1, len(chunks), result.seconds, result.loss,
-        )  # fmt: skip
-        place(chunk, result.images, result.seconds, chunk_iterations)
-    # Every rank assembles the whole set (the next PDD stage needs it); only rank 0 writes it.
-    barrier()
-    for chunk in chunks:
-        if chunk.index not in seconds_of:
-            load(chunk)  # made by another rank
-    synthesis_seconds = 0.0
-    for chunk in chunks:  # summed in chunk order, whoever made them
-        synthesis_seconds += seconds_of[chunk.index]
-    return images, iterations_per_image, synthesis_seconds
-
-
-def synthesize_chunks(
-    forward: nn.Module,
-    bn_matching: delt_ext.BNStatMatching,
-    chunks: list[Chunk],
-    ipc: int,
-    iterations: int,
-    round_iterations: int,
-    settings: RecoverySettings,
-    info: DatasetInfo,
-    device: torch.device,
-    chunk_dir: Path,
-    chunk_seed: Callable[[Chunk], int],
-    initial_images: Callable[[Chunk, torch.Generator], Tensor],
-    frozen_images: Callable[[Chunk], Tensor | None] | None = None,
-    frozen_sample: int | None = None,
-    progress: bool = True,
-    desc: str = "chunks",
-    identity: dict | None = None,
-) -> tuple[Tensor, list[int], float]:
-    """Optimizes (or loads, when already done) every chunk of one set of ``ipc`` per class
-    (:func:`run_chunks` with :func:`optimize_chunk`).
-
-    Args:
-        forward: the hooked teacher (possibly compiled).
-        chunks: the batching of ``num_classes x ipc`` images (:mod:`delt.schedules`).
-        iterations, round_iterations: MI and RI (``round_iterations == iterations``: no rounds).
-        initial_images: ``(chunk, generator) -> (len(chunk), C, H, W)`` float32 on the CPU.
-        frozen_images: ``chunk -> (F, C, H, W)`` images that join every forward pass of that
-            chunk (:func:`optimize_chunk`'s ``frozen``), or None.
-        identity: what made this set (JSON values): saved in every chunk; a saved chunk with
-            another one is refused. A chunk saved before identities existed is accepted (its
-            run's ``run.json``, checked before, matches). None: neither saved nor checked.
-
-    Raises:
-        ConfigError: a saved chunk holds other positions, or was made with another identity.
-
-    Returns:
-        As :func:`run_chunks`; the seconds are optimization seconds.
-    """
-
-    def optimize(chunk: Chunk, generator: torch.Generator) -> tuple[ChunkResult, list[int]]:
-        total, starts = chunk_schedule(chunk.within_class, ipc, iterations, round_iterations)
-        init = initial_images(chunk, generator)
-        chunk_labels = torch.tensor(chunk.classes, dtype=torch.int64)
-        frozen = None if frozen_images is None else frozen_images(chunk)
-        bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not progress)
-        try:
-            result = optimize_chunk(
-                forward, bn_matching, init.to(device), chunk_labels.to(device), starts, total,
-                settings, generator, bar,
-                frozen=None if frozen is None else frozen.to(device), frozen_sample=frozen_sample,
-            )  # fmt: skip
-        except NonFiniteError as error:
-            # Nothing of the chunk is saved: a NaN set is never written.
-            raise ConfigError(
-                f"chunk {chunk.index} ({desc}): {error}; nothing of it was saved. The loss is "
-                f"scaled by --r-bn {settings.r_bn:g} and --first-bn-multiplier "
-                f"{bn_matching.weights[0]:g}, its steps by --lr {settings.lr:g}: lower them"
-            ) from None
-        finally:
-            bar.close()
-        return result, [total - s for s in starts]
-
-    return run_chunks(chunks, ipc, info, chunk_dir, chunk_seed, optimize, progress, desc, identity)
-
-
-def identity_differences(saved: dict, current: dict) -> list[str]:
-    """What differs between two run identities: ``--flag: a -> b`` for config fields, else the
-    input whose contents changed."""
-    differences = config_diff(saved.get("config", {}), current.get("config", {}))
-    for key in sorted(set(saved) | set(current)):
-        if key != "config" and saved.get(key) != current.get(key):
-            differences.append(f"{key}: {_short(saved.get(key))} -> {_short(current.get(key))}")
-    return differences
-
-
-def _input_difference(key: str, saved: object, current: object) -> str:
-    """How an input of ``run.json`` differs from this run's: a file's SHA-256 (another file, or
-    the file was changed), or the data's identity."""
-    if key.endswith("_sha256"):
-        name = key.removesuffix("_sha256")
-        flag_name = {"teacher": "--teacher", "selection": "--selection"}.get(name, name)
-
-        def shown(value: object) -> str:
-            return "none" if value is None else str(value)[:16] + "..."
-
-        return (
-            f"{flag_name}: the {name}'s SHA-256 differs (the first run's {shown(saved)}, now "
-            f"{shown(current)}): another {name} file, or that file changed since the first run"
-        )
-    if key == "data":
-        return f"the data differs ({_short(saved)} -> {_short(current)})"
-    return f"{key}: {_short(saved)} -> {_short(current)}"
-
-
-def _short(value: object) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def frozen_teacher(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
     """``model`` on ``device``, without parameter gradients, in the requested memory format."""
     model = model.to(device)
@@ -628,18 +309,7 @@ def frozen_teacher(model: nn.Module, device: torch.device, channels_last: bool) 
 # A run
 
 
-@dataclass
-class RecoverResult:
-    """Where a recovery's outputs are and what they cost."""
-
-    out: Path
-    images: Tensor  # (N, C, H, W) float32, normalized, class-major
-    labels: Tensor  # (N,) int64
-    iterations_per_image: list[int]
-    synthesis_seconds: float  # the chunks' optimization seconds, summed (not wall time)
-
-
-def recovery_settings(config: Any, info: DatasetInfo) -> RecoverySettings:
+def recovery_settings(config: SynthesisConfig, info: DatasetInfo) -> RecoverySettings:
     """The loop hyperparameters of a resolved ``RecoverConfig`` (its base method's recipe)."""
     low, high = info.pixel_bounds()
     recipe = config.recipe  # None: a method that optimizes nothing (rded reads amp, bounds)
@@ -658,7 +328,7 @@ def recovery_settings(config: Any, info: DatasetInfo) -> RecoverySettings:
 
 
 def load_selection(
-    config: Any, teacher: Checkpoint, needed_ipc: int
+    config: SynthesisConfig, teacher: Checkpoint, needed_ipc: int
 ) -> tuple[Selection, ImageDataset]:
     """The ``--selection`` of a real-image init and the training set its indices point into.
 
@@ -699,7 +369,7 @@ class Run:
     device and the loop's hyperparameters."""
 
     out: Path
-    config: Any
+    config: SynthesisConfig
     teacher: Checkpoint
     info: DatasetInfo
     device: torch.device
@@ -707,43 +377,35 @@ class Run:
     identity: dict | None = None  # set by check_identity
 
     def check_identity(self, uses_selection: bool, **inputs: object) -> None:
-        """Writes ``OUT/run.json`` on the first run; refuses a resume with another identity:
-        the config's identity fields, the SHA-256 of every input file (the teacher, the
-        selection when ``uses_selection``, and ``inputs``, ``*_sha256``) and the data identity
-        (the dataset's name and training-split fingerprint). Sets :attr:`identity`, which every
-        chunk records. By content, never by path: a moved or copied folder resumes."""
+        """Writes ``OUT/run.json`` on the first run; refuses a resume with another identity
+        (:func:`delt.identity.run_identity`: the config's identity fields, the SHA-256 of every
+        input file: the teacher, the selection when ``uses_selection``, and ``inputs``,
+        ``*_sha256``; and the data identity, the dataset's name and training-split
+        fingerprint). Sets :attr:`identity`, which every chunk records. By content, never by
+        path: a moved or copied folder resumes."""
         config = self.config
         selection = Path(config.selection) / "selection.json" if uses_selection else None
-        identity = {
-            "config": config.identity(),
-            "teacher_sha256": sha256_file(self.teacher.path),
-            "selection_sha256": None if selection is None else sha256_file(selection),
-            **inputs,
-            "data": {"name": self.info.name, "fingerprint": data_fingerprint(self.teacher.meta)},
-        }
-        # The JSON form, so that a chunk's identity compares equal to run.json's.
-        self.identity = json.loads(json.dumps(identity))
-        path = self.out / "run.json"
-        # Rank 0 writes it; the other ranks of a torchrun job then compare with it.
-        with main_first():
-            if is_main() and not path.is_file():
-                write_json(path, identity)
-                return
-        saved = read_json(path)
-        if "data" not in saved:
-            # run.json of a run begun before data identities: the teacher's SHA-256 (which
-            # records its data) already pins it.
-            saved = {**saved, "data": identity["data"]}
-        differences = config_diff(saved["config"], identity["config"])
-        for key in sorted(set(saved) | set(identity)):
-            if key != "config" and saved.get(key) != identity.get(key):
-                differences.append(_input_difference(key, saved.get(key), identity.get(key)))
-        if differences:
-            raise ConfigError(
-                f"--out {self.out} holds a recovery with another configuration "
-                f"({'; '.join(differences)}); re-run with the same flags to resume, or choose "
-                "another --out"
-            )
+        self.identity = run_identity(
+            config, teacher_sha256=sha256_file(self.teacher.path),
+            selection_sha256=None if selection is None else sha256_file(selection), **inputs,
+            data={"name": self.info.name, "fingerprint": data_fingerprint(self.teacher.meta)},
+        )  # fmt: skip
+        check_or_reuse(
+            self.out / "run.json", self.identity, self.defaults,
+            refuse=f"--out {self.out} holds a recovery with another configuration "
+            "({differences}); re-run with the same flags to resume, or choose another --out",
+        )  # fmt: skip
+
+    @property
+    def defaults(self) -> dict:
+        """The defaults of :attr:`identity` (:func:`delt.identity.identity_defaults`)."""
+        return identity_defaults(self.config)
+
+    def chunk_store(self, folder: Path, ipc: int, **identity: object) -> ChunkStore:
+        """The chunks of a set of ``ipc`` per class in ``folder``; each records the run's
+        identity updated with ``identity`` (what else makes them, e.g. a pdd stage's teacher)."""
+        recorded = None if self.identity is None else {**self.identity, **identity}
+        return ChunkStore(folder, self.info, ipc, recorded, self.defaults)
 
     def finished_result(self) -> RecoverResult | None:
         """The result of a finished run in ``OUT`` of this run's identity, else None.
@@ -759,9 +421,11 @@ class Run:
         distilled = self.out / "distilled.pt"
         if manifest.distilled_sha256 is None or not distilled.is_file():
             return None
-        saved_config = json.loads(json.dumps(manifest.config))
-        current = json.loads(json.dumps(self.config.identity()))
-        if any(saved_config.get(key) != value for key, value in current.items()):
+        # The manifest records every field; the identity's are compared.
+        current = (self.identity or {}).get("config", {})
+        known = {**self.defaults["config"], **current}
+        saved = {key: value for key, value in manifest.config.items() if key in known}
+        if identity_differences({"config": saved}, {"config": current}, self.defaults):
             return None
         if manifest.teacher.get("sha256") != (self.identity or {}).get("teacher_sha256"):
             return None
@@ -814,7 +478,7 @@ class Run:
             method=config.method, ipc=ipc, dataset=self.info,
             teacher={"path": str(teacher.path), "sha256": sha256_file(teacher.path),
                      "meta": teacher.meta},
-            config=config.manifest_fields(),
+            config=manifest_fields(config),
             num_images=len(iterations_per_image), iterations_per_image=iterations_per_image,
             synthesis_seconds=synthesis_seconds, seed=config.seed,
             selection=None
@@ -897,7 +561,7 @@ def finished_run(run: Run, resume_state: list[Path]) -> RecoverResult | None:
     return finished
 
 
-def prepare_run(config: Any) -> Run:
+def prepare_run(config: SynthesisConfig) -> Run:
     """Loads the teacher of a ``RecoverConfig``, resolves the config's defaults and device, and
     derives the loop settings: what every recovery does before its first chunk.
 
@@ -925,41 +589,119 @@ def prepare_run(config: Any) -> Run:
         f"--batch-size {config.batch_size}",
     )  # fmt: skip
     # The manifest says where it ran.
-    config = dataclasses.replace(config.resolved(info), device=str(device))
+    resolved = method_named(config.method).resolved(config, info)
+    config = dataclasses.replace(config, **resolved, device=str(device))
     return Run(Path(config.out), config, teacher, info, device, recovery_settings(config, info))
 
 
-def synthesize(
-    run: Run,
-    model: nn.Module,
-    chunks: list[Chunk],
-    ipc: int,
-    round_iterations: int,
-    chunk_dir: Path,
-    chunk_seed: Callable[[Chunk], int],
-    initial_images: Callable[[Chunk, torch.Generator], Tensor],
-    frozen_images: Callable[[Chunk], Tensor | None] | None = None,
-    frozen_sample: int | None = None,
-    desc: str = "chunks",
-    identity: dict | None = None,
-) -> tuple[Tensor, list[int], float]:
-    """:func:`synthesize_chunks` on ``model`` (a teacher checkpoint's) frozen on the run's
-    device, hooked by ``BNStatMatching`` and, with ``--compile``, compiled after hooking.
+def manifest_fields(config: SynthesisConfig) -> dict[str, Any]:
+    """The fields of a resolved config a manifest records: the shared ones the method reads
+    (not the loop's for one that optimizes nothing) and its own options, not other methods'."""
+    method = method_named(config.method)
+    dropped = {"progress", *([] if method.optimizes else LOOP_FIELDS)}
+    for other in methods().values():
+        if other is not method and other.options is not None:
+            dropped.update(field.name for field in dataclasses.fields(other.options))
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in dropped}
 
-    The chunks record ``run.identity`` (from :meth:`Run.check_identity`) updated with
-    ``identity`` (what else makes these chunks, e.g. a pdd stage's teacher and initial images).
-    """
+
+# --------------------------------------------------------------------------------------------
+# The chunk optimizer
+
+
+class ChunkOptimizer:
+    """Optimizes chunks against a frozen teacher: the teacher's forward (hooked by the matching
+    target, possibly compiled), the matching target, the loop's settings and the device, for
+    loops of ``iterations`` (MI) per chunk."""
+
+    def __init__(
+        self,
+        forward: nn.Module,
+        target: MatchingTarget,
+        settings: RecoverySettings,
+        device: torch.device,
+        iterations: int,
+        progress: bool = True,
+    ) -> None:
+        self.forward, self.target, self.settings = forward, target, settings
+        self.device, self.iterations, self.progress = device, iterations, progress
+
+    def optimize(
+        self,
+        chunk: Chunk,
+        ipc: int,
+        round_iterations: int,
+        init: Tensor,
+        generator: torch.Generator,
+        frozen: Tensor | None = None,
+        frozen_sample: int | None = None,
+        desc: str = "chunks",
+    ) -> tuple[ChunkResult, list[int]]:
+        """One chunk of a set of ``ipc`` per class from ``init`` (len(chunk), C, H, W) float32
+        (CPU), with RI ``round_iterations`` (``== iterations``: no rounds) and ``frozen``
+        images joining every forward (:func:`optimize_chunk`); the result and each image's
+        iterations."""
+        total, starts = chunk_schedule(chunk.within_class, ipc, self.iterations, round_iterations)
+        labels = torch.tensor(chunk.classes, dtype=torch.int64)
+        bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not self.progress)
+        try:
+            result = optimize_chunk(
+                self.forward, self.target, init.to(self.device), labels.to(self.device), starts,
+                total, self.settings, generator, bar,
+                frozen=None if frozen is None else frozen.to(self.device),
+                frozen_sample=frozen_sample,
+            )  # fmt: skip
+        except NonFiniteError as error:
+            # Nothing of the chunk is saved: a NaN set is never written.
+            settings = self.settings
+            raise ConfigError(
+                f"chunk {chunk.index} ({desc}): {error}; nothing of it was saved. The loss is "
+                f"scaled by --r-bn {settings.r_bn:g} and --first-bn-multiplier "
+                f"{self.target.weights[0]:g}, its steps by --lr {settings.lr:g}: lower them"
+            ) from None
+        finally:
+            bar.close()
+        return result, [total - s for s in starts]
+
+    def optimize_set(
+        self,
+        store: ChunkStore,
+        chunks: list[Chunk],
+        round_iterations: int,
+        chunk_seed: Callable[[Chunk], int],
+        initial_images: Callable[[Chunk, torch.Generator], Tensor],
+        frozen_images: Callable[[Chunk], Tensor | None] | None = None,
+        frozen_sample: int | None = None,
+        desc: str = "chunks",
+    ) -> tuple[Tensor, list[int], float]:
+        """Optimizes (or loads from ``store``, when already done) every chunk of a set; as
+        :meth:`delt.chunks.ChunkStore.make_all` (the seconds are optimization seconds).
+
+        Args:
+            initial_images: ``(chunk, generator) -> (len(chunk), C, H, W)`` float32 on the CPU.
+            frozen_images: ``chunk -> (F, C, H, W)`` images that join every forward pass of that
+                chunk (:func:`optimize_chunk`'s ``frozen``), or None.
+        """
+
+        def make(chunk: Chunk, generator: torch.Generator) -> tuple[ChunkResult, list[int]]:
+            init = initial_images(chunk, generator)
+            frozen = None if frozen_images is None else frozen_images(chunk)
+            return self.optimize(
+                chunk, store.ipc, round_iterations, init, generator, frozen, frozen_sample, desc
+            )
+
+        return store.make_all(chunks, chunk_seed, make, self.progress, desc)
+
+
+@contextmanager
+def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
+    """The run's :class:`ChunkOptimizer` for ``model`` (a teacher checkpoint's), frozen on the
+    run's device and hooked by ``BNStatMatching`` (the hooks removed on exit); with
+    ``--compile``, compiled after hooking, so that the hooks are traced into the graph."""
     config = run.config
     model = frozen_teacher(model, run.device, config.channels_last)
-    with delt_ext.BNStatMatching(
-        model, first_bn_multiplier=config.first_bn_multiplier
-    ) as bn_matching:
-        # Compile after hooking: the hooks are traced into the graph.
+    with delt_ext.BNStatMatching(model, first_bn_multiplier=config.first_bn_multiplier) as target:
         forward = torch.compile(model) if config.compile else model
-        return synthesize_chunks(
-            forward, bn_matching, chunks, ipc, config.iterations, round_iterations,
-            run.settings, run.info, run.device, chunk_dir, chunk_seed, initial_images,
-            frozen_images=frozen_images, frozen_sample=frozen_sample,
-            progress=config.progress, desc=desc,
-            identity=None if run.identity is None else {**run.identity, **(identity or {})},
-        )  # fmt: skip
+        yield ChunkOptimizer(
+            forward, target, run.settings, run.device, config.iterations, config.progress
+        )

@@ -1,4 +1,4 @@
-"""``delt recover --method pdd``: progressive synthesis (PDD, reference/pdd.md; README,
+"""``delt recover --method pdd``: progressive synthesis (PDD, Chen et al., ICLR 2024; README,
 "Progressive synthesis"): P stages of a base method, earlier stages frozen bitwise, optionally
 conditioned on per-stage teachers, the union in the batch or hard real initial images. Outputs:
 U_P as a distilled set in ``OUT``, and ``OUT/stages/<k>/`` (the stage's new images, ``init.json``,
@@ -17,17 +17,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from delt.batches import iterate_batches
-from delt.config import ConfigError, check_int, option, refuse_method_options
-from delt.data import ImageDataset, load_like
+from delt.config import ConfigError, check_int, option
+from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import save_images, union_prefix
 from delt.distributed import is_main, main_first
+from delt.identity import check_or_reuse
 from delt.io import read_json, sha256_file, write_json
+from delt.method import Method, MethodRecipe, RecoverResult, SynthesisConfig, methods, register
+from delt.methods import cda, delt, sre2l  # noqa: F401 (the bases, registered before pdd)
+from delt.methods.pixels import PixelMethod
 from delt.models import (
     Checkpoint,
     TeacherMismatchError,
@@ -42,145 +46,175 @@ from delt.stagewise_training import stagewise_plan, train_stagewise
 from delt.student_augment import StudentAugment
 from delt.student_trainer import PROTOCOL, StudentTrainer, TrainSettings, default_batch_size, seeded
 from delt.synthesis import (
-    METHODS,
-    RecoverResult,
     Run,
+    chunk_optimizer,
     delete_resume_state,
     finished_run,
     load_selection,
     prepare_run,
-    synthesize,
 )
 from delt.teacher import saved_checkpoints
 
 __all__ = [
-    "PDD_FIELDS",
-    "PDD_OPTIONS",
-    "PROGRESSIVE",
+    "PDD",
+    "NAME",
+    "PddOptions",
+    "Progressive",
     "Stage",
     "StageInit",
-    "check_pdd_options",
     "pick_hard_examples",
     "plan_stages",
     "recover_progressive",
-    "resolve_pdd_options",
     "stage_checkpoints",
 ]
 
-PROGRESSIVE = "pdd"
-DEFAULT_STAGES = 5  # PDD's released scripts (pdd.md §2)
+NAME = "pdd"
+DEFAULT_STAGES = 5  # PDD's released scripts
 DEFAULT_BASE = "delt"
 DEFAULT_HARD_STUDENT_EPOCHS = 100
+_BASES = tuple(methods(optimizes=True, recovers=True))  # the pixel methods registered before pdd
 
-# The flags of `delt recover` that only --method pdd reads (fields of delt.recover.RecoverConfig).
-PDD_OPTIONS: dict[str, Any] = {
-    "stages": option(None, help=f"pdd: number of stages P (default {DEFAULT_STAGES})"),
-    "base": option(
-        None,
-        help=f"pdd: the method each stage runs (default {DEFAULT_BASE})",
-        choices=tuple(METHODS),
-    ),
-    "stage_ipc": option(
-        None, help="pdd: images per class of each stage, e.g. 4,2,2,1,1 (default: IPC/P each)"
-    ),
-    "stage_teachers": option(
+
+@dataclass(kw_only=True)
+class PddOptions:
+    """The flags of ``delt recover`` (and ``delt distill``) that only ``--method pdd`` reads."""
+
+    stages: int | None = option(
+        None, help=f"pdd: number of stages P (default {DEFAULT_STAGES})", group=NAME
+    )
+    base: str | None = option(
+        None, help=f"pdd: the method each stage runs (default {DEFAULT_BASE})", choices=_BASES,
+        group=NAME,
+    )  # fmt: skip
+    stage_ipc: tuple[int, ...] | None = option(
+        None, help="pdd: images per class of each stage, e.g. 4,2,2,1,1 (default: IPC/P each)",
+        group=NAME,
+    )  # fmt: skip
+    stage_teachers: Literal["final", "checkpoints"] = option(
         "final",
         help="pdd: every stage matches the final teacher, or stage k the k-th of P checkpoints "
         "of `delt teacher --save-epochs` (early phase first)",
-    ),
-    "union_in_batch": option(
+        group=NAME,
+    )
+    union_in_batch: bool = option(
         False,
         help="pdd: earlier stages' images of the chunk's classes join every forward pass (BN "
         "statistics of the union; gradients reach the new images only)",
-    ),
-    "union_sample": option(
-        None, help="pdd --union-in-batch: a random sample of this many earlier images per step"
-    ),
-    "stage_init": option(
+        group=NAME,
+    )
+    union_sample: int | None = option(
+        None, help="pdd --union-in-batch: a random sample of this many earlier images per step",
+        group=NAME,
+    )  # fmt: skip
+    stage_init: Literal["base", "hard"] = option(
         "base",
         help="pdd: stage k >= 2 starts from the base method's init, or from real images that a "
         "student trained on the union so far gets wrong",
-    ),
-    "hard_student_epochs": option(
+        group=NAME,
+    )
+    hard_student_epochs: int | None = option(
         None,
         help=f"pdd --stage-init hard: epochs of that student (default "
         f"{DEFAULT_HARD_STUDENT_EPOCHS})",
-    ),
-}
-# Left out of other methods' run identity, so that runs started before these flags still resume.
-PDD_FIELDS = tuple(PDD_OPTIONS)
+        group=NAME,
+    )
+
+    @property
+    def stage_count(self) -> int:
+        return DEFAULT_STAGES if self.stages is None else self.stages
 
 
-# --------------------------------------------------------------------------------------------
-# Options
+class Progressive(Method):
+    """PDD (Chen et al., ICLR 2024): P stages of a pixel method (``--base``), earlier stages
+    frozen; its own flags are :class:`PddOptions`."""
 
+    name = NAME
+    options = PddOptions
 
-def pdd_base(config: Any) -> str:
-    """The METHODS entry every stage runs."""
-    return config.base or DEFAULT_BASE
+    def base(self, config: object) -> PixelMethod:
+        """The pixel method every stage runs."""
+        base = methods()[getattr(config, "base", None) or DEFAULT_BASE]
+        assert isinstance(base, PixelMethod)
+        return base
 
+    def recipe(self, config: SynthesisConfig) -> MethodRecipe | None:
+        return self.base(config).recipe(config)
 
-def _stage_count(config: Any) -> int:
-    return DEFAULT_STAGES if config.stages is None else config.stages
+    def label(self, config: object) -> str:
+        return f"pdd --base {self.base(config).name}"
 
+    def starts_from_selection(self, config: object) -> bool:
+        return self.base(config).starts_from_selection(config)
 
-def check_pdd_options(config: Any) -> None:
-    """Validates the pdd fields of a ``RecoverConfig`` (refused for other methods).
+    def reads_training_set(self, config: object) -> bool:
+        # --stage-init hard reads the training set too, whatever its base.
+        return self.starts_from_selection(config) or getattr(config, "stage_init", "") == "hard"
 
-    Raises:
-        ConfigError: naming the flag.
-    """
-    if config.method != PROGRESSIVE:
-        refuse_method_options(config, PDD_OPTIONS, PROGRESSIVE)
-        return
-    if config.base is not None and config.base not in METHODS:
-        raise ConfigError(f"--base {config.base!r}: unknown method; known: {', '.join(METHODS)}")
-    stages = _stage_count(config)
-    check_int("--stages", stages)
-    if stages > config.ipc:
-        raise ConfigError(
-            f"--stages {stages} must be <= --ipc {config.ipc}: every stage synthesizes at "
-            "least one image per class"
-        )
-    if config.stage_ipc is not None:
-        config.stage_ipc = sizes = tuple(config.stage_ipc)
-        shown = ",".join(map(str, sizes))
-        if len(sizes) != stages:
+    def check_options(self, options: PddOptions, ipc: int) -> None:
+        if options.base is not None and options.base not in _BASES:
             raise ConfigError(
-                f"--stage-ipc {shown}: one size per stage expected ({stages} for "
-                f"--stages {stages}), got {len(sizes)}"
+                f"--base {options.base!r}: unknown method; known: {', '.join(_BASES)}"
             )
-        if min(sizes) < 1:
-            raise ConfigError(f"--stage-ipc {shown}: every stage needs >= 1 image")
-        if sum(sizes) != config.ipc:
+        stages = options.stage_count
+        check_int("--stages", stages)
+        if stages > ipc:
             raise ConfigError(
-                f"--stage-ipc {shown} must sum to --ipc {config.ipc}, got {sum(sizes)}"
+                f"--stages {stages} must be <= --ipc {ipc}: every stage synthesizes at least one "
+                "image per class"
             )
-    if config.union_sample is not None:
-        if not config.union_in_batch:
-            raise ConfigError("--union-sample applies with --union-in-batch")
-        check_int("--union-sample", config.union_sample)
-    if config.hard_student_epochs is not None:
-        if config.stage_init != "hard":
-            raise ConfigError("--hard-student-epochs applies with --stage-init hard")
-        check_int(
-            "--hard-student-epochs (an epoch per earlier stage at least)",
-            config.hard_student_epochs,
-            max(1, stages - 1),
+        if options.stage_ipc is not None:
+            options.stage_ipc = sizes = tuple(options.stage_ipc)
+            shown = ",".join(map(str, sizes))
+            if len(sizes) != stages:
+                raise ConfigError(
+                    f"--stage-ipc {shown}: one size per stage expected ({stages} for "
+                    f"--stages {stages}), got {len(sizes)}"
+                )
+            if min(sizes) < 1:
+                raise ConfigError(f"--stage-ipc {shown}: every stage needs >= 1 image")
+            if sum(sizes) != ipc:
+                raise ConfigError(f"--stage-ipc {shown} must sum to --ipc {ipc}, got {sum(sizes)}")
+        if options.union_sample is not None:
+            if not options.union_in_batch:
+                raise ConfigError("--union-sample applies with --union-in-batch")
+            check_int("--union-sample", options.union_sample)
+        if options.hard_student_epochs is not None:
+            if options.stage_init != "hard":
+                raise ConfigError("--hard-student-epochs applies with --stage-init hard")
+            check_int(
+                "--hard-student-epochs (an epoch per earlier stage at least)",
+                options.hard_student_epochs,
+                max(1, stages - 1),
+            )
+
+    def check(self, config: SynthesisConfig) -> None:
+        self.base(config).check_loop(
+            config, reads_data=self.reads_training_set(config), label=self.label(config)
         )
 
+    def resolved(self, config: SynthesisConfig, info: DatasetInfo) -> dict[str, Any]:
+        # RI is decided per stage (schedules.stage_round_iterations).
+        options = self.options_of(config)
+        stages = options.stage_count
+        hard = options.stage_init == "hard"
+        return {
+            **self.base(config).resolved_loop(config, info, single_image_rounds=False),
+            "stages": stages,
+            "base": self.base(config).name,
+            "stage_ipc": tuple(stage_sizes(config.ipc, stages, options.stage_ipc)),
+            "hard_student_epochs": (options.hard_student_epochs or DEFAULT_HARD_STUDENT_EPOCHS)
+            if hard
+            else None,
+        }
 
-def resolve_pdd_options(config: Any) -> dict[str, Any]:
-    """The pdd fields with their defaults filled in (for ``dataclasses.replace``)."""
-    stages = _stage_count(config)
-    return {
-        "stages": stages,
-        "base": pdd_base(config),
-        "stage_ipc": tuple(stage_sizes(config.ipc, stages, config.stage_ipc)),
-        "hard_student_epochs": (config.hard_student_epochs or DEFAULT_HARD_STUDENT_EPOCHS)
-        if config.stage_init == "hard"
-        else None,
-    }
+    def check_teacher(self, config: SynthesisConfig, teacher_path: str) -> None:
+        # A teacher without its P checkpoints is refused before selection and synthesis.
+        options = self.options_of(config)
+        if options.stage_teachers == "checkpoints":
+            stage_checkpoints(options, teacher_path)
+
+    def recover(self, config: SynthesisConfig) -> RecoverResult:
+        return recover_progressive(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,15 +262,15 @@ def plan_stages(sizes: list[int], iterations: int, round_iterations: int | None)
 # Conditioning: stage teachers and hard initial images
 
 
-def stage_checkpoints(config: Any, teacher_path: str | Path) -> list[dict]:
+def stage_checkpoints(options: PddOptions, teacher_path: str | Path) -> list[dict]:
     """The P checkpoints of ``--stage-teachers checkpoints`` beside a teacher, early phase first
     (:func:`delt.teacher.saved_checkpoints` entries), checked without loading them: exactly P
-    listed, every file present. ``config``: a ``RecoverConfig`` (or one with its pdd fields).
+    listed, every file present.
 
     Raises:
         ConfigError: the teacher has no or another number of checkpoints, or one is missing.
     """
-    stages = _stage_count(config)
+    stages = options.stage_count
     entries = saved_checkpoints(teacher_path)
     epochs = [entry["epoch"] for entry in entries]
     how = (
@@ -258,17 +292,17 @@ def stage_checkpoints(config: Any, teacher_path: str | Path) -> list[dict]:
     return entries
 
 
-def _stage_teachers(config: Any, teacher: Checkpoint) -> list[Checkpoint]:
+def _stage_teachers(options: PddOptions, teacher: Checkpoint) -> list[Checkpoint]:
     """The teacher of every stage: the final one P times, or the P ``--save-epochs`` checkpoints.
 
     Raises:
         ConfigError: the teacher has no or another number of checkpoints.
         TeacherMismatchError: a checkpoint is of another architecture or dataset.
     """
-    if config.stage_teachers == "final":
-        return [teacher] * config.stages
+    if options.stage_teachers == "final":
+        return [teacher] * options.stage_count
     checkpoints = []
-    for entry in stage_checkpoints(config, teacher.path):
+    for entry in stage_checkpoints(options, teacher.path):
         checkpoint = load_checkpoint(entry["path"])
         same_model = (checkpoint.meta["arch"], checkpoint.meta["arch_kwargs"]) == (
             teacher.meta["arch"],
@@ -303,8 +337,9 @@ def pick_hard_examples(
 
     Per class, candidates (training-set indices not in ``used``) are taken in three tiers:
 
-    1. the student is wrong and the teacher right (CUDD's "medium" pick, pdd.md §4.1): examples
-       the union so far has not taught, on which the teacher still carries a clean signal;
+    1. the student is wrong and the teacher right (the "medium" pick of CUDD, Ma et al.,
+       arXiv 2405.09150; github.com/MIV-XJTU/CUDD): examples the union so far has not taught,
+       on which the teacher still carries a clean signal;
     2. both are wrong (only when tier 1 runs out);
     3. the student is right, least confident first (only when tiers 1-2 run out).
 
@@ -465,11 +500,11 @@ def _stage_init(
     teacher_scores: Callable[[], tuple[Tensor, Tensor]],
 ) -> StageInit:
     """Step 1 of a stage: its initial images (hard picks are saved before the stage runs)."""
-    config = run.config
-    if config.recipe.init == "selection" and (stage.index == 1 or config.stage_init != "hard"):
+    config, hard = run.config, PDD.options_of(run.config).stage_init == "hard"
+    if config.recipe.init == "selection" and (stage.index == 1 or not hard):
         picks = [chosen[stage.offset : stage.offset + stage.ipc] for chosen in selection.indices]
         return StageInit("selection", picks, {"kind": "selection"})
-    if stage.index == 1 or config.stage_init != "hard":
+    if stage.index == 1 or not hard:
         return StageInit("noise", None, {"kind": "noise"})
     init_path = stage_dir / "init.json"
     identity = {**(run.identity or {}), "stage": stage.index}
@@ -477,12 +512,12 @@ def _stage_init(
     with main_first():
         if is_main() and not init_path.is_file():
             _pick_hard(run, stage, stages, dataset, union, init_path, teacher_scores, identity)
+    check_or_reuse(
+        init_path, identity, run.defaults, key="identity",
+        refuse=f"{init_path} was made by another run; it is not used for this one: delete it "
+        "to recompute it, or choose another --out",
+    )  # fmt: skip
     saved = read_json(init_path)
-    if "identity" in saved and saved["identity"] != identity:
-        raise ConfigError(
-            f"{init_path} was made by another run; it is not used for this one: delete it "
-            "to recompute it, or choose another --out"
-        )
     info = saved["info"]
     return StageInit("hard", saved["picks"], info, float(info.get("student_seconds", 0.0)))
 
@@ -498,14 +533,15 @@ def _pick_hard(
     identity: dict,
 ) -> None:
     """``--stage-init hard``: trains the student on the earlier unions, writes its picks."""
-    config = run.config
+    config, epochs = run.config, PDD.options_of(run.config).hard_student_epochs
+    assert epochs is not None  # resolved
     scores = teacher_scores()
     start = time.perf_counter()
     ipc = config.ipc
     unions = [union.prefix(ipc, earlier.union_ipc) for earlier in stages[: stage.index - 1]]
     # The final teacher labels the student's batches, as in every evaluation.
     student = _train_hard_student(
-        unions, run.teacher, ipc, config.hard_student_epochs,
+        unions, run.teacher, ipc, epochs,
         derive_seed(config.seed, 0, stage.index), run.device, config.amp, config.channels_last,
     )  # fmt: skip
     student_scores = _true_class_scores(student, dataset, run.device)
@@ -519,7 +555,7 @@ def _pick_hard(
         "kind": "hard",
         "tiers": tiers,
         "student_train_accuracy": accuracy,
-        "student_epochs": config.hard_student_epochs,
+        "student_epochs": epochs,
         "student_seconds": seconds,
     }
     write_json(init_path, {"picks": picks, "info": info, "identity": identity})
@@ -532,7 +568,7 @@ def _pick_hard(
 
 def _frozen_union(run: Run, stage: Stage, union: _Union):
     """Step 2: with ``--union-in-batch``, ``chunk -> earlier images of its classes``, else None."""
-    if not (run.config.union_in_batch and stage.offset > 0):
+    if not (PDD.options_of(run.config).union_in_batch and stage.offset > 0):
         return None
     earlier = union_prefix(union.images, run.config.ipc, stage.offset).to(run.device)
     offset = stage.offset
@@ -570,20 +606,21 @@ def _synthesize_stage(
     chunks = config.recipe.chunks(info.num_classes, stage.ipc, config.batch_size)
     # What else makes this stage's chunks: its teacher and its initial images.
     picks = json.dumps(init.picks).encode()
-    stage_identity = {
-        "stage": {
-            "index": stage.index,
-            "teacher_sha256": sha256_file(stage_teacher.path),
-            "init": init.kind,
-            "picks_sha256": hashlib.sha256(picks).hexdigest(),
-        }
-    }
-    return synthesize(
-        run, stage_teacher.model, chunks, stage.ipc, stage.round_iterations, stage_dir / "chunks",
-        lambda chunk: derive_seed(config.seed, stage.index, chunk.index), initial_images,
-        frozen_images=_frozen_union(run, stage, union), frozen_sample=config.union_sample,
-        desc=f"pdd stage {stage.index}/{total_stages}", identity=stage_identity,
+    store = run.chunk_store(
+        stage_dir / "chunks", stage.ipc,
+        stage={
+            "index": stage.index, "teacher_sha256": sha256_file(stage_teacher.path),
+            "init": init.kind, "picks_sha256": hashlib.sha256(picks).hexdigest(),
+        },
     )  # fmt: skip
+    with chunk_optimizer(run, stage_teacher.model) as optimizer:
+        return optimizer.optimize_set(
+            store, chunks, stage.round_iterations,
+            lambda chunk: derive_seed(config.seed, stage.index, chunk.index), initial_images,
+            frozen_images=_frozen_union(run, stage, union),
+            frozen_sample=PDD.options_of(config).union_sample,
+            desc=f"pdd stage {stage.index}/{total_stages}",
+        )  # fmt: skip
 
 
 def _add_stage(
@@ -594,10 +631,11 @@ def _add_stage(
     images: Tensor,
     iterations: list[int],
     seconds: float,
-    config: Any,
+    config: SynthesisConfig,
 ) -> None:
     """Step 4: class c's stage images into the union at ``c * IPC + offset + j``."""
     ipc, num_classes = config.ipc, union.images.shape[0] // config.ipc
+    union_in_batch = PDD.options_of(config).union_in_batch
     positions = [c * ipc + stage.offset + j for c in range(num_classes) for j in range(stage.ipc)]
     union.images[torch.tensor(positions)] = images
     for position, count in zip(positions, iterations, strict=True):
@@ -614,7 +652,7 @@ def _add_stage(
                 "path": str(stage_teacher.path),
                 "epoch": stage_teacher.meta.get("epoch", stage_teacher.meta.get("epochs")),
             },
-            "init": init.info, "union_in_batch": config.union_in_batch and stage.offset > 0,
+            "init": init.info, "union_in_batch": union_in_batch and stage.offset > 0,
             "image_iterations": int(sum(iterations)), "synthesis_seconds": seconds,
             "student_seconds": init.student_seconds,
         }
@@ -638,12 +676,12 @@ def _write_union(
 
 def _real_images(run: Run, stages: list[Stage]) -> tuple[Selection | None, ImageDataset | None]:
     """The selection and training set the stages start from, if any."""
-    config = run.config
+    config, hard = run.config, PDD.options_of(run.config).stage_init == "hard"
     if config.recipe.init == "selection":
         # Usual init consumes the selection across stages; hard init only reads stage 1 from it.
-        needed = stages[0].ipc if config.stage_init == "hard" else config.ipc
+        needed = stages[0].ipc if hard else config.ipc
         return load_selection(config, run.teacher, needed)
-    if config.stage_init == "hard" and len(stages) > 1:
+    if hard and len(stages) > 1:
         dataset = load_like(run.info, "train", config.data_root)
         # The run's data identity is the teacher's training split: the picks must come from it.
         check_compatible(run.teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
@@ -651,21 +689,23 @@ def _real_images(run: Run, stages: list[Stage]) -> tuple[Selection | None, Image
     return None, None
 
 
-def recover_progressive(config: Any) -> RecoverResult:
+def recover_progressive(config: SynthesisConfig) -> RecoverResult:
     """Runs (or resumes) ``delt recover --method pdd`` for a ``RecoverConfig``."""
     run = prepare_run(config)
     config, info = run.config, run.info
+    options = PDD.options_of(config)
+    assert options.stage_ipc is not None  # resolved
     stages = plan_stages(
-        list(config.stage_ipc),
+        list(options.stage_ipc),
         config.iterations,
         config.round_iterations if config.recipe.early_late else None,
     )
-    teachers = _stage_teachers(config, run.teacher)
+    teachers = _stage_teachers(options, run.teacher)
     selection, dataset = _real_images(run, stages)
     run.check_identity(
         selection is not None,
         stage_teachers_sha256=None
-        if config.stage_teachers == "final"
+        if options.stage_teachers == "final"
         else [sha256_file(checkpoint.path) for checkpoint in teachers],
     )
     # DIR/distilled.pt holds every U_k as a prefix: the chunks and the stages' float32 unions
@@ -690,10 +730,10 @@ def recover_progressive(config: Any) -> RecoverResult:
     logger.info(
         "recover: pdd over %s, %d stages of %s images per class, %d iterations each, "
         "stage teachers %s, union in batch %s, stage init %s, device %s -> %s",
-        config.base, len(stages), ",".join(map(str, config.stage_ipc)), config.iterations,
-        config.stage_teachers,
-        f"yes (sample {config.union_sample or 'all'})" if config.union_in_batch else "no",
-        config.stage_init, run.device, run.out,
+        options.base, len(stages), ",".join(map(str, options.stage_ipc)), config.iterations,
+        options.stage_teachers,
+        f"yes (sample {options.union_sample or 'all'})" if options.union_in_batch else "no",
+        options.stage_init, run.device, run.out,
     )  # fmt: skip
     for stage, stage_teacher in zip(stages, teachers, strict=True):
         stage_dir = run.out / "stages" / str(stage.index)
@@ -723,3 +763,6 @@ def recover_progressive(config: Any) -> RecoverResult:
     return RecoverResult(
         run.out, union.images, union.labels, union.iterations_per_image, union.synthesis_seconds
     )
+
+
+PDD = register(Progressive())

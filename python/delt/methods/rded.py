@@ -1,4 +1,4 @@
-"""``delt recover --method rded``: RDED (CVPR 2024, LINs-lab/RDED; reference/landscape.md "RDED"),
+"""``delt recover --method rded``: RDED (Sun et al., CVPR 2024; github.com/LINs-lab/RDED),
 the optimization-free baseline DELT compares against. No pixel is optimized: per class,
 ``--candidates`` real training images (a seeded draw) get ``--num-crop`` square RandomResizedCrops
 of ``resolution / --factor`` pixels each; the teacher scores every crop by its cross-entropy on the
@@ -10,7 +10,7 @@ The tiling is RDED's ``mix_images``: with ``n = ipc``, tile ``k`` (row-major) of
 the crop ranked ``k * n + i``, so the ``n`` best crops are the top-left tiles. Ties in the loss
 keep the earlier crop (``argmin``) and the earlier candidate (a stable sort).
 
-A class is one chunk of :func:`delt.synthesis.run_chunks` (seeded from ``(seed, class)``, saved
+A class is one chunk of a :class:`delt.chunks.ChunkStore` (seeded from ``(seed, class)``, saved
 to ``OUT/chunks/`` when done, so a killed run resumes to the same bytes; deleted once
 ``distilled.pt`` is written, unless ``--keep-chunks``). ``synthesis_seconds``
 is the time spent cropping, scoring and tiling; every image has 0 iterations. The manifest's
@@ -21,40 +21,35 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 import delt_ext
-from delt.config import ConfigError, check_int_fields, option, refuse_method_options
+from delt.chunks import ChunkResult
+from delt.config import ConfigError, check_int_fields, flag, option
 from delt.data import ImageDataset, load_like
 from delt.io import torch_load
+from delt.method import LOOP_FIELDS, Method, RecoverResult, SynthesisConfig, register
 from delt.models import check_compatible
 from delt.runtime import autocast, derive_seed, logger
 from delt.schedules import Chunk, class_contiguous_chunks
 from delt.synthesis import (
-    ChunkResult,
-    RecoverResult,
     delete_resume_state,
     finished_run,
     frozen_teacher,
     prepare_run,
-    run_chunks,
 )
 
 __all__ = [
-    "LOOP_FIELDS",
     "RDED",
-    "RDED_FIELDS",
-    "RDED_OPTIONS",
+    "RdedOptions",
     "check_rded_data",
-    "check_rded_options",
     "crop_candidates",
     "pad_to",
     "rded_class",
-    "recorded_fields",
     "recover_rded",
     "sample_crop_boxes",
     "score_crops",
@@ -62,66 +57,79 @@ __all__ = [
     "tile_crops",
 ]
 
-RDED = "rded"
-
-# The flags of `delt recover` (and `delt distill`) that only --method rded reads.
-RDED_OPTIONS: dict[str, Any] = {
-    "candidates": option(
-        300, help="rded: real training images drawn per class, one kept crop each (RDED's mipc)"
-    ),
-    "num_crop": option(
-        5, help="rded: RandomResizedCrops per candidate image, scored by the teacher"
-    ),
-    "factor": option(
-        2, help="rded: tiles per side of each image (factor^2 crops of resolution/factor pixels)"
-    ),
-}
-# Left out of other methods' run identity and manifest, so that earlier runs still resume.
-RDED_FIELDS = tuple(RDED_OPTIONS)
-# The fields of delt.recover.RecoverConfig that only the pixel optimization reads.
-LOOP_FIELDS = (
-    "selection", "iterations", "round_iterations", "lr", "beta1", "beta2", "r_bn",
-    "first_bn_multiplier", "jitter", "per_sample_aug", "compile",
-)  # fmt: skip
-
 # RDED's MultiRandomCrop: torchvision's RandomResizedCrop with its default area range and a fixed
 # aspect ratio of 1.
 CROP_SCALE = (0.08, 1.0)
 
 
-def check_rded_options(config: Any) -> None:
-    """Validates the rded fields of a config with ``method``, ``ipc`` and :data:`RDED_OPTIONS`
-    (refused for other methods), before any work.
+@dataclass(kw_only=True)
+class RdedOptions:
+    """The flags of ``delt recover`` (and ``delt distill``) that only ``--method rded`` reads."""
 
-    Raises:
-        ConfigError: naming the flag.
-    """
-    if config.method != RDED:
-        refuse_method_options(config, RDED_OPTIONS, RDED)
-        return
-    check_int_fields(config, RDED_FIELDS)
-    needed = config.ipc * config.factor**2
-    if config.candidates < needed:
-        raise ConfigError(
-            f"--candidates {config.candidates} must be >= --ipc x --factor^2 = {needed}: each "
-            "candidate image gives at most one crop"
-        )
+    candidates: int = option(
+        300, help="rded: real training images drawn per class, one kept crop each (RDED's mipc)",
+        group="rded",
+    )  # fmt: skip
+    num_crop: int = option(
+        5, help="rded: RandomResizedCrops per candidate image, scored by the teacher", group="rded"
+    )
+    factor: int = option(
+        2, help="rded: tiles per side of each image (factor^2 crops of resolution/factor pixels)",
+        group="rded",
+    )  # fmt: skip
 
 
-def check_rded_data(config: Any, dataset: ImageDataset) -> None:
+class Rded(Method):
+    """RDED: teacher-scored real crops, nothing optimized; its own flags are
+    :class:`RdedOptions`."""
+
+    name = "rded"
+    options = RdedOptions
+    optimizes = False
+    checks_data = True
+
+    def reads_training_set(self, config: object) -> bool:
+        return True
+
+    def check_options(self, options: RdedOptions, ipc: int) -> None:
+        check_int_fields(options, tuple(f.name for f in dataclasses.fields(options)))
+        needed = ipc * options.factor**2
+        if options.candidates < needed:
+            raise ConfigError(
+                f"--candidates {options.candidates} must be >= --ipc x --factor^2 = {needed}: "
+                "each candidate image gives at most one crop"
+            )
+
+    def check(self, config: SynthesisConfig) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)}
+        for name in LOOP_FIELDS:
+            if getattr(config, name) != defaults[name]:
+                raise ConfigError(
+                    f"{flag(name)} applies to the methods that optimize pixels; rded picks real "
+                    "crops and optimizes nothing"
+                )
+
+    def check_data(self, config: object, dataset: ImageDataset) -> None:
+        check_rded_data(self.options_of(config), dataset)
+
+    def recover(self, config: SynthesisConfig) -> RecoverResult:
+        return recover_rded(config)
+
+
+def check_rded_data(options: RdedOptions, dataset: ImageDataset) -> None:
     """Refuses a ``--factor`` that does not divide the resolution and a class with fewer than
     ``--candidates`` training images (before any work)."""
     resolution = dataset.info.resolution
-    if resolution % config.factor:
+    if resolution % options.factor:
         raise ConfigError(
-            f"--factor {config.factor} must divide the image resolution {resolution} of "
+            f"--factor {options.factor} must divide the image resolution {resolution} of "
             f"{dataset.info.name} (each tile is resolution / factor pixels)"
         )
     counts = torch.bincount(dataset.targets, minlength=dataset.info.num_classes)
     for class_index, count in enumerate(counts.tolist()):
-        if count < config.candidates:
+        if count < options.candidates:
             raise ConfigError(
-                f"--candidates {config.candidates}: class {class_index} "
+                f"--candidates {options.candidates}: class {class_index} "
                 f"({dataset.info.class_names[class_index]!r}) has only {count} training images"
             )
 
@@ -293,16 +301,17 @@ def rded_class(
 # A run
 
 
-def recover_rded(config: Any) -> RecoverResult:
+def recover_rded(config: SynthesisConfig) -> RecoverResult:
     """Runs (or resumes) ``delt recover --method rded`` for a ``RecoverConfig``."""
     run = prepare_run(config)
     config, info = run.config, run.info
     dataset = load_like(info, "train", config.data_root)
     check_compatible(run.teacher.meta, dataset.info, fingerprint=dataset.fingerprint())
-    check_rded_data(config, dataset)
+    options = RDED.options_of(config)
+    check_rded_data(options, dataset)
     run.check_identity(False)
-    chunk_dir = run.out / "chunks"
-    finished = finished_run(run, [chunk_dir])
+    store = run.chunk_store(run.out / "chunks", config.ipc)
+    finished = finished_run(run, [store.folder])
     if finished is not None:
         return finished
     teacher = frozen_teacher(run.teacher.model, run.device, config.channels_last).eval()
@@ -310,25 +319,25 @@ def recover_rded(config: Any) -> RecoverResult:
     logger.info(
         "recover: rded, %d classes x %d images from %d candidates x %d crops, factor %d, "
         "device %s -> %s",
-        info.num_classes, config.ipc, config.candidates, config.num_crop, config.factor,
+        info.num_classes, config.ipc, options.candidates, options.num_crop, options.factor,
         run.device, run.out,
     )  # fmt: skip
 
     def make_class(chunk: Chunk, generator: torch.Generator) -> tuple[ChunkResult, list[int]]:
         start = time.perf_counter()
         images, sources, loss = rded_class(
-            teacher, dataset, chunk.classes[0], config.ipc, config.candidates, config.num_crop,
-            config.factor, generator, config.batch_size, run.device, config.amp,
+            teacher, dataset, chunk.classes[0], config.ipc, options.candidates, options.num_crop,
+            options.factor, generator, config.batch_size, run.device, config.amp,
             config.channels_last,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         return ChunkResult(images, loss, seconds, {"sources": sources}), [0] * len(chunk)
 
-    images, iterations_per_image, seconds = run_chunks(
-        chunks, config.ipc, info, chunk_dir, lambda chunk: derive_seed(config.seed, chunk.index),
-        make_class, config.progress, "rded classes", run.identity,
+    images, iterations_per_image, seconds = store.make_all(
+        chunks, lambda chunk: derive_seed(config.seed, chunk.index), make_class, config.progress,
+        "rded classes",
     )  # fmt: skip
-    sources = [torch_load(chunk_dir / f"{chunk.index:05d}.pt")["sources"] for chunk in chunks]
+    sources = [torch_load(store.path(chunk))["sources"] for chunk in chunks]
     labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
     manifest = run.write_outputs(
         run.out, None, images, labels, config.ipc, iterations_per_image, seconds,
@@ -336,7 +345,7 @@ def recover_rded(config: Any) -> RecoverResult:
     )  # fmt: skip
     # One copy of the images: distilled.pt (written and fsynced above; the crop sources are in
     # the manifest) replaces the chunks.
-    delete_resume_state(run.out, [chunk_dir], config.keep_chunks)
+    delete_resume_state(run.out, [store.folder], config.keep_chunks)
     logger.info(
         "recover: %d images, %d image-iterations, %.1f s of crop scoring -> %s",
         images.shape[0], manifest.image_iterations, seconds, run.out,
@@ -344,8 +353,4 @@ def recover_rded(config: Any) -> RecoverResult:
     return RecoverResult(run.out, images, labels, iterations_per_image, seconds)
 
 
-def recorded_fields(config: Any) -> dict[str, Any]:
-    """The fields of a ``RecoverConfig`` a manifest records: rded's without the loop's (it does
-    not read them), the others' without rded's."""
-    dropped = {"progress", *(LOOP_FIELDS if config.method == RDED else RDED_FIELDS)}
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in dropped}
+RDED = register(Rded())
