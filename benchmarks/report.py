@@ -6,7 +6,8 @@ Per group: median time per implementation, its ratio to the fused op (how many t
 is than the fused op; the per-sample variant where there are two) and the achieved bandwidth (the
 `bytes` extra_info over the median time), beside a clone of the same tensor. The synthesis
 groups (bench_synthesis.py) get their own table: ms per iteration, images·iterations per second,
-the speed-up over the `reference` loop and the loop efficiency `floor / row`.
+the speed-up over the `reference` loop and the loop efficiency `floor / row`; so do the
+evaluation groups (bench_eval.py): ms per step (epoch) or per pass (test), images per second.
 """
 
 import json
@@ -42,6 +43,8 @@ def main(path: str) -> None:
     for group in groups:
         if group.startswith("synthesis "):
             synthesis_table(group, groups[group])
+        elif group.startswith("eval "):
+            eval_table(group, groups[group])
         elif not group.startswith("clone "):
             families[re.sub(r" (cpu|cuda) \(.*", "", group)].append(group)
     for family, names in families.items():
@@ -82,6 +85,22 @@ def synthesis_table(group: str, benches: list[dict]) -> None:
             f"| {name} | {median * 1e3 / info['iterations']:.1f} | "
             f"{info['image_iterations'] / median:.0f} | {speedup} | {efficiency} |"
         )
+
+
+def eval_table(group: str, benches: list[dict]) -> None:
+    medians = {implementation(b): b["stats"]["median"] for b in benches}
+    epoch = group.startswith("eval epoch ")
+    print(f"\n### {group}\n")
+    print(f"| row | ms / {'step' if epoch else 'pass'} | images / s | vs reference | floor / row |")
+    print("|---|---:|---:|---:|---:|")
+    for bench in benches:
+        name, median = implementation(bench), bench["stats"]["median"]
+        info = bench["extra_info"]
+        per = median * 1e3 / (info["steps"] if epoch else 1)
+        images = info["train_images"] if epoch else info["test_images"]
+        speedup = f"{medians['reference'] / median:.2f}x" if "reference" in medians else ""
+        efficiency = f"{medians['floor'] / median:.2f}" if "floor" in medians else ""
+        print(f"| {name} | {per:.1f} | {images / median:.0f} | {speedup} | {efficiency} |")
 
 
 if __name__ == "__main__":

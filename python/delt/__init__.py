@@ -34,8 +34,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
     report, comparison,     reports and charts; runs pooled by method, gains over
-      distill, bench        random-real paired by seed, other evaluations pooled by
-                            protocol; `delt distill`; `delt bench synthesis`
+      distill, bench,       random-real paired by seed, other evaluations pooled by
+      bench_eval            protocol; `delt distill`; `delt bench synthesis`, `delt bench eval`
     demo, cli               `delt demo`; the command table
 """
 
@@ -61,6 +61,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     ("methods", "recover"),
     ("evaluate", "stagewise", "diversity"),
-    ("report", "comparison", "distill", "bench"),
+    ("report", "comparison", "distill", "bench", "bench_eval"),
     ("demo", "cli"),
 )

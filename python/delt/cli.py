@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from delt.bench import SynthesisBenchConfig, run_synthesis_bench
+from delt.bench_eval import EvalBenchConfig, run_eval_bench
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.demo import DemoConfig, run_demo
@@ -178,7 +179,12 @@ COMMANDS: dict[str, Command] = {
                 "one recovery chunk: the papers' eager loop, the teacher alone, delt's loop",
                 SynthesisBenchConfig,
                 run_synthesis_bench,
-            )
+            ),
+            "eval": Command(
+                "one student epoch and one test pass: main's loop, the models alone, delt's",
+                EvalBenchConfig,
+                run_eval_bench,
+            ),
         },
     ),
     "demo": Command(
@@ -229,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch CPU threads of the command (default: %(default)s, whatever the machine's "
         "load; results can differ in the last bits between thread counts; recorded in every "
-        "output's versions). `delt demo` and `delt bench synthesis` have their own --threads",
+        "output's versions). `delt demo` and `delt bench synthesis|eval` have their own --threads",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
