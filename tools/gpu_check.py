@@ -640,7 +640,19 @@ SYNTHESIS_ARGS = [
 # HOOK(delt bench eval): the flags of `delt bench eval` for this check, once the command exists
 # (its issue): the --dry check parses them with the command's own parser, so CI says when they
 # no longer fit.
-BENCH_EVAL_ARGS = ["bench", "eval", "--device", "cuda"]
+# A CIFAR-shaped student (ResNet-18-small, 32 px, 3 channels): one epoch and one test pass.
+BENCH_EVAL_ARGS = [
+    "bench",
+    "eval",
+    "--device",
+    "cuda",
+    "--arch",
+    "resnet18_small",
+    "--resolution",
+    "32",
+    "--channels",
+    "3",
+]
 # pytest-benchmark: shorter rounds than its 1 s default, to fit the budget.
 KERNEL_BENCH_ARGS = "-k cuda --benchmark-max-time=0.5"
 PYTEST_CUDA = ["tests", "-m", "cuda", "-p", "no:cacheprovider", "-q", "-rfEs"]
