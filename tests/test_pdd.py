@@ -1,4 +1,4 @@
-"""delt.pdd: stage sizes and bookkeeping, frozen earlier stages, the three conditioning options,
+"""delt.methods.pdd: stage sizes and bookkeeping, frozen earlier stages, the three conditioning options,
 resume between stages and chunks, bad configurations."""
 
 import json

@@ -1,4 +1,4 @@
-"""delt.rded: RDED's construction (tiling, crop scoring order, seeded crops), class-major outputs,
+"""delt.methods.rded: RDED's construction (tiling, crop scoring order, seeded crops), class-major outputs,
 resume after a kill, bad flags refused before any work."""
 
 import json
