@@ -31,7 +31,8 @@ of lower floors or ones listed before it on its own floor, never another module'
       methods.rded,
       methods.random_real
     methods, recover        all built-in methods; `delt recover` (looks the method up)
-    evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
+    eval_results,           results files (eval.json, kept evaluations, a seed's training
+      evaluate, stagewise,  state); `delt eval` (`--stagewise`), `delt diversity`
       diversity
     report, comparison,     reports and charts; runs pooled by method, gains over
       distill, bench,       random-real paired by seed, other evaluations pooled by
@@ -60,7 +61,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "methods.random_real",
     ),
     ("methods", "recover"),
-    ("evaluate", "stagewise", "diversity"),
+    ("eval_results", "evaluate", "stagewise", "diversity"),
     ("report", "comparison", "distill", "bench", "bench_eval"),
     ("demo", "cli"),
 )

@@ -7,7 +7,8 @@ Per seed, one student trains on U_1, then U_1 ∪ U_2, … U_P
 continue), and beside it the plain evaluation of U_P with the same seed. The results file
 (default ``DISTILLED/eval-stagewise.json``) has ``eval.json``'s keys for the stage-wise student,
 the plain one under ``plain`` and the plan under ``stagewise``; finished seeds are reused, and
-results of another identity are kept aside, as ``eval.json``'s (:class:`delt.evaluate.ResultsFile`).
+results of another identity are kept aside, as ``eval.json``'s
+(:class:`delt.eval_results.ResultsFile`).
 """
 
 from __future__ import annotations
@@ -21,16 +22,8 @@ from tqdm.auto import tqdm
 from delt.config import ConfigError
 from delt.distilled import load_stage_unions
 from delt.distributed import barrier, is_main
-from delt.evaluate import (
-    EvalConfig,
-    EvalContext,
-    EvalResult,
-    ResultsFile,
-    SeedResult,
-    eval_document,
-    kept_folder,
-    mean_std,
-)
+from delt.eval_results import EvalResult, ResultsFile, SeedResult, kept_folder, mean_std
+from delt.evaluate import EvalConfig, EvalContext, eval_document
 from delt.lock import results_lock
 from delt.runtime import logger
 from delt.stagewise_training import StagePlan, stagewise_plan, train_stagewise
@@ -86,8 +79,8 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
     path = config.results_path
     finished: dict[int, tuple[StagewiseSeedResult, SeedResult]] = {}
     saved_order: list[int] = []
-    # As eval.json (delt.evaluate.ResultsFile): another identity's results are kept aside.
-    results = ResultsFile.open(path, STAGEWISE_FORMAT, identity)
+    # As eval.json: another identity's results are kept aside.
+    results = ResultsFile.open(path, STAGEWISE_FORMAT, identity, context.identity_defaults())
     if results.document is not None:
         saved = results.document
         plain = {
