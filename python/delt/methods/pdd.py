@@ -10,6 +10,7 @@ seeded from ``(seed, stage, chunk)``: resumes are exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -138,7 +139,9 @@ class Progressive(Method):
         return base
 
     def recipe(self, config: SynthesisConfig) -> MethodRecipe | None:
-        return self.base(config).recipe(config)
+        """The base method's components, with progressive stages as the schedule."""
+        base = self.base(config).recipe(config)
+        return None if base is None else dataclasses.replace(base, stages=True)
 
     def label(self, config: object) -> str:
         return f"pdd --base {self.base(config).name}"
