@@ -2,8 +2,8 @@
 
 One ConvNet-3 teacher (trained once, ``OUT/teacher``, or an existing checkpoint, ``--teacher``)
 synthesizes for every method and labels every student; the students are ConvNet-3s of the same
-width, trained by ``delt eval``'s protocol (reference/delt.md §5). Every (method, IPC, seed) is
-one ``delt distill`` run in ``OUT/<method>/ipc<IPC>/seed<seed>``: synthesis seed and evaluation
+width, trained by ``delt eval``'s protocol (DELT's, Shen et al. 2025). Every (method, IPC, seed)
+is one ``delt distill`` run in ``OUT/<method>/ipc<IPC>/seed<seed>``: synthesis seed and evaluation
 seed are the same number, so the spread over seeds covers both. ``--synthesis once`` instead
 synthesizes once per (method, IPC) with seed 0 and evaluates that set with every seed
 (``OUT/<method>/ipc<IPC>/once``). Every run's configuration is checked before any work.

@@ -103,7 +103,7 @@ class DistillConfig(*reversed(option_types())):  # type: ignore[misc]
     eval_epochs: int = option(300, help="student training epochs")
     seeds: tuple[int, ...] = option((0,), help="evaluation seeds, one student each")
     eval_every: int = option(10, help="test the student every k epochs (and after the last)")
-    eval_batch_size: int | None = option(None, help="student batch size (default: delt.md §5)")
+    eval_batch_size: int | None = option(None, help="student batch size (default: delt eval's)")
     diversity_model: str = option("teacher", help="feature model: 'teacher' or a checkpoint")
     amp: Literal["none", "bf16"] = option(
         "none", help="autocast of teacher training, selection and eval (recovery: always fp32)"
