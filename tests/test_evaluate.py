@@ -142,7 +142,7 @@ GRAY28 = "synthetic:classes=3,channels=1,size=28,train=6,test=3"
 @pytest.fixture(scope="module")
 def gray_set(tmp_path_factory):
     """A 1-channel 28 px set (Fashion-MNIST's shape) drawn at random, with a ConvNet-3 teacher."""
-    from delt.distill import DistillConfig, distill
+    from delt.pipeline import DistillConfig, distill
 
     out = tmp_path_factory.mktemp("gray")
     distill(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from delt.config import ConfigError
 from delt.data import load_like
-from delt.distilled import load_distilled
+from delt.distilled_set import load_distilled
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
 from delt.io import IntegrityError

@@ -15,8 +15,8 @@ from delt.chunks import ChunkResult
 from delt.cli import main
 from delt.config import ConfigError
 from delt.data import DatasetInfo, load_like
-from delt.distill import DistillConfig, distill
 from delt.method import Method, RecoverResult, SynthesisConfig, method_named, methods, register
+from delt.pipeline import DistillConfig, distill
 from delt.recover import RecoverConfig, recover
 from delt.runtime import derive_seed
 from delt.schedules import class_contiguous_chunks

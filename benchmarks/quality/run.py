@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # delt is imported when needed: --help answers without torch
     from delt.comparison import RunRecord
-    from delt.distill import DistillConfig
+    from delt.pipeline import DistillConfig
 
 METHODS = ("random-real", "rded", "sre2l", "cda", "delt")
 # PDD's variants (benchmarks/pdd/run.py's names): `delt distill --method pdd` flags of each;
@@ -341,7 +341,7 @@ def plan_jobs(config: QualityConfig) -> list[Job]:
     """Every run's ``delt distill`` config, checked before any work: a bad one (pdd's 5 stages
     at IPC 1) ends the program naming the method and IPC."""
     from delt.config import ConfigError
-    from delt.distill import DistillConfig
+    from delt.pipeline import DistillConfig
 
     jobs = []
     for ipc in config.ipcs:
@@ -410,7 +410,7 @@ def prepare_teacher(config: QualityConfig, jobs: list[Job]) -> None:
 def run_job(config: QualityConfig, job: Job) -> None:
     """``delt distill`` of one job (finished steps are reused), its line in
     ``OUT/progress.jsonl``, then its ``--students`` evaluations."""
-    from delt.distill import distill
+    from delt.pipeline import distill
 
     run_started = time.time()
     result = distill(job.distill, print_summary=False)

@@ -14,12 +14,12 @@ of lower floors or ones listed before it on its own floor, never another module'
     batches                 a dataset's batches, a model's top-1 accuracy on it
     models                  model registry, checkpoints, TeacherMismatchError
     schedules               pure schedules: EarlyLate, chunks, LR, crop curriculum, stages
-    distilled               the distilled-set format: Manifest, save/load/check, stage unions
+    distilled_set           the distilled-set format: Manifest, save/load/check, stage unions
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
       stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
-    teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
-      released
+    teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import` (a
+      import_released       released set)
     method, chunks,         the method registry, the options every method shares and the
       synthesis             components; the chunk store (resume); the chunk optimizer, run
                             setup, the output writer
@@ -35,8 +35,9 @@ of lower floors or ones listed before it on its own floor, never another module'
       evaluate, stagewise,  state); `delt eval` (`--stagewise`), `delt diversity`
       diversity
     report, comparison,     reports and charts; runs pooled by method, gains over
-      distill, bench,       random-real paired by seed, other evaluations pooled by
-      bench_eval            protocol; `delt distill`; `delt bench synthesis`, `delt bench eval`
+      pipeline, bench,      random-real paired by seed, other evaluations pooled by
+      bench_eval            protocol; `delt distill` (the whole pipeline); `delt bench
+                            synthesis`, `delt bench eval`
     demo, cli               `delt demo`; the command table
 """
 
@@ -47,9 +48,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("batches",),
     ("models",),
     ("schedules",),
-    ("distilled",),
+    ("distilled_set",),
     ("student_augment", "student_trainer", "stagewise_training"),
-    ("teacher", "select", "released"),
+    ("teacher", "select", "import_released"),
     ("method", "chunks", "synthesis"),
     (
         "methods.pixels",
@@ -62,6 +63,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     ("methods", "recover"),
     ("eval_results", "evaluate", "stagewise", "diversity"),
-    ("report", "comparison", "distill", "bench", "bench_eval"),
+    ("report", "comparison", "pipeline", "bench", "bench_eval"),
     ("demo", "cli"),
 )

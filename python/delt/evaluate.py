@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, flag, option
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
+from delt.distilled_set import Manifest, check_distilled_set, load_distilled, load_stored
 from delt.distributed import barrier, is_main
 from delt.eval_results import (
     EvalResult,

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from delt.config import ConfigError
-from delt.distilled import load_stage_unions
+from delt.distilled_set import load_stage_unions
 from delt.distributed import barrier, is_main
 from delt.eval_results import EvalResult, ResultsFile, SeedResult, kept_folder, mean_std
 from delt.evaluate import EvalConfig, EvalContext, eval_document

@@ -31,7 +31,7 @@ import delt_ext
 from delt.chunks import ChunkResult, ChunkStore
 from delt.config import ConfigError
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.distilled import Manifest, load_distilled, save_distilled, save_images
+from delt.distilled_set import Manifest, load_distilled, save_distilled, save_images
 from delt.distributed import barrier, is_main
 from delt.identity import check_or_reuse, identity_defaults, identity_differences, run_identity
 from delt.io import check_output, sha256_file, torch_load

@@ -16,7 +16,7 @@ from typing import Literal
 
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import load_dataset, load_like
-from delt.distilled import Manifest, load_distilled
+from delt.distilled_set import Manifest, load_distilled
 from delt.distributed import barrier, is_main, main_first
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, EvalResult, evaluate
