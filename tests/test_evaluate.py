@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 from delt.config import ConfigError
-from delt.evaluate import EvalConfig, _student_kwargs, draw_random_real, evaluate, mean_std
+from delt.eval_results import mean_std
+from delt.evaluate import EvalConfig, _student_kwargs, draw_random_real, evaluate
 from delt.io import sha256_file, torch_save
 from delt.models import TeacherMismatchError, load_checkpoint
 from delt.student_trainer import StudentTrainer

@@ -35,6 +35,7 @@ __all__ = [
     "load_seed_state",
     "mean_std",
     "save_seed_state",
+    "summary",
 ]
 
 # The identity's data fingerprints; results files written before it existed lack it.
@@ -75,6 +76,20 @@ class SeedResult:
             final_accuracy=checks[-1].accuracy, curve=[asdict(c) for c in checks],
             train_loss=losses, seconds=seconds, indices=indices,
         )  # fmt: skip
+
+
+def summary(seeds: Sequence[SeedResult]) -> dict:
+    """A results file's summary over ``seeds``: best and final top-1 mean ± std (None without
+    seeds; ``accuracy_*`` repeat the best) and the students' training seconds."""
+    best = mean_std([s.best_accuracy for s in seeds]) if seeds else (None, None)
+    final = mean_std([s.final_accuracy for s in seeds]) if seeds else (None, None)
+    return {
+        "best": {"mean": best[0], "std": best[1]},
+        "final": {"mean": final[0], "std": final[1]},
+        "accuracy_mean": best[0],
+        "accuracy_std": best[1],
+        "wall_seconds": float(sum(s.seconds for s in seeds)),
+    }
 
 
 @dataclass

@@ -33,8 +33,8 @@ from delt.eval_results import (
     SeedResult,
     kept_folder,
     load_seed_state,
-    mean_std,
     save_seed_state,
+    summary,
 )
 from delt.identity import identity_defaults, run_identity
 from delt.io import check_output, sha256_file
@@ -493,8 +493,6 @@ def eval_document(
     finished ones of the same identity that were not requested (kept for a later run)."""
     config = context.config
     manifest = context.manifest
-    best = mean_std([s.best_accuracy for s in seeds]) if seeds else (None, None)
-    final = mean_std([s.final_accuracy for s in seeds]) if seeds else (None, None)
     return {
         "format": EVAL_FORMAT,
         "complete": complete,
@@ -532,11 +530,7 @@ def eval_document(
         },
         "seeds": [asdict(s) for s in seeds],
         "other_seeds": [asdict(s) for s in other_seeds],
-        "best": {"mean": best[0], "std": best[1]},
-        "final": {"mean": final[0], "std": final[1]},
-        "accuracy_mean": best[0],
-        "accuracy_std": best[1],
-        "wall_seconds": float(sum(s.seconds for s in seeds)),
+        **summary(seeds),
         "versions": versions(),
     }
 
@@ -634,17 +628,11 @@ def _evaluate(config: EvalConfig) -> EvalResult:
 def _legacy_summary(saved: dict, seeds: list[SeedResult]) -> dict:
     """A results file's content summarized over ``seeds`` (requested, all in it), as
     :func:`eval_document` would write it, without writing it."""
-    best = mean_std([s.best_accuracy for s in seeds])
-    final = mean_std([s.final_accuracy for s in seeds])
     chosen = {s.seed for s in seeds}
     every = saved["seeds"] + saved.get("other_seeds", [])
     return {
         **saved,
         "seeds": [asdict(s) for s in seeds],
         "other_seeds": [e for e in every if int(e["seed"]) not in chosen],
-        "best": {"mean": best[0], "std": best[1]},
-        "final": {"mean": final[0], "std": final[1]},
-        "accuracy_mean": best[0],
-        "accuracy_std": best[1],
-        "wall_seconds": float(sum(s.seconds for s in seeds)),
+        **summary(seeds),
     }

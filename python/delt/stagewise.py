@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from delt.config import ConfigError
 from delt.distilled_set import load_stage_unions
 from delt.distributed import barrier, is_main
-from delt.eval_results import EvalResult, ResultsFile, SeedResult, kept_folder, mean_std
+from delt.eval_results import EvalResult, ResultsFile, SeedResult, kept_folder, summary
 from delt.evaluate import EvalConfig, EvalContext, eval_document
 from delt.lock import results_lock
 from delt.runtime import logger
@@ -175,8 +175,7 @@ def _stagewise_document(
         context, identity, stagewise, len(results) == len(config.seeds),
         [entry for entry, _ in others],
     )  # fmt: skip
-    plain_best = mean_std([s.best_accuracy for s in plain])
-    plain_final = mean_std([s.final_accuracy for s in plain])
+    plain_summary = summary(plain)
     document.update(
         format=STAGEWISE_FORMAT,
         stagewise={
@@ -188,8 +187,8 @@ def _stagewise_document(
         plain={
             "seeds": [asdict(s) for s in plain],
             "other_seeds": [asdict(entry) for _, entry in others],
-            "best": {"mean": plain_best[0], "std": plain_best[1]},
-            "final": {"mean": plain_final[0], "std": plain_final[1]},
+            "best": plain_summary["best"],
+            "final": plain_summary["final"],
             "optimizer_steps": config.epochs
             * -(-len(context.images) // context.settings.batch_size),
         },
