@@ -192,9 +192,18 @@ class ResultsFile:
                 break
         return results
 
-    def set_aside_legacy(self) -> None:
-        """A legacy document that cannot answer this run: kept aside (as another identity)."""
+    def keep_legacy(self, answers: bool) -> bool:
+        """A legacy document that ``answers`` the run is reused as it is, with a WARNING that its
+        test split was not recorded (True); one that does not is kept aside as another
+        identity's, and everything is evaluated afresh (False)."""
+        if answers:
+            logger.warning(
+                "eval: %s predates test-split fingerprints: its test split was not recorded; "
+                "it is reused as it is (not rewritten)", self.path,
+            )  # fmt: skip
+            return True
         self._other, self.document, self.legacy, self._source = self.document, None, False, None
+        return False
 
     @property
     def needs_write(self) -> bool:

@@ -573,15 +573,9 @@ def _evaluate(config: EvalConfig) -> EvalResult:
             finished[int(entry["seed"])] = SeedResult(**entry)
         saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
     reused = all(seed in finished for seed in config.seeds)
-    if results.legacy:
-        if reused:
-            logger.warning(
-                "eval: %s predates test-split fingerprints: its test split was not recorded; "
-                "it is reused as it is (not rewritten)", path,
-            )  # fmt: skip
-        else:  # new seeds would be tested on a split it cannot vouch for: all afresh
-            results.set_aside_legacy()
-            finished, saved_order = {}, []
+    # New seeds would be tested on a split a legacy file cannot vouch for: all afresh.
+    if results.legacy and not results.keep_legacy(reused):
+        finished, saved_order = {}, []
     rewrite = not results.legacy and (saved_order != list(config.seeds) or results.needs_write)
     if not reused or rewrite:
         config.check_results_path()  # before training: a result that cannot be saved is lost

@@ -92,15 +92,9 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
             finished[seed] = (StagewiseSeedResult(**entry), plain[seed])
         saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
     reused = all(seed in finished for seed in config.seeds)
-    if results.legacy:
-        if reused and saved_order == list(config.seeds):
-            logger.warning(
-                "eval: %s predates test-split fingerprints: its test split was not recorded; "
-                "it is reused as it is (not rewritten)", path,
-            )  # fmt: skip
-        else:  # a new summary or new seeds would vouch for a split it did not record
-            results.set_aside_legacy()
-            finished, saved_order, reused = {}, [], False
+    # A new summary or new seeds would vouch for a split a legacy file did not record.
+    if results.legacy and not results.keep_legacy(reused and saved_order == list(config.seeds)):
+        finished, saved_order, reused = {}, [], False
     rewrite = saved_order != list(config.seeds) or results.needs_write
     if not reused or rewrite:
         config.check_results_path()  # before training: a result that cannot be saved is lost

@@ -67,7 +67,6 @@ __all__ = [
     "chunk_optimizer",
     "delete_resume_state",
     "finished_run",
-    "finished_run",
     "finished_without_chunks",
     "frozen_teacher",
     "load_selection",
