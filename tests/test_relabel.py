@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import count_calls
 from delt.config import ConfigError
 from delt.evaluate import EvalConfig, evaluate
 from delt.io import IntegrityError
@@ -17,8 +18,6 @@ from delt.soft_labels import (
     open_store,
     reconstruct_logits,
 )
-
-from conftest import count_calls
 
 EPOCHS = 3
 
@@ -225,9 +224,7 @@ def test_a_store_that_does_not_fit_on_the_disk_is_refused(tiny_set, tmp_path, mo
     from delt.runtime import ResourceError
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(
-        shutil, "disk_usage", lambda path: usage._replace(free=1000)
-    )
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
     with pytest.raises(ResourceError, match="the store needs .* free"):
         _relabel(tiny_set, tmp_path / "big.labels")
     assert not (tmp_path / "big.labels.partial").exists()

@@ -139,7 +139,9 @@ def _progress(out: Path) -> Path:
 
 def _plan_key(header: dict) -> str:
     """What a partial store must have been made for to be resumed: the header sans digests."""
-    body = {k: v for k, v in header.items() if k not in ("epoch_sha256", "versions", "header_sha256")}
+    body = {
+        k: v for k, v in header.items() if k not in ("epoch_sha256", "versions", "header_sha256")
+    }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -161,9 +163,7 @@ def _label_epoch(context: EvalContext, draws, config: RelabelConfig, layout: Sto
         torch.Generator().manual_seed(config.seed), config.shuffle_patches,
     )  # fmt: skip
     images = context.images
-    batches = AugmentedBatches(
-        images, draws.order, settings.batch_size, augment, draws.epoch_seed
-    )
+    batches = AugmentedBatches(images, draws.order, settings.batch_size, augment, draws.epoch_seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     teacher = context.teacher.model
     outputs = []

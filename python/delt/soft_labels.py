@@ -289,7 +289,9 @@ class LabelStore:
         self._check_epoch(epoch)
         start = position * self.batch_size
         end = min(start + self.batch_size, self.layout.rows)
-        picked = slice(start + (rows.start or 0), start + (end - start if rows.stop is None else rows.stop))
+        picked = slice(
+            start + (rows.start or 0), start + (end - start if rows.stop is None else rows.stop)
+        )
         values = self._tensor(epoch, "values", picked)
         if self.layout.top_k is None:
             return values.float()
@@ -337,8 +339,7 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> LabelStore:
     size = path.stat().st_size
     if size != expected:
         raise IntegrityError(
-            f"--labels {path}: the store is truncated or padded ({size} bytes, expected "
-            f"{expected})"
+            f"--labels {path}: the store is truncated or padded ({size} bytes, expected {expected})"
         )
     digests = header.get("epoch_sha256", [])
     if len(digests) != layout["epochs"] or not all(digests):
