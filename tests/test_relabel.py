@@ -228,3 +228,39 @@ def test_a_store_that_does_not_fit_on_the_disk_is_refused(tiny_set, tmp_path, mo
     with pytest.raises(ResourceError, match="the store needs .* free"):
         _relabel(tiny_set, tmp_path / "big.labels")
     assert not (tmp_path / "big.labels.partial").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun: the same store at world size 2, and eval --labels replaying it on two ranks
+
+
+@pytest.mark.slow
+def test_relabel_on_two_ranks_writes_the_one_process_bytes_and_eval_replays_them(
+    tiny_set, full_store, tmp_path
+):
+    from test_distributed import _ok, _torchrun
+
+    out = tmp_path / "two" / "labels.labels"
+    out.parent.mkdir()
+    result = _ok(_torchrun([
+        "relabel", "--distilled", str(tiny_set), "--epochs", str(EPOCHS), "--seed", "0",
+        "--out", str(out), "--device", "cpu", "--no-progress",
+    ]))  # fmt: skip
+    assert "the store takes" in result.stderr
+    assert out.read_bytes() == full_store.read_bytes()
+
+    # Two ranks train on the store: each takes its rows of every stored batch (global batch 8,
+    # 4 per rank, BatchNorm over the global batch): the one-process numbers up to the order of
+    # the sums, whatever --workers.
+    one = _eval(tiny_set, tmp_path / "one.json", labels=str(out))
+    losses = []
+    for workers in ("0", "1"):
+        path = tmp_path / f"two-{workers}.json"
+        _ok(_torchrun([
+            "eval", "--distilled", str(tiny_set), "--epochs", str(EPOCHS), "--seeds", "0",
+            "--labels", str(out), "--workers", workers, "--device", "cpu", "--out", str(path),
+            "--no-progress",
+        ]))  # fmt: skip
+        losses.append(json.loads(path.read_text())["seeds"][0]["train_loss"])
+    assert losses[0] == losses[1]
+    assert losses[0][0] == pytest.approx(one.seeds[0].train_loss[0], rel=1e-4)
