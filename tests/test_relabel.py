@@ -211,6 +211,23 @@ def test_top_k_fp16_store_trains_and_is_tied_to_its_temperature(tiny_set, tmp_pa
     assert full_size > 0
 
 
+def test_bn_mode_train_labels_with_batch_statistics(tiny_set, full_store, tmp_path):
+    out = tmp_path / "train-bn.labels"
+    _relabel(tiny_set, out, bn_mode="train", epochs=1)
+    store, reference = open_store(out), open_store(full_store)
+    assert store.header["teacher"]["bn_mode"] == "train"
+    assert store.protocol == reference.protocol  # the same batches
+    assert torch.equal(store.order(0), reference.order(0))
+    # Batch statistics instead of running ones: other logits on the very same batch.
+    assert not torch.allclose(store.logits(0, 0, slice(None)), reference.logits(0, 0, slice(None)))
+
+
+def test_a_shorter_evaluation_reads_the_first_epochs_of_a_store(tiny_set, full_store, tmp_path):
+    short = _eval(tiny_set, tmp_path / "short.json", labels=str(full_store), epochs=2)
+    online = _eval(tiny_set, tmp_path / "online.json", epochs=2, workers=1)
+    assert _numbers(short) == _numbers(online)
+
+
 def test_bad_relabel_flags_are_refused(tiny_set, tmp_path):
     with pytest.raises(ConfigError, match="--teachers"):
         RelabelConfig(distilled=str(tiny_set), teachers=("a.pt", "b.pt"))
