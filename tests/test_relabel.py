@@ -173,6 +173,15 @@ def test_a_killed_relabel_resumes_to_the_same_bytes(tiny_set, full_store, tmp_pa
     assert not (tmp_path / "killed.labels.progress.json").exists()
 
 
+def test_the_cli_makes_the_folder_of_out_and_reports_the_store(tiny_set, full_store, tmp_path):
+    from delt.cli import main
+
+    out = tmp_path / "new" / "folder" / "s.labels"
+    args = ["relabel", "--distilled", str(tiny_set), "--epochs", str(EPOCHS), "--out", str(out)]
+    assert main([*args, "--no-progress", "--device", "cpu"]) == 0
+    assert out.read_bytes() == full_store.read_bytes()
+
+
 def test_another_store_at_out_is_not_overwritten(tiny_set, full_store):
     with pytest.raises(ConfigError, match="holds another store.*seed: store 0, this run 1"):
         _relabel(tiny_set, full_store, seed=1)

@@ -241,6 +241,7 @@ def _relabel(config: RelabelConfig, out: Path) -> RelabelResult:
     check_disk(out, size, have)
     capacity = header_capacity(header)
     if is_main() and not done:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as file:
             file.write(encode_header(header, capacity))
             file.truncate(size)
