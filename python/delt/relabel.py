@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from delt.config import ConfigError, check_int_fields, option
-from delt.distributed import all_gather, barrier, is_main, world
+from delt.distributed import all_gather, barrier, broadcast, is_main, world
 from delt.evaluate import EvalConfig, EvalContext
 from delt.io import read_json, write_json
 from delt.lock import results_lock
@@ -145,6 +145,17 @@ def _plan_key(header: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _done_epochs(partial: Path, progress_path: Path, plan: str) -> dict[int, str]:
+    """The epochs (and their blocks' SHA-256) a killed run of the same plan left in ``partial``."""
+    if not partial.is_file():
+        return {}
+    progress = read_json(progress_path) if progress_path.is_file() else {}
+    if progress.get("format") != PROGRESS_FORMAT or progress.get("plan") != plan:
+        logger.info("relabel: %s comes from another run; it starts afresh", partial)
+        return {}
+    return {int(k): v for k, v in progress["epochs"].items()}
+
+
 def _teacher_mode(model: nn.Module, bn_mode: str) -> nn.Module:
     model.eval()
     if bn_mode == "train":
@@ -223,15 +234,10 @@ def _relabel(config: RelabelConfig, out: Path) -> RelabelResult:
             "remove it or choose another --out"
         )
     partial, progress_path = _partial(out), _progress(out)
-    done: dict[int, str] = {}
-    if partial.is_file() and progress_path.is_file():
-        progress = read_json(progress_path)
-        if progress.get("format") == PROGRESS_FORMAT and progress.get("plan") == plan:
-            done = {int(k): v for k, v in progress["epochs"].items()}
-            logger.info("relabel: %s resumes with %d of %d epochs done", out, len(done),
-                        config.epochs)  # fmt: skip
-    elif partial.is_file():
-        logger.info("relabel: %s has no progress record; it starts afresh", partial)
+    # Rank 0 decides what is done (the others could see its fresh files half made).
+    done = broadcast(_done_epochs(partial, progress_path, plan) if is_main() else None)
+    if done:
+        logger.info("relabel: %s resumes with %d of %d epochs done", out, len(done), config.epochs)
     logger.info(
         "relabel: the store takes %s (%d epochs x %d rows x %s %s logits%s)", human_bytes(size),
         config.epochs, rows, "all" if config.top_k is None else f"top-{config.top_k} of",
