@@ -274,3 +274,24 @@ def test_refusals_before_any_training(
     assert "twice" in error
     error = _refused(["--sets", str(tmp_path), "--out", str(tmp_path / "o")], capsys, monkeypatch)
     assert f"--sets {tmp_path}: no distilled set" in error
+
+
+def test_a_sets_own_finished_evaluation_is_used_where_it_is(tiny_set, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "cda"
+    shutil.copytree(tiny_set, folder, ignore=shutil.ignore_patterns("eval*", "diversity*"))
+    own = evaluate(EvalConfig(distilled=str(folder), epochs=2, seeds=(0, 1), eval_every=1,
+                              progress=False, device="cpu"))  # fmt: skip
+    before = (folder / "eval.json").read_bytes()
+    calls = count_calls(monkeypatch, StudentTrainer, "train_epoch")
+    result = run_compare(_config((folder,), tmp_path / "out"))
+    assert calls == [] and (folder / "eval.json").read_bytes() == before
+    (evaluation,) = result.document["budgets"][0]["evaluations"]
+    assert evaluation["eval"] == str(folder / "eval.json")
+    assert evaluation["mean"] == own.accuracy_mean
+    # Other seeds (or flags) than the file's: evaluated under OUT, the set's file untouched.
+    result = run_compare(_config((folder,), tmp_path / "out", seeds=(1,)))
+    (evaluation,) = result.document["budgets"][0]["evaluations"]
+    assert Path(evaluation["eval"]).is_relative_to(tmp_path / "out") and len(calls) == 2
+    assert (folder / "eval.json").read_bytes() == before

@@ -52,7 +52,7 @@ from delt.diversity import (
     measure_diversity,
     penultimate_features,
 )
-from delt.evaluate import EvalConfig, EvalContext, EvalResult, evaluate
+from delt.evaluate import EVAL_FORMAT, EvalConfig, EvalContext, EvalResult, ResultsFile, evaluate
 from delt.io import atomic_open, read_json, sha256_file, write_if_changed, write_json
 from delt.lock import output_lock
 from delt.methods.random_real import draw_random_real
@@ -458,8 +458,16 @@ def _score(
     config, label: str, kind: str, folder: Path, epochs: int, results: Path, teacher: str,
     ipc: int | None = None,
 ) -> Scored:  # fmt: skip
-    """``delt eval`` of one set at one budget (its caching: finished seeds are not retrained)."""
+    """``delt eval`` of one set at one budget (its caching: finished seeds are not retrained).
+
+    A ``--sets`` folder's own ``eval.json`` (``delt eval``'s default, ``delt distill``'s) that
+    holds this very evaluation (the same identity: flags, teacher, set, data) of exactly these
+    seeds is used where it is; anything else is evaluated into ``results`` under ``OUT``."""
     eval_config = config.eval_config(folder, epochs, results, kind == "baseline", ipc, teacher)
+    if kind == "set":
+        own = _own_evaluation(eval_config, Path(folder) / "eval.json")
+        if own is not None:
+            eval_config = dataclasses.replace(eval_config, out=str(own))
     result = evaluate(eval_config)
     logger.info(
         "compare: %s, %d epochs: %.2f ± %.2f%%%s (%s)", label, epochs, result.accuracy_mean,
@@ -467,6 +475,19 @@ def _score(
     )  # fmt: skip
     accuracies = {seed.seed: seed.best_accuracy for seed in result.seeds}
     return Scored(label, kind, result.path, accuracies, result)
+
+
+def _own_evaluation(eval_config: EvalConfig, path: Path) -> Path | None:
+    """``path`` where it holds ``eval_config``'s evaluation of exactly its seeds, in their
+    order (then ``delt eval`` reuses it without writing), else None."""
+    if not path.is_file():
+        return None
+    probe = dataclasses.replace(eval_config, out=str(path))
+    results = ResultsFile.open(path, EVAL_FORMAT, EvalContext.from_config(probe).identity())
+    if results.document is None or results.needs_write or results.legacy:
+        return None
+    seeds = [int(seed["seed"]) for seed in results.document["seeds"]]
+    return path if seeds == list(eval_config.seeds) and results.document["complete"] else None
 
 
 def _diversities(config, entries: list[SetEntry], teacher: str, out: Path) -> dict[str, dict]:
