@@ -295,3 +295,35 @@ def test_a_sets_own_finished_evaluation_is_used_where_it_is(tiny_set, tmp_path, 
     (evaluation,) = result.document["budgets"][0]["evaluations"]
     assert Path(evaluation["eval"]).is_relative_to(tmp_path / "out") and len(calls) == 2
     assert (folder / "eval.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_ranks_give_one_comparison(tiny_set, tmp_path):
+    # Two Gloo ranks train every student together (delt eval's DDP); rank 0 writes the files.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", DELT_DIST_TIMEOUT="60", PYTHONSAFEPATH="1")
+    out = tmp_path / "two"
+    delt = ["-m", "delt", "compare", "--sets", str(tiny_set), "--out", str(out), "--random-real",
+            "--seeds", "0,1", "--epochs", "1", "--eval-every", "1", "--batch-size", "4",
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    result = subprocess.run([*launcher, *delt], env=env, capture_output=True, text=True,
+                            timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("compare: ") == 1  # rank 0 prints
+    document = json.loads((out / "compare.json").read_text())
+    (budget,) = document["budgets"]
+    (gain,) = budget["gains"]
+    evaluations = {e["label"]: e for e in budget["evaluations"]}
+    for seed in (0, 1):
+        accuracy = evaluations[tiny_set.name]["accuracies"][str(seed)]
+        baseline = evaluations["random-real"]["accuracies"][str(seed)]
+        assert gain["gains"][str(seed)] == pytest.approx(accuracy - baseline)
+    # Rerun as one process: every seed is reused, nothing trains.
+    again = subprocess.run([sys.executable, *delt], env=env, capture_output=True, text=True,
+                           timeout=240)  # fmt: skip
+    assert again.returncode == 0 and "(cached)" in again.stderr
