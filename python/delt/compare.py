@@ -92,8 +92,9 @@ def _forwarded_fields() -> list[tuple[str, object, dataclasses.Field]]:
 
 
 @dataclass
-class _CompareOptions:
-    """The flags of ``delt compare`` itself (:class:`CompareConfig` adds ``delt eval``'s)."""
+class _CompareFlags:
+    """The flags of ``delt compare`` itself (:class:`CompareConfig` adds ``delt eval``'s) and
+    the checks and derivations of the whole config."""
 
     sets: tuple[str, ...] = option(
         help="distilled-set folders (`delt recover` --out, `delt distill`'s RUN/distilled, "
@@ -125,50 +126,45 @@ class _CompareOptions:
         None, help="folder of the real dataset (default: the dataset's own)", identity=False
     )
 
+    def __post_init__(self) -> None:
+        self.sets = tuple(self.sets)
+        if not self.sets:
+            raise ConfigError("--sets needs at least one distilled-set folder")
+        self.epochs = tuple(self.epochs)
+        if not self.epochs:
+            raise ConfigError("--epochs needs at least one student budget")
+        for epochs in self.epochs:
+            check_int("--epochs", epochs)
+        if len(set(self.epochs)) != len(self.epochs):
+            raise ConfigError(f"--epochs lists a budget twice: {','.join(map(str, self.epochs))}")
+        resolved = [Path(path).resolve() for path in self.sets]
+        for k, path in enumerate(resolved):
+            if path in resolved[:k]:
+                raise ConfigError(f"--sets names {self.sets[k]} twice")
+        # delt eval's own checks of the forwarded flags (and of --seeds), before any work.
+        for epochs in self.epochs:
+            self.eval_config(self.sets[0], epochs, Path(self.out) / "probe.json")
+
+    def eval_config(
+        self, folder: str | Path, epochs: int, results: Path, random_real: bool = False,
+        ipc: int | None = None, teacher: str | None = None,
+    ) -> EvalConfig:  # fmt: skip
+        """The ``delt eval`` config of one evaluation: ``folder`` at ``epochs`` epochs, results to
+        ``results``, with every forwarded flag (:data:`EVAL_FLAGS`) as given to ``delt compare``."""
+        return EvalConfig(
+            distilled=str(folder), teacher=teacher or self.teacher, data_root=self.data_root,
+            epochs=epochs, seeds=self.seeds, random_real=random_real, ipc=ipc, out=str(results),
+            **{name: getattr(self, name) for name in EVAL_FLAGS},
+        )  # fmt: skip
+
 
 EVAL_FLAGS: tuple[str, ...] = tuple(name for name, _, _ in _forwarded_fields())
-
-
-def _post_init(self) -> None:
-    self.sets = tuple(self.sets)
-    if not self.sets:
-        raise ConfigError("--sets needs at least one distilled-set folder")
-    self.epochs = tuple(self.epochs)
-    if not self.epochs:
-        raise ConfigError("--epochs needs at least one student budget")
-    for epochs in self.epochs:
-        check_int("--epochs", epochs)
-    if len(set(self.epochs)) != len(self.epochs):
-        raise ConfigError(f"--epochs lists a budget twice: {','.join(map(str, self.epochs))}")
-    resolved = [Path(path).resolve() for path in self.sets]
-    for k, path in enumerate(resolved):
-        if path in resolved[:k]:
-            raise ConfigError(f"--sets names {self.sets[k]} twice")
-    # delt eval's own checks of the forwarded flags (and of --seeds), before any work.
-    for epochs in self.epochs:
-        self.eval_config(self.sets[0], epochs, Path(self.out) / "probe.json")
-
-
-def _eval_config(
-    self, folder: str | Path, epochs: int, results: Path, random_real: bool = False,
-    ipc: int | None = None, teacher: str | None = None,
-) -> EvalConfig:  # fmt: skip
-    """The ``delt eval`` config of one evaluation: ``folder`` at ``epochs`` epochs, results to
-    ``results``, with every forwarded flag (:data:`EVAL_FLAGS`) as given to ``delt compare``."""
-    return EvalConfig(
-        distilled=str(folder), teacher=teacher or self.teacher, data_root=self.data_root,
-        epochs=epochs, seeds=self.seeds, random_real=random_real, ipc=ipc, out=str(results),
-        **{name: getattr(self, name) for name in EVAL_FLAGS},
-    )  # fmt: skip
-
 
 CompareConfig = dataclasses.make_dataclass(
     "CompareConfig",
     _forwarded_fields(),
-    bases=(_CompareOptions,),
+    bases=(_CompareFlags,),
     namespace={
-        "__post_init__": _post_init,
-        "eval_config": _eval_config,
         "__doc__": "Configuration of ``delt compare`` (one field per flag): its own flags and "
         "every flag of ``delt eval``'s protocol (:data:`EVAL_FLAGS`).",
     },
