@@ -612,6 +612,7 @@ def compare_document(config, entries, budgets, diversity, teacher) -> dict:
         "seeds": list(config.seeds),
         "epochs": sorted(config.epochs),
         "random_real": config.random_real,
+        "random_real_diversity": diversity.get(BASELINE),
         "initial": config.initial,
         "eval_flags": {key: list(v) if isinstance(v, tuple) else v for key, v in protocol.items()},
         "paired_test": "exact two-sided sign-flip (randomization) test of the per-seed gains",
@@ -666,6 +667,9 @@ def compare_markdown(document: dict) -> str:
         for evaluation in budget["evaluations"]:
             lines.append(f"- {evaluation['label']}, {budget['epochs']} epochs: "
                          f"`{evaluation['eval']}`")  # fmt: skip
+    if document["random_real_diversity"] is not None:
+        lines.append(f"- {BASELINE}, diversity: the mean over each seed's draw "
+                     "(`compare.json`, random_real_diversity.per_seed)")  # fmt: skip
     for label, entry in sets.items():
         if entry["diversity"] is not None:
             lines.append(f"- {label}, diversity: `{entry['diversity']['file']}`; synthesis "
@@ -685,6 +689,10 @@ def plot_compare(document: dict, path: str | Path) -> None:
     budgets = document["budgets"]
     paired = any(budget["gains"] for budget in budgets)
     labels = [e["label"] for e in document["sets"]]
+    # Starting images (--initial) have a gain over random real images too: drawn after the sets.
+    labels += list(
+        dict.fromkeys(g["method"] for b in budgets for g in b["gains"] if g["method"] not in labels)
+    )
     seconds = {e["label"]: e["synthesis_seconds"] for e in document["sets"]}
     figure, (bars, cost) = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(1, len(budgets))
@@ -707,7 +715,7 @@ def plot_compare(document: dict, path: str | Path) -> None:
         for position, label in zip(positions, shown, strict=True):
             dots = values[label][2]
             bars.scatter([position] * len(dots), dots, s=10, color="black", zorder=3)
-            if paired:
+            if paired and label in seconds:
                 cost.errorbar(seconds[label], values[label][0], yerr=values[label][1], fmt="o",
                               capsize=3, color=color)  # fmt: skip
                 cost.annotate(label, (seconds[label], values[label][0]), fontsize=7,
