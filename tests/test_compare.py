@@ -327,3 +327,21 @@ def test_under_torchrun_two_ranks_give_one_comparison(tiny_set, tmp_path):
     again = subprocess.run([sys.executable, *delt], env=env, capture_output=True, text=True,
                            timeout=240)  # fmt: skip
     assert again.returncode == 0 and "(cached)" in again.stderr
+
+
+def test_a_random_real_set_of_seed_0_has_gain_0_at_seed_0(tiny_teacher, tmp_path):
+    # delt distill --method random-real --seed 0 draws what delt eval --random-real draws for
+    # seed 0: the same images, the same students, a gain of exactly 0 there and only there.
+    from delt.methods.random_real import RANDOM_REAL
+
+    RANDOM_REAL.draw_set(str(tiny_teacher.path), 2, 0, None, tmp_path / "drawn")
+    result = run_compare(_config((tmp_path / "drawn",), tmp_path / "out", random_real=True))
+    budget = result.document["budgets"][0]
+    curves = {
+        e["kind"]: [s["train_loss"] for s in _eval(e["eval"])["seeds"]]
+        for e in budget["evaluations"]
+    }
+    assert curves["set"][0] == curves["baseline"][0]
+    assert curves["set"][1] != curves["baseline"][1]
+    (gain,) = budget["gains"]
+    assert gain["gains"][0] == 0.0
