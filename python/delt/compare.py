@@ -53,7 +53,7 @@ from delt.diversity import (
     penultimate_features,
 )
 from delt.evaluate import EVAL_FORMAT, EvalConfig, EvalContext, EvalResult, ResultsFile, evaluate
-from delt.io import atomic_open, read_json, sha256_file, write_if_changed, write_json
+from delt.io import atomic_open, sha256_file, write_if_changed, write_json
 from delt.lock import output_lock
 from delt.methods.random_real import draw_random_real
 from delt.models import load_checkpoint
@@ -740,8 +740,3 @@ def plot_compare(document: dict, path: str | Path) -> None:
     with atomic_open(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120)
     plt.close(figure)
-
-
-def read_compare(out: str | Path) -> dict:
-    """``OUT/compare.json``."""
-    return read_json(Path(out) / "compare.json")
