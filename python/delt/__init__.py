@@ -35,8 +35,9 @@ of lower floors or ones listed before it on its own floor, never another module'
     evaluate, relabel,      `delt eval` (`--stagewise`, `--labels`), `delt relabel`,
       stagewise, diversity  `delt diversity`
     report, comparison,     reports and charts; runs pooled by method, gains over
-      distill, bench,       random-real paired by seed, other evaluations pooled by
-      bench_eval            protocol; `delt distill`; `delt bench synthesis`, `delt bench eval`
+      compare, distill,     random-real paired by seed, other evaluations pooled by
+      bench, bench_eval     protocol; `delt compare` (sets against random real images, per
+                            student budget); `delt distill`; `delt bench synthesis|eval`
     demo, cli               `delt demo`; the command table
 """
 
@@ -62,6 +63,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     ("methods", "recover"),
     ("evaluate", "relabel", "stagewise", "diversity"),
-    ("report", "comparison", "distill", "bench", "bench_eval"),
+    ("report", "comparison", "compare", "distill", "bench", "bench_eval"),
     ("demo", "cli"),
 )
