@@ -17,7 +17,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     distilled_set           the distilled-set format: Manifest, save/load/check, stage unions
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
-      stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
+      stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
+      soft_labels           the soft-label store (`delt relabel`'s file, memory-mapped)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import` (a
       import_released       released set)
     method, chunks,         the method registry, the options every method shares and the
@@ -32,12 +33,13 @@ of lower floors or ones listed before it on its own floor, never another module'
       methods.random_real
     methods, recover        all built-in methods; `delt recover` (looks the method up)
     eval_results,           results files (eval.json, kept evaluations, a seed's training
-      evaluate, stagewise,  state); `delt eval` (`--stagewise`), `delt diversity`
-      diversity
+      evaluate, relabel,    state); `delt eval` (`--stagewise`, `--labels`), `delt relabel`,
+      stagewise, diversity  `delt diversity`
     report, comparison,     reports and charts; runs pooled by method, gains over
-      pipeline, bench,      random-real paired by seed, other evaluations pooled by
-      bench_eval            protocol; `delt distill` (the whole pipeline); `delt bench
-                            synthesis`, `delt bench eval`
+      compare, pipeline,    random-real paired by seed, other evaluations pooled by
+      bench, bench_eval     protocol; `delt compare` (sets against random real images, per
+                            student budget); `delt distill` (the whole pipeline); `delt bench
+                            synthesis|eval`
     demo, cli               `delt demo`; the command table
 """
 
@@ -49,7 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("schedules",),
     ("distilled_set",),
-    ("student_augment", "student_trainer", "stagewise_training"),
+    ("student_augment", "student_trainer", "stagewise_training", "soft_labels"),
     ("teacher", "select", "import_released"),
     ("method", "chunks", "synthesis"),
     (
@@ -62,7 +64,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "methods.random_real",
     ),
     ("methods", "recover"),
-    ("eval_results", "evaluate", "stagewise", "diversity"),
-    ("report", "comparison", "pipeline", "bench", "bench_eval"),
+    ("eval_results", "evaluate", "relabel", "stagewise", "diversity"),
+    ("report", "comparison", "compare", "pipeline", "bench", "bench_eval"),
     ("demo", "cli"),
 )
