@@ -17,7 +17,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     distilled               the distilled-set format: Manifest, save/load/check, stage unions
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
-      stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
+      stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
+      protocols             evaluation protocols as named presets (delt, rded, sre2l, edc, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
       released
     method, chunks,         the method registry, the options every method shares and the
@@ -47,7 +48,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("schedules",),
     ("distilled",),
-    ("student_augment", "student_trainer", "stagewise_training"),
+    ("student_augment", "student_trainer", "stagewise_training", "protocols"),
     ("teacher", "select", "released"),
     ("method", "chunks", "synthesis"),
     (

@@ -31,14 +31,17 @@ from delt.student_augment import (
 )
 
 __all__ = [
+    "LR_SCHEDULES",
     "PROTOCOL",
     "AccuracyCheck",
     "GlobalBatchNorm2d",
     "StudentProtocol",
     "StudentTrainer",
     "TrainSettings",
+    "cosine_factor",
     "default_batch_size",
     "half_cosine_factor",
+    "lr_factor",
     "parameter_groups",
     "seeded",
     "soft_label_kl",
@@ -92,6 +95,23 @@ def half_cosine_factor(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * epochs)))
 
 
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """SRe2L's per-epoch LR factor ``0.5 * (1 + cos(pi * epoch / epochs))`` (``--cos`` of its
+    ``train_FKD.py``): 1 at epoch 0, 0 at ``epoch == epochs``."""
+    check_int("epochs", epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+# The student's LR schedules by name: ``delt eval --lr-schedule``.
+LR_SCHEDULES = {"half-cosine": half_cosine_factor, "cosine": cosine_factor}
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The LR factor of ``schedule`` (a key of :data:`LR_SCHEDULES`) after ``epoch`` of
+    ``epochs``."""
+    return LR_SCHEDULES[schedule](epoch, epochs)
+
+
 def soft_label_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``KL(softmax(teacher / T) || softmax(student / T))`` summed over classes, averaged over
     the batch (``batchmean``), without a ``T²`` factor (RDED/DELT); logits (B, K), float."""
@@ -135,6 +155,7 @@ class TrainSettings:
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (with a gradient scaler) autocast of forward
             passes.
         channels_last: memory format of the batches and models.
+        lr_schedule: the per-epoch LR factor, a key of :data:`LR_SCHEDULES`.
     """
 
     batch_size: int
@@ -143,6 +164,7 @@ class TrainSettings:
     hard_labels: bool = False
     amp: str = "none"
     channels_last: bool = False
+    lr_schedule: str = "half-cosine"
 
 
 @dataclass
@@ -228,7 +250,8 @@ def _rank_rows(count: int) -> slice:
 
 
 class StudentTrainer:
-    """One student with its AdamW optimizer and half-cosine LR schedule over ``total_epochs``.
+    """One student with its AdamW optimizer and LR schedule (``settings.lr_schedule``, DELT's
+    half-cosine by default) over ``total_epochs``.
 
     :meth:`train_epochs` can be called several times with different image sets: the optimizer
     state, the schedule position (:attr:`epochs_done`) and the generator carry over, which is
@@ -300,8 +323,9 @@ class StudentTrainer:
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.student, weight_decay), lr=lr, betas=(0.9, 0.999)
         )
+        schedule = settings.lr_schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda epoch: half_cosine_factor(epoch, total_epochs)
+            self.optimizer, lambda epoch: lr_factor(schedule, epoch, total_epochs)
         )
         # fp16's small range: the loss is scaled so that gradients do not underflow.
         self.scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None
@@ -483,8 +507,9 @@ class StudentTrainer:
         restarts the schedule at every stage (Chen et al., ICLR 2024; its evaluation code)."""
         check_int("epochs", epochs)
         # A new LambdaLR keeps each group's "initial_lr" (setdefault) and sets lr = base * f(0).
+        schedule = self.settings.lr_schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda epoch: half_cosine_factor(epoch, epochs)
+            self.optimizer, lambda epoch: lr_factor(schedule, epoch, epochs)
         )
 
     @property
