@@ -32,8 +32,8 @@ of lower floors or ones listed before it on its own floor, never another module'
       methods.rded,
       methods.random_real
     methods, recover        all built-in methods; `delt recover` (looks the method up)
-    evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
-      diversity
+    evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`, `delt ddranking`
+      diversity, ddranking  (DD-Ranking's scores with accuracies as fractions)
     report, comparison,     reports and charts; runs pooled by method, gains over
       distill, bench,       random-real paired by seed, other evaluations pooled by
       bench_eval            protocol; `delt distill`; `delt bench synthesis`, `delt bench eval`
@@ -61,7 +61,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "methods.random_real",
     ),
     ("methods", "recover"),
-    ("evaluate", "stagewise", "diversity"),
+    ("evaluate", "stagewise", "diversity", "ddranking"),
     ("report", "comparison", "distill", "bench", "bench_eval"),
     ("demo", "cli"),
 )

@@ -28,6 +28,7 @@ from delt.bench import SynthesisBenchConfig, run_synthesis_bench
 from delt.bench_eval import EvalBenchConfig, run_eval_bench
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
+from delt.ddranking import DDRankingConfig, run_ddranking
 from delt.demo import DemoConfig, run_demo
 from delt.distill import DistillConfig, distill
 from delt.distributed import alone, is_main, session, torchrun_environment
@@ -115,6 +116,17 @@ def _show_eval(config: EvalConfig, result) -> None:
         )
 
 
+def _show_ddranking(config: DDRankingConfig, result) -> None:
+    summary = result.document["summary"]
+    for unit, label in (("fraction", "fractions"), ("percent_convention", "DD-Ranking's %")):
+        parts = ", ".join(
+            f"{key.upper()} {summary[unit][key]['mean']:.4f} ± {summary[unit][key]['std']:.4f}"
+            for key in ("hlr", "ior", "lrs")
+        )
+        print(f"ddranking: {parts} (accuracies as {label})")
+    print(f"ddranking: LRS {result.lrs_mean:.4f} ± {result.lrs_std:.4f} -> {result.path}")
+
+
 def _show_diversity(config: DiversityConfig, result) -> None:
     print(
         f"diversity: {result.mean:.4f} ± {result.std:.4f} (mean cosine to the class centroid; "
@@ -151,6 +163,12 @@ COMMANDS: dict[str, Command] = {
         EvalConfig,
         _run_eval,
         _show_eval,
+    ),
+    "ddranking": Command(
+        "DD-Ranking's HLR, IOR and LRS of a set (accuracies as fractions; ddranking.json)",
+        DDRankingConfig,
+        run_ddranking,
+        _show_ddranking,
     ),
     "diversity": Command(
         "DELT's diversity: per-class cosine of features to the class centroid (diversity.json)",

@@ -1,0 +1,171 @@
+"""delt.protocols: `delt eval --protocol NAME` (presets, overrides, identity, eval.json)."""
+
+import json
+import logging
+import math
+
+import pytest
+from delt.cli import build_parser, main
+from delt.config import ConfigError, from_namespace
+from delt.evaluate import EvalConfig, evaluate
+from delt.protocols import PROTOCOLS, SETTINGS, Protocol, protocol_record
+from delt.student_trainer import LR_SCHEDULES, cosine_factor, half_cosine_factor, lr_factor
+
+# The settings each preset resolves to, written out (not read back from the table).
+EXPECTED = {
+    # delt: the flag defaults of delt eval before protocols existed.
+    "delt": dict(epochs=300, eval_every=10, batch_size=None, temperature=20.0, lr=1e-3,
+                 weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=2, randaugment_magnitude=6,
+                 min_crop=0.25, shuffle_patches=None, lr_schedule="half-cosine"),
+    "rded": dict(epochs=300, eval_every=10, batch_size=None, temperature=20.0, lr=1e-3,
+                 weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
+                 min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine"),
+    "sre2l": dict(epochs=300, eval_every=10, batch_size=1024, temperature=20.0, lr=1e-3,
+                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
+                  min_crop=0.08, shuffle_patches=None, lr_schedule="cosine"),
+    "edc": dict(epochs=300, eval_every=30, batch_size=100, temperature=20.0, lr=1e-3,
+                weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
+                min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine"),
+    "cvdd": dict(epochs=300, eval_every=10, batch_size=16, temperature=20.0, lr=1e-3,
+                 weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
+                 min_crop=0.08, shuffle_patches=None, lr_schedule="half-cosine"),
+    "dd-ranking": dict(epochs=300, eval_every=20, batch_size=1024, temperature=20.0, lr=1e-3,
+                       weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0,
+                       randaugment_magnitude=6, min_crop=0.08, shuffle_patches=None,
+                       lr_schedule="half-cosine"),
+}  # fmt: skip
+
+
+def _settings(config):
+    return {name: getattr(config, name) for name in SETTINGS}
+
+
+def test_every_protocol_is_expected_and_documented():
+    assert set(PROTOCOLS) == set(EXPECTED)
+    for protocol in PROTOCOLS.values():
+        assert set(protocol.settings) == set(SETTINGS)
+        assert "github.com/" in protocol.source
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_preset_resolves_to_its_settings(name):
+    config = EvalConfig(distilled="x", protocol=name)
+    assert _settings(config) == EXPECTED[name]
+
+
+def test_the_default_protocol_is_delt_at_todays_values():
+    assert EvalConfig(distilled="x").protocol == "delt"
+    assert _settings(EvalConfig(distilled="x")) == EXPECTED["delt"]
+
+
+def test_explicit_settings_override_the_preset():
+    config = EvalConfig(distilled="x", protocol="sre2l", epochs=100, min_crop=0.3, batch_size=64)
+    assert (config.epochs, config.min_crop, config.batch_size) == (100, 0.3, 64)
+    assert config.lr_schedule == "cosine" and config.randaugment_ops == 0  # the rest: sre2l's
+    record = protocol_record(config)
+    assert record["name"] == "sre2l" and "VILA-Lab/SRe2L" in record["source"]
+    assert record["overrides"] == {"epochs": 300, "min_crop": 0.08, "batch_size": 1024}
+    assert record["settings"]["min_crop"] == 0.3
+    # A value equal to the preset's is no override.
+    same = EvalConfig(distilled="x", protocol="sre2l", epochs=300)
+    assert protocol_record(same)["overrides"] == {}
+
+
+def test_the_cli_resolves_the_protocol_and_keeps_explicit_flags():
+    parser = build_parser()
+    args = parser.parse_args(
+        ["eval", "--distilled", "x", "--protocol", "rded", "--lr", "0.002", "--randaugment-ops", "1"]
+    )
+    config = from_namespace(EvalConfig, args)
+    assert config.lr == 0.002 and config.randaugment_ops == 1  # given
+    assert config.shuffle_patches == 2 and config.min_crop == 0.5  # rded's
+    args = parser.parse_args(["eval", "--distilled", "x", "--lr-schedule", "cosine"])
+    assert from_namespace(EvalConfig, args).lr_schedule == "cosine"
+
+
+def test_dd_ranking_hard_label_runs_have_no_cutmix_unless_given():
+    hard = EvalConfig(distilled="x", protocol="dd-ranking", hard_labels=True)
+    assert hard.cutmix_beta == 0.0 and hard.min_crop == 0.08  # use_aug_for_hard: false
+    assert EvalConfig(distilled="x", protocol="dd-ranking").cutmix_beta == 1.0
+    given = EvalConfig(distilled="x", protocol="dd-ranking", hard_labels=True, cutmix_beta=0.5)
+    assert given.cutmix_beta == 0.5
+
+
+def test_an_unknown_protocol_is_refused(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--protocol must be one of delt, rded, sre2l"):
+        EvalConfig(distilled="x", protocol="fkd")
+    with pytest.raises(ConfigError, match="--lr-schedule must be one of half-cosine, cosine"):
+        EvalConfig(distilled="x", lr_schedule="step")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--distilled", str(tmp_path), "--protocol", "fkd"])
+    assert exit_info.value.code == 2
+    assert "--protocol" in capsys.readouterr().err
+
+
+def test_lr_schedules():
+    assert set(LR_SCHEDULES) == {"half-cosine", "cosine"}
+    assert cosine_factor(0, 10) == 1.0 and cosine_factor(10, 10) == pytest.approx(0.0, abs=1e-15)
+    assert cosine_factor(5, 10) == pytest.approx(0.5)
+    assert half_cosine_factor(10, 10) == pytest.approx(0.5)
+    assert lr_factor("half-cosine", 3, 7) == half_cosine_factor(3, 7)
+    assert lr_factor("cosine", 3, 7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 7)))
+
+
+# --------------------------------------------------------------------------------------------
+# Runs: eval.json, identity, warnings
+
+
+def _eval(folder, out, **overrides):
+    values = dict(distilled=str(folder), epochs=2, seeds=(0,), eval_every=1, progress=False,
+                  out=str(out))  # fmt: skip
+    values.update(overrides)
+    return evaluate(EvalConfig(**values))
+
+
+def test_the_delt_protocol_adds_nothing_to_the_identity(tiny_set, tmp_path):
+    _eval(tiny_set, tmp_path / "delt.json")
+    document = json.loads((tmp_path / "delt.json").read_text())
+    identity = document["identity"]["config"]
+    assert "protocol" not in identity and "lr_schedule" not in identity
+    assert document["protocol"]["name"] == "delt" and document["protocol"]["overrides"] == {
+        "epochs": 300,
+        "eval_every": 10,
+    }
+    assert document["config"]["lr_schedule"] == "LambdaLR 0.5*(1+cos(pi*e/(2E))) per epoch"
+
+
+def test_a_protocol_is_recorded_and_part_of_the_identity(tiny_set, tmp_path, caplog):
+    plain = _eval(tiny_set, tmp_path / "plain.json")
+    with caplog.at_level(logging.WARNING, logger="delt"):
+        sre2l = _eval(tiny_set, tmp_path / "sre2l.json", protocol="sre2l")
+    assert "--protocol sre2l: not done here: soft labels stored once offline" in caplog.text
+    document = json.loads((tmp_path / "sre2l.json").read_text())
+    identity = document["identity"]["config"]
+    assert identity["protocol"] == "sre2l" and identity["lr_schedule"] == "cosine"
+    assert identity["min_crop"] == 0.08 and identity["randaugment_ops"] == 0
+    assert document["config"]["batch_size"] == 8  # 1024, capped at the set's 8 images
+    assert document["config"]["lr_schedule"] == "LambdaLR 0.5*(1+cos(pi*e/E)) per epoch"
+    record = document["protocol"]
+    assert record["name"] == "sre2l" and record["not_supported"]
+    assert record["settings"]["lr_schedule"] == "cosine"
+    assert plain.seeds[0].train_loss != sre2l.seeds[0].train_loss
+
+
+def test_a_preset_changed_later_is_a_new_identity(tiny_set, tmp_path, monkeypatch):
+    path = tmp_path / "rded.json"
+    first = _eval(tiny_set, path, protocol="rded")
+    assert not first.reused
+    assert _eval(tiny_set, path, protocol="rded").reused  # the same preset: reused
+    changed = Protocol(**{**PROTOCOLS["rded"].__dict__,
+                          "settings": {**PROTOCOLS["rded"].settings, "min_crop": 0.6}})  # fmt: skip
+    monkeypatch.setitem(PROTOCOLS, "rded", changed)
+    again = _eval(tiny_set, path, protocol="rded")
+    assert not again.reused  # trained afresh, the first result kept aside
+    assert json.loads(path.read_text())["identity"]["config"]["min_crop"] == 0.6
+    assert list((tmp_path / "rded-kept").glob("*.json"))
+
+
+def test_unsupported_settings_warn(tiny_set, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="delt"):
+        _eval(tiny_set, tmp_path / "edc.json", protocol="edc", epochs=1)
+    assert "--protocol edc: not done here: EMA weights" in caplog.text
