@@ -73,9 +73,8 @@ def test_explicit_settings_override_the_preset():
 
 def test_the_cli_resolves_the_protocol_and_keeps_explicit_flags():
     parser = build_parser()
-    args = parser.parse_args(
-        ["eval", "--distilled", "x", "--protocol", "rded", "--lr", "0.002", "--randaugment-ops", "1"]
-    )
+    flags = ["--protocol", "rded", "--lr", "0.002", "--randaugment-ops", "1"]
+    args = parser.parse_args(["eval", "--distilled", "x", *flags])
     config = from_namespace(EvalConfig, args)
     assert config.lr == 0.002 and config.randaugment_ops == 1  # given
     assert config.shuffle_patches == 2 and config.min_crop == 0.5  # rded's
