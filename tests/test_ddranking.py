@@ -161,3 +161,18 @@ def test_ddranking_takes_a_given_full_data_accuracy(own_set):
     assert run["fraction"]["hlr"] == pytest.approx(1 - run["accuracy_percent"]["set_hard"] / 100)
     assert set(result.document["evaluations"]["set_soft"]) == {"0.001"}
     assert not math.isnan(result.lrs_mean)
+
+
+def test_the_cli_parses_ddranking_flags():
+    from delt.cli import build_parser
+    from delt.config import from_namespace
+
+    flags = ["--distilled", "x", "--lr-grid", "0.001,0.01", "--soft-lr", "0.002", "--seeds", "3"]
+    config = from_namespace(DDRankingConfig, build_parser().parse_args(["ddranking", *flags]))
+    assert config.grid == (0.001, 0.01) and config.soft_lr == 0.002 and config.seeds == (3,)
+    config = DDRankingConfig(distilled="x", soft_lr=None)
+    assert config.eval_config("set-hard", 0.005).cutmix_beta == 0.0  # dd-ranking's hard runs
+    soft = config.eval_config("set-soft", 0.005)
+    assert (soft.protocol, soft.lr, soft.batch_size, soft.out) == (
+        "dd-ranking", 0.005, 1024, "x/eval-ddranking-set-soft-lr0.005.json"
+    )
