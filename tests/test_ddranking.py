@@ -174,5 +174,8 @@ def test_the_cli_parses_ddranking_flags():
     assert config.eval_config("set-hard", 0.005).cutmix_beta == 0.0  # dd-ranking's hard runs
     soft = config.eval_config("set-soft", 0.005)
     assert (soft.protocol, soft.lr, soft.batch_size, soft.out) == (
-        "dd-ranking", 0.005, 1024, "x/eval-ddranking-set-soft-lr0.005.json"
+        "dd-ranking",
+        0.005,
+        1024,
+        "x/eval-ddranking-set-soft-lr0.005.json",
     )
