@@ -16,23 +16,23 @@ EXPECTED = {
     # delt: the flag defaults of delt eval before protocols existed.
     "delt": dict(epochs=300, eval_every=10, batch_size=None, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=2, randaugment_magnitude=6,
-                 min_crop=0.25, shuffle_patches=None, lr_schedule="half-cosine"),
+                 min_crop=0.25, shuffle_patches=None, lr_schedule="half-cosine", ema_decay=0.0),
     "rded": dict(epochs=300, eval_every=10, batch_size=None, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
-                 min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine"),
+                 min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine", ema_decay=0.0),
     "sre2l": dict(epochs=300, eval_every=10, batch_size=1024, temperature=20.0, lr=1e-3,
                   weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
-                  min_crop=0.08, shuffle_patches=None, lr_schedule="cosine"),
+                  min_crop=0.08, shuffle_patches=None, lr_schedule="cosine", ema_decay=0.0),
     "edc": dict(epochs=300, eval_every=30, batch_size=100, temperature=20.0, lr=1e-3,
                 weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
-                min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine"),
+                min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine", ema_decay=0.99),
     "cvdd": dict(epochs=300, eval_every=10, batch_size=16, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
-                 min_crop=0.08, shuffle_patches=None, lr_schedule="half-cosine"),
+                 min_crop=0.08, shuffle_patches=None, lr_schedule="half-cosine", ema_decay=0.0),
     "dd-ranking": dict(epochs=300, eval_every=20, batch_size=1024, temperature=20.0, lr=1e-3,
                        weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0,
                        randaugment_magnitude=6, min_crop=0.08, shuffle_patches=None,
-                       lr_schedule="half-cosine"),
+                       lr_schedule="half-cosine", ema_decay=0.0),
 }  # fmt: skip
 
 
@@ -125,7 +125,7 @@ def test_the_delt_protocol_adds_nothing_to_the_identity(tiny_set, tmp_path):
     _eval(tiny_set, tmp_path / "delt.json")
     document = json.loads((tmp_path / "delt.json").read_text())
     identity = document["identity"]["config"]
-    assert "protocol" not in identity and "lr_schedule" not in identity
+    assert not {"protocol", "lr_schedule", "ema_decay"} & set(identity)
     assert document["protocol"]["name"] == "delt" and document["protocol"]["overrides"] == {
         "epochs": 300,
         "eval_every": 10,
@@ -164,7 +164,75 @@ def test_a_preset_changed_later_is_a_new_identity(tiny_set, tmp_path, monkeypatc
     assert list((tmp_path / "rded-kept").glob("*.json"))
 
 
-def test_unsupported_settings_warn(tiny_set, tmp_path, caplog):
+def test_unsupported_settings_warn_and_edc_tests_the_ema(tiny_set, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="delt"):
         _eval(tiny_set, tmp_path / "edc.json", protocol="edc", epochs=1)
-    assert "--protocol edc: not done here: EMA weights" in caplog.text
+    assert "--protocol edc: not done here: EDC's loss MSE" in caplog.text
+    assert "EMA" not in caplog.text  # done: --ema-decay
+    identity = json.loads((tmp_path / "edc.json").read_text())["identity"]["config"]
+    assert identity["ema_decay"] == 0.99 and identity["shuffle_patches"] == 2
+
+
+def _trainer(tiny_teacher, **settings):
+    import torch
+    from delt.models import build_model, load_checkpoint
+    from delt.student_augment import StudentAugment
+    from delt.student_trainer import StudentTrainer, TrainSettings
+
+    checkpoint = load_checkpoint(tiny_teacher.path)
+    info = checkpoint.info
+    torch.manual_seed(0)
+    student = build_model("convnet2", info, {"width": 4})
+    generator = torch.Generator().manual_seed(0)
+    trainer = StudentTrainer(
+        student, checkpoint.model, StudentAugment(info, 0, 0, 0.5, generator),
+        TrainSettings(batch_size=4, **settings), total_epochs=2, lr=1e-2, weight_decay=0.01,
+        device=torch.device("cpu"), generator=generator,
+    )  # fmt: skip
+    images = info.normalize(torch.rand(4, 3, 8, 8))
+    return trainer, images, torch.arange(4), info
+
+
+def test_the_ema_is_updated_every_step_and_is_what_is_tested(tiny_teacher, monkeypatch):
+    import delt.student_trainer as trainer_module
+    import torch
+
+    plain, images, labels, info = _trainer(tiny_teacher)
+    assert plain.ema is None and "ema" not in plain.state_dict()
+    trainer, images, labels, info = _trainer(tiny_teacher, ema_decay=0.5)
+    initial = [p.detach().clone() for p in trainer.student.parameters()]
+    trainer.train_epoch(images, labels)  # one step (4 images, batch 4)
+    current = [p.detach().clone() for p in trainer.student.parameters()]
+    for average, start, now in zip(trainer.ema, initial, current, strict=True):
+        torch.testing.assert_close(average, 0.5 * start + 0.5 * now)
+    tested = []
+
+    def record(model, *args, **kwargs):
+        tested.append([p.detach().clone() for p in model.parameters()])
+        return 12.5
+
+    monkeypatch.setattr(trainer_module, "evaluate_accuracy", record)
+    assert trainer.test(None) == 12.5
+    for seen, average in zip(tested[0], trainer.ema, strict=True):
+        torch.testing.assert_close(seen, average)  # the EMA was tested
+    for now, after in zip(current, trainer.student.parameters(), strict=True):
+        assert torch.equal(now, after)  # and the student's own parameters are back
+    # A resumed trainer continues with the same EMA.
+    state = trainer.state_dict()
+    resumed, _, _, _ = _trainer(tiny_teacher, ema_decay=0.5)
+    resumed.load_state_dict(state)
+    for a, b in zip(resumed.ema, trainer.ema, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_cosine_schedule_reaches_zero_in_the_trainer(tiny_teacher):
+    trainer, images, labels, _ = _trainer(tiny_teacher, lr_schedule="cosine")
+    trainer.train_epoch(images, labels)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)
+    trainer.train_epoch(images, labels)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_bad_ema_decay_is_refused():
+    with pytest.raises(ConfigError, match=r"--ema-decay must be in \[0, 1\)"):
+        EvalConfig(distilled="x", ema_decay=1.0)

@@ -162,6 +162,11 @@ class EvalConfig:
         help="per-epoch LR factor: half-cosine 0.5(1+cos(pi e/2E)) (DELT/RDED), cosine "
         "0.5(1+cos(pi e/E)) to 0 (SRe2L) (delt: half-cosine)",
     )
+    ema_decay: float | None = option(
+        None,
+        help="test an exponential moving average of the student's parameters, updated after "
+        "every step with this decay (EDC's EMA evaluation); 0: off (delt: 0)",
+    )
     hard_labels: bool = option(False, help="train on the set's labels, no teacher")
     random_real: bool = option(
         False, help="baseline: each seed draws --ipc random real images per class instead"
@@ -599,6 +604,7 @@ class EvalContext:
             batch_size=min(batch_size, num_images), temperature=config.temperature,
             cutmix_beta=config.cutmix_beta, hard_labels=config.hard_labels, amp=config.amp,
             channels_last=config.channels_last, lr_schedule=config.lr_schedule,
+            ema_decay=config.ema_decay,
         )  # fmt: skip
         model = teacher.model.to(device).requires_grad_(False).eval()
         if config.channels_last:

@@ -49,6 +49,7 @@ SETTINGS = (
     "min_crop",
     "shuffle_patches",
     "lr_schedule",
+    "ema_decay",
 )
 
 DEFAULT_PROTOCOL = "delt"
@@ -61,6 +62,7 @@ class EvalSettings(typing.Protocol):
     protocol: str
     hard_labels: bool
     lr_schedule: str | None
+    ema_decay: float | None
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def _settings(**values: Any) -> dict[str, Any]:
         "min_crop": PROTOCOL.min_crop,
         "shuffle_patches": None,
         "lr_schedule": "half-cosine",
+        "ema_decay": 0.0,
     }
     unknown = set(values) - set(table)
     if unknown:
@@ -166,10 +169,9 @@ PROTOCOLS: dict[str, Protocol] = {
                 randaugment_ops=0,
                 min_crop=0.5,
                 shuffle_patches=2,
+                ema_decay=0.99,
             ),
             not_supported=(
-                "EMA weights: EDC tests an exponential moving average of the student (decay "
-                "0.99); delt eval tests the student itself",
                 "EDC's loss MSE(student logits, teacher logits) + 0.025 CE; delt eval uses KL at "
                 "temperature 20",
                 "EDC relabels with several teachers (--candidate-number 4); delt eval uses the "
@@ -177,6 +179,8 @@ PROTOCOLS: dict[str, Protocol] = {
                 _STORED_LABELS,
             ),
             notes=(
+                "EDC tests the EMA of the student's parameters (--ema-dr 0.99) with the "
+                "student's own BatchNorm statistics, as --ema-decay does",
                 "EDC's LR factor 0.5(1 + cos(pi e / (2E))) (--st 2) is delt's half-cosine",
                 "EDC tests after epochs 1, 31, 61, ...; delt eval after 30, 60, ... and the last",
             ),
@@ -250,6 +254,8 @@ def apply_protocol(config: EvalSettings) -> None:
     for name, value in protocol.resolved(config.hard_labels).items():
         if getattr(config, name) is None:
             setattr(config, name, value)
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"--ema-decay must be in [0, 1) (0: off), got {config.ema_decay}")
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(
             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}"
@@ -276,11 +282,13 @@ def protocol_record(config: EvalSettings) -> dict[str, Any]:
 def trim_identity(config_identity: dict[str, Any]) -> None:
     """Drops the protocol's entries at their defaults from an evaluation's identity config, in
     place: ``--protocol delt`` and ``--lr-schedule half-cosine`` (what every evaluation was before
-    they existed), so older results files keep their identity."""
+    they existed), so older results files keep their identity; likewise ``--ema-decay 0``."""
     if config_identity.get("protocol") == DEFAULT_PROTOCOL:
         del config_identity["protocol"]
     if config_identity.get("lr_schedule") == "half-cosine":
         del config_identity["lr_schedule"]
+    if config_identity.get("ema_decay") == 0.0:
+        del config_identity["ema_decay"]
 
 
 def warn_unsupported(config: EvalSettings) -> None:

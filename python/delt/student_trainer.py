@@ -156,6 +156,9 @@ class TrainSettings:
             passes.
         channels_last: memory format of the batches and models.
         lr_schedule: the per-epoch LR factor, a key of :data:`LR_SCHEDULES`.
+        ema_decay: > 0: an exponential moving average of the student's parameters,
+            ``ema = d·ema + (1 − d)·param`` after every optimizer step, is what :meth:`test`
+            tests (with the student's own BatchNorm statistics; EDC's ``EMAMODEL``); 0: off.
     """
 
     batch_size: int
@@ -165,6 +168,7 @@ class TrainSettings:
     amp: str = "none"
     channels_last: bool = False
     lr_schedule: str = "half-cosine"
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -331,6 +335,12 @@ class StudentTrainer:
         self.scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None
         self.workers = workers
         self.epochs_done = 0
+        # The EMA of the parameters (settings.ema_decay > 0), in self.student's parameter order.
+        self.ema: list[Tensor] | None = (
+            [p.detach().clone() for p in self.student.parameters()]
+            if settings.ema_decay > 0
+            else None
+        )
 
     @property
     def distributed(self) -> bool:
@@ -419,11 +429,39 @@ class StudentTrainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if self.ema is not None:
+            self._update_ema()
         if distributed:
             reported = loss.detach().reshape(1) / world().size
             torch.distributed.all_reduce(reported)
             return float(reported)
         return float(loss.detach())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.settings.ema_decay
+        for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
+            average.mul_(decay).add_(parameter.detach(), alpha=1.0 - decay)
+
+    @contextlib.contextmanager
+    def _ema_parameters(self) -> Iterator[None]:
+        """The block runs with the EMA in the student's parameters (swapped back after)."""
+        if self.ema is None:
+            yield
+            return
+        with torch.no_grad():
+            for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
+                swapped = parameter.detach().clone()
+                parameter.copy_(average)
+                average.copy_(swapped)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
+                    swapped = parameter.detach().clone()
+                    parameter.copy_(average)
+                    average.copy_(swapped)
 
     def _to_device(self, batch: Tensor) -> Tensor:
         pin = self.device.type == "cuda" and batch.device.type == "cpu"
@@ -482,7 +520,7 @@ class StudentTrainer:
         """Everything :meth:`load_state_dict` needs to continue exactly where this trainer is:
         student, optimizer, LR schedule, gradient scaler, generator, epochs done (CPU tensors
         and plain values, for ``weights_only`` loading)."""
-        return {
+        state = {
             "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -490,6 +528,9 @@ class StudentTrainer:
             "generator": self.generator.get_state(),
             "epochs_done": self.epochs_done,
         }
+        if self.ema is not None:
+            state["ema"] = [average.detach().cpu() for average in self.ema]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a :meth:`state_dict` into this (freshly built, same-config) trainer."""
@@ -500,6 +541,9 @@ class StudentTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         self.epochs_done = int(state["epochs_done"])
+        if self.ema is not None:
+            for average, saved in zip(self.ema, state["ema"], strict=True):
+                average.copy_(saved)
 
     def restart_schedule(self, epochs: int) -> None:
         """From now on, a fresh half-cosine over the next ``epochs`` epochs, starting at the base
@@ -519,12 +563,13 @@ class StudentTrainer:
         return max(steps, default=0)
 
     def test(self, test_set: ImageDataset) -> float:
-        """Top-1 accuracy (%) of the student on ``test_set``."""
-        return evaluate_accuracy(
-            self.student, test_set, self.device, amp=self.settings.amp,
-            channels_last=self.settings.channels_last, num_workers=self.workers,
-            sharded=self.forward_student is not self.student,
-        )  # fmt: skip
+        """Top-1 accuracy (%) of the student (with ``ema_decay``: of its EMA) on ``test_set``."""
+        with self._ema_parameters():
+            return evaluate_accuracy(
+                self.student, test_set, self.device, amp=self.settings.amp,
+                channels_last=self.settings.channels_last, num_workers=self.workers,
+                sharded=self.forward_student is not self.student,
+            )  # fmt: skip
 
     def train_epochs(
         self,
