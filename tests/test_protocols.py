@@ -16,23 +16,29 @@ EXPECTED = {
     # delt: the flag defaults of delt eval before protocols existed.
     "delt": dict(epochs=300, eval_every=10, batch_size=None, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=2, randaugment_magnitude=6,
-                 min_crop=0.25, shuffle_patches=None, lr_schedule="half-cosine", ema_decay=0.0),
+                 min_crop=0.25, shuffle_patches=None, lr_schedule="half-cosine", ema_decay=0.0,
+                 loss="kl", ce_weight=0.025),
     "rded": dict(epochs=300, eval_every=10, batch_size=None, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
-                 min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine", ema_decay=0.0),
+                 min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine", ema_decay=0.0,
+                 loss="kl", ce_weight=0.025),
     "sre2l": dict(epochs=300, eval_every=10, batch_size=1024, temperature=20.0, lr=1e-3,
                   weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
-                  min_crop=0.08, shuffle_patches=None, lr_schedule="cosine", ema_decay=0.0),
+                  min_crop=0.08, shuffle_patches=None, lr_schedule="cosine", ema_decay=0.0,
+                 loss="kl", ce_weight=0.025),
     "edc": dict(epochs=300, eval_every=30, batch_size=100, temperature=20.0, lr=1e-3,
                 weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
-                min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine", ema_decay=0.99),
+                min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine", ema_decay=0.99,
+                 loss="mse-ce", ce_weight=0.025),
     "cvdd": dict(epochs=300, eval_every=10, batch_size=16, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
-                 min_crop=0.08, shuffle_patches=None, lr_schedule="half-cosine", ema_decay=0.0),
+                 min_crop=0.08, shuffle_patches=None, lr_schedule="half-cosine", ema_decay=0.0,
+                 loss="kl", ce_weight=0.025),
     "dd-ranking": dict(epochs=300, eval_every=20, batch_size=1024, temperature=20.0, lr=1e-3,
                        weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0,
                        randaugment_magnitude=6, min_crop=0.08, shuffle_patches=None,
-                       lr_schedule="half-cosine", ema_decay=0.0),
+                       lr_schedule="half-cosine", ema_decay=0.0,
+                 loss="kl", ce_weight=0.025),
 }  # fmt: skip
 
 
@@ -125,7 +131,7 @@ def test_the_delt_protocol_adds_nothing_to_the_identity(tiny_set, tmp_path):
     _eval(tiny_set, tmp_path / "delt.json")
     document = json.loads((tmp_path / "delt.json").read_text())
     identity = document["identity"]["config"]
-    assert not {"protocol", "lr_schedule", "ema_decay"} & set(identity)
+    assert not {"protocol", "lr_schedule", "ema_decay", "loss", "ce_weight"} & set(identity)
     assert document["protocol"]["name"] == "delt" and document["protocol"]["overrides"] == {
         "epochs": 300,
         "eval_every": 10,
@@ -167,10 +173,13 @@ def test_a_preset_changed_later_is_a_new_identity(tiny_set, tmp_path, monkeypatc
 def test_unsupported_settings_warn_and_edc_tests_the_ema(tiny_set, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="delt"):
         _eval(tiny_set, tmp_path / "edc.json", protocol="edc", epochs=1)
-    assert "--protocol edc: not done here: EDC's loss MSE" in caplog.text
-    assert "EMA" not in caplog.text  # done: --ema-decay
-    identity = json.loads((tmp_path / "edc.json").read_text())["identity"]["config"]
+    assert "--protocol edc: not done here: EDC relabels with several teachers" in caplog.text
+    assert "EMA" not in caplog.text and "MSE" not in caplog.text  # done: --ema-decay, --loss
+    document = json.loads((tmp_path / "edc.json").read_text())
+    identity = document["identity"]["config"]
     assert identity["ema_decay"] == 0.99 and identity["shuffle_patches"] == 2
+    assert identity["loss"] == "mse-ce" and identity["ce_weight"] == 0.025
+    assert document["config"]["loss"] == "MSE(student, teacher logits) + 0.025 CE(own label)"
 
 
 def _trainer(tiny_teacher, **settings):
@@ -231,6 +240,42 @@ def test_the_cosine_schedule_reaches_zero_in_the_trainer(tiny_teacher):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)
     trainer.train_epoch(images, labels)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_edcs_loss_is_mse_of_the_logits_plus_weighted_ce(tiny_teacher, monkeypatch):
+    import delt.student_trainer as trainer_module
+    import torch
+
+    trainer, images, labels, _ = _trainer(tiny_teacher, loss="mse-ce", ce_weight=0.5)
+    calls = {}
+    mse, cross_entropy = torch.nn.functional.mse_loss, trainer_module.cutmix_cross_entropy
+
+    def spy_mse(student, teacher):
+        calls["mse"] = mse(student, teacher)
+        return calls["mse"]
+
+    def spy_ce(logits, labels, params, rows):
+        calls["ce"] = cross_entropy(logits, labels, params, rows)
+        calls["ce_params"] = params
+        return calls["ce"]
+
+    def no_kl(*args):
+        raise AssertionError("KL used")
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", spy_mse)
+    monkeypatch.setattr(trainer_module, "cutmix_cross_entropy", spy_ce)
+    monkeypatch.setattr(trainer_module, "soft_label_kl", no_kl)
+    loss = trainer.train_epoch(images, labels)  # one step
+    assert calls["ce_params"] is None  # the own labels, not mixed (EDC's target)
+    assert loss == pytest.approx(float((calls["mse"] + 0.5 * calls["ce"]).detach()))
+
+
+def test_ce_weight_applies_to_mse_ce_only():
+    with pytest.raises(ConfigError, match="--ce-weight applies with --loss mse-ce, not --loss kl"):
+        EvalConfig(distilled="x", ce_weight=0.1)
+    assert EvalConfig(distilled="x", protocol="edc", ce_weight=0.1).ce_weight == 0.1
+    with pytest.raises(ConfigError, match="--ce-weight must be a finite number >= 0"):
+        EvalConfig(distilled="x", loss="mse-ce", ce_weight=-1.0)
 
 
 def test_a_bad_ema_decay_is_refused():

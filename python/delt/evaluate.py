@@ -167,6 +167,12 @@ class EvalConfig:
         help="test an exponential moving average of the student's parameters, updated after "
         "every step with this decay (EDC's EMA evaluation); 0: off (delt: 0)",
     )
+    loss: Literal["kl", "mse-ce"] | None = option(
+        None,
+        help="soft-label loss: kl (KL at --temperature) or mse-ce (EDC's: MSE of the logits + "
+        "--ce-weight x CE of each image's own label) (delt: kl)",
+    )
+    ce_weight: float | None = option(None, help="--loss mse-ce: the CE weight (delt: 0.025)")
     hard_labels: bool = option(False, help="train on the set's labels, no teacher")
     random_real: bool = option(
         False, help="baseline: each seed draws --ipc random real images per class instead"
@@ -604,7 +610,7 @@ class EvalContext:
             batch_size=min(batch_size, num_images), temperature=config.temperature,
             cutmix_beta=config.cutmix_beta, hard_labels=config.hard_labels, amp=config.amp,
             channels_last=config.channels_last, lr_schedule=config.lr_schedule,
-            ema_decay=config.ema_decay,
+            ema_decay=config.ema_decay, loss=config.loss, ce_weight=config.ce_weight,
         )  # fmt: skip
         model = teacher.model.to(device).requires_grad_(False).eval()
         if config.channels_last:
@@ -834,7 +840,9 @@ def eval_document(
             "optimizer": "AdamW betas (0.9, 0.999), weight decay on ndim>1 only",
             "loss": "CE on CutMix labels"
             if config.hard_labels
-            else f"KL(teacher/T || student/T), T={config.temperature}, batchmean, no T^2",
+            else f"KL(teacher/T || student/T), T={config.temperature}, batchmean, no T^2"
+            if config.loss == "kl"
+            else f"MSE(student, teacher logits) + {config.ce_weight:g} CE(own label)",
         },
         "protocol": protocol_record(config),
         "teacher": {

@@ -14,6 +14,7 @@ nothing: results files written before protocols existed are reused.
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,8 @@ SETTINGS = (
     "shuffle_patches",
     "lr_schedule",
     "ema_decay",
+    "loss",
+    "ce_weight",
 )
 
 DEFAULT_PROTOCOL = "delt"
@@ -63,6 +66,8 @@ class EvalSettings(typing.Protocol):
     hard_labels: bool
     lr_schedule: str | None
     ema_decay: float | None
+    loss: str | None
+    ce_weight: float | None
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ def _settings(**values: Any) -> dict[str, Any]:
         "shuffle_patches": None,
         "lr_schedule": "half-cosine",
         "ema_decay": 0.0,
+        "loss": "kl",
+        "ce_weight": 0.025,
     }
     unknown = set(values) - set(table)
     if unknown:
@@ -170,10 +177,9 @@ PROTOCOLS: dict[str, Protocol] = {
                 min_crop=0.5,
                 shuffle_patches=2,
                 ema_decay=0.99,
+                loss="mse-ce",
             ),
             not_supported=(
-                "EDC's loss MSE(student logits, teacher logits) + 0.025 CE; delt eval uses KL at "
-                "temperature 20",
                 "EDC relabels with several teachers (--candidate-number 4); delt eval uses the "
                 "one --teacher",
                 _STORED_LABELS,
@@ -251,11 +257,18 @@ def apply_protocol(config: EvalSettings) -> None:
         raise ConfigError(
             f"--protocol must be one of {', '.join(PROTOCOLS)}, got {config.protocol!r}"
         )
+    ce_weight_given = config.ce_weight is not None
     for name, value in protocol.resolved(config.hard_labels).items():
         if getattr(config, name) is None:
             setattr(config, name, value)
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"--ema-decay must be in [0, 1) (0: off), got {config.ema_decay}")
+    if config.loss not in ("kl", "mse-ce"):
+        raise ConfigError(f"--loss must be kl or mse-ce, got {config.loss!r}")
+    if ce_weight_given and config.loss != "mse-ce":
+        raise ConfigError(f"--ce-weight applies with --loss mse-ce, not --loss {config.loss}")
+    if not (math.isfinite(config.ce_weight) and config.ce_weight >= 0):
+        raise ConfigError(f"--ce-weight must be a finite number >= 0, got {config.ce_weight}")
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(
             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}"
@@ -282,13 +295,17 @@ def protocol_record(config: EvalSettings) -> dict[str, Any]:
 def trim_identity(config_identity: dict[str, Any]) -> None:
     """Drops the protocol's entries at their defaults from an evaluation's identity config, in
     place: ``--protocol delt`` and ``--lr-schedule half-cosine`` (what every evaluation was before
-    they existed), so older results files keep their identity; likewise ``--ema-decay 0``."""
+    they existed), so older results files keep their identity; likewise ``--ema-decay 0`` and
+    ``--loss kl`` (with its unused ``--ce-weight``)."""
     if config_identity.get("protocol") == DEFAULT_PROTOCOL:
         del config_identity["protocol"]
     if config_identity.get("lr_schedule") == "half-cosine":
         del config_identity["lr_schedule"]
     if config_identity.get("ema_decay") == 0.0:
         del config_identity["ema_decay"]
+    if config_identity.get("loss") == "kl":  # --ce-weight applies to mse-ce only
+        del config_identity["loss"]
+        config_identity.pop("ce_weight", None)
 
 
 def warn_unsupported(config: EvalSettings) -> None:

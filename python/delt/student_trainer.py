@@ -156,6 +156,10 @@ class TrainSettings:
             passes.
         channels_last: memory format of the batches and models.
         lr_schedule: the per-epoch LR factor, a key of :data:`LR_SCHEDULES`.
+        loss: the soft-label loss: ``"kl"`` (:func:`soft_label_kl`) or ``"mse-ce"`` (EDC's
+            ``MSE(student logits, teacher logits) + ce_weight · CE(student, own label)``, the
+            label of the image each row was pasted into, not mixed).
+        ce_weight: the CE weight of ``"mse-ce"``.
         ema_decay: > 0: an exponential moving average of the student's parameters,
             ``ema = d·ema + (1 − d)·param`` after every optimizer step, is what :meth:`test`
             tests (with the student's own BatchNorm statistics; EDC's ``EMAMODEL``); 0: off.
@@ -169,6 +173,8 @@ class TrainSettings:
     channels_last: bool = False
     lr_schedule: str = "half-cosine"
     ema_decay: float = 0.0
+    loss: str = "kl"
+    ce_weight: float = 0.025
 
 
 @dataclass
@@ -415,6 +421,12 @@ class StudentTrainer:
             logits = self.forward_student(batch)
         if settings.hard_labels:
             loss = cutmix_cross_entropy(logits, labels, params, own if distributed else None)
+        elif settings.loss == "mse-ce":
+            loss = nn.functional.mse_loss(
+                logits.float(), teacher_logits.float()
+            ) + settings.ce_weight * cutmix_cross_entropy(
+                logits, labels, None, own if distributed else None
+            )
         else:
             loss = soft_label_kl(logits, teacher_logits, settings.temperature)
         if distributed:
