@@ -17,28 +17,28 @@ EXPECTED = {
     "delt": dict(epochs=300, eval_every=10, batch_size=None, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=2, randaugment_magnitude=6,
                  min_crop=0.25, shuffle_patches=None, lr_schedule="half-cosine", ema_decay=0.0,
-                 loss="kl", ce_weight=0.025),
+                 loss="kl", ce_weight=0.025, teacher_batch_stats=False),
     "rded": dict(epochs=300, eval_every=10, batch_size=None, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
                  min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine", ema_decay=0.0,
-                 loss="kl", ce_weight=0.025),
+                 loss="kl", ce_weight=0.025, teacher_batch_stats=False),
     "sre2l": dict(epochs=300, eval_every=10, batch_size=1024, temperature=20.0, lr=1e-3,
                   weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
                   min_crop=0.08, shuffle_patches=None, lr_schedule="cosine", ema_decay=0.0,
-                 loss="kl", ce_weight=0.025),
+                 loss="kl", ce_weight=0.025, teacher_batch_stats=False),
     "edc": dict(epochs=300, eval_every=30, batch_size=100, temperature=20.0, lr=1e-3,
                 weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
                 min_crop=0.5, shuffle_patches=2, lr_schedule="half-cosine", ema_decay=0.99,
-                 loss="mse-ce", ce_weight=0.025),
+                 loss="mse-ce", ce_weight=0.025, teacher_batch_stats=False),
     "cvdd": dict(epochs=300, eval_every=10, batch_size=16, temperature=20.0, lr=1e-3,
                  weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0, randaugment_magnitude=6,
                  min_crop=0.08, shuffle_patches=None, lr_schedule="half-cosine", ema_decay=0.0,
-                 loss="kl", ce_weight=0.025),
+                 loss="kl", ce_weight=0.025, teacher_batch_stats=True),
     "dd-ranking": dict(epochs=300, eval_every=20, batch_size=1024, temperature=20.0, lr=1e-3,
                        weight_decay=0.01, cutmix_beta=1.0, randaugment_ops=0,
                        randaugment_magnitude=6, min_crop=0.08, shuffle_patches=None,
                        lr_schedule="half-cosine", ema_decay=0.0,
-                 loss="kl", ce_weight=0.025),
+                 loss="kl", ce_weight=0.025, teacher_batch_stats=False),
 }  # fmt: skip
 
 
@@ -131,7 +131,8 @@ def test_the_delt_protocol_adds_nothing_to_the_identity(tiny_set, tmp_path):
     _eval(tiny_set, tmp_path / "delt.json")
     document = json.loads((tmp_path / "delt.json").read_text())
     identity = document["identity"]["config"]
-    assert not {"protocol", "lr_schedule", "ema_decay", "loss", "ce_weight"} & set(identity)
+    trimmed = {"protocol", "lr_schedule", "ema_decay", "loss", "ce_weight", "teacher_batch_stats"}
+    assert not trimmed & set(identity)
     assert document["protocol"]["name"] == "delt" and document["protocol"]["overrides"] == {
         "epochs": 300,
         "eval_every": 10,
@@ -281,3 +282,33 @@ def test_ce_weight_applies_to_mse_ce_only():
 def test_a_bad_ema_decay_is_refused():
     with pytest.raises(ConfigError, match=r"--ema-decay must be in \[0, 1\)"):
         EvalConfig(distilled="x", ema_decay=1.0)
+
+
+def test_batch_statistics_labels_leave_the_teacher_as_it_was(tiny_teacher):
+    import copy
+
+    import torch
+    from delt.models import load_checkpoint
+    from delt.student_trainer import batch_statistics
+
+    teacher = load_checkpoint(tiny_teacher.path).model.eval()
+    before = copy.deepcopy(teacher.state_dict())
+    batch = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        evaluated = teacher(batch)
+        with batch_statistics(teacher):
+            labelled = teacher(batch)
+        reference = copy.deepcopy(teacher).train()(batch)  # train mode: the batch's statistics
+        with batch_statistics(teacher, enabled=False):
+            assert torch.equal(teacher(batch), evaluated)
+    torch.testing.assert_close(labelled, reference)
+    assert not torch.allclose(labelled, evaluated)
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key  # running statistics untouched
+
+
+def test_cvdd_labels_with_batch_statistics(tiny_set, tmp_path):
+    _eval(tiny_set, tmp_path / "cvdd.json", protocol="cvdd", epochs=1)
+    identity = json.loads((tmp_path / "cvdd.json").read_text())["identity"]["config"]
+    assert identity["teacher_batch_stats"] is True and identity["batch_size"] == 8

@@ -173,6 +173,11 @@ class EvalConfig:
         "--ce-weight x CE of each image's own label) (delt: kl)",
     )
     ce_weight: float | None = option(None, help="--loss mse-ce: the CE weight (delt: 0.025)")
+    teacher_batch_stats: bool | None = option(
+        None,
+        help="the teacher labels each batch with BatchNorm on the batch's statistics (CV-DD's "
+        "train-mode teachers), its running statistics untouched (delt: off)",
+    )
     hard_labels: bool = option(False, help="train on the set's labels, no teacher")
     random_real: bool = option(
         False, help="baseline: each seed draws --ipc random real images per class instead"
@@ -611,6 +616,7 @@ class EvalContext:
             cutmix_beta=config.cutmix_beta, hard_labels=config.hard_labels, amp=config.amp,
             channels_last=config.channels_last, lr_schedule=config.lr_schedule,
             ema_decay=config.ema_decay, loss=config.loss, ce_weight=config.ce_weight,
+            teacher_batch_stats=config.teacher_batch_stats,
         )  # fmt: skip
         model = teacher.model.to(device).requires_grad_(False).eval()
         if config.channels_last:

@@ -53,6 +53,7 @@ SETTINGS = (
     "ema_decay",
     "loss",
     "ce_weight",
+    "teacher_batch_stats",
 )
 
 DEFAULT_PROTOCOL = "delt"
@@ -115,6 +116,7 @@ def _settings(**values: Any) -> dict[str, Any]:
         "ema_decay": 0.0,
         "loss": "kl",
         "ce_weight": 0.025,
+        "teacher_batch_stats": False,
     }
     unknown = set(values) - set(table)
     if unknown:
@@ -196,16 +198,19 @@ PROTOCOLS: dict[str, Protocol] = {
             source="CV-DD (Cui et al., arXiv 2501.07575), github.com/Jiacheng8/CV-DD "
             "validate/train_fkd.py, validate/scripts/imagenet1k_experiment/*.sh, "
             "relabel/relabel.py",
-            settings=_settings(batch_size=16, randaugment_ops=0, min_crop=0.08),
+            settings=_settings(
+                batch_size=16, randaugment_ops=0, min_crop=0.08, teacher_batch_stats=True
+            ),
             not_supported=(
                 "CV-DD's labels come from a 5-teacher ensemble (ResNet-18, ResNet-50, "
                 "ShuffleNetV2, MobileNetV2, DenseNet-121) weighted by each teacher's accuracy; "
                 "delt eval uses the one --teacher",
-                "batch-statistics labels: CV-DD's teachers label in train mode (BatchNorm with "
-                "the batch's statistics, --eval-mode F); delt eval's teacher is in eval mode",
                 _STORED_LABELS,
             ),
             notes=(
+                "batch-statistics labels (CV-DD's --eval-mode F: teachers in train mode) are "
+                "--teacher-batch-stats; under torchrun each rank's teacher normalizes its own "
+                "rows of the batch",
                 "CV-DD's schedule is the half-cosine (eta 2) except at ImageNet-1K IPC 50, "
                 "where it is the full cosine: pass --lr-schedule cosine there",
                 "CV-DD's AdamW LR depends on dataset, student and IPC (1e-3 or 5e-4): pass --lr",
@@ -296,13 +301,15 @@ def trim_identity(config_identity: dict[str, Any]) -> None:
     """Drops the protocol's entries at their defaults from an evaluation's identity config, in
     place: ``--protocol delt`` and ``--lr-schedule half-cosine`` (what every evaluation was before
     they existed), so older results files keep their identity; likewise ``--ema-decay 0`` and
-    ``--loss kl`` (with its unused ``--ce-weight``)."""
+    ``--loss kl`` (with its unused ``--ce-weight``) and ``--no-teacher-batch-stats``."""
     if config_identity.get("protocol") == DEFAULT_PROTOCOL:
         del config_identity["protocol"]
     if config_identity.get("lr_schedule") == "half-cosine":
         del config_identity["lr_schedule"]
     if config_identity.get("ema_decay") == 0.0:
         del config_identity["ema_decay"]
+    if config_identity.get("teacher_batch_stats") is False:
+        del config_identity["teacher_batch_stats"]
     if config_identity.get("loss") == "kl":  # --ce-weight applies to mse-ce only
         del config_identity["loss"]
         config_identity.pop("ce_weight", None)

@@ -38,6 +38,7 @@ __all__ = [
     "StudentProtocol",
     "StudentTrainer",
     "TrainSettings",
+    "batch_statistics",
     "cosine_factor",
     "default_batch_size",
     "half_cosine_factor",
@@ -143,6 +144,25 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """With ``enabled``, the block runs ``model``'s BatchNorm layers on the batch's statistics
+    (training mode) without updating their running statistics (``track_running_stats`` off);
+    each layer's mode and flag come back after."""
+    if not enabled:
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(layer.training, layer.track_running_stats) for layer in layers]
+    for layer in layers:
+        layer.training, layer.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for layer, (training, track) in zip(layers, saved, strict=True):
+            layer.training, layer.track_running_stats = training, track
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What a training step needs besides the models (README, "Evaluating").
@@ -160,6 +180,9 @@ class TrainSettings:
             ``MSE(student logits, teacher logits) + ce_weight · CE(student, own label)``, the
             label of the image each row was pasted into, not mixed).
         ce_weight: the CE weight of ``"mse-ce"``.
+        teacher_batch_stats: the teacher labels each batch with BatchNorm normalizing by the
+            batch's own statistics (CV-DD's labels, its teachers in train mode), its running
+            statistics untouched (:func:`batch_statistics`).
         ema_decay: > 0: an exponential moving average of the student's parameters,
             ``ema = d·ema + (1 − d)·param`` after every optimizer step, is what :meth:`test`
             tests (with the student's own BatchNorm statistics; EDC's ``EMAMODEL``); 0: off.
@@ -175,6 +198,7 @@ class TrainSettings:
     ema_decay: float = 0.0
     loss: str = "kl"
     ce_weight: float = 0.025
+    teacher_batch_stats: bool = False
 
 
 @dataclass
@@ -414,7 +438,11 @@ class StudentTrainer:
         batch = batch.contiguous(memory_format=self.memory_format)
         if not settings.hard_labels:
             # The teacher labels the very batch the student sees: augmented and mixed.
-            with torch.no_grad(), autocast(self.device, settings.amp):
+            with (
+                torch.no_grad(),
+                autocast(self.device, settings.amp),
+                batch_statistics(self.teacher, settings.teacher_batch_stats),
+            ):
                 teacher_logits = self.teacher(batch)
         self.student.train()
         with autocast(self.device, settings.amp):
