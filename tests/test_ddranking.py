@@ -179,3 +179,13 @@ def test_the_cli_parses_ddranking_flags():
         1024,
         "x/eval-ddranking-set-soft-lr0.005.json",
     )
+
+
+def test_ddranking_under_torchrun_needs_the_full_data_accuracy(monkeypatch):
+    import types
+
+    import delt.ddranking as ddranking_module
+
+    monkeypatch.setattr(ddranking_module, "world", lambda: types.SimpleNamespace(size=2, rank=0))
+    with pytest.raises(ConfigError, match="under torchrun: measure the full data first"):
+        run_ddranking(DDRankingConfig(distilled="x"))

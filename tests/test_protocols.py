@@ -275,6 +275,11 @@ def test_ce_weight_applies_to_mse_ce_only():
     with pytest.raises(ConfigError, match="--ce-weight applies with --loss mse-ce, not --loss kl"):
         EvalConfig(distilled="x", ce_weight=0.1)
     assert EvalConfig(distilled="x", protocol="edc", ce_weight=0.1).ce_weight == 0.1
+    # A resolved config rebuilt (torchrun's ranks replace progress) is no error.
+    import dataclasses
+
+    resolved = EvalConfig(distilled="x")
+    assert dataclasses.replace(resolved, progress=False).ce_weight == 0.025
     with pytest.raises(ConfigError, match="--ce-weight must be a finite number >= 0"):
         EvalConfig(distilled="x", loss="mse-ce", ce_weight=-1.0)
 

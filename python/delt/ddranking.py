@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from delt.config import ConfigError, check_int_fields, option
-from delt.distributed import barrier, is_main
+from delt.distributed import barrier, is_main, world
 from delt.evaluate import EvalConfig, EvalResult, evaluate
 from delt.io import read_json, write_json
 from delt.runtime import logger, versions
@@ -306,6 +306,12 @@ def run_ddranking(config: DDRankingConfig) -> DDRankingResult:
     architecture and the protocol's epochs, shared by every run. Every evaluation is cached by
     ``delt eval`` (rerunning trains nothing). Writes ``DISTILLED/ddranking.json``.
     """
+    if config.full_data_accuracy is None and world().size > 1:
+        # delt teacher runs on rank 0 alone (hours); the other ranks cannot wait for it here.
+        raise ConfigError(
+            "delt ddranking under torchrun: measure the full data first (`delt teacher --arch "
+            "STUDENT` on the full data) and pass its test accuracy as --full-data-accuracy"
+        )
     set_hard = lr_search([config.eval_config("set-hard", lr) for lr in config.grid])
     soft_grid = config.grid if config.soft_lr is None else (config.soft_lr,)
     set_soft = lr_search([config.eval_config("set-soft", lr) for lr in soft_grid])

@@ -270,7 +270,9 @@ def apply_protocol(config: EvalSettings) -> None:
         raise ConfigError(f"--ema-decay must be in [0, 1) (0: off), got {config.ema_decay}")
     if config.loss not in ("kl", "mse-ce"):
         raise ConfigError(f"--loss must be kl or mse-ce, got {config.loss!r}")
-    if ce_weight_given and config.loss != "mse-ce":
+    # A resolved config rebuilt (dataclasses.replace) carries the preset's weight: not an error.
+    preset_weight = protocol.resolved(config.hard_labels)["ce_weight"]
+    if ce_weight_given and config.loss != "mse-ce" and config.ce_weight != preset_weight:
         raise ConfigError(f"--ce-weight applies with --loss mse-ce, not --loss {config.loss}")
     if not (math.isfinite(config.ce_weight) and config.ce_weight >= 0):
         raise ConfigError(f"--ce-weight must be a finite number >= 0, got {config.ce_weight}")
