@@ -317,3 +317,12 @@ def test_cvdd_labels_with_batch_statistics(tiny_set, tmp_path):
     _eval(tiny_set, tmp_path / "cvdd.json", protocol="cvdd", epochs=1)
     identity = json.loads((tmp_path / "cvdd.json").read_text())["identity"]["config"]
     assert identity["teacher_batch_stats"] is True and identity["batch_size"] == 8
+
+
+def test_delt_compare_passes_the_protocol_to_every_evaluation(tmp_path):
+    from delt.compare import CompareConfig
+
+    config = CompareConfig(sets=("a",), protocol="rded", lr=0.002, out=str(tmp_path))
+    evaluation = config.eval_config("a", 100, tmp_path / "x.json")
+    assert (evaluation.protocol, evaluation.epochs, evaluation.lr) == ("rded", 100, 0.002)
+    assert evaluation.shuffle_patches == 2 and evaluation.min_crop == 0.5
