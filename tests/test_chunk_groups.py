@@ -1,6 +1,7 @@
 """delt.chunk_groups: K chunks per teacher step give the chunks of one at a time (up to float
 rounding), resume at any K, and K = 1 stays the one-chunk loop."""
 
+import dataclasses
 import json
 
 import delt.chunk_groups as chunk_groups_module
@@ -63,9 +64,8 @@ def test_the_loss_of_k_chunks_is_the_sum_of_their_losses(tiny_teacher):
     # One step from the same start: the grouped loop's per-chunk losses and gradients are those
     # of optimize_chunk, each chunk apart.
     from delt.chunk_groups import ChunkSlotMatching, ChunkTask, optimize_chunks
-    from delt.synthesis import RecoverySettings, frozen_teacher, optimize_chunk
-
     from delt.models import load_checkpoint
+    from delt.synthesis import RecoverySettings, frozen_teacher, optimize_chunk
 
     model = frozen_teacher(load_checkpoint(tiny_teacher.path).model, torch.device("cpu"), False)
     low, high = torch.full((3, 1, 1), -5.0), torch.full((3, 1, 1), 5.0)
@@ -132,3 +132,46 @@ def test_a_run_resumes_at_another_k(
 def test_bad_chunks_per_step_is_refused(tiny_teacher, tiny_selection, tmp_path):
     with pytest.raises(ConfigError, match="--chunks-per-step"):
         recover(_config(tiny_teacher, tiny_selection, tmp_path, "cda", chunks_per_step=0))
+
+
+def test_bench_synthesis_runs_k_chunks_side_by_side():
+    from delt.bench import SynthesisBenchConfig, run_synthesis_bench
+
+    config = SynthesisBenchConfig(
+        method="cda", arch="convnet1", resolution=8, channels=1, classes=10, batch_size=2, ipc=1,
+        iterations=4, rounds=1, repeats=1, device="cpu", threads=1, progress=False,
+        chunks_per_step=3, rows=("delt", "+chunks-per-step"),
+    )  # fmt: skip
+    document = run_synthesis_bench(config)
+    schedule = document["schedule"]
+    assert schedule["chunks"] == 3 and schedule["iterations"] == 12
+    assert schedule["image_iterations"] == 3 * 2 * 4
+    assert [row["row"] for row in document["rows"]] == ["delt", "+chunks-per-step"]
+    with pytest.raises(ConfigError, match="--chunks-per-step 6 > the 5 chunk"):
+        run_synthesis_bench(dataclasses.replace(config, chunks_per_step=6))
+
+
+def test_pdd_stages_with_their_union_give_the_chunks_apart(tiny_teacher, tmp_path):
+    # The union of the earlier stages joins every chunk's forward, sampled from its generator.
+    def pdd(out, **overrides):
+        return recover(
+            RecoverConfig(
+                teacher=str(tiny_teacher.path),
+                ipc=4,
+                out=str(out),
+                method="pdd",
+                base="sre2l",
+                stages=2,
+                stage_ipc=[1, 3],
+                union_in_batch=True,
+                union_sample=2,
+                iterations=4,
+                batch_size=2,
+                progress=False,
+                **overrides,
+            )  # fmt: skip
+        )
+
+    apart = pdd(tmp_path / "k1")
+    together = pdd(tmp_path / "k3", chunks_per_step=3)
+    assert (together.images - apart.images).abs().max().item() < TOLERANCE
