@@ -14,8 +14,9 @@ from delt.recover import RecoverConfig, recover
 
 import delt_ext
 
-# Measured on this CPU: K = 3 against K = 1 differ by at most ~1e-6 in the images after 8 steps
-# (another batch size sums the convolutions and statistics in another order).
+# Measured on this CPU: K = 3 against K = 1 differ by at most ~7e-6 in the images after 8 steps
+# and ~3e-5 after 64 (another batch size sums the convolutions and statistics in another order;
+# docs/chunks-per-step.md).
 TOLERANCE = 1e-4
 
 
@@ -49,7 +50,7 @@ def test_k_chunks_per_step_give_the_chunks_apart(
     assert len(grouped) == 2  # 5 chunks (cda: 4 classes x IPC 5 / 4; delt: a class each): 3 + 2
     assert together.iterations_per_image == apart.iterations_per_image
     difference = (together.images - apart.images).abs().max().item()
-    assert 0 < difference < TOLERANCE or difference == 0
+    assert difference < TOLERANCE
     first, second = _chunk_payloads(tmp_path / "k1"), _chunk_payloads(tmp_path / "k3")
     assert first.keys() == second.keys()
     for name, payload in first.items():
