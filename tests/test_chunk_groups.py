@@ -14,8 +14,8 @@ from delt.recover import RecoverConfig, recover
 
 import delt_ext
 
-# Measured on this CPU: K = 3 against K = 1 differ by at most ~7e-6 in the images after 8 steps
-# and ~3e-5 after 64 (another batch size sums the convolutions and statistics in another order;
+# Measured on this CPU: K = 3 against K = 1 differ by at most ~6e-6 in the images after 8 steps
+# and ~2e-5 after 64 (another batch size sums the convolutions and statistics in another order;
 # docs/chunks-per-step.md).
 TOLERANCE = 1e-4
 
