@@ -23,8 +23,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
       released
     method, chunks,         the method registry, the options every method shares and the
-      synthesis             components; the chunk store (resume); the chunk optimizer, run
-                            setup, the output writer
+      synthesis,            components; the chunk store (resume); the chunk optimizer, run
+      chunk_groups          setup, the output writer; K chunks per teacher step
     methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
     methods.sre2l,          one module per method, each registering itself: presets of the
       methods.cda,          pixel method (sre2l, cda, delt), progressive stages (pdd), scored
@@ -53,7 +53,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("distilled",),
     ("student_augment", "student_trainer", "stagewise_training", "soft_labels", "protocols"),
     ("teacher", "select", "released"),
-    ("method", "chunks", "synthesis"),
+    ("method", "chunks", "synthesis", "chunk_groups"),
     (
         "methods.pixels",
         "methods.sre2l",
