@@ -18,12 +18,13 @@ of lower floors or ones listed before it on its own floor, never another module'
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
       stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
-      soft_labels           the soft-label store (`delt relabel`'s file, memory-mapped)
+      soft_labels,          the soft-label store (`delt relabel`'s file, memory-mapped);
+      protocols             evaluation protocols as named presets (delt, rded, sre2l, edc, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import` (a
       import_released       released set)
     method, chunks,         the method registry, the options every method shares and the
-      synthesis             components; the chunk store (resume); the chunk optimizer, run
-                            setup, the output writer
+      synthesis,            components; the chunk store (resume); the chunk optimizer, run
+      chunk_groups          setup, the output writer; K chunks per teacher step
     methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
     methods.sre2l,          one module per method, each registering itself: presets of the
       methods.cda,          pixel method (sre2l, cda, delt), progressive stages (pdd), scored
@@ -33,8 +34,9 @@ of lower floors or ones listed before it on its own floor, never another module'
       methods.random_real
     methods, recover        all built-in methods; `delt recover` (looks the method up)
     eval_results,           results files (eval.json, kept evaluations, a seed's training
-      evaluate, relabel,    state); `delt eval` (`--stagewise`, `--labels`), `delt relabel`,
-      stagewise, diversity  `delt diversity`
+      evaluate, relabel,    state); `delt eval` (`--stagewise`, `--labels`, `--protocol`),
+      stagewise, diversity, `delt relabel`, `delt diversity`, `delt ddranking` (DD-Ranking's
+      ddranking             scores with accuracies as fractions)
     report, comparison,     reports and charts; runs pooled by method, gains over
       compare, pipeline,    random-real paired by seed, other evaluations pooled by
       bench, bench_eval     protocol; `delt compare` (sets against random real images, per
@@ -51,9 +53,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("schedules",),
     ("distilled_set",),
-    ("student_augment", "student_trainer", "stagewise_training", "soft_labels"),
+    ("student_augment", "student_trainer", "stagewise_training", "soft_labels", "protocols"),
     ("teacher", "select", "import_released"),
-    ("method", "chunks", "synthesis"),
+    ("method", "chunks", "synthesis", "chunk_groups"),
     (
         "methods.pixels",
         "methods.sre2l",
@@ -64,7 +66,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "methods.random_real",
     ),
     ("methods", "recover"),
-    ("eval_results", "evaluate", "relabel", "stagewise", "diversity"),
+    ("eval_results", "evaluate", "relabel", "stagewise", "diversity", "ddranking"),
     ("report", "comparison", "compare", "pipeline", "bench", "bench_eval"),
     ("demo", "cli"),
 )

@@ -19,7 +19,8 @@ from delt.data import load_dataset, load_like
 from delt.distilled_set import Manifest, load_distilled
 from delt.distributed import barrier, is_main, main_first
 from delt.diversity import DiversityConfig, measure_diversity
-from delt.evaluate import EvalConfig, EvalResult, evaluate
+from delt.eval_results import EvalResult
+from delt.evaluate import EvalConfig, evaluate
 from delt.identity import check_or_reuse, config_defaults, config_identity
 from delt.io import check_output, read_json, sha256_file, write_json
 from delt.lock import output_lock
