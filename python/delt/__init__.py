@@ -18,8 +18,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
       stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
-    teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
-      released
+    teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`;
+      released, stats       `delt stats` (per-class BN statistics: the file, its collection)
     method, chunks,         the method registry, the options every method shares and the
       synthesis             components; the chunk store (resume); the chunk optimizer, run
                             setup, the output writer
@@ -48,7 +48,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("schedules",),
     ("distilled",),
     ("student_augment", "student_trainer", "stagewise_training"),
-    ("teacher", "select", "released"),
+    ("teacher", "select", "released", "stats"),
     ("method", "chunks", "synthesis"),
     (
         "methods.pixels",
