@@ -20,9 +20,10 @@ of lower floors or ones listed before it on its own floor, never another module'
       stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`;
       released, stats       `delt stats` (per-class BN statistics: the file, its collection)
-    method, chunks,         the method registry, the options every method shares and the
-      synthesis             components; the chunk store (resume); the chunk optimizer, run
-                            setup, the output writer
+    matching, method,       the matching target (--match: running or per-class BN
+      chunks, synthesis     statistics); the method registry, the options every method
+                            shares and the components; the chunk store (resume); the chunk
+                            optimizer, run setup, the output writer
     methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
     methods.sre2l,          one module per method, each registering itself: presets of the
       methods.cda,          pixel method (sre2l, cda, delt), progressive stages (pdd), scored
@@ -49,7 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("distilled",),
     ("student_augment", "student_trainer", "stagewise_training"),
     ("teacher", "select", "released", "stats"),
-    ("method", "chunks", "synthesis"),
+    ("matching", "method", "chunks", "synthesis"),
     (
         "methods.pixels",
         "methods.sre2l",

@@ -5,6 +5,7 @@ one set optimized chunk by chunk from noise or a selection."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -21,7 +22,8 @@ from delt.method import (
     SynthesisConfig,
 )
 from delt.runtime import derive_seed, logger
-from delt.schedules import Chunk
+from delt.matching import check_match, resolved_match
+from delt.schedules import Chunk, class_contiguous_chunks
 from delt.select import Selection
 from delt.synthesis import (
     chunk_optimizer,
@@ -43,6 +45,9 @@ class PixelMethod(Method):
         self.preset = preset
 
     def recipe(self, config: SynthesisConfig) -> MethodRecipe | None:
+        if getattr(config, "match", "global") == "class":
+            # Per-class matching needs several images of a class in a batch (WMDD's batches).
+            return dataclasses.replace(self.preset, chunks=class_contiguous_chunks)
         return self.preset
 
     def starts_from_selection(self, config: object) -> bool:
@@ -56,6 +61,7 @@ class PixelMethod(Method):
         (``--data-root`` applies); ``label``: how messages name the method."""
         recipe = self.recipe(config)
         assert recipe is not None
+        check_match(config)
         for name in ("lr", "r_bn", "first_bn_multiplier"):
             value = getattr(config, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
@@ -112,7 +118,7 @@ class PixelMethod(Method):
                 else config.round_iterations or DEFAULT_ROUND_ITERATIONS
             )
         jitter = recipe.default_jitter(info.resolution) if config.jitter is None else config.jitter
-        return {"round_iterations": round_iterations, "jitter": jitter}
+        return {"round_iterations": round_iterations, "jitter": jitter, **resolved_match(config)}
 
     def recover(self, config: SynthesisConfig) -> RecoverResult:
         return recover_pixels(config)
