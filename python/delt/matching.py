@@ -109,7 +109,9 @@ def resolved_match(config: Any) -> dict[str, Any]:
     if config.match == "global":
         return {}
     return {
-        "match_class_weight": 1.0 if config.match_class_weight is None else config.match_class_weight,
+        "match_class_weight": 1.0
+        if config.match_class_weight is None
+        else config.match_class_weight,
         "stats_convention": config.stats_convention or DEFAULT_CONVENTION[config.match],
     }
 
@@ -144,7 +146,10 @@ class ClassMatching:
         self._modules = [m for _, m in layers]
         self.match, self.class_weight = match, class_weight
         self._targets = [
-            (mean.to(m.running_mean.device, torch.float32), var.to(m.running_mean.device, torch.float32))
+            (
+                mean.to(m.running_mean.device, torch.float32),
+                var.to(m.running_mean.device, torch.float32),
+            )
             for (mean, var), m in zip(
                 statistics.class_targets(convention), self._modules, strict=True
             )

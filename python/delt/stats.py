@@ -82,7 +82,9 @@ _SUMS += ("gbatch_sum", "gbatch_sq")
 class StatsConfig:
     """Configuration of ``delt stats`` (one field per flag)."""
 
-    teacher: str = option(help="teacher checkpoint (DIR/teacher.pt of `delt teacher`)", identity=False)
+    teacher: str = option(
+        help="teacher checkpoint (DIR/teacher.pt of `delt teacher`)", identity=False
+    )
     out: str = option(
         help="statistics file to write (e.g. stats.pt); the shards of an unfinished run sit in "
         "OUT.parts/ (re-running resumes)",
@@ -182,7 +184,9 @@ class BNStatistics:
             for name, m in teacher.model.named_modules()
             if isinstance(m, _BN_TYPES)
         ]
-        mine = [(name, int(self.layers[name]["pixel"]["mean"].shape[0])) for name in self.layer_names]
+        mine = [
+            (name, int(self.layers[name]["pixel"]["mean"].shape[0])) for name in self.layer_names
+        ]
         if layers != mine:
             raise TeacherMismatchError(
                 f"{flag} {self.path}: its BN layers {mine} are not the teacher's {layers}"
@@ -199,7 +203,9 @@ def _digest(payload: dict[str, Any]) -> str:
     for name in payload["layer_names"]:
         for convention in CONVENTIONS:
             for key in ("class_mean", "class_var", "mean", "var"):
-                tensors.append((f"{name}/{convention}/{key}", payload["layers"][name][convention][key]))
+                tensors.append(
+                    (f"{name}/{convention}/{key}", payload["layers"][name][convention][key])
+                )
     for name, tensor in tensors:
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.contiguous().numpy().tobytes())
@@ -228,7 +234,9 @@ def load_statistics(path: str | Path, flag: str = "--stats") -> BNStatistics:
     try:
         digest = _digest(payload)
     except (KeyError, TypeError, AttributeError, RuntimeError):
-        raise FileFormatError(f"{flag} {path}: a damaged statistics file (entries missing)") from None
+        raise FileFormatError(
+            f"{flag} {path}: a damaged statistics file (entries missing)"
+        ) from None
     if digest != payload["digest"]:
         raise FileFormatError(
             f"{flag} {path}: a damaged statistics file (its contents do not match their SHA-256)"
@@ -431,7 +439,9 @@ def _collect(config, teacher, dataset, identity, teacher_sha256, data, parts, ou
                 collector.reset()
                 index = torch.arange(start, stop)
                 for offset, (images, targets) in zip(
-                    range(start, stop, size), iterate_batches(dataset, size, indices=index)
+                    range(start, stop, size),
+                    iterate_batches(dataset, size, indices=index),
+                    strict=True,
                 ):
                     batch = slice(offset, offset + targets.shape[0])
                     collector.labels = targets

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from delt.config import ConfigError, check_int_fields, flag
 from delt.data import DatasetInfo
+from delt.matching import check_match, resolved_match
 from delt.method import (
     DEFAULT_ROUND_ITERATIONS,
     Method,
@@ -22,7 +23,6 @@ from delt.method import (
     SynthesisConfig,
 )
 from delt.runtime import derive_seed, logger
-from delt.matching import check_match, resolved_match
 from delt.schedules import Chunk, class_contiguous_chunks
 from delt.select import Selection
 from delt.synthesis import (
