@@ -74,7 +74,7 @@ class MatchOptions:
     )
 
 
-def check_match(config: Any) -> None:
+def check_match(config: MatchOptions) -> None:
     """Validates the matching flags of a config holding :class:`MatchOptions`' fields.
 
     Raises:
@@ -104,7 +104,7 @@ def check_match(config: Any) -> None:
         )
 
 
-def resolved_match(config: Any) -> dict[str, Any]:
+def resolved_match(config: MatchOptions) -> dict[str, Any]:
     """The defaults of the matching flags filled in (nothing for ``--match global``)."""
     if config.match == "global":
         return {}
@@ -220,20 +220,21 @@ class ClassMatching:
 
 @contextmanager
 def matching_target(
-    model: nn.Module, config: Any, statistics: BNStatistics | None
+    model: nn.Module,
+    config: MatchOptions,
+    first_bn_multiplier: float,
+    statistics: BNStatistics | None,
 ) -> Iterator[Any]:
     """The matching target of a resolved config's ``--match`` on ``model``, hooks removed on
     exit: :class:`delt_ext.BNStatMatching` for ``global`` (bitwise the loss of before
     ``--match`` existed), else :class:`ClassMatching` on ``statistics``."""
-    if getattr(config, "match", "global") == "global":
-        with delt_ext.BNStatMatching(
-            model, first_bn_multiplier=config.first_bn_multiplier
-        ) as target:
+    if config.match == "global":
+        with delt_ext.BNStatMatching(model, first_bn_multiplier=first_bn_multiplier) as target:
             yield target
         return
     assert statistics is not None
     target = ClassMatching(
-        model, config.first_bn_multiplier, statistics, config.stats_convention, config.match,
+        model, first_bn_multiplier, statistics, config.stats_convention, config.match,
         config.match_class_weight,
     )  # fmt: skip
     try:

@@ -717,7 +717,7 @@ def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
     ``--compile``, compiled after hooking, so that the hooks are traced into the graph."""
     config = run.config
     model = frozen_teacher(model, run.device, config.channels_last)
-    with matching_target(model, config, run.statistics) as target:
+    with matching_target(model, config, config.first_bn_multiplier, run.statistics) as target:
         forward = torch.compile(model) if config.compile else model
         yield ChunkOptimizer(
             forward, target, run.settings, run.device, config.iterations, config.progress
