@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from delt.batches import iterate_batches
 from delt.data import DatasetNotFoundError, load_dataset
 from delt.models import build_model, save_checkpoint
