@@ -17,7 +17,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     distilled               the distilled-set format: Manifest, save/load/check, stage unions
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
-      stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
+      stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
+      soft_labels           the soft-label store (`delt relabel`'s file, memory-mapped)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`;
       released, stats       `delt stats` (per-class BN statistics: the file, its collection)
     matching, method,       the matching target (--match: running or per-class BN
@@ -32,11 +33,12 @@ of lower floors or ones listed before it on its own floor, never another module'
       methods.rded,
       methods.random_real
     methods, recover        all built-in methods; `delt recover` (looks the method up)
-    evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
-      diversity
+    evaluate, relabel,      `delt eval` (`--stagewise`, `--labels`), `delt relabel`,
+      stagewise, diversity  `delt diversity`
     report, comparison,     reports and charts; runs pooled by method, gains over
-      distill, bench,       random-real paired by seed, other evaluations pooled by
-      bench_eval            protocol; `delt distill`; `delt bench synthesis`, `delt bench eval`
+      compare, distill,     random-real paired by seed, other evaluations pooled by
+      bench, bench_eval     protocol; `delt compare` (sets against random real images, per
+                            student budget); `delt distill`; `delt bench synthesis|eval`
     demo, cli               `delt demo`; the command table
 """
 
@@ -48,7 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("schedules",),
     ("distilled",),
-    ("student_augment", "student_trainer", "stagewise_training"),
+    ("student_augment", "student_trainer", "stagewise_training", "soft_labels"),
     ("teacher", "select", "released", "stats"),
     ("matching", "method", "chunks", "synthesis"),
     (
@@ -61,7 +63,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "methods.random_real",
     ),
     ("methods", "recover"),
-    ("evaluate", "stagewise", "diversity"),
-    ("report", "comparison", "distill", "bench", "bench_eval"),
+    ("evaluate", "relabel", "stagewise", "diversity"),
+    ("report", "comparison", "compare", "distill", "bench", "bench_eval"),
     ("demo", "cli"),
 )

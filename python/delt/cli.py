@@ -26,6 +26,7 @@ import torch
 
 from delt.bench import SynthesisBenchConfig, run_synthesis_bench
 from delt.bench_eval import EvalBenchConfig, run_eval_bench
+from delt.compare import CompareConfig, run_compare
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.demo import DemoConfig, run_demo
@@ -36,6 +37,7 @@ from delt.evaluate import EvalConfig, evaluate
 from delt.io import FileFormatError, WriteError
 from delt.lock import output_lock
 from delt.recover import RecoverConfig, recover
+from delt.relabel import RelabelConfig, relabel
 from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
 from delt.runtime import DEFAULT_THREADS, ResourceError, logger
@@ -116,11 +118,21 @@ def _show_eval(config: EvalConfig, result) -> None:
         )
 
 
+def _show_relabel(config: RelabelConfig, result) -> None:
+    state = "already there" if result.reused else f"{result.epochs_labelled} epochs labelled"
+    print(f"relabel: {result.path} ({result.size} bytes; {state})")
+
+
 def _show_diversity(config: DiversityConfig, result) -> None:
     print(
         f"diversity: {result.mean:.4f} ± {result.std:.4f} (mean cosine to the class centroid; "
         f"lower = more diverse) -> {result.path}"
     )
+
+
+def _show_compare(config, result) -> None:
+    print(result.markdown, end="")
+    print(f"compare: {result.out / 'compare.json'}, compare.md, compare.png")
 
 
 COMMANDS: dict[str, Command] = {
@@ -162,6 +174,12 @@ COMMANDS: dict[str, Command] = {
         _run_eval,
         _show_eval,
     ),
+    "relabel": Command(
+        "store a teacher's soft labels on every batch of a delt eval seed (delt eval --labels)",
+        RelabelConfig,
+        relabel,
+        _show_relabel,
+    ),
     "diversity": Command(
         "DELT's diversity: per-class cosine of features to the class centroid (diversity.json)",
         DiversityConfig,
@@ -179,6 +197,13 @@ COMMANDS: dict[str, Command] = {
         ReportConfig,
         compare_runs,
         main_rank_only=True,
+    ),
+    "compare": Command(
+        "sets against random real images (and their starting images), paired by seed, per "
+        "student budget (compare.json/.md/.png)",
+        CompareConfig,
+        run_compare,
+        _show_compare,
     ),
     "bench": Command(
         "throughput benchmarks",
@@ -220,6 +245,8 @@ def _output_folder(config: object) -> Path | None:
     results file (eval, diversity, report)."""
     if isinstance(config, EvalConfig):
         return config.results_path.parent
+    if isinstance(config, RelabelConfig):
+        return config.out_path.parent
     out = getattr(config, "out", None)
     if out is None:
         distilled = getattr(config, "distilled", None)
