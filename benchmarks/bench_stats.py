@@ -40,7 +40,7 @@ def _teacher() -> tuple[Path, object]:
             dataset = load_dataset(SYNTHETIC, "train")
         folder = Path(tempfile.mkdtemp(prefix="bench-stats-"))
         torch.manual_seed(0)
-        model = build_model("convnet3", dataset.info, width=128).eval()
+        model = build_model("convnet3", dataset.info, {"width": 128}).eval()
         info = {**dataset.info.to_dict(), "fingerprint": dataset.fingerprint()}
         meta = {"arch": "convnet3", "arch_kwargs": {"width": 128}, "dataset": info}
         save_checkpoint(folder / "teacher.pt", model, meta)
