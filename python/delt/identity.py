@@ -97,7 +97,7 @@ def _difference(key: str, saved: object, current: object, is_field: bool) -> str
         return f"{flag(key)}: {_short(saved)} -> {_short(current)}"
     if key.endswith("_sha256"):
         name = key.removesuffix("_sha256")
-        flag_name = {"teacher": "--teacher", "selection": "--selection"}.get(name, name)
+        flag_name = {"teacher": "--teacher", "selection": "--selection", "stats": "--stats"}.get(name, name)
 
         def shown(value: object) -> str:
             return "none" if value is None else str(value)[:16] + "..."

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from delt.config import ConfigError, option, refuse_method_options
 from delt.data import DatasetInfo
+from delt.matching import MatchOptions
 from delt.schedules import Chunk, class_interleaved_chunks
 
 __all__ = [
@@ -40,7 +41,7 @@ DEFAULT_ROUND_ITERATIONS = 500
 
 
 @dataclass(kw_only=True)
-class SynthesisConfig:
+class SynthesisConfig(MatchOptions):
     """The options every method of ``delt recover`` shares (one field per flag); a method's own
     flags are its :attr:`Method.options` dataclass, composed beside these by
     :class:`delt.recover.RecoverConfig`."""
@@ -114,7 +115,8 @@ class SynthesisConfig:
 # The fields of SynthesisConfig that only the pixel optimization reads.
 LOOP_FIELDS = (
     "selection", "iterations", "round_iterations", "lr", "beta1", "beta2", "r_bn",
-    "first_bn_multiplier", "jitter", "per_sample_aug", "compile", "chunks_per_step",
+    "first_bn_multiplier", "jitter", "per_sample_aug", "compile", "chunks_per_step", "match",
+    "match_class_weight", "stats", "stats_convention",
 )  # fmt: skip
 
 

@@ -188,6 +188,17 @@ class Progressive(Method):
             )
 
     def check(self, config: SynthesisConfig) -> None:
+        options = self.options_of(config)
+        if getattr(config, "match", "global") != "global":
+            # The union's images have no labels in the batch; a stage teacher is not the one
+            # whose statistics --stats holds.
+            if options.union_in_batch:
+                raise ConfigError(f"--match {config.match} does not apply with --union-in-batch")
+            if options.stage_teachers == "checkpoints":
+                raise ConfigError(
+                    f"--match {config.match} does not apply with --stage-teachers checkpoints "
+                    "(--stats holds the final teacher's statistics)"
+                )
         self.base(config).check_loop(
             config, reads_data=self.reads_training_set(config), label=self.label(config)
         )
