@@ -196,7 +196,9 @@ class ChunkStore:
             if chunk.index not in pending:
                 place(chunk, *self.load(chunk))
         for chunk in tqdm(
-            [chunk for chunk in chunks if chunk.index in mine], desc=desc, disable=not progress
+            [chunk for chunk in chunks if chunk.index in mine],
+            desc=desc,
+            disable=None if progress else True,  # None: on a terminal only
         ):
             generator = torch.Generator().manual_seed(chunk_seed(chunk))
             result, chunk_iterations = make_chunk(chunk, generator)

@@ -100,7 +100,7 @@ def _run_demo(config: DemoConfig, threads: int) -> dict:
 def _demo_steps(config: DemoConfig, threads: int) -> dict:
     out = Path(config.out)
     started = time.perf_counter()
-    logger.info("demo: %d torch thread(s)", threads)
+    logger.info("demo: %d torch thread(s); outputs under %s/", threads, out)
     check_output(out, "--out")  # it writes summary.json even when every step is cached
     # Fail early, with the install hint, before any work.
     load_dataset("fashion-mnist", "test", config.data_root)

@@ -659,7 +659,7 @@ class EvalContext:
                     )  # fmt: skip
             bar = tqdm(
                 total=config.epochs, initial=trainer.epochs_done, desc=f"student seed {seed}",
-                leave=False, disable=not config.progress,
+                leave=False, disable=None if config.progress else True,
             )  # fmt: skip
             while trainer.epochs_done < config.epochs:
                 epochs = min(
