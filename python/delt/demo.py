@@ -2,7 +2,7 @@
 
 A ConvNet-3 teacher (``OUT/teacher``), then ``delt distill`` with it for ``--method delt`` (MI/RI
 scaled down to fit a CPU) and ``random-real``, ``delt report`` over both, one printed table and
-``OUT/summary.json``; every step caches (README, "make demo"). torch runs with ``--threads``
+``OUT/summary.json``; every step caches (docs/quickstart.md). torch runs with ``--threads``
 (default 2, what the README's figures were measured with) whatever the machine's load: the
 teacher's training is not bitwise stable across thread counts, so a count chosen from the idle
 cores made the printed accuracies depend on how busy the machine was.
