@@ -10,6 +10,7 @@ add are run.
 import copy
 import importlib.metadata
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -541,3 +542,47 @@ def test_editable_install_builds_in_place_and_works(tmp_path):
     assert "active path       compiled ops" in report and str(built[0]) in report
     cli = subprocess.run([venv / "bin" / "delt", "--help"], capture_output=True, text=True)
     assert cli.returncode == 0 and "usage: delt" in cli.stdout, cli.stderr
+
+
+# ---- the recipes against the repositories themselves -------------------------------------------
+
+# The commit each recipe names on the page, and the variable pointing at a clone of its repository.
+REAL_REPOSITORIES = {"VILA-Lab/SRe2L": "SRE2L_REPO", "VILA-Lab/DELT": "DELT_REPO"}
+
+
+def recipe_commits() -> dict[str, tuple[str, str]]:
+    """Repository -> (commit named on the page, its compat diff block)."""
+    found = {}
+    for repository in REAL_REPOSITORIES:
+        match = re.search(
+            rf"\[{repository}\]\(https://github.com/{repository}\).*?commit (\w+).*?"
+            r"```diff\n(.*?)```",
+            RECIPES,
+            re.S,
+        )
+        assert match, f"docs/drop-in.md names no commit and recipe for {repository}"
+        found[repository] = (match.group(1), match.group(2))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to apply the recipes' diffs")
+@pytest.mark.parametrize("repository", list(REAL_REPOSITORIES))
+def test_compat_recipe_applies_to_the_real_repository(repository, tmp_path):
+    clone = os.environ.get(REAL_REPOSITORIES[repository])
+    if not clone:
+        pytest.skip(f"set {REAL_REPOSITORIES[repository]} to a clone of {repository}")
+    commit, block = recipe_commits()[repository]
+    assert COMPAT_LINE in block
+    for path in compat_files(block):  # the files at the named commit, nothing else
+        shown = subprocess.run(
+            ["git", "show", f"{commit}:{path}"], cwd=clone, capture_output=True, check=True
+        )
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(shown.stdout)
+    (tmp_path / "recipe.diff").write_text(block)
+    applied = subprocess.run(
+        ["git", "apply", "recipe.diff"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert applied.returncode == 0, applied.stderr
+    for path in compat_files(block):
+        assert COMPAT_LINE in (tmp_path / path).read_text()
