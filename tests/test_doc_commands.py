@@ -167,19 +167,27 @@ def make_targets() -> set[str]:
     return set(re.findall(r"^([a-z][a-z-]*):", text, re.M))
 
 
+def make_target(words: list[str]) -> str | None:
+    """The target of a ``make`` command line (after its options and variables), else None."""
+    if words[:1] != ["make"]:
+        return None
+    for word in words[1:]:
+        if not word.startswith("-") and "=" not in word:
+            return word if re.fullmatch(r"[a-z][a-z-]*", word) else None  # `make X`: a placeholder
+    return None
+
+
 def test_every_documented_make_target_exists():
     targets = make_targets()
     used = set()
     for page in PAGES:
         text = read(page)
-        for line in shell_lines(text):
-            words = line.split()
-            if words[:1] == ["make"] and len(words) > 1 and "=" not in words[1]:
-                used.add((page.name, words[1]))
-        for span in INLINE.findall(text):
-            words = span.split()
-            if words[:1] == ["make"] and len(words) > 1 and not words[1].startswith("-"):
-                used.add((page.name, words[1]))
+        for words in [line.split() for line in shell_lines(text)] + [
+            span.split() for span in INLINE.findall(text)
+        ]:
+            target = make_target(words)
+            if target:
+                used.add((page.name, target))
     assert {"test", "demo", "docs", "lint"} <= {target for _, target in used}
     missing = sorted(f"{page}: make {target}" for page, target in used if target not in targets)
     assert not missing, missing
