@@ -34,8 +34,9 @@ of lower floors or ones listed before it on its own floor, never another module'
     evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
       diversity
     report, comparison,     reports and charts; runs pooled by method, gains over
-      distill, bench,       random-real paired by seed, other evaluations pooled by
-      bench_eval            protocol; `delt distill`; `delt bench synthesis`, `delt bench eval`
+      compare, distill,     random-real paired by seed, other evaluations pooled by
+      bench, bench_eval     protocol; `delt compare` (sets against random real images, per
+                            student budget); `delt distill`; `delt bench synthesis|eval`
     demo, cli               `delt demo`; the command table
 """
 
@@ -61,6 +62,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     ("methods", "recover"),
     ("evaluate", "stagewise", "diversity"),
-    ("report", "comparison", "distill", "bench", "bench_eval"),
+    ("report", "comparison", "compare", "distill", "bench", "bench_eval"),
     ("demo", "cli"),
 )

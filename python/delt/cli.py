@@ -26,6 +26,7 @@ import torch
 
 from delt.bench import SynthesisBenchConfig, run_synthesis_bench
 from delt.bench_eval import EvalBenchConfig, run_eval_bench
+from delt.compare import CompareConfig, run_compare
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.demo import DemoConfig, run_demo
@@ -122,6 +123,11 @@ def _show_diversity(config: DiversityConfig, result) -> None:
     )
 
 
+def _show_compare(config, result) -> None:
+    print(result.markdown, end="")
+    print(f"compare: {result.out / 'compare.json'}, compare.md, compare.png")
+
+
 COMMANDS: dict[str, Command] = {
     "teacher": Command(
         "train a teacher on real data",
@@ -169,6 +175,13 @@ COMMANDS: dict[str, Command] = {
         ReportConfig,
         compare_runs,
         main_rank_only=True,
+    ),
+    "compare": Command(
+        "sets against random real images (and their starting images), paired by seed, per "
+        "student budget (compare.json/.md/.png)",
+        CompareConfig,
+        run_compare,
+        _show_compare,
     ),
     "bench": Command(
         "throughput benchmarks",
