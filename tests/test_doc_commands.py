@@ -20,9 +20,6 @@ from delt.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 INLINE = re.compile(r"`([^`\n]+)`")
-# Subcommands a page names as not there yet (docs/gpu-check.md: `delt compare` "does not exist
-# yet"); no effect once the command exists.
-NOT_YET = {"compare"}
 
 
 def read(page: Path) -> str:
@@ -151,8 +148,6 @@ def test_every_inline_delt_flag_exists():
         for name in path:
             choices = subparsers(parser)
             if name not in choices:
-                if name in NOT_YET:
-                    break
                 wrong.append(f"{page}: `{span}`: no subcommand {' '.join(path)}")
                 break
             parser = choices[name]
