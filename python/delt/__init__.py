@@ -17,12 +17,13 @@ of lower floors or ones listed before it on its own floor, never another module'
     distilled               the distilled-set format: Manifest, save/load/check, stage unions
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
-      stagewise_training    the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …)
+      stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
+      soft_labels           the soft-label store (`delt relabel`'s file, memory-mapped)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
       released
     method, chunks,         the method registry, the options every method shares and the
-      synthesis             components; the chunk store (resume); the chunk optimizer, run
-                            setup, the output writer
+      synthesis,            components; the chunk store (resume); the chunk optimizer, run
+      chunk_groups          setup, the output writer; K chunks per teacher step
     methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
     methods.sre2l,          one module per method, each registering itself: presets of the
       methods.cda,          pixel method (sre2l, cda, delt), progressive stages (pdd), scored
@@ -31,8 +32,8 @@ of lower floors or ones listed before it on its own floor, never another module'
       methods.rded,
       methods.random_real
     methods, recover        all built-in methods; `delt recover` (looks the method up)
-    evaluate, stagewise,    `delt eval` (`--stagewise`), `delt diversity`
-      diversity
+    evaluate, relabel,      `delt eval` (`--stagewise`, `--labels`), `delt relabel`,
+      stagewise, diversity  `delt diversity`
     report, comparison,     reports and charts; runs pooled by method, gains over
       compare, distill,     random-real paired by seed, other evaluations pooled by
       bench, bench_eval     protocol; `delt compare` (sets against random real images, per
@@ -48,9 +49,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("schedules",),
     ("distilled",),
-    ("student_augment", "student_trainer", "stagewise_training"),
+    ("student_augment", "student_trainer", "stagewise_training", "soft_labels"),
     ("teacher", "select", "released"),
-    ("method", "chunks", "synthesis"),
+    ("method", "chunks", "synthesis", "chunk_groups"),
     (
         "methods.pixels",
         "methods.sre2l",
@@ -61,7 +62,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "methods.random_real",
     ),
     ("methods", "recover"),
-    ("evaluate", "stagewise", "diversity"),
+    ("evaluate", "relabel", "stagewise", "diversity"),
     ("report", "comparison", "compare", "distill", "bench", "bench_eval"),
     ("demo", "cli"),
 )

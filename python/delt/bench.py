@@ -20,7 +20,14 @@ row                    what one iteration runs
 ``+bf16``              ``+channels_last`` and a bfloat16 autocast of the teacher forward
 ``+compile``           ``+channels_last`` and ``torch.compile`` of the hooked teacher (fp32)
 ``+per-sample-aug``    ``delt`` (fp32) with a crop/flip/roll per image (``--per-sample-aug``)
+``+chunks-per-step``   ``delt`` (fp32) with the ``--chunks-per-step`` chunks in one teacher step
+                       (:mod:`delt.chunk_groups`)
 =====================  ==========================================================================
+
+With ``--chunks-per-step K`` the run holds the first K chunks of the method's batching (chunk
+k's initial images seeded with ``--seed`` + k): every row but ``+chunks-per-step`` optimizes
+them one after another, ``+chunks-per-step`` all K in one loop; a row's rate counts the
+image-iterations of all K chunks, and its ms / iteration is per chunk-iteration.
 
 The teacher is the architecture untrained (seeded; or ``--teacher`` for a checkpoint): the cost
 of a step does not depend on its weights. DELT's active sub-batches are those of the first chunk
@@ -53,6 +60,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import delt_ext
+from delt.chunk_groups import ChunkSlotMatching, ChunkTask, optimize_chunks
 from delt.config import ConfigError, check_int_fields, option
 from delt.data import DatasetInfo
 from delt.io import write_json
@@ -86,7 +94,10 @@ def _presets() -> dict[str, MethodRecipe]:
     }
 
 
-ROWS = ("reference", "floor", "delt", "+channels_last", "+bf16", "+compile", "+per-sample-aug")
+ROWS = (
+    "reference", "floor", "delt", "+channels_last", "+bf16", "+compile", "+per-sample-aug",
+    "+chunks-per-step",
+)  # fmt: skip
 # What each product row turns on: +bf16 and +compile each add to +channels_last (not to each
 # other: a CPU without bfloat16 units runs bf16 convolutions ~40x slower than fp32, which would
 # leave +compile unmeasurable there); +per-sample-aug is delt (fp32) with per-image augmentation.
@@ -122,6 +133,10 @@ class SynthesisBenchConfig:
     ipc: int = option(50, help="delt: images per class, which fixes the chunk's rounds")
     iterations: int = option(8, help="timed iterations per run (delt: a multiple of --rounds)")
     rounds: int = option(PAPER_ROUNDS, help="delt: MI/RI rounds compressed into --iterations")
+    chunks_per_step: int = option(
+        1, help="chunks of the run (the method's first ones); +chunks-per-step optimizes them "
+        "in one teacher step, the other rows one after another",
+    )  # fmt: skip
     repeats: int = option(3, help="timed runs of every row (interleaved; the median is shown)")
     rows: tuple[str, ...] = option(ROWS, help=f"rows to run, of {', '.join(ROWS)}")
     device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -138,7 +153,7 @@ class SynthesisBenchConfig:
         check_int_fields(
             self,
             ("resolution", "channels", "classes", "batch_size", "ipc", "iterations", "rounds",
-             "repeats"),
+             "repeats", "chunks_per_step"),
         )  # fmt: skip
         check_int_fields(self, ("threads",), low=0)
         self.rows = tuple(self.rows)
@@ -297,7 +312,8 @@ class _Case:
         return [sum(1 for s in self.starts if s <= t) for t in range(self.total)]
 
 
-def _build_case(config: SynthesisBenchConfig, device: torch.device) -> _Case:
+def _build_cases(config: SynthesisBenchConfig, device: torch.device) -> list[_Case]:
+    """The first ``--chunks-per-step`` chunks of the method's batching, on one teacher."""
     torch.manual_seed(config.seed)
     if config.teacher is not None:
         checkpoint = load_checkpoint(config.teacher)
@@ -318,19 +334,32 @@ def _build_case(config: SynthesisBenchConfig, device: torch.device) -> _Case:
             f"--batch-size {config.batch_size} > the teacher's {info.num_classes} classes: a "
             f"{config.method} chunk holds one image per class"
         )
-    chunk = recipe.chunks(info.num_classes, ipc, config.batch_size)[0]
-    if recipe.early_late:
-        round_iterations = config.iterations // config.rounds
-        total, starts = chunk_schedule(chunk.within_class, ipc, config.iterations, round_iterations)
-    else:
-        total, starts = config.iterations, [0] * len(chunk)
-    generator = torch.Generator().manual_seed(config.seed)
-    init = torch.randn(len(chunk), info.channels, info.resolution, info.resolution,
-                       generator=generator)  # fmt: skip
+    chunks = recipe.chunks(info.num_classes, ipc, config.batch_size)
+    if config.chunks_per_step > len(chunks):
+        raise ConfigError(
+            f"--chunks-per-step {config.chunks_per_step} > the {len(chunks)} chunk(s) of a "
+            f"{config.method} run of {info.num_classes} classes at --ipc {ipc} and --batch-size "
+            f"{config.batch_size}"
+        )
     low, high = info.pixel_bounds()
-    init = torch.maximum(torch.minimum(init, high), low)
-    labels = torch.tensor(chunk.classes, dtype=torch.int64)
-    return _Case(teacher, info, init.to(device), labels.to(device), starts, total, device)
+    cases = []
+    for k, chunk in enumerate(chunks[: config.chunks_per_step]):
+        if recipe.early_late:
+            round_iterations = config.iterations // config.rounds
+            total, starts = chunk_schedule(
+                chunk.within_class, ipc, config.iterations, round_iterations
+            )
+        else:
+            total, starts = config.iterations, [0] * len(chunk)
+        generator = torch.Generator().manual_seed(config.seed + k)
+        init = torch.randn(len(chunk), info.channels, info.resolution, info.resolution,
+                           generator=generator)  # fmt: skip
+        init = torch.maximum(torch.minimum(init, high), low)
+        labels = torch.tensor(chunk.classes, dtype=torch.int64)
+        cases.append(
+            _Case(teacher, info, init.to(device), labels.to(device), starts, total, device)
+        )
+    return cases
 
 
 def _reference_row(case: _Case, config: SynthesisBenchConfig) -> Callable[[], None]:
@@ -364,8 +393,7 @@ def _floor_row(case: _Case) -> Callable[[], None]:
     return run
 
 
-def _product_row(case: _Case, config: SynthesisBenchConfig, row: str) -> Callable[[], None]:
-    overrides = _PRODUCT_ROWS[row]
+def _product_settings(case: _Case, config: SynthesisBenchConfig, overrides: dict):
     method = methods()[config.method]
     recipe = _presets()[config.method]
     early_late = recipe.early_late
@@ -379,7 +407,11 @@ def _product_row(case: _Case, config: SynthesisBenchConfig, row: str) -> Callabl
     recover_config = dataclasses.replace(
         recover_config, **method.resolved(recover_config, case.info)
     )
-    settings = recovery_settings(recover_config, case.info)
+    return recover_config, recovery_settings(recover_config, case.info)
+
+
+def _product_row(case: _Case, config: SynthesisBenchConfig, row: str) -> Callable[[], None]:
+    recover_config, settings = _product_settings(case, config, _PRODUCT_ROWS[row])
     teacher = frozen_teacher(copy.deepcopy(case.teacher), case.device, settings.channels_last)
     bn_matching = delt_ext.BNStatMatching(
         teacher, first_bn_multiplier=recover_config.first_bn_multiplier
@@ -394,6 +426,36 @@ def _product_row(case: _Case, config: SynthesisBenchConfig, row: str) -> Callabl
             torch.Generator().manual_seed(config.seed), bar,
         )  # fmt: skip
         bar.close()
+
+    return run
+
+
+def _chunks_per_step_row(cases: list[_Case], config: SynthesisBenchConfig) -> Callable[[], None]:
+    # The K chunks in one loop, as delt recover --chunks-per-step K runs them (fp32).
+    recover_config, settings = _product_settings(cases[0], config, {})
+    teacher = frozen_teacher(copy.deepcopy(cases[0].teacher), cases[0].device, False)
+    matching = ChunkSlotMatching(teacher, recover_config.first_bn_multiplier, len(cases))
+
+    def run() -> None:
+        tasks = [
+            ChunkTask(
+                case.init,
+                case.labels,
+                case.starts,
+                case.total,
+                torch.Generator().manual_seed(config.seed),
+            )  # fmt: skip
+            for case in cases
+        ]
+        optimize_chunks(teacher, matching, tasks, settings)
+
+    return run
+
+
+def _one_after_another(runs: list[Callable[[], None]]) -> Callable[[], None]:
+    def run() -> None:
+        for one in runs:
+            one()
 
     return run
 
@@ -441,19 +503,26 @@ class BenchSetup:
 
 
 def prepare_rows(config: SynthesisBenchConfig, device: torch.device | None = None) -> BenchSetup:
-    """Builds the teacher, the chunk and every row of ``config.rows`` (nothing is timed)."""
+    """Builds the teacher, the chunks and every row of ``config.rows`` (nothing is timed)."""
     device = resolve_device(config.device) if device is None else device
-    case = _build_case(config, device)
-    builders: dict[str, Callable[[], Callable[[], None]]] = {
-        "reference": lambda: _reference_row(case, config),
-        "floor": lambda: _floor_row(case),
-        **{row: (lambda row=row: _product_row(case, config, row)) for row in _PRODUCT_ROWS},
+    cases = _build_cases(config, device)
+    builders: dict[str, Callable[[_Case], Callable[[], None]]] = {
+        "reference": lambda case: _reference_row(case, config),
+        "floor": _floor_row,
+        **{row: (lambda case, row=row: _product_row(case, config, row)) for row in _PRODUCT_ROWS},
     }
+
+    def build(row: str) -> Callable[[], None]:
+        if row == "+chunks-per-step":
+            return _chunks_per_step_row(cases, config)
+        runs = [builders[row](case) for case in cases]
+        return runs[0] if len(runs) == 1 else _one_after_another(runs)
+
     return BenchSetup(
-        rows={row: builders[row]() for row in config.rows},
-        iterations=case.total,
-        active_counts=case.active_counts,
-        input_shape=tuple(case.init.shape),
+        rows={row: build(row) for row in config.rows},
+        iterations=sum(case.total for case in cases),
+        active_counts=[count for case in cases for count in case.active_counts],
+        input_shape=tuple(cases[0].init.shape),
         device=device,
     )
 
@@ -517,6 +586,7 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
         "versions": versions(),
         "load_average": {"start": list(load_before), "end": list(load_after)},
         "schedule": {
+            "chunks": config.chunks_per_step,
             "iterations": setup.iterations,
             "active_counts": setup.active_counts,
             "image_iterations": image_iterations,
@@ -537,6 +607,9 @@ def format_table(document: dict) -> str:
     shape = "x".join(map(str, schedule["input_shape"]))
     mean_active = schedule["image_iterations"] / schedule["iterations"]
     teacher = config["teacher"] or config["arch"]
+    chunks = schedule.get("chunks", 1)
+    if chunks > 1:
+        shape = f"{chunks} chunks of {shape}"
     lines = [
         f"{config['method']}, {teacher}, input {shape}, {document['device']}, "
         f"{document['machine']['threads']} thread(s), {schedule['iterations']} iterations "

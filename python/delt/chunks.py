@@ -155,6 +155,11 @@ class ChunkStore:
         make_chunk: Callable[[Chunk, torch.Generator], tuple[ChunkResult, list[int]]],
         progress: bool = True,
         desc: str = "chunks",
+        chunks_per_step: int = 1,
+        make_chunks: Callable[
+            [list[Chunk], list[torch.Generator]], list[tuple[ChunkResult, list[int]]]
+        ]
+        | None = None,
     ) -> tuple[Tensor, list[int], float]:
         """Makes (or loads, when already done) every chunk; the set.
 
@@ -166,6 +171,12 @@ class ChunkStore:
         Args:
             make_chunk: ``(chunk, generator) -> (result, iterations of each image)``: the
                 chunk's images (len(chunk), C, H, W) float32 on the CPU, in chunk order.
+            chunks_per_step, make_chunks: this rank's chunks still to do are made
+                ``chunks_per_step`` at a time in chunk order, a group of two or more by
+                ``make_chunks(group, generators)`` (one ``make_chunk`` result per chunk, each
+                chunk with its own generator seeded as above); a group's chunks are saved when
+                the group is done. A group of one, and every chunk without ``make_chunks``,
+                goes to ``make_chunk``.
 
         Returns:
             ``(images (num_classes * ipc, C, H, W) float32 CPU class-major, iterations per
@@ -195,19 +206,26 @@ class ChunkStore:
         for chunk in chunks:
             if chunk.index not in pending:
                 place(chunk, *self.load(chunk))
-        for chunk in tqdm(
-            [chunk for chunk in chunks if chunk.index in mine],
-            desc=desc,
-            disable=None if progress else True,  # None: on a terminal only
-        ):
-            generator = torch.Generator().manual_seed(chunk_seed(chunk))
-            result, chunk_iterations = make_chunk(chunk, generator)
-            self.save(chunk, result, chunk_iterations)
-            logger.info(
-                "recover: %s %d/%d done in %.1f s (loss %.3f)",
-                desc, chunk.index + 1, len(chunks), result.seconds, result.loss,
-            )  # fmt: skip
-            place(chunk, result.images, result.seconds, chunk_iterations)
+        todo = [chunk for chunk in chunks if chunk.index in mine]
+        step = chunks_per_step if make_chunks is not None else 1
+        disable = None if progress else True  # None: a bar on a terminal only
+        with tqdm(total=len(todo), desc=desc, disable=disable) as bar:
+            for first in range(0, len(todo), step):
+                group = todo[first : first + step]
+                generators = [torch.Generator().manual_seed(chunk_seed(chunk)) for chunk in group]
+                if len(group) == 1:
+                    made = [make_chunk(group[0], generators[0])]
+                else:
+                    assert make_chunks is not None
+                    made = make_chunks(group, generators)
+                for chunk, (result, chunk_iterations) in zip(group, made, strict=True):
+                    self.save(chunk, result, chunk_iterations)
+                    logger.info(
+                        "recover: %s %d/%d done in %.1f s (loss %.3f)",
+                        desc, chunk.index + 1, len(chunks), result.seconds, result.loss,
+                    )  # fmt: skip
+                    place(chunk, result.images, result.seconds, chunk_iterations)
+                bar.update(len(group))
         # Every rank assembles the whole set (the next PDD stage needs it); only rank 0 writes.
         barrier()
         for chunk in chunks:

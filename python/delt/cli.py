@@ -37,6 +37,7 @@ from delt.evaluate import EvalConfig, evaluate
 from delt.io import FileFormatError, WriteError
 from delt.lock import output_lock
 from delt.recover import RecoverConfig, recover
+from delt.relabel import RelabelConfig, relabel
 from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
 from delt.runtime import DEFAULT_THREADS, ResourceError, logger
@@ -116,6 +117,11 @@ def _show_eval(config: EvalConfig, result) -> None:
         )
 
 
+def _show_relabel(config: RelabelConfig, result) -> None:
+    state = "already there" if result.reused else f"{result.epochs_labelled} epochs labelled"
+    print(f"relabel: {result.path} ({result.size} bytes; {state})")
+
+
 def _show_diversity(config: DiversityConfig, result) -> None:
     print(
         f"diversity: {result.mean:.4f} ± {result.std:.4f} (mean cosine to the class centroid; "
@@ -157,6 +163,12 @@ COMMANDS: dict[str, Command] = {
         EvalConfig,
         _run_eval,
         _show_eval,
+    ),
+    "relabel": Command(
+        "store a teacher's soft labels on every batch of a delt eval seed (delt eval --labels)",
+        RelabelConfig,
+        relabel,
+        _show_relabel,
     ),
     "diversity": Command(
         "DELT's diversity: per-class cosine of features to the class centroid (diversity.json)",
@@ -223,6 +235,8 @@ def _output_folder(config: object) -> Path | None:
     results file (eval, diversity, report)."""
     if isinstance(config, EvalConfig):
         return config.results_path.parent
+    if isinstance(config, RelabelConfig):
+        return config.out_path.parent
     out = getattr(config, "out", None)
     if out is None:
         distilled = getattr(config, "distilled", None)

@@ -74,9 +74,10 @@ COMPARE_FORMAT = "delt-compare-v1"
 
 # EvalConfig fields that delt compare sets itself (per set, per budget); every other field of
 # EvalConfig is a flag of delt compare, passed through to each evaluation (EVAL_FLAGS).
+# (--labels, a store of one set's seed, is not a flag of a comparison of sets and seeds.)
 _OWN_FIELDS = (
     "distilled", "teacher", "data_root", "epochs", "seeds", "random_real", "ipc", "out",
-    "stagewise", "stage_schedule",
+    "stagewise", "stage_schedule", "labels",
 )  # fmt: skip
 
 

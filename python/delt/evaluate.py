@@ -50,6 +50,7 @@ from delt.models import (
     model_spec,
 )
 from delt.runtime import logger, resolve_device, versions
+from delt.soft_labels import LabelStore, check_protocol, open_store, protocol_of
 from delt.student_augment import RANDAUGMENT_BINS, StudentAugment
 from delt.student_trainer import (
     PROTOCOL,
@@ -164,6 +165,12 @@ class EvalConfig:
         "0 and N > 0 draw different random augmentations; any N > 0 gives the same numbers",
         identity=False,
     )
+    labels: str | None = option(
+        None,
+        help="train on the soft labels of this store (`delt relabel`, one --seeds seed) instead "
+        "of the teacher's online labels; the same batches at any --workers (docs/relabel.md)",
+        identity=False,
+    )
     checkpoint_every: int | None = option(
         None,
         help="save each student's training state every k epochs, to resume a killed run "
@@ -202,6 +209,12 @@ class EvalConfig:
             raise ConfigError("--ipc applies to --random-real (a distilled set has its own IPC)")
         if self.stagewise and self.random_real:
             raise ConfigError("--stagewise trains on the stages of a pdd set, not --random-real")
+        if self.labels is not None:
+            for name in ("hard_labels", "random_real", "stagewise"):
+                if getattr(self, name):
+                    raise ConfigError(f"--labels: stored soft labels do not apply to {flag(name)}")
+            if len(self.seeds) != 1:
+                raise ConfigError("--labels: a store holds one seed's labels; pass one --seeds")
         if self.stage_schedule != "restart" and not self.stagewise:
             raise ConfigError("--stage-schedule applies with --stagewise")
         if self.student is not None:
@@ -486,6 +499,7 @@ class EvalContext:
     settings: TrainSettings
     manifest: Manifest | None
     workers: int = 0
+    stored_labels: LabelStore | None = None  # --labels: the stored soft labels
 
     @classmethod
     def from_config(cls, config: EvalConfig) -> EvalContext:
@@ -572,11 +586,19 @@ class EvalContext:
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         teacher.model = model
-        return cls(
+        context = cls(
             config, device, teacher, info, images, labels, train_set, test_set, ipc,
             student_arch, student_kwargs, settings, manifest,
             resolve_workers(config.workers, device),
         )  # fmt: skip
+        if config.labels is not None:
+            # Checked whole (every epoch's digest) and against this run before any training.
+            context.stored_labels = store = open_store(config.labels)
+            protocol = protocol_of(context, config.seeds[0])
+            if store.layout.top_k is not None:
+                protocol["temperature"] = config.temperature
+            check_protocol(store, protocol, config.epochs)
+        return context
 
     def make_trainer(self, seed: int, total_epochs: int | None = None) -> StudentTrainer:
         """A fresh student (initialized from torch's global generator: call inside
@@ -588,10 +610,11 @@ class EvalContext:
             self.info, config.randaugment_ops, config.randaugment_magnitude, config.min_crop,
             generator, config.shuffle_patches,
         )  # fmt: skip
+        online = not self.settings.hard_labels and self.stored_labels is None
         return StudentTrainer(
-            student, None if self.settings.hard_labels else self.teacher.model, augment,
+            student, self.teacher.model if online else None, augment,
             self.settings, total_epochs or config.epochs, config.lr, config.weight_decay,
-            self.device, generator, workers=self.workers,
+            self.device, generator, workers=self.workers, soft_labels=self.stored_labels,
         )  # fmt: skip
 
     def identity(self) -> dict:
@@ -608,11 +631,14 @@ class EvalContext:
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,
         )  # fmt: skip
-        if self.workers > 0:
+        if self.workers > 0 or self.stored_labels is not None:
             # Workers draw another random stream than the in-process augmentation (0).
             config_identity["augmentation"] = "workers: per-batch seeds"
         distilled = Path(self.config.distilled) / "distilled.pt"
+        store = self.stored_labels
+        stored = {} if store is None else {"labels_sha256": store.digest}
         return {
+            **stored,
             "config": config_identity,
             "teacher_sha256": sha256_file(self.teacher.path),
             "distilled_sha256": None if self.config.random_real else sha256_file(distilled),

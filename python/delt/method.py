@@ -83,6 +83,13 @@ class SynthesisConfig:
     amp: Literal["none", "bf16"] = option("none", help="autocast dtype of the teacher forward")
     channels_last: bool = option(False, help="channels_last memory format")
     compile: bool = option(False, help="torch.compile the teacher")
+    chunks_per_step: int = option(
+        1,
+        help="chunks optimized together in one teacher forward and backward, each with its own "
+        "BN-statistic term and Adam state (the same loss as one at a time, up to float "
+        "rounding; docs/chunks-per-step.md)",
+        identity=False,
+    )
     image_format: Literal["png", "jpeg"] = option(
         "png", help="image files: png (lossless) or jpeg (quality 75, as the papers)"
     )
@@ -107,7 +114,7 @@ class SynthesisConfig:
 # The fields of SynthesisConfig that only the pixel optimization reads.
 LOOP_FIELDS = (
     "selection", "iterations", "round_iterations", "lr", "beta1", "beta2", "r_bn",
-    "first_bn_multiplier", "jitter", "per_sample_aug", "compile",
+    "first_bn_multiplier", "jitter", "per_sample_aug", "compile", "chunks_per_step",
 )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,11 +34,15 @@ from delt.student_augment import (
 __all__ = [
     "PROTOCOL",
     "AccuracyCheck",
+    "AugmentedBatches",
+    "EpochDraws",
+    "SoftLabelSource",
     "GlobalBatchNorm2d",
     "StudentProtocol",
     "StudentTrainer",
     "TrainSettings",
     "default_batch_size",
+    "draw_epoch",
     "half_cosine_factor",
     "parameter_groups",
     "seeded",
@@ -153,6 +158,56 @@ class AccuracyCheck:
     accuracy: float
 
 
+@dataclass(frozen=True)
+class EpochDraws:
+    """An epoch's draws from the trainer's generator when batches are augmented from per-batch
+    seeds (``--workers N > 0``, and any run on stored labels): what batch b holds and how it is
+    mixed depend only on the seed, the set's size, the batch size and the epoch, never on
+    which process or worker augments it.
+
+    Attributes:
+        order: (N,) int64, the epoch's shuffle; batch b is ``order[b * B : (b + 1) * B]``.
+        epoch_seed: batch b's RandAugment draws come from ``derive_seed(epoch_seed, b)``, its
+            crops and flips (and patch orders) from ``derive_seed(epoch_seed, b, 1)``.
+        cutmix: per batch, its CutMix draw (None: CutMix off).
+    """
+
+    order: Tensor
+    epoch_seed: int
+    cutmix: list[CutMixParams | None]
+
+
+def draw_epoch(
+    generator: torch.Generator, count: int, batch_size: int, cutmix_beta: float,
+    output_size: Sequence[int],
+) -> EpochDraws:  # fmt: skip
+    """Draws one epoch's :class:`EpochDraws` from ``generator`` (the trainer's, seeded with the
+    student's seed): the shuffle, the epoch's seed, then every batch's CutMix, in this order.
+    ``output_size``: (H, W) of the augmented images (the CutMix box's frame)."""
+    order = torch.randperm(count, generator=generator)
+    epoch_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    height, width = output_size
+    cutmix = [
+        None
+        if cutmix_beta <= 0
+        else sample_cutmix(min(batch_size, count - start), height, width, cutmix_beta, generator)
+        for start in range(0, count, batch_size)
+    ]
+    return EpochDraws(order, epoch_seed, cutmix)
+
+
+class SoftLabelSource(Protocol):
+    """Stored teacher logits in place of an online teacher (``delt eval --labels``)."""
+
+    def check_order(self, epoch: int, order: Tensor) -> None:
+        """Raises unless ``order`` (N,) is the shuffle of epoch ``epoch`` the labels were
+        made for."""
+
+    def logits(self, epoch: int, position: int, rows: slice) -> Tensor:
+        """(R, K) float32 logits of rows ``rows`` of batch ``position`` of epoch ``epoch``
+        (0-based), augmented and mixed as the student sees them."""
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over the global batch of a torchrun job on Gloo (CPU), where
     :class:`torch.nn.SyncBatchNorm` does not run (it needs GPU tensors).
@@ -251,6 +306,9 @@ class StudentTrainer:
             through N workers too.
         data_parallel: under torchrun, train with DistributedDataParallel (every rank must
             train the same student); False: this rank trains alone.
+        soft_labels: stored teacher logits (``delt eval --labels``) instead of ``teacher``:
+            the batches are then always augmented from per-batch seeds (:func:`draw_epoch`),
+            in this process with ``workers=0``, so any ``workers`` gives the same batches.
 
     The images given to :meth:`train_epoch` may live on the host in their stored dtype (float32
     normalized, or uint8 pixels normalized batch by batch): only batches go to ``device``.
@@ -270,9 +328,10 @@ class StudentTrainer:
         generator: torch.Generator,
         workers: int = 0,
         data_parallel: bool = True,
+        soft_labels: SoftLabelSource | None = None,
     ) -> None:
         check_int("workers", workers, low=0)
-        if teacher is None and not settings.hard_labels:
+        if teacher is None and soft_labels is None and not settings.hard_labels:
             raise ValueError("a teacher is required unless settings.hard_labels")
         self.memory_format = (
             torch.channels_last if settings.channels_last else torch.contiguous_format
@@ -306,6 +365,8 @@ class StudentTrainer:
         # fp16's small range: the loss is scaled so that gradients do not underflow.
         self.scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None
         self.workers = workers
+        self.soft_labels = soft_labels
+        self._position: int | None = None  # the batch of the epoch being trained on
         self.epochs_done = 0
 
     @property
@@ -372,7 +433,12 @@ class StudentTrainer:
         own = _rank_rows(global_count) if distributed else slice(0, global_count)
         batch = _mixed_rows(batch, rows, own, global_count, params)
         batch = batch.contiguous(memory_format=self.memory_format)
-        if not settings.hard_labels:
+        if self.soft_labels is not None and not settings.hard_labels:
+            if self._position is None:
+                raise RuntimeError("stored labels are read by train_epoch's batches only")
+            teacher_logits = self.soft_labels.logits(self.epochs_done, self._position, own)
+            teacher_logits = teacher_logits.to(self.device)
+        elif not settings.hard_labels:
             # The teacher labels the very batch the student sees: augmented and mixed.
             with torch.no_grad(), autocast(self.device, settings.amp):
                 teacher_logits = self.teacher(batch)
@@ -416,11 +482,10 @@ class StudentTrainer:
         if self.epochs_done >= self.total_epochs:
             raise RuntimeError(f"the schedule's {self.total_epochs} epochs are already done")
         count = images.shape[0]
-        order = torch.randperm(count, generator=self.generator)
         batch_size = self.settings.batch_size
         losses = []
-        if self.workers == 0:
-            order = order.to(images.device)
+        if self.workers == 0 and self.soft_labels is None:
+            order = torch.randperm(count, generator=self.generator).to(images.device)
             for start in range(0, count, batch_size):
                 index = order[start : start + batch_size]
                 plan, cutmix, rows = self._draws(index.numel(), images.shape[1:])
@@ -430,26 +495,40 @@ class StudentTrainer:
                 label_batch = self._to_device(labels.index_select(0, index))
                 losses.append(self._optimize(batch, label_batch, cutmix, rows))
         else:
-            epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
             # Every batch's CutMix (the same draws as step by step): the workers need the rows.
+            draws = draw_epoch(
+                self.generator, count, batch_size, self.settings.cutmix_beta,
+                self.augment.output_size,
+            )  # fmt: skip
+            order, cutmixes = draws.order, draws.cutmix
+            if self.soft_labels is not None:
+                self.soft_labels.check_order(self.epochs_done, order)
             starts = range(0, count, batch_size)
-            cutmixes = [self._sample_cutmix(min(batch_size, count - s)) for s in starts]
             rows = [
                 self._needed_rows(min(batch_size, count - s), c)
                 for s, c in zip(starts, cutmixes, strict=True)
             ]
-            batches = _AugmentedBatches(images, order, batch_size, self.augment, epoch_seed, rows)
-            loader = torch.utils.data.DataLoader(
-                batches, batch_size=None, shuffle=False, num_workers=self.workers,
-                pin_memory=self.device.type == "cuda",
-            )  # fmt: skip
+            batches = AugmentedBatches(
+                images, order, batch_size, self.augment, draws.epoch_seed, rows
+            )
+            if self.workers == 0:  # stored labels: the workers' batches, made here
+                loader = (batches[position] for position in range(len(batches)))
+            else:
+                loader = torch.utils.data.DataLoader(
+                    batches, batch_size=None, shuffle=False, num_workers=self.workers,
+                    pin_memory=self.device.type == "cuda",
+                )  # fmt: skip
             for position, batch in enumerate(loader):
                 index = order[position * batch_size : (position + 1) * batch_size]
                 batch = batch.to(self.device, non_blocking=self.device.type == "cuda")
                 label_batch = self._to_device(labels.index_select(0, index.to(labels.device)))
-                losses.append(
-                    self.step(batch, label_batch, True, cutmixes[position], rows[position])
-                )
+                self._position = position
+                try:
+                    losses.append(
+                        self.step(batch, label_batch, True, cutmixes[position], rows[position])
+                    )
+                finally:
+                    self._position = None
         self.scheduler.step()
         self.epochs_done += 1
         return float(np.mean(losses))
@@ -532,7 +611,7 @@ class StudentTrainer:
         return losses, checks
 
 
-class _AugmentedBatches(torch.utils.data.Dataset):
+class AugmentedBatches(torch.utils.data.Dataset):
     """Item b: batch b of an epoch, augmented: read from the host set in its stored dtype,
     normalized, then ``augment`` with RandAugment and crops drawn from a seed derived from the
     epoch's seed and b (independent of which worker makes it, or how many there are). With

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from delt.batches import iterate_batches
+from delt.chunk_groups import chunk_optimizer
 from delt.config import ConfigError, check_int, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled import save_images, union_prefix
@@ -47,7 +48,6 @@ from delt.student_augment import StudentAugment
 from delt.student_trainer import PROTOCOL, StudentTrainer, TrainSettings, default_batch_size, seeded
 from delt.synthesis import (
     Run,
-    chunk_optimizer,
     delete_resume_state,
     finished_run,
     load_selection,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from delt.chunk_groups import chunk_optimizer
 from delt.config import ConfigError, check_int_fields, flag
 from delt.data import DatasetInfo
 from delt.method import (
@@ -24,7 +25,6 @@ from delt.runtime import derive_seed, logger
 from delt.schedules import Chunk
 from delt.select import Selection
 from delt.synthesis import (
-    chunk_optimizer,
     delete_resume_state,
     finished_run,
     load_selection,
@@ -63,6 +63,7 @@ class PixelMethod(Method):
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(config, name) < 1:
                 raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(config, name)}")
+        check_int_fields(config, ("chunks_per_step",))
         if config.jitter is not None and config.jitter < 0:
             raise ConfigError(f"--jitter must be >= 0 pixels, got {config.jitter}")
         if recipe.init == "selection" and config.selection is None:
