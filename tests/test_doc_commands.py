@@ -64,7 +64,8 @@ def delt_argv(line: str) -> list[str] | None:
     if words[:1] == ["srun"]:
         words = words[1:]
     if words[:1] == ["delt"]:
-        return words[1:]
+        # `delt eval: error: ...` is a message the page quotes, not a command
+        return None if words[1:2] and words[1].endswith(":") else words[1:]
     for launcher in (["torchrun"], ["python", "-m"], ["python3", "-m"]):
         if words[: len(launcher)] == launcher and "-m" in words and "delt" in words:
             index = words.index("-m")
