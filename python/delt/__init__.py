@@ -18,7 +18,8 @@ of lower floors or ones listed before it on its own floor, never another module'
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
       stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
-      soft_labels           the soft-label store (`delt relabel`'s file, memory-mapped)
+      soft_labels,          the soft-label store (`delt relabel`'s file, memory-mapped);
+      protocols             evaluation protocols as named presets (delt, rded, sre2l, edc, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`
       released
     method, chunks,         the method registry, the options every method shares and the
@@ -32,8 +33,9 @@ of lower floors or ones listed before it on its own floor, never another module'
       methods.rded,
       methods.random_real
     methods, recover        all built-in methods; `delt recover` (looks the method up)
-    evaluate, relabel,      `delt eval` (`--stagewise`, `--labels`), `delt relabel`,
-      stagewise, diversity  `delt diversity`
+    evaluate, relabel,      `delt eval` (`--stagewise`, `--labels`, `--protocol`), `delt relabel`,
+      stagewise, diversity, `delt diversity`, `delt ddranking` (DD-Ranking's scores with
+      ddranking             accuracies as fractions)
     report, comparison,     reports and charts; runs pooled by method, gains over
       compare, distill,     random-real paired by seed, other evaluations pooled by
       bench, bench_eval     protocol; `delt compare` (sets against random real images, per
@@ -49,7 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("schedules",),
     ("distilled",),
-    ("student_augment", "student_trainer", "stagewise_training", "soft_labels"),
+    ("student_augment", "student_trainer", "stagewise_training", "soft_labels", "protocols"),
     ("teacher", "select", "released"),
     ("method", "chunks", "synthesis", "chunk_groups"),
     (
@@ -62,7 +64,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "methods.random_real",
     ),
     ("methods", "recover"),
-    ("evaluate", "relabel", "stagewise", "diversity"),
+    ("evaluate", "relabel", "stagewise", "diversity", "ddranking"),
     ("report", "comparison", "compare", "distill", "bench", "bench_eval"),
     ("demo", "cli"),
 )

@@ -29,6 +29,7 @@ from delt.bench_eval import EvalBenchConfig, run_eval_bench
 from delt.compare import CompareConfig, run_compare
 from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
+from delt.ddranking import DDRankingConfig, run_ddranking
 from delt.demo import DemoConfig, run_demo
 from delt.distill import DistillConfig, distill
 from delt.distributed import alone, is_main, session, torchrun_environment
@@ -117,6 +118,17 @@ def _show_eval(config: EvalConfig, result) -> None:
         )
 
 
+def _show_ddranking(config: DDRankingConfig, result) -> None:
+    summary = result.document["summary"]
+    for unit, label in (("fraction", "fractions"), ("percent_convention", "DD-Ranking's %")):
+        parts = ", ".join(
+            f"{key.upper()} {summary[unit][key]['mean']:.4f} ± {summary[unit][key]['std']:.4f}"
+            for key in ("hlr", "ior", "lrs")
+        )
+        print(f"ddranking: {parts} (accuracies as {label})")
+    print(f"ddranking: LRS {result.lrs_mean:.4f} ± {result.lrs_std:.4f} -> {result.path}")
+
+
 def _show_relabel(config: RelabelConfig, result) -> None:
     state = "already there" if result.reused else f"{result.epochs_labelled} epochs labelled"
     print(f"relabel: {result.path} ({result.size} bytes; {state})")
@@ -163,6 +175,12 @@ COMMANDS: dict[str, Command] = {
         EvalConfig,
         _run_eval,
         _show_eval,
+    ),
+    "ddranking": Command(
+        "DD-Ranking's HLR, IOR and LRS of a set (accuracies as fractions; ddranking.json)",
+        DDRankingConfig,
+        run_ddranking,
+        _show_ddranking,
     ),
     "relabel": Command(
         "store a teacher's soft labels on every batch of a delt eval seed (delt eval --labels)",

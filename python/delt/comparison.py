@@ -180,9 +180,10 @@ NOT_PROTOCOL = ("ipc", "student_width", "channels_last", "random_real", "augment
 @functools.cache
 def _eval_defaults() -> dict:
     """``delt eval``'s default of every field of an evaluation's identity config (computed once;
-    callers copy before changing it)."""
+    callers copy before changing it): its protocol settings as ``--protocol delt`` resolves them."""
+    resolved = EvalConfig(distilled="")
     return {
-        f.name: f.default
+        f.name: getattr(resolved, f.name)
         for f in dataclasses.fields(EvalConfig)
         if f.metadata.get("identity", True) and f.default is not dataclasses.MISSING
     }

@@ -49,6 +49,14 @@ from delt.models import (
     load_checkpoint,
     model_spec,
 )
+from delt.protocols import (
+    DEFAULT_PROTOCOL,
+    apply_protocol,
+    protocol_names,
+    protocol_record,
+    trim_identity,
+    warn_unsupported,
+)
 from delt.runtime import logger, resolve_device, versions
 from delt.soft_labels import LabelStore, check_protocol, open_store, protocol_of
 from delt.student_augment import RANDAUGMENT_BINS, StudentAugment
@@ -106,32 +114,70 @@ class EvalConfig:
     student_width: int | None = option(
         None, help="convnetD student width (default: the teacher's, where it has one; else 128)"
     )
-    epochs: int = option(300, help="training epochs per student")
+    protocol: str = option(
+        DEFAULT_PROTOCOL,
+        choices=protocol_names,
+        help="evaluation protocol: a preset of the settings below (docs/protocols.md); "
+        "flags given explicitly override it",
+    )
+    # The settings below default to None: the --protocol's value (delt's in the help).
+    epochs: int | None = option(None, help="training epochs per student (delt: 300)")
     seeds: tuple[int, ...] = option((0,), help="one student per seed, e.g. 3407,4663,2897")
-    eval_every: int = option(10, help="test every k epochs (and after the last)")
+    eval_every: int | None = option(
+        None, help="test every k epochs (and after the last) (delt: 10)"
+    )
     batch_size: int | None = option(
-        None, help="default: 100 / 50 / 10 for IPC >= 50 / >= 10 / less (DELT's), capped"
+        None, help="delt: 100 / 50 / 10 for IPC >= 50 / >= 10 / less (DELT's), capped"
     )
-    temperature: float = option(PROTOCOL.temperature, help="softmax temperature of the KL loss")
-    lr: float = option(PROTOCOL.lr, help="AdamW learning rate")
-    weight_decay: float = option(
-        PROTOCOL.weight_decay, help="AdamW weight decay (weights with ndim > 1 only)"
+    temperature: float | None = option(
+        None, help=f"softmax temperature of the KL loss (delt: {PROTOCOL.temperature:g})"
     )
-    cutmix_beta: float = option(
-        PROTOCOL.cutmix_beta, help="CutMix lambda ~ Beta(b, b); 0 turns CutMix off"
+    lr: float | None = option(None, help=f"AdamW learning rate (delt: {PROTOCOL.lr:g})")
+    weight_decay: float | None = option(
+        None,
+        help=f"AdamW weight decay, weights with ndim > 1 only (delt: {PROTOCOL.weight_decay:g})",
     )
-    randaugment_ops: int = option(
-        PROTOCOL.randaugment_ops, help="RandAugment ops per image (0: none)"
+    cutmix_beta: float | None = option(
+        None,
+        help=f"CutMix lambda ~ Beta(b, b); 0 turns CutMix off (delt: {PROTOCOL.cutmix_beta:g})",
     )
-    randaugment_magnitude: int = option(
-        PROTOCOL.randaugment_magnitude, help="RandAugment magnitude, 0-10 (timm's scale)"
+    randaugment_ops: int | None = option(
+        None, help=f"RandAugment ops per image, 0: none (delt: {PROTOCOL.randaugment_ops})"
     )
-    min_crop: float = option(PROTOCOL.min_crop, help="smallest RandomResizedCrop area fraction")
+    randaugment_magnitude: int | None = option(
+        None,
+        help="RandAugment magnitude, 0-10 on timm's scale "
+        f"(delt: {PROTOCOL.randaugment_magnitude})",
+    )
+    min_crop: float | None = option(
+        None, help=f"smallest RandomResizedCrop area fraction (delt: {PROTOCOL.min_crop:g})"
+    )
     shuffle_patches: int | None = option(
         None,
         help="RDED's ShufflePatches: shuffle each training image's FACTOR column strips, then its "
         "row strips, before the other augmentations (RDED pairs it with --min-crop 1/FACTOR); "
-        "default off",
+        "delt: off",
+    )
+    lr_schedule: Literal["half-cosine", "cosine"] | None = option(
+        None,
+        help="per-epoch LR factor: half-cosine 0.5(1+cos(pi e/2E)) (DELT/RDED), cosine "
+        "0.5(1+cos(pi e/E)) to 0 (SRe2L) (delt: half-cosine)",
+    )
+    ema_decay: float | None = option(
+        None,
+        help="test an exponential moving average of the student's parameters, updated after "
+        "every step with this decay (EDC's EMA evaluation); 0: off (delt: 0)",
+    )
+    loss: Literal["kl", "mse-ce"] | None = option(
+        None,
+        help="soft-label loss: kl (KL at --temperature) or mse-ce (EDC's: MSE of the logits + "
+        "--ce-weight x CE of each image's own label) (delt: kl)",
+    )
+    ce_weight: float | None = option(None, help="--loss mse-ce: the CE weight (delt: 0.025)")
+    teacher_batch_stats: bool | None = option(
+        None,
+        help="the teacher labels each batch with BatchNorm on the batch's statistics (CV-DD's "
+        "train-mode teachers), its running statistics untouched (delt: off)",
     )
     hard_labels: bool = option(False, help="train on the set's labels, no teacher")
     random_real: bool = option(
@@ -179,6 +225,7 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
+        apply_protocol(self)  # fills the settings left None
         check_int_fields(
             self, ("epochs", "eval_every", "batch_size", "student_width", "ipc", "shuffle_patches")
         )
@@ -504,6 +551,7 @@ class EvalContext:
     @classmethod
     def from_config(cls, config: EvalConfig) -> EvalContext:
         """Loads and checks the set, the teacher and the data (errors name the flag)."""
+        warn_unsupported(config)
         device = resolve_device(config.device)
         folder = Path(config.distilled)
         has_set = (folder / "distilled.pt").is_file()
@@ -580,7 +628,9 @@ class EvalContext:
         settings = TrainSettings(
             batch_size=min(batch_size, num_images), temperature=config.temperature,
             cutmix_beta=config.cutmix_beta, hard_labels=config.hard_labels, amp=config.amp,
-            channels_last=config.channels_last,
+            channels_last=config.channels_last, lr_schedule=config.lr_schedule,
+            ema_decay=config.ema_decay, loss=config.loss, ce_weight=config.ce_weight,
+            teacher_batch_stats=config.teacher_batch_stats,
         )  # fmt: skip
         model = teacher.model.to(device).requires_grad_(False).eval()
         if config.channels_last:
@@ -627,6 +677,7 @@ class EvalContext:
             del config_identity["stagewise"], config_identity["stage_schedule"]
         if self.config.shuffle_patches is None:
             del config_identity["shuffle_patches"]  # as before the flag existed
+        trim_identity(config_identity)  # --protocol delt, --lr-schedule half-cosine: as before
         config_identity.update(
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,
@@ -815,12 +866,17 @@ def eval_document(
             "randaugment": f"rand-m{config.randaugment_magnitude}-n{config.randaugment_ops}"
             if config.randaugment_ops
             else "none",
-            "lr_schedule": "LambdaLR 0.5*(1+cos(pi*e/(2E))) per epoch",
+            "lr_schedule": "LambdaLR 0.5*(1+cos(pi*e/(2E))) per epoch"
+            if config.lr_schedule == "half-cosine"
+            else "LambdaLR 0.5*(1+cos(pi*e/E)) per epoch",
             "optimizer": "AdamW betas (0.9, 0.999), weight decay on ndim>1 only",
             "loss": "CE on CutMix labels"
             if config.hard_labels
-            else f"KL(teacher/T || student/T), T={config.temperature}, batchmean, no T^2",
+            else f"KL(teacher/T || student/T), T={config.temperature}, batchmean, no T^2"
+            if config.loss == "kl"
+            else f"MSE(student, teacher logits) + {config.ce_weight:g} CE(own label)",
         },
+        "protocol": protocol_record(config),
         "teacher": {
             "path": str(context.teacher.path),
             "sha256": identity["teacher_sha256"],

@@ -32,6 +32,7 @@ from delt.student_augment import (
 )
 
 __all__ = [
+    "LR_SCHEDULES",
     "PROTOCOL",
     "AccuracyCheck",
     "AugmentedBatches",
@@ -41,9 +42,12 @@ __all__ = [
     "StudentProtocol",
     "StudentTrainer",
     "TrainSettings",
+    "batch_statistics",
+    "cosine_factor",
     "default_batch_size",
     "draw_epoch",
     "half_cosine_factor",
+    "lr_factor",
     "parameter_groups",
     "seeded",
     "soft_label_kl",
@@ -97,6 +101,23 @@ def half_cosine_factor(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * epochs)))
 
 
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """SRe2L's per-epoch LR factor ``0.5 * (1 + cos(pi * epoch / epochs))`` (``--cos`` of its
+    ``train_FKD.py``): 1 at epoch 0, 0 at ``epoch == epochs``."""
+    check_int("epochs", epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+# The student's LR schedules by name: ``delt eval --lr-schedule``.
+LR_SCHEDULES = {"half-cosine": half_cosine_factor, "cosine": cosine_factor}
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The LR factor of ``schedule`` (a key of :data:`LR_SCHEDULES`) after ``epoch`` of
+    ``epochs``."""
+    return LR_SCHEDULES[schedule](epoch, epochs)
+
+
 def soft_label_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``KL(softmax(teacher / T) || softmax(student / T))`` summed over classes, averaged over
     the batch (``batchmean``), without a ``T²`` factor (RDED/DELT); logits (B, K), float."""
@@ -128,6 +149,25 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """With ``enabled``, the block runs ``model``'s BatchNorm layers on the batch's statistics
+    (training mode) without updating their running statistics (``track_running_stats`` off);
+    each layer's mode and flag come back after."""
+    if not enabled:
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(layer.training, layer.track_running_stats) for layer in layers]
+    for layer in layers:
+        layer.training, layer.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for layer, (training, track) in zip(layers, saved, strict=True):
+            layer.training, layer.track_running_stats = training, track
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What a training step needs besides the models (docs/evaluation.md).
@@ -140,6 +180,17 @@ class TrainSettings:
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (with a gradient scaler) autocast of forward
             passes.
         channels_last: memory format of the batches and models.
+        lr_schedule: the per-epoch LR factor, a key of :data:`LR_SCHEDULES`.
+        loss: the soft-label loss: ``"kl"`` (:func:`soft_label_kl`) or ``"mse-ce"`` (EDC's
+            ``MSE(student logits, teacher logits) + ce_weight · CE(student, own label)``, the
+            label of the image each row was pasted into, not mixed).
+        ce_weight: the CE weight of ``"mse-ce"``.
+        teacher_batch_stats: the teacher labels each batch with BatchNorm normalizing by the
+            batch's own statistics (CV-DD's labels, its teachers in train mode), its running
+            statistics untouched (:func:`batch_statistics`).
+        ema_decay: > 0: an exponential moving average of the student's parameters,
+            ``ema = d·ema + (1 − d)·param`` after every optimizer step, is what :meth:`test`
+            tests (with the student's own BatchNorm statistics; EDC's ``EMAMODEL``); 0: off.
     """
 
     batch_size: int
@@ -148,6 +199,11 @@ class TrainSettings:
     hard_labels: bool = False
     amp: str = "none"
     channels_last: bool = False
+    lr_schedule: str = "half-cosine"
+    ema_decay: float = 0.0
+    loss: str = "kl"
+    ce_weight: float = 0.025
+    teacher_batch_stats: bool = False
 
 
 @dataclass
@@ -283,7 +339,8 @@ def _rank_rows(count: int) -> slice:
 
 
 class StudentTrainer:
-    """One student with its AdamW optimizer and half-cosine LR schedule over ``total_epochs``.
+    """One student with its AdamW optimizer and LR schedule (``settings.lr_schedule``, DELT's
+    half-cosine by default) over ``total_epochs``.
 
     :meth:`train_epochs` can be called several times with different image sets: the optimizer
     state, the schedule position (:attr:`epochs_done`) and the generator carry over, which is
@@ -359,8 +416,9 @@ class StudentTrainer:
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.student, weight_decay), lr=lr, betas=(0.9, 0.999)
         )
+        schedule = settings.lr_schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda epoch: half_cosine_factor(epoch, total_epochs)
+            self.optimizer, lambda epoch: lr_factor(schedule, epoch, total_epochs)
         )
         # fp16's small range: the loss is scaled so that gradients do not underflow.
         self.scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None
@@ -368,6 +426,12 @@ class StudentTrainer:
         self.soft_labels = soft_labels
         self._position: int | None = None  # the batch of the epoch being trained on
         self.epochs_done = 0
+        # The EMA of the parameters (settings.ema_decay > 0), in self.student's parameter order.
+        self.ema: list[Tensor] | None = (
+            [p.detach().clone() for p in self.student.parameters()]
+            if settings.ema_decay > 0
+            else None
+        )
 
     @property
     def distributed(self) -> bool:
@@ -440,13 +504,23 @@ class StudentTrainer:
             teacher_logits = teacher_logits.to(self.device)
         elif not settings.hard_labels:
             # The teacher labels the very batch the student sees: augmented and mixed.
-            with torch.no_grad(), autocast(self.device, settings.amp):
+            with (
+                torch.no_grad(),
+                autocast(self.device, settings.amp),
+                batch_statistics(self.teacher, settings.teacher_batch_stats),
+            ):
                 teacher_logits = self.teacher(batch)
         self.student.train()
         with autocast(self.device, settings.amp):
             logits = self.forward_student(batch)
         if settings.hard_labels:
             loss = cutmix_cross_entropy(logits, labels, params, own if distributed else None)
+        elif settings.loss == "mse-ce":
+            loss = nn.functional.mse_loss(
+                logits.float(), teacher_logits.float()
+            ) + settings.ce_weight * cutmix_cross_entropy(
+                logits, labels, None, own if distributed else None
+            )
         else:
             loss = soft_label_kl(logits, teacher_logits, settings.temperature)
         if distributed:
@@ -461,11 +535,39 @@ class StudentTrainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if self.ema is not None:
+            self._update_ema()
         if distributed:
             reported = loss.detach().reshape(1) / world().size
             torch.distributed.all_reduce(reported)
             return float(reported)
         return float(loss.detach())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.settings.ema_decay
+        for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
+            average.mul_(decay).add_(parameter.detach(), alpha=1.0 - decay)
+
+    @contextlib.contextmanager
+    def _ema_parameters(self) -> Iterator[None]:
+        """The block runs with the EMA in the student's parameters (swapped back after)."""
+        if self.ema is None:
+            yield
+            return
+        with torch.no_grad():
+            for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
+                swapped = parameter.detach().clone()
+                parameter.copy_(average)
+                average.copy_(swapped)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
+                    swapped = parameter.detach().clone()
+                    parameter.copy_(average)
+                    average.copy_(swapped)
 
     def _to_device(self, batch: Tensor) -> Tensor:
         pin = self.device.type == "cuda" and batch.device.type == "cpu"
@@ -537,7 +639,7 @@ class StudentTrainer:
         """Everything :meth:`load_state_dict` needs to continue exactly where this trainer is:
         student, optimizer, LR schedule, gradient scaler, generator, epochs done (CPU tensors
         and plain values, for ``weights_only`` loading)."""
-        return {
+        state = {
             "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -545,6 +647,9 @@ class StudentTrainer:
             "generator": self.generator.get_state(),
             "epochs_done": self.epochs_done,
         }
+        if self.ema is not None:
+            state["ema"] = [average.detach().cpu() for average in self.ema]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a :meth:`state_dict` into this (freshly built, same-config) trainer."""
@@ -555,6 +660,9 @@ class StudentTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         self.epochs_done = int(state["epochs_done"])
+        if self.ema is not None:
+            for average, saved in zip(self.ema, state["ema"], strict=True):
+                average.copy_(saved)
 
     def restart_schedule(self, epochs: int) -> None:
         """From now on, a fresh half-cosine over the next ``epochs`` epochs, starting at the base
@@ -562,8 +670,9 @@ class StudentTrainer:
         restarts the schedule at every stage (Chen et al., ICLR 2024; its evaluation code)."""
         check_int("epochs", epochs)
         # A new LambdaLR keeps each group's "initial_lr" (setdefault) and sets lr = base * f(0).
+        schedule = self.settings.lr_schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda epoch: half_cosine_factor(epoch, epochs)
+            self.optimizer, lambda epoch: lr_factor(schedule, epoch, epochs)
         )
 
     @property
@@ -573,12 +682,13 @@ class StudentTrainer:
         return max(steps, default=0)
 
     def test(self, test_set: ImageDataset) -> float:
-        """Top-1 accuracy (%) of the student on ``test_set``."""
-        return evaluate_accuracy(
-            self.student, test_set, self.device, amp=self.settings.amp,
-            channels_last=self.settings.channels_last, num_workers=self.workers,
-            sharded=self.forward_student is not self.student,
-        )  # fmt: skip
+        """Top-1 accuracy (%) of the student (with ``ema_decay``: of its EMA) on ``test_set``."""
+        with self._ema_parameters():
+            return evaluate_accuracy(
+                self.student, test_set, self.device, amp=self.settings.amp,
+                channels_last=self.settings.channels_last, num_workers=self.workers,
+                sharded=self.forward_student is not self.student,
+            )  # fmt: skip
 
     def train_epochs(
         self,
