@@ -119,7 +119,8 @@ tools: $(VENV)/.tools-stamp
 # missing anchors, pages left out of the navigation, unresolved API references. The API pages
 # are read from the sources statically: no build of the extension is needed.
 docs: tools
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	@# Not --quiet: it hides the warnings from --strict, which then passes whatever they say.
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 PYTHON_SOURCES := setup.py delt_ext python tests benchmarks tools
 CXX_SOURCES = $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
