@@ -1,6 +1,6 @@
 """``delt distill``: teacher → select (delt, pdd over delt) → recover (or a seeded random-real
 draw) → eval → diversity → report in one folder, every step cached by its flags and the SHA-256
-of its inputs (README, "The whole pipeline"). ``OUT/report.json`` holds exactly
+of its inputs (docs/quickstart.md). ``OUT/report.json`` holds exactly
 :data:`delt.report.REPORT_KEYS`; ``synthesis_seconds`` is the recovery's optimization time, not
 teacher training or selection.
 """
@@ -528,7 +528,7 @@ def _markdown(report, evaluation, diversity, manifest, steps, teacher_meta) -> s
         f"| recovery | MI {manifest.config.get('iterations', '-')}, RI "
         f"{manifest.config.get('round_iterations', '-') or '-'}{_stages(manifest)}, seed "
         f"{manifest.seed} |",
-        # Results differ in the last bits between thread counts (README, "Threads").
+        # Results differ in the last bits between thread counts (docs/reliability.md).
         f"| torch CPU threads (recovery, evaluation) "
         f"| {manifest.versions.get('torch_threads', '-')}, "
         f"{evaluation.document['versions'].get('torch_threads', '-')} |",

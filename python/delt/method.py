@@ -143,7 +143,7 @@ def sre2l_jitter(resolution: int) -> int:
 
 @dataclass(frozen=True)
 class MethodRecipe:
-    """The components a pixel-optimizing method is composed of (README, "Methods").
+    """The components a pixel-optimizing method is composed of (docs/methods.md).
 
     Attributes:
         init: the initialization: ``"noise"`` (standard normal in normalized space) or

@@ -659,7 +659,8 @@ class ChunkOptimizer:
         iterations."""
         total, starts = chunk_schedule(chunk.within_class, ipc, self.iterations, round_iterations)
         labels = torch.tensor(chunk.classes, dtype=torch.int64)
-        bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not self.progress)
+        disable = None if self.progress else True  # None: a bar on a terminal only
+        bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=disable)
         try:
             result = optimize_chunk(
                 self.forward, self.target, init.to(self.device), labels.to(self.device), starts,

@@ -1,5 +1,5 @@
-"""``delt recover --method pdd``: progressive synthesis (PDD, Chen et al., ICLR 2024; README,
-"Progressive synthesis"): P stages of a base method, earlier stages frozen bitwise, optionally
+"""``delt recover --method pdd``: progressive synthesis (PDD, Chen et al., ICLR 2024;
+docs/methods.md): P stages of a base method, earlier stages frozen bitwise, optionally
 conditioned on per-stage teachers, the union in the batch or hard real initial images. Outputs:
 U_P as a distilled set in ``OUT``, and ``OUT/stages/<k>/`` (the stage's new images, ``init.json``,
 and while the run is unfinished, or with ``--keep-chunks``, ``chunks/`` and U_k as a set of its
