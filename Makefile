@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Pinned: these CUDA builds of torch also run on CPU-only machines.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
-DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark ruff
+DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark ruff \
+	mkdocs-material mkdocstrings-python clang-format==23.1.5
+# The documentation site and the linters (`make docs`, `make lint`); clang-format pinned, as its
+# output changes between major versions.
+TOOL_DEPENDENCIES ?= mkdocs-material mkdocstrings-python clang-format==23.1.5 ruff
 
 # cpp_extension guesses CUDA_HOME from `which nvcc`, which can be a wrapper script; prefer the
 # toolkit's own folder when it exists.
@@ -18,7 +22,7 @@ endif
 SOURCES := setup.py pyproject.toml $(shell find csrc delt_ext python -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
 .PHONY: all venv install test test-fast test-cpu-only bench bench-installed gpu-check gpu-check-dry \
-	demo fashion-mnist lint clean
+	demo fashion-mnist docs lint tools clean
 
 all: test
 
@@ -104,8 +108,27 @@ fashion-mnist:
 demo: install fashion-mnist
 	$(VENV)/bin/delt demo --out $(DEMO_OUT) --data-root $(FASHION_MNIST_ROOT)
 
-lint:
-	$(VENV)/bin/ruff check delt_ext python tests benchmarks tools
+# A .venv made before the tools joined DEPENDENCIES gets them here (once).
+$(VENV)/.tools-stamp: $(VENV)/.deps-stamp
+	$(PIP) install $(TOOL_DEPENDENCIES)
+	touch $@
+
+tools: $(VENV)/.tools-stamp
+
+# The documentation site (mkdocs.yml, docs/) into site/, warnings as errors: broken links,
+# missing anchors, pages left out of the navigation, unresolved API references. The API pages
+# are read from the sources statically: no build of the extension is needed.
+docs: tools
+	@# Not --quiet: it hides the warnings from --strict, which then passes whatever they say.
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+PYTHON_SOURCES := setup.py delt_ext python tests benchmarks tools
+CXX_SOURCES = $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
+
+lint: tools
+	$(VENV)/bin/ruff check $(PYTHON_SOURCES)
+	$(VENV)/bin/ruff format --check $(PYTHON_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 clean:
-	rm -rf build dist *.egg-info $(VENV)/.install-stamp
+	rm -rf build dist site *.egg-info $(VENV)/.install-stamp

@@ -1,14 +1,16 @@
-"""delt_ext.compat.BNFeatureHook and the README's drop-in recipes for SRe2L, CDA, SC-DD and DELT.
+"""delt_ext.compat.BNFeatureHook and the drop-in recipes for SRe2L, CDA, SC-DD and DELT.
 
 The research loops are re-created here (written for these tests, small and on CPU): where the
 hooks are built, how the list is passed, how the loss is summed, DELT's active sub-batch. The
-README's diff blocks are read from README.md: the compat ones are applied with ``git apply`` to
-loop files holding their context lines, and the lines the BNStatMatching ones add are run.
+recipes' diff blocks are read from docs/drop-in.md: the compat ones are applied with
+``git apply`` to loop files holding their context lines, and the lines the BNStatMatching ones
+add are run.
 """
 
 import copy
 import importlib.metadata
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,7 +26,7 @@ import delt_ext
 from delt_ext.compat import BNFeatureHook, eager_bn_feature
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+RECIPES = (ROOT / "docs" / "drop-in.md").read_text()  # the page the users read
 COMPAT_LINE = "from delt_ext.compat import BNFeatureHook"
 
 
@@ -62,7 +64,7 @@ def make_teacher(seed: int = 0) -> nn.Module:
 
 
 def diff_blocks() -> list[str]:
-    return re.findall(r"```diff\n(.*?)```", README, re.S)
+    return re.findall(r"```diff\n(.*?)```", RECIPES, re.S)
 
 
 def added_lines(block: str) -> list[str]:
@@ -149,7 +151,7 @@ def test_autocast_bfloat16_float32_statistics_and_the_eager_option(device):
     assert abs(ours.r_feature.double() - exact) / exact < 1e-5
 
 
-# ---- the README recipes ------------------------------------------------------------------------
+# ---- the recipes of docs/drop-in.md ----------------------------------------------------------
 
 UTILS = """
 import torch
@@ -292,7 +294,7 @@ def run_loop(script: Path, tmp_path: Path) -> dict:
 COMPAT_BLOCKS = [block for block in diff_blocks() if COMPAT_LINE in block]
 
 
-def test_readme_has_the_compat_recipes_for_every_repository():
+def test_drop_in_page_has_the_compat_recipes_for_every_repository():
     assert len(COMPAT_BLOCKS) == 2  # VILA-Lab/SRe2L, VILA-Lab/DELT
     paths = [path for block in COMPAT_BLOCKS for path in compat_files(block)]
     for expected in [
@@ -309,9 +311,9 @@ def test_readme_has_the_compat_recipes_for_every_repository():
         assert all(line.startswith("---") for line in removed)
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to apply the README's diffs")
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to apply the recipes' diffs")
 @pytest.mark.parametrize("block_index", range(len(COMPAT_BLOCKS)))
-def test_readme_compat_diff_applies_and_gives_the_eager_loss_and_gradient(block_index, tmp_path):
+def test_compat_recipe_applies_and_gives_the_eager_loss_and_gradient(block_index, tmp_path):
     block = COMPAT_BLOCKS[block_index]
     files = compat_files(block)
     for path, context in files.items():
@@ -339,7 +341,7 @@ def test_readme_compat_diff_applies_and_gives_the_eager_loss_and_gradient(block_
 BN_MATCHING_BLOCKS = [block for block in diff_blocks() if "BNStatMatching" in block]
 
 
-def test_readme_bn_matching_recipes_add_only_the_lines_tested_here():
+def test_drop_in_page_bn_matching_recipes_add_only_the_lines_tested_here():
     assert len(BN_MATCHING_BLOCKS) == 4  # SRe2L single, multi-GPU, CDA, DELT
     allowed = {
         "import delt_ext",
@@ -361,7 +363,7 @@ LOSS_LINE = "loss_r_bn_feature = bn_matching.loss()"
 
 
 @pytest.mark.parametrize("structure", ["get_images", "multi_gpu", "delt"])
-def test_readme_bn_matching_lines_give_the_eager_loss_and_gradient(structure):
+def test_drop_in_page_bn_matching_lines_give_the_eager_loss_and_gradient(structure):
     class Args:
         first_bn_multiplier = 10.0
 
@@ -369,12 +371,12 @@ def test_readme_bn_matching_lines_give_the_eager_loss_and_gradient(structure):
     inputs = torch.randn(10, 3, 12, 12, requires_grad=True)
     rounds = [[0, 1, 5], [0, 1, 2, 5, 6, 7], list(range(10))] if structure == "delt" else [None]
 
-    def losses(use_readme_lines: bool):
+    def losses(use_page_lines: bool):
         teacher = make_teacher()
         model_teacher = teacher if structure == "multi_gpu" else nn.DataParallel(teacher)
-        if use_readme_lines:
+        if use_page_lines:
             scope = {"delt_ext": delt_ext, "model_teacher": model_teacher, "args": Args}
-            exec(BN_MATCHING_LINE, scope)  # the README's line
+            exec(BN_MATCHING_LINE, scope)  # the page's line
         else:
             hooks = [EagerHook(m) for m in model_teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if structure == "multi_gpu":
@@ -382,7 +384,7 @@ def test_readme_bn_matching_lines_give_the_eager_loss_and_gradient(structure):
         total = 0
         for active in rounds:
             model_teacher(inputs if active is None else inputs[active])
-            if use_readme_lines:
+            if use_page_lines:
                 exec(LOSS_LINE, scope)
                 total = total + scope["loss_r_bn_feature"]
             else:
@@ -540,3 +542,47 @@ def test_editable_install_builds_in_place_and_works(tmp_path):
     assert "active path       compiled ops" in report and str(built[0]) in report
     cli = subprocess.run([venv / "bin" / "delt", "--help"], capture_output=True, text=True)
     assert cli.returncode == 0 and "usage: delt" in cli.stdout, cli.stderr
+
+
+# ---- the recipes against the repositories themselves -------------------------------------------
+
+# The commit each recipe names on the page, and the variable pointing at a clone of its repository.
+REAL_REPOSITORIES = {"VILA-Lab/SRe2L": "SRE2L_REPO", "VILA-Lab/DELT": "DELT_REPO"}
+
+
+def recipe_commits() -> dict[str, tuple[str, str]]:
+    """Repository -> (commit named on the page, its compat diff block)."""
+    found = {}
+    for repository in REAL_REPOSITORIES:
+        match = re.search(
+            rf"\[{repository}\]\(https://github.com/{repository}\).*?commit (\w+).*?"
+            r"```diff\n(.*?)```",
+            RECIPES,
+            re.S,
+        )
+        assert match, f"docs/drop-in.md names no commit and recipe for {repository}"
+        found[repository] = (match.group(1), match.group(2))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to apply the recipes' diffs")
+@pytest.mark.parametrize("repository", list(REAL_REPOSITORIES))
+def test_compat_recipe_applies_to_the_real_repository(repository, tmp_path):
+    clone = os.environ.get(REAL_REPOSITORIES[repository])
+    if not clone:
+        pytest.skip(f"set {REAL_REPOSITORIES[repository]} to a clone of {repository}")
+    commit, block = recipe_commits()[repository]
+    assert COMPAT_LINE in block
+    for path in compat_files(block):  # the files at the named commit, nothing else
+        shown = subprocess.run(
+            ["git", "show", f"{commit}:{path}"], cwd=clone, capture_output=True, check=True
+        )
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(shown.stdout)
+    (tmp_path / "recipe.diff").write_text(block)
+    applied = subprocess.run(
+        ["git", "apply", "recipe.diff"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert applied.returncode == 0, applied.stderr
+    for path in compat_files(block):
+        assert COMPAT_LINE in (tmp_path / path).read_text()

@@ -143,7 +143,8 @@ def test_the_registry_holds_the_built_in_methods_in_order():
 
 
 def test_pdd_and_rded_are_presets_over_the_components():
-    from delt.method import ClampPixels, bn_statistics, clamp_to_pixel_range
+    from delt.matching import matching_target
+    from delt.method import ClampPixels, clamp_to_pixel_range
 
     def recipe(method, **options):
         return method_named(method).recipe(SimpleNamespace(method=method, **options))
@@ -153,7 +154,7 @@ def test_pdd_and_rded_are_presets_over_the_components():
         base_recipe, pdd = recipe(base), recipe("pdd", base=base)
         assert pdd.stages and not base_recipe.stages
         assert pdd == dataclasses.replace(base_recipe, stages=True)
-        assert base_recipe.target is bn_statistics
+        assert base_recipe.target is matching_target
     # rded: scored real crops, one class per chunk, no matching target (nothing optimized).
     rded = recipe("rded")
     assert rded.init == "scored_crops" and rded.target is None

@@ -21,10 +21,12 @@ of lower floors or ones listed before it on its own floor, never another module'
       soft_labels,          the soft-label store (`delt relabel`'s file, memory-mapped);
       protocols             evaluation protocols as named presets (delt, rded, sre2l, edc, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import` (a
-      import_released       released set)
-    method, chunks,         the method registry, the options every method shares and the
-      synthesis,            components; the chunk store (resume); the chunk optimizer, run
-      chunk_groups          setup, the output writer; K chunks per teacher step
+      import_released,      released set); `delt stats` (per-class BN statistics: the file,
+      stats                 its collection)
+    matching, method,       the matching target (--match: running or per-class BN
+      chunks, synthesis,    statistics); the method registry, the options every method
+      chunk_groups          shares and the components; the chunk store (resume); the chunk
+                            optimizer, run setup, the output writer; K chunks per teacher step
     methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
     methods.sre2l,          one module per method, each registering itself: presets of the
       methods.cda,          pixel method (sre2l, cda, delt), progressive stages (pdd), scored
@@ -54,8 +56,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("schedules",),
     ("distilled_set",),
     ("student_augment", "student_trainer", "stagewise_training", "soft_labels", "protocols"),
-    ("teacher", "select", "import_released"),
-    ("method", "chunks", "synthesis", "chunk_groups"),
+    ("teacher", "select", "import_released", "stats"),
+    ("matching", "method", "chunks", "synthesis", "chunk_groups"),
     (
         "methods.pixels",
         "methods.sre2l",

@@ -535,7 +535,8 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
     times: dict[str, list[float]] = {row: [] for row in rows}
     peaks: dict[str, float] = {}
     steps = len(rows) * (config.repeats + 1)
-    with tqdm(total=steps, desc="bench synthesis", disable=not config.progress) as bar:
+    disable = None if config.progress else True  # None: bars on a terminal only
+    with tqdm(total=steps, desc="bench synthesis", disable=disable) as bar:
         for row, run in rows.items():  # warm-up: first-call dispatch, allocator, compilation
             bar.set_postfix(row=row, refresh=False)
             run()

@@ -341,7 +341,7 @@ def _run(config: EvalBenchConfig, device: torch.device) -> dict:
     epochs: dict[str, list[float]] = {row: [] for row in setup.rows}
     tests: dict[str, list[float]] = {row: [] for row in setup.rows}
     with tqdm(total=len(setup.rows) * (config.repeats + 1), desc="bench eval",
-              disable=not config.progress) as bar:  # fmt: skip
+              disable=None if config.progress else True) as bar:  # fmt: skip
         for epoch, test in setup.rows.values():  # warm-up
             epoch()
             test()

@@ -356,7 +356,7 @@ class GroupedChunkOptimizer(ChunkOptimizer):
         names = ", ".join(str(chunk.index) for chunk in chunks)
         bar = tqdm(
             total=max(t.total_iterations for t in tasks), desc=f"chunks {names}", leave=False,
-            disable=not self.progress,
+            disable=None if self.progress else True,  # None: a bar on a terminal only
         )  # fmt: skip
         try:
             results = optimize_chunks(

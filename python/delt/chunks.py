@@ -208,7 +208,8 @@ class ChunkStore:
                 place(chunk, *self.load(chunk))
         todo = [chunk for chunk in chunks if chunk.index in mine]
         step = chunks_per_step if make_chunks is not None else 1
-        with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+        disable = None if progress else True  # None: a bar on a terminal only
+        with tqdm(total=len(todo), desc=desc, disable=disable) as bar:
             for first in range(0, len(todo), step):
                 group = todo[first : first + step]
                 generators = [torch.Generator().manual_seed(chunk_seed(chunk)) for chunk in group]

@@ -44,6 +44,7 @@ from delt.report import ReportConfig, compare_runs
 from delt.runtime import DEFAULT_THREADS, ResourceError, logger
 from delt.select import SelectConfig, select_images
 from delt.stagewise import evaluate_stagewise
+from delt.stats import StatsConfig, collect_statistics
 from delt.teacher import TeacherConfig, train_teacher
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -156,6 +157,15 @@ COMMANDS: dict[str, Command] = {
     ),
     "select": Command(
         "rank real images with the teacher and pick IPC per class", SelectConfig, select_images
+    ),
+    "stats": Command(
+        "per-class and global BN statistics of the teacher over its training set (--match class)",
+        StatsConfig,
+        collect_statistics,
+        lambda config, result: print(
+            f"stats: {len(result.layer_names)} BN layers, {result.num_classes} classes, "
+            f"{int(result.class_images.sum())} images -> {result.path}"
+        ),
     ),
     # recover() looks the method up (delt.method); pdd, rded: delt.methods.
     "recover": Command(

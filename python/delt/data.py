@@ -1,5 +1,5 @@
 """Datasets: one registry (``DATASETS``), each entry carrying its normalization, resolution and
-class order (README, "Distilling with delt"): ``fashion-mnist``, ``cifar10``, ``cifar100``,
+class order (docs/pipeline.md): ``fashion-mnist``, ``cifar10``, ``cifar100``,
 ``imagefolder`` (an explicit, recorded class order; :func:`load_like` refuses a folder whose
 classes differ from a model's) and ``synthetic:classes=4,size=8,...`` (options in the name).
 Every dataset yields normalized float images (C, H, W) and int labels; :class:`DatasetInfo`

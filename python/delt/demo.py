@@ -2,7 +2,7 @@
 
 A ConvNet-3 teacher (``OUT/teacher``), then ``delt distill`` with it for ``--method delt`` (MI/RI
 scaled down to fit a CPU) and ``random-real``, ``delt report`` over both, one printed table and
-``OUT/summary.json``; every step caches (README, "make demo"). torch runs with ``--threads``
+``OUT/summary.json``; every step caches (docs/quickstart.md). torch runs with ``--threads``
 (default 2, what the README's figures were measured with) whatever the machine's load: the
 teacher's training is not bitwise stable across thread counts, so a count chosen from the idle
 cores made the printed accuracies depend on how busy the machine was.
@@ -100,7 +100,7 @@ def _run_demo(config: DemoConfig, threads: int) -> dict:
 def _demo_steps(config: DemoConfig, threads: int) -> dict:
     out = Path(config.out)
     started = time.perf_counter()
-    logger.info("demo: %d torch thread(s)", threads)
+    logger.info("demo: %d torch thread(s); outputs under %s/", threads, out)
     check_output(out, "--out")  # it writes summary.json even when every step is cached
     # Fail early, with the install hint, before any work.
     load_dataset("fashion-mnist", "test", config.data_root)

@@ -1,5 +1,5 @@
 """One code path for any world size: the ``torchrun`` environment, the process group, and the
-few collectives the commands use (README, "Several GPUs and nodes").
+few collectives the commands use (docs/distributed.md).
 
 Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) :func:`session` initializes
 ``torch.distributed`` (NCCL for CUDA devices, Gloo for ``--device cpu``), binds

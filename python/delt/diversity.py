@@ -1,4 +1,4 @@
-"""``delt diversity``: DELT's intra-class diversity (Shen et al., CVPR 2025; README, "Evaluating").
+"""``delt diversity``: DELT's intra-class diversity (Shen et al., CVPR 2025; docs/evaluation.md).
 
 Per class, the mean cosine similarity of each image's penultimate feature (the input of the
 model's last linear layer) to the class centroid of the raw features; the set's score is the mean

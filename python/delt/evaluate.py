@@ -1,7 +1,7 @@
 """``delt eval``: train students from scratch on a distilled set and test them on real data.
 
-RDED/DELT's protocol (DELT: Shen et al., CVPR 2025, github.com/VILA-Lab/DELT; README,
-"Evaluating"); the engine is :mod:`delt.student_trainer` with :mod:`delt.student_augment`,
+RDED/DELT's protocol (DELT: Shen et al., CVPR 2025, github.com/VILA-Lab/DELT;
+docs/evaluation.md); the engine is :mod:`delt.student_trainer` with :mod:`delt.student_augment`,
 ``--stagewise`` runs in :mod:`delt.stagewise`. ``DIR/eval.json`` (atomic) caches every finished
 seed of an identity (:func:`delt.identity.run_identity`: config, student, batch, input files,
 the test split's fingerprint; not the seeds). An evaluation of another identity is never lost: it
@@ -542,7 +542,7 @@ class EvalContext:
                     )  # fmt: skip
             bar = tqdm(
                 total=config.epochs, initial=trainer.epochs_done, desc=f"student seed {seed}",
-                leave=False, disable=not config.progress,
+                leave=False, disable=None if config.progress else True,
             )  # fmt: skip
             while trainer.epochs_done < config.epochs:
                 epochs = min(

@@ -97,7 +97,7 @@ def _difference(key: str, saved: object, current: object, is_field: bool) -> str
         return f"{flag(key)}: {_short(saved)} -> {_short(current)}"
     if key.endswith("_sha256"):
         name = key.removesuffix("_sha256")
-        flag_name = f"--{name}" if name in ("teacher", "selection", "distilled") else name
+        flag_name = f"--{name}" if name in ("teacher", "selection", "distilled", "stats") else name
 
         def shown(value: object) -> str:
             return "none" if value is None else str(value)[:16] + "..."

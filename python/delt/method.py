@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
-from torch import Tensor, nn
+from torch import Tensor
 
-import delt_ext
 from delt.config import ConfigError, option, refuse_method_options
 from delt.data import DatasetInfo
+from delt.matching import MatchOptions, matching_target
 from delt.schedules import Chunk, class_contiguous_chunks, class_interleaved_chunks
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "method_named",
     "methods",
     "option_types",
-    "bn_statistics",
     "clamp_to_pixel_range",
     "one_class_per_chunk",
     "register",
@@ -49,7 +48,7 @@ DEFAULT_ROUND_ITERATIONS = 500
 
 
 @dataclass(kw_only=True)
-class SynthesisConfig:
+class SynthesisConfig(MatchOptions):
     """The options every method of ``delt recover`` shares (one field per flag); a method's own
     flags are its :attr:`Method.options` dataclass, composed beside these by
     :class:`delt.recover.RecoverConfig`."""
@@ -122,7 +121,8 @@ class SynthesisConfig:
 # The fields of SynthesisConfig that only the pixel optimization reads.
 LOOP_FIELDS = (
     "selection", "iterations", "round_iterations", "lr", "beta1", "beta2", "r_bn",
-    "first_bn_multiplier", "jitter", "per_sample_aug", "compile", "chunks_per_step",
+    "first_bn_multiplier", "jitter", "per_sample_aug", "compile", "chunks_per_step", "match",
+    "match_class_weight", "stats", "stats_convention",
 )  # fmt: skip
 
 
@@ -155,20 +155,13 @@ def one_class_per_chunk(num_classes: int, ipc: int, batch_size: int) -> list[Chu
 
 class MatchingTarget(Protocol):
     """What the synthesized images' statistics are matched to, as a loss over the hooked
-    teacher's last forward: today the teacher's running BN statistics
-    (:class:`delt_ext.BNStatMatching`)."""
+    teacher's last forward: the teacher's running BN statistics (:class:`delt_ext.
+    BNStatMatching`) or per-class ones (:class:`delt.matching.ClassMatching`, which also has
+    ``set_labels(labels)``, called with the batch's classes before each forward)."""
 
     weights: list[float]  # per matched layer (the first one's multiplier first)
 
     def loss(self) -> Tensor: ...
-
-
-def bn_statistics(
-    model: nn.Module, first_bn_multiplier: float
-) -> AbstractContextManager[MatchingTarget]:
-    """The matching target of SRe2L, CDA, DELT and PDD: the teacher's running BN statistics,
-    the first BN layer weighted ``first_bn_multiplier`` (hooks removed on exit)."""
-    return delt_ext.BNStatMatching(model, first_bn_multiplier=first_bn_multiplier)
 
 
 class PostStep(Protocol):
@@ -203,7 +196,7 @@ def clamp_to_pixel_range(info: DatasetInfo) -> ClampPixels:
 
 @dataclass(frozen=True)
 class MethodRecipe:
-    """The components a method is composed of (README, "Methods").
+    """The components a method is composed of (docs/methods.md).
 
     Attributes:
         init: the initialization: ``"noise"`` (standard normal in normalized space),
@@ -218,8 +211,9 @@ class MethodRecipe:
         default_jitter: the augmentation's roll range in pixels by image resolution.
         stages: the iteration schedule's stages: PDD's progressive stages over the others
             (each stage a set of this recipe, the earlier stages frozen).
-        target: the matching target, ``(teacher, first_bn_multiplier) -> context manager``;
-            None: nothing is optimized (RDED).
+        target: the matching target, ``(teacher, config, first_bn_multiplier, statistics) ->
+            context manager`` (:func:`delt.matching.matching_target`: ``--match``); None:
+            nothing is optimized (RDED).
         post_step: the step's post-processing, made for the dataset (``info -> PostStep``).
     """
 
@@ -229,9 +223,7 @@ class MethodRecipe:
     early_late: bool
     default_jitter: Callable[[int], int]
     stages: bool = False
-    target: Callable[[nn.Module, float], AbstractContextManager[MatchingTarget]] | None = (
-        bn_statistics
-    )
+    target: Callable[..., AbstractContextManager[MatchingTarget]] | None = matching_target
     post_step: Callable[[DatasetInfo], PostStep] = clamp_to_pixel_range
 
     @property

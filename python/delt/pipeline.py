@@ -1,6 +1,6 @@
 """``delt distill``: teacher → select (delt, pdd over delt) → recover (or a seeded random-real
 draw) → eval → diversity → report in one folder, every step cached by its flags and the SHA-256
-of its inputs (README, "The whole pipeline"). ``OUT/report.json`` holds exactly
+of its inputs (docs/quickstart.md). ``OUT/report.json`` holds exactly
 :data:`delt.report.REPORT_KEYS`; ``synthesis_seconds`` is the recovery's optimization time, not
 teacher training or selection.
 """
@@ -24,6 +24,7 @@ from delt.evaluate import EvalConfig, evaluate
 from delt.identity import check_or_reuse, config_defaults, config_identity
 from delt.io import check_output, read_json, sha256_file, write_json
 from delt.lock import output_lock
+from delt.matching import MatchOptions
 from delt.method import (
     DEFAULT_ROUND_ITERATIONS,
     Method,
@@ -36,6 +37,7 @@ from delt.recover import RecoverConfig, recover
 from delt.report import write_image_grid, write_run_report
 from delt.runtime import logger
 from delt.select import SelectConfig, select_images
+from delt.stats import StatsConfig, collect_statistics, load_statistics
 from delt.teacher import TeacherConfig, train_teacher
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_methods"]
@@ -52,9 +54,11 @@ _RECOVER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RecoverConfig
 
 
 @dataclass(kw_only=True)
-class DistillConfig(*reversed(option_types())):  # type: ignore[misc]
-    """Configuration of ``delt distill`` (one field per flag): its own, and every registered
-    method's options (:func:`delt.method.option_types`), as ``delt recover``."""
+class DistillConfig(*reversed(option_types()), MatchOptions):  # type: ignore[misc]
+    """Configuration of ``delt distill`` (one field per flag): its own, every registered
+    method's options (:func:`delt.method.option_types`), as ``delt recover``, and the matching
+    target's (:class:`delt.matching.MatchOptions`; ``--match class`` without ``--stats``:
+    ``delt stats`` runs as a step into ``OUT/stats.pt``)."""
 
     method: str = option(
         help="synthesis method, or the random-real baseline", choices=distill_methods
@@ -142,6 +146,10 @@ class DistillConfig(*reversed(option_types())):  # type: ignore[misc]
                 f"{method.label(self)} has no rounds"
             )
         self._check_teacher_save_epochs()
+        if self.match != "global" and not method.optimizes:
+            raise ConfigError(
+                f"--match applies to the methods that optimize pixels, not {self.method}"
+            )
         if not math.isfinite(self.recover_lr) or self.recover_lr <= 0:
             raise ConfigError(f"--recover-lr must be a finite number > 0, got {self.recover_lr}")
         if not method.optimizes and self.recover_lr != _RECOVER_DEFAULTS["lr"]:
@@ -250,7 +258,15 @@ class DistillConfig(*reversed(option_types())):  # type: ignore[misc]
             round_iterations=self.round_iterations, batch_size=self.recover_batch_size,
             lr=self.recover_lr, channels_last=self.channels_last, seed=self.seed,
             device=self.device, progress=self.progress, iterations=self.iterations, **options,
+            **self.match_fields(),
         )  # fmt: skip
+
+    def match_fields(self) -> dict:
+        """The matching flags of the recovery (``--stats`` default: ``OUT/stats.pt``)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(MatchOptions)}
+        if self.match != "global" and self.stats is None:
+            fields["stats"] = str(Path(self.out) / "stats.pt")
+        return fields
 
     def eval_config(self, distilled: Path, teacher: str | None) -> EvalConfig:
         return EvalConfig(
@@ -356,6 +372,24 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
             f"{config.arch} {teacher.test_accuracy:.2f}% test",
         )  # fmt: skip
     teacher_sha256 = sha256_file(teacher_path)
+    # 1b. the teacher's per-class statistics (--match class without --stats; cached by content)
+    stats_sha256 = None
+    if config.match != "global":
+        stats_path = config.match_fields()["stats"]
+        if config.stats is None:
+            start = time.perf_counter()
+            cached = Path(stats_path).is_file()
+            collect_statistics(
+                StatsConfig(
+                    teacher=teacher_path, out=stats_path, data_root=config.data_root,
+                    channels_last=config.channels_last, device=config.device,
+                    progress=config.progress,
+                )
+            )  # fmt: skip
+            timed("stats", cached, time.perf_counter() - start, f"BN statistics -> {stats_path}")
+        statistics = load_statistics(stats_path)  # another teacher's: refused before any work
+        statistics.check_teacher(load_checkpoint(teacher_path), teacher_sha256, "--stats")
+        stats_sha256 = sha256_file(stats_path)
     if method.recovers:
         # (pdd: a teacher without its P checkpoints is refused now, before selection.)
         method.check_teacher(config.recover_config(teacher_path, None), teacher_path)
@@ -391,6 +425,8 @@ def _distill(config: DistillConfig, print_summary: bool) -> DistillResult:
     else:
         step_identity = {"ipc": config.ipc, "seed": config.seed, "dataset": config.dataset}
     step_identity.update(teacher_sha256=teacher_sha256, selection_sha256=selection_sha256)
+    if stats_sha256 is not None:
+        step_identity["stats_sha256"] = stats_sha256
     start = time.perf_counter()
     if _step_is_current(out, "recover", step_identity, defaults, outputs):
         cached = True
@@ -493,7 +529,7 @@ def _markdown(report, evaluation, diversity, manifest, steps, teacher_meta) -> s
         f"| recovery | MI {manifest.config.get('iterations', '-')}, RI "
         f"{manifest.config.get('round_iterations', '-') or '-'}{_stages(manifest)}, seed "
         f"{manifest.seed} |",
-        # Results differ in the last bits between thread counts (README, "Threads").
+        # Results differ in the last bits between thread counts (docs/reliability.md).
         f"| torch CPU threads (recovery, evaluation) "
         f"| {manifest.versions.get('torch_threads', '-')}, "
         f"{evaluation.document['versions'].get('torch_threads', '-')} |",

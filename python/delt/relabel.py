@@ -267,7 +267,8 @@ def _relabel(config: RelabelConfig, out: Path) -> RelabelResult:
     output_size = (context.info.resolution, context.info.resolution)
     replayed = 0  # epochs whose draws the generator has made
     _teacher_mode(context.teacher.model, config.bn_mode)
-    bar = tqdm(total=len(todo), desc="relabel", leave=False, disable=not config.progress)
+    disable = None if config.progress else True  # None: a bar on a terminal only
+    bar = tqdm(total=len(todo), desc="relabel", leave=False, disable=disable)
     for round_index in range(rounds):
         finished = None
         if round_index < len(mine):

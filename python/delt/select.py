@@ -266,7 +266,7 @@ def score_images(config: SelectConfig) -> tuple[torch.Tensor, torch.Tensor, dict
         for number, start in enumerate(range(0, count, shard_size))
         if number % job.size == job.rank
     )
-    bar = tqdm(total=mine, desc="scoring", disable=not config.progress)
+    bar = tqdm(total=mine, desc="scoring", disable=None if config.progress else True)
     done = []
     for number, start in enumerate(range(0, count, shard_size)):
         if number % job.size != job.rank:

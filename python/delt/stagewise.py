@@ -142,7 +142,7 @@ def _run_stagewise_seed(
         trainer = context.make_trainer(seed, total_epochs=config.epochs)
         bar = tqdm(
             total=config.epochs, desc=f"stage-wise seed {seed}", leave=False,
-            disable=not config.progress,
+            disable=None if config.progress else True,
         )  # fmt: skip
         losses, checks, records = train_stagewise(
             trainer, unions, plan, config.stage_schedule, context.test_set, config.eval_every, bar

@@ -1,5 +1,5 @@
 """The student's augmentation in ``delt eval`` (the evaluation protocol of RDED, Sun et al.,
-CVPR 2024, as DELT uses it, Shen et al., CVPR 2025; README, "Evaluating"): RDED's ShufflePatches,
+CVPR 2024, as DELT uses it, Shen et al., CVPR 2025; docs/evaluation.md): RDED's ShufflePatches,
 torchvision's RandAugment with a replay of its draws (so a DDP rank augments only its rows of a
 global batch), RandomResizedCrop + flip, and CutMix with its hard-label loss.
 """

@@ -1,7 +1,7 @@
 """The student trainer of ``delt eval``, PDD's hard-init student and stage-wise training:
 :class:`StudentTrainer` (one student, its AdamW and half-cosine LR schedule, teacher soft labels
 with a KL loss or hard labels; DistributedDataParallel under torchrun), :class:`GlobalBatchNorm2d`
-for Gloo, and the evaluation protocol's defaults (RDED/DELT's; README, "Evaluating").
+for Gloo, and the evaluation protocol's defaults (RDED/DELT's; docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def batch_statistics(model: nn.Module, enabled: bool = True) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What a training step needs besides the models (README, "Evaluating").
+    """What a training step needs besides the models (docs/evaluation.md).
 
     Attributes:
         batch_size: images per step.

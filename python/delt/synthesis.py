@@ -56,6 +56,7 @@ from delt.models import (
 from delt.runtime import autocast, check_memory, logger, resolve_device, versions
 from delt.schedules import Chunk, chunk_schedule, cosine_lr, crop_min_scale
 from delt.select import Selection
+from delt.stats import BNStatistics, load_statistics
 
 __all__ = [
     "FINISHED_MARK",
@@ -233,6 +234,8 @@ def optimize_chunk(
     # no host sync per step. It is read where the loss is read anyway (a redrawn bar) and once
     # at the chunk's end, with the pixels (copied to the host then anyway).
     first_bad = torch.full((), total_iterations, dtype=torch.int64, device=device)
+    # A per-class target (delt.matching.ClassMatching) needs each batch's classes.
+    set_labels = getattr(bn_matching, "set_labels", None)
     for iteration in range(total_iterations):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(iteration, total_iterations, settings.lr)
@@ -246,6 +249,8 @@ def optimize_chunk(
                 context = frozen.index_select(0, _to_device(pick, device))
             batch = torch.cat([batch, context])
         inputs = augment(batch)
+        if set_labels is not None:
+            set_labels(targets)
         if settings.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(device, settings.amp):
@@ -361,6 +366,7 @@ class Run:
     device: torch.device
     settings: RecoverySettings
     identity: dict | None = None  # set by check_identity
+    statistics: BNStatistics | None = None  # --stats, checked against the teacher
 
     def check_identity(self, uses_selection: bool, **inputs: object) -> None:
         """Writes ``OUT/run.json`` on the first run; refuses a resume with another identity
@@ -374,6 +380,7 @@ class Run:
         self.identity = run_identity(
             config, teacher_sha256=sha256_file(self.teacher.path),
             selection_sha256=None if selection is None else sha256_file(selection), **inputs,
+            **({"stats_sha256": sha256_file(config.stats)} if config.stats else {}),
             data={"name": self.info.name, "fingerprint": data_fingerprint(self.teacher.meta)},
         )  # fmt: skip
         check_or_reuse(
@@ -603,7 +610,14 @@ def prepare_run(config: SynthesisConfig) -> Run:
     # The manifest says where it ran.
     resolved = method_named(config.method).resolved(config, info)
     config = dataclasses.replace(config, **resolved, device=str(device))
-    return Run(Path(config.out), config, teacher, info, device, recovery_settings(config, info))
+    statistics = None
+    if config.stats is not None:  # another teacher's statistics: refused before any work
+        statistics = load_statistics(config.stats)
+        statistics.check_teacher(teacher, sha256_file(teacher.path), "--stats")
+    return Run(
+        Path(config.out), config, teacher, info, device, recovery_settings(config, info),
+        statistics=statistics,
+    )  # fmt: skip
 
 
 def manifest_fields(config: SynthesisConfig) -> dict[str, Any]:
@@ -655,7 +669,8 @@ class ChunkOptimizer:
         iterations."""
         total, starts = chunk_schedule(chunk.within_class, ipc, self.iterations, round_iterations)
         labels = torch.tensor(chunk.classes, dtype=torch.int64)
-        bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=not self.progress)
+        disable = None if self.progress else True  # None: a bar on a terminal only
+        bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=disable)
         try:
             result = optimize_chunk(
                 self.forward, self.target, init.to(self.device), labels.to(self.device), starts,
@@ -708,13 +723,14 @@ class ChunkOptimizer:
 @contextmanager
 def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
     """The run's :class:`ChunkOptimizer` for ``model`` (a teacher checkpoint's), frozen on the
-    run's device and hooked by the recipe's matching target (the hooks removed on exit); with
-    ``--compile``, compiled after hooking, so that the hooks are traced into the graph."""
+    run's device and hooked by the recipe's matching target (``--match``,
+    :func:`delt.matching.matching_target`; the hooks removed on exit); with ``--compile``,
+    compiled after hooking, so that the hooks are traced into the graph."""
     config = run.config
     model = frozen_teacher(model, run.device, config.channels_last)
     recipe = config.recipe
     assert recipe is not None and recipe.target is not None, "a method that optimizes nothing"
-    with recipe.target(model, config.first_bn_multiplier) as target:
+    with recipe.target(model, config, config.first_bn_multiplier, run.statistics) as target:
         forward = torch.compile(model) if config.compile else model
         yield ChunkOptimizer(
             forward, target, run.settings, run.device, config.iterations, config.progress

@@ -341,7 +341,7 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
             iterate_batches(train_set, config.batch_size, True, generator, config.num_workers),
             total=steps_per_epoch,
             desc=f"teacher epoch {epoch + 1}/{config.epochs}",
-            disable=not config.progress,
+            disable=None if config.progress else True,
             leave=False,
         )
         for images, labels in bar:

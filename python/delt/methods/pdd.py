@@ -1,5 +1,5 @@
-"""``delt recover --method pdd``: progressive synthesis (PDD, Chen et al., ICLR 2024; README,
-"Progressive synthesis"): P stages of a base method, earlier stages frozen bitwise, optionally
+"""``delt recover --method pdd``: progressive synthesis (PDD, Chen et al., ICLR 2024;
+docs/methods.md): P stages of a base method, earlier stages frozen bitwise, optionally
 conditioned on per-stage teachers, the union in the batch or hard real initial images. Outputs:
 U_P as a distilled set in ``OUT``, and ``OUT/stages/<k>/`` (the stage's new images, ``init.json``,
 and while the run is unfinished, or with ``--keep-chunks``, ``chunks/`` and U_k as a set of its
@@ -191,6 +191,17 @@ class Progressive(Method):
             )
 
     def check(self, config: SynthesisConfig) -> None:
+        options = self.options_of(config)
+        if getattr(config, "match", "global") != "global":
+            # The union's images have no labels in the batch; a stage teacher is not the one
+            # whose statistics --stats holds.
+            if options.union_in_batch:
+                raise ConfigError(f"--match {config.match} does not apply with --union-in-batch")
+            if options.stage_teachers == "checkpoints":
+                raise ConfigError(
+                    f"--match {config.match} does not apply with --stage-teachers checkpoints "
+                    "(--stats holds the final teacher's statistics)"
+                )
         self.base(config).check_loop(
             config, reads_data=self.reads_training_set(config), label=self.label(config)
         )

@@ -5,6 +5,7 @@ one set optimized chunk by chunk from noise or a selection."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import Tensor
 from delt.chunk_groups import chunk_optimizer
 from delt.config import ConfigError, check_int_fields, flag
 from delt.data import DatasetInfo
+from delt.matching import check_match, resolved_match
 from delt.method import (
     DEFAULT_ROUND_ITERATIONS,
     Method,
@@ -22,7 +24,7 @@ from delt.method import (
     SynthesisConfig,
 )
 from delt.runtime import derive_seed, logger
-from delt.schedules import Chunk
+from delt.schedules import Chunk, class_contiguous_chunks
 from delt.select import Selection
 from delt.synthesis import (
     finished_run,
@@ -42,6 +44,9 @@ class PixelMethod(Method):
         self.preset = preset
 
     def recipe(self, config: SynthesisConfig) -> MethodRecipe | None:
+        if getattr(config, "match", "global") == "class":
+            # Per-class matching needs several images of a class in a batch (WMDD's batches).
+            return dataclasses.replace(self.preset, chunks=class_contiguous_chunks)
         return self.preset
 
     def starts_from_selection(self, config: object) -> bool:
@@ -55,6 +60,7 @@ class PixelMethod(Method):
         (``--data-root`` applies); ``label``: how messages name the method."""
         recipe = self.recipe(config)
         assert recipe is not None
+        check_match(config)
         for name in ("lr", "r_bn", "first_bn_multiplier"):
             value = getattr(config, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
@@ -63,6 +69,13 @@ class PixelMethod(Method):
             if not 0 <= getattr(config, name) < 1:
                 raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(config, name)}")
         check_int_fields(config, ("chunks_per_step",))
+        if config.chunks_per_step > 1 and config.match != "global":
+            # Per-class targets with K chunks per step need one group per (chunk, class): not
+            # built yet; refused rather than matched against the running statistics.
+            raise ConfigError(
+                f"--chunks-per-step {config.chunks_per_step} works with --match global only, "
+                f"got --match {config.match}"
+            )
         if config.jitter is not None and config.jitter < 0:
             raise ConfigError(f"--jitter must be >= 0 pixels, got {config.jitter}")
         if recipe.init == "selection" and config.selection is None:
@@ -112,7 +125,7 @@ class PixelMethod(Method):
                 else config.round_iterations or DEFAULT_ROUND_ITERATIONS
             )
         jitter = recipe.default_jitter(info.resolution) if config.jitter is None else config.jitter
-        return {"round_iterations": round_iterations, "jitter": jitter}
+        return {"round_iterations": round_iterations, "jitter": jitter, **resolved_match(config)}
 
     def recover(self, config: SynthesisConfig) -> RecoverResult:
         return recover_pixels(config)
