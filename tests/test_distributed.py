@@ -575,10 +575,21 @@ def test_recover_and_eval_on_cuda_as_one_process_and_one_nccl_rank(
     for log in ("set/logs/rank-0.log", "eval/logs/rank-0.log"):
         text = (tmp_path / "torchrun" / log).read_text()
         assert "rank 0 of 1" in text and "backend nccl" in text, log
-    # HOOK(delt compare): `delt compare` does not exist yet. When it lands, compare the two runs
-    # here with it (one process against one NCCL rank: the same set and eval numbers, up to
-    # CUDA's non-deterministic kernels) and drop this assertion, which fails on the GPU so that
-    # the hook is not forgotten.
-    from delt.cli import COMMANDS
+    # `delt compare` of the one-process set, as one process and as one NCCL rank: the same
+    # evaluations (labels, seeds, results files), each complete.
+    import json
 
-    assert "compare" not in COMMANDS, "delt compare exists: fill in the HOOK of this test"
+    compared = []
+    for run, name in ((one_process, "one"), (one_rank, "torchrun")):
+        out = tmp_path / f"compare-{name}"
+        run(
+            ["compare", "--sets", str(tmp_path / "one" / "set"), "--seeds", "0", "--epochs", "2",
+             "--batch-size", "4", "--eval-every", "1", "--device", "cuda", "--no-progress",
+             "--out", str(out)]
+        )  # fmt: skip
+        compared.append(json.loads((out / "compare.json").read_text()))
+    evaluations = [document["budgets"][0]["evaluations"] for document in compared]
+    assert [e["label"] for e in evaluations[0]] == [e["label"] for e in evaluations[1]]
+    for entries in evaluations:
+        assert len(entries) == 1 and list(entries[0]["accuracies"]) == ["0"]
+        assert 0.0 <= entries[0]["mean"] <= 100.0
