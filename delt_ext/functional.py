@@ -24,12 +24,20 @@ def _check_input(x: Tensor) -> None:
         )
 
 
-def _check_target(name: str, target: Tensor, x: Tensor) -> None:
+def _check_target(name: str, target: Tensor, x: Tensor, grouped: bool = False) -> int:
+    """Checks a BN-statistic target of ``x``: (C,), or with ``grouped`` (G, C), one row per
+    group; floating, on ``x``'s device. Returns G (1 ungrouped)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
-    if target.shape != (x.shape[1],):
+    channels = x.shape[1]
+    if grouped and (target.dim() != 2 or target.shape[0] < 1 or target.shape[1] != channels):
         raise ValueError(
-            f"{name} must have shape ({x.shape[1]},), one value per channel of x, got "
+            f"{name} must have shape (G, {channels}) with group_index, one row per group "
+            f"and one value per channel of x, got {tuple(target.shape)}"
+        )
+    if not grouped and target.shape != (channels,):
+        raise ValueError(
+            f"{name} must have shape ({channels},), one value per channel of x, got "
             f"{tuple(target.shape)}"
         )
     if target.dtype not in _FLOAT_DTYPES:
@@ -38,6 +46,7 @@ def _check_target(name: str, target: Tensor, x: Tensor) -> None:
         raise ValueError(
             f"{name} is on {target.device} but x is on {x.device}; move it to x's device"
         )
+    return target.shape[0] if grouped else 1
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,28 +107,11 @@ def bn_stat_loss(
     return torch.ops.delt_ext.bn_stat_loss(x, running_mean, running_var)[0]
 
 
-def _check_group_target(name: str, target: Tensor, x: Tensor) -> int:
-    if not isinstance(target, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
-    if target.dim() != 2 or target.shape[0] < 1 or target.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"{name} must have shape (G, {x.shape[1]}) with group_index, one row per group "
-            f"and one value per channel of x, got {tuple(target.shape)}"
-        )
-    if target.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor, got {target.dtype}")
-    if target.device != x.device:
-        raise ValueError(
-            f"{name} is on {target.device} but x is on {x.device}; move it to x's device"
-        )
-    return target.shape[0]
-
-
 def _bn_stat_loss_grouped(
     x: Tensor, target_mean: Tensor, target_var: Tensor, group_index: Tensor, weight: Tensor | None
 ) -> Tensor:
-    groups = _check_group_target("running_mean", target_mean, x)
-    _check_group_target("running_var", target_var, x)
+    groups = _check_target("running_mean", target_mean, x, grouped=True)
+    _check_target("running_var", target_var, x, grouped=True)
     if target_var.shape != target_mean.shape:
         raise ValueError(
             "running_mean and running_var must have the same shape (G, C), got "

@@ -360,7 +360,7 @@ def test_set_scale_narrows_the_area_range():
 
 
 def test_crop_scale_schedule_is_delts_cosine():
-    # delt.md 1.2: min_crop at the round starts of a 4000-iteration run with RI 500.
+    # DELT (Shen et al., CVPR 2025): min_crop at the round starts of a 4000-iteration run, RI 500.
     expected = [1.00, 0.965, 0.865, 0.716, 0.540, 0.364, 0.215, 0.115]
     got = [crop_scale_schedule(it, 4000) for it in range(0, 4000, 500)]
     assert got == pytest.approx(expected, abs=5e-4)

@@ -26,7 +26,8 @@ TINY = dict(
 
 
 def test_imagenet_image_iterations_follow_the_schedules():
-    # delt.md §1.2: 115,500 (IPC 50) and 25,500 (IPC 10) image-iterations per class-set of 1000.
+    # DELT (Shen et al., CVPR 2025): 115,500 (IPC 50) and 25,500 (IPC 10) image-iterations
+    # per class-set of 1000.
     assert imagenet_image_iterations("delt", 50) == 115_500 * 1000
     assert imagenet_image_iterations("delt", 10) == 25_500 * 1000
     assert imagenet_image_iterations("cda", 50) == 50 * 4000 * 1000

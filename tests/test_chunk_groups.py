@@ -65,6 +65,7 @@ def test_the_loss_of_k_chunks_is_the_sum_of_their_losses(tiny_teacher):
     # One step from the same start: the grouped loop's per-chunk losses and gradients are those
     # of optimize_chunk, each chunk apart.
     from delt.chunk_groups import ChunkSlotMatching, ChunkTask, optimize_chunks
+    from delt.method import ClampPixels
     from delt.models import load_checkpoint
     from delt.synthesis import RecoverySettings, frozen_teacher, optimize_chunk
 
@@ -72,7 +73,7 @@ def test_the_loss_of_k_chunks_is_the_sum_of_their_losses(tiny_teacher):
     low, high = torch.full((3, 1, 1), -5.0), torch.full((3, 1, 1), 5.0)
     settings = RecoverySettings(
         lr=0.1, betas=(0.5, 0.9), r_bn=0.01, crop_curriculum="cosine", jitter=2,
-        per_sample_aug=False, amp="none", channels_last=False, low=low, high=high,
+        per_sample_aug=False, amp="none", channels_last=False, post_step=ClampPixels(low, high),
     )  # fmt: skip
     inits = [torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n)) for n in (3, 4, 2)]
     labels = [torch.tensor(c) for c in ([0, 1, 2], [3, 0, 1, 2], [3, 3])]

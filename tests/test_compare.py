@@ -12,10 +12,10 @@ from delt.compare import EVAL_FLAGS, CompareConfig, run_compare, sign_flip_p
 from delt.comparison import RunRecord, compare
 from delt.config import ConfigError
 from delt.data import load_like
-from delt.distilled import Manifest, load_distilled, save_distilled
+from delt.distilled_set import Manifest, load_distilled, save_distilled
 from delt.evaluate import EvalConfig, draw_random_real, evaluate
+from delt.import_released import ImportConfig, import_images
 from delt.models import load_checkpoint
-from delt.released import ImportConfig, import_images
 from delt.select import Selection
 from delt.student_trainer import StudentTrainer
 from imagefolders import write_images

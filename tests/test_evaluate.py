@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 from delt.config import ConfigError
-from delt.evaluate import EvalConfig, _student_kwargs, draw_random_real, evaluate, mean_std
+from delt.eval_results import mean_std
+from delt.evaluate import EvalConfig, _student_kwargs, draw_random_real, evaluate
 from delt.io import sha256_file, torch_save
 from delt.models import TeacherMismatchError, load_checkpoint
 from delt.student_trainer import StudentTrainer
@@ -142,7 +143,7 @@ GRAY28 = "synthetic:classes=3,channels=1,size=28,train=6,test=3"
 @pytest.fixture(scope="module")
 def gray_set(tmp_path_factory):
     """A 1-channel 28 px set (Fashion-MNIST's shape) drawn at random, with a ConvNet-3 teacher."""
-    from delt.distill import DistillConfig, distill
+    from delt.pipeline import DistillConfig, distill
 
     out = tmp_path_factory.mktemp("gray")
     distill(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from delt.config import ConfigError
 from delt.data import load_like
-from delt.distilled import load_distilled
+from delt.distilled_set import load_distilled
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
 from delt.io import IntegrityError
@@ -328,8 +328,9 @@ def _pdd(teacher, out, **overrides):
 
 @pytest.mark.parametrize(
     "module, make, resume_state",
-    [("delt.methods.pixels", _cda, ["chunks"]),
-     ("delt.methods.rded", _rded, ["chunks"]),
+    # pixels and rded finish through delt.synthesis's Run.finish; pdd deletes its stages itself.
+    [("delt.synthesis", _cda, ["chunks"]),
+     ("delt.synthesis", _rded, ["chunks"]),
      ("delt.methods.pdd", _pdd,
       ["stages/1/chunks", "stages/1/distilled.pt", "stages/2/chunks", "stages/2/manifest.json"])],
 )  # fmt: skip

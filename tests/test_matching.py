@@ -199,7 +199,7 @@ def test_matching_flags_are_checked(tmp_path, tiny_teacher, flags, message):
 
 
 def test_distill_refuses_match_for_the_baseline(tmp_path):
-    from delt.distill import DistillConfig
+    from delt.pipeline import DistillConfig
 
     with pytest.raises(ConfigError, match="--match applies to the methods that optimize"):
         DistillConfig(method="random-real", ipc=1, out=str(tmp_path), match="class")

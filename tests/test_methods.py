@@ -4,7 +4,9 @@ any module of ``delt``; the registry's lookups and refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +15,8 @@ from delt.chunks import ChunkResult
 from delt.cli import main
 from delt.config import ConfigError
 from delt.data import DatasetInfo, load_like
-from delt.distill import DistillConfig, distill
 from delt.method import Method, RecoverResult, SynthesisConfig, method_named, methods, register
+from delt.pipeline import DistillConfig, distill
 from delt.recover import RecoverConfig, recover
 from delt.runtime import derive_seed
 from delt.schedules import class_contiguous_chunks
@@ -138,3 +140,30 @@ def test_the_registry_holds_the_built_in_methods_in_order():
         method_named("mtt")
     with pytest.raises(ConfigError, match="unknown method"):
         method_named("random-real", recovers=True)  # a baseline of distill, not a recovery
+
+
+def test_pdd_and_rded_are_presets_over_the_components():
+    from delt.matching import matching_target
+    from delt.method import ClampPixels, clamp_to_pixel_range
+
+    def recipe(method, **options):
+        return method_named(method).recipe(SimpleNamespace(method=method, **options))
+
+    # pdd: its base's components, with progressive stages as the schedule.
+    for base in ("sre2l", "cda", "delt"):
+        base_recipe, pdd = recipe(base), recipe("pdd", base=base)
+        assert pdd.stages and not base_recipe.stages
+        assert pdd == dataclasses.replace(base_recipe, stages=True)
+        assert base_recipe.target is matching_target
+    # rded: scored real crops, one class per chunk, no matching target (nothing optimized).
+    rded = recipe("rded")
+    assert rded.init == "scored_crops" and rded.target is None
+    chunks = rded.chunks(3, 2, 100)
+    assert [chunk.classes for chunk in chunks] == [(0, 0), (1, 1), (2, 2)]
+    # The step's post-processing: the clamp to each channel's valid range, in place.
+    info = DatasetInfo("t", 2, 3, 8, (0.5,) * 3, (0.25,) * 3, ("a", "b"))
+    clamp = clamp_to_pixel_range(info)
+    assert isinstance(clamp, ClampPixels) and recipe("delt").post_step is clamp_to_pixel_range
+    pixels = torch.tensor([-10.0, 0.0, 10.0]).view(1, 3, 1, 1).repeat(1, 1, 2, 2)
+    clamp(pixels)
+    assert pixels[0, :, 0, 0].tolist() == [-2.0, 0.0, 2.0]  # (0 - 0.5) / 0.25, (1 - 0.5) / 0.25

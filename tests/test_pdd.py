@@ -10,7 +10,7 @@ from conftest import SYNTHETIC
 from delt.cli import main
 from delt.config import ConfigError
 from delt.data import load_like
-from delt.distilled import load_stage_unions, union_prefix
+from delt.distilled_set import load_stage_unions, union_prefix
 from delt.methods.pdd import pick_hard_examples
 from delt.models import TeacherMismatchError, build_model, load_checkpoint, save_checkpoint
 from delt.recover import RecoverConfig, recover

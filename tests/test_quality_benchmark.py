@@ -102,7 +102,7 @@ class _Stop(Exception):
 
 def _fake_pipeline(monkeypatch, tmp_path, teacher_configs=None, **fakes):
     """train_teacher records its config (a fake teacher in tmp_path); distill stops."""
-    import delt.distill
+    import delt.pipeline
     import delt.teacher
 
     seen = []
@@ -118,7 +118,7 @@ def _fake_pipeline(monkeypatch, tmp_path, teacher_configs=None, **fakes):
         raise _Stop
 
     monkeypatch.setattr(delt.teacher, "train_teacher", fakes.get("train_teacher", train_teacher))
-    monkeypatch.setattr(delt.distill, "distill", fakes.get("distill", distill))
+    monkeypatch.setattr(delt.pipeline, "distill", fakes.get("distill", distill))
     return seen
 
 
@@ -238,7 +238,7 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
 
 def test_the_variant_reaches_distill(run_module, tmp_path, monkeypatch):
     # The folder is the variant's name; the config is the base method with the step size.
-    import delt.distill
+    import delt.pipeline
     import delt.teacher
 
     seen = []
@@ -254,7 +254,7 @@ def test_the_variant_reaches_distill(run_module, tmp_path, monkeypatch):
         path, test_accuracy = tmp_path / "teacher.pt", 90.0
 
     monkeypatch.setattr(delt.teacher, "train_teacher", lambda config: Teacher)
-    monkeypatch.setattr(delt.distill, "distill", fake_distill)
+    monkeypatch.setattr(delt.pipeline, "distill", fake_distill)
     with pytest.raises(Stop):
         run_module.main(["--out", str(tmp_path), "--ipcs", "10", "--methods", "delt-lr0.05"])
     (config,) = seen
@@ -263,11 +263,11 @@ def test_the_variant_reaches_distill(run_module, tmp_path, monkeypatch):
 
 
 def test_report_only_pools_variants_apart_and_runs_nothing(run_module, tmp_path, monkeypatch):
-    import delt.distill
+    import delt.pipeline
     import delt.teacher
 
     monkeypatch.setattr(delt.teacher, "train_teacher", lambda c: pytest.fail("trained"))
-    monkeypatch.setattr(delt.distill, "distill", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(delt.pipeline, "distill", lambda *a, **k: pytest.fail("ran"))
     accuracies = {("random-real", 0): 80.0, ("random-real", 1): 82.0, ("delt", 0): 81.0,
                   ("delt", 1): 84.0, ("delt-lr0.05", 0): 83.0}  # fmt: skip
     for (method, seed), accuracy in accuracies.items():
@@ -306,9 +306,9 @@ def test_the_gains_chart_is_written_with_one_seed_and_unpaired_methods(
 ):
     # IPC 10: one seed of random-real, delt and rded (rded paired); IPC 50: delt and rded
     # without a random-real run, so no gain at all. --report-only: nothing runs.
-    import delt.distill
+    import delt.pipeline
 
-    monkeypatch.setattr(delt.distill, "distill", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(delt.pipeline, "distill", lambda *a, **k: pytest.fail("ran"))
     for method, ipc, accuracy, seconds in [
         ("random-real", 10, 80.0, 0.0), ("delt", 10, 83.0, 900.0), ("rded", 10, 78.0, 40.0),
         ("delt", 50, 88.0, 4000.0), ("rded", 50, 84.0, 0.0),
@@ -350,9 +350,9 @@ def test_report_only_reports_runs_whose_folders_are_gone_from_the_progress_log(
     # The folders of random-real and delt seed 0 are gone; their lines in progress.jsonl remain
     # (the older line of delt seed 0 is superseded). delt seed 1 has its folder. A folder
     # without report.json (a run under way) is not reported from an old line.
-    import delt.distill
+    import delt.pipeline
 
-    monkeypatch.setattr(delt.distill, "distill", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(delt.pipeline, "distill", lambda *a, **k: pytest.fail("ran"))
     lines = [_log_line(tmp_path, "delt", 10, 0, 70.0), _log_line(tmp_path, "random-real", 10, 0,
              80.0), _log_line(tmp_path, "delt", 10, 0, 81.5), _log_line(tmp_path, "cda", 10, 0,
              60.0)]  # fmt: skip
@@ -396,9 +396,9 @@ TABLES = {"paper-b/ipc50": True, "paper-b/weak-teacher": True, "paper-b": False,
 def test_committed_tables_regenerate_from_their_progress_logs(
     run_module, tmp_path, monkeypatch, folder, complete
 ):
-    import delt.distill
+    import delt.pipeline
 
-    monkeypatch.setattr(delt.distill, "distill", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(delt.pipeline, "distill", lambda *a, **k: pytest.fail("ran"))
     committed = COMMITTED / folder
     saved = json.loads((committed / "results.json").read_text())
     (tmp_path / "progress.jsonl").write_bytes((committed / "progress.jsonl").read_bytes())

@@ -9,7 +9,7 @@ import torch
 from conftest import count_calls
 from delt.config import ConfigError
 from delt.data import load_like
-from delt.distilled import load_distilled
+from delt.distilled_set import load_distilled
 from delt.methods.rded import (
     crop_candidates,
     pad_to,

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torchvision
 from delt.cli import main
-from delt.distilled import load_stored
+from delt.distilled_set import load_stored
 from delt.evaluate import EvalConfig, EvalContext
 from imagefolders import write_image_folder, write_images
 

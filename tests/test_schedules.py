@@ -1,4 +1,4 @@
-"""delt.schedules: the EarlyLate tables of reference/delt.md §1.2, chunking, cosine LR, and
+"""delt.schedules: DELT's EarlyLate tables (Shen et al., CVPR 2025), chunking, cosine LR, and
 PDD's stage sizes, stage-wise epochs and the per-stage iterations matched to DELT's cost."""
 
 import math
@@ -113,7 +113,8 @@ def test_chunk_schedule_drops_leading_empty_rounds():
 
 
 def test_cosine_lr_matches_the_reference_table():
-    # delt.md §1.2: lr at the round starts of a 4000-iteration loop with lr0 = 0.25.
+    # DELT's EarlyLate (Shen et al., CVPR 2025): lr at the round starts of a 4000-iteration
+    # loop with lr0 = 0.25.
     expected = [0.250, 0.240, 0.213, 0.173, 0.125, 0.077, 0.037, 0.0095]
     got = [cosine_lr(500 * r, 4000, 0.25) for r in range(8)]
     assert got == pytest.approx(expected, abs=6e-4)

@@ -153,7 +153,7 @@ def test_pdd_hard_init_student_trains_on_exactly_the_earlier_unions(
 ):
     # --stage-init hard: before stage k, a student trains on U_1 ... U_{k-1} (pdd.py); record
     # every epoch it trains and the images of that epoch.
-    from delt.distilled import load_stage_unions
+    from delt.distilled_set import load_stage_unions
 
     epochs = []
     original = StudentTrainer.train_epoch

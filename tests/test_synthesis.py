@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 from delt.data import DatasetInfo
+from delt.method import clamp_to_pixel_range
 from delt.models import build_model
 from delt.synthesis import ActiveSets, RecoverySettings, optimize_chunk, recovery_adam
 from tqdm import tqdm
@@ -14,8 +15,8 @@ import delt_ext
 
 
 def _settings(info, curriculum="cosine"):
-    low, high = info.pixel_bounds()
-    return RecoverySettings(0.25, (0.5, 0.9), 0.01, curriculum, 0, False, "none", False, low, high)
+    post_step = clamp_to_pixel_range(info)
+    return RecoverySettings(0.25, (0.5, 0.9), 0.01, curriculum, 0, False, "none", False, post_step)
 
 
 def test_late_images_are_untouched_until_they_join():

@@ -273,7 +273,7 @@ def _run_results(run_dir: Path) -> dict | None:
     plain_path, stagewise_path = run_dir / "eval.json", run_dir / "eval-stagewise.json"
     if not manifest_path.is_file():
         return None
-    from delt.distilled import Manifest
+    from delt.distilled_set import Manifest
 
     manifest = Manifest.load(run_dir)
     row = {

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     from delt import runtime
     from delt.chunks import ChunkStore
     from delt.data import load_like
-    from delt.distilled import Manifest, save_distilled
+    from delt.distilled_set import Manifest, save_distilled
     from delt.evaluate import EvalConfig, draw_random_real, evaluate
     from delt.io import torch_load, write_json
     from delt.models import load_checkpoint

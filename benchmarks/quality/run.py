@@ -2,8 +2,8 @@
 
 One ConvNet-3 teacher (trained once, ``OUT/teacher``, or an existing checkpoint, ``--teacher``)
 synthesizes for every method and labels every student; the students are ConvNet-3s of the same
-width, trained by ``delt eval``'s protocol (reference/delt.md §5). Every (method, IPC, seed) is
-one ``delt distill`` run in ``OUT/<method>/ipc<IPC>/seed<seed>``: synthesis seed and evaluation
+width, trained by ``delt eval``'s protocol (DELT's, Shen et al. 2025). Every (method, IPC, seed)
+is one ``delt distill`` run in ``OUT/<method>/ipc<IPC>/seed<seed>``: synthesis seed and evaluation
 seed are the same number, so the spread over seeds covers both. ``--synthesis once`` instead
 synthesizes once per (method, IPC) with seed 0 and evaluates that set with every seed
 (``OUT/<method>/ipc<IPC>/once``). Every run's configuration is checked before any work.
@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # delt is imported when needed: --help answers without torch
     from delt.comparison import RunRecord
-    from delt.distill import DistillConfig
+    from delt.pipeline import DistillConfig
 
 METHODS = ("random-real", "rded", "sre2l", "cda", "delt")
 # PDD's variants (benchmarks/pdd/run.py's names): `delt distill --method pdd` flags of each;
@@ -341,7 +341,7 @@ def plan_jobs(config: QualityConfig) -> list[Job]:
     """Every run's ``delt distill`` config, checked before any work: a bad one (pdd's 5 stages
     at IPC 1) ends the program naming the method and IPC."""
     from delt.config import ConfigError
-    from delt.distill import DistillConfig
+    from delt.pipeline import DistillConfig
 
     jobs = []
     for ipc in config.ipcs:
@@ -410,7 +410,7 @@ def prepare_teacher(config: QualityConfig, jobs: list[Job]) -> None:
 def run_job(config: QualityConfig, job: Job) -> None:
     """``delt distill`` of one job (finished steps are reused), its line in
     ``OUT/progress.jsonl``, then its ``--students`` evaluations."""
-    from delt.distill import distill
+    from delt.pipeline import distill
 
     run_started = time.time()
     result = distill(job.distill, print_summary=False)

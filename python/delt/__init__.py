@@ -14,14 +14,15 @@ of lower floors or ones listed before it on its own floor, never another module'
     batches                 a dataset's batches, a model's top-1 accuracy on it
     models                  model registry, checkpoints, TeacherMismatchError
     schedules               pure schedules: EarlyLate, chunks, LR, crop curriculum, stages
-    distilled               the distilled-set format: Manifest, save/load/check, stage unions
+    distilled_set           the distilled-set format: Manifest, save/load/check, stage unions
     student_augment,        the student's augmentation: ShufflePatches, RandAugment (its
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
       stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
       soft_labels,          the soft-label store (`delt relabel`'s file, memory-mapped);
       protocols             evaluation protocols as named presets (delt, rded, sre2l, edc, …)
-    teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import`;
-      released, stats       `delt stats` (per-class BN statistics: the file, its collection)
+    teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import` (a
+      import_released,      released set); `delt stats` (per-class BN statistics: the file,
+      stats                 its collection)
     matching, method,       the matching target (--match: running or per-class BN
       chunks, synthesis,    statistics); the method registry, the options every method
       chunk_groups          shares and the components; the chunk store (resume); the chunk
@@ -34,13 +35,15 @@ of lower floors or ones listed before it on its own floor, never another module'
       methods.rded,
       methods.random_real
     methods, recover        all built-in methods; `delt recover` (looks the method up)
-    evaluate, relabel,      `delt eval` (`--stagewise`, `--labels`, `--protocol`), `delt relabel`,
-      stagewise, diversity, `delt diversity`, `delt ddranking` (DD-Ranking's scores with
-      ddranking             accuracies as fractions)
+    eval_results,           results files (eval.json, kept evaluations, a seed's training
+      evaluate, relabel,    state); `delt eval` (`--stagewise`, `--labels`, `--protocol`),
+      stagewise, diversity, `delt relabel`, `delt diversity`, `delt ddranking` (DD-Ranking's
+      ddranking             scores with accuracies as fractions)
     report, comparison,     reports and charts; runs pooled by method, gains over
-      compare, distill,     random-real paired by seed, other evaluations pooled by
+      compare, pipeline,    random-real paired by seed, other evaluations pooled by
       bench, bench_eval     protocol; `delt compare` (sets against random real images, per
-                            student budget); `delt distill`; `delt bench synthesis|eval`
+                            student budget); `delt distill` (the whole pipeline); `delt bench
+                            synthesis|eval`
     demo, cli               `delt demo`; the command table
 """
 
@@ -51,9 +54,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("batches",),
     ("models",),
     ("schedules",),
-    ("distilled",),
+    ("distilled_set",),
     ("student_augment", "student_trainer", "stagewise_training", "soft_labels", "protocols"),
-    ("teacher", "select", "released", "stats"),
+    ("teacher", "select", "import_released", "stats"),
     ("matching", "method", "chunks", "synthesis", "chunk_groups"),
     (
         "methods.pixels",
@@ -65,7 +68,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "methods.random_real",
     ),
     ("methods", "recover"),
-    ("evaluate", "relabel", "stagewise", "diversity", "ddranking"),
-    ("report", "comparison", "compare", "distill", "bench", "bench_eval"),
+    ("eval_results", "evaluate", "relabel", "stagewise", "diversity", "ddranking"),
+    ("report", "comparison", "compare", "pipeline", "bench", "bench_eval"),
     ("demo", "cli"),
 )

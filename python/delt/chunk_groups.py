@@ -190,7 +190,7 @@ def optimize_chunks(
         for task in tasks
     ]
     active_sets = [ActiveSets(task.start_iterations, device) for task in tasks]
-    low, high = settings.low.to(device), settings.high.to(device)
+    post_step = settings.post_step.to(device)
     frozen = [None if task.frozen is None else task.frozen.detach() for task in tasks]
     sample = [
         None if f is None or frozen_sample is None or frozen_sample >= f.shape[0] else frozen_sample
@@ -268,7 +268,7 @@ def optimize_chunks(
         optimizer.step()
         with torch.no_grad():
             for k in running:
-                pixels[k].clamp_(min=low, max=high)
+                post_step(pixels[k])
             chunk_loss = ce.detach() + matching.slot_losses()[running]  # r_bn * BN_k
             index = torch.tensor(running, device=device)
             last_loss[index] = chunk_loss

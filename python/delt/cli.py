@@ -31,15 +31,15 @@ from delt.config import ConfigError, add_arguments, from_namespace
 from delt.data import DataMismatchError, DatasetNotFoundError
 from delt.ddranking import DDRankingConfig, run_ddranking
 from delt.demo import DemoConfig, run_demo
-from delt.distill import DistillConfig, distill
 from delt.distributed import alone, is_main, session, torchrun_environment
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
+from delt.import_released import ImportConfig, import_images
 from delt.io import FileFormatError, WriteError
 from delt.lock import output_lock
+from delt.pipeline import DistillConfig, distill
 from delt.recover import RecoverConfig, recover
 from delt.relabel import RelabelConfig, relabel
-from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
 from delt.runtime import DEFAULT_THREADS, ResourceError, logger
 from delt.select import SelectConfig, select_images

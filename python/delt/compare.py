@@ -44,7 +44,7 @@ import torch
 from delt.comparison import BASELINE, Comparison, PairedGain, RunRecord, compare, paired_gains
 from delt.config import ConfigError, check_int, option
 from delt.data import DatasetInfo, load_like
-from delt.distilled import Manifest, load_distilled, save_distilled
+from delt.distilled_set import Manifest, load_distilled, save_distilled
 from delt.distributed import barrier, is_main, main_first
 from delt.diversity import (
     DiversityConfig,
@@ -52,7 +52,8 @@ from delt.diversity import (
     measure_diversity,
     penultimate_features,
 )
-from delt.evaluate import EVAL_FORMAT, EvalConfig, EvalContext, EvalResult, ResultsFile, evaluate
+from delt.eval_results import EvalResult, ResultsFile
+from delt.evaluate import EVAL_FORMAT, EvalConfig, EvalContext, evaluate
 from delt.io import atomic_open, sha256_file, write_if_changed, write_json
 from delt.lock import output_lock
 from delt.methods.random_real import draw_random_real
@@ -481,7 +482,8 @@ def _own_evaluation(eval_config: EvalConfig, path: Path) -> Path | None:
     if not path.is_file():
         return None
     probe = dataclasses.replace(eval_config, out=str(path))
-    results = ResultsFile.open(path, EVAL_FORMAT, EvalContext.from_config(probe).identity())
+    context = EvalContext.from_config(probe)
+    results = ResultsFile.open(path, EVAL_FORMAT, context.identity(), context.identity_defaults())
     if results.document is None or results.needs_write or results.legacy:
         return None
     seeds = [int(seed["seed"]) for seed in results.document["seeds"]]

@@ -29,7 +29,8 @@ import numpy as np
 
 from delt.config import ConfigError, check_int_fields, option
 from delt.distributed import barrier, is_main, world
-from delt.evaluate import EvalConfig, EvalResult, evaluate
+from delt.eval_results import EvalResult
+from delt.evaluate import EvalConfig, evaluate
 from delt.io import read_json, write_json
 from delt.runtime import logger, versions
 from delt.teacher import TeacherConfig, train_teacher

@@ -18,10 +18,10 @@ import torch
 
 from delt.config import check_int_fields, option
 from delt.data import load_dataset
-from delt.distill import DistillConfig, distill
 from delt.io import check_output, write_json
 from delt.lock import output_lock
 from delt.method import methods
+from delt.pipeline import DistillConfig, distill
 from delt.report import ReportConfig, compare_runs
 from delt.runtime import logger
 from delt.teacher import train_teacher

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from delt.config import ConfigError, check_int_fields, option
-from delt.distilled import check_distilled_set, load_distilled
+from delt.distilled_set import check_distilled_set, load_distilled
 from delt.io import check_output, read_json, sha256_file, write_json
 from delt.lock import results_lock
 from delt.models import TeacherMismatchError, check_compatible, load_checkpoint
@@ -152,7 +152,7 @@ def measure_diversity(config: DiversityConfig) -> DiversityResult:
 
     Raises:
         ValueError: the ``--distilled`` set is empty or has labels outside its dataset's classes
-            (:func:`delt.distilled.check_distilled_set`, as ``delt eval``).
+            (:func:`delt.distilled_set.check_distilled_set`, as ``delt eval``).
         TeacherMismatchError: its images do not fit its dataset, or the ``--model`` checkpoint
             was trained on another dataset.
         FileNotFoundError: no ``--model`` checkpoint.

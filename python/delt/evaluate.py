@@ -3,40 +3,41 @@
 RDED/DELT's protocol (DELT: Shen et al., CVPR 2025, github.com/VILA-Lab/DELT;
 docs/evaluation.md); the engine is :mod:`delt.student_trainer` with :mod:`delt.student_augment`,
 ``--stagewise`` runs in :mod:`delt.stagewise`. ``DIR/eval.json`` (atomic) caches every finished
-seed of an identity (config, student, batch, input files, the test split's fingerprint; not the
-seeds). An evaluation of another identity is never lost: it is kept as
-``DIR/eval-kept/<key>.json`` (:class:`ResultsFile`) and comes back when its flags are used again.
+seed of an identity (:func:`delt.identity.run_identity`: config, student, batch, input files,
+the test split's fingerprint; not the seeds). An evaluation of another identity is never lost: it
+is kept as ``DIR/eval-kept/<key>.json`` (:class:`delt.eval_results.ResultsFile`) and comes back
+when its flags are used again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from delt.config import ConfigError, check_int_fields, config_diff, flag, identity_dict, option
+from delt.config import ConfigError, check_int_fields, flag, option
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.distilled import Manifest, check_distilled_set, load_distilled, load_stored
-from delt.distributed import all_gather, barrier, is_main, world
-from delt.io import (
-    check_output,
-    read_json,
-    sha256_file,
-    torch_load,
-    torch_save,
-    write_json,
+from delt.distilled_set import Manifest, check_distilled_set, load_distilled, load_stored
+from delt.distributed import barrier, is_main
+from delt.eval_results import (
+    EvalResult,
+    ResultsFile,
+    SeedResult,
+    kept_folder,
+    load_seed_state,
+    save_seed_state,
+    summary,
 )
+from delt.identity import identity_defaults, run_identity
+from delt.io import check_output, sha256_file
 from delt.lock import results_lock
 from delt.methods.random_real import draw_random_real
 from delt.models import (
@@ -72,19 +73,12 @@ from delt.student_trainer import (
 __all__ = [
     "EvalConfig",
     "EvalContext",
-    "EvalResult",
-    "ResultsFile",
-    "SeedResult",
     "draw_random_real",
     "eval_document",
     "evaluate",
-    "kept_folder",
-    "mean_std",
 ]
 
 EVAL_FORMAT = "delt-eval-v1"
-# The identity's data fingerprints; results files written before it existed lack it.
-DATA_KEY = "data_fingerprints"
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +116,10 @@ class EvalConfig:
     )
     # The settings below default to None: the --protocol's value (delt's in the help).
     epochs: int | None = option(None, help="training epochs per student (delt: 300)")
-    seeds: tuple[int, ...] = option((0,), help="one student per seed, e.g. 3407,4663,2897")
+    # Seeds are results, not identity: adding a seed reuses the finished ones.
+    seeds: tuple[int, ...] = option(
+        (0,), help="one student per seed, e.g. 3407,4663,2897", identity=False
+    )
     eval_every: int | None = option(
         None, help="test every k epochs (and after the last) (delt: 10)"
     )
@@ -316,200 +313,6 @@ def _student_kwargs(
     return {}
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and population standard deviation (numpy's default, ``ddof=0``)."""
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std())
-
-
-# --------------------------------------------------------------------------------------------
-# A run
-
-
-@dataclass
-class SeedResult:
-    """One student: best and final top-1 (%), its test curve and per-epoch training loss."""
-
-    seed: int
-    best_accuracy: float
-    best_epoch: int
-    final_accuracy: float
-    curve: list[dict]
-    train_loss: list[float]
-    seconds: float
-    indices: list[int] | None = None  # --random-real: the drawn training-set indices
-
-    @classmethod
-    def from_checks(
-        cls,
-        seed: int,
-        checks: list[AccuracyCheck],
-        losses: list[float],
-        seconds: float,
-        indices=None,
-    ) -> SeedResult:
-        best = max(checks, key=lambda check: check.accuracy)  # the earliest of equal bests
-        return cls(
-            seed=seed, best_accuracy=best.accuracy, best_epoch=best.epoch,
-            final_accuracy=checks[-1].accuracy, curve=[asdict(c) for c in checks],
-            train_loss=losses, seconds=seconds, indices=indices,
-        )  # fmt: skip
-
-
-@dataclass
-class EvalResult:
-    """What ``delt eval`` reports; ``document`` is the eval.json content."""
-
-    path: Path
-    seeds: list[SeedResult]
-    accuracy_mean: float
-    accuracy_std: float
-    final_mean: float
-    final_std: float
-    reused: bool
-    document: dict = field(repr=False)
-
-    @classmethod
-    def read(cls, path: Path, seeds: list, reused: bool, document: dict | None = None):
-        """The result whose summary (best and final mean ± std) is the written file ``path``
-        (or ``document``, a results file's content that was not written)."""
-        document = read_json(path) if document is None else document
-        return cls(
-            path=path,
-            seeds=seeds,
-            accuracy_mean=document["best"]["mean"],
-            accuracy_std=document["best"]["std"],
-            final_mean=document["final"]["mean"],
-            final_std=document["final"]["std"],
-            reused=reused,
-            document=document,
-        )
-
-
-def kept_folder(path: Path) -> Path:
-    """Where the results of other identities than the one in results file ``path`` are kept:
-    ``<stem>-kept/`` beside it (not matched by ``eval-*.json``)."""
-    return path.parent / f"{path.stem}-kept"
-
-
-def _identity_key(identity: object) -> str:
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _differences(saved: dict, current: dict) -> list[str]:
-    """What differs between two evaluation identities: ``--flag: a -> b``, else the input."""
-    differences = config_diff(saved.get("config", {}), current.get("config", {}))
-    for key in sorted(set(saved) | set(current)):
-        if key == "config" or saved.get(key) == current.get(key):
-            continue
-        if key == DATA_KEY and key not in saved:
-            differences.append("test split: not recorded")
-        elif key == DATA_KEY:
-            for split in ("test", "train"):
-                if saved[key].get(split) != current.get(key, {}).get(split):
-                    differences.append(f"{split} split: other data")
-        else:
-            differences.append(f"{key}: the file changed")
-    return differences
-
-
-@dataclass
-class ResultsFile:
-    """A results file (``eval.json``, ``eval-stagewise.json``, ``--out``) and the evaluations of
-    other identities kept beside it.
-
-    The file at :attr:`path` holds the evaluation of the last run; an evaluation of another
-    identity found there is never replaced: before the first write of this run it moves to
-    ``<stem>-kept/<key>.json`` (``key``: a digest of its identity; a WARNING names the flags
-    that differ), and a later run with its flags takes it back from there, finished seeds and
-    all. Readers of ``eval.json`` (``delt report``, ``delt distill``, the quality benchmark)
-    see the last run's evaluation, as before.
-
-    A file written before identities recorded the data fingerprints (:data:`DATA_KEY`) whose
-    identity is otherwise this one is reused as it is, never rewritten, with a WARNING that its
-    test split was not recorded (``legacy``); when it lacks a requested seed it is kept aside
-    like any other identity and everything is evaluated afresh.
-
-    Attributes:
-        document: the saved results of this identity (None: none yet).
-        legacy: ``document`` predates the data fingerprints (read-only).
-    """
-
-    path: Path
-    format: str
-    identity: dict
-    document: dict | None = None
-    legacy: bool = False
-    _source: Path | None = None  # where ``document`` was read from
-    _other: dict | None = None  # the content of ``path`` when it holds another identity
-
-    def kept_path(self, identity: object) -> Path:
-        return kept_folder(self.path) / f"{_identity_key(identity)}.json"
-
-    @classmethod
-    def open(cls, path: Path, format: str, identity: dict) -> ResultsFile:
-        """Finds the saved results of ``identity``: in ``path``, else kept beside it."""
-        results = cls(path, format, json.loads(json.dumps(identity)))
-        if path.is_file():
-            saved = read_json(path)
-            saved_identity = saved.get("identity") if saved.get("format") == format else None
-            if saved_identity == results.identity:
-                results.document, results._source = saved, path
-                return results
-            current = dict(results.identity)
-            del current[DATA_KEY]
-            if isinstance(saved_identity, dict) and DATA_KEY not in saved_identity:
-                if saved_identity == current:
-                    results.document, results._source, results.legacy = saved, path, True
-                    return results
-            results._other = saved
-        kept = results.kept_path(results.identity)
-        if kept.is_file():
-            saved = read_json(kept)
-            if saved.get("format") == format and saved.get("identity") == results.identity:
-                results.document, results._source = saved, kept
-                logger.info("eval: %s holds the finished seeds of these flags", kept)
-        return results
-
-    def set_aside_legacy(self) -> None:
-        """A legacy document that cannot answer this run: kept aside (as another identity)."""
-        self._other, self.document, self.legacy, self._source = self.document, None, False, None
-
-    @property
-    def needs_write(self) -> bool:
-        """Whether ``path`` does not yet hold this identity's results (taken back from their
-        kept copy, or another identity is in the way)."""
-        return self._source != self.path
-
-    def write(self, document: dict) -> None:
-        """Writes ``document`` (this identity's) to ``path``, first keeping another identity's
-        results that are there; then drops this identity's kept copy (now in ``path``)."""
-        if self.legacy:
-            raise RuntimeError(f"{self.path} predates data fingerprints: it is not rewritten")
-        if self._other is not None:
-            other_identity = self._other.get("identity")
-            kept = self.kept_path(other_identity if other_identity is not None else self._other)
-            differences = (
-                _differences(other_identity, self.identity)
-                if isinstance(other_identity, dict)
-                else ["not a results file of this kind"]
-            )
-            write_json(kept, self._other)
-            logger.warning(
-                "eval: %s held an evaluation with another configuration (%s); it is kept as %s "
-                "(the same flags take it back)", self.path, "; ".join(differences), kept,
-            )  # fmt: skip
-            self._other = None
-        write_json(self.path, document)
-        if self._source is not None and self._source != self.path:
-            self._source.unlink(missing_ok=True)
-            folder = self._source.parent
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        self._source = self.path
-
-
 @dataclass
 class EvalContext:
     """Everything a student training needs, resolved once from an :class:`EvalConfig`.
@@ -668,39 +471,40 @@ class EvalContext:
         )  # fmt: skip
 
     def identity(self) -> dict:
-        """What determines the results: config, resolved student and batch, input files."""
-        config_identity = identity_dict(self.config)
-        # Seeds are results, not identity: adding a seed reuses the finished ones.
-        del config_identity["seeds"]
-        if not self.config.stagewise:
-            # Results files written before --stagewise existed stay valid.
-            del config_identity["stagewise"], config_identity["stage_schedule"]
-        if self.config.shuffle_patches is None:
-            del config_identity["shuffle_patches"]  # as before the flag existed
-        trim_identity(config_identity)  # --protocol delt, --lr-schedule half-cosine: as before
-        config_identity.update(
+        """What determines the results (:func:`delt.identity.run_identity`): the config, the
+        resolved student and batch, the input files and the data the numbers come from."""
+        distilled = Path(self.config.distilled) / "distilled.pt"
+        identity = run_identity(
+            self.config,
+            teacher_sha256=sha256_file(self.teacher.path),
+            distilled_sha256=None if self.config.random_real else sha256_file(distilled),
+            dataset=self.info.name,
+            # The test split, and the training split a --random-real set is drawn from (a
+            # teacher may predate training fingerprints).
+            data_fingerprints={
+                "test": self.test_set.fingerprint(),
+                "train": None if self.train_set is None else self.train_set.fingerprint(),
+            },
+        )
+        trim_identity(identity["config"])  # the protocol's resolved values at delt's: as before
+        identity["config"].update(
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,
         )  # fmt: skip
         if self.workers > 0 or self.stored_labels is not None:
             # Workers draw another random stream than the in-process augmentation (0).
-            config_identity["augmentation"] = "workers: per-batch seeds"
-        distilled = Path(self.config.distilled) / "distilled.pt"
-        store = self.stored_labels
-        stored = {} if store is None else {"labels_sha256": store.digest}
-        return {
-            **stored,
-            "config": config_identity,
-            "teacher_sha256": sha256_file(self.teacher.path),
-            "distilled_sha256": None if self.config.random_real else sha256_file(distilled),
-            "dataset": self.info.name,
-            # The data the numbers come from: the test split, and the training split a
-            # --random-real set is drawn from (a teacher may predate training fingerprints).
-            DATA_KEY: {
-                "test": self.test_set.fingerprint(),
-                "train": None if self.train_set is None else self.train_set.fingerprint(),
-            },
-        }
+            identity["config"]["augmentation"] = "workers: per-batch seeds"
+        if self.stored_labels is not None:
+            identity["labels_sha256"] = self.stored_labels.digest
+        return identity
+
+    def identity_defaults(self) -> dict:
+        """The defaults of :meth:`identity` (:func:`delt.identity.identity_defaults`): the
+        config's, and None for the entries it adds (an identity without them is the run's
+        without workers or stored labels, not one recorded before they existed)."""
+        defaults = identity_defaults(self.config)
+        defaults["config"]["augmentation"] = None
+        return {**defaults, "labels_sha256": None}
 
     def run_seed(self, seed: int, identity: dict | None = None) -> SeedResult:
         """Trains and tests one student (and, with --random-real, draws its set) for ``seed``.
@@ -727,7 +531,9 @@ class EvalContext:
             checks: list[AccuracyCheck] = []
             seconds_before = 0.0
             if path is not None:
-                resumed = _load_seed_state(path, identity, seed, trainer, self.device)
+                resumed = load_seed_state(
+                    path, identity, self.identity_defaults(), seed, trainer, self.device
+                )
                 if resumed is not None:
                     losses, checks, seconds_before = resumed
                     logger.info(
@@ -750,85 +556,10 @@ class EvalContext:
                 # Under torchrun rank 0 saves the training state, with every rank's generators.
                 if path is not None and trainer.epochs_done < config.epochs:
                     seconds = seconds_before + time.perf_counter() - start
-                    _save_seed_state(path, identity, seed, trainer, losses, checks, seconds)
+                    save_seed_state(path, identity, seed, trainer, losses, checks, seconds)
             bar.close()
         seconds = seconds_before + time.perf_counter() - start
         return SeedResult.from_checks(seed, checks, losses, seconds, indices)
-
-
-SEED_STATE_FORMAT = "delt-eval-seed-state-v1"
-
-
-def _generator_states(trainer: StudentTrainer) -> dict:
-    return {
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-        "generator": trainer.generator.get_state(),
-    }
-
-
-def _save_seed_state(
-    path: Path, identity: dict, seed: int, trainer: StudentTrainer, losses: list[float],
-    checks: list[AccuracyCheck], seconds: float,
-) -> None:  # fmt: skip
-    """Called on every rank (a collective under torchrun); rank 0 writes ``path``.
-
-    The model, optimizer and schedule are the same on every rank (DDP); the generators are
-    saved per rank (``ranks``), so that a resumed rank continues with its own (its CUDA
-    device's generator is its own, whatever the CPU draws have in common).
-    """
-    ranks = all_gather(_generator_states(trainer))
-    if not is_main():
-        return
-    state = {
-        "format": SEED_STATE_FORMAT,
-        "identity": identity,
-        "seed": seed,
-        "trainer": trainer.state_dict(),
-        "rng": ranks[0]["rng"],
-        "cuda_rng": ranks[0]["cuda_rng"],
-        "ranks": ranks,
-        "losses": losses,
-        "checks": [asdict(check) for check in checks],
-        "seconds": seconds,
-    }
-    torch_save(state, path)
-
-
-def _load_seed_state(
-    path: Path, identity: dict, seed: int, trainer: StudentTrainer, device: torch.device
-) -> tuple[list[float], list[AccuracyCheck], float] | None:
-    """Restores a saved seed state into ``trainer`` and torch's generators; None when there is
-    none, or it belongs to another identity or seed (then it is trained afresh).
-
-    Under torchrun at the world size that saved it, each rank restores its own generators;
-    at another world size (or from a one-process state) rank 0's, which are the global batch's
-    draws, the same on every rank."""
-    if not path.is_file():
-        return None
-    state = torch_load(path)
-    if state.get("format") != SEED_STATE_FORMAT or state.get("identity") != identity:
-        logger.info("eval: %s comes from another configuration; seed %d starts afresh", path, seed)
-        return None
-    if state.get("seed") != seed:
-        return None
-    trainer.load_state_dict(state["trainer"])
-    job = world()
-    ranks = state.get("ranks")
-    own = ranks[job.rank] if ranks is not None and len(ranks) == job.size else None
-    if own is not None:
-        trainer.generator.set_state(own["generator"])
-    rng, cuda_rng = (
-        (state["rng"], state["cuda_rng"]) if own is None else (own["rng"], own["cuda_rng"])
-    )
-    torch.set_rng_state(rng)
-    if cuda_rng is not None and device.type == "cuda":
-        torch.cuda.set_rng_state_all(cuda_rng)
-    return (
-        list(state["losses"]),
-        [AccuracyCheck(**c) for c in state["checks"]],
-        float(state["seconds"]),
-    )
 
 
 def eval_document(
@@ -842,8 +573,6 @@ def eval_document(
     finished ones of the same identity that were not requested (kept for a later run)."""
     config = context.config
     manifest = context.manifest
-    best = mean_std([s.best_accuracy for s in seeds]) if seeds else (None, None)
-    final = mean_std([s.final_accuracy for s in seeds]) if seeds else (None, None)
     return {
         "format": EVAL_FORMAT,
         "complete": complete,
@@ -886,11 +615,7 @@ def eval_document(
         },
         "seeds": [asdict(s) for s in seeds],
         "other_seeds": [asdict(s) for s in other_seeds],
-        "best": {"mean": best[0], "std": best[1]},
-        "final": {"mean": final[0], "std": final[1]},
-        "accuracy_mean": best[0],
-        "accuracy_std": best[1],
-        "wall_seconds": float(sum(s.seconds for s in seeds)),
+        **summary(seeds),
         "versions": versions(),
     }
 
@@ -900,7 +625,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
     Seeds already in a results file made with the same identity are reused (a complete file:
     no training at all); a file of another identity is kept aside, not replaced
-    (:class:`ResultsFile`). A ``--stagewise`` config is
+    (:class:`delt.eval_results.ResultsFile`). A ``--stagewise`` config is
     :func:`delt.stagewise.evaluate_stagewise`'s (the CLI dispatches it there).
 
     The file is a cache of every finished seed of its identity: ``seeds`` holds the requested
@@ -926,22 +651,16 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     path = config.results_path
     finished: dict[int, SeedResult] = {}
     saved_order: list[int] = []
-    results = ResultsFile.open(path, EVAL_FORMAT, identity)
+    results = ResultsFile.open(path, EVAL_FORMAT, identity, context.identity_defaults())
     if results.document is not None:
         saved = results.document
         for entry in saved["seeds"] + saved.get("other_seeds", []):
             finished[int(entry["seed"])] = SeedResult(**entry)
         saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
     reused = all(seed in finished for seed in config.seeds)
-    if results.legacy:
-        if reused:
-            logger.warning(
-                "eval: %s predates test-split fingerprints: its test split was not recorded; "
-                "it is reused as it is (not rewritten)", path,
-            )  # fmt: skip
-        else:  # new seeds would be tested on a split it cannot vouch for: all afresh
-            results.set_aside_legacy()
-            finished, saved_order = {}, []
+    # New seeds would be tested on a split a legacy file cannot vouch for: all afresh.
+    if results.legacy and not results.keep_legacy(reused):
+        finished, saved_order = {}, []
     rewrite = not results.legacy and (saved_order != list(config.seeds) or results.needs_write)
     if not reused or rewrite:
         config.check_results_path()  # before training: a result that cannot be saved is lost
@@ -988,17 +707,11 @@ def _evaluate(config: EvalConfig) -> EvalResult:
 def _legacy_summary(saved: dict, seeds: list[SeedResult]) -> dict:
     """A results file's content summarized over ``seeds`` (requested, all in it), as
     :func:`eval_document` would write it, without writing it."""
-    best = mean_std([s.best_accuracy for s in seeds])
-    final = mean_std([s.final_accuracy for s in seeds])
     chosen = {s.seed for s in seeds}
     every = saved["seeds"] + saved.get("other_seeds", [])
     return {
         **saved,
         "seeds": [asdict(s) for s in seeds],
         "other_seeds": [e for e in every if int(e["seed"]) not in chosen],
-        "best": {"mean": best[0], "std": best[1]},
-        "final": {"mean": final[0], "std": final[1]},
-        "accuracy_mean": best[0],
-        "accuracy_std": best[1],
-        "wall_seconds": float(sum(s.seconds for s in seeds)),
+        **summary(seeds),
     }

@@ -97,7 +97,7 @@ def _difference(key: str, saved: object, current: object, is_field: bool) -> str
         return f"{flag(key)}: {_short(saved)} -> {_short(current)}"
     if key.endswith("_sha256"):
         name = key.removesuffix("_sha256")
-        flag_name = {"teacher": "--teacher", "selection": "--selection", "stats": "--stats"}.get(name, name)
+        flag_name = f"--{name}" if name in ("teacher", "selection", "distilled", "stats") else name
 
         def shown(value: object) -> str:
             return "none" if value is None else str(value)[:16] + "..."
@@ -108,6 +108,9 @@ def _difference(key: str, saved: object, current: object, is_field: bool) -> str
         )
     if key == "data":
         return f"the data differs ({_short(saved)} -> {_short(current)})"
+    if key == "data_fingerprints" and isinstance(saved, dict) and isinstance(current, dict):
+        splits = [split for split in {**saved, **current} if saved.get(split) != current.get(split)]
+        return "; ".join(f"{split} split: other data" for split in splits)
     return f"{key}: {_short(saved)} -> {_short(current)}"
 
 

@@ -1,7 +1,8 @@
 """Synthesis methods as registry entries (like timm's models): :class:`Method`, the registry
 (:func:`register`, :func:`method_named`), the options every optimizing method shares
 (:class:`SynthesisConfig`, the core of ``delt recover``'s flags) and the components a method is
-composed of (:class:`MethodRecipe`).
+composed of (:class:`MethodRecipe`: initialization, batching, iteration schedule, augmentation,
+matching target, post-step).
 
 A method owns its options dataclass (its own flags, shown in a help group of their own), their
 validation, how it resolves its defaults and how it runs; commands look it up by name and never
@@ -13,27 +14,33 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from torch import Tensor
 
 from delt.config import ConfigError, option, refuse_method_options
 from delt.data import DatasetInfo
-from delt.matching import MatchOptions
-from delt.schedules import Chunk, class_interleaved_chunks
+from delt.matching import MatchOptions, matching_target
+from delt.schedules import Chunk, class_contiguous_chunks, class_interleaved_chunks
 
 __all__ = [
     "DEFAULT_ROUND_ITERATIONS",
+    "ClampPixels",
+    "MatchingTarget",
     "Method",
     "MethodRecipe",
+    "PostStep",
     "RecoverResult",
     "SynthesisConfig",
     "check_method_options",
     "method_named",
     "methods",
     "option_types",
+    "clamp_to_pixel_range",
+    "one_class_per_chunk",
     "register",
 ]
 
@@ -107,8 +114,7 @@ class SynthesisConfig(MatchOptions):
 
     @property
     def recipe(self) -> MethodRecipe | None:
-        """The optimization recipe of this config's method; None for one that optimizes
-        nothing."""
+        """The components of this config's method (None: a method of none, random-real)."""
         return method_named(self.method).recipe(self)
 
 
@@ -141,26 +147,84 @@ def sre2l_jitter(resolution: int) -> int:
     return 32 if resolution >= 224 else 4
 
 
+def one_class_per_chunk(num_classes: int, ipc: int, batch_size: int) -> list[Chunk]:
+    """RDED's batching: one chunk per class (its ``ipc`` images; ``batch_size`` is the scoring
+    forward's there)."""
+    return class_contiguous_chunks(num_classes, ipc, ipc)
+
+
+class MatchingTarget(Protocol):
+    """What the synthesized images' statistics are matched to, as a loss over the hooked
+    teacher's last forward: the teacher's running BN statistics (:class:`delt_ext.
+    BNStatMatching`) or per-class ones (:class:`delt.matching.ClassMatching`, which also has
+    ``set_labels(labels)``, called with the batch's classes before each forward)."""
+
+    weights: list[float]  # per matched layer (the first one's multiplier first)
+
+    def loss(self) -> Tensor: ...
+
+
+class PostStep(Protocol):
+    """The step's post-processing: applied in place to the pixels after every optimizer step
+    (under ``torch.no_grad``)."""
+
+    def __call__(self, pixels: Tensor) -> None: ...
+
+    def to(self, device: object) -> PostStep: ...
+
+
+@dataclass(frozen=True)
+class ClampPixels:
+    """Every pixel back into its channel's valid range, in normalized space: ``low`` and
+    ``high`` (C, 1, 1) float32 (SRe2L's clip)."""
+
+    low: Tensor
+    high: Tensor
+
+    def __call__(self, pixels: Tensor) -> None:
+        pixels.clamp_(min=self.low, max=self.high)
+
+    def to(self, device: object) -> ClampPixels:
+        return ClampPixels(self.low.to(device), self.high.to(device))
+
+
+def clamp_to_pixel_range(info: DatasetInfo) -> ClampPixels:
+    """The post-step of the pixel methods: :class:`ClampPixels` to the dataset's pixel range."""
+    low, high = info.pixel_bounds()
+    return ClampPixels(low, high)
+
+
 @dataclass(frozen=True)
 class MethodRecipe:
-    """The components a pixel-optimizing method is composed of (docs/methods.md).
+    """The components a method is composed of (docs/methods.md).
 
     Attributes:
-        init: the initialization: ``"noise"`` (standard normal in normalized space) or
-            ``"selection"`` (real images from ``delt select``, in selection order).
+        init: the initialization: ``"noise"`` (standard normal in normalized space),
+            ``"selection"`` (real images from ``delt select``, in selection order) or
+            ``"scored_crops"`` (RDED's teacher-scored real crops).
         chunks: the batching, ``(num_classes, ipc, batch_size) -> list[Chunk]``
-            (:func:`delt.schedules.class_interleaved_chunks` or ``class_contiguous_chunks``).
+            (:func:`delt.schedules.class_interleaved_chunks`, ``class_contiguous_chunks``,
+            :func:`one_class_per_chunk`).
         crop_curriculum: the augmentation's minimum crop scale over the loop
             (``schedules.CROP_CURRICULA``).
         early_late: the iteration schedule: MI/RI rounds (``--round-iterations``), else uniform.
         default_jitter: the augmentation's roll range in pixels by image resolution.
+        stages: the iteration schedule's stages: PDD's progressive stages over the others
+            (each stage a set of this recipe, the earlier stages frozen).
+        target: the matching target, ``(teacher, config, first_bn_multiplier, statistics) ->
+            context manager`` (:func:`delt.matching.matching_target`: ``--match``); None:
+            nothing is optimized (RDED).
+        post_step: the step's post-processing, made for the dataset (``info -> PostStep``).
     """
 
-    init: Literal["noise", "selection"]
+    init: Literal["noise", "selection", "scored_crops"]
     chunks: Callable[[int, int, int], list[Chunk]]
     crop_curriculum: str
     early_late: bool
     default_jitter: Callable[[int], int]
+    stages: bool = False
+    target: Callable[..., AbstractContextManager[MatchingTarget]] | None = matching_target
+    post_step: Callable[[DatasetInfo], PostStep] = clamp_to_pixel_range
 
     @property
     def one_image_per_class(self) -> bool:
@@ -183,7 +247,7 @@ class Method:
     checks_data: ClassVar[bool] = False  # has a check_data (run before the teacher is trained)
 
     def recipe(self, config: SynthesisConfig) -> MethodRecipe | None:
-        """The components of the pixel optimization; None for a method that optimizes none."""
+        """The components the method is composed of; None for one of none (random-real)."""
         return None
 
     def label(self, config: object) -> str:

@@ -1,7 +1,7 @@
 """``delt recover``: synthesize a distilled set from a frozen teacher with one of the registered
 methods (docs/methods.md; :mod:`delt.methods`: ``sre2l``, ``cda``, ``delt``, ``pdd``,
 ``rded``). Outputs: ``OUT/distilled.pt``, ``OUT/images/``, ``OUT/manifest.json``
-(:mod:`delt.distilled`), and the resume state ``OUT/chunks/`` and ``OUT/run.json``. One process
+(:mod:`delt.distilled_set`), and the resume state ``OUT/chunks/`` and ``OUT/run.json``. One process
 at a time writes ``OUT`` (``OUT/.lock``, :mod:`delt.lock`).
 """
 

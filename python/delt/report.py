@@ -16,7 +16,7 @@ from torch import Tensor
 
 from delt.config import ConfigError, option
 from delt.data import DatasetInfo
-from delt.distilled import Manifest
+from delt.distilled_set import Manifest
 from delt.io import atomic_open, check_output, read_json, write_if_changed, write_json
 
 __all__ = [

@@ -7,7 +7,8 @@ Per seed, one student trains on U_1, then U_1 ∪ U_2, … U_P
 continue), and beside it the plain evaluation of U_P with the same seed. The results file
 (default ``DISTILLED/eval-stagewise.json``) has ``eval.json``'s keys for the stage-wise student,
 the plain one under ``plain`` and the plan under ``stagewise``; finished seeds are reused, and
-results of another identity are kept aside, as ``eval.json``'s (:class:`delt.evaluate.ResultsFile`).
+results of another identity are kept aside, as ``eval.json``'s
+(:class:`delt.eval_results.ResultsFile`).
 """
 
 from __future__ import annotations
@@ -19,18 +20,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from delt.config import ConfigError
-from delt.distilled import load_stage_unions
+from delt.distilled_set import load_stage_unions
 from delt.distributed import barrier, is_main
-from delt.evaluate import (
-    EvalConfig,
-    EvalContext,
-    EvalResult,
-    ResultsFile,
-    SeedResult,
-    eval_document,
-    kept_folder,
-    mean_std,
-)
+from delt.eval_results import EvalResult, ResultsFile, SeedResult, kept_folder, summary
+from delt.evaluate import EvalConfig, EvalContext, eval_document
 from delt.lock import results_lock
 from delt.runtime import logger
 from delt.stagewise_training import StagePlan, stagewise_plan, train_stagewise
@@ -86,8 +79,8 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
     path = config.results_path
     finished: dict[int, tuple[StagewiseSeedResult, SeedResult]] = {}
     saved_order: list[int] = []
-    # As eval.json (delt.evaluate.ResultsFile): another identity's results are kept aside.
-    results = ResultsFile.open(path, STAGEWISE_FORMAT, identity)
+    # As eval.json: another identity's results are kept aside.
+    results = ResultsFile.open(path, STAGEWISE_FORMAT, identity, context.identity_defaults())
     if results.document is not None:
         saved = results.document
         plain = {
@@ -99,15 +92,9 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
             finished[seed] = (StagewiseSeedResult(**entry), plain[seed])
         saved_order = [int(entry["seed"]) for entry in saved["seeds"]]
     reused = all(seed in finished for seed in config.seeds)
-    if results.legacy:
-        if reused and saved_order == list(config.seeds):
-            logger.warning(
-                "eval: %s predates test-split fingerprints: its test split was not recorded; "
-                "it is reused as it is (not rewritten)", path,
-            )  # fmt: skip
-        else:  # a new summary or new seeds would vouch for a split it did not record
-            results.set_aside_legacy()
-            finished, saved_order, reused = {}, [], False
+    # A new summary or new seeds would vouch for a split a legacy file did not record.
+    if results.legacy and not results.keep_legacy(reused and saved_order == list(config.seeds)):
+        finished, saved_order, reused = {}, [], False
     rewrite = saved_order != list(config.seeds) or results.needs_write
     if not reused or rewrite:
         config.check_results_path()  # before training: a result that cannot be saved is lost
@@ -182,8 +169,7 @@ def _stagewise_document(
         context, identity, stagewise, len(results) == len(config.seeds),
         [entry for entry, _ in others],
     )  # fmt: skip
-    plain_best = mean_std([s.best_accuracy for s in plain])
-    plain_final = mean_std([s.final_accuracy for s in plain])
+    plain_summary = summary(plain)
     document.update(
         format=STAGEWISE_FORMAT,
         stagewise={
@@ -195,8 +181,8 @@ def _stagewise_document(
         plain={
             "seeds": [asdict(s) for s in plain],
             "other_seeds": [asdict(entry) for _, entry in others],
-            "best": {"mean": plain_best[0], "std": plain_best[1]},
-            "final": {"mean": plain_final[0], "std": plain_final[1]},
+            "best": plain_summary["best"],
+            "final": plain_summary["final"],
             "optimizer_steps": config.epochs
             * -(-len(context.images) // context.settings.batch_size),
         },

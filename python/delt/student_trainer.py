@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from delt.batches import evaluate_accuracy
 from delt.config import check_int
 from delt.data import ImageDataset
-from delt.distilled import normalized
+from delt.distilled_set import normalized
 from delt.distributed import world
 from delt.runtime import autocast, derive_seed
 from delt.student_augment import (

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,15 +31,17 @@ import delt_ext
 from delt.chunks import ChunkResult, ChunkStore
 from delt.config import ConfigError
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.distilled import Manifest, load_distilled, save_distilled, save_images
+from delt.distilled_set import Manifest, load_distilled, save_distilled, save_images
 from delt.distributed import barrier, is_main
 from delt.identity import check_or_reuse, identity_defaults, identity_differences, run_identity
 from delt.io import check_output, sha256_file, torch_load
-from delt.matching import matching_target
 from delt.method import (
     LOOP_FIELDS,
+    MatchingTarget,
+    PostStep,
     RecoverResult,
     SynthesisConfig,
+    clamp_to_pixel_range,
     method_named,
     methods,
 )
@@ -60,13 +62,11 @@ __all__ = [
     "FINISHED_MARK",
     "ActiveSets",
     "ChunkOptimizer",
-    "MatchingTarget",
     "NonFiniteError",
     "RecoverySettings",
     "Run",
     "chunk_optimizer",
     "delete_resume_state",
-    "finished_run",
     "finished_run",
     "finished_without_chunks",
     "frozen_teacher",
@@ -78,27 +78,14 @@ __all__ = [
 ]
 
 
-class MatchingTarget(Protocol):
-    """What the synthesized images' statistics are matched to, as a loss over the hooked
-    teacher's last forward: the teacher's running BN statistics (:class:`delt_ext.
-    BNStatMatching`) or per-class ones (:class:`delt.matching.ClassMatching`, which also has
-    ``set_labels(labels)``, called with the batch's classes before each forward)."""
-
-    weights: list[float]  # per matched layer (the first one's multiplier first)
-
-    def loss(self) -> Tensor: ...
-
-
 # --------------------------------------------------------------------------------------------
 # One chunk
 
 
 @dataclass(frozen=True)
 class RecoverySettings:
-    """The loop's hyperparameters, shared by every chunk of a run.
-
-    ``low`` and ``high`` are the valid pixel range per channel in normalized space, (C, 1, 1).
-    """
+    """The loop's hyperparameters, shared by every chunk of a run, and the step's
+    post-processing (:class:`delt.method.PostStep`, e.g. the clamp to the valid pixel range)."""
 
     lr: float
     betas: tuple[float, float]
@@ -108,8 +95,7 @@ class RecoverySettings:
     per_sample_aug: bool
     amp: str
     channels_last: bool
-    low: Tensor
-    high: Tensor
+    post_step: PostStep
 
 
 class NonFiniteError(ValueError):
@@ -236,7 +222,7 @@ def optimize_chunk(
         per_sample=settings.per_sample_aug,
         generator=generator,
     )
-    low, high = settings.low.to(device), settings.high.to(device)
+    post_step = settings.post_step.to(device)
     active_sets = ActiveSets(start_iterations, device)
     if frozen is not None:
         frozen = frozen.detach()
@@ -282,7 +268,7 @@ def optimize_chunk(
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            pixels.clamp_(min=low, max=high)
+            post_step(pixels)
         if progress is not None and not progress.disable:
             progress.update()
             # Reading the loss waits for the device: only when the bar has just been redrawn.
@@ -318,8 +304,7 @@ def frozen_teacher(model: nn.Module, device: torch.device, channels_last: bool) 
 
 def recovery_settings(config: SynthesisConfig, info: DatasetInfo) -> RecoverySettings:
     """The loop hyperparameters of a resolved ``RecoverConfig`` (its base method's recipe)."""
-    low, high = info.pixel_bounds()
-    recipe = config.recipe  # None: a method that optimizes nothing (rded reads amp, bounds)
+    recipe = config.recipe  # None: a method that optimizes nothing
     return RecoverySettings(
         lr=config.lr,
         betas=(config.beta1, config.beta2),
@@ -329,8 +314,7 @@ def recovery_settings(config: SynthesisConfig, info: DatasetInfo) -> RecoverySet
         per_sample_aug=config.per_sample_aug,
         amp=config.amp,
         channels_last=config.channels_last,
-        low=low,
-        high=high,
+        post_step=(clamp_to_pixel_range if recipe is None else recipe.post_step)(info),
     )
 
 
@@ -498,6 +482,32 @@ class Run:
         if is_main():
             save_distilled(folder, images, labels, manifest)
         return manifest
+
+    def finish(
+        self,
+        selection: Selection | None,
+        images: Tensor,
+        labels: Tensor,
+        iterations_per_image: list[int],
+        seconds: float,
+        resume_state: list[Path],
+        work: str,
+        **fields: Any,
+    ) -> RecoverResult:
+        """Writes the outputs of a one-set recovery in ``OUT`` (:meth:`write_outputs`), then
+        deletes its ``resume_state`` (:func:`delete_resume_state`: one copy of the images,
+        ``distilled.pt``, stays) and logs what was made (``work``: what the seconds measure)."""
+        config = self.config
+        manifest = self.write_outputs(
+            self.out, selection, images, labels, config.ipc, iterations_per_image, seconds,
+            **fields,
+        )  # fmt: skip
+        delete_resume_state(self.out, resume_state, config.keep_chunks)
+        logger.info(
+            "recover: %d images, %d image-iterations, %.1f s of %s -> %s",
+            images.shape[0], manifest.image_iterations, seconds, work, self.out,
+        )  # fmt: skip
+        return RecoverResult(self.out, images, labels, iterations_per_image, seconds)
 
 
 # Written in OUT once its outputs are complete, before the resume state goes.
@@ -713,12 +723,14 @@ class ChunkOptimizer:
 @contextmanager
 def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
     """The run's :class:`ChunkOptimizer` for ``model`` (a teacher checkpoint's), frozen on the
-    run's device and hooked by its matching target (``--match``, :func:`delt.matching.
-    matching_target`; the hooks removed on exit); with
-    ``--compile``, compiled after hooking, so that the hooks are traced into the graph."""
+    run's device and hooked by the recipe's matching target (``--match``,
+    :func:`delt.matching.matching_target`; the hooks removed on exit); with ``--compile``,
+    compiled after hooking, so that the hooks are traced into the graph."""
     config = run.config
     model = frozen_teacher(model, run.device, config.channels_last)
-    with matching_target(model, config, config.first_bn_multiplier, run.statistics) as target:
+    recipe = config.recipe
+    assert recipe is not None and recipe.target is not None, "a method that optimizes nothing"
+    with recipe.target(model, config, config.first_bn_multiplier, run.statistics) as target:
         forward = torch.compile(model) if config.compile else model
         yield ChunkOptimizer(
             forward, target, run.settings, run.device, config.iterations, config.progress

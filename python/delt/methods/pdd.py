@@ -3,13 +3,14 @@ docs/methods.md): P stages of a base method, earlier stages frozen bitwise, opti
 conditioned on per-stage teachers, the union in the batch or hard real initial images. Outputs:
 U_P as a distilled set in ``OUT``, and ``OUT/stages/<k>/`` (the stage's new images, ``init.json``,
 and while the run is unfinished, or with ``--keep-chunks``, ``chunks/`` and U_k as a set of its
-own; U_k is the prefix of U_P that :func:`delt.distilled.load_stage_unions` reads). Chunks are
+own; U_k is the prefix of U_P that :func:`delt.distilled_set.load_stage_unions` reads). Chunks are
 seeded from ``(seed, stage, chunk)``: resumes are exact.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ from delt.batches import iterate_batches
 from delt.chunk_groups import chunk_optimizer
 from delt.config import ConfigError, check_int, option
 from delt.data import DatasetInfo, ImageDataset, load_like
-from delt.distilled import save_images, union_prefix
+from delt.distilled_set import save_images, union_prefix
 from delt.distributed import is_main, main_first
 from delt.identity import check_or_reuse
 from delt.io import read_json, sha256_file, write_json
@@ -138,7 +139,9 @@ class Progressive(Method):
         return base
 
     def recipe(self, config: SynthesisConfig) -> MethodRecipe | None:
-        return self.base(config).recipe(config)
+        """The base method's components, with progressive stages as the schedule."""
+        base = self.base(config).recipe(config)
+        return None if base is None else dataclasses.replace(base, stages=True)
 
     def label(self, config: object) -> str:
         return f"pdd --base {self.base(config).name}"

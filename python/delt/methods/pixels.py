@@ -27,7 +27,6 @@ from delt.runtime import derive_seed, logger
 from delt.schedules import Chunk, class_contiguous_chunks
 from delt.select import Selection
 from delt.synthesis import (
-    delete_resume_state,
     finished_run,
     load_selection,
     prepare_run,
@@ -175,13 +174,7 @@ def recover_pixels(config: SynthesisConfig) -> RecoverResult:
             lambda chunk: derive_seed(config.seed, chunk.index), initial_images,
             desc=f"{config.method} chunks",
         )  # fmt: skip
-    manifest = run.write_outputs(
-        run.out, selection, images, labels, config.ipc, iterations_per_image, seconds
+    # One copy of the images: distilled.pt replaces the chunks.
+    return run.finish(
+        selection, images, labels, iterations_per_image, seconds, [store.folder], "synthesis"
     )
-    # One copy of the images: distilled.pt (written and fsynced above) replaces the chunks.
-    delete_resume_state(run.out, [store.folder], config.keep_chunks)
-    logger.info(
-        "recover: %d images, %d image-iterations, %.1f s of synthesis -> %s",
-        images.shape[0], manifest.image_iterations, seconds, run.out,
-    )  # fmt: skip
-    return RecoverResult(run.out, images, labels, iterations_per_image, seconds)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from delt.config import ConfigError
 from delt.data import ImageDataset, load_like
-from delt.distilled import Manifest, save_distilled
+from delt.distilled_set import Manifest, save_distilled
 from delt.io import sha256_file
 from delt.method import Method, register
 from delt.models import check_compatible, load_checkpoint

@@ -32,12 +32,19 @@ from delt.chunks import ChunkResult
 from delt.config import ConfigError, check_int_fields, flag, option
 from delt.data import ImageDataset, load_like
 from delt.io import torch_load
-from delt.method import LOOP_FIELDS, Method, RecoverResult, SynthesisConfig, register
+from delt.method import (
+    LOOP_FIELDS,
+    Method,
+    MethodRecipe,
+    RecoverResult,
+    SynthesisConfig,
+    one_class_per_chunk,
+    register,
+)
 from delt.models import check_compatible
 from delt.runtime import autocast, derive_seed, logger
-from delt.schedules import Chunk, class_contiguous_chunks
+from delt.schedules import Chunk
 from delt.synthesis import (
-    delete_resume_state,
     finished_run,
     frozen_teacher,
     prepare_run,
@@ -79,6 +86,11 @@ class RdedOptions:
     )  # fmt: skip
 
 
+# RDED over the components: scored real crops, one class per chunk; no matching target, so
+# nothing is optimized (no schedule, no augmentation of its own, no post-step).
+RECIPE = MethodRecipe("scored_crops", one_class_per_chunk, "fixed", False, lambda _: 0, target=None)
+
+
 class Rded(Method):
     """RDED: teacher-scored real crops, nothing optimized; its own flags are
     :class:`RdedOptions`."""
@@ -87,6 +99,9 @@ class Rded(Method):
     options = RdedOptions
     optimizes = False
     checks_data = True
+
+    def recipe(self, config: SynthesisConfig) -> MethodRecipe | None:
+        return RECIPE
 
     def reads_training_set(self, config: object) -> bool:
         return True
@@ -315,7 +330,7 @@ def recover_rded(config: SynthesisConfig) -> RecoverResult:
     if finished is not None:
         return finished
     teacher = frozen_teacher(run.teacher.model, run.device, config.channels_last).eval()
-    chunks = class_contiguous_chunks(info.num_classes, config.ipc, config.ipc)  # one per class
+    chunks = RECIPE.chunks(info.num_classes, config.ipc, config.batch_size)
     logger.info(
         "recover: rded, %d classes x %d images from %d candidates x %d crops, factor %d, "
         "device %s -> %s",
@@ -339,18 +354,11 @@ def recover_rded(config: SynthesisConfig) -> RecoverResult:
     )  # fmt: skip
     sources = [torch_load(store.path(chunk))["sources"] for chunk in chunks]
     labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
-    manifest = run.write_outputs(
-        run.out, None, images, labels, config.ipc, iterations_per_image, seconds,
+    # One copy of the images: distilled.pt (the crop sources in its manifest) replaces the chunks.
+    return run.finish(
+        None, images, labels, iterations_per_image, seconds, [store.folder], "crop scoring",
         extra={"rded_crops": torch.cat(sources).tolist()},
     )  # fmt: skip
-    # One copy of the images: distilled.pt (written and fsynced above; the crop sources are in
-    # the manifest) replaces the chunks.
-    delete_resume_state(run.out, [store.folder], config.keep_chunks)
-    logger.info(
-        "recover: %d images, %d image-iterations, %.1f s of crop scoring -> %s",
-        images.shape[0], manifest.image_iterations, seconds, run.out,
-    )  # fmt: skip
-    return RecoverResult(run.out, images, labels, iterations_per_image, seconds)
 
 
 RDED = register(Rded())

@@ -1,4 +1,4 @@
-"""delt.distill: the cached pipeline and its report files."""
+"""delt.pipeline: the cached pipeline and its report files."""
 
 import json
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import SYNTHETIC
 from delt.config import ConfigError
-from delt.distill import DistillConfig, distill
 from delt.evaluate import StudentTrainer
 from delt.models import TeacherMismatchError
+from delt.pipeline import DistillConfig, distill
 from delt.recover import RecoverConfig, recover
 from delt.report import REPORT_KEYS
 from delt.select import SelectConfig, select_images
@@ -77,7 +77,7 @@ def test_distill_writes_the_report_and_a_rerun_does_no_work(tiny_teacher, tmp_pa
     (out / "steps" / "recover.json").write_text(json.dumps(step))
 
     _forbid(
-        monkeypatch, "delt.distill.recover", "delt.select.score_images",
+        monkeypatch, "delt.pipeline.recover", "delt.select.score_images",
         "delt.diversity.penultimate_features",
     )  # fmt: skip
     monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
@@ -89,7 +89,7 @@ def test_distill_writes_the_report_and_a_rerun_does_no_work(tiny_teacher, tmp_pa
 def test_a_changed_eval_flag_reruns_only_the_evaluation(tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "cda"
     first = distill(_config(out, tiny_teacher.path, method="cda", round_iterations=None))
-    _forbid(monkeypatch, "delt.distill.recover")
+    _forbid(monkeypatch, "delt.pipeline.recover")
     second = distill(
         _config(out, tiny_teacher.path, method="cda", round_iterations=None, eval_epochs=3)
     )
@@ -139,7 +139,7 @@ def test_rded_through_distill(tiny_teacher, tmp_path):
 
 
 def test_rded_data_is_checked_before_the_teacher_is_trained(tmp_path, monkeypatch):
-    import delt.distill as distill_module
+    import delt.pipeline as distill_module
 
     monkeypatch.setattr(distill_module, "train_teacher", lambda *a: pytest.fail("work started"))
     config = DistillConfig(method="rded", ipc=1, out=str(tmp_path), dataset=SYNTHETIC, factor=3,
@@ -192,7 +192,7 @@ def test_pdd_through_distill_is_delt_recover_pdd(tiny_teacher, tmp_path, monkeyp
 
     # Re-running is fully cached.
     _forbid(
-        monkeypatch, "delt.distill.recover", "delt.select.score_images",
+        monkeypatch, "delt.pipeline.recover", "delt.select.score_images",
         "delt.diversity.penultimate_features",
     )  # fmt: skip
     monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))
@@ -217,7 +217,7 @@ def test_pdd_stage_teachers_of_the_teacher_trained_here(tmp_path):
 def test_pdd_stage_teachers_without_checkpoints_are_refused_before_any_work(
     tiny_teacher, tmp_path, monkeypatch
 ):
-    _forbid(monkeypatch, "delt.distill.select_images", "delt.distill.recover")
+    _forbid(monkeypatch, "delt.pipeline.select_images", "delt.pipeline.recover")
     config = _config(tmp_path, tiny_teacher.path, method="pdd", stages=2,
                      stage_teachers="checkpoints")  # fmt: skip
     with pytest.raises(ConfigError, match="--stages 2 needs 2 teacher checkpoints, but .* has 0"):
@@ -290,7 +290,7 @@ def test_a_copied_run_folder_is_reused_as_it_is_and_nothing_is_written(tmp_path,
         if path.is_file()  # (folders' mtimes change: the lock file comes and goes)
     }
     _forbid(
-        monkeypatch, "delt.distill.recover", "delt.select.score_images",
+        monkeypatch, "delt.pipeline.recover", "delt.select.score_images",
         "delt.diversity.penultimate_features", "delt.teacher.build_model",
     )  # fmt: skip
     monkeypatch.setattr(StudentTrainer, "train_epoch", lambda *a: pytest.fail("trained again"))

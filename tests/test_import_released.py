@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from delt.cli import main
-from delt.distilled import Manifest, load_distilled, load_stored
+from delt.distilled_set import Manifest, load_distilled, load_stored
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
+from delt.import_released import ImportConfig, import_images
 from delt.models import load_checkpoint
-from delt.released import ImportConfig, import_images
 from delt.report import ReportConfig, compare_runs
 from imagefolders import write_images
 from PIL import Image

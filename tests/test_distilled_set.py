@@ -1,4 +1,4 @@
-"""delt.distilled: the Manifest (typed fields, format versions, checks), save/load of a set."""
+"""delt.distilled_set: the Manifest (typed fields, format versions, checks), save/load of a set."""
 
 import dataclasses
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from delt.data import DataMismatchError, DatasetInfo
-from delt.distilled import (
+from delt.distilled_set import (
     MANIFEST_FORMAT_VERSION,
     READ_FORMAT_VERSION,
     Manifest,

@@ -16,10 +16,11 @@ from typing import Literal
 
 from delt.config import ConfigError, check_int_fields, flag, identity_dict, option
 from delt.data import load_dataset, load_like
-from delt.distilled import Manifest, load_distilled
+from delt.distilled_set import Manifest, load_distilled
 from delt.distributed import barrier, is_main, main_first
 from delt.diversity import DiversityConfig, measure_diversity
-from delt.evaluate import EvalConfig, EvalResult, evaluate
+from delt.eval_results import EvalResult
+from delt.evaluate import EvalConfig, evaluate
 from delt.identity import check_or_reuse, config_defaults, config_identity
 from delt.io import check_output, read_json, sha256_file, write_json
 from delt.lock import output_lock
@@ -107,7 +108,7 @@ class DistillConfig(*reversed(option_types()), MatchOptions):  # type: ignore[mi
     eval_epochs: int = option(300, help="student training epochs")
     seeds: tuple[int, ...] = option((0,), help="evaluation seeds, one student each")
     eval_every: int = option(10, help="test the student every k epochs (and after the last)")
-    eval_batch_size: int | None = option(None, help="student batch size (default: delt.md §5)")
+    eval_batch_size: int | None = option(None, help="student batch size (default: delt eval's)")
     diversity_model: str = option("teacher", help="feature model: 'teacher' or a checkpoint")
     amp: Literal["none", "bf16"] = option(
         "none", help="autocast of teacher training, selection and eval (recovery: always fp32)"

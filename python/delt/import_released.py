@@ -5,7 +5,7 @@ class-index folders; others name folders by WNID or class name. Each class folde
 one of the teacher's classes, by name first (an exact class name, e.g. a WNID) and else by its
 number (``new007``, ``class007``, ``00007``, ``7``: class 7 of the teacher's order). The mapping
 is printed and recorded in the manifest. Images are stored as uint8 pixels (``images_dtype``
-``uint8`` in :mod:`delt.distilled`), class-major, files in name order within a class.
+``uint8`` in :mod:`delt.distilled_set`), class-major, files in name order within a class.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from delt.config import identity_dict, option
 from delt.data import DatasetInfo, normalization_note, shown_name
-from delt.distilled import Manifest, save_distilled
+from delt.distilled_set import Manifest, save_distilled
 from delt.io import check_output, image_size, read_image, read_json, sha256_file
 from delt.lock import output_lock
 from delt.models import load_checkpoint
