@@ -35,8 +35,9 @@ _setups: dict[str, object] = {}
 def _setup(case_id: str, fields: dict):
     # One teacher and chunk per case, shared by its rows (built once per session).
     if case_id not in _setups:
-        config = SynthesisBenchConfig(method="delt", iterations=8, rows=ROWS, progress=False,
-                                      **fields)  # fmt: skip
+        config = SynthesisBenchConfig(
+            method="delt", iterations=8, rows=ROWS, progress=False, **fields
+        )
         if not COMPILE:
             config.rows = tuple(row for row in ROWS if row != "+compile")
         _setups[case_id] = prepare_rows(config)

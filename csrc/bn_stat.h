@@ -47,12 +47,12 @@ inline void check_stat_input(const at::Tensor& x, const char* op) {
 inline void check_stat_target(const at::Tensor& t, const at::Tensor& x, const char* name,
                               const char* op) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name,
-              " must be a 1-D tensor with one value per channel of x (", x.size(1),
-              "), got shape ", t.sizes());
+              " must be a 1-D tensor with one value per channel of x (", x.size(1), "), got shape ",
+              t.sizes());
   TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
               " must be a floating tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
-              " but x is on ", x.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
 }
 
 // Checks of the backward op's per-channel inputs (mean, grad_mean, grad_var).
@@ -62,16 +62,16 @@ inline void check_channel_vector(const at::Tensor& t, const at::Tensor& x, const
               " must have one value per channel (", x.size(1), "), got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == accumulate_type(x.scalar_type()), op, ": ", name, " must be ",
               accumulate_type(x.scalar_type()), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
-              " but x is on ", x.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
 }
 
 inline void check_grad_scale(const c10::optional<at::Tensor>& s, const at::Tensor& x,
                              const char* op) {
   if (!s.has_value()) return;
   TORCH_CHECK(s->numel() == 1, op, ": grad_scale must hold one value, got shape ", s->sizes());
-  TORCH_CHECK(s->device() == x.device(), op, ": grad_scale is on ", s->device(),
-              " but x is on ", x.device());
+  TORCH_CHECK(s->device() == x.device(), op, ": grad_scale is on ", s->device(), " but x is on ",
+              x.device());
 }
 
 // ---- grouped statistics (bn_stat_loss_grouped, grouped_stat_backward) ----------------------
@@ -104,8 +104,9 @@ inline int64_t check_group_target(const at::Tensor& t, const at::Tensor& x, cons
 inline void check_group_weight(const c10::optional<at::Tensor>& w, int64_t G, const at::Tensor& x,
                                const char* op) {
   if (!w.has_value()) return;
-  TORCH_CHECK(w->dim() == 1 && w->size(0) == G, op, ": weight must be a 1-D tensor with one value per group (",
-              G, "), got shape ", w->sizes());
+  TORCH_CHECK(w->dim() == 1 && w->size(0) == G, op,
+              ": weight must be a 1-D tensor with one value per group (", G, "), got shape ",
+              w->sizes());
   TORCH_CHECK(is_supported_float(w->scalar_type()), op, ": weight must be a floating tensor, got ",
               w->scalar_type());
   TORCH_CHECK(w->device() == x.device(), op, ": weight is on ", w->device(), " but x is on ",

@@ -47,15 +47,15 @@ C10_HOST_DEVICE inline int64_t clamped_integer(double v, int64_t lo, int64_t hi)
 
 // Nearest integer to v modulo n, in [0, n); non-finite values give 0.
 C10_HOST_DEVICE inline int64_t wrapped_shift(double v, int64_t n) {
-  if (!(v - v == 0.0)) return 0;  // inf - inf and NaN - NaN are NaN
+  if (!(v - v == 0.0)) return 0;                            // inf - inf and NaN - NaN are NaN
   double s = fmod(floor(v + 0.5), static_cast<double>(n));  // exact for integers
   if (s < 0) s += static_cast<double>(n);
   return static_cast<int64_t>(s);
 }
 
 template <typename param_t>
-C10_HOST_DEVICE inline Box decode_box(const param_t* row, int64_t in_h, int64_t in_w,
-                                      int64_t out_h, int64_t out_w) {
+C10_HOST_DEVICE inline Box decode_box(const param_t* row, int64_t in_h, int64_t in_w, int64_t out_h,
+                                      int64_t out_w) {
   Box b;
   b.top = clamped_integer(static_cast<double>(row[0]), 0, in_h - 1);
   b.left = clamped_integer(static_cast<double>(row[1]), 0, in_w - 1);
@@ -92,9 +92,7 @@ struct Taps {
 // a * b + c rounded once. PyTorch's kernels get src from one fused multiply-add (its AVX2 CPU
 // build and nvcc contract the expression), so writing the FMA out reproduces its weights bit for
 // bit on every backend; a separate multiply and add moves lambda by up to an ulp of src.
-C10_HOST_DEVICE inline float fused_multiply_add(float a, float b, float c) {
-  return fmaf(a, b, c);
-}
+C10_HOST_DEVICE inline float fused_multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
 C10_HOST_DEVICE inline double fused_multiply_add(double a, double b, double c) {
   return fma(a, b, c);
 }
@@ -208,8 +206,7 @@ inline void check_params(const at::Tensor& params, const at::Tensor& image, cons
   TORCH_CHECK(params.dim() == 2 && params.size(1) == kParamColumns &&
                   (params.size(0) == 1 || params.size(0) == image.size(0)),
               op, ": params must have shape (N, 7) or (1, 7) with N = ", image.size(0),
-              " (columns top, left, height, width, flip, shift_y, shift_x), got ",
-              params.sizes());
+              " (columns top, left, height, width, flip, shift_y, shift_x), got ", params.sizes());
   TORCH_CHECK(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble, op,
               ": params must be float32 or float64, got ", params.scalar_type());
   TORCH_CHECK(params.device() == image.device(), op, ": params is on ", params.device(),

@@ -40,10 +40,12 @@ def write_tiny_imagenet(root, wnids, train, val, size=64):
     lines = []
     number = 0
     for index, wnid in enumerate(wnids):
-        write_images(root / "train" / wnid / "images", train, size, 3 * index, "JPEG",
-                     name=f"{wnid}_{{k}}")  # fmt: skip
-        for path in write_images(root / "val" / "images", val, size, 3 * index + 1, "JPEG",
-                                 name=f"val_{number}_{{k}}"):  # fmt: skip
+        write_images(
+            root / "train" / wnid / "images", train, size, 3 * index, "JPEG", name=f"{wnid}_{{k}}"
+        )
+        for path in write_images(
+            root / "val" / "images", val, size, 3 * index + 1, "JPEG", name=f"val_{number}_{{k}}"
+        ):
             lines.append(f"{path.name}\t{wnid}\t0\t0\t{size - 1}\t{size - 1}\n")
         number += 1
     (root / "val" / "val_annotations.txt").write_text("".join(lines))

@@ -67,7 +67,8 @@ def test_bad_bench_eval_config_names_the_flag(overrides, message):
 def test_cli_refuses_bad_rows_in_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "delt", "bench", "eval", "--rows", "floor,nope"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("delt bench eval: error: --rows")

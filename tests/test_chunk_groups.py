@@ -171,7 +171,7 @@ def test_pdd_stages_with_their_union_give_the_chunks_apart(tiny_teacher, tmp_pat
                 batch_size=2,
                 progress=False,
                 **overrides,
-            )  # fmt: skip
+            )
         )
 
     apart = pdd(tmp_path / "k1")

@@ -241,8 +241,9 @@ def test_refusals_before_any_training(
     other = tmp_path / "other-data"
     recover(RecoverConfig(teacher=str(three_class_teacher.path), ipc=2, out=str(other),
                           method="sre2l", iterations=2, progress=False))  # fmt: skip
-    error = _refused(["--sets", str(tiny_set), str(other), "--out", str(tmp_path / "o")],
-                     capsys, monkeypatch)  # fmt: skip
+    error = _refused(
+        ["--sets", str(tiny_set), str(other), "--out", str(tmp_path / "o")], capsys, monkeypatch
+    )
     assert f"--sets {other}" in error and "classes" in error
     # Another teacher of the same data: its soft labels differ.
     other_teacher = tmp_path / "teacher.pt"
@@ -265,12 +266,14 @@ def test_refusals_before_any_training(
     assert f"--sets {bigger}: IPC 3" in error
     # No random real images of the set's IPC: the training split has too few per class.
     huge = _set_like(tiny_set, tmp_path / "ipc40", 40)
-    error = _refused(["--sets", str(huge), "--out", str(tmp_path / "o"), "--random-real"],
-                     capsys, monkeypatch)  # fmt: skip
+    error = _refused(
+        ["--sets", str(huge), "--out", str(tmp_path / "o"), "--random-real"], capsys, monkeypatch
+    )
     assert "--random-real" in error and "IPC 40" in error
     # The same set twice; a folder that is no set.
-    error = _refused(["--sets", str(tiny_set), str(tiny_set), "--out", str(tmp_path / "o")],
-                     capsys, monkeypatch)  # fmt: skip
+    error = _refused(
+        ["--sets", str(tiny_set), str(tiny_set), "--out", str(tmp_path / "o")], capsys, monkeypatch
+    )
     assert "twice" in error
     error = _refused(["--sets", str(tmp_path), "--out", str(tmp_path / "o")], capsys, monkeypatch)
     assert f"--sets {tmp_path}: no distilled set" in error
@@ -311,8 +314,9 @@ def test_under_torchrun_two_ranks_give_one_comparison(tiny_set, tmp_path):
             "--seeds", "0,1", "--epochs", "1", "--eval-every", "1", "--batch-size", "4",
             "--device", "cpu", "--no-progress"]  # fmt: skip
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    result = subprocess.run([*launcher, *delt], env=env, capture_output=True, text=True,
-                            timeout=240)  # fmt: skip
+    result = subprocess.run(
+        [*launcher, *delt], env=env, capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("compare: ") == 1  # rank 0 prints
     document = json.loads((out / "compare.json").read_text())
@@ -324,8 +328,9 @@ def test_under_torchrun_two_ranks_give_one_comparison(tiny_set, tmp_path):
         baseline = evaluations["random-real"]["accuracies"][str(seed)]
         assert gain["gains"][str(seed)] == pytest.approx(accuracy - baseline)
     # Rerun as one process: every seed is reused, nothing trains.
-    again = subprocess.run([sys.executable, *delt], env=env, capture_output=True, text=True,
-                           timeout=240)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, *delt], env=env, capture_output=True, text=True, timeout=240
+    )
     assert again.returncode == 0 and "(cached)" in again.stderr
 
 

@@ -171,8 +171,9 @@ def test_a_name_with_another_training_protocol_is_refused_by_file(tmp_path, othe
     # Beyond what the protocol column used to print: the student's width, the crop, the batch...
     a, b = tmp_path / "random-real" / "ipc10" / "seed0", tmp_path / "delt" / "ipc10" / "seed0"
     write_eval_document(a / "distilled" / "eval-convnet4.json", 10, 0, 80.0, student="convnet4")
-    write_eval_document(b / "distilled" / "eval-convnet4.json", 10, 0, 81.0, student="convnet4",
-                        **other)  # fmt: skip
+    write_eval_document(
+        b / "distilled" / "eval-convnet4.json", 10, 0, 81.0, student="convnet4", **other
+    )
     pattern = re.escape(str(b / "distilled" / "eval-convnet4.json")) + ": protocol .*" + difference
     with pytest.raises(ProtocolMismatchError, match=pattern):
         other_evaluations([_run(a, "random-real"), _run(b, "delt")])
@@ -186,7 +187,7 @@ def test_what_legitimately_differs_under_one_name_is_pooled(tmp_path):
         ("random-real", 10, {"random_real": True, "channels_last": True}),
         ("delt", 10, {"student_width": 64, "augmentation": "workers: per-batch seeds"}),
         ("delt", 50, {}),
-    ]:  # fmt: skip
+    ]:
         run = tmp_path / method / f"ipc{ipc}" / "seed0"
         write_eval_document(run / "distilled" / "eval-100ep.json", ipc, 0, 80.0, **config)
         runs.append(_run(run, method))

@@ -43,7 +43,7 @@ def test_demo_end_to_end_on_tiny_data(tmp_path, capsys):
         "random-real: eval",
         "| fashion-mnist | 2 | delt |",
     ):
-        assert step in printed, step  # fmt: skip
+        assert step in printed, step
     demo = tmp_path / "demo"
     for path in (
         "comparison.png",
@@ -52,7 +52,7 @@ def test_demo_end_to_end_on_tiny_data(tmp_path, capsys):
         "delt-ipc2/report.json",
         "random-real-ipc2/report.json",
     ):
-        assert (demo / path).is_file(), path  # fmt: skip
+        assert (demo / path).is_file(), path
     assert json.loads((demo / "summary.json").read_text()) == summary
     manifest = json.loads((demo / "delt-ipc2" / "distilled" / "manifest.json").read_text())
     assert manifest["config"]["iterations"] == 8 and manifest["config"]["round_iterations"] == 2

@@ -352,7 +352,7 @@ def test_two_nodes_through_a_c10d_rendezvous(tmp_path, tiny_teacher, cda_referen
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     try:

@@ -34,7 +34,7 @@ CASES: dict[str, dict] = {
     "bf16-channels-last": dict(epochs=2, seeds=(0,), eval_every=1, amp="bf16", channels_last=True),
     "hard-labels": dict(epochs=2, seeds=(3,), eval_every=2, hard_labels=True),
     "random-real": dict(epochs=2, seeds=(0,), eval_every=1, random_real=True, ipc=3),
-}  # fmt: skip
+}
 
 
 def make_set(folder: Path) -> Path:

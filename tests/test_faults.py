@@ -206,7 +206,7 @@ def test_two_recoveries_into_one_out_cannot_mix(tiny_teacher, tmp_path, num_thre
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for lr, command in args.items()
     }
     results = {lr: (p.wait(timeout=600), p.stderr.read()) for lr, p in processes.items()}

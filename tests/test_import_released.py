@@ -51,9 +51,10 @@ def test_sre2l_layout_imports_as_uint8_and_is_scored(tmp_path, tiny_teacher):
     assert torch.allclose(images, info.normalize(stored.float() / 255))
     # eval, diversity and report accept it.
     evaluation = evaluate(
-        EvalConfig(distilled=str(tmp_path / "set"), epochs=1, eval_every=1, progress=False,
-                   device="cpu")
-    )  # fmt: skip
+        EvalConfig(
+            distilled=str(tmp_path / "set"), epochs=1, eval_every=1, progress=False, device="cpu"
+        )
+    )
     assert 0 <= evaluation.accuracy_mean <= 100
     measure_diversity(DiversityConfig(distilled=str(tmp_path / "set")))
     rows = compare_runs(ReportConfig(runs=(str(tmp_path / "set"),), out=str(tmp_path / "cmp.png")))

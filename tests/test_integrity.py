@@ -147,8 +147,9 @@ def test_a_moved_run_folder_resumes_by_content(tiny_teacher, tmp_path):
     assert torch.equal(resumed.images, reference.images)
 
 
-def test_data_of_the_same_shape_but_other_contents_is_refused(tiny_teacher, tiny_selection,
-                                                              tmp_path):  # fmt: skip
+def test_data_of_the_same_shape_but_other_contents_is_refused(
+    tiny_teacher, tiny_selection, tmp_path
+):
     checkpoint = load_checkpoint(tiny_teacher.path)
     fingerprint = checkpoint.meta["dataset"]["fingerprint"]
     assert fingerprint == load_like(checkpoint.info).fingerprint()
@@ -204,8 +205,9 @@ def _can_mount_read_only():
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(not _can_mount_read_only(), reason="needs root and unshare (a private "
-                    "read-only bind mount)")  # fmt: skip
+@pytest.mark.skipif(
+    not _can_mount_read_only(), reason="needs root and unshare (a private read-only bind mount)"
+)
 def test_a_finished_recovery_re_runs_on_read_only_media(tiny_teacher, tmp_path):
     out = tmp_path / "out"
     recover(_cda(tiny_teacher.path, out))

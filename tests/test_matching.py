@@ -176,7 +176,7 @@ def test_a_killed_class_run_resumes_to_the_same_bytes(tmp_path, tiny_teacher, st
                 "union_in_batch": True,
             },
             "does not apply with --union-in-batch",
-        ),  # fmt: skip
+        ),
         (
             {
                 "match": "class",
@@ -186,7 +186,7 @@ def test_a_killed_class_run_resumes_to_the_same_bytes(tmp_path, tiny_teacher, st
                 "stage_teachers": "checkpoints",
             },
             "does not apply with --stage-teachers checkpoints",
-        ),  # fmt: skip
+        ),
         (
             {"match": "class", "stats": "s.pt", "chunks_per_step": 2},
             "--chunks-per-step 2 works with --match global only",

@@ -168,8 +168,9 @@ def test_a_killed_recovery_resumes_without_rewriting_its_chunks(old_runs, monkey
     # which a resume may write again, with the same bytes).
     chunks = sorted(folder.rglob("chunks/*.pt"))
     assert len(chunks) == RECORD["commands"][name]["killed_after_chunks"]
-    before = {path: (path.read_bytes(), path.stat().st_ino, path.stat().st_mtime_ns)
-              for path in chunks}  # fmt: skip
+    before = {
+        path: (path.read_bytes(), path.stat().st_ino, path.stat().st_mtime_ns) for path in chunks
+    }
     unions = {path: path.read_bytes() for path in folder.glob("stages/*/distilled.pt")}
     adams = count_calls(monkeypatch, torch.optim.Adam, "__init__")
     assert main([*_argv(name), "--keep-chunks"]) == 0

@@ -1,5 +1,5 @@
-"""delt.methods.pdd: stage sizes and bookkeeping, frozen earlier stages, the three conditioning options,
-resume between stages and chunks, bad configurations."""
+"""delt.methods.pdd: stage sizes and bookkeeping, frozen earlier stages, the three conditioning
+options, resume between stages and chunks, bad configurations."""
 
 import json
 

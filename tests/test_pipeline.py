@@ -218,8 +218,9 @@ def test_pdd_stage_teachers_without_checkpoints_are_refused_before_any_work(
     tiny_teacher, tmp_path, monkeypatch
 ):
     _forbid(monkeypatch, "delt.pipeline.select_images", "delt.pipeline.recover")
-    config = _config(tmp_path, tiny_teacher.path, method="pdd", stages=2,
-                     stage_teachers="checkpoints")  # fmt: skip
+    config = _config(
+        tmp_path, tiny_teacher.path, method="pdd", stages=2, stage_teachers="checkpoints"
+    )
     with pytest.raises(ConfigError, match="--stages 2 needs 2 teacher checkpoints, but .* has 0"):
         distill(config)
 

@@ -121,8 +121,9 @@ def test_lr_schedules():
 
 
 def _eval(folder, out, **overrides):
-    values = dict(distilled=str(folder), epochs=2, seeds=(0,), eval_every=1, progress=False,
-                  out=str(out))  # fmt: skip
+    values = dict(
+        distilled=str(folder), epochs=2, seeds=(0,), eval_every=1, progress=False, out=str(out)
+    )
     values.update(overrides)
     return evaluate(EvalConfig(**values))
 

@@ -129,8 +129,9 @@ def test_pdd_ckpt_trains_the_teacher_with_checkpoints(run_module, tmp_path, monk
     seen = _fake_pipeline(monkeypatch, tmp_path, teachers)
     monkeypatch.setattr(delt.methods.pdd, "stage_checkpoints", lambda config, path: [])
     with pytest.raises(_Stop):
-        run_module.main(["--budget", "paper", "--out", str(tmp_path), "--ipcs", "10",
-                         "--methods", "pdd+ckpt"])  # fmt: skip
+        run_module.main(
+            ["--budget", "paper", "--out", str(tmp_path), "--ipcs", "10", "--methods", "pdd+ckpt"]
+        )
     (teacher,) = teachers
     assert teacher.save_epochs == (2, 4, 6, 8, 10)
     (config,) = seen
@@ -179,8 +180,9 @@ def test_an_existing_teacher_is_used_and_recorded(run_module, tmp_path, monkeypa
     import delt.models
 
     given = tmp_path / "t" / "checkpoints" / "epoch-002.pt"
-    monkeypatch.setattr(delt.models, "load_checkpoint",
-                        lambda path: SimpleNamespace(meta={"test_accuracy": 80.0}))  # fmt: skip
+    monkeypatch.setattr(
+        delt.models, "load_checkpoint", lambda path: SimpleNamespace(meta={"test_accuracy": 80.0})
+    )
     seen = _fake_pipeline(monkeypatch, tmp_path)  # no teacher may be trained
     with pytest.raises(_Stop):
         run_module.main(["--out", str(tmp_path / "weak"), "--ipcs", "10", "--methods", "cda",
@@ -220,8 +222,7 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
             student_width=config.student_width, eval_every=config.eval_every,
             student_kwargs={"width": config.student_width},
         )  # fmt: skip
-        return SimpleNamespace(accuracy_mean=accuracy, document={"wall_seconds": 1.0},
-                               reused=False)  # fmt: skip
+        return SimpleNamespace(accuracy_mean=accuracy, document={"wall_seconds": 1.0}, reused=False)
 
     _fake_pipeline(monkeypatch, tmp_path, [], distill=distill)
     monkeypatch.setattr(delt.evaluate, "evaluate", evaluate)

@@ -1,5 +1,5 @@
-"""delt.methods.rded: RDED's construction (tiling, crop scoring order, seeded crops), class-major outputs,
-resume after a kill, bad flags refused before any work."""
+"""delt.methods.rded: RDED's construction (tiling, crop scoring order, seeded crops), class-major
+outputs, resume after a kill, bad flags refused before any work."""
 
 import json
 

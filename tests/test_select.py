@@ -70,8 +70,9 @@ def test_scores_in_shards_resume_and_match_the_unsharded_ranking(tiny_teacher, t
     from delt.select import score_images
 
     def config(out, **overrides):
-        values = dict(teacher=str(tiny_teacher.path), ipc=3, out=str(out), progress=False,
-                      batch_size=5)  # fmt: skip
+        values = dict(
+            teacher=str(tiny_teacher.path), ipc=3, out=str(out), progress=False, batch_size=5
+        )
         values.update(overrides)
         return SelectConfig(**values)
 
@@ -160,12 +161,14 @@ def test_selection_records_a_digest_of_its_content(tiny_selection):
     assert document["dataset"]["fingerprint"]  # what its indices point into, covered by it
 
 
-def test_an_edited_selection_is_refused_before_any_work(tiny_teacher, tiny_selection, tmp_path,
-                                                        capsys):  # fmt: skip
+def test_an_edited_selection_is_refused_before_any_work(
+    tiny_teacher, tiny_selection, tmp_path, capsys
+):
     def swap(document):
         document["classes"][0][0], document["classes"][0][1] = (
-            document["classes"][0][1], document["classes"][0][0],
-        )  # fmt: skip
+            document["classes"][0][1],
+            document["classes"][0][0],
+        )
 
     folder = _edited(tiny_selection, tmp_path, swap)
     out = tmp_path / "r"

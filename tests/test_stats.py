@@ -95,8 +95,9 @@ def _batch_average(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tens
 
 def test_statistics_are_exact_in_every_convention(tmp_path, tiny_teacher):
     size = 5  # 12 images per class: class batches of 5, 5, 2; the split's last batch of 3
-    statistics = collect_statistics(_config(tiny_teacher.path, tmp_path / "s.pt", batch_size=5,
-                                            shard_size=10))  # fmt: skip
+    statistics = collect_statistics(
+        _config(tiny_teacher.path, tmp_path / "s.pt", batch_size=5, shard_size=10)
+    )
     inputs, labels = _bn_inputs(tiny_teacher.path, 5)
     assert len(inputs) == len(statistics.layer_names) == 2
     classes = statistics.num_classes

@@ -693,7 +693,7 @@ def _build_step() -> Step:
         dry=lambda c: [
             [c.python, "-m", "pip", "--version"],
             [c.python, "-m", "py_compile", str(ROOT / "setup.py")],
-        ],  # fmt: skip
+        ],
     )
 
 

@@ -21,8 +21,9 @@ def convnet3(k: int, width: int = 64, classes: int = 10) -> nn.Module:
         channels = width
     # The classifier of each student: a grouped 1x1 convolution over its 64*3*3 features.
     head = nn.Conv1d(k * width * 9, k * classes, 1, groups=k)
-    return nn.Sequential(*layers, nn.Flatten(1), nn.Unflatten(1, (k * width * 9, 1)), head,
-                         nn.Flatten(1))  # fmt: skip
+    return nn.Sequential(
+        *layers, nn.Flatten(1), nn.Unflatten(1, (k * width * 9, 1)), head, nn.Flatten(1)
+    )
 
 
 def timed(models: list[nn.Module], k_in: int, steps: int = 20) -> float:

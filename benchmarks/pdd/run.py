@@ -64,13 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "recovery 4-8x slower than one)",
     )  # fmt: skip
     parser.add_argument(
-        "--stagewise-for", default="pdd,pdd+all",
+        "--stagewise-for",
+        default="pdd,pdd+all",
         help="PDD variants also evaluated stage-wise (beside the plain student)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--continue-for", default="",
+        "--continue-for",
+        default="",
         help="variants also evaluated stage-wise with --stage-schedule continue (one LR curve)",
-    )  # fmt: skip
+    )
     parser.add_argument("--no-eval", action="store_true", help="recover only (evaluate later)")
     parser.add_argument("--table", action="store_true", help="print the table of finished runs")
     return parser.parse_args(argv)
@@ -302,9 +304,10 @@ def _run_results(run_dir: Path) -> dict | None:
             return None
         plain = document["seeds"][0]
         row.update(
-            plain_best=plain["best_accuracy"], plain_final=plain["final_accuracy"],
+            plain_best=plain["best_accuracy"],
+            plain_final=plain["final_accuracy"],
             eval_seconds=document["wall_seconds"],
-        )  # fmt: skip
+        )
     else:
         return None
     diversity_path = run_dir / "diversity.json"

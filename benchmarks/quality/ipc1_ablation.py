@@ -202,8 +202,9 @@ def main(argv=None) -> int:
                 initial_images=initial,
                 frozen_images=None if frozen is None else (lambda chunk: frozen),
             )  # fmt: skip
-        run.write_outputs(run.out, chosen_selection, images, torch.arange(classes), 1, per_image,
-                          seconds)  # fmt: skip
+        run.write_outputs(
+            run.out, chosen_selection, images, torch.arange(classes), 1, per_image, seconds
+        )
 
     def save_real_set(folder: Path, images: torch.Tensor, method: str, indices, template: Path):
         folder.mkdir(parents=True, exist_ok=True)
@@ -261,8 +262,9 @@ def main(argv=None) -> int:
     for per_class, draws in ((1, 200), (10, 50), (100, 10)):
         values = []
         for _ in range(draws):
-            picks = torch.cat([m[torch.randperm(m.numel(), generator=generator)[:per_class]]
-                               for m in members])  # fmt: skip
+            picks = torch.cat(
+                [m[torch.randperm(m.numel(), generator=generator)[:per_class]] for m in members]
+            )
             values.append(bn_loss(dataset.images(picks).float())[0])
         array = np.asarray(values)
         reference[f"real_{per_class * classes}"] = {
@@ -300,10 +302,12 @@ def main(argv=None) -> int:
                     mirror = out / "mirror-check"
                     shutil.rmtree(mirror, ignore_errors=True)
                     custom_recover(recover_config(mirror, seed), ce=True, frozen=None)
-                    difference = float((torch_load(mirror / "distilled.pt")["images"]
-                                        - result.images).abs().max())  # fmt: skip
-                    print(f"mirror check: max |difference| to delt recover = {difference}",
-                          flush=True)  # fmt: skip
+                    difference = float(
+                        (torch_load(mirror / "distilled.pt")["images"] - result.images).abs().max()
+                    )
+                    print(
+                        f"mirror check: max |difference| to delt recover = {difference}", flush=True
+                    )
                     if difference != 0.0:
                         raise SystemExit("the custom recovery does not reproduce delt recover")
                     shutil.rmtree(mirror)

@@ -165,7 +165,7 @@ def parse_args(argv=None) -> QualityConfig:
         "may end in -lrVALUE for a variant with that recovery step size (`delt distill "
         "--recover-lr`; e.g. delt-lr0.05, into OUT/delt-lr0.05), rded in -factorN for its "
         "tiling (`--factor N`; e.g. rded-factor1)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--teacher",
         help="an existing teacher checkpoint instead of training OUT/teacher (e.g. "
@@ -190,20 +190,22 @@ def parse_args(argv=None) -> QualityConfig:
         "(`delt eval --student`; convnetD at --width; short: none; paper: resnet18_small,convnet4)",
     )
     parser.add_argument(
-        "--students-eval-every", type=int,
+        "--students-eval-every",
+        type=int,
         help="test the --students every k epochs (default --eval-every; one ResNet-18-small "
         "test of the 10,000 test images cost about 80 CPU-s on a 2-core CPU, so 100 keeps three "
         "tests of 300 epochs)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--amp", choices=("none", "bf16"), default="bf16",
         help="autocast of the teacher's training, the selection's scoring and the students (none: "
         "float32; on a CPU without bfloat16 units bf16 is emulated, several times slower)",
     )  # fmt: skip
     parser.add_argument(
-        "--report-only", action="store_true",
+        "--report-only",
+        action="store_true",
         help="run nothing: write OUT/results.* from the named runs that have finished",
-    )  # fmt: skip
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--threads", type=int, default=1,

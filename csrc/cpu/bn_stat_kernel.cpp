@@ -139,8 +139,8 @@ DELT_CPU_CLONES void centered_affine(const T* x, T* out, int64_t n, T c1, T c2, 
 // out[r, c] = c1[c] + c2[c] * (x[r, c] - mean[c]) over a row-major (rows, C) block; four lane
 // vectors of columns at a time so the coefficients stay in registers.
 template <typename T>
-DELT_CPU_CLONES void rows_centered_affine(const T* x, T* out, int64_t rows, int64_t C,
-                                          const T* c1, const T* c2, const T* mean) {
+DELT_CPU_CLONES void rows_centered_affine(const T* x, T* out, int64_t rows, int64_t C, const T* c1,
+                                          const T* c2, const T* mean) {
   using V = vec_t<T>;
   constexpr int W = kLanes<T>, kVectors = 4;
   int64_t c = 0;
@@ -423,20 +423,21 @@ void batch_stat_backward_kernel(const at::Tensor& x, Layout layout, const at::Te
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(buffer[i]);
   };
   if (layout == Layout::kNCHW) {
-    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElements / HW), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> buffer, result;
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t c = plane % C;
-        const acc_t* src = as_acc(in + plane * HW, HW, buffer);
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          centered_affine<acc_t>(src, out + plane * HW, HW, c1[c], c2[c], mu[c]);
-        } else {
-          result.resize(HW);
-          centered_affine<acc_t>(src, result.data(), HW, c1[c], c2[c], mu[c]);
-          narrow(result, out + plane * HW, HW);
-        }
-      }
-    });
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElements / HW),
+                     [&](int64_t b, int64_t e) {
+                       std::vector<acc_t> buffer, result;
+                       for (int64_t plane = b; plane < e; ++plane) {
+                         const int64_t c = plane % C;
+                         const acc_t* src = as_acc(in + plane * HW, HW, buffer);
+                         if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                           centered_affine<acc_t>(src, out + plane * HW, HW, c1[c], c2[c], mu[c]);
+                         } else {
+                           result.resize(HW);
+                           centered_affine<acc_t>(src, result.data(), HW, c1[c], c2[c], mu[c]);
+                           narrow(result, out + plane * HW, HW);
+                         }
+                       }
+                     });
   } else {
     const int64_t rows = std::max<int64_t>(1, kGrainElements / C);
     const int64_t blocks = (N * HW + rows - 1) / rows;
@@ -446,12 +447,10 @@ void batch_stat_backward_kernel(const at::Tensor& x, Layout layout, const at::Te
         const int64_t r0 = block * rows, n_rows = std::min(N * HW, r0 + rows) - r0;
         const acc_t* src = as_acc(in + r0 * C, n_rows * C, buffer);
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          rows_centered_affine(src, out + r0 * C, n_rows, C, c1.data(), c2.data(),
-                                      mu.data());
+          rows_centered_affine(src, out + r0 * C, n_rows, C, c1.data(), c2.data(), mu.data());
         } else {
           result.resize(n_rows * C);
-          rows_centered_affine(src, result.data(), n_rows, C, c1.data(), c2.data(),
-                                      mu.data());
+          rows_centered_affine(src, result.data(), n_rows, C, c1.data(), c2.data(), mu.data());
           narrow(result, out + r0 * C, n_rows * C);
         }
       }
@@ -471,14 +470,12 @@ at::Tensor batch_stat_backward_cpu(const at::Tensor& x, const at::Tensor& mean,
   const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
   const auto [xs, layout] = supported_layout(x);
   at::Tensor dx = at::empty_like(xs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stat_backward",
-                                  [&] {
-                                    batch_stat_backward_kernel<scalar_t>(
-                                        xs, layout, mean, grad_mean, grad_var, scale, dx);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stat_backward", [&] {
+        batch_stat_backward_kernel<scalar_t>(xs, layout, mean, grad_mean, grad_var, scale, dx);
+      });
   return with_strides_of(dx, x);
 }
-
 
 // ---- grouped statistics --------------------------------------------------------------------
 //
@@ -509,7 +506,8 @@ GroupLayout group_layout(const at::Tensor& group_index, int64_t G, const char* o
   for (int64_t n = 0; n < N; ++n) {
     const int64_t g = groups.index[n];
     TORCH_CHECK(g >= 0 && g < G, op, ": group_index[", n, "] = ", g,
-                " is out of range: the targets have G = ", G, " groups (rows), so a group index must lie in [0, ", G, ")");
+                " is out of range: the targets have G = ", G,
+                " groups (rows), so a group index must lie in [0, ", G, ")");
     ++groups.offsets[g + 1];
   }
   for (int64_t g = 0; g < G; ++g) groups.offsets[g + 1] += groups.offsets[g];
@@ -559,12 +557,13 @@ void grouped_moments(const at::Tensor& x, Layout layout, const GroupLayout& grou
     if (groups.count(g) == 0) continue;
     const int64_t first = groups.order[groups.offsets[g]];
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t v = layout == Layout::kNCHW ? data[(first * C + c) * HW] : data[first * HW * C + c];
+      const scalar_t v =
+          layout == Layout::kNCHW ? data[(first * C + c) * HW] : data[first * HW * C + c];
       shift[g * C + c] = shift_of(static_cast<acc_t>(v));
     }
   }
 
-  int64_t pieces = 1;              // partial sums per (sample, channel)
+  int64_t pieces = 1;  // partial sums per (sample, channel)
   std::vector<double> part1, part2;
   int64_t stride_n = 0, stride_c = 0, stride_piece = 0;
   if (layout == Layout::kNCHW) {
@@ -606,8 +605,7 @@ void grouped_moments(const at::Tensor& x, Layout layout, const GroupLayout& grou
         std::fill(s1.begin(), s1.end(), acc_t(0));
         std::fill(s2.begin(), s2.end(), acc_t(0));
         const acc_t* p = as_acc(data + r0 * C, n_rows * C, buffer);
-        column_shifted_sums(p, n_rows, C, shift.data() + groups.index[n] * C, s1.data(),
-                            s2.data());
+        column_shifted_sums(p, n_rows, C, shift.data() + groups.index[n] * C, s1.data(), s2.data());
         for (int64_t c = 0; c < C; ++c) {
           part1[task * C + c] = s1[c];
           part2[task * C + c] = s2[c];
@@ -670,17 +668,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_l
   check_group_index(group_index, x, op);
   const int64_t G = check_group_target(target_mean, x, "target_mean", op);
   check_group_target(target_var, x, "target_var", op);
-  TORCH_CHECK(target_var.size(0) == G, op, ": target_mean and target_var must have the same shape, got ",
-              target_mean.sizes(), " and ", target_var.sizes());
+  TORCH_CHECK(target_var.size(0) == G, op,
+              ": target_mean and target_var must have the same shape, got ", target_mean.sizes(),
+              " and ", target_var.sizes());
   check_group_weight(weight, G, x, op);
   const GroupLayout groups = group_layout(group_index, G, op);
   const auto [xs, layout] = supported_layout(x);
   const int64_t C = x.size(1);
   std::vector<double> mean, var;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_loss_grouped",
-                                  [&] { grouped_moments<scalar_t>(xs, layout, groups, mean, var); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_loss_grouped",
+      [&] { grouped_moments<scalar_t>(xs, layout, groups, mean, var); });
   const std::vector<double> tm = to_doubles(target_mean), tv = to_doubles(target_var);
-  const std::vector<double> w = weight.has_value() ? to_doubles(*weight) : std::vector<double>(G, 1.0);
+  const std::vector<double> w =
+      weight.has_value() ? to_doubles(*weight) : std::vector<double>(G, 1.0);
   const auto options = x.options().dtype(accumulate_type(x.scalar_type()));
   const bool is_double = options.dtype() == at::kDouble;
   std::vector<double> group_loss(G, 0.0), coef(2 * G * C, 0.0);
@@ -700,7 +701,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_l
     }
     const double norm_mean = std::sqrt(ss_mean), norm_var = std::sqrt(ss_var);
     for (int64_t c = 0; c < C; ++c) {
-      // 0 only at a zero norm (autograd's subgradient); a NaN norm makes the group's coefficients NaN.
+      // 0 only at a zero norm (autograd's subgradient); a NaN norm makes the group's coefficients
+      // NaN.
       coef[g * C + c] = norm_mean == 0.0 ? 0.0 : dmean[c] / norm_mean;
       coef[(G + g) * C + c] = norm_var == 0.0 ? 0.0 : dvar[c] / norm_var;
     }
@@ -730,8 +732,10 @@ void grouped_backward_kernel(const at::Tensor& x, Layout layout, const GroupLayo
     const double s = scale.size() == 1 ? scale[0] : scale[g];
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = g * C + c;
-      const double scaled_gm = static_cast<double>(static_cast<acc_t>(s * static_cast<double>(pgm[i])));
-      const double scaled_gv = static_cast<double>(static_cast<acc_t>(s * static_cast<double>(pgv[i])));
+      const double scaled_gm =
+          static_cast<double>(static_cast<acc_t>(s * static_cast<double>(pgm[i])));
+      const double scaled_gv =
+          static_cast<double>(static_cast<acc_t>(s * static_cast<double>(pgv[i])));
       c1[i] = static_cast<acc_t>(scaled_gm * inv_m);
       c2[i] = static_cast<acc_t>(2.0 * scaled_gv * inv_m);
       mu[i] = pm[i];
@@ -743,20 +747,21 @@ void grouped_backward_kernel(const at::Tensor& x, Layout layout, const GroupLayo
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(buffer[i]);
   };
   if (layout == Layout::kNCHW) {
-    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElements / HW), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> buffer, result;
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t i = groups.index[plane / C] * C + plane % C;
-        const acc_t* src = as_acc(in + plane * HW, HW, buffer);
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          centered_affine<acc_t>(src, out + plane * HW, HW, c1[i], c2[i], mu[i]);
-        } else {
-          result.resize(HW);
-          centered_affine<acc_t>(src, result.data(), HW, c1[i], c2[i], mu[i]);
-          narrow(result, out + plane * HW, HW);
-        }
-      }
-    });
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElements / HW),
+                     [&](int64_t b, int64_t e) {
+                       std::vector<acc_t> buffer, result;
+                       for (int64_t plane = b; plane < e; ++plane) {
+                         const int64_t i = groups.index[plane / C] * C + plane % C;
+                         const acc_t* src = as_acc(in + plane * HW, HW, buffer);
+                         if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                           centered_affine<acc_t>(src, out + plane * HW, HW, c1[i], c2[i], mu[i]);
+                         } else {
+                           result.resize(HW);
+                           centered_affine<acc_t>(src, result.data(), HW, c1[i], c2[i], mu[i]);
+                           narrow(result, out + plane * HW, HW);
+                         }
+                       }
+                     });
   } else {
     const int64_t rows = std::clamp<int64_t>(kGrainElements / C, 1, HW);
     const int64_t pieces = (HW + rows - 1) / rows;
@@ -772,8 +777,8 @@ void grouped_backward_kernel(const at::Tensor& x, Layout layout, const GroupLayo
                                mu.data() + g * C);
         } else {
           result.resize(n_rows * C);
-          rows_centered_affine(src, result.data(), n_rows, C, c1.data() + g * C,
-                               c2.data() + g * C, mu.data() + g * C);
+          rows_centered_affine(src, result.data(), n_rows, C, c1.data() + g * C, c2.data() + g * C,
+                               mu.data() + g * C);
           narrow(result, out + r0 * C, n_rows * C);
         }
       }
@@ -788,8 +793,8 @@ at::Tensor grouped_stat_backward_cpu(const at::Tensor& x, const at::Tensor& grou
   const char* op = "delt_ext::grouped_stat_backward";
   check_stat_input(x, op);
   check_group_index(group_index, x, op);
-  TORCH_CHECK(mean.dim() == 2 && mean.size(0) >= 1, op, ": mean must be a (G, C) tensor, got shape ",
-              mean.sizes());
+  TORCH_CHECK(mean.dim() == 2 && mean.size(0) >= 1, op,
+              ": mean must be a (G, C) tensor, got shape ", mean.sizes());
   const int64_t G = mean.size(0);
   check_group_table(mean, x, G, "mean", op);
   check_group_table(grad_mean, x, G, "grad_mean", op);
@@ -800,11 +805,10 @@ at::Tensor grouped_stat_backward_cpu(const at::Tensor& x, const at::Tensor& grou
       grad_scale.has_value() ? to_doubles(*grad_scale) : std::vector<double>{1.0};
   const auto [xs, layout] = supported_layout(x);
   at::Tensor dx = at::empty_like(xs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_stat_backward",
-                                  [&] {
-                                    grouped_backward_kernel<scalar_t>(xs, layout, groups, mean,
-                                                                      grad_mean, grad_var, scale, dx);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_stat_backward", [&] {
+        grouped_backward_kernel<scalar_t>(xs, layout, groups, mean, grad_mean, grad_var, scale, dx);
+      });
   return with_strides_of(dx, x);
 }
 

@@ -54,8 +54,8 @@ using BitsOf = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
 template <typename T>
 DELT_CPU_CLONES void resample_row(const T* __restrict__ src, int64_t K,
                                   const int32_t* __restrict__ x0, const int32_t* __restrict__ x1,
-                                  const T* __restrict__ w0, const T* __restrict__ w1,
-                                  int64_t out_w, T* __restrict__ h) {
+                                  const T* __restrict__ w0, const T* __restrict__ w1, int64_t out_w,
+                                  T* __restrict__ h) {
   if (K == 1) {
     for (int64_t j = 0; j < out_w; ++j) {
       const T second = w1[j] * src[x1[j]];
@@ -140,15 +140,24 @@ void gather_padded_row(const T* t, int64_t K, int64_t M, const int32_t* index, c
                        int64_t count, T* res) {
   if (K == 1) {
     switch (M) {
-      case 1: return gather_padded_fixed<1, T>(t, index, weight, count, res);
-      case 2: return gather_padded_fixed<2, T>(t, index, weight, count, res);
-      case 3: return gather_padded_fixed<3, T>(t, index, weight, count, res);
-      case 4: return gather_padded_fixed<4, T>(t, index, weight, count, res);
-      case 5: return gather_padded_fixed<5, T>(t, index, weight, count, res);
-      case 6: return gather_padded_fixed<6, T>(t, index, weight, count, res);
-      case 7: return gather_padded_fixed<7, T>(t, index, weight, count, res);
-      case 8: return gather_padded_fixed<8, T>(t, index, weight, count, res);
-      default: break;
+      case 1:
+        return gather_padded_fixed<1, T>(t, index, weight, count, res);
+      case 2:
+        return gather_padded_fixed<2, T>(t, index, weight, count, res);
+      case 3:
+        return gather_padded_fixed<3, T>(t, index, weight, count, res);
+      case 4:
+        return gather_padded_fixed<4, T>(t, index, weight, count, res);
+      case 5:
+        return gather_padded_fixed<5, T>(t, index, weight, count, res);
+      case 6:
+        return gather_padded_fixed<6, T>(t, index, weight, count, res);
+      case 7:
+        return gather_padded_fixed<7, T>(t, index, weight, count, res);
+      case 8:
+        return gather_padded_fixed<8, T>(t, index, weight, count, res);
+      default:
+        break;
     }
   }
   gather_padded<T>(t, K, M, index, weight, count, res);
@@ -384,8 +393,8 @@ void forward_kernel(const at::Tensor& x, Layout layout, const at::Tensor& params
           if (cached[1] == y) return 1;
           const int slot = keep == 0 ? 1 : 0;
           const acc_t* src = widened<scalar_t, acc_t>(plane_in + y * in_row, in_row, source);
-          resample_row<acc_t>(src, K, t.x.i0.data(), t.x.i1.data(), t.x.w0.data(),
-                              t.x.w1.data(), OW, cache.data() + slot * out_row);
+          resample_row<acc_t>(src, K, t.x.i0.data(), t.x.i1.data(), t.x.w0.data(), t.x.w1.data(),
+                              OW, cache.data() + slot * out_row);
           cached[slot] = y;
           return slot;
         };
@@ -492,8 +501,8 @@ at::Tensor resized_crop_flip_backward_cpu(const at::Tensor& grad_out, const at::
   const at::Tensor p = params.to(at::kDouble).contiguous();
   crop::check_param_values(p, in_h, in_w, op);
   const auto [gs, layout] = supported_layout(grad_out);
-  at::Tensor grad_in = crop::empty_in_layout({grad_out.size(0), grad_out.size(1), in_h, in_w},
-                                       grad_out, layout);
+  at::Tensor grad_in =
+      crop::empty_in_layout({grad_out.size(0), grad_out.size(1), in_h, in_w}, grad_out, layout);
   if (grad_in.numel() == 0) return grad_in;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
                                   "resized_crop_flip_backward",

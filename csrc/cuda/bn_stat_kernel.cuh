@@ -6,7 +6,8 @@
 // Forward = two launches, no atomics:
 //   1. partial sums: a grid over channels x slices of each channel's N*H*W values (not one block
 //      per channel), kLoads vector loads in flight per thread, shifted sums S1 = sum(x - K_c),
-//      S2 = sum((x - K_c)^2) in float32 (float64 for float64), K_c = the channel's first value (0 if not finite);
+//      S2 = sum((x - K_c)^2) in float32 (float64 for float64), K_c = the channel's first value (0
+//      if not finite);
 //   2. finalize: one block merges each channel's partials in a fixed order in float64, writes
 //      mean and biased variance and, for the loss, both norms, the loss and the per-channel
 //      gradient coefficients. It reads C values of x (the shifts), and x itself again only for
@@ -43,9 +44,9 @@
 namespace delt_ext {
 namespace bn_cuda {
 
-constexpr int kThreads = 256;            // threads per block of the streaming kernels
-constexpr int kLoads = 4;                // independent vector loads in flight per thread
-constexpr int64_t kTargetBlocks = 4096;  // fills every current GPU several times over
+constexpr int kThreads = 256;                  // threads per block of the streaming kernels
+constexpr int kLoads = 4;                      // independent vector loads in flight per thread
+constexpr int64_t kTargetBlocks = 4096;        // fills every current GPU several times over
 constexpr int64_t kMaxSlices = kTargetBlocks;  // partial sums per channel, at most
 constexpr int kFinalizeThreads = 1024;
 constexpr int64_t kTableAlign = 8;  // coefficient table rows padded to 8 values (32+ bytes)
@@ -386,8 +387,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   __syncthreads();
   // 0 only at a zero norm (autograd's subgradient); a NaN norm makes every coefficient NaN.
   for (int64_t c = tid; c < C; c += blockDim.x) {
-    coef[c] = norms[0] == 0.0 ? acc_t(0)
-                              : static_cast<acc_t>(static_cast<double>(coef[c]) / norms[0]);
+    coef[c] =
+        norms[0] == 0.0 ? acc_t(0) : static_cast<acc_t>(static_cast<double>(coef[c]) / norms[0]);
     coef[C + c] = norms[1] == 0.0 ? acc_t(0)
                                   : static_cast<acc_t>(static_cast<double>(coef[C + c]) / norms[1]);
   }
@@ -437,8 +438,8 @@ __global__ void __launch_bounds__(kThreads)
       const auto mu = cuda::load<Pack<acc_t, VEC>>(table + 2 * row + c0);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        out.v[k] = static_cast<scalar_t>(c1.v[k] +
-                                         c2.v[k] * (static_cast<acc_t>(in[j].v[k]) - mu.v[k]));
+        out.v[k] =
+            static_cast<scalar_t>(c1.v[k] + c2.v[k] * (static_cast<acc_t>(in[j].v[k]) - mu.v[k]));
       }
     } else {
       const index_t c = (v * VEC / HW) % C;
@@ -531,9 +532,9 @@ void launch_moments(const at::Tensor& x, Layout layout, const at::Tensor& target
     const int ty = kThreads / tx;
     const int64_t blocks_x = ceil_div(channel_groups, tx);
     TORCH_CHECK(blocks_x <= std::numeric_limits<int32_t>::max(), "delt_ext: too many channels");
-    slices = std::clamp<int64_t>(std::min(ceil_div(M, static_cast<int64_t>(ty) * kLoads),
-                                          ceil_div(kTargetBlocks, blocks_x)),
-                                 1, kMaxSlices);
+    slices = std::clamp<int64_t>(
+        std::min(ceil_div(M, static_cast<int64_t>(ty) * kLoads), ceil_div(kTargetBlocks, blocks_x)),
+        1, kMaxSlices);
     const int64_t rows_per_slice = ceil_div(M, slices);
     slices = ceil_div(M, rows_per_slice);
     partial = at::empty({C, slices, 2}, mean.options());
@@ -554,9 +555,8 @@ void launch_moments(const at::Tensor& x, Layout layout, const at::Tensor& target
   const int group = std::min(next_pow2(slices), 32);
   const bool with_loss = target_mean.defined();
   auto finalize = finalize_moments<scalar_t, acc_t>;
-  DELT_LAUNCH(finalize, 1, kFinalizeThreads, 0, stream, data, layout == Layout::kChannelsLast,
-              HW, C, slices, group,
-              static_cast<double>(M), partial.const_data_ptr<acc_t>(),
+  DELT_LAUNCH(finalize, 1, kFinalizeThreads, 0, stream, data, layout == Layout::kChannelsLast, HW,
+              C, slices, group, static_cast<double>(M), partial.const_data_ptr<acc_t>(),
               with_loss ? target_mean.const_data_ptr<acc_t>() : nullptr,
               with_loss ? target_var.const_data_ptr<acc_t>() : nullptr,
               mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
@@ -614,8 +614,8 @@ void launch_backward(const at::Tensor& x, Layout layout, const at::Tensor& mean,
   auto coefficients = backward_coefficients<acc_t>;
   DELT_LAUNCH(coefficients, static_cast<unsigned>(std::min<int64_t>(ceil_div(C, kThreads), 1024)),
               kThreads, 0, stream, C, row, mean.const_data_ptr<acc_t>(),
-              grad_mean.const_data_ptr<acc_t>(), grad_var.const_data_ptr<acc_t>(), scale,
-              inv_count, table.mutable_data_ptr<acc_t>());
+              grad_mean.const_data_ptr<acc_t>(), grad_var.const_data_ptr<acc_t>(), scale, inv_count,
+              table.mutable_data_ptr<acc_t>());
 
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
@@ -658,16 +658,16 @@ inline at::Tensor batch_stat_backward(const at::Tensor& x, const at::Tensor& mea
   at::Tensor dx = at::empty_like(xs);
   if (dx.numel() == 0) return with_strides_of(dx, x);
   const bool small = xs.numel() < std::numeric_limits<uint32_t>::max() / 2;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stat_backward", [&] {
-    if (small) {
-      launch_backward<scalar_t, uint32_t>(xs, layout, m, gm, gv, scale, dx);
-    } else {
-      launch_backward<scalar_t, uint64_t>(xs, layout, m, gm, gv, scale, dx);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stat_backward", [&] {
+        if (small) {
+          launch_backward<scalar_t, uint32_t>(xs, layout, m, gm, gv, scale, dx);
+        } else {
+          launch_backward<scalar_t, uint64_t>(xs, layout, m, gm, gv, scale, dx);
+        }
+      });
   return with_strides_of(dx, x);
 }
-
 
 // ---- grouped statistics (bn_stat_loss_grouped, grouped_stat_backward) ----------------------
 //
@@ -726,7 +726,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t plane = unit / pieces, piece = unit % pieces;
     const int64_t n = plane / C, c = plane % C;
     const int64_t g = index[n];
-    DELT_DEVICE_CHECK(g >= 0 && g < G, "delt_ext::bn_stat_loss_grouped: a group_index is out of range");
+    DELT_DEVICE_CHECK(g >= 0 && g < G,
+                      "delt_ext::bn_stat_loss_grouped: a group_index is out of range");
     const acc_t shift = shift_of(static_cast<acc_t>(x[(first[g] * C + c) * HW]));
     const int64_t lo = piece * kGroupPiece;
     const int64_t len = HW - lo < kGroupPiece ? HW - lo : kGroupPiece;  // no ODR-use on device
@@ -786,7 +787,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t unit = blockIdx.y; unit < units; unit += gridDim.y) {  // uniform across the block
     const int64_t n = unit / pieces, piece = unit % pieces;
     const int64_t g = index[n];
-    DELT_DEVICE_CHECK(g >= 0 && g < G, "delt_ext::bn_stat_loss_grouped: a group_index is out of range");
+    DELT_DEVICE_CHECK(g >= 0 && g < G,
+                      "delt_ext::bn_stat_loss_grouped: a group_index is out of range");
     const int64_t r_begin = n * HW + piece * rows_per_piece;
     const int64_t r_end = std::min<int64_t>(n * HW + HW, r_begin + rows_per_piece);
     const scalar_t* first_row = x + first[g] * HW * C;
@@ -902,7 +904,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* var_g = var + g * C;
   acc_t* a_g = coef + g * C;        // dL_g/dmean_g
   acc_t* b_g = coef + (G + g) * C;  // dL_g/dvar_g
-  if (count == 0) {  // uniform: no samples, NaN statistics, nothing to the loss
+  if (count == 0) {                 // uniform: no samples, NaN statistics, nothing to the loss
     for (int64_t c = tid; c < C; c += blockDim.x) {
       mean_g[c] = var_g[c] = static_cast<acc_t>(NAN);
       a_g[c] = b_g[c] = acc_t(0);
@@ -920,7 +922,8 @@ __global__ void __launch_bounds__(kThreads)
   auto stage = [&](int64_t c, double mu, double v) {
     mean_g[c] = static_cast<acc_t>(mu);
     var_g[c] = static_cast<acc_t>(v);
-    a_g[c] = static_cast<acc_t>(as_returned<acc_t>(mu) - static_cast<double>(target_mean[g * C + c]));
+    a_g[c] =
+        static_cast<acc_t>(as_returned<acc_t>(mu) - static_cast<double>(target_mean[g * C + c]));
     b_g[c] = static_cast<acc_t>(as_returned<acc_t>(v) - static_cast<double>(target_var[g * C + c]));
   };
   if (tid == 0) any_inexact = 0;
@@ -930,8 +933,8 @@ __global__ void __launch_bounds__(kThreads)
     double a = 0.0, b = 0.0;
     if (c < C) {
       for (int64_t t = lane; t < terms; t += lanes) {
-        const int64_t slot = (samples[t / pieces] * stride_n + (t % pieces) * stride_piece +
-                              c * stride_c) * 2;
+        const int64_t slot =
+            (samples[t / pieces] * stride_n + (t % pieces) * stride_piece + c * stride_c) * 2;
         a += static_cast<double>(partial[slot]);
         b += static_cast<double>(partial[slot + 1]);
       }
@@ -946,7 +949,8 @@ __global__ void __launch_bounds__(kThreads)
         any_inexact = 1;
       } else {
         const double d = a / M;
-        const double mu = static_cast<double>(shift_of(static_cast<acc_t>(first[c * shift_stride]))) + d;
+        const double mu =
+            static_cast<double>(shift_of(static_cast<acc_t>(first[c * shift_stride]))) + d;
         stage(c, mu, fmax(b / M - d * d, 0.0));
       }
     }
@@ -976,8 +980,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   for (int64_t c = tid; c < C; c += blockDim.x) {
-    a_g[c] = norms[0] == 0.0 ? acc_t(0) : static_cast<acc_t>(static_cast<double>(a_g[c]) / norms[0]);
-    b_g[c] = norms[1] == 0.0 ? acc_t(0) : static_cast<acc_t>(static_cast<double>(b_g[c]) / norms[1]);
+    a_g[c] =
+        norms[0] == 0.0 ? acc_t(0) : static_cast<acc_t>(static_cast<double>(a_g[c]) / norms[0]);
+    b_g[c] =
+        norms[1] == 0.0 ? acc_t(0) : static_cast<acc_t>(static_cast<double>(b_g[c]) / norms[1]);
   }
 }
 
@@ -1026,8 +1032,8 @@ void launch_grouped_moments(const at::Tensor& xs, Layout layout, const at::Tenso
     with_width<scalar_t>(vec, [&](auto width) {
       auto kernel = grouped_nchw_partial_sums<scalar_t, acc_t, decltype(width)::value>;
       DELT_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, 0, stream, data,
-                  index.const_data_ptr<int64_t>(), plan.first.const_data_ptr<int64_t>(), G, C,
-                  HW, pieces, units, partial.mutable_data_ptr<acc_t>());
+                  index.const_data_ptr<int64_t>(), plan.first.const_data_ptr<int64_t>(), G, C, HW,
+                  pieces, units, partial.mutable_data_ptr<acc_t>());
     });
   } else {
     const int vec = vector_width<scalar_t>(C, {data});
@@ -1063,12 +1069,12 @@ void launch_grouped_moments(const at::Tensor& xs, Layout layout, const at::Tenso
   const int lanes = std::min(next_pow2(ceil_div(N * pieces, G)), 32);
   auto finalize = grouped_finalize<scalar_t, acc_t>;
   DELT_LAUNCH(finalize, static_cast<unsigned>(G), kThreads, 0, stream, data,
-              layout == Layout::kChannelsLast, N, HW, C, pieces, stride_n, stride_piece,
-              stride_c, lanes, plan.order.const_data_ptr<int64_t>(),
-              plan.offsets.const_data_ptr<int64_t>(), partial.const_data_ptr<acc_t>(),
-              tm.const_data_ptr<acc_t>(), tv.const_data_ptr<acc_t>(),
-              mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
-              coef.mutable_data_ptr<acc_t>(), group_loss.mutable_data_ptr<acc_t>());
+              layout == Layout::kChannelsLast, N, HW, C, pieces, stride_n, stride_piece, stride_c,
+              lanes, plan.order.const_data_ptr<int64_t>(), plan.offsets.const_data_ptr<int64_t>(),
+              partial.const_data_ptr<acc_t>(), tm.const_data_ptr<acc_t>(),
+              tv.const_data_ptr<acc_t>(), mean.mutable_data_ptr<acc_t>(),
+              var.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(),
+              group_loss.mutable_data_ptr<acc_t>());
   auto total = grouped_total<acc_t>;
   DELT_LAUNCH(total, 1, kThreads, 0, stream, G, plan.offsets.const_data_ptr<int64_t>(),
               group_loss.const_data_ptr<acc_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
@@ -1095,17 +1101,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn
   const auto options = x.options().dtype(accumulate_type(x.scalar_type()));
   const at::Tensor tm = target_mean.to(options.dtype()).contiguous();
   const at::Tensor tv = target_var.to(options.dtype()).contiguous();
-  const at::Tensor w =
-      weight.has_value() ? weight->to(options.dtype()).contiguous() : at::Tensor();
+  const at::Tensor w = weight.has_value() ? weight->to(options.dtype()).contiguous() : at::Tensor();
   const GroupPlan plan = plan_groups(group_index, G);
   const at::Tensor index = group_index.contiguous();
   at::Tensor mean = at::empty({G, C}, options), var = at::empty({G, C}, options);
   at::Tensor coef = at::empty({2, G, C}, options), group_loss = at::empty({G}, options);
   at::Tensor loss = at::empty({}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_loss_grouped", [&] {
-    launch_grouped_moments<scalar_t>(xs, layout, index, plan, G, tm, tv, w, mean, var, coef,
-                                     group_loss, loss);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_loss_grouped", [&] {
+        launch_grouped_moments<scalar_t>(xs, layout, index, plan, G, tm, tv, w, mean, var, coef,
+                                         group_loss, loss);
+      });
   return {loss, group_loss, mean, var, coef};
 }
 
@@ -1163,8 +1169,8 @@ __global__ void __launch_bounds__(kThreads)
       const auto mu = cuda::load<Pack<acc_t, VEC>>(table + 2 * row + i0);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        out.v[k] = static_cast<scalar_t>(c1.v[k] +
-                                         c2.v[k] * (static_cast<acc_t>(in[j].v[k]) - mu.v[k]));
+        out.v[k] =
+            static_cast<scalar_t>(c1.v[k] + c2.v[k] * (static_cast<acc_t>(in[j].v[k]) - mu.v[k]));
       }
     } else {
       const index_t plane = e / HW;
@@ -1208,9 +1214,8 @@ void launch_grouped_backward(const at::Tensor& xs, Layout layout, const at::Tens
     const auto blocks = static_cast<unsigned>(ceil_div(vectors, kThreads * kLoads));
     auto run = [&](auto kernel) {
       DELT_LAUNCH(kernel, blocks, kThreads, 0, stream, in, out, index.const_data_ptr<int64_t>(),
-                  static_cast<index_t>(vectors), static_cast<index_t>(HW),
-                  static_cast<index_t>(C), static_cast<index_t>(row),
-                  table.const_data_ptr<acc_t>());
+                  static_cast<index_t>(vectors), static_cast<index_t>(HW), static_cast<index_t>(C),
+                  static_cast<index_t>(row), table.const_data_ptr<acc_t>());
     };
     if (channels_last) {
       run(grouped_backward_kernel<scalar_t, acc_t, V, true, index_t>);
@@ -1250,15 +1255,16 @@ inline at::Tensor grouped_stat_backward(const at::Tensor& x, const at::Tensor& g
           .contiguous();
   at::Tensor dx = at::empty_like(xs);
   const bool small = xs.numel() < std::numeric_limits<uint32_t>::max() / 2;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_stat_backward", [&] {
-    if (small) {
-      launch_grouped_backward<scalar_t, uint32_t>(xs, layout, index, offsets, G, m, gm, gv, scale,
-                                                  scale_stride, dx);
-    } else {
-      launch_grouped_backward<scalar_t, uint64_t>(xs, layout, index, offsets, G, m, gm, gv, scale,
-                                                  scale_stride, dx);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_stat_backward", [&] {
+        if (small) {
+          launch_grouped_backward<scalar_t, uint32_t>(xs, layout, index, offsets, G, m, gm, gv,
+                                                      scale, scale_stride, dx);
+        } else {
+          launch_grouped_backward<scalar_t, uint64_t>(xs, layout, index, offsets, G, m, gm, gv,
+                                                      scale, scale_stride, dx);
+        }
+      });
   return with_strides_of(dx, x);
 }
 

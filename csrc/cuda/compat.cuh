@@ -15,10 +15,10 @@
 
 // kernel<<<grid, block, shared, stream>>>(args...), then the launch-error check. `kernel` must be
 // one token (a function or a variable holding one), not a template-id with commas.
-#define DELT_LAUNCH(kernel, grid, block, shared, stream, ...)   \
-  do {                                                          \
+#define DELT_LAUNCH(kernel, grid, block, shared, stream, ...)     \
+  do {                                                            \
     kernel<<<(grid), (block), (shared), (stream)>>>(__VA_ARGS__); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                             \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                               \
   } while (0)
 #define DELT_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #define DELT_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard delt_device_guard_((tensor).device())

@@ -146,8 +146,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t total = rows * entries;
   for (int64_t idx = first_index<int64_t>(); idx < total; idx += grid_threads<int64_t>()) {
     const int64_t r = idx / entries, e = idx - r * entries;
-    const crop::Box b = crop::decode_box(params + r * crop::kParamColumns, s.in_h, s.in_w,
-                                         s.out_h, s.out_w);
+    const crop::Box b =
+        crop::decode_box(params + r * crop::kParamColumns, s.in_h, s.in_w, s.out_h, s.out_w);
     int32_t* row_ints = ints + r * s.ints_per_row();
     if (e == 0) {
       DELT_DEVICE_CHECK(crop::params_row_valid(params + r * crop::kParamColumns, s.in_h, s.in_w),
@@ -176,8 +176,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t c = (is_row ? k : k - s.in_h) - a.start;  // index in the crop
       int64_t begin = 0, end = 0;
       if (c >= 0 && c < a.length) {
-        crop::readers_of<acc_t>(c, a.length, a.out, crop::axis_scale<acc_t>(a.length, a.out),
-                                begin, end);
+        crop::readers_of<acc_t>(c, a.length, a.out, crop::axis_scale<acc_t>(a.length, a.out), begin,
+                                end);
       }
       int32_t* range = row_ints + kMeta + 2 * s.taps() + 2 * k;
       range[0] = static_cast<int32_t>(begin);
@@ -252,8 +252,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int32_t q = q_begin; q < q_end; ++q) {
       const index_t j = static_cast<index_t>(crop::output_index(cols, q));
       const index_t e = OH + j;
-      const acc_t wx = crop::tap_weight<acc_t>(taps[2 * e], taps[2 * e + 1], w[2 * e],
-                                               w[2 * e + 1], static_cast<int64_t>(x));
+      const acc_t wx = crop::tap_weight<acc_t>(taps[2 * e], taps[2 * e + 1], w[2 * e], w[2 * e + 1],
+                                               static_cast<int64_t>(x));
       if (wx == acc_t(0)) continue;  // as the CPU kernel, which drops zero weights
       acc_t column = 0;
       for (int32_t p = p_begin; p < p_end; ++p) {
@@ -274,7 +274,7 @@ struct DeviceTables {
 };
 
 inline DeviceTables make_tables(const at::Tensor& params, const TableShape& s, at::ScalarType acc,
-                         bool with_readers, cudaStream_t stream) {
+                                bool with_readers, cudaStream_t stream) {
   const int64_t rows = params.size(0);
   DeviceTables t;
   t.ints = at::empty({rows, s.ints_per_row()}, params.options().dtype(at::kInt));
@@ -286,8 +286,8 @@ inline DeviceTables make_tables(const at::Tensor& params, const TableShape& s, a
     auto run = [&](auto acc_zero) {
       using acc_t = decltype(acc_zero);
       auto kernel = build_tables<param_t, acc_t>;
-      DELT_LAUNCH(kernel, blocks_for(std::max<int64_t>(work, 1)), kThreads, 0, stream, p, rows,
-                  s, with_readers, t.ints.mutable_data_ptr<int32_t>(),
+      DELT_LAUNCH(kernel, blocks_for(std::max<int64_t>(work, 1)), kThreads, 0, stream, p, rows, s,
+                  with_readers, t.ints.mutable_data_ptr<int32_t>(),
                   t.weights.mutable_data_ptr<acc_t>());
     };
     if (acc == at::kDouble) {
@@ -303,30 +303,31 @@ inline DeviceTables make_tables(const at::Tensor& params, const TableShape& s, a
 // tensors and the tables allow it.
 template <bool kForward>
 inline void launch_elements(const at::Tensor& in, Layout layout, const DeviceTables& tables,
-                     const TableShape& s, bool broadcast, at::Tensor& out, cudaStream_t stream) {
+                            const TableShape& s, bool broadcast, at::Tensor& out,
+                            cudaStream_t stream) {
   const int64_t total = out.numel();
   const bool small = std::max({in.numel(), total, tables.ints.numel(), tables.weights.numel()}) <
                      std::numeric_limits<int32_t>::max();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "resized_crop_flip",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto launch = [&](auto channels_last, auto index) {
-      constexpr bool kCL = decltype(channels_last)::value;
-      using index_t = decltype(index);
-      auto kernel = kForward ? forward_kernel<scalar_t, acc_t, kCL, index_t>
-                             : backward_kernel<scalar_t, acc_t, kCL, index_t>;
-      DELT_LAUNCH(kernel, blocks_for(total), kThreads, 0, stream, in.const_data_ptr<scalar_t>(),
-                  out.mutable_data_ptr<scalar_t>(), tables.ints.const_data_ptr<int32_t>(),
-                  tables.weights.const_data_ptr<acc_t>(), s, static_cast<index_t>(total),
-                  static_cast<index_t>(in.size(1)), broadcast);
-    };
-    const bool cl = layout == Layout::kChannelsLast;
-    if (small) {
-      cl ? launch(std::true_type{}, uint32_t{}) : launch(std::false_type{}, uint32_t{});
-    } else {
-      cl ? launch(std::true_type{}, uint64_t{}) : launch(std::false_type{}, uint64_t{});
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.scalar_type(), "resized_crop_flip", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        auto launch = [&](auto channels_last, auto index) {
+          constexpr bool kCL = decltype(channels_last)::value;
+          using index_t = decltype(index);
+          auto kernel = kForward ? forward_kernel<scalar_t, acc_t, kCL, index_t>
+                                 : backward_kernel<scalar_t, acc_t, kCL, index_t>;
+          DELT_LAUNCH(kernel, blocks_for(total), kThreads, 0, stream, in.const_data_ptr<scalar_t>(),
+                      out.mutable_data_ptr<scalar_t>(), tables.ints.const_data_ptr<int32_t>(),
+                      tables.weights.const_data_ptr<acc_t>(), s, static_cast<index_t>(total),
+                      static_cast<index_t>(in.size(1)), broadcast);
+        };
+        const bool cl = layout == Layout::kChannelsLast;
+        if (small) {
+          cl ? launch(std::true_type{}, uint32_t{}) : launch(std::false_type{}, uint32_t{});
+        } else {
+          cl ? launch(std::true_type{}, uint64_t{}) : launch(std::false_type{}, uint64_t{});
+        }
+      });
 }
 
 inline at::ScalarType accumulate_type_of(at::ScalarType t) {
@@ -345,8 +346,8 @@ inline at::Tensor resized_crop_flip(const at::Tensor& x, const at::Tensor& param
   const cudaStream_t stream = cuda::current_stream();
   const TableShape s{x.size(2), x.size(3), out_h, out_w};
   // Built (and so checked) even for an empty batch, as the CPU op checks every row.
-  const DeviceTables tables = make_tables(params.contiguous(), s,
-                                          accumulate_type_of(x.scalar_type()), false, stream);
+  const DeviceTables tables =
+      make_tables(params.contiguous(), s, accumulate_type_of(x.scalar_type()), false, stream);
   if (out.numel() == 0) return out;
   launch_elements<true>(xs, layout, tables, s, params.size(0) == 1, out, stream);
   return out;
@@ -364,8 +365,8 @@ inline at::Tensor resized_crop_flip_backward(const at::Tensor& grad_out, const a
       crop::empty_in_layout({grad_out.size(0), grad_out.size(1), in_h, in_w}, grad_out, layout);
   const cudaStream_t stream = cuda::current_stream();
   const TableShape s{in_h, in_w, grad_out.size(2), grad_out.size(3)};
-  const DeviceTables tables = make_tables(
-      params.contiguous(), s, accumulate_type_of(grad_out.scalar_type()), true, stream);
+  const DeviceTables tables =
+      make_tables(params.contiguous(), s, accumulate_type_of(grad_out.scalar_type()), true, stream);
   if (grad_in.numel() == 0) return grad_in;
   launch_elements<false>(gs, layout, tables, s, params.size(0) == 1, grad_in, stream);
   return grad_in;

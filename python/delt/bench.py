@@ -134,9 +134,10 @@ class SynthesisBenchConfig:
     iterations: int = option(8, help="timed iterations per run (delt: a multiple of --rounds)")
     rounds: int = option(PAPER_ROUNDS, help="delt: MI/RI rounds compressed into --iterations")
     chunks_per_step: int = option(
-        1, help="chunks of the run (the method's first ones); +chunks-per-step optimizes them "
+        1,
+        help="chunks of the run (the method's first ones); +chunks-per-step optimizes them "
         "in one teacher step, the other rows one after another",
-    )  # fmt: skip
+    )
     repeats: int = option(3, help="timed runs of every row (interleaved; the median is shown)")
     rows: tuple[str, ...] = option(ROWS, help=f"rows to run, of {', '.join(ROWS)}")
     device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -352,8 +353,9 @@ def _build_cases(config: SynthesisBenchConfig, device: torch.device) -> list[_Ca
         else:
             total, starts = config.iterations, [0] * len(chunk)
         generator = torch.Generator().manual_seed(config.seed + k)
-        init = torch.randn(len(chunk), info.channels, info.resolution, info.resolution,
-                           generator=generator)  # fmt: skip
+        init = torch.randn(
+            len(chunk), info.channels, info.resolution, info.resolution, generator=generator
+        )
         init = torch.maximum(torch.minimum(init, high), low)
         labels = torch.tensor(chunk.classes, dtype=torch.int64)
         cases.append(
@@ -444,7 +446,7 @@ def _chunks_per_step_row(cases: list[_Case], config: SynthesisBenchConfig) -> Ca
                 case.starts,
                 case.total,
                 torch.Generator().manual_seed(config.seed),
-            )  # fmt: skip
+            )
             for case in cases
         ]
         optimize_chunks(teacher, matching, tasks, settings)

@@ -141,8 +141,9 @@ def _build_case(config: EvalBenchConfig, device: torch.device) -> _Case:
     shape = (config.channels, config.resolution, config.resolution)
     images = torch.randn((config.train_images, *shape), generator=generator)
     labels = torch.arange(config.train_images) % config.classes
-    pixels = torch.randint(0, 256, (config.test_images, *shape), dtype=torch.uint8,
-                           generator=generator)  # fmt: skip
+    pixels = torch.randint(
+        0, 256, (config.test_images, *shape), dtype=torch.uint8, generator=generator
+    )
     test_set = TensorImageDataset(info, pixels, torch.arange(config.test_images) % config.classes)
     return _Case(info, teacher, student, images, labels, test_set, device)
 
@@ -250,8 +251,7 @@ def _product(case: _Case, config: EvalBenchConfig, channels_last: bool):
         trainer.train_epoch(case.images, case.labels)
 
     def test() -> None:
-        evaluate_accuracy(trainer.student, case.test_set, case.device,
-                          channels_last=channels_last)  # fmt: skip
+        evaluate_accuracy(trainer.student, case.test_set, case.device, channels_last=channels_last)
 
     return epoch, test
 

@@ -186,7 +186,7 @@ def optimize_chunks(
             jitter=settings.jitter,
             per_sample=settings.per_sample_aug,
             generator=task.generator,
-        )  # fmt: skip
+        )
         for task in tasks
     ]
     active_sets = [ActiveSets(task.start_iterations, device) for task in tasks]
@@ -350,7 +350,7 @@ class GroupedChunkOptimizer(ChunkOptimizer):
                     total,
                     generator,
                     None if union is None else union.to(self.device),
-                )  # fmt: skip
+                )
             )
             schedules.append([total - s for s in starts])
         names = ", ".join(str(chunk.index) for chunk in chunks)

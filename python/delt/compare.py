@@ -107,9 +107,10 @@ class _CompareFlags:
         "compare", help="output folder: compare.json/.md/.png and the evaluations", identity=False
     )
     seeds: tuple[int, ...] = option(
-        (0,), help="one student per seed for every set; seed s of random real images is "
+        (0,),
+        help="one student per seed for every set; seed s of random real images is "
         "`delt eval --random-real --seeds s`",
-    )  # fmt: skip
+    )
     epochs: tuple[int, ...] = option(
         (300,), help="student budgets, e.g. 100,300: each one its own schedule, its own gains"
     )
@@ -117,9 +118,10 @@ class _CompareFlags:
         False, help="also evaluate random real images of the sets' IPC, paired by seed"
     )
     initial: bool = option(
-        False, help="also evaluate each set's starting real images (where its manifest records "
+        False,
+        help="also evaluate each set's starting real images (where its manifest records "
         "them): what the synthesis added over them",
-    )  # fmt: skip
+    )
     teacher: str | None = option(
         None, help="teacher of every set's soft labels (default: the one the sets' manifests "
         "name, which must be the same)", identity=False,
@@ -405,8 +407,9 @@ def _run_compare(config) -> CompareResult:
     if config.initial:
         with main_first():
             for entry in entries:
-                entry.initial = _write_initial_set(entry, out / "initial" / entry.key,
-                                                   config.data_root)  # fmt: skip
+                entry.initial = _write_initial_set(
+                    entry, out / "initial" / entry.key, config.data_root
+                )
                 if entry.initial is not None:
                     logger.info("compare: %s: no starting images (%s)", entry.path, entry.initial)
     diversity = _diversities(config, entries, teacher, out)
@@ -668,8 +671,9 @@ def compare_markdown(document: dict) -> str:
     lines += ["", "## Sources", ""]
     for budget in document["budgets"]:
         for evaluation in budget["evaluations"]:
-            lines.append(f"- {evaluation['label']}, {budget['epochs']} epochs: "
-                         f"`{evaluation['eval']}`")  # fmt: skip
+            lines.append(
+                f"- {evaluation['label']}, {budget['epochs']} epochs: `{evaluation['eval']}`"
+            )
     if document["random_real_diversity"] is not None:
         lines.append(f"- {BASELINE}, diversity: the mean over each seed's draw "
                      "(`compare.json`, random_real_diversity.per_seed)")  # fmt: skip
@@ -737,8 +741,7 @@ def plot_compare(document: dict, path: str | Path) -> None:
     cost.set_title("gain against synthesis cost (colour: budget)", fontsize=10)
     cost.grid(alpha=0.3)
     if not paired:
-        cost.text(0.5, 0.5, "no --random-real: no gains", ha="center",
-                  transform=cost.transAxes)  # fmt: skip
+        cost.text(0.5, 0.5, "no --random-real: no gains", ha="center", transform=cost.transAxes)
     figure.tight_layout()
     with atomic_open(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120)

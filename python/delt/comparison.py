@@ -134,8 +134,9 @@ class OtherEvaluation:
                     "method": self.method, "accuracies": dict(self.accuracies),
                     "mean": self.mean, "std": self.std}  # fmt: skip
         if self.gain is not None:
-            document.update(gains=dict(self.gain.gains), gain_mean=self.gain.mean,
-                            gain_std=self.gain.std)  # fmt: skip
+            document.update(
+                gains=dict(self.gain.gains), gain_mean=self.gain.mean, gain_std=self.gain.std
+            )
         return document
 
 
@@ -311,7 +312,7 @@ def other_evaluations(runs: Sequence[RunRecord], baseline: str = BASELINE) -> li
             mean=float(np.mean(list(accuracies.values()))),
             std=float(np.std(list(accuracies.values()))),
             gain=paired.get((ipc, name, method)),
-        )  # fmt: skip
+        )
         for (ipc, name, method), accuracies in found.items()
     ]
     order: dict[str, int] = {}
@@ -355,8 +356,7 @@ class Comparison:
                       f"| gain over {self.baseline} (points) |",
                       "|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
             for row in self.evaluations:
-                gain = (f"{row.gain.mean:+.2f} ± {row.gain.std:.2f}" if row.gain is not None
-                        else "–")  # fmt: skip
+                gain = f"{row.gain.mean:+.2f} ± {row.gain.std:.2f}" if row.gain is not None else "–"
                 lines.append(f"| {row.ipc} | {row.evaluation} | {row.protocol} | "
                              f"{row.method} | {len(row.accuracies)} | {row.mean:.2f} ± "
                              f"{row.std:.2f} | {gain} |")  # fmt: skip
@@ -440,8 +440,9 @@ def plot_gains(
                 ticks.append(gain.method)
                 continue
             seconds = row["synthesis_seconds"]
-            ticks.append(f"{gain.method}\n{seconds:,.0f} s\n"
-                         f"{_count(row['image_iterations'])} image-its")  # fmt: skip
+            ticks.append(
+                f"{gain.method}\n{seconds:,.0f} s\n{_count(row['image_iterations'])} image-its"
+            )
             cost_axis.errorbar(seconds, gain.mean, yerr=gain.std, fmt="o", capsize=4,
                                color=color, label=gain.method)  # fmt: skip
         gain_axis.set_xticks(range(len(paired)), ticks, fontsize=8)
@@ -451,8 +452,9 @@ def plot_gains(
         gain_axis.set_title(f"IPC {ipc}: gain, mean ± std over seeds (dots: seeds)", fontsize=10)
         gain_axis.grid(axis="y", alpha=0.3)
         cost_axis.axhline(0.0, color="gray", linewidth=0.8)
-        positive = [cost[(ipc, g.method)]["synthesis_seconds"] for g in paired
-                    if (ipc, g.method) in cost]  # fmt: skip
+        positive = [
+            cost[(ipc, g.method)]["synthesis_seconds"] for g in paired if (ipc, g.method) in cost
+        ]
         if positive and all(v > 0 and math.isfinite(v) for v in positive):
             cost_axis.set_xscale("log")
         elif positive:
@@ -469,8 +471,9 @@ def plot_gains(
         if unpaired:
             note.append(f"not paired with {baseline} by seed: {', '.join(unpaired)}")
         if note:
-            gain_axis.text(0.02, 0.02, "\n".join(note), transform=gain_axis.transAxes,
-                           fontsize=8, va="bottom")  # fmt: skip
+            gain_axis.text(
+                0.02, 0.02, "\n".join(note), transform=gain_axis.transAxes, fontsize=8, va="bottom"
+            )
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -199,8 +199,9 @@ class ResultsFile:
         if answers:
             logger.warning(
                 "eval: %s predates test-split fingerprints: its test split was not recorded; "
-                "it is reused as it is (not rewritten)", self.path,
-            )  # fmt: skip
+                "it is reused as it is (not rewritten)",
+                self.path,
+            )
             return True
         self._other, self.document, self.legacy, self._source = self.document, None, False, None
         return False

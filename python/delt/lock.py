@@ -246,8 +246,9 @@ def output_lock(
         if previous is not None:
             logger.warning(
                 "lock: %s was left by a run that ended without releasing it (%s); taking it over",
-                path, _describe(previous, holding=False),
-            )  # fmt: skip
+                path,
+                _describe(previous, holding=False),
+            )
         try:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)

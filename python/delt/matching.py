@@ -57,9 +57,10 @@ class MatchOptions:
         "(EDC: the batch against the mean of its images' class statistics); docs/stats.md",
     )
     match_class_weight: float | None = option(
-        None, help="--match class/class-mean: weight W of the class term, (1 - W) of the global "
+        None,
+        help="--match class/class-mean: weight W of the class term, (1 - W) of the global "
         "one (default 1; EDC: 0.5)",
-    )  # fmt: skip
+    )
     stats: str | None = option(
         None,
         help="--match class/class-mean: statistics file of `delt stats` with the same teacher "

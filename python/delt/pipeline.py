@@ -72,9 +72,10 @@ class DistillConfig(*reversed(option_types()), MatchOptions):  # type: ignore[mi
         None, help="dataset folder (default: the dataset's own)", identity=False
     )
     teacher: str | None = option(
-        None, help="an existing teacher checkpoint (default: train one into OUT/teacher)",
+        None,
+        help="an existing teacher checkpoint (default: train one into OUT/teacher)",
         identity=False,
-    )  # fmt: skip
+    )
     arch: str = option("convnet3", help="architecture of the teacher trained here (and student)")
     width: int | None = option(None, help="convnetD width of that teacher (default 128)")
     teacher_epochs: int = option(

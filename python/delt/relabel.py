@@ -61,16 +61,18 @@ class RelabelConfig:
     seed: int = option(0, help="the student seed whose batches are labelled")
     epochs: int = option(300, help="epochs of batches to label (delt eval --epochs)")
     top_k: int | None = option(
-        None, help="keep the K largest logits per row (default: all); the rest are set back "
+        None,
+        help="keep the K largest logits per row (default: all); the rest are set back "
         "as FKD's marginal smoothing at --temperature (docs/relabel.md)",
-    )  # fmt: skip
+    )
     dtype: Literal["fp32", "fp16", "bf16"] = option(
         "fp32", help="stored logit type (fp32: delt eval --labels gives the online numbers)"
     )
     bn_mode: Literal["eval", "train"] = option(
-        "eval", help="teacher BatchNorm: running statistics (eval, delt eval's) or each batch's "
+        "eval",
+        help="teacher BatchNorm: running statistics (eval, delt eval's) or each batch's "
         "own statistics (train, CV-DD's batch-statistics labels)",
-    )  # fmt: skip
+    )
     teachers: tuple[str, ...] = option((), help="an ensemble of teachers (not supported yet)")
     teacher: str | None = option(
         None, help="teacher checkpoint (default: the one the set's manifest names)", identity=False

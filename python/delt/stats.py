@@ -97,9 +97,10 @@ class StatsConfig:
         100, help="images per teacher forward, and per batch of the 'batch' convention (WMDD: 100)"
     )
     shard_size: int = option(
-        10000, help="images per shard (a multiple of --batch-size): the unit of resume and of "
+        10000,
+        help="images per shard (a multiple of --batch-size): the unit of resume and of "
         "the torchrun ranks' split",
-    )  # fmt: skip
+    )
     channels_last: bool = option(False, help="channels_last memory format")
     device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...", identity=False)
     keep_parts: bool = option(
@@ -356,8 +357,9 @@ def _statistics(
         batch = {
             "class_mean": (b_mean * weight).sum(1) / batches,
             "class_var": (b_var * weight).sum(1) / batches,
-            "mean": g_mean.mean(0), "var": g_var.mean(0),
-        }  # fmt: skip
+            "mean": g_mean.mean(0),
+            "var": g_var.mean(0),
+        }
         layers[name] = {"pixel": pixel, "batch": batch, "image": image}
     return layers
 
@@ -446,8 +448,9 @@ def _collect(config, teacher, dataset, identity, teacher_sha256, data, parts, ou
                     batch = slice(offset, offset + targets.shape[0])
                     collector.labels = targets
                     collector.class_batch, collector.global_batch = (
-                        class_batch[batch], global_batch[batch],
-                    )  # fmt: skip
+                        class_batch[batch],
+                        global_batch[batch],
+                    )
                     images = images.to(device)
                     if config.channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)

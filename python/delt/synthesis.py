@@ -571,8 +571,9 @@ def finished_run(run: Run, resume_state: list[Path]) -> RecoverResult | None:
         return finished
     logger.info(
         "recover: %s is finished but a kill interrupted its cleanup; deleting %s",
-        run.out, ", ".join(str(path.relative_to(run.out)) for path in left),
-    )  # fmt: skip
+        run.out,
+        ", ".join(str(path.relative_to(run.out)) for path in left),
+    )
     try:
         delete_resume_state(run.out, resume_state, keep=False)
     except OSError as error:

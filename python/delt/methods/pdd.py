@@ -88,9 +88,10 @@ class PddOptions:
         group=NAME,
     )  # fmt: skip
     stage_ipc: tuple[int, ...] | None = option(
-        None, help="pdd: images per class of each stage, e.g. 4,2,2,1,1 (default: IPC/P each)",
+        None,
+        help="pdd: images per class of each stage, e.g. 4,2,2,1,1 (default: IPC/P each)",
         group=NAME,
-    )  # fmt: skip
+    )
     stage_teachers: Literal["final", "checkpoints"] = option(
         "final",
         help="pdd: every stage matches the final teacher, or stage k the k-th of P checkpoints "
@@ -104,9 +105,10 @@ class PddOptions:
         group=NAME,
     )
     union_sample: int | None = option(
-        None, help="pdd --union-in-batch: a random sample of this many earlier images per step",
+        None,
+        help="pdd --union-in-batch: a random sample of this many earlier images per step",
         group=NAME,
-    )  # fmt: skip
+    )
     stage_init: Literal["base", "hard"] = option(
         "base",
         help="pdd: stage k >= 2 starts from the base method's init, or from real images that a "

@@ -74,16 +74,18 @@ class RdedOptions:
     """The flags of ``delt recover`` (and ``delt distill``) that only ``--method rded`` reads."""
 
     candidates: int = option(
-        300, help="rded: real training images drawn per class, one kept crop each (RDED's mipc)",
+        300,
+        help="rded: real training images drawn per class, one kept crop each (RDED's mipc)",
         group="rded",
-    )  # fmt: skip
+    )
     num_crop: int = option(
         5, help="rded: RandomResizedCrops per candidate image, scored by the teacher", group="rded"
     )
     factor: int = option(
-        2, help="rded: tiles per side of each image (factor^2 crops of resolution/factor pixels)",
+        2,
+        help="rded: tiles per side of each image (factor^2 crops of resolution/factor pixels)",
         group="rded",
-    )  # fmt: skip
+    )
 
 
 # RDED over the components: scored real crops, one class per chunk; no matching target, so
