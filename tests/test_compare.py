@@ -2,6 +2,7 @@
 budget; starting images; reuse, resume, imported sets, refusals)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,17 @@ def _config(sets, out, **overrides):
                   eval_every=1, progress=False, device="cpu")  # fmt: skip
     values.update(overrides)
     return CompareConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tiny_set, tmp_path_factory):
+    """The session's CDA set, copied without what other tests wrote beside it: an eval.json
+    there of the same evaluation would be reused, and the tests here would depend on order."""
+    out = tmp_path_factory.mktemp("cda-copy") / "cda"
+    out.mkdir()
+    for name in ("distilled.pt", "manifest.json"):
+        shutil.copy2(tiny_set / name, out / name)
+    return out
 
 
 @pytest.fixture(scope="module")
