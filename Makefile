@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Pinned: these CUDA builds of torch also run on CPU-only machines.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
-DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark ruff \
+DEPENDENCIES ?= pybind11 ninja numpy tqdm matplotlib pytest pytest-benchmark pytest-xdist ruff \
 	mkdocs-material mkdocstrings-python clang-format==23.1.5
 # The documentation site and the linters (`make docs`, `make lint`); clang-format pinned, as its
 # output changes between major versions.
@@ -44,11 +44,16 @@ install: $(VENV)/.install-stamp
 
 # pytest (not `python -m pytest`): the repository root stays off sys.path, so the installed
 # package is the one under test.
+# Test files run in parallel over TEST_WORKERS processes (pytest-xdist; `auto`: one per CPU),
+# each file whole on one worker (--dist loadfile: its module fixtures built once).
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: install
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests $(PYTEST_PARALLEL)
 
 test-fast: install
-	$(VENV)/bin/pytest tests -m "not slow"
+	$(VENV)/bin/pytest tests -m "not slow" $(PYTEST_PARALLEL)
 
 # The CPU-only build (FORCE_ONLY_CPU=1) in a scratch folder, and the tests that depend on it
 # (its "built without CUDA" error); CI runs it beside `make test`.
