@@ -219,8 +219,11 @@ def _relabel(config: RelabelConfig, out: Path) -> RelabelResult:
         "path": str(context.teacher.path), "arch": context.teacher.meta["arch"],
         "amp": config.amp, "bn_mode": config.bn_mode, "channels_last": config.channels_last,
     }  # fmt: skip
+    # The versions without the CPU thread count: a store's bytes do not depend on how many
+    # threads (or torchrun ranks, one thread each) made it (tests/test_relabel.py).
+    software = {k: v for k, v in versions().items() if k != "torch_threads"}
     header = store_header(
-        protocol, layout, teacher, versions(), config.temperature if config.top_k else None
+        protocol, layout, teacher, software, config.temperature if config.top_k else None
     )
     size = store_size(header)
     plan = _plan_key(header)
