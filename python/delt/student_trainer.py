@@ -586,7 +586,17 @@ class StudentTrainer:
         count = images.shape[0]
         batch_size = self.settings.batch_size
         losses = []
-        if self.workers == 0 and self.soft_labels is None:
+        replay = getattr(self.soft_labels, "replay_epoch", None)
+        if replay is not None:
+            # Imported FKD labels (delt.fkd_labels): the recorded batches, crops, flips, mixes.
+            for position, (index, batch) in enumerate(replay(self.epochs_done, images)):
+                label_batch = self._to_device(labels.index_select(0, index.to(labels.device)))
+                self._position = position
+                try:
+                    losses.append(self._optimize(self._to_device(batch), label_batch, None, None))
+                finally:
+                    self._position = None
+        elif self.workers == 0 and self.soft_labels is None:
             order = torch.randperm(count, generator=self.generator).to(images.device)
             for start in range(0, count, batch_size):
                 index = order[start : start + batch_size]
