@@ -326,3 +326,26 @@ def test_a_store_for_another_set_or_batch_size_is_refused_by_eval(
         f"delt eval: error: --batch-size 4: the FKD labels of {cutmix_store[0]} are recorded in "
         "batches of 3 (leave --batch-size out)"
     )
+
+
+def test_files_written_under_numpy_1_are_read(cutmix_folder, tmp_path):
+    # SRe2L's released folders (2023) pickle the CutMix box's numpy ints under numpy 1's module
+    # name, numpy.core.multiarray.scalar; the same file under that name must load.
+    import zipfile
+
+    from delt.fkd_labels import read_fkd_batch
+
+    source = cutmix_folder[0] / "epoch_0" / "batch_0.tar"
+    renamed = tmp_path / "batch_0.tar"
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(renamed, "w") as new:
+        for entry in old.infolist():
+            data = old.read(entry.filename)
+            if entry.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+            new.writestr(entry.filename, data)
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(renamed)
+    assert "numpy.core.multiarray.scalar" in unsafe
+    expected = read_fkd_batch(source, 4, 8)
+    batch = read_fkd_batch(renamed, 4, 8)
+    assert batch.box == expected.box and batch.mix == "cutmix"
+    assert all(type(value) is int for value in batch.box)
