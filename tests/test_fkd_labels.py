@@ -349,3 +349,25 @@ def test_files_written_under_numpy_1_are_read(cutmix_folder, tmp_path):
     batch = read_fkd_batch(renamed, 4, 8)
     assert batch.box == expected.box and batch.mix == "cutmix"
     assert all(type(value) is int for value in batch.box)
+
+
+def test_first_epochs_only_and_eval_asking_more_is_refused(
+    tiny_set, cutmix_folder, tmp_path, capsys
+):
+    out = tmp_path / "one.labels"
+    result = _import(tiny_set, cutmix_folder[0], out, epochs=1)
+    assert result.epochs == 1 and open_store(out).header["origin"]["folder_epochs"] == EPOCHS
+    status, line = _cli_error(
+        ["eval", "--distilled", str(tiny_set), "--epochs", "2", "--labels", str(out),
+         "--no-progress", "--device", "cpu", "--out", str(tmp_path / "e.json")], capsys,
+    )  # fmt: skip
+    assert status == 2 and line == (
+        f"delt eval: error: --labels {out} holds 1 epochs of FKD labels; --epochs 2 needs more"
+    )
+    status, line = _cli_error(
+        ["import-labels", "--fkd", str(cutmix_folder[0]), "--distilled", str(tiny_set),
+         "--epochs", "3", "--out", str(tmp_path / "three.labels")], capsys,
+    )  # fmt: skip
+    assert status == 2 and line == (
+        f"delt import-labels: error: --epochs 3: {cutmix_folder[0]} holds {EPOCHS} epochs"
+    )
