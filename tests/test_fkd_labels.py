@@ -324,8 +324,24 @@ def test_a_store_for_another_set_or_batch_size_is_refused_by_eval(
     )
     assert status == 2 and line == (
         f"delt eval: error: --batch-size 4: the FKD labels of {cutmix_store[0]} are recorded in "
-        "batches of 3 (leave --batch-size out)"
+        "batches of 3; pass --batch-size 3 or leave it out (a --protocol's batch size counts as "
+        "given)"
     )
+
+
+def test_sre2l_protocol_trains_on_imported_labels(tiny_set, cutmix_store, tmp_path, caplog):
+    # SRe2L's recipe (cosine LR, its AdamW) on its own kind of labels: no "not done here" note
+    # about stored labels, and the recorded batch size given explicitly.
+    with caplog.at_level("WARNING"):
+        result = evaluate(
+            EvalConfig(
+                distilled=str(tiny_set), protocol="sre2l", epochs=1, batch_size=BATCH,
+                seeds=(0,), labels=str(cutmix_store[0]), out=str(tmp_path / "e.json"),
+                progress=False,
+            )
+        )  # fmt: skip
+    assert math.isfinite(result.seeds[0].train_loss[-1])
+    assert "stored once offline" not in caplog.text
 
 
 def test_files_written_under_numpy_1_are_read(cutmix_folder, tmp_path):

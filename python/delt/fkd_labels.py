@@ -302,7 +302,8 @@ def _survey(root: Path, epochs: int | None) -> tuple[list[list[Path]], int]:
     for folder, batches in zip(folders, files, strict=True):
         if len(batches) != len(files[0]):
             raise FileFormatError(
-                f"--fkd {folder}: {len(batches)} batch files, {folders[0].name} has {len(files[0])}"
+                f"--fkd {folder}: {len(batches)} batch files, {folders[0].name} has "
+                f"{len(files[0])} (an unfinished run? --epochs E imports the first E)"
             )
     if not files[0]:
         raise FileFormatError(f"--fkd {folders[0]}: no batch_0.tar")
@@ -480,7 +481,8 @@ def check_fkd_store(store: LabelStore, current: dict, epochs: int, batch_size: i
     if batch_size is not None and batch_size != store.batch_size:
         raise StoreMismatchError(
             f"--batch-size {batch_size}: the FKD labels of {store.path} are recorded in batches "
-            f"of {store.batch_size} (leave --batch-size out)"
+            f"of {store.batch_size}; pass --batch-size {store.batch_size} or leave it out (a "
+            "--protocol's batch size counts as given)"
         )
 
 
