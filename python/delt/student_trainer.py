@@ -366,6 +366,8 @@ class StudentTrainer:
         soft_labels: stored teacher logits (``delt eval --labels``) instead of ``teacher``:
             the batches are then always augmented from per-batch seeds (:func:`draw_epoch`),
             in this process with ``workers=0``, so any ``workers`` gives the same batches.
+            A source with ``replay_epoch`` (imported FKD labels, :mod:`delt.fkd_labels`) also
+            gives each epoch's batches, augmented and mixed as recorded.
 
     The images given to :meth:`train_epoch` may live on the host in their stored dtype (float32
     normalized, or uint8 pixels normalized batch by batch): only batches go to ``device``.
