@@ -349,9 +349,10 @@ def _import(config: ImportLabelsConfig, out: Path) -> ImportLabelsResult:
         "draws": FKD_DRAWS,
     }
     layout = StoreLayout.plan(epochs, rows, num_classes, None, dtype, replay="fkd")
-    header = store_header(
-        protocol, layout, {"recorded": None}, versions(), None
-    )  # an FKD folder does not name its teacher
+    # An FKD folder does not name its teacher; the versions leave out the thread count, as
+    # delt relabel's (the bytes do not depend on it).
+    software = {k: v for k, v in versions().items() if k != "torch_threads"}
+    header = store_header(protocol, layout, {"recorded": None}, software, None)
     header["origin"] = {
         "format": "FKD relabel folder (github.com/VILA-Lab/SRe2L relabel/generate_soft_label.py)",
         "folder": str(root.resolve()),
