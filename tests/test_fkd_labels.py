@@ -26,16 +26,18 @@ EPOCHS = 2
 BATCH = 3  # 8 images: batches of 3, 3, 2 (the last one short, as drop_last=False leaves it)
 
 
-def _sampler_batches(num_images, seed, epochs):
+def _sampler_batches(num_images, seed, epochs, batch=BATCH):
     """SRe2L's batch membership, from torch's own RandomSampler and BatchSampler (the way
     generate_soft_label.py's DataLoader and utils_fkd.get_img2batch_idx_list draw it)."""
     generator = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(range(num_images), generator=generator)
-    batches = torch.utils.data.BatchSampler(sampler, batch_size=BATCH, drop_last=False)
+    batches = torch.utils.data.BatchSampler(sampler, batch_size=batch, drop_last=False)
     return [[list(indices) for indices in batches] for _ in range(epochs)]
 
 
-def write_fkd_folder(root, labels, num_classes, size, mix="cutmix", seed=42, fp16=True):
+def write_fkd_folder(
+    root, labels, num_classes, size, mix="cutmix", seed=42, fp16=True, batch=BATCH
+):
     """A folder as SRe2L's generate_soft_label.py writes it: epoch_E/batch_B.tar, each a
     torch.save of [coords (b, 4) float32, flip (b,) bool, mix index (b,) int64, lam (float),
     box [numpy int64 x4], logits (b, C)], the collated per-image crops and flips of
@@ -45,7 +47,7 @@ def write_fkd_folder(root, labels, num_classes, size, mix="cutmix", seed=42, fp1
     rng = np.random.default_rng(0)
     np.random.seed(0)  # mix_aug draws λ and the box centre from numpy's global generator
     boxes = []
-    for epoch, batches in enumerate(_sampler_batches(len(labels), seed, EPOCHS)):
+    for epoch, batches in enumerate(_sampler_batches(len(labels), seed, EPOCHS, batch)):
         folder = root / f"epoch_{epoch}"
         folder.mkdir(parents=True)
         boxes.append([])
@@ -385,3 +387,34 @@ def test_first_epochs_only_and_eval_asking_more_is_refused(
     assert status == 2 and line == (
         f"delt import-labels: error: --epochs 3: {cutmix_folder[0]} holds {EPOCHS} epochs"
     )
+
+
+@pytest.mark.slow
+def test_imported_labels_replay_the_same_batches_on_two_ranks_at_any_workers(tiny_set, tmp_path):
+    # Batches of 4 over 8 images: each of two ranks trains on its 2 rows of every recorded
+    # batch (BatchNorm over the global batch), the one-process numbers up to the order of the
+    # sums, and the same numbers with --workers 0 and 1.
+    from test_distributed import _ok, _torchrun
+
+    _, labels, info = _set(tiny_set)
+    folder = tmp_path / "FKD_cutmix_b4"
+    write_fkd_folder(folder, labels, info.num_classes, info.resolution, batch=4)
+    store = tmp_path / "b4.labels"
+    _import(tiny_set, folder, store)
+    one = evaluate(
+        EvalConfig(
+            distilled=str(tiny_set), epochs=EPOCHS, seeds=(0,), labels=str(store),
+            out=str(tmp_path / "one.json"), progress=False,
+        )
+    )  # fmt: skip
+    losses = []
+    for workers in ("0", "1"):
+        path = tmp_path / f"two-{workers}.json"
+        _ok(_torchrun([
+            "eval", "--distilled", str(tiny_set), "--epochs", str(EPOCHS), "--seeds", "0",
+            "--labels", str(store), "--workers", workers, "--device", "cpu", "--out", str(path),
+            "--no-progress",
+        ]))  # fmt: skip
+        losses.append(json.loads(path.read_text())["seeds"][0]["train_loss"])
+    assert losses[0] == losses[1]
+    assert losses[0] == pytest.approx(one.seeds[0].train_loss, rel=1e-4)
