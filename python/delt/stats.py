@@ -279,17 +279,27 @@ class _Collector:
 
     def reset(self) -> None:
         classes, class_batches, batches = self.shape
+        self.buffers: list[dict[str, Tensor]] = []
         self.sums = []
         for _, module in self.layers:
             channels = module.num_features
-            zeros = {
-                "class_sum": (classes, channels), "class_sq": (classes, channels),
-                "class_image_var": (classes, channels),
-                "cbatch_sum": (classes * class_batches, channels),
-                "cbatch_sq": (classes * class_batches, channels),
-                "gbatch_sum": (batches, channels), "gbatch_sq": (batches, channels),
+            # One buffer per index (class, class batch, global batch), one index_add_ each; the
+            # sums are views of them (every element still adds its images in dataset order).
+            buffers = {
+                "class": (classes, 3 * channels),
+                "cbatch": (classes * class_batches, 2 * channels),
+                "gbatch": (batches, 2 * channels),
+            }
+            buffers = {k: torch.zeros(s, dtype=torch.float64) for k, s in buffers.items()}
+            self.buffers.append(buffers)
+            views = {
+                "class_sum": ("class", 0), "class_sq": ("class", 1),
+                "class_image_var": ("class", 2), "cbatch_sum": ("cbatch", 0),
+                "cbatch_sq": ("cbatch", 1), "gbatch_sum": ("gbatch", 0), "gbatch_sq": ("gbatch", 1),
             }  # fmt: skip
-            self.sums.append({k: torch.zeros(s, dtype=torch.float64) for k, s in zeros.items()})
+            self.sums.append(
+                {k: buffers[b][:, j * channels : (j + 1) * channels] for k, (b, j) in views.items()}
+            )
 
     def _hook(self, index: int):
         def record(module: nn.Module, args) -> None:
@@ -303,14 +313,11 @@ class _Collector:
                 image_sum, image_sq = image_sum.cpu(), image_sq.cpu()
             mean = image_sum / pixels
             image_var = image_sq / pixels - mean * mean
-            sums = self.sums[index]
-            sums["class_sum"].index_add_(0, self.labels, image_sum)
-            sums["class_sq"].index_add_(0, self.labels, image_sq)
-            sums["class_image_var"].index_add_(0, self.labels, image_var)
-            sums["cbatch_sum"].index_add_(0, self.class_batch, image_sum)
-            sums["cbatch_sq"].index_add_(0, self.class_batch, image_sq)
-            sums["gbatch_sum"].index_add_(0, self.global_batch, image_sum)
-            sums["gbatch_sq"].index_add_(0, self.global_batch, image_sq)
+            buffers = self.buffers[index]
+            both = torch.cat([image_sum, image_sq], 1)  # (N, 2C)
+            buffers["class"].index_add_(0, self.labels, torch.cat([both, image_var], 1))
+            buffers["cbatch"].index_add_(0, self.class_batch, both)
+            buffers["gbatch"].index_add_(0, self.global_batch, both)
 
         return record
 
