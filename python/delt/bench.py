@@ -53,7 +53,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -79,11 +78,16 @@ __all__ = [
     "BenchSetup",
     "EagerBNHook",
     "SynthesisBenchConfig",
+    "bench_header",
+    "bench_info",
     "format_table",
     "imagenet_image_iterations",
     "prepare_rows",
     "reference_loop",
     "run_synthesis_bench",
+    "synchronize",
+    "timed",
+    "with_threads",
 ]
 
 
@@ -320,12 +324,7 @@ def _build_cases(config: SynthesisBenchConfig, device: torch.device) -> list[_Ca
         checkpoint = load_checkpoint(config.teacher)
         teacher, info = checkpoint.model, checkpoint.info
     else:
-        info = DatasetInfo(
-            name="bench", num_classes=config.classes, channels=config.channels,
-            resolution=config.resolution, mean=(_MEAN,) * config.channels,
-            std=(_STD,) * config.channels,
-            class_names=tuple(f"class{c}" for c in range(config.classes)),
-        )  # fmt: skip
+        info = bench_info(config.classes, config.channels, config.resolution)
         teacher = build_model(config.arch, info)
     teacher = teacher.to(device).eval().requires_grad_(False)
     recipe = _presets()[config.method]
@@ -462,9 +461,51 @@ def _one_after_another(runs: list[Callable[[], None]]) -> Callable[[], None]:
     return run
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for ``device`` (a no-op on the CPU): call before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def with_threads(threads: int, run: Callable[[], dict]) -> dict:
+    """``run()`` with torch's CPU threads set to ``threads`` (0: left as they are), then reset."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
+
+
+def bench_header(config, device: torch.device, where: dict, load_before: tuple) -> dict:
+    """The set-up keys of a bench document: ``config``, ``device``, ``machine``, ``versions``
+    and the ``load_average`` from ``load_before`` to now (call it when the timing ends)."""
+    return {
+        "config": dataclasses.asdict(config),
+        "device": str(device),
+        "machine": where,
+        "versions": versions(),
+        "load_average": {"start": list(load_before), "end": list(os.getloadavg())},
+    }
+
+
+def timed(run: Callable[[], None], device: torch.device) -> float:
+    """Seconds that ``run()`` takes on ``device``, synchronized before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_info(classes: int, channels: int, resolution: int) -> DatasetInfo:
+    """The dataset of a bench's untrained models and random images (mean 0.5, std 0.25)."""
+    return DatasetInfo(
+        name="bench", num_classes=classes, channels=channels, resolution=resolution,
+        mean=(_MEAN,) * channels, std=(_STD,) * channels,
+        class_names=tuple(f"class{c}" for c in range(classes)),
+    )  # fmt: skip
 
 
 def run_synthesis_bench(config: SynthesisBenchConfig) -> dict:
@@ -475,13 +516,7 @@ def run_synthesis_bench(config: SynthesisBenchConfig) -> dict:
         "reported_hours"}``.
     """
     device = resolve_device(config.device)
-    before = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        return _run(config, device)
-    finally:
-        torch.set_num_threads(before)
+    return with_threads(config.threads, lambda: _run(config, device))
 
 
 @dataclass
@@ -501,7 +536,7 @@ class BenchSetup:
 
     def synchronize(self) -> None:
         """Waits for the device (a no-op on the CPU): call before reading a clock."""
-        _sync(self.device)
+        synchronize(self.device)
 
 
 def prepare_rows(config: SynthesisBenchConfig, device: torch.device | None = None) -> BenchSetup:
@@ -542,23 +577,19 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
         for row, run in rows.items():  # warm-up: first-call dispatch, allocator, compilation
             bar.set_postfix(row=row, refresh=False)
             run()
-            _sync(device)
+            synchronize(device)
             bar.update()
         for _ in range(config.repeats):
             for row, run in rows.items():
                 bar.set_postfix(row=row, refresh=False)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                _sync(device)
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                times[row].append(time.perf_counter() - start)
+                times[row].append(timed(run, device))
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
                     peaks[row] = max(peaks.get(row, 0.0), peak)
                 bar.update()
-    load_after = os.getloadavg()
+    header = bench_header(config, device, where, load_before)
     image_iterations = setup.image_iterations
     medians = {row: statistics.median(values) for row, values in times.items()}
     results = []
@@ -582,11 +613,7 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
             )
         )
     document = {
-        "config": dataclasses.asdict(config),
-        "device": str(device),
-        "machine": where,
-        "versions": versions(),
-        "load_average": {"start": list(load_before), "end": list(load_after)},
+        **header,
         "schedule": {
             "chunks": config.chunks_per_step,
             "iterations": setup.iterations,
@@ -599,7 +626,7 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
     }
     print(format_table(document))
     if config.json is not None:
-        write_json(Path(config.json), document)
+        write_json(config.json, document)
     return document
 
 
