@@ -124,18 +124,14 @@ def derive_seed(seed: int, *indices: int) -> int:
 def versions() -> dict[str, str]:
     """What determines a run's numbers besides its flags: the versions of python, torch,
     torchvision, numpy and delt_ext, and torch's CPU thread count (``torch_threads``)."""
+    import torchvision
+
     import delt_ext
 
-    try:
-        import torchvision
-
-        torchvision_version = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        torchvision_version = "missing"
     return {
         "python": platform.python_version(),
         "torch": str(torch.__version__),
-        "torchvision": str(torchvision_version),
+        "torchvision": str(torchvision.__version__),
         "numpy": str(np.__version__),
         "delt_ext": str(delt_ext.__version__),
         "delt_ext_ops": str(delt_ext.HAS_OPS),
