@@ -67,7 +67,7 @@ from delt.method import DEFAULT_ROUND_ITERATIONS, MethodRecipe, SynthesisConfig,
 from delt.methods.pixels import PixelMethod
 from delt.models import build_model, load_checkpoint
 from delt.recover import RecoverConfig
-from delt.runtime import machine, resolve_device, versions
+from delt.runtime import machine, resolve_device, versions, with_threads
 from delt.schedules import chunk_schedule, cosine_lr, early_late_iterations
 from delt.synthesis import frozen_teacher, optimize_chunk, recovery_settings
 
@@ -87,7 +87,6 @@ __all__ = [
     "run_synthesis_bench",
     "synchronize",
     "timed",
-    "with_threads",
 ]
 
 
@@ -465,17 +464,6 @@ def synchronize(device: torch.device) -> None:
     """Waits for ``device`` (a no-op on the CPU): call before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def with_threads(threads: int, run: Callable[[], dict]) -> dict:
-    """``run()`` with torch's CPU threads set to ``threads`` (0: left as they are), then reset."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return run()
-    finally:
-        torch.set_num_threads(before)
 
 
 def bench_header(config, device: torch.device, where: dict, load_before: tuple) -> dict:

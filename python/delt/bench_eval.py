@@ -46,12 +46,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from delt.batches import evaluate_accuracy, inference_copy, test_batch_size
-from delt.bench import bench_header, bench_info, timed, with_threads
+from delt.bench import bench_header, bench_info, timed
 from delt.config import ConfigError, check_int_fields, option
 from delt.data import DatasetInfo, TensorImageDataset
 from delt.io import write_json
 from delt.models import build_model
-from delt.runtime import machine, resolve_device
+from delt.runtime import machine, resolve_device, with_threads
 from delt.student_augment import StudentAugment, apply_cutmix, sample_cutmix
 from delt.student_trainer import (
     PROTOCOL,

@@ -8,7 +8,8 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,8 +25,10 @@ __all__ = [
     "machine",
     "resolve_device",
     "versions",
+    "with_threads",
 ]
 
+T = TypeVar("T")
 logger = logging.getLogger("delt")
 
 # The CLI's torch CPU thread count unless `delt --threads N`: fixed, because results differ in
@@ -109,6 +112,17 @@ def autocast(device: torch.device, amp: str) -> Iterator[None]:
             yield
     else:
         raise ValueError(f"--amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+
+
+def with_threads(threads: int, run: Callable[[], T]) -> T:
+    """``run()`` with torch's CPU threads set to ``threads`` (0: left as they are), then reset."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
 
 
 def derive_seed(seed: int, *indices: int) -> int:
