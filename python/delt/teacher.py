@@ -36,13 +36,7 @@ from delt.models import (
 )
 from delt.runtime import autocast, logger, resolve_device, versions
 
-__all__ = [
-    "TeacherConfig",
-    "TeacherResult",
-    "import_teacher",
-    "saved_checkpoints",
-    "train_teacher",
-]
+__all__ = ["TeacherConfig", "TeacherResult", "import_teacher", "saved_checkpoints", "train_teacher"]
 
 
 @dataclass
