@@ -74,7 +74,6 @@ from delt.synthesis import frozen_teacher, optimize_chunk, recovery_settings
 __all__ = [
     "REPORTED_HOURS",
     "ROWS",
-    "BenchRow",
     "BenchSetup",
     "EagerBNHook",
     "SynthesisBenchConfig",
@@ -178,23 +177,6 @@ class SynthesisBenchConfig:
                 f"--batch-size {self.batch_size} > --classes {self.classes}: a {self.method} "
                 "chunk holds one image per class"
             )
-
-
-@dataclass
-class BenchRow:
-    """One row's result. Times in seconds; ``None`` where not measured (CPU memory, ratios
-    without a reference row)."""
-
-    row: str
-    method: str
-    median_seconds: float
-    run_seconds: list[float]
-    ms_per_iteration: float
-    image_iterations_per_second: float
-    vs_reference: float | None
-    floor_over_row: float | None
-    peak_memory_mib: float | None
-    imagenet_hours: dict[str, float]
 
 
 def imagenet_image_iterations(method: str, ipc: int) -> int:
@@ -500,8 +482,10 @@ def run_synthesis_bench(config: SynthesisBenchConfig) -> dict:
     """Runs the benchmark; prints the table; returns (and with ``--json`` writes) the results.
 
     Returns:
-        ``{"config", "machine", "load_average", "schedule", "rows": [BenchRow as dict, ...],
-        "reported_hours"}``.
+        ``{"config", "device", "machine", "versions", "load_average", "schedule", "rows": [{row,
+        method, median_seconds, run_seconds, ms_per_iteration, image_iterations_per_second,
+        vs_reference, floor_over_row, peak_memory_mib (None on a CPU), imagenet_hours}, ...],
+        "reported_hours"}``; times in seconds, ratios None without their row.
     """
     device = resolve_device(config.device)
     return with_threads(config.threads, lambda: _run(config, device))
@@ -584,21 +568,21 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
     for row, median in medians.items():
         rate = image_iterations / median
         results.append(
-            BenchRow(
-                row=row,
-                method=config.method,
-                median_seconds=median,
-                run_seconds=times[row],
-                ms_per_iteration=1e3 * median / setup.iterations,
-                image_iterations_per_second=rate,
-                vs_reference=medians["reference"] / median if "reference" in medians else None,
-                floor_over_row=medians["floor"] / median if "floor" in medians else None,
-                peak_memory_mib=peaks.get(row),
-                imagenet_hours={
+            {
+                "row": row,
+                "method": config.method,
+                "median_seconds": median,
+                "run_seconds": times[row],
+                "ms_per_iteration": 1e3 * median / setup.iterations,
+                "image_iterations_per_second": rate,
+                "vs_reference": medians["reference"] / median if "reference" in medians else None,
+                "floor_over_row": medians["floor"] / median if "floor" in medians else None,
+                "peak_memory_mib": peaks.get(row),
+                "imagenet_hours": {
                     f"ipc{ipc}": imagenet_image_iterations(config.method, ipc) / rate / 3600
                     for ipc in (10, 50)
                 },
-            )
+            }
         )
     document = {
         **header,
@@ -609,7 +593,7 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
             "image_iterations": image_iterations,
             "input_shape": list(setup.input_shape),
         },
-        "rows": [dataclasses.asdict(row) for row in results],
+        "rows": results,
         "reported_hours": {"ipc50": REPORTED_HOURS},
     }
     print(format_table(document))
