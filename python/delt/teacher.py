@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from delt.batches import evaluate_accuracy, iterate_batches
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
 from delt.data import ImageDataset, load_dataset
-from delt.io import check_output, read_json
+from delt.io import check_output
 from delt.lock import output_lock
 from delt.models import (
     build_model,
@@ -220,10 +220,10 @@ def _test_accuracy(
     )  # fmt: skip
 
 
-def _saved_config(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    return (read_sidecar(path) or {}).get("config")
+def _saved_meta(path: Path) -> dict | None:
+    """The metadata of the teacher saved at ``path`` (its sidecar), if it records a config."""
+    meta = read_sidecar(path) if path.is_file() else None
+    return meta if meta is not None and meta.get("config") is not None else None
 
 
 def _check_training_data(config: TeacherConfig, path: Path, meta: dict) -> None:
@@ -260,15 +260,14 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
     check_output(out, "--out", probe=False)
     path = out / "teacher.pt"
     identity = identity_dict(config)
-    saved = _saved_config(path)
-    if saved is not None:
-        differences = config_diff(saved, identity)
+    meta = _saved_meta(path)
+    if meta is not None:
+        differences = config_diff(meta["config"], identity)
         if differences:
             raise ConfigError(
                 f"{path} holds a teacher trained with another configuration "
                 f"({'; '.join(differences)}); choose another --out or delete it"
             )
-        meta = read_json(path.with_suffix(".json"))
         _check_training_data(config, path, meta)
         have = {entry["epoch"] for entry in saved_checkpoints(path) if entry["path"].is_file()}
         missing = [epoch for epoch in config.save_epochs or () if epoch not in have]
@@ -398,10 +397,9 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
     arch = config.import_arch
     # Read first: a missing file is an error before the dataset is scanned.
     weights = read_weights(arch, config.weights)
-    saved = _saved_config(path)
-    if saved is not None:
-        meta = read_json(path.with_suffix(".json"))
-        differences = config_diff(saved, identity)
+    meta = _saved_meta(path)
+    if meta is not None:
+        differences = config_diff(meta["config"], identity)
         recorded = (meta.get("weights") or {}).get("sha256")
         if recorded != weights.sha256:
             differences.append(f"weights SHA-256: {recorded} -> {weights.sha256}")
