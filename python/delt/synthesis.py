@@ -760,9 +760,8 @@ def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
     config = run.config
     if run.ensemble:  # --teachers: model first, then the others (delt.teachers)
         models = [model, *(checkpoint.model for checkpoint in run.ensemble)]
-        with ensemble_parts(
-            models, config, run.priors, run.device, config.channels_last
-        ) as (ensemble, target):
+        parts = ensemble_parts(models, config, run.priors, run.device, config.channels_last)
+        with parts as (ensemble, target):
             forward = torch.compile(ensemble) if config.compile else ensemble
             yield ChunkOptimizer(
                 forward, target, run.settings, run.device, config.iterations, config.progress

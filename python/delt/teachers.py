@@ -25,7 +25,6 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -377,8 +376,11 @@ def ensemble_parts(
             )
             for model in frozen
         ]
-        yield forward, EnsembleTarget(
-            forward, matchings, config.teacher_policy, config.teacher_weights, priors
+        yield (
+            forward,
+            EnsembleTarget(
+                forward, matchings, config.teacher_policy, config.teacher_weights, priors
+            ),
         )
 
 
@@ -407,4 +409,3 @@ class EnsembleLogits(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         return equalized_mean(torch.stack([model(inputs).float() for model in self.models]))
-
