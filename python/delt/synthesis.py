@@ -760,7 +760,10 @@ def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
     config = run.config
     if run.ensemble:  # --teachers: model first, then the others (delt.teachers)
         models = [model, *(checkpoint.model for checkpoint in run.ensemble)]
-        parts = ensemble_parts(models, config, run.priors, run.device, config.channels_last)
+        parts = ensemble_parts(
+            models, config.first_bn_multiplier, str(config.teacher_policy),
+            str(config.teacher_weights), run.priors, run.device, config.channels_last,
+        )  # fmt: skip
         with parts as (ensemble, target):
             forward = torch.compile(ensemble) if config.compile else ensemble
             yield ChunkOptimizer(

@@ -149,8 +149,12 @@ def teacher_weights(weighting: str, priors: Sequence[float]) -> list[float]:
 # Flags: validation, defaults, identity, records
 
 
-def check_teacher_options(config: Any, one_image_per_class: bool, label: str) -> None:
-    """Validates the teacher flags of an optimizing method's config (``label`` names it).
+def check_teacher_options(
+    config: TeacherOptions, teacher: str, one_image_per_class: bool, label: str
+) -> None:
+    """Validates the teacher flags of an optimizing method's config (``teacher``: its
+    ``--teacher``; ``label`` names the method; ``one_image_per_class``: its batches hold one
+    IPC index).
 
     Raises:
         ConfigError: naming the flag.
@@ -164,7 +168,7 @@ def check_teacher_options(config: Any, one_image_per_class: bool, label: str) ->
                 raise ConfigError(f"--{name.replace('_', '-')} applies with --teachers")
         return
     count = 1 + len(teachers)
-    paths = [str(config.teacher), *teachers]
+    paths = [str(teacher), *teachers]
     for i, path in enumerate(paths):
         if path in paths[:i]:
             raise ConfigError(f"--teachers: {path} is given twice; each teacher counts once")
@@ -184,20 +188,22 @@ def check_teacher_options(config: Any, one_image_per_class: bool, label: str) ->
     for value in priors:
         if not (math.isfinite(value) and 0 <= value <= 100):
             raise ConfigError(f"--teacher-priors must be top-1 accuracies in [0, 100], got {value}")
-    if getattr(config, "chunks_per_step", 1) > 1:
+    chunks_per_step = getattr(config, "chunks_per_step", 1)
+    if chunks_per_step > 1:
         raise ConfigError(
-            f"--teachers works with --chunks-per-step 1, got {config.chunks_per_step} (one "
+            f"--teachers works with --chunks-per-step 1, got {chunks_per_step} (one "
             "ensemble forward per chunk)"
         )
-    if getattr(config, "match", "global") != "global":
+    match = getattr(config, "match", "global")
+    if match != "global":
         # Per-class statistics are one teacher's (--stats); one file per teacher is not built.
         raise ConfigError(
             f"--teachers works with --match global (each teacher's running statistics), got "
-            f"--match {config.match}"
+            f"--match {match}"
         )
 
 
-def resolved_teachers(config: Any) -> dict[str, Any]:
+def resolved_teachers(config: TeacherOptions) -> dict[str, Any]:
     """The defaults of the teacher flags filled in (nothing without ``--teachers``)."""
     if not config.teachers:
         return {}
@@ -257,7 +263,7 @@ def load_teachers(
     return checkpoints
 
 
-def priors_of(config: Any, checkpoints: Sequence[Checkpoint]) -> list[float]:
+def priors_of(config: TeacherOptions, checkpoints: Sequence[Checkpoint]) -> list[float]:
     """The priors of ``--teacher-weights prior``: ``--teacher-priors``, else each checkpoint's
     recorded test top-1 (percent); empty with uniform weights.
 
@@ -354,14 +360,17 @@ class EnsembleTarget:
 @contextmanager
 def ensemble_parts(
     models: Sequence[nn.Module],
-    config: Any,
+    first_bn_multiplier: float,
+    policy: str,
+    weighting: str,
     priors: Sequence[float],
     device: torch.device,
     channels_last: bool,
 ) -> Iterator[tuple[EnsembleForward, EnsembleTarget]]:
     """The forward and matching target of an ensemble (``models``, ``--teacher`` first), each
-    frozen on ``device`` and hooked by its own :class:`delt_ext.BNStatMatching`; the hooks are
-    removed on exit."""
+    frozen on ``device`` and hooked by its own :class:`delt_ext.BNStatMatching`, with the
+    ``policy`` and ``weighting`` of :func:`active_teachers` and :func:`teacher_weights`; the
+    hooks are removed on exit."""
     frozen = []
     for model in models:
         model = model.to(device).requires_grad_(False)
@@ -372,16 +381,11 @@ def ensemble_parts(
     with ExitStack() as stack:
         matchings = [
             stack.enter_context(
-                delt_ext.BNStatMatching(model, first_bn_multiplier=config.first_bn_multiplier)
+                delt_ext.BNStatMatching(model, first_bn_multiplier=first_bn_multiplier)
             )
             for model in frozen
         ]
-        yield (
-            forward,
-            EnsembleTarget(
-                forward, matchings, config.teacher_policy, config.teacher_weights, priors
-            ),
-        )
+        yield forward, EnsembleTarget(forward, matchings, policy, weighting, priors)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ class PixelMethod(Method):
         recipe = self.recipe(config)
         assert recipe is not None
         check_match(config)
-        check_teacher_options(config, recipe.one_image_per_class, f"--method {label}")
+        check_teacher_options(
+            config, config.teacher, recipe.one_image_per_class, f"--method {label}"
+        )
         for name in ("lr", "r_bn", "first_bn_multiplier"):
             value = getattr(config, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
