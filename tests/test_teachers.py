@@ -486,3 +486,21 @@ def test_two_ranks_give_the_one_process_set_bitwise(tiny_teacher, second_teacher
     assert len(names) == 17
     for name in names:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_online_ensemble_labels_are_refused_under_torchrun(
+    second_teacher, tiny_set, tmp_path, monkeypatch
+):
+    # A rank holds its rows of each batch, and G-VBSM's norms are the whole batch's.
+    import delt.evaluate as evaluate_module
+    from delt.config import ConfigError
+    from delt.distributed import World
+
+    monkeypatch.setattr(evaluate_module, "world", lambda: World(0, 2, 0))
+    config = EvalConfig(
+        distilled=str(tiny_set), teachers=(str(second_teacher.path),), epochs=1,
+        out=str(tmp_path / "e.json"), progress=False, device="cpu",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="delt relabel --teachers"):
+        evaluate(config)
+    assert not (tmp_path / "e.json").exists()
