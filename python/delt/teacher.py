@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from delt.batches import evaluate_accuracy, iterate_batches
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
-from delt.data import load_dataset
-from delt.io import check_output, read_json
+from delt.data import ImageDataset, load_dataset
+from delt.io import check_output
 from delt.lock import output_lock
 from delt.models import (
     build_model,
@@ -36,13 +36,7 @@ from delt.models import (
 )
 from delt.runtime import autocast, logger, resolve_device, versions
 
-__all__ = [
-    "TeacherConfig",
-    "TeacherResult",
-    "import_teacher",
-    "saved_checkpoints",
-    "train_teacher",
-]
+__all__ = ["TeacherConfig", "TeacherResult", "import_teacher", "saved_checkpoints", "train_teacher"]
 
 
 @dataclass
@@ -211,10 +205,25 @@ def _save_epoch_checkpoint(
     return {"epoch": epoch, "file": str(path.relative_to(out)), "test_accuracy": accuracy}
 
 
-def _saved_config(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    return (read_sidecar(path) or {}).get("config")
+def _load_split(config: TeacherConfig, split: str) -> ImageDataset:
+    return load_dataset(
+        config.dataset, split, config.data_root, config.resolution, config.class_order
+    )
+
+
+def _test_accuracy(
+    model: nn.Module, test_set: ImageDataset, device, config: TeacherConfig
+) -> float:
+    return evaluate_accuracy(
+        model, test_set, device, amp=config.amp, channels_last=config.channels_last,
+        num_workers=config.num_workers,
+    )  # fmt: skip
+
+
+def _saved_meta(path: Path) -> dict | None:
+    """The metadata of the teacher saved at ``path`` (its sidecar), if it records a config."""
+    meta = read_sidecar(path) if path.is_file() else None
+    return meta if meta is not None and meta.get("config") is not None else None
 
 
 def _check_training_data(config: TeacherConfig, path: Path, meta: dict) -> None:
@@ -223,9 +232,7 @@ def _check_training_data(config: TeacherConfig, path: Path, meta: dict) -> None:
     recorded = data_fingerprint(meta)
     if recorded is None:
         return  # a teacher of before fingerprints: its data cannot be compared
-    train_set = load_dataset(
-        config.dataset, "train", config.data_root, config.resolution, config.class_order
-    )
+    train_set = _load_split(config, "train")
     current = train_set.fingerprint()
     if current != recorded:
         raise ConfigError(
@@ -253,15 +260,14 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
     check_output(out, "--out", probe=False)
     path = out / "teacher.pt"
     identity = identity_dict(config)
-    saved = _saved_config(path)
-    if saved is not None:
-        differences = config_diff(saved, identity)
+    meta = _saved_meta(path)
+    if meta is not None:
+        differences = config_diff(meta["config"], identity)
         if differences:
             raise ConfigError(
                 f"{path} holds a teacher trained with another configuration "
                 f"({'; '.join(differences)}); choose another --out or delete it"
             )
-        meta = read_json(path.with_suffix(".json"))
         _check_training_data(config, path, meta)
         have = {entry["epoch"] for entry in saved_checkpoints(path) if entry["path"].is_file()}
         missing = [epoch for epoch in config.save_epochs or () if epoch not in have]
@@ -276,12 +282,8 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
 
     check_output(out, "--out")  # before training: a result that cannot be saved is lost
     device = resolve_device(config.device)
-    train_set = load_dataset(
-        config.dataset, "train", config.data_root, config.resolution, config.class_order
-    )
-    test_set = load_dataset(
-        config.dataset, "test", config.data_root, config.resolution, config.class_order
-    )
+    train_set = _load_split(config, "train")
+    test_set = _load_split(config, "test")
     info = train_set.info
     sizes = f"--batch-size {config.batch_size}"
     if config.resolution is not None:
@@ -298,14 +300,9 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
     # No weight decay on BN and biases (the usual practice; they have no scale to regularize).
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay}]
     optimizer = torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=True,
+        groups, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=0.0
     )
     total_steps = config.epochs * steps_per_epoch
     # A quarter of the steps warm up. torch's OneCycleLR divides by pct_start * total - 1, which is
@@ -359,18 +356,12 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
             # Evaluation runs in eval mode and draws no random numbers: training goes on as if
             # nothing happened. Its time is not training time.
             eval_start = time.perf_counter()
-            accuracy = evaluate_accuracy(
-                model, test_set, device, amp=config.amp, channels_last=config.channels_last,
-                num_workers=config.num_workers,
-            )  # fmt: skip
+            accuracy = _test_accuracy(model, test_set, device, config)
             checkpoints.append(_save_epoch_checkpoint(out, model, base_meta, epoch + 1, accuracy))
             logger.info("teacher: epoch %d checkpoint, test accuracy %.2f%%", epoch + 1, accuracy)
             eval_seconds += time.perf_counter() - eval_start
     train_seconds = time.perf_counter() - start - eval_seconds
-    accuracy = evaluate_accuracy(
-        model, test_set, device, amp=config.amp, channels_last=config.channels_last,
-        num_workers=config.num_workers,
-    )  # fmt: skip
+    accuracy = _test_accuracy(model, test_set, device, config)
     logger.info("teacher: test accuracy %.2f%% after %.0f s of training", accuracy, train_seconds)
     meta = {
         **base_meta,
@@ -406,10 +397,9 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
     arch = config.import_arch
     # Read first: a missing file is an error before the dataset is scanned.
     weights = read_weights(arch, config.weights)
-    saved = _saved_config(path)
-    if saved is not None:
-        meta = read_json(path.with_suffix(".json"))
-        differences = config_diff(saved, identity)
+    meta = _saved_meta(path)
+    if meta is not None:
+        differences = config_diff(meta["config"], identity)
         recorded = (meta.get("weights") or {}).get("sha256")
         if recorded != weights.sha256:
             differences.append(f"weights SHA-256: {recorded} -> {weights.sha256}")
@@ -422,9 +412,7 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
         return TeacherResult(
             path, meta["test_accuracy"], meta["train_seconds"], True, meta["weights"]["source"]
         )
-    test_set = load_dataset(
-        config.dataset, "test", config.data_root, config.resolution, config.class_order
-    )
+    test_set = _load_split(config, "test")
     info = test_set.info
     model = build_model(arch, info, config.arch_kwargs)
     load_weights(model, weights, info, f"--weights {config.weights}")
@@ -435,10 +423,7 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
         model = model.to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        accuracy = evaluate_accuracy(
-            model, test_set, device, amp=config.amp, channels_last=config.channels_last,
-            num_workers=config.num_workers,
-        )  # fmt: skip
+        accuracy = _test_accuracy(model, test_set, device, config)
         logger.info("teacher: imported %s, test accuracy %.2f%%", arch, accuracy)
         model = model.to("cpu").to(memory_format=torch.contiguous_format)
     meta = {
@@ -450,11 +435,7 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
         "test_accuracy": accuracy,
         "epochs": 0,
         "train_seconds": 0.0,
-        "weights": {
-            "source": weights.source,
-            "path": str(weights.path),
-            "sha256": weights.sha256,
-        },
+        "weights": {"source": weights.source, "path": str(weights.path), "sha256": weights.sha256},
     }
     save_checkpoint(path, model, meta)
     return TeacherResult(path, accuracy, 0.0, reused=False, source=weights.source)
