@@ -179,3 +179,26 @@ def test_the_teacher_step_schedule_divides_the_lr_by_ten(tiny_teacher, tmp_path,
     assert recording.groups[0][:2] == (False, 5e-4)
     assert recording.groups[1][1] == 0.0 and recording.groups[1][2] == 0  # all decayed
     assert result.test_accuracy is not None
+
+
+def test_the_full_data_student_is_tested_every_20_epochs_and_the_best_kept(tiny_set, tmp_path):
+    import shutil
+
+    from delt.ddranking import FULL_DATA_RECIPE, DDRankingConfig, run_ddranking
+
+    folder = tmp_path / "set"
+    shutil.copytree(tiny_set, folder, ignore=shutil.ignore_patterns("eval*", "chunks", ".lock"))
+    config = DDRankingConfig(
+        distilled=str(folder), seeds=(0,), epochs=1, lr_grid=("0.001",), soft_lr=0.001,
+        full_data_epochs=45, ars=False, progress=False,
+    )  # fmt: skip
+    full = run_ddranking(config).document["full_data"]
+    assert set(full["tests"]) == {"20", "40", "45"}  # every 20 epochs, and the end
+    assert full["accuracy_percent"] == max(full["tests"].values())
+    assert full["tests"][str(full["best_epoch"])] == full["accuracy_percent"]
+    assert full["final_accuracy_percent"] == full["tests"]["45"]
+    teacher = json.loads((folder / "ddranking-full-data" / "teacher.json").read_text())
+    for name, value in FULL_DATA_RECIPE.items():
+        assert teacher["config"][name] == value, name
+    assert teacher["config"]["epochs"] == 45
+    assert [c["epoch"] for c in teacher["checkpoints"]] == [20, 40]
