@@ -202,3 +202,12 @@ def test_the_full_data_student_is_tested_every_20_epochs_and_the_best_kept(tiny_
         assert teacher["config"][name] == value, name
     assert teacher["config"]["epochs"] == 45
     assert [c["epoch"] for c in teacher["checkpoints"]] == [20, 40]
+
+
+def test_delt_compare_forwards_no_augment_to_every_evaluation():
+    from delt.compare import CompareConfig
+
+    config = CompareConfig(sets=("x",), augment=False)
+    assert config.eval_config("x", 300, "r.json").augment is False
+    assert config.eval_config("x", 300, "r.json", random_real=True, ipc=10).augment is False
+    assert CompareConfig(sets=("x",)).eval_config("x", 300, "r.json").augment is True
