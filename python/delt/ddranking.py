@@ -319,10 +319,11 @@ def _full_data_accuracy(config: DDRankingConfig, evaluation: dict) -> tuple[floa
             "accuracy as --full-data-accuracy"
         )
     tests = tuple(range(FULL_DATA_TEST_EVERY, epochs + 1, FULL_DATA_TEST_EVERY))
+    amp = "bf16" if config.amp == "bf16" else "none"  # delt teacher has no fp16
     teacher_config = TeacherConfig(
         out=str(Path(config.distilled) / "ddranking-full-data"), dataset=dataset,
         data_root=config.data_root, arch=student, width=kwargs.get("width"), epochs=epochs,
-        seed=config.seeds[0], amp=config.amp, save_epochs=tests or None, device=config.device,
+        seed=config.seeds[0], amp=amp, save_epochs=tests or None, device=config.device,
         progress=config.progress, **FULL_DATA_RECIPE,
     )  # fmt: skip
     try:
@@ -347,7 +348,7 @@ def _full_data_accuracy(config: DDRankingConfig, evaluation: dict) -> tuple[floa
         "tests": {str(epoch): tested[epoch] for epoch in sorted(tested)},
         "best_epoch": best_epoch,
         "final_accuracy_percent": float(result.test_accuracy),
-        "recipe": {**FULL_DATA_RECIPE, "test_every": FULL_DATA_TEST_EVERY, "amp": config.amp},
+        "recipe": {**FULL_DATA_RECIPE, "test_every": FULL_DATA_TEST_EVERY, "amp": amp},
         "recipe_source": "DD-Ranking's full-data hard-label training (soft_label.py, mode "
         "'real'; REAL_DATA_TRAINING_CONFIG, ConvNet-3 entries); differences: docs/protocols.md",
     }
