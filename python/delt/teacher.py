@@ -61,6 +61,16 @@ class TeacherConfig:
     lr: float = option(0.2, help="peak learning rate of the one-cycle schedule (SGD)")
     momentum: float = option(0.9, help="SGD Nesterov momentum")
     weight_decay: float = option(5e-4, help="weight decay")
+    lr_schedule: Literal["one-cycle", "step"] = option(
+        "one-cycle",
+        help="one-cycle (a quarter warm-up to --lr, then down), or step: --lr divided by 10 "
+        "every --lr-step-epochs epochs (torch's StepLR; DD-Ranking's full-data recipe)",
+    )
+    lr_step_epochs: int = option(100, help="--lr-schedule step: epochs between the LR's steps")
+    nesterov: bool = option(True, help="Nesterov momentum (--no-nesterov: plain momentum)")
+    decay_all: bool = option(
+        False, help="weight decay on every parameter (default: not on BatchNorm and biases)"
+    )
     label_smoothing: float = option(0.1, help="label smoothing of the cross-entropy")
     augment: Literal["none", "flip", "crop-flip"] = option(
         "none", help="per-sample augmentation: horizontal flip, and a random 4-pixel translation"
@@ -96,7 +106,7 @@ class TeacherConfig:
     )
 
     def __post_init__(self) -> None:
-        check_int_fields(self, ("epochs", "batch_size", "width"))
+        check_int_fields(self, ("epochs", "batch_size", "width", "lr_step_epochs"))
         if self.import_arch is not None:
             if self.weights is None:
                 raise ConfigError("--import needs --weights FILE or a torchvision weights name")
@@ -226,6 +236,23 @@ def _saved_meta(path: Path) -> dict | None:
     return meta if meta is not None and meta.get("config") is not None else None
 
 
+# Flags added after teachers were first cached: at these values they are left out of a
+# teacher's identity, so a teacher trained before they existed is reused as it was.
+_LATER_DEFAULTS = {"lr_schedule": "one-cycle", "nesterov": True, "decay_all": False}
+
+
+def teacher_identity(config: TeacherConfig) -> dict:
+    """The fields that determine a teacher (:func:`delt.config.identity_dict`), less the later
+    flags at their defaults (and ``--lr-step-epochs`` unless ``--lr-schedule step``)."""
+    identity = identity_dict(config)
+    for name, default in _LATER_DEFAULTS.items():
+        if identity.get(name) == default:
+            del identity[name]
+    if config.lr_schedule != "step":
+        del identity["lr_step_epochs"]
+    return identity
+
+
 def _check_training_data(config: TeacherConfig, path: Path, meta: dict) -> None:
     """Refuses to reuse a teacher trained on other data than ``--data-root`` holds now
     (``--data-root`` is not part of the identity: the data is, by its recorded fingerprint)."""
@@ -259,7 +286,7 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
     out = Path(config.out)
     check_output(out, "--out", probe=False)
     path = out / "teacher.pt"
-    identity = identity_dict(config)
+    identity = teacher_identity(config)
     meta = _saved_meta(path)
     if meta is not None:
         differences = config_diff(meta["config"], identity)
@@ -297,21 +324,34 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
-    # No weight decay on BN and biases (the usual practice; they have no scale to regularize).
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay}]
+    # No weight decay on BN and biases (the usual practice; they have no scale to regularize),
+    # unless --decay-all (DD-Ranking's SGD decays every parameter).
+    decay = [p for p in model.parameters() if p.dim() > 1 or config.decay_all]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1 and not config.decay_all]
     optimizer = torch.optim.SGD(
-        groups, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=0.0
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
     )
     total_steps = config.epochs * steps_per_epoch
-    # A quarter of the steps warm up. torch's OneCycleLR divides by pct_start * total - 1, which is
-    # zero at exactly 4 steps: there the warm-up ends a fraction of a step later (no other run's
-    # schedule changes).
-    pct_start = 0.25 if total_steps != 4 else 0.3
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=pct_start
-    )
+    if config.lr_schedule == "step":
+        # torch's StepLR stepped once per epoch (gamma 0.1), here stepped per batch.
+        step_steps = config.lr_step_epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.1 ** (step // step_steps)
+        )
+    else:
+        # A quarter of the steps warm up. torch's OneCycleLR divides by pct_start * total - 1,
+        # which is zero at exactly 4 steps: there the warm-up ends a fraction of a step later
+        # (no other run's schedule changes).
+        pct_start = 0.25 if total_steps != 4 else 0.3
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=pct_start
+        )
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
     logger.info(
@@ -393,7 +433,7 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
     out = Path(config.out)
     check_output(out, "--out")
     path = out / "teacher.pt"
-    identity = identity_dict(config)
+    identity = teacher_identity(config)
     arch = config.import_arch
     # Read first: a missing file is an error before the dataset is scanned.
     weights = read_weights(arch, config.weights)
