@@ -19,12 +19,14 @@ of lower floors or ones listed before it on its own floor, never another module'
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
       stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
       soft_labels,          the soft-label store (`delt relabel`'s file, memory-mapped);
+      fkd_labels,           `delt import-labels` (SRe2L/CDA FKD folders into a store, replayed);
       protocols             evaluation protocols as named presets (delt, rded, sre2l, edc, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import` (a
       import_released,      released set); `delt stats` (per-class BN statistics: the file,
       stats                 its collection)
-    matching, method,       the matching target (--match: running or per-class BN
-      chunks, synthesis,    statistics); the method registry, the options every method
+    matching, teachers,     the matching target (--match: running or per-class BN
+      method, chunks,       statistics); several teachers (--teachers: policies, weights,
+      synthesis,            ensembles); the method registry, the options every method
       chunk_groups          shares and the components; the chunk store (resume); the chunk
                             optimizer, run setup, the output writer; K chunks per teacher step
     methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
@@ -55,9 +57,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("schedules",),
     ("distilled_set",),
-    ("student_augment", "student_trainer", "stagewise_training", "soft_labels", "protocols"),
+    (
+        "student_augment",
+        "student_trainer",
+        "stagewise_training",
+        "soft_labels",
+        "fkd_labels",
+        "protocols",
+    ),
     ("teacher", "select", "import_released", "stats"),
-    ("matching", "method", "chunks", "synthesis", "chunk_groups"),
+    ("matching", "teachers", "method", "chunks", "synthesis", "chunk_groups"),
     (
         "methods.pixels",
         "methods.sre2l",

@@ -173,10 +173,11 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
 
 
 def _tuple_item_type(annotation: Any) -> type | None:
-    """``int`` for ``tuple[int, ...]`` (``str`` likewise); None for any other annotation."""
+    """``int`` for ``tuple[int, ...]`` (``float``, ``str`` likewise); None for any other
+    annotation."""
     if get_origin(annotation) is tuple:
         args = get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, str):
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float, str):
             return args[0]
     return None
 

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,7 @@ from delt.batches import inference_copy
 from delt.config import ConfigError, check_int_fields, flag, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled_set import Manifest, check_distilled_set, load_distilled, load_stored
-from delt.distributed import barrier, is_main
+from delt.distributed import barrier, is_main, world
 from delt.eval_results import (
     EvalResult,
     ResultsFile,
@@ -37,6 +37,7 @@ from delt.eval_results import (
     save_seed_state,
     summary,
 )
+from delt.fkd_labels import FkdLabels, check_fkd_store, is_fkd_store
 from delt.identity import identity_defaults, run_identity
 from delt.io import check_output, sha256_file
 from delt.lock import results_lock
@@ -70,6 +71,7 @@ from delt.student_trainer import (
     default_batch_size,
     seeded,
 )
+from delt.teachers import EnsembleLogits, load_teachers, teacher_inputs, teacher_record
 
 __all__ = [
     "EvalConfig",
@@ -97,6 +99,12 @@ class EvalConfig:
     )
     teacher: str | None = option(
         None, help="teacher checkpoint (default: the one the set's manifest names)", identity=False
+    )
+    teachers: tuple[str, ...] = option(
+        (),
+        help="more teachers of the same data beside --teacher: soft labels from the ensemble, "
+        "logits averaged after equalizing their norms as G-VBSM (docs/teachers.md)",
+        identity=False,
     )
     data_root: str | None = option(
         None, help="folder of the real dataset (default: the dataset's own)", identity=False
@@ -259,6 +267,10 @@ class EvalConfig:
             raise ConfigError("--ipc applies to --random-real (a distilled set has its own IPC)")
         if self.stagewise and self.random_real:
             raise ConfigError("--stagewise trains on the stages of a pdd set, not --random-real")
+        self.teachers = tuple(self.teachers)
+        if self.teachers and (self.hard_labels or self.labels is not None):
+            used = "--hard-labels" if self.hard_labels else "--labels"
+            raise ConfigError(f"--teachers label batches online; {used} takes no teacher labels")
         if self.labels is not None:
             for name in ("hard_labels", "random_real", "stagewise"):
                 if getattr(self, name):
@@ -361,11 +373,13 @@ class EvalContext:
     settings: TrainSettings
     manifest: Manifest | None
     workers: int = 0
-    stored_labels: LabelStore | None = None  # --labels: the stored soft labels
+    stored_labels: LabelStore | FkdLabels | None = None  # --labels: the stored soft labels
+    ensemble: list[Checkpoint] | None = None  # --teachers (beside the teacher)
 
     @classmethod
-    def from_config(cls, config: EvalConfig) -> EvalContext:
-        """Loads and checks the set, the teacher and the data (errors name the flag)."""
+    def from_config(cls, config: EvalConfig, whole_batches: bool = False) -> EvalContext:
+        """Loads and checks the set, the teacher and the data (errors name the flag);
+        ``whole_batches``: the teacher labels whole batches under torchrun too (relabel)."""
         warn_unsupported(config)
         device = resolve_device(config.device)
         folder = Path(config.distilled)
@@ -410,6 +424,13 @@ class EvalContext:
             data_root = manifest.config.get("data_root")
         test_set = load_like(info, "test", data_root)
         check_compatible(teacher.meta, test_set.info, what="teacher")
+        ensemble = load_teachers(config.teachers, teacher, info)
+        if ensemble and world().size > 1 and not whole_batches:
+            # G-VBSM's norms are over the whole batch; a rank holds only its rows of it.
+            raise ConfigError(
+                "--teachers under torchrun: an ensemble's norms are the whole batch's; label "
+                "once with `delt relabel --teachers` and train on the store with --labels"
+            )
 
         train_set = None
         if config.random_real:
@@ -453,15 +474,25 @@ class EvalContext:
         elif config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         teacher.model = model
+        if ensemble:
+            others = [c.model.to(device).requires_grad_(False).eval() for c in ensemble]
+            if config.channels_last:
+                others = [other.to(memory_format=torch.channels_last) for other in others]
+            teacher.model = EnsembleLogits([model, *others])
         context = cls(
             config, device, teacher, info, images, labels, train_set, test_set, ipc,
             student_arch, student_kwargs, settings, manifest,
-            resolve_workers(config.workers, device),
+            resolve_workers(config.workers, device), ensemble=ensemble,
         )  # fmt: skip
         if config.labels is not None:
             # Checked whole (every epoch's digest) and against this run before any training.
             context.stored_labels = store = open_store(config.labels)
             protocol = protocol_of(context, config.seeds[0])
+            if is_fkd_store(store):  # imported FKD labels: their recorded batches, replayed
+                check_fkd_store(store, protocol, config.epochs, config.batch_size)
+                context.settings = replace(settings, batch_size=store.batch_size)
+                context.stored_labels = FkdLabels.for_set(store, info)
+                return context
             if store.layout.top_k is not None:
                 protocol["temperature"] = config.temperature
             check_protocol(store, protocol, config.epochs)
@@ -491,6 +522,7 @@ class EvalContext:
         identity = run_identity(
             self.config,
             teacher_sha256=sha256_file(self.teacher.path),
+            **teacher_inputs(self.config.teachers),
             distilled_sha256=None if self.config.random_real else sha256_file(distilled),
             dataset=self.info.name,
             # The test split, and the training split a --random-real set is drawn from (a
@@ -505,7 +537,9 @@ class EvalContext:
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,
         )  # fmt: skip
-        if self.workers > 0 or self.stored_labels is not None:
+        if isinstance(self.stored_labels, FkdLabels):
+            identity["config"]["augmentation"] = "FKD replay (recorded crops, flips, mixes)"
+        elif self.workers > 0 or self.stored_labels is not None:
             # Workers draw another random stream than the in-process augmentation (0).
             identity["config"]["augmentation"] = "workers: per-batch seeds"
         if self.stored_labels is not None:
@@ -518,7 +552,7 @@ class EvalContext:
         without workers or stored labels, not one recorded before they existed)."""
         defaults = identity_defaults(self.config)
         defaults["config"]["augmentation"] = None
-        return {**defaults, "labels_sha256": None}
+        return {**defaults, "labels_sha256": None, "teachers_sha256": None}
 
     def run_seed(self, seed: int, identity: dict | None = None) -> SeedResult:
         """Trains and tests one student (and, with --random-real, draws its set) for ``seed``.
@@ -627,6 +661,11 @@ def eval_document(
             "arch_kwargs": context.teacher.meta["arch_kwargs"],
             "test_accuracy": context.teacher.meta.get("test_accuracy"),
         },
+        **(
+            {"teachers": teacher_record([context.teacher, *context.ensemble], [])}
+            if context.ensemble
+            else {}
+        ),
         "seeds": [asdict(s) for s in seeds],
         "other_seeds": [asdict(s) for s in other_seeds],
         **summary(seeds),
