@@ -476,7 +476,9 @@ class EvalContext:
         teacher.model = model
         if ensemble:
             others = [c.model.to(device).requires_grad_(False).eval() for c in ensemble]
-            if config.channels_last:
+            if config.fold_teacher:
+                others = [inference_copy(other, config.channels_last) for other in others]
+            elif config.channels_last:
                 others = [other.to(memory_format=torch.channels_last) for other in others]
             teacher.model = EnsembleLogits([model, *others])
         context = cls(
