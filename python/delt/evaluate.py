@@ -62,7 +62,7 @@ from delt.protocols import (
 )
 from delt.runtime import logger, resolve_device, versions
 from delt.soft_labels import LabelStore, check_protocol, open_store, protocol_of
-from delt.student_augment import RANDAUGMENT_BINS, StudentAugment
+from delt.student_augment import RANDAUGMENT_BINS, NoAugment, StudentAugment
 from delt.student_trainer import (
     PROTOCOL,
     AccuracyCheck,
@@ -185,6 +185,12 @@ class EvalConfig:
         help="the teacher labels each batch with BatchNorm on the batch's statistics (CV-DD's "
         "train-mode teachers), its running statistics untouched (delt: off)",
     )
+    augment: bool = option(
+        True,
+        help="augment the student's batches (crops, flips, RandAugment, ShufflePatches, CutMix, "
+        "as the protocol says); --no-augment: the images as they are (DD-Ranking's "
+        "augmentation-robust score)",
+    )
     hard_labels: bool = option(False, help="train on the set's labels, no teacher")
     random_real: bool = option(
         False, help="baseline: each seed draws --ipc random real images per class instead"
@@ -277,6 +283,9 @@ class EvalConfig:
                     raise ConfigError(f"--labels: stored soft labels do not apply to {flag(name)}")
             if len(self.seeds) != 1:
                 raise ConfigError("--labels: a store holds one seed's labels; pass one --seeds")
+            if not self.augment:
+                raise ConfigError("--labels: stored soft labels are of augmented batches, not "
+                                  "--no-augment")  # fmt: skip
         if self.fold_teacher:
             for name in ("hard_labels", "labels", "teacher_batch_stats"):
                 if getattr(self, name):
@@ -463,7 +472,8 @@ class EvalContext:
         )  # fmt: skip
         settings = TrainSettings(
             batch_size=min(batch_size, num_images), temperature=config.temperature,
-            cutmix_beta=config.cutmix_beta, hard_labels=config.hard_labels, amp=config.amp,
+            cutmix_beta=config.cutmix_beta if config.augment else 0.0,
+            hard_labels=config.hard_labels, amp=config.amp,
             channels_last=config.channels_last, lr_schedule=config.lr_schedule,
             ema_decay=config.ema_decay, loss=config.loss, ce_weight=config.ce_weight,
             teacher_batch_stats=config.teacher_batch_stats,
@@ -506,9 +516,13 @@ class EvalContext:
         config = self.config
         student = build_model(self.student_arch, self.info, self.student_kwargs)
         generator = torch.Generator().manual_seed(seed)
-        augment = StudentAugment(
-            self.info, config.randaugment_ops, config.randaugment_magnitude, config.min_crop,
-            generator, config.shuffle_patches,
+        augment = (
+            StudentAugment(
+                self.info, config.randaugment_ops, config.randaugment_magnitude,
+                config.min_crop, generator, config.shuffle_patches,
+            )
+            if config.augment
+            else NoAugment(self.info)
         )  # fmt: skip
         online = not self.settings.hard_labels and self.stored_labels is None
         return StudentTrainer(
@@ -643,8 +657,13 @@ def eval_document(
             "student_kwargs": context.student_kwargs,
             "batch_size": context.settings.batch_size,
             "randaugment": f"rand-m{config.randaugment_magnitude}-n{config.randaugment_ops}"
-            if config.randaugment_ops
+            if config.randaugment_ops and config.augment
             else "none",
+            **(
+                {}
+                if config.augment
+                else {"student_augmentation": "none: the images as they are, no CutMix"}
+            ),
             "lr_schedule": "LambdaLR 0.5*(1+cos(pi*e/(2E))) per epoch"
             if config.lr_schedule == "half-cosine"
             else "LambdaLR 0.5*(1+cos(pi*e/E)) per epoch",
