@@ -19,6 +19,7 @@ of lower floors or ones listed before it on its own floor, never another module'
       student_trainer,      draws replayed), crops, CutMix; StudentTrainer, GlobalBatchNorm2d,
       stagewise_training,   the evaluation protocol; stage-wise training (U_1, U_1 ∪ U_2, …);
       soft_labels,          the soft-label store (`delt relabel`'s file, memory-mapped);
+      fkd_labels,           `delt import-labels` (SRe2L/CDA FKD folders into a store, replayed);
       protocols             evaluation protocols as named presets (delt, rded, sre2l, edc, …)
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import` (a
       import_released,      released set); `delt stats` (per-class BN statistics: the file,
@@ -55,7 +56,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("schedules",),
     ("distilled_set",),
-    ("student_augment", "student_trainer", "stagewise_training", "soft_labels", "protocols"),
+    (
+        "student_augment",
+        "student_trainer",
+        "stagewise_training",
+        "soft_labels",
+        "fkd_labels",
+        "protocols",
+    ),
     ("teacher", "select", "import_released", "stats"),
     ("matching", "method", "chunks", "synthesis", "chunk_groups"),
     (

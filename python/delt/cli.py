@@ -34,6 +34,7 @@ from delt.demo import DemoConfig, run_demo
 from delt.distributed import alone, is_main, session, torchrun_environment
 from delt.diversity import DiversityConfig, measure_diversity
 from delt.evaluate import EvalConfig, evaluate
+from delt.fkd_labels import ImportLabelsConfig, import_fkd_labels
 from delt.import_released import ImportConfig, import_images
 from delt.io import FileFormatError, WriteError
 from delt.lock import output_lock
@@ -135,6 +136,15 @@ def _show_relabel(config: RelabelConfig, result) -> None:
     print(f"relabel: {result.path} ({result.size} bytes; {state})")
 
 
+def _show_import_labels(config: ImportLabelsConfig, result) -> None:
+    state = "already there" if result.reused else f"{result.epochs} epochs imported"
+    print(
+        f"import-labels: {result.path} ({result.size} bytes; {state}; batches of "
+        f"{result.batch_size}, {result.mix}; largest logit = sampled image's class in "
+        f"{100 * result.agreement:.1f}% of rows)"
+    )
+
+
 def _show_diversity(config: DiversityConfig, result) -> None:
     print(
         f"diversity: {result.mean:.4f} ± {result.std:.4f} (mean cosine to the class centroid; "
@@ -197,6 +207,13 @@ COMMANDS: dict[str, Command] = {
         RelabelConfig,
         relabel,
         _show_relabel,
+    ),
+    "import-labels": Command(
+        "turn an FKD relabel folder (SRe2L/CDA soft labels) into a store for delt eval --labels",
+        ImportLabelsConfig,
+        import_fkd_labels,
+        _show_import_labels,
+        main_rank_only=True,
     ),
     "diversity": Command(
         "DELT's diversity: per-class cosine of features to the class centroid (diversity.json)",

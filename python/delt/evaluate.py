@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +36,7 @@ from delt.eval_results import (
     save_seed_state,
     summary,
 )
+from delt.fkd_labels import FkdLabels, check_fkd_store, is_fkd_store
 from delt.identity import identity_defaults, run_identity
 from delt.io import check_output, sha256_file
 from delt.lock import results_lock
@@ -349,7 +350,7 @@ class EvalContext:
     settings: TrainSettings
     manifest: Manifest | None
     workers: int = 0
-    stored_labels: LabelStore | None = None  # --labels: the stored soft labels
+    stored_labels: LabelStore | FkdLabels | None = None  # --labels: the stored soft labels
 
     @classmethod
     def from_config(cls, config: EvalConfig) -> EvalContext:
@@ -448,6 +449,11 @@ class EvalContext:
             # Checked whole (every epoch's digest) and against this run before any training.
             context.stored_labels = store = open_store(config.labels)
             protocol = protocol_of(context, config.seeds[0])
+            if is_fkd_store(store):  # imported FKD labels: their recorded batches, replayed
+                check_fkd_store(store, protocol, config.epochs, config.batch_size)
+                context.settings = replace(settings, batch_size=store.batch_size)
+                context.stored_labels = FkdLabels.for_set(store, info)
+                return context
             if store.layout.top_k is not None:
                 protocol["temperature"] = config.temperature
             check_protocol(store, protocol, config.epochs)
@@ -491,7 +497,9 @@ class EvalContext:
             student=self.student_arch, student_kwargs=self.student_kwargs,
             batch_size=self.settings.batch_size, ipc=self.ipc,
         )  # fmt: skip
-        if self.workers > 0 or self.stored_labels is not None:
+        if isinstance(self.stored_labels, FkdLabels):
+            identity["config"]["augmentation"] = "FKD replay (recorded crops, flips, mixes)"
+        elif self.workers > 0 or self.stored_labels is not None:
             # Workers draw another random stream than the in-process augmentation (0).
             identity["config"]["augmentation"] = "workers: per-batch seeds"
         if self.stored_labels is not None:

@@ -320,4 +320,6 @@ def trim_identity(config_identity: dict[str, Any]) -> None:
 def warn_unsupported(config: EvalSettings) -> None:
     """A WARNING for each thing ``config``'s protocol does that delt eval does not."""
     for gap in PROTOCOLS[config.protocol].not_supported:
+        if gap is _STORED_LABELS and getattr(config, "labels", None):
+            continue  # --labels: stored labels are what this evaluation trains on
         logger.warning("eval: --protocol %s: not done here: %s", config.protocol, gap)

@@ -99,33 +99,52 @@ class StoreLayout:
     dtype: str
     arrays: dict[str, tuple[str, tuple[int, ...], int]]
     epoch_bytes: int
+    replay: str | None = None
 
     @classmethod
-    def plan(cls, epochs: int, rows: int, num_classes: int, top_k: int | None, dtype: str):
+    def plan(
+        cls, epochs: int, rows: int, num_classes: int, top_k: int | None, dtype: str,
+        replay: str | None = None,
+    ):  # fmt: skip
+        """``replay="fkd"``: an imported FKD folder's recorded augmentation besides the logits,
+        per row: ``coords`` (4 float32: top, left, height, width as fractions), ``flip``
+        (uint8), ``partner`` (int32, the mixing partner's row in its batch; -1: none) and
+        ``mix`` (5 float64: λ and the CutMix box, NaN where absent) (:mod:`delt.fkd_labels`)."""
         value_dtype = "float32" if dtype == "fp32" else "float16" if dtype == "fp16" else "int16"
         width = num_classes if top_k is None else top_k
         specs = [("order", "int32", (rows,)), ("values", value_dtype, (rows, width))]
         if top_k is not None:
             index_dtype = "int16" if num_classes <= 2**15 else "int32"
             specs += [("indices", index_dtype, (rows, top_k)), ("fill", value_dtype, (rows,))]
+        if replay == "fkd":
+            specs += [
+                ("coords", "float32", (rows, 4)), ("flip", "uint8", (rows,)),
+                ("partner", "int32", (rows,)), ("mix", "float64", (rows, 5)),
+            ]  # fmt: skip
+        elif replay is not None:
+            raise FileFormatError(f"unknown replay {replay!r}")
         arrays, offset = {}, 0
         for name, numpy_dtype, shape in specs:
             arrays[name] = (numpy_dtype, shape, offset)
             offset = _aligned(offset + np.dtype(numpy_dtype).itemsize * math.prod(shape))
-        return cls(epochs, rows, num_classes, top_k, dtype, arrays, offset)
+        return cls(epochs, rows, num_classes, top_k, dtype, arrays, offset, replay)
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "epochs": self.epochs, "rows": self.rows, "num_classes": self.num_classes,
             "top_k": self.top_k, "dtype": self.dtype, "epoch_bytes": self.epoch_bytes,
             "arrays": {k: [d, list(s), o] for k, (d, s, o) in self.arrays.items()},
         }  # fmt: skip
+        if self.replay is not None:  # absent otherwise: older stores keep their digests
+            data["replay"] = self.replay
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> StoreLayout:
         layout = cls.plan(
             int(data["epochs"]), int(data["rows"]), int(data["num_classes"]),
             None if data["top_k"] is None else int(data["top_k"]), str(data["dtype"]),
+            data.get("replay"),
         )  # fmt: skip
         if layout.to_json() != data:
             raise FileFormatError("the layout does not match its own sizes")
@@ -270,6 +289,11 @@ class LabelStore:
 
     def order(self, epoch: int) -> Tensor:
         return self._tensor(epoch, "order", slice(None)).long()
+
+    def rows(self, epoch: int, name: str, rows: slice) -> Tensor:
+        """Rows ``rows`` of epoch ``epoch``'s array ``name`` (a copy, as stored)."""
+        self._check_epoch(epoch)
+        return self._tensor(epoch, name, rows)
 
     def check_order(self, epoch: int, order: Tensor) -> None:
         self._check_epoch(epoch)

@@ -366,6 +366,8 @@ class StudentTrainer:
         soft_labels: stored teacher logits (``delt eval --labels``) instead of ``teacher``:
             the batches are then always augmented from per-batch seeds (:func:`draw_epoch`),
             in this process with ``workers=0``, so any ``workers`` gives the same batches.
+            A source with ``replay_epoch`` (imported FKD labels, :mod:`delt.fkd_labels`) also
+            gives each epoch's batches, augmented and mixed as recorded.
 
     The images given to :meth:`train_epoch` may live on the host in their stored dtype (float32
     normalized, or uint8 pixels normalized batch by batch): only batches go to ``device``.
@@ -586,7 +588,17 @@ class StudentTrainer:
         count = images.shape[0]
         batch_size = self.settings.batch_size
         losses = []
-        if self.workers == 0 and self.soft_labels is None:
+        replay = getattr(self.soft_labels, "replay_epoch", None)
+        if replay is not None:
+            # Imported FKD labels (delt.fkd_labels): the recorded batches, crops, flips, mixes.
+            for position, (index, batch) in enumerate(replay(self.epochs_done, images)):
+                label_batch = self._to_device(labels.index_select(0, index.to(labels.device)))
+                self._position = position
+                try:
+                    losses.append(self._optimize(self._to_device(batch), label_batch, None, None))
+                finally:
+                    self._position = None
+        elif self.workers == 0 and self.soft_labels is None:
             order = torch.randperm(count, generator=self.generator).to(images.device)
             for start in range(0, count, batch_size):
                 index = order[start : start + batch_size]
