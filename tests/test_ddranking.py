@@ -110,8 +110,17 @@ def test_ddranking_runs_every_accuracy_and_scores_them(own_set, monkeypatch):
     document = json.loads((tiny_set / "ddranking.json").read_text())
     assert result.path == tiny_set / "ddranking.json"
     files = document["evaluations"]
-    assert set(files) == {"set_hard", "set_soft", "random_soft"}
+    assert set(files) == {
+        "set_hard", "set_soft", "random_soft", "set_soft_noaug", "random_soft_noaug"
+    }  # fmt: skip
     assert all(set(lrs) == {"0.001", "0.01"} for lrs in files.values())
+    for name in ("set_soft_noaug", "random_soft_noaug"):
+        for path in files[name].values():
+            evaluation = json.loads(open(path).read())
+            assert evaluation["identity"]["config"]["augment"] is False
+            assert evaluation["method"] == ("random-real" if name.startswith("random") else "cda")
+    for path in files["set_soft"].values():  # the with-augmentation runs are LRS's own
+        assert "augment" not in json.loads(open(path).read())["identity"]["config"]
     hard = {lr: json.loads(open(path).read()) for lr, path in files["set_hard"].items()}
     for evaluation in hard.values():
         assert evaluation["identity"]["config"]["protocol"] == "dd-ranking"
@@ -120,6 +129,13 @@ def test_ddranking_runs_every_accuracy_and_scores_them(own_set, monkeypatch):
     assert random_doc["method"] == "random-real"
     full = document["full_data"]
     assert full["arch"] == "convnet2" and full["epochs"] == 1 and not full["given"]
+    recipe = full["recipe"]
+    assert (recipe["lr"], recipe["lr_schedule"], recipe["lr_step_epochs"]) == (0.01, "step", 100)
+    assert not recipe["nesterov"] and recipe["label_smoothing"] == 0.0
+    assert recipe["augment"] == "none" and recipe["test_every"] == 20
+    assert full["tests"] == {"1": full["accuracy_percent"]} and full["best_epoch"] == 1
+    teacher = json.loads((tiny_set / "ddranking-full-data" / "teacher.json").read_text())
+    assert teacher["config"]["lr_schedule"] == "step" and teacher["config"]["decay_all"]
     for run in document["runs"]:
         seed = run["seed"]
         best_hard = max(
@@ -136,8 +152,28 @@ def test_ddranking_runs_every_accuracy_and_scores_them(own_set, monkeypatch):
         assert run["fraction"]["lrs"] == pytest.approx(expected.lrs)
         assert -1 <= run["fraction"]["alpha"] <= 1 and 0 <= run["fraction"]["lrs"] <= 1
         assert run["percent_convention"]["hlr"] == pytest.approx(100 * run["fraction"]["hlr"])
+        noaug = {
+            name: max(
+                entry["best_accuracy"]
+                for path in files[name].values()
+                for entry in json.loads(open(path).read())["seeds"]
+                if entry["seed"] == seed
+            )
+            for name in ("set_soft_noaug", "random_soft_noaug")
+        }
+        assert {k: accuracies[k] for k in noaug} == noaug
+        order = ("set_soft", "random_soft", "set_soft_noaug", "random_soft_noaug")
+        beta, ars = augmentation_robust_score(*(accuracies[key] / 100 for key in order))
+        assert run["fraction"]["beta"] == pytest.approx(beta)
+        assert run["fraction"]["ars"] == pytest.approx(ars) and 0 <= ars <= 1
+        assert run["percent_convention"]["beta"] == pytest.approx(100 * beta)
+        assert run["percent_convention"]["ars"] == pytest.approx(
+            augmentation_robust_score(*(accuracies[key] for key in order), unit="percent")[1]
+        )
     lrs = [run["fraction"]["lrs"] for run in document["runs"]]
     assert result.lrs_mean == pytest.approx(sum(lrs) / 2)
+    ars = [run["fraction"]["ars"] for run in document["runs"]]
+    assert document["ars_mean"] == pytest.approx(sum(ars) / 2) and not document["not_computed"]
 
     # A rerun trains nothing: every evaluation and the full-data student are cached.
     import delt.student_trainer as trainer_module
@@ -153,9 +189,11 @@ def test_ddranking_runs_every_accuracy_and_scores_them(own_set, monkeypatch):
 def test_ddranking_takes_a_given_full_data_accuracy(own_set):
     config = DDRankingConfig(
         distilled=str(own_set), seeds=(0,), epochs=1, lr_grid=("0.001",), soft_lr=0.001,
-        full_data_accuracy=100.0, progress=False,
+        full_data_accuracy=100.0, ars=False, progress=False,
     )  # fmt: skip
     result = run_ddranking(config)
+    assert result.document["ars_mean"] is None and result.document["not_computed"]
+    assert "set_soft_noaug" not in result.document["evaluations"]
     run = result.document["runs"][0]
     assert result.document["full_data"] == {"accuracy_percent": 100.0, "given": True}
     assert run["fraction"]["hlr"] == pytest.approx(1 - run["accuracy_percent"]["set_hard"] / 100)

@@ -203,6 +203,7 @@ def test_an_existing_teacher_is_used_and_recorded(run_module, tmp_path, monkeypa
 def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monkeypatch):
     # --students: RUN/distilled/eval-STUDENT.json, tested every --students-eval-every epochs,
     # listed by results.md's other evaluations; no table of its own.
+    import delt.compare
     import delt.evaluate
 
     def distill(config, print_summary=True):
@@ -224,8 +225,17 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
         )  # fmt: skip
         return SimpleNamespace(accuracy_mean=accuracy, document={"wall_seconds": 1.0}, reused=False)
 
+    def run_compare(compare_config):
+        # delt compare of the run's set: the evaluation delt distill made, named by compare.json.
+        (folder,) = compare_config.sets
+        accuracy = 80.0 if "random-real" in folder else 83.0
+        document = {"budgets": [{"evaluations": [
+            {"mean": accuracy, "std": 0.0, "eval": f"{folder}/eval.json"}]}]}  # fmt: skip
+        return SimpleNamespace(out=Path(compare_config.out), document=document)
+
     _fake_pipeline(monkeypatch, tmp_path, [], distill=distill)
     monkeypatch.setattr(delt.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(delt.compare, "run_compare", run_compare)
     run_module.main(["--out", str(tmp_path), "--ipcs", "10", "--seeds", "0",
                      "--methods", "random-real,delt", "--students", "convnet4",
                      "--students-eval-every", "25"])  # fmt: skip
@@ -235,6 +245,10 @@ def test_students_land_in_the_other_evaluations_table(run_module, tmp_path, monk
     assert row in markdown
     assert "+4.00 ± 0.00 |" in markdown
     assert not list(tmp_path.glob("results-students*"))
+    (line, _) = (tmp_path / "progress.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert record["compare"] == str(tmp_path / "random-real/ipc10/seed0/compare/compare.json")
+    assert record["eval"].endswith("random-real/ipc10/seed0/distilled/eval.json")
 
 
 def test_the_variant_reaches_distill(run_module, tmp_path, monkeypatch):
@@ -462,3 +476,37 @@ def test_committed_tables_regenerate_from_their_progress_logs(
         assert json.dumps(document[key], indent=2) == json.dumps(saved[key], indent=2), key
     assert {**saved["args"], "out": str(tmp_path)}.items() <= document["args"].items()
     assert list(document) == list(saved)
+
+
+def test_delt_compare_reuses_the_evaluation_delt_distill_made(
+    run_module, tiny_set, tiny_teacher, tmp_path, monkeypatch
+):
+    # run.py's path: delt distill evaluates the run's set (DistillConfig.eval_config), then
+    # delt compare of that set (compare_config) names that very eval.json and trains nothing.
+    import shutil
+
+    import delt.student_trainer
+    from delt.compare import run_compare
+    from delt.evaluate import evaluate
+
+    config = run_module.parse_args(
+        ["--out", str(tmp_path), "--ipcs", "2", "--seeds", "1", "--methods", "cda",
+         "--teacher", str(tiny_teacher.path), "--eval-epochs", "2", "--eval-every", "1",
+         "--amp", "none", "--students", ""]
+    )  # fmt: skip
+    (job,) = run_module.plan_jobs(config)
+    distilled = job.folder / "distilled"
+    shutil.copytree(tiny_set, distilled, ignore=shutil.ignore_patterns("eval*", "chunks", ".lock"))
+    made = evaluate(job.distill.eval_config(distilled, str(tiny_teacher.path)))
+    assert made.path == distilled / "eval.json" and not made.reused
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("delt compare trained again")
+
+    monkeypatch.setattr(delt.student_trainer.StudentTrainer, "train_epoch", no_training)
+    compared = run_compare(run_module.compare_config(config, job))
+    accuracy, std, source = run_module.compared_accuracy(compared.document)
+    assert source == str(distilled / "eval.json")
+    assert (accuracy, std) == (made.accuracy_mean, made.accuracy_std)
+    assert compared.document["seeds"] == [1] and compared.document["epochs"] == [2]
+    assert (job.folder / "compare" / "compare.json").is_file()

@@ -238,8 +238,10 @@ def test_a_shorter_evaluation_reads_the_first_epochs_of_a_store(tiny_set, full_s
 
 
 def test_bad_relabel_flags_are_refused(tiny_set, tmp_path):
-    with pytest.raises(ConfigError, match="--teachers"):
-        RelabelConfig(distilled=str(tiny_set), teachers=("a.pt", "b.pt"))
+    # An ensemble's teachers are each one teacher (tests/test_teachers.py has the ensembles).
+    own = json.loads((tiny_set / "manifest.json").read_text())["teacher"]["path"]
+    with pytest.raises(ConfigError, match="--teachers .*the same teacher"):
+        _relabel(tiny_set, tmp_path / "t.labels", teachers=(own,))
     with pytest.raises(ConfigError, match="--top-k 4 keeps every one of the 4 classes"):
         _relabel(tiny_set, tmp_path / "x.labels", top_k=4)
 

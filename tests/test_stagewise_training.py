@@ -5,12 +5,28 @@ import pytest
 import torch
 from delt.data import load_like
 from delt.models import build_model, load_checkpoint
-from delt.stagewise_training import stage_lr_factors, stagewise_plan, train_stagewise
+from delt.stagewise_training import STAGE_SCHEDULES, StagePlan, stagewise_plan, train_stagewise
 from delt.student_augment import StudentAugment
 from delt.student_trainer import StudentTrainer, TrainSettings, half_cosine_factor
 
 # --------------------------------------------------------------------------------------------
 # The schedule (pure)
+
+
+def stage_lr_factors(plan: list[StagePlan], schedule: str) -> list[float]:
+    """The expected LR factor (times the base LR) of every epoch of a stage-wise training, in order.
+
+    ``restart``: DELT's half-cosine over each stage's epochs, from 1 at every stage start;
+    ``continue``: one half-cosine over all epochs (a plain evaluation's curve).
+    """
+    if schedule not in STAGE_SCHEDULES:
+        raise ValueError(f"schedule must be one of {STAGE_SCHEDULES}, got {schedule!r}")
+    total = sum(stage.epochs for stage in plan)
+    if schedule == "continue":
+        return [half_cosine_factor(epoch, total) for epoch in range(total)]
+    return [
+        half_cosine_factor(epoch, stage.epochs) for stage in plan for epoch in range(stage.epochs)
+    ]
 
 
 def test_plan_splits_the_epochs_and_counts_the_steps():

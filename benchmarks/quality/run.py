@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # delt is imported when needed: --help answers without torch
+    from delt.compare import CompareConfig
     from delt.comparison import RunRecord
     from delt.pipeline import DistillConfig
 
@@ -431,15 +432,54 @@ def prepare_teacher(config: QualityConfig, jobs: list[Job]) -> None:
             raise SystemExit(f"--methods {checkpoints[0].method}: {error}") from None
 
 
+def compare_config(config: QualityConfig, job: Job, student: str | None = None) -> CompareConfig:
+    """``delt compare`` of a run's set (``RUN/distilled``) with the run's evaluation seeds, its
+    teacher and the benchmark's student protocol (``--student``: another student, tested every
+    ``--students-eval-every`` epochs), into ``RUN/compare`` (``RUN/compare-STUDENT``)."""
+    from delt.compare import CompareConfig
+
+    return CompareConfig(
+        sets=(str(job.folder / "distilled"),), seeds=tuple(job.eval_seeds),
+        epochs=(config.eval_epochs,), teacher=str(config.teacher_path),
+        data_root=config.data_root, student=student,
+        student_width=config.width if student and student.startswith("convnet") else None,
+        eval_every=config.students_eval_every if student else config.eval_every,
+        batch_size=job.distill.eval_batch_size, amp=config.amp, channels_last=True,
+        device=config.device, progress=False,
+        out=str(job.folder / ("compare" if student is None else f"compare-{student}")),
+    )  # fmt: skip
+
+
+def compared_accuracy(document: dict) -> tuple[float, float, str]:
+    """A one-set ``compare.json``'s (accuracy mean, std, the ``eval.json`` it comes from)."""
+    (budget,) = document["budgets"]
+    (evaluation,) = budget["evaluations"]
+    return evaluation["mean"], evaluation["std"], evaluation["eval"]
+
+
 def run_job(config: QualityConfig, job: Job) -> None:
-    """``delt distill`` of one job (finished steps are reused), its line in
-    ``OUT/progress.jsonl``, then its ``--students`` evaluations."""
+    """``delt distill`` of one job (finished steps are reused), then ``delt compare`` of its set
+    (:func:`compare_config`: it reuses the evaluation ``delt distill`` made, the same ``delt
+    eval`` identity, and names it), its line in ``OUT/progress.jsonl`` with compare's accuracy,
+    then its ``--students`` evaluations."""
+    from delt.compare import run_compare
     from delt.pipeline import distill
 
     run_started = time.time()
     result = distill(job.distill, print_summary=False)
+    compared = run_compare(compare_config(config, job))
+    accuracy, std, source = compared_accuracy(compared.document)
+    if round(accuracy, 2) != round(result.report["accuracy_mean"], 2):
+        raise SystemExit(
+            f"{job.folder}: delt compare's {accuracy:.2f}% ({source}) is not delt distill's "
+            f"{result.report['accuracy_mean']:.2f}%: the two evaluations differ"
+        )
     record = {
         **result.report,
+        "accuracy_mean": accuracy,
+        "accuracy_std": std,
+        "compare": str(compared.out / "compare.json"),
+        "eval": source,
         "run": str(job.folder),
         "variant": job.method,
         "seed": job.distill.seed,
@@ -465,20 +505,16 @@ def run_job(config: QualityConfig, job: Job) -> None:
 
 
 def evaluate_student(config: QualityConfig, job: Job, student: str) -> None:
-    """``delt eval --student STUDENT`` of a run's set (the set's teacher labels it), into
+    """``delt eval --student STUDENT`` of a run's set (the set's teacher labels it), configured
+    as ``delt compare --student STUDENT`` configures it (:func:`compare_config`), into
     ``RUN/distilled/eval-STUDENT.json``: a row of results.md's table of other evaluations."""
-    from delt.evaluate import EvalConfig, evaluate
+    from delt.evaluate import evaluate
 
     distilled = job.folder / "distilled"
-    result = evaluate(
-        EvalConfig(
-            distilled=str(distilled), teacher=str(config.teacher_path), student=student,
-            student_width=config.width if student.startswith("convnet") else None,
-            epochs=config.eval_epochs, seeds=tuple(job.eval_seeds),
-            eval_every=config.students_eval_every, amp=config.amp, channels_last=True,
-            out=str(distilled / f"eval-{student}.json"), device=config.device, progress=False,
-        )
-    )  # fmt: skip
+    eval_config = compare_config(config, job, student).eval_config(
+        distilled, config.eval_epochs, distilled / f"eval-{student}.json"
+    )
+    result = evaluate(eval_config)
     print(
         f"{job.method:>11} IPC {job.ipc:>2} student {student}: {result.accuracy_mean:6.2f}% "
         f"({result.document['wall_seconds']:.0f} s{', cached' if result.reused else ''})",

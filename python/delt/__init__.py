@@ -24,8 +24,9 @@ of lower floors or ones listed before it on its own floor, never another module'
     teacher, select,        `delt teacher` (and `--import`), `delt select`, `delt import` (a
       import_released,      released set); `delt stats` (per-class BN statistics: the file,
       stats                 its collection)
-    matching, method,       the matching target (--match: running or per-class BN
-      chunks, synthesis,    statistics); the method registry, the options every method
+    matching, teachers,     the matching target (--match: running or per-class BN
+      method, chunks,       statistics); several teachers (--teachers: policies, weights,
+      synthesis,            ensembles); the method registry, the options every method
       chunk_groups          shares and the components; the chunk store (resume); the chunk
                             optimizer, run setup, the output writer; K chunks per teacher step
     methods.pixels,         the pixel-optimizing method and its plain one-set recovery;
@@ -65,7 +66,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "protocols",
     ),
     ("teacher", "select", "import_released", "stats"),
-    ("matching", "method", "chunks", "synthesis", "chunk_groups"),
+    ("matching", "teachers", "method", "chunks", "synthesis", "chunk_groups"),
     (
         "methods.pixels",
         "methods.sre2l",

@@ -53,7 +53,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -68,22 +67,25 @@ from delt.method import DEFAULT_ROUND_ITERATIONS, MethodRecipe, SynthesisConfig,
 from delt.methods.pixels import PixelMethod
 from delt.models import build_model, load_checkpoint
 from delt.recover import RecoverConfig
-from delt.runtime import machine, resolve_device, versions
+from delt.runtime import machine, resolve_device, versions, with_threads
 from delt.schedules import chunk_schedule, cosine_lr, early_late_iterations
 from delt.synthesis import frozen_teacher, optimize_chunk, recovery_settings
 
 __all__ = [
     "REPORTED_HOURS",
     "ROWS",
-    "BenchRow",
     "BenchSetup",
     "EagerBNHook",
     "SynthesisBenchConfig",
+    "bench_header",
+    "bench_info",
     "format_table",
     "imagenet_image_iterations",
     "prepare_rows",
     "reference_loop",
     "run_synthesis_bench",
+    "synchronize",
+    "timed",
 ]
 
 
@@ -175,23 +177,6 @@ class SynthesisBenchConfig:
                 f"--batch-size {self.batch_size} > --classes {self.classes}: a {self.method} "
                 "chunk holds one image per class"
             )
-
-
-@dataclass
-class BenchRow:
-    """One row's result. Times in seconds; ``None`` where not measured (CPU memory, ratios
-    without a reference row)."""
-
-    row: str
-    method: str
-    median_seconds: float
-    run_seconds: list[float]
-    ms_per_iteration: float
-    image_iterations_per_second: float
-    vs_reference: float | None
-    floor_over_row: float | None
-    peak_memory_mib: float | None
-    imagenet_hours: dict[str, float]
 
 
 def imagenet_image_iterations(method: str, ipc: int) -> int:
@@ -320,12 +305,7 @@ def _build_cases(config: SynthesisBenchConfig, device: torch.device) -> list[_Ca
         checkpoint = load_checkpoint(config.teacher)
         teacher, info = checkpoint.model, checkpoint.info
     else:
-        info = DatasetInfo(
-            name="bench", num_classes=config.classes, channels=config.channels,
-            resolution=config.resolution, mean=(_MEAN,) * config.channels,
-            std=(_STD,) * config.channels,
-            class_names=tuple(f"class{c}" for c in range(config.classes)),
-        )  # fmt: skip
+        info = bench_info(config.classes, config.channels, config.resolution)
         teacher = build_model(config.arch, info)
     teacher = teacher.to(device).eval().requires_grad_(False)
     recipe = _presets()[config.method]
@@ -462,26 +442,53 @@ def _one_after_another(runs: list[Callable[[], None]]) -> Callable[[], None]:
     return run
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for ``device`` (a no-op on the CPU): call before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bench_header(config, device: torch.device, where: dict, load_before: tuple) -> dict:
+    """The set-up keys of a bench document: ``config``, ``device``, ``machine``, ``versions``
+    and the ``load_average`` from ``load_before`` to now (call it when the timing ends)."""
+    return {
+        "config": dataclasses.asdict(config),
+        "device": str(device),
+        "machine": where,
+        "versions": versions(),
+        "load_average": {"start": list(load_before), "end": list(os.getloadavg())},
+    }
+
+
+def timed(run: Callable[[], None], device: torch.device) -> float:
+    """Seconds that ``run()`` takes on ``device``, synchronized before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_info(classes: int, channels: int, resolution: int) -> DatasetInfo:
+    """The dataset of a bench's untrained models and random images (mean 0.5, std 0.25)."""
+    return DatasetInfo(
+        name="bench", num_classes=classes, channels=channels, resolution=resolution,
+        mean=(_MEAN,) * channels, std=(_STD,) * channels,
+        class_names=tuple(f"class{c}" for c in range(classes)),
+    )  # fmt: skip
 
 
 def run_synthesis_bench(config: SynthesisBenchConfig) -> dict:
     """Runs the benchmark; prints the table; returns (and with ``--json`` writes) the results.
 
     Returns:
-        ``{"config", "machine", "load_average", "schedule", "rows": [BenchRow as dict, ...],
-        "reported_hours"}``.
+        ``{"config", "device", "machine", "versions", "load_average", "schedule", "rows": [{row,
+        method, median_seconds, run_seconds, ms_per_iteration, image_iterations_per_second,
+        vs_reference, floor_over_row, peak_memory_mib (None on a CPU), imagenet_hours}, ...],
+        "reported_hours"}``; times in seconds, ratios None without their row.
     """
     device = resolve_device(config.device)
-    before = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        return _run(config, device)
-    finally:
-        torch.set_num_threads(before)
+    return with_threads(config.threads, lambda: _run(config, device))
 
 
 @dataclass
@@ -501,7 +508,7 @@ class BenchSetup:
 
     def synchronize(self) -> None:
         """Waits for the device (a no-op on the CPU): call before reading a clock."""
-        _sync(self.device)
+        synchronize(self.device)
 
 
 def prepare_rows(config: SynthesisBenchConfig, device: torch.device | None = None) -> BenchSetup:
@@ -542,51 +549,43 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
         for row, run in rows.items():  # warm-up: first-call dispatch, allocator, compilation
             bar.set_postfix(row=row, refresh=False)
             run()
-            _sync(device)
+            synchronize(device)
             bar.update()
         for _ in range(config.repeats):
             for row, run in rows.items():
                 bar.set_postfix(row=row, refresh=False)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                _sync(device)
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                times[row].append(time.perf_counter() - start)
+                times[row].append(timed(run, device))
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
                     peaks[row] = max(peaks.get(row, 0.0), peak)
                 bar.update()
-    load_after = os.getloadavg()
+    header = bench_header(config, device, where, load_before)
     image_iterations = setup.image_iterations
     medians = {row: statistics.median(values) for row, values in times.items()}
     results = []
     for row, median in medians.items():
         rate = image_iterations / median
         results.append(
-            BenchRow(
-                row=row,
-                method=config.method,
-                median_seconds=median,
-                run_seconds=times[row],
-                ms_per_iteration=1e3 * median / setup.iterations,
-                image_iterations_per_second=rate,
-                vs_reference=medians["reference"] / median if "reference" in medians else None,
-                floor_over_row=medians["floor"] / median if "floor" in medians else None,
-                peak_memory_mib=peaks.get(row),
-                imagenet_hours={
+            {
+                "row": row,
+                "method": config.method,
+                "median_seconds": median,
+                "run_seconds": times[row],
+                "ms_per_iteration": 1e3 * median / setup.iterations,
+                "image_iterations_per_second": rate,
+                "vs_reference": medians["reference"] / median if "reference" in medians else None,
+                "floor_over_row": medians["floor"] / median if "floor" in medians else None,
+                "peak_memory_mib": peaks.get(row),
+                "imagenet_hours": {
                     f"ipc{ipc}": imagenet_image_iterations(config.method, ipc) / rate / 3600
                     for ipc in (10, 50)
                 },
-            )
+            }
         )
     document = {
-        "config": dataclasses.asdict(config),
-        "device": str(device),
-        "machine": where,
-        "versions": versions(),
-        "load_average": {"start": list(load_before), "end": list(load_after)},
+        **header,
         "schedule": {
             "chunks": config.chunks_per_step,
             "iterations": setup.iterations,
@@ -594,12 +593,12 @@ def _run(config: SynthesisBenchConfig, device: torch.device) -> dict:
             "image_iterations": image_iterations,
             "input_shape": list(setup.input_shape),
         },
-        "rows": [dataclasses.asdict(row) for row in results],
+        "rows": results,
         "reported_hours": {"ipc50": REPORTED_HOURS},
     }
     print(format_table(document))
     if config.json is not None:
-        write_json(Path(config.json), document)
+        write_json(config.json, document)
     return document
 
 

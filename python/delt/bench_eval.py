@@ -35,25 +35,23 @@ measured rate.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from delt.batches import evaluate_accuracy, inference_copy, test_batch_size
+from delt.bench import bench_header, bench_info, timed
 from delt.config import ConfigError, check_int_fields, option
 from delt.data import DatasetInfo, TensorImageDataset
 from delt.io import write_json
 from delt.models import build_model
-from delt.runtime import machine, resolve_device, versions
+from delt.runtime import machine, resolve_device, with_threads
 from delt.student_augment import StudentAugment, apply_cutmix, sample_cutmix
 from delt.student_trainer import (
     PROTOCOL,
@@ -128,11 +126,7 @@ class _Case:
 
 
 def _build_case(config: EvalBenchConfig, device: torch.device) -> _Case:
-    info = DatasetInfo(
-        name="bench", num_classes=config.classes, channels=config.channels,
-        resolution=config.resolution, mean=(0.5,) * config.channels, std=(0.25,) * config.channels,
-        class_names=tuple(str(k) for k in range(config.classes)),
-    )  # fmt: skip
+    info = bench_info(config.classes, config.channels, config.resolution)
     kwargs = {"width": config.width} if config.arch.startswith("convnet") else {}
     torch.manual_seed(config.seed)
     teacher = build_model(config.arch, info, kwargs).to(device).eval().requires_grad_(False)
@@ -286,19 +280,6 @@ def prepare_eval_rows(config: EvalBenchConfig, device: torch.device | None = Non
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(run: Callable[[], None], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    run()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def projected_hours(ms_per_step: float, ms_per_test_image: float) -> dict[str, float]:
     """Hours of a 300-epoch, 3-seed ``delt eval`` (31 test passes) per dataset and IPC, from a
     measured step time and test time per image (valid only for the measured arch/resolution)."""
@@ -325,13 +306,7 @@ def run_eval_bench(config: EvalBenchConfig) -> dict:
         projected_hours}, ...]}``.
     """
     device = resolve_device(config.device)
-    before = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        return _run(config, device)
-    finally:
-        torch.set_num_threads(before)
+    return with_threads(config.threads, lambda: _run(config, device))
 
 
 def _run(config: EvalBenchConfig, device: torch.device) -> dict:
@@ -348,10 +323,10 @@ def _run(config: EvalBenchConfig, device: torch.device) -> dict:
             bar.update()
         for _ in range(config.repeats):
             for row, (epoch, test) in setup.rows.items():
-                epochs[row].append(_timed(epoch, device))
-                tests[row].append(_timed(test, device))
+                epochs[row].append(timed(epoch, device))
+                tests[row].append(timed(test, device))
                 bar.update()
-    load_after = os.getloadavg()
+    header = bench_header(config, device, where, load_before)
     epoch_median = {row: statistics.median(values) for row, values in epochs.items()}
     test_median = {row: statistics.median(values) for row, values in tests.items()}
     rows = []
@@ -378,19 +353,10 @@ def _run(config: EvalBenchConfig, device: torch.device) -> dict:
                 "projected_hours": projected_hours(ms_per_step, ms_per_test_image),
             }
         )
-    document = {
-        "config": dataclasses.asdict(config),
-        "device": str(device),
-        "machine": where,
-        "versions": versions(),
-        "load_average": {"start": list(load_before), "end": list(load_after)},
-        "steps": setup.steps,
-        "step_batch": config.step_batch,
-        "rows": rows,
-    }
+    document = {**header, "steps": setup.steps, "step_batch": config.step_batch, "rows": rows}
     print(format_eval_table(document))
     if config.json is not None:
-        write_json(Path(config.json), document)
+        write_json(config.json, document)
     return document
 
 

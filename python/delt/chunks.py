@@ -231,7 +231,5 @@ class ChunkStore:
         for chunk in chunks:
             if chunk.index not in seconds_of:
                 place(chunk, *self.load(chunk))  # made by another rank
-        synthesis_seconds = 0.0
-        for chunk in chunks:  # summed in chunk order, whoever made them
-            synthesis_seconds += seconds_of[chunk.index]
-        return images, iterations_per_image, synthesis_seconds
+        # Summed in chunk order, whoever made them.
+        return images, iterations_per_image, sum((seconds_of[chunk.index] for chunk in chunks), 0.0)

@@ -125,7 +125,8 @@ def _show_ddranking(config: DDRankingConfig, result) -> None:
     for unit, label in (("fraction", "fractions"), ("percent_convention", "DD-Ranking's %")):
         parts = ", ".join(
             f"{key.upper()} {summary[unit][key]['mean']:.4f} ± {summary[unit][key]['std']:.4f}"
-            for key in ("hlr", "ior", "lrs")
+            for key in ("hlr", "ior", "lrs", "ars")
+            if key in summary[unit]
         )
         print(f"ddranking: {parts} (accuracies as {label})")
     print(f"ddranking: LRS {result.lrs_mean:.4f} ± {result.lrs_std:.4f} -> {result.path}")
@@ -197,7 +198,7 @@ COMMANDS: dict[str, Command] = {
         _show_eval,
     ),
     "ddranking": Command(
-        "DD-Ranking's HLR, IOR and LRS of a set (accuracies as fractions; ddranking.json)",
+        "DD-Ranking's HLR, IOR, LRS and ARS of a set (fractions; ddranking.json)",
         DDRankingConfig,
         run_ddranking,
         _show_ddranking,

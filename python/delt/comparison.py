@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from delt.config import config_diff, flag
+from delt.eval_results import mean_std
 from delt.evaluate import EvalConfig
 from delt.io import atomic_open
 from delt.report import markdown_table, pool_reports
@@ -102,8 +103,7 @@ class PairedGain:
 
     def to_dict(self) -> dict:
         """The JSON form: ``ipc``, ``method``, ``gains``, ``mean``, ``std``."""
-        return {"ipc": self.ipc, "method": self.method, "gains": dict(self.gains),
-                "mean": self.mean, "std": self.std}  # fmt: skip
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,8 @@ class OtherEvaluation:
 
     def to_dict(self) -> dict:
         """The JSON form; ``gains``, ``gain_mean`` and ``gain_std`` only where paired."""
-        document = {"evaluation": self.evaluation, "protocol": self.protocol, "ipc": self.ipc,
-                    "method": self.method, "accuracies": dict(self.accuracies),
-                    "mean": self.mean, "std": self.std}  # fmt: skip
+        document = dataclasses.asdict(self)
+        del document["gain"]
         if self.gain is not None:
             document.update(
                 gains=dict(self.gain.gains), gain_mean=self.gain.mean, gain_std=self.gain.std
@@ -158,10 +157,9 @@ def paired_gains(
         if method != baseline and (baseline, ipc, seed) in accuracies:
             rows.setdefault((ipc, method), {})[seed] = value - accuracies[(baseline, ipc, seed)]
     return [
-        PairedGain(ipc, method, dict(sorted(gains.items())),
-                   float(np.mean(list(gains.values()))), float(np.std(list(gains.values()))))
+        PairedGain(ipc, method, dict(sorted(gains.items())), *mean_std(list(gains.values())))
         for (ipc, method), gains in rows.items()
-    ]  # fmt: skip
+    ]
 
 
 def run_accuracies(runs: Sequence[RunRecord]) -> dict[tuple[str, int, Seed], float]:

@@ -173,10 +173,11 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
 
 
 def _tuple_item_type(annotation: Any) -> type | None:
-    """``int`` for ``tuple[int, ...]`` (``str`` likewise); None for any other annotation."""
+    """``int`` for ``tuple[int, ...]`` (``float``, ``str`` likewise); None for any other
+    annotation."""
     if get_origin(annotation) is tuple:
         args = get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, str):
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float, str):
             return args[0]
     return None
 
@@ -218,31 +219,25 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for field in sorted(fields, key=lambda field: field.metadata.get("group") is not None):
         annotation, _ = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
-        required = (
-            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        )
-        if required:
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             kwargs["required"] = True
             kwargs["help"] += " (required)"
         else:
             kwargs["default"] = field.default
             if field.default is not None and annotation is not bool:
                 shown = field.default
-                if isinstance(shown, tuple):
-                    shown = ",".join(map(str, shown))
+                shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
                 kwargs["help"] += f" (default: {shown})"
         item_type = _tuple_item_type(annotation)
         if item_type is not None:
-            kwargs["action"] = _ExtendSplit
-            kwargs["item_type"] = item_type
-            kwargs["nargs"] = "+"
-            kwargs["metavar"] = field.name.upper()
+            kwargs.update(
+                action=_ExtendSplit, item_type=item_type, nargs="+", metavar=field.name.upper()
+            )
         elif annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(annotation) is Literal:
             choices = get_args(annotation)
-            kwargs["choices"] = choices
-            kwargs["type"] = type(choices[0])
+            kwargs.update(choices=choices, type=type(choices[0]))
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
             choices = field.metadata.get("choices")

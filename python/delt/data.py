@@ -418,19 +418,14 @@ def normalization_note(first: Sequence[str], second: Sequence[str]) -> str:
     """A note on the names of ``first`` that equal one of ``second`` only after Unicode NFC
     normalization (empty if none)."""
     normal = {unicodedata.normalize("NFC", name): name for name in second}
-    pairs = [
-        (name, normal[unicodedata.normalize("NFC", name)])
-        for name in first
-        if unicodedata.normalize("NFC", name) in normal
-        and normal[unicodedata.normalize("NFC", name)] != name
-    ]
-    if not pairs:
-        return ""
-    a, b = pairs[0]
-    return (
-        f"; {shown_name(a)} and {shown_name(b)} differ only in Unicode normalization "
-        "(NFC vs NFD): rename one so that both are spelled alike"
-    )
+    for name in first:
+        other = normal.get(unicodedata.normalize("NFC", name), name)
+        if other != name:
+            return (
+                f"; {shown_name(name)} and {shown_name(other)} differ only in Unicode "
+                "normalization (NFC vs NFD): rename one so that both are spelled alike"
+            )
+    return ""
 
 
 def _shown(names: Sequence[str], limit: int = 5) -> str:

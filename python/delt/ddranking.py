@@ -11,10 +11,13 @@ run from four accuracies:
 
 ``HLR = full_hard − set_hard``, ``IOR = set_soft − random_soft``, ``α = w·IOR − (1 − w)·HLR``
 and ``LRS = (e^α − e^−1) / (e − e^−1)``; ``ARS`` likewise from ``β = γ·(set_aug − random_aug) +
-(1 − γ)·(set_noaug − random_noaug)``. The normalization maps α ∈ [−1, 1] onto [0, 1], which
-holds for accuracies in [0, 1]; DD-Ranking's code passes percentages, so α spans [−100, 100]
-and the score saturates (docs/protocols.md, "DD-Ranking's scores"). The functions here take a
-``unit`` and compute either convention; :func:`run_ddranking` reports the fraction one.
+(1 − γ)·(set_noaug − random_noaug)``: the set and random real images under the soft-label
+recipe (``set_soft``, ``random_soft``) and again with students that see the images without any
+augmentation (``delt eval --no-augment``), every LR searched. The normalization maps
+α ∈ [−1, 1] onto [0, 1], which holds for accuracies in [0, 1]; DD-Ranking's code passes
+percentages, so α spans [−100, 100] and the score saturates (docs/protocols.md, "DD-Ranking's
+scores"). The functions here take a ``unit`` and compute either convention;
+:func:`run_ddranking` reports the fraction one.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from delt.distributed import barrier, is_main, world
 from delt.eval_results import EvalResult
 from delt.evaluate import EvalConfig, evaluate
 from delt.io import read_json, write_json
+from delt.models import read_sidecar
 from delt.runtime import logger, versions
 from delt.teacher import TeacherConfig, train_teacher
 
@@ -47,6 +51,8 @@ __all__ = [
 ]
 
 Unit = Literal["fraction", "percent"]
+# The delt eval runs of delt ddranking (DDRankingConfig.eval_config).
+EVAL_KINDS = ("set-hard", "set-soft", "random-soft", "set-soft-noaug", "random-soft-noaug")
 # DD-Ranking's LR grid (_hyper_param_search_for_hard_label / _for_soft_label).
 LR_GRID = (0.001, 0.005, 0.01, 0.05, 0.1)
 DDRANKING_FORMAT = "delt-ddranking-v1"
@@ -164,6 +170,14 @@ class DDRankingConfig:
         None, help="the set's soft-label LR (its method's); default: searched over --lr-grid"
     )
     weight: float = option(0.5, help="w of alpha = w IOR - (1 - w) HLR")
+    ars: bool = option(
+        True,
+        help="also the augmentation-robust score: the set and random real images again with "
+        "students that see no augmentation (`delt eval --no-augment`, LR searched)",
+    )
+    ars_weight: float = option(
+        0.5, help="gamma of beta = gamma (with augmentation) + (1 - gamma) (without)"
+    )
     full_data_epochs: int | None = option(
         None, help="epochs of the full-data student (`delt teacher`; default: --epochs)"
     )
@@ -197,6 +211,8 @@ class DDRankingConfig:
             raise ConfigError(f"--soft-lr must be a number > 0, got {self.soft_lr}")
         if not 0 <= self.weight <= 1:
             raise ConfigError(f"--weight must be in [0, 1], got {self.weight}")
+        if not 0 <= self.ars_weight <= 1:
+            raise ConfigError(f"--ars-weight must be in [0, 1], got {self.ars_weight}")
         if self.full_data_accuracy is not None and not 0 <= self.full_data_accuracy <= 100:
             raise ConfigError(
                 f"--full-data-accuracy is a top-1 in percent, 0-100, got {self.full_data_accuracy}"
@@ -207,14 +223,17 @@ class DDRankingConfig:
         return tuple(float(text) for text in self.lr_grid)
 
     def eval_config(self, kind: str, lr: float) -> EvalConfig:
-        """The ``delt eval`` run of ``kind`` (``set-hard``, ``set-soft``, ``random-soft``) at
-        ``lr`` under ``--protocol dd-ranking``; its results file
-        ``DISTILLED/eval-ddranking-<kind>-lr<lr>.json``."""
+        """The ``delt eval`` run of ``kind`` (``set-hard``, ``set-soft``, ``random-soft``, and
+        ARS's ``set-soft-noaug``, ``random-soft-noaug``) at ``lr`` under ``--protocol
+        dd-ranking``; its results file ``DISTILLED/eval-ddranking-<kind>-lr<lr>.json``."""
+        if kind not in EVAL_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(EVAL_KINDS)}, got {kind!r}")
         return EvalConfig(
             distilled=self.distilled, teacher=self.teacher, data_root=self.data_root,
             student=self.student, student_width=self.student_width, protocol="dd-ranking",
             epochs=self.epochs, seeds=self.seeds, lr=lr, hard_labels=kind == "set-hard",
-            random_real=kind == "random-soft", amp=self.amp,
+            random_real=kind.startswith("random"), augment=not kind.endswith("-noaug"),
+            amp=self.amp,
             out=str(Path(self.distilled) / f"eval-ddranking-{kind}-lr{lr:g}.json"),
             device=self.device, progress=self.progress,
         )  # fmt: skip
@@ -260,9 +279,33 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(array.mean()), "std": float(array.std())}
 
 
+# DD-Ranking's full-data hard-label training (ddranking/metrics/soft_label.py,
+# _compute_hard_label_metrics with mode='real'; ddranking/utils/train_and_eval.py,
+# REAL_DATA_TRAINING_CONFIG's ConvNet-3 entries, the ones of its 32 px datasets): SGD with plain
+# momentum 0.9 and weight decay 5e-4 on every parameter, LR 0.01 divided by 10 every 100 epochs
+# (StepLR), cross-entropy without label smoothing, the training split without augmentation
+# (use_aug_for_hard false: ToTensor + Normalize), for the evaluation's epochs (num_epochs),
+# tested every 20 epochs, the best test kept; batch: real_batch_size of its soft-label configs.
+FULL_DATA_RECIPE = {
+    "lr": 0.01,
+    "momentum": 0.9,
+    "nesterov": False,
+    "weight_decay": 5e-4,
+    "decay_all": True,
+    "lr_schedule": "step",
+    "lr_step_epochs": 100,
+    "label_smoothing": 0.0,
+    "augment": "none",
+    "batch_size": 1024,
+}
+FULL_DATA_TEST_EVERY = 20
+
+
 def _full_data_accuracy(config: DDRankingConfig, evaluation: dict) -> tuple[float, dict]:
     """The full training data's hard-label top-1 (%) of the student's architecture: measured by
-    ``delt teacher`` (seed: the first of --seeds) in ``DISTILLED/ddranking-full-data/``."""
+    ``delt teacher`` with DD-Ranking's recipe (:data:`FULL_DATA_RECIPE`; seed: the first of
+    --seeds) in ``DISTILLED/ddranking-full-data/``, tested every 20 epochs (its checkpoints) and
+    at the end, the best kept."""
     if config.full_data_accuracy is not None:
         return config.full_data_accuracy, {"given": True}
     student = evaluation["config"]["student"]
@@ -275,10 +318,13 @@ def _full_data_accuracy(config: DDRankingConfig, evaluation: dict) -> tuple[floa
             "its class order; train it with `delt teacher --arch STUDENT` and pass its test "
             "accuracy as --full-data-accuracy"
         )
+    tests = tuple(range(FULL_DATA_TEST_EVERY, epochs + 1, FULL_DATA_TEST_EVERY))
+    amp = "bf16" if config.amp == "bf16" else "none"  # delt teacher has no fp16
     teacher_config = TeacherConfig(
         out=str(Path(config.distilled) / "ddranking-full-data"), dataset=dataset,
         data_root=config.data_root, arch=student, width=kwargs.get("width"), epochs=epochs,
-        seed=config.seeds[0], device=config.device, progress=config.progress,
+        seed=config.seeds[0], amp=amp, save_epochs=tests or None, device=config.device,
+        progress=config.progress, **FULL_DATA_RECIPE,
     )  # fmt: skip
     try:
         result = train_teacher(teacher_config)
@@ -289,13 +335,22 @@ def _full_data_accuracy(config: DDRankingConfig, evaluation: dict) -> tuple[floa
         ) from None
     if result.test_accuracy is None:
         raise ConfigError("delt ddranking: the full-data student has no test accuracy")
-    return float(result.test_accuracy), {
+    meta = read_sidecar(result.path) or {}
+    tested = {int(c["epoch"]): float(c["test_accuracy"]) for c in meta.get("checkpoints", [])}
+    tested[epochs] = float(result.test_accuracy)
+    best_epoch = max(tested, key=lambda epoch: (tested[epoch], -epoch))
+    return tested[best_epoch], {
         "given": False,
         "teacher": str(result.path),
         "arch": student,
         "arch_kwargs": kwargs,
         "epochs": epochs,
-        "recipe": "delt teacher: SGD Nesterov, one-cycle LR, label smoothing 0.1",
+        "tests": {str(epoch): tested[epoch] for epoch in sorted(tested)},
+        "best_epoch": best_epoch,
+        "final_accuracy_percent": float(result.test_accuracy),
+        "recipe": {**FULL_DATA_RECIPE, "test_every": FULL_DATA_TEST_EVERY, "amp": amp},
+        "recipe_source": "DD-Ranking's full-data hard-label training (soft_label.py, mode "
+        "'real'; REAL_DATA_TRAINING_CONFIG, ConvNet-3 entries); differences: docs/protocols.md",
     }
 
 
@@ -317,6 +372,16 @@ def run_ddranking(config: DDRankingConfig) -> DDRankingResult:
     soft_grid = config.grid if config.soft_lr is None else (config.soft_lr,)
     set_soft = lr_search([config.eval_config("set-soft", lr) for lr in soft_grid])
     random_soft = lr_search([config.eval_config("random-soft", lr) for lr in config.grid])
+    noaug: dict[str, LRSearch] = {}
+    if config.ars:
+        # DD-Ranking's ARS: the same runs with students that see no augmentation; the set's LR
+        # as for set_soft (its own, else searched), random real images' searched.
+        noaug["set_soft_noaug"] = lr_search(
+            [config.eval_config("set-soft-noaug", lr) for lr in soft_grid]
+        )
+        noaug["random_soft_noaug"] = lr_search(
+            [config.eval_config("random-soft-noaug", lr) for lr in config.grid]
+        )
     evaluation = read_json(Path(next(iter(set_soft.files.values()))))
     full_hard, full_record = _full_data_accuracy(config, evaluation)
 
@@ -332,24 +397,33 @@ def run_ddranking(config: DDRankingConfig) -> DDRankingResult:
             **{k: v / 100.0 for k, v in accuracies.items()}, weight=config.weight
         )
         percent = label_robust_score(**accuracies, weight=config.weight, unit="percent")
-        runs.append(
-            {
-                "seed": seed,
-                "accuracy_percent": accuracies,
-                "lr": {
-                    "set_hard": set_hard.best_lr[seed],
-                    "set_soft": set_soft.best_lr[seed],
-                    "random_soft": random_soft.best_lr[seed],
-                },
-                "fraction": asdict(fraction),
-                "percent_convention": asdict(percent),
-            }
-        )
-    summary = {
-        unit: {
-            key: _mean_std([run[unit][key] for run in runs])
-            for key in ("hlr", "ior", "alpha", "lrs")
+        run = {
+            "seed": seed,
+            "accuracy_percent": accuracies,
+            "lr": {
+                "set_hard": set_hard.best_lr[seed],
+                "set_soft": set_soft.best_lr[seed],
+                "random_soft": random_soft.best_lr[seed],
+            },
+            "fraction": asdict(fraction),
+            "percent_convention": asdict(percent),
         }
+        if config.ars:
+            for name, search in noaug.items():
+                accuracies[name] = search.best[seed]
+                run["lr"][name] = search.best_lr[seed]
+            order = ("set_soft", "random_soft", "set_soft_noaug", "random_soft_noaug")
+            conventions = (("fraction", "fraction", 100.0), ("percent", "percent_convention", 1.0))
+            for unit, key, scale in conventions:
+                beta, ars = augmentation_robust_score(
+                    *(accuracies[name] / scale for name in order), weight=config.ars_weight,
+                    unit=unit,
+                )  # fmt: skip
+                run[key].update(beta=beta, ars=ars)
+        runs.append(run)
+    keys = ("hlr", "ior", "alpha", "lrs") + (("beta", "ars") if config.ars else ())
+    summary = {
+        unit: {key: _mean_std([run[unit][key] for run in runs]) for key in keys}
         for unit in ("fraction", "percent_convention")
     }
     document = {
@@ -361,21 +435,28 @@ def run_ddranking(config: DDRankingConfig) -> DDRankingResult:
         "soft_lr": config.soft_lr,
         "protocol": evaluation["protocol"],
         "full_data": {"accuracy_percent": full_hard, **full_record},
+        "ars_weight": config.ars_weight if config.ars else None,
         "evaluations": {
             "set_hard": set_hard.files,
             "set_soft": set_soft.files,
             "random_soft": random_soft.files,
+            **{name: search.files for name, search in noaug.items()},
         },
         "runs": runs,
         "summary": summary,
         "lrs_mean": summary["fraction"]["lrs"]["mean"],
         "lrs_std": summary["fraction"]["lrs"]["std"],
-        "not_computed": ["ARS (augmentation_robust_score is the formula; no runs here)"],
+        "ars_mean": summary["fraction"]["ars"]["mean"] if config.ars else None,
+        "ars_std": summary["fraction"]["ars"]["std"] if config.ars else None,
+        "not_computed": [] if config.ars else ["ARS (--no-ars)"],
         "versions": versions(),
     }
     path = Path(config.distilled) / "ddranking.json"
     if is_main():
         write_json(path, document)
     barrier()
-    logger.info("ddranking: LRS %.4f (fractions) -> %s", document["lrs_mean"], path)
+    logger.info(
+        "ddranking: LRS %.4f%s (fractions) -> %s", document["lrs_mean"],
+        "" if not config.ars else f", ARS {document['ars_mean']:.4f}", path,
+    )  # fmt: skip
     return DDRankingResult(path, document["lrs_mean"], document["lrs_std"], document)

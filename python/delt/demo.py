@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from delt.config import check_int_fields, option
 from delt.data import load_dataset
 from delt.io import check_output, write_json
@@ -23,7 +21,7 @@ from delt.lock import output_lock
 from delt.method import methods
 from delt.pipeline import DistillConfig, distill
 from delt.report import ReportConfig, compare_runs
-from delt.runtime import logger
+from delt.runtime import logger, with_threads
 from delt.teacher import train_teacher
 
 __all__ = ["DEMO_THREADS", "DemoConfig", "run_demo"]
@@ -82,13 +80,7 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig) -> dict:
     """Runs the demo; returns the summary it prints and writes to ``OUT/summary.json``."""
-    threads = config.threads
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _run_demo(config, threads)
-    finally:
-        torch.set_num_threads(before)
+    return with_threads(config.threads, lambda: _run_demo(config, config.threads))
 
 
 def _run_demo(config: DemoConfig, threads: int) -> dict:

@@ -272,8 +272,7 @@ def save_images(
     for label in sorted({int(labels[position]) for position in todo}):
         (folder / f"{label:0{width}d}").mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for _ in pool.map(write, todo):
-            pass
+        list(pool.map(write, todo))  # raises the first write's error
     return f"<class:0{width}d>/<index:0{index_width}d>.{suffix}"
 
 

@@ -115,9 +115,7 @@ _alone = False
 
 
 def _active() -> bool:
-    return (
-        not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    )
+    return not _alone and world().size > 1
 
 
 @contextlib.contextmanager
@@ -178,16 +176,6 @@ def _backend(device: str) -> str:
     return "gloo"
 
 
-class _RankFilter(logging.Filter):
-    def __init__(self, rank: int) -> None:
-        super().__init__()
-        self.rank = rank
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = self.rank
-        return True
-
-
 OutputLock = Callable[[Path], contextlib.AbstractContextManager]
 """``folder -> context manager`` holding an output-folder lock (``OUT/.lock``) while open."""
 
@@ -232,10 +220,10 @@ def session(
             path = Path(out) / "logs" / f"rank-{environment.rank}.log"
             path.parent.mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(path)
+            rank = environment.rank
             handler.setFormatter(
-                logging.Formatter("%(asctime)s rank %(rank)s %(levelname)s %(message)s")
+                logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s")
             )
-            handler.addFilter(_RankFilter(environment.rank))
             logger.addHandler(handler)
             if logger.getEffectiveLevel() > logging.INFO:
                 logger.setLevel(logging.INFO)

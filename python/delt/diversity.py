@@ -8,8 +8,6 @@ Writes ``DIR/diversity.json``, reused while the model and the set are unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,20 +81,6 @@ def final_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-@contextmanager
-def _capture_input(layer: nn.Module) -> Iterator[list[Tensor]]:
-    captured: list[Tensor] = []
-
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        captured.append(inputs[0].detach())
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def penultimate_features(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
     """The inputs of ``model``'s final linear layer for ``images``.
@@ -110,9 +94,12 @@ def penultimate_features(model: nn.Module, images: Tensor, batch_size: int = 500
         (N, D) float32 features (on the CPU).
     """
     model.eval()
-    layer = final_linear(model)
+    captured: list[Tensor] = []
+    handle = final_linear(model).register_forward_pre_hook(
+        lambda module, inputs: captured.append(inputs[0].detach())
+    )
     parts = []
-    with _capture_input(layer) as captured:
+    try:
         for start in range(0, images.shape[0], batch_size):
             captured.clear()
             model(images[start : start + batch_size])
@@ -122,6 +109,8 @@ def penultimate_features(model: nn.Module, images: Tensor, batch_size: int = 500
                     "cannot tell which input holds the penultimate features"
                 )
             parts.append(captured[0].flatten(1).float().cpu())
+    finally:
+        handle.remove()
     return torch.cat(parts)
 
 

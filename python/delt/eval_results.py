@@ -110,15 +110,9 @@ class EvalResult:
         """The result whose summary (best and final mean ± std) is the written file ``path``
         (or ``document``, a results file's content that was not written)."""
         document = read_json(path) if document is None else document
+        best, final = document["best"], document["final"]
         return cls(
-            path=path,
-            seeds=seeds,
-            accuracy_mean=document["best"]["mean"],
-            accuracy_std=document["best"]["std"],
-            final_mean=document["final"]["mean"],
-            final_std=document["final"]["std"],
-            reused=reused,
-            document=document,
+            path, seeds, best["mean"], best["std"], final["mean"], final["std"], reused, document
         )
 
 
@@ -308,9 +302,8 @@ def load_seed_state(
     own = ranks[job.rank] if ranks is not None and len(ranks) == job.size else None
     if own is not None:
         trainer.generator.set_state(own["generator"])
-    rng, cuda_rng = (
-        (state["rng"], state["cuda_rng"]) if own is None else (own["rng"], own["cuda_rng"])
-    )
+    source = state if own is None else own
+    rng, cuda_rng = source["rng"], source["cuda_rng"]
     torch.set_rng_state(rng)
     if cuda_rng is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all(cuda_rng)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from delt.config import ConfigError, check_int_fields, flag, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled_set import Manifest, check_distilled_set, load_distilled, load_stored
-from delt.distributed import barrier, is_main
+from delt.distributed import barrier, is_main, world
 from delt.eval_results import (
     EvalResult,
     ResultsFile,
@@ -61,7 +61,7 @@ from delt.protocols import (
 )
 from delt.runtime import logger, resolve_device, versions
 from delt.soft_labels import LabelStore, check_protocol, open_store, protocol_of
-from delt.student_augment import RANDAUGMENT_BINS, StudentAugment
+from delt.student_augment import RANDAUGMENT_BINS, NoAugment, StudentAugment
 from delt.student_trainer import (
     PROTOCOL,
     AccuracyCheck,
@@ -70,6 +70,7 @@ from delt.student_trainer import (
     default_batch_size,
     seeded,
 )
+from delt.teachers import EnsembleLogits, load_teachers, teacher_inputs, teacher_record
 
 __all__ = [
     "EvalConfig",
@@ -97,6 +98,12 @@ class EvalConfig:
     )
     teacher: str | None = option(
         None, help="teacher checkpoint (default: the one the set's manifest names)", identity=False
+    )
+    teachers: tuple[str, ...] = option(
+        (),
+        help="more teachers of the same data beside --teacher: soft labels from the ensemble, "
+        "logits averaged after equalizing their norms as G-VBSM (docs/teachers.md)",
+        identity=False,
     )
     data_root: str | None = option(
         None, help="folder of the real dataset (default: the dataset's own)", identity=False
@@ -177,6 +184,12 @@ class EvalConfig:
         help="the teacher labels each batch with BatchNorm on the batch's statistics (CV-DD's "
         "train-mode teachers), its running statistics untouched (delt: off)",
     )
+    augment: bool = option(
+        True,
+        help="augment the student's batches (crops, flips, RandAugment, ShufflePatches, CutMix, "
+        "as the protocol says); --no-augment: the images as they are (DD-Ranking's "
+        "augmentation-robust score)",
+    )
     hard_labels: bool = option(False, help="train on the set's labels, no teacher")
     random_real: bool = option(
         False, help="baseline: each seed draws --ipc random real images per class instead"
@@ -254,12 +267,19 @@ class EvalConfig:
             raise ConfigError("--ipc applies to --random-real (a distilled set has its own IPC)")
         if self.stagewise and self.random_real:
             raise ConfigError("--stagewise trains on the stages of a pdd set, not --random-real")
+        self.teachers = tuple(self.teachers)
+        if self.teachers and (self.hard_labels or self.labels is not None):
+            used = "--hard-labels" if self.hard_labels else "--labels"
+            raise ConfigError(f"--teachers label batches online; {used} takes no teacher labels")
         if self.labels is not None:
             for name in ("hard_labels", "random_real", "stagewise"):
                 if getattr(self, name):
                     raise ConfigError(f"--labels: stored soft labels do not apply to {flag(name)}")
             if len(self.seeds) != 1:
                 raise ConfigError("--labels: a store holds one seed's labels; pass one --seeds")
+            if not self.augment:
+                raise ConfigError("--labels: stored soft labels are of augmented batches, not "
+                                  "--no-augment")  # fmt: skip
         if self.stage_schedule != "restart" and not self.stagewise:
             raise ConfigError("--stage-schedule applies with --stagewise")
         if self.student is not None:
@@ -351,10 +371,12 @@ class EvalContext:
     manifest: Manifest | None
     workers: int = 0
     stored_labels: LabelStore | FkdLabels | None = None  # --labels: the stored soft labels
+    ensemble: list[Checkpoint] | None = None  # --teachers (beside the teacher)
 
     @classmethod
-    def from_config(cls, config: EvalConfig) -> EvalContext:
-        """Loads and checks the set, the teacher and the data (errors name the flag)."""
+    def from_config(cls, config: EvalConfig, whole_batches: bool = False) -> EvalContext:
+        """Loads and checks the set, the teacher and the data (errors name the flag);
+        ``whole_batches``: the teacher labels whole batches under torchrun too (relabel)."""
         warn_unsupported(config)
         device = resolve_device(config.device)
         folder = Path(config.distilled)
@@ -399,6 +421,13 @@ class EvalContext:
             data_root = manifest.config.get("data_root")
         test_set = load_like(info, "test", data_root)
         check_compatible(teacher.meta, test_set.info, what="teacher")
+        ensemble = load_teachers(config.teachers, teacher, info)
+        if ensemble and world().size > 1 and not whole_batches:
+            # G-VBSM's norms are over the whole batch; a rank holds only its rows of it.
+            raise ConfigError(
+                "--teachers under torchrun: an ensemble's norms are the whole batch's; label "
+                "once with `delt relabel --teachers` and train on the store with --labels"
+            )
 
         train_set = None
         if config.random_real:
@@ -431,7 +460,8 @@ class EvalContext:
         )  # fmt: skip
         settings = TrainSettings(
             batch_size=min(batch_size, num_images), temperature=config.temperature,
-            cutmix_beta=config.cutmix_beta, hard_labels=config.hard_labels, amp=config.amp,
+            cutmix_beta=config.cutmix_beta if config.augment else 0.0,
+            hard_labels=config.hard_labels, amp=config.amp,
             channels_last=config.channels_last, lr_schedule=config.lr_schedule,
             ema_decay=config.ema_decay, loss=config.loss, ce_weight=config.ce_weight,
             teacher_batch_stats=config.teacher_batch_stats,
@@ -440,10 +470,15 @@ class EvalContext:
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         teacher.model = model
+        if ensemble:
+            others = [c.model.to(device).requires_grad_(False).eval() for c in ensemble]
+            if config.channels_last:
+                others = [other.to(memory_format=torch.channels_last) for other in others]
+            teacher.model = EnsembleLogits([model, *others])
         context = cls(
             config, device, teacher, info, images, labels, train_set, test_set, ipc,
             student_arch, student_kwargs, settings, manifest,
-            resolve_workers(config.workers, device),
+            resolve_workers(config.workers, device), ensemble=ensemble,
         )  # fmt: skip
         if config.labels is not None:
             # Checked whole (every epoch's digest) and against this run before any training.
@@ -465,9 +500,13 @@ class EvalContext:
         config = self.config
         student = build_model(self.student_arch, self.info, self.student_kwargs)
         generator = torch.Generator().manual_seed(seed)
-        augment = StudentAugment(
-            self.info, config.randaugment_ops, config.randaugment_magnitude, config.min_crop,
-            generator, config.shuffle_patches,
+        augment = (
+            StudentAugment(
+                self.info, config.randaugment_ops, config.randaugment_magnitude,
+                config.min_crop, generator, config.shuffle_patches,
+            )
+            if config.augment
+            else NoAugment(self.info)
         )  # fmt: skip
         online = not self.settings.hard_labels and self.stored_labels is None
         return StudentTrainer(
@@ -483,6 +522,7 @@ class EvalContext:
         identity = run_identity(
             self.config,
             teacher_sha256=sha256_file(self.teacher.path),
+            **teacher_inputs(self.config.teachers),
             distilled_sha256=None if self.config.random_real else sha256_file(distilled),
             dataset=self.info.name,
             # The test split, and the training split a --random-real set is drawn from (a
@@ -512,7 +552,7 @@ class EvalContext:
         without workers or stored labels, not one recorded before they existed)."""
         defaults = identity_defaults(self.config)
         defaults["config"]["augmentation"] = None
-        return {**defaults, "labels_sha256": None}
+        return {**defaults, "labels_sha256": None, "teachers_sha256": None}
 
     def run_seed(self, seed: int, identity: dict | None = None) -> SeedResult:
         """Trains and tests one student (and, with --random-real, draws its set) for ``seed``.
@@ -601,8 +641,13 @@ def eval_document(
             "student_kwargs": context.student_kwargs,
             "batch_size": context.settings.batch_size,
             "randaugment": f"rand-m{config.randaugment_magnitude}-n{config.randaugment_ops}"
-            if config.randaugment_ops
+            if config.randaugment_ops and config.augment
             else "none",
+            **(
+                {}
+                if config.augment
+                else {"student_augmentation": "none: the images as they are, no CutMix"}
+            ),
             "lr_schedule": "LambdaLR 0.5*(1+cos(pi*e/(2E))) per epoch"
             if config.lr_schedule == "half-cosine"
             else "LambdaLR 0.5*(1+cos(pi*e/E)) per epoch",
@@ -621,6 +666,11 @@ def eval_document(
             "arch_kwargs": context.teacher.meta["arch_kwargs"],
             "test_accuracy": context.teacher.meta.get("test_accuracy"),
         },
+        **(
+            {"teachers": teacher_record([context.teacher, *context.ensemble], [])}
+            if context.ensemble
+            else {}
+        ),
         "seeds": [asdict(s) for s in seeds],
         "other_seeds": [asdict(s) for s in other_seeds],
         **summary(seeds),

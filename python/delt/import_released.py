@@ -227,17 +227,12 @@ def _import_images(config: ImportConfig) -> ImportResult:
         logger.info("import: %s already holds this import", out)
         return ImportResult(out, manifest.num_images, manifest.extra["import"]["mapping"], True)
 
-    images = torch.empty(
-        sum(len(c.files) for c in classes), info.channels, info.resolution, info.resolution,
-        dtype=torch.uint8,
-    )  # fmt: skip
-    labels = torch.empty(images.shape[0], dtype=torch.int64)
-    position = 0
-    for entry in classes:
-        for path in entry.files:
-            images[position] = _read_pixels(path, info, config.resize)
-            labels[position] = entry.label
-            position += 1
+    paths = [path for entry in classes for path in entry.files]
+    labels = torch.tensor([entry.label for entry in classes for _ in entry.files])
+    shape = (len(paths), info.channels, info.resolution, info.resolution)
+    images = torch.empty(shape, dtype=torch.uint8)
+    for position, path in enumerate(paths):
+        images[position] = _read_pixels(path, info, config.resize)
     mapping = [
         {"folder": c.folder, "class": c.label, "name": info.class_names[c.label], "by": c.by,
          "images": len(c.files)}

@@ -24,7 +24,7 @@ import re
 import signal
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -92,16 +92,18 @@ def _os_error(error: BaseException) -> OSError | None:
     return None
 
 
+_WRITE_REASONS = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
 def _write_error(path: Path, error: BaseException, started: bool = True) -> WriteError:
     cause = _os_error(error)
-    if cause is not None and cause.errno == errno.ENOSPC:
-        reason = "the disk is full (no space left on device)"
-    elif cause is not None and cause.errno == errno.EROFS:
-        reason = "the file system is read-only"
-    elif cause is not None and cause.errno in (errno.EACCES, errno.EPERM):
-        reason = "permission denied"
-    elif cause is not None:
-        reason = cause.strerror or str(cause)
+    if cause is not None:
+        reason = _WRITE_REASONS.get(cause.errno, cause.strerror or str(cause))
     else:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     cleanup = " (the partial temporary file was removed)" if started else ""
@@ -501,10 +503,6 @@ def save_image(
         raise ValueError(f"image must be (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
     array = to_uint8(image, image_format).cpu().permute(1, 2, 0).numpy()
     pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    writer: Callable[[IO], None]
-    if image_format == "png":
-        writer = lambda handle: pil.save(handle, format="PNG")  # noqa: E731
-    else:
-        writer = lambda handle: pil.save(handle, format="JPEG", quality=quality)  # noqa: E731
+    options = {"format": "PNG"} if image_format == "png" else {"format": "JPEG", "quality": quality}
     with atomic_open(path, "wb") as handle:
-        writer(handle)
+        pil.save(handle, **options)

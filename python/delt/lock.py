@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +62,6 @@ class OutputLock:
     held: bool
     previous: dict | None = None
     _fd: int | None = None
-    _depth: int = 1
 
     def sweep(
         self,
@@ -106,12 +105,8 @@ def torchrun_job_id() -> str | None:
 
 
 def _record(job_id: str | None) -> dict:
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "job": job_id,
-    }
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "job": job_id}
 
 
 def _read_record(fd: int) -> dict | None:
@@ -204,12 +199,7 @@ def output_lock(
     check_output(folder, what, probe=False)
     key = os.path.realpath(folder)
     if key in _HELD:
-        nested = _HELD[key]
-        nested._depth += 1
-        try:
-            yield nested
-        finally:
-            nested._depth -= 1
+        yield _HELD[key]
         return
     job_id = shared_job_id if shared_job_id is not None else torchrun_job_id()
     path = folder / LOCK_NAME
@@ -265,16 +255,12 @@ def output_lock(
         del _HELD[key]
         if lock._fd is not None:
             # Delete while still holding it: a waiting process then re-opens a fresh file.
-            try:
+            with suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
             os.close(lock._fd)
         if created:
-            try:
+            with suppress(OSError):
                 folder.rmdir()  # only if empty
-            except OSError:
-                pass
 
 
 @contextmanager

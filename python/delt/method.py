@@ -25,6 +25,7 @@ from delt.config import ConfigError, option, refuse_method_options
 from delt.data import DatasetInfo
 from delt.matching import MatchOptions, matching_target
 from delt.schedules import Chunk, class_contiguous_chunks, class_interleaved_chunks
+from delt.teachers import TeacherOptions
 
 __all__ = [
     "DEFAULT_ROUND_ITERATIONS",
@@ -48,7 +49,7 @@ DEFAULT_ROUND_ITERATIONS = 500
 
 
 @dataclass(kw_only=True)
-class SynthesisConfig(MatchOptions):
+class SynthesisConfig(MatchOptions, TeacherOptions):
     """The options every method of ``delt recover`` shares (one field per flag); a method's own
     flags are its :attr:`Method.options` dataclass, composed beside these by
     :class:`delt.recover.RecoverConfig`."""
@@ -122,7 +123,8 @@ class SynthesisConfig(MatchOptions):
 LOOP_FIELDS = (
     "selection", "iterations", "round_iterations", "lr", "beta1", "beta2", "r_bn",
     "first_bn_multiplier", "jitter", "per_sample_aug", "compile", "chunks_per_step", "match",
-    "match_class_weight", "stats", "stats_convention",
+    "match_class_weight", "stats", "stats_convention", "teachers", "teacher_policy",
+    "teacher_weights", "teacher_priors",
 )  # fmt: skip
 
 

@@ -156,17 +156,13 @@ def _registry() -> dict[str, ModelSpec]:
 MODELS: dict[str, ModelSpec] = _registry()
 
 
-def _torchvision_names() -> list[str]:
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
-
-
 def model_spec(arch: str) -> ModelSpec:
     """The registry entry of ``arch`` (a ``MODELS`` key or a torchvision classifier name)."""
+    import torchvision
+
     if arch in MODELS:
         return MODELS[arch]
-    if arch in _torchvision_names():
+    if arch in torchvision.models.list_models(module=torchvision.models):
         return ModelSpec(arch, f"torchvision {arch}", _torchvision_builder(arch))
     raise ValueError(
         f"--arch {arch!r}: unknown architecture; known: {', '.join(MODELS)}, or a torchvision "
@@ -460,7 +456,8 @@ class Weights:
     categories: tuple[str, ...] | None = None
 
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+# The prefixes DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") give the keys.
+_WRAPPER_PREFIXES = re.compile(r"^(?:module\.)*(?:_orig_mod\.)*")
 
 
 def _state_dict_of(payload: Any, where: str) -> dict[str, torch.Tensor]:
@@ -478,13 +475,7 @@ def _state_dict_of(payload: Any, where: str) -> dict[str, torch.Tensor]:
     tensors = {key: value for key, value in payload.items() if isinstance(value, torch.Tensor)}
     if not tensors:
         raise ValueError(f"{where}: holds no tensors")
-    state = {}
-    for key, value in tensors.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        state[key] = value
-    return state
+    return {_WRAPPER_PREFIXES.sub("", key, count=1): value for key, value in tensors.items()}
 
 
 def torchvision_weights(arch: str, name: str) -> Any:
@@ -577,17 +568,9 @@ def load_weights(model: nn.Module, weights: Weights, info: DatasetInfo, what: st
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
     if missing or unexpected or reshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_listed(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_listed(unexpected)}")
-        if reshaped:
-            shapes = [
-                f"{key} {tuple(given[key].shape)} vs {tuple(expected[key].shape)}"
-                for key in reshaped
-            ]
-            parts.append(f"other shapes {_listed(shapes)}")
+        shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in reshaped]
+        kinds = {"missing keys": missing, "unexpected keys": unexpected, "other shapes": shapes}
+        parts = [f"{kind} {_listed(items)}" for kind, items in kinds.items() if items]
         raise ValueError(f"{what}: the weights do not fit the architecture: {'; '.join(parts)}")
     model.load_state_dict(given, strict=True)
 

@@ -46,6 +46,7 @@ from delt.soft_labels import (
 )
 from delt.student_augment import StudentAugment, apply_cutmix
 from delt.student_trainer import PROTOCOL, AugmentedBatches, draw_epoch
+from delt.teachers import teacher_inputs
 
 __all__ = ["RelabelConfig", "RelabelResult", "relabel"]
 
@@ -73,7 +74,12 @@ class RelabelConfig:
         help="teacher BatchNorm: running statistics (eval, delt eval's) or each batch's "
         "own statistics (train, CV-DD's batch-statistics labels)",
     )
-    teachers: tuple[str, ...] = option((), help="an ensemble of teachers (not supported yet)")
+    teachers: tuple[str, ...] = option(
+        (),
+        help="more teachers beside --teacher: the ensemble's logits, averaged after equalizing "
+        "their norms as G-VBSM (docs/teachers.md)",
+        identity=False,
+    )
     teacher: str | None = option(
         None, help="teacher checkpoint (default: the one the set's manifest names)", identity=False
     )
@@ -101,8 +107,6 @@ class RelabelConfig:
         check_int_fields(self, ("epochs", "top_k"))
         check_int_fields(self, ("seed",), low=0)
         self.teachers = tuple(self.teachers)
-        if self.teachers:
-            raise ConfigError("--teachers: teacher ensembles are not supported yet; use --teacher")
 
     @property
     def out_path(self) -> Path:
@@ -113,8 +117,9 @@ class RelabelConfig:
     def eval_config(self) -> EvalConfig:
         """The ``delt eval`` config whose batches this store labels."""
         return EvalConfig(
-            distilled=self.distilled, teacher=self.teacher, data_root=self.data_root,
-            epochs=self.epochs, seeds=(self.seed,), batch_size=self.batch_size,
+            distilled=self.distilled, teacher=self.teacher, teachers=self.teachers,
+            data_root=self.data_root, epochs=self.epochs, seeds=(self.seed,),
+            batch_size=self.batch_size,
             temperature=self.temperature, cutmix_beta=self.cutmix_beta,
             randaugment_ops=self.randaugment_ops,
             randaugment_magnitude=self.randaugment_magnitude, min_crop=self.min_crop,
@@ -202,7 +207,7 @@ def relabel(config: RelabelConfig) -> RelabelResult:
 
 
 def _relabel(config: RelabelConfig, out: Path) -> RelabelResult:
-    context = EvalContext.from_config(config.eval_config())
+    context = EvalContext.from_config(config.eval_config(), whole_batches=True)
     if context.settings.hard_labels:  # pragma: no cover (eval_config never sets it)
         raise ConfigError("hard labels need no store")
     num_classes = context.info.num_classes
@@ -219,6 +224,8 @@ def _relabel(config: RelabelConfig, out: Path) -> RelabelResult:
         "path": str(context.teacher.path), "arch": context.teacher.meta["arch"],
         "amp": config.amp, "bn_mode": config.bn_mode, "channels_last": config.channels_last,
     }  # fmt: skip
+    if context.ensemble:  # the ensemble's other teachers, by content
+        teacher["teachers"] = teacher_inputs(config.teachers)["teachers_sha256"]
     # The versions without the CPU thread count: a store's bytes do not depend on how many
     # threads (or torchrun ranks, one thread each) made it (tests/test_relabel.py).
     software = {k: v for k, v in versions().items() if k != "torch_threads"}

@@ -30,17 +30,8 @@ __all__ = [
     "write_run_report",
 ]
 
-# The keys of report.json, in this order, and nothing else (details go to report.md).
-REPORT_KEYS = (
-    "method",
-    "dataset",
-    "ipc",
-    "accuracy_mean",
-    "accuracy_std",
-    "diversity",
-    "synthesis_seconds",
-    "image_iterations",
-)
+# The keys of report.json with their types, in this order, and nothing else (details go to
+# report.md).
 _KEY_TYPES = {
     "method": str,
     "dataset": str,
@@ -51,6 +42,7 @@ _KEY_TYPES = {
     "synthesis_seconds": float,
     "image_iterations": int,
 }
+REPORT_KEYS = tuple(_KEY_TYPES)
 METHOD_ORDER = ("random-real", "rded", "sre2l", "cda", "delt")
 
 

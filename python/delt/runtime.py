@@ -8,7 +8,8 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,8 +25,10 @@ __all__ = [
     "machine",
     "resolve_device",
     "versions",
+    "with_threads",
 ]
 
+T = TypeVar("T")
 logger = logging.getLogger("delt")
 
 # The CLI's torch CPU thread count unless `delt --threads N`: fixed, because results differ in
@@ -111,6 +114,17 @@ def autocast(device: torch.device, amp: str) -> Iterator[None]:
         raise ValueError(f"--amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
 
 
+def with_threads(threads: int, run: Callable[[], T]) -> T:
+    """``run()`` with torch's CPU threads set to ``threads`` (0: left as they are), then reset."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
+
+
 def derive_seed(seed: int, *indices: int) -> int:
     """A 63-bit seed for the unit ``indices`` of a run seeded with ``seed``.
 
@@ -124,18 +138,14 @@ def derive_seed(seed: int, *indices: int) -> int:
 def versions() -> dict[str, str]:
     """What determines a run's numbers besides its flags: the versions of python, torch,
     torchvision, numpy and delt_ext, and torch's CPU thread count (``torch_threads``)."""
+    import torchvision
+
     import delt_ext
 
-    try:
-        import torchvision
-
-        torchvision_version = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        torchvision_version = "missing"
     return {
         "python": platform.python_version(),
         "torch": str(torch.__version__),
-        "torchvision": str(torchvision_version),
+        "torchvision": str(torchvision.__version__),
         "numpy": str(np.__version__),
         "delt_ext": str(delt_ext.__version__),
         "delt_ext_ops": str(delt_ext.HAS_OPS),

@@ -9,6 +9,7 @@ joins at its round's start.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from itertools import accumulate
@@ -73,13 +74,7 @@ def image_start_rounds(ipc: int, iterations: int, round_iterations: int) -> list
     num_rounds = _check_rounds(iterations, round_iterations)
     check_int("ipc", ipc)
     bounds = list(accumulate(round_group_sizes(ipc, num_rounds)))
-    starts = []
-    round_index = 0
-    for j in range(ipc):
-        while j >= bounds[round_index]:
-            round_index += 1
-        starts.append(round_index)
-    return starts
+    return [bisect.bisect_right(bounds, j) for j in range(ipc)]
 
 
 def early_late_iterations(ipc: int, iterations: int, round_iterations: int) -> list[int]:
@@ -157,17 +152,11 @@ def class_contiguous_chunks(num_classes: int, ipc: int, batch_size: int) -> list
     check_int("ipc", ipc)
     check_int("batch_size", batch_size)
     total = num_classes * ipc
-    chunks = []
-    for index, start in enumerate(range(0, total, batch_size)):
-        positions = range(start, min(start + batch_size, total))
-        chunks.append(
-            Chunk(
-                index=index,
-                classes=tuple(p // ipc for p in positions),
-                within_class=tuple(p % ipc for p in positions),
-            )
-        )
-    return chunks
+    runs = [range(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
+    return [
+        Chunk(index, tuple(p // ipc for p in run), tuple(p % ipc for p in run))
+        for index, run in enumerate(runs)
+    ]
 
 
 def class_interleaved_chunks(num_classes: int, ipc: int, batch_size: int) -> list[Chunk]:

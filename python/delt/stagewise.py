@@ -130,10 +130,7 @@ def _evaluate_stagewise(config: EvalConfig) -> EvalResult:
 
 
 def _run_stagewise_seed(
-    context: EvalContext,
-    unions: list[tuple[Tensor, Tensor]],
-    plan: list[StagePlan],
-    seed: int,
+    context: EvalContext, unions: list[tuple[Tensor, Tensor]], plan: list[StagePlan], seed: int
 ) -> StagewiseSeedResult:
     config = context.config
     start = time.perf_counter()

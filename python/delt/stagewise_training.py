@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 from delt.config import check_int
 from delt.data import ImageDataset
 from delt.schedules import stage_epochs
-from delt.student_trainer import AccuracyCheck, StudentTrainer, half_cosine_factor
+from delt.student_trainer import AccuracyCheck, StudentTrainer
 
-__all__ = ["STAGE_SCHEDULES", "StagePlan", "stage_lr_factors", "stagewise_plan", "train_stagewise"]
+__all__ = ["STAGE_SCHEDULES", "StagePlan", "stagewise_plan", "train_stagewise"]
 
 STAGE_SCHEDULES = ("restart", "continue")
 
@@ -65,22 +65,6 @@ def stagewise_plan(
         first_epoch += epochs
         steps_before += steps
     return plan
-
-
-def stage_lr_factors(plan: Sequence[StagePlan], schedule: str) -> list[float]:
-    """The LR factor (times the base LR) of every epoch of a stage-wise training, in order.
-
-    ``restart``: DELT's half-cosine over each stage's epochs, from 1 at every stage start;
-    ``continue``: one half-cosine over all epochs (a plain evaluation's curve).
-    """
-    if schedule not in STAGE_SCHEDULES:
-        raise ValueError(f"schedule must be one of {STAGE_SCHEDULES}, got {schedule!r}")
-    total = sum(stage.epochs for stage in plan)
-    if schedule == "continue":
-        return [half_cosine_factor(epoch, total) for epoch in range(total)]
-    return [
-        half_cosine_factor(epoch, stage.epochs) for stage in plan for epoch in range(stage.epochs)
-    ]
 
 
 def train_stagewise(

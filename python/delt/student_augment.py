@@ -22,6 +22,7 @@ __all__ = [
     "RANDAUGMENT_BINS",
     "AugmentPlan",
     "CutMixParams",
+    "NoAugment",
     "StudentAugment",
     "apply_cutmix",
     "cutmix_cross_entropy",
@@ -256,6 +257,40 @@ class StudentAugment(nn.Module):
         if self.randaugment is None:
             return True
         return _randaugment_skip_table(self.options[0], self.options[1]) is not None
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.apply(images, self.plan(images.shape))
+
+
+class NoAugment(nn.Module):
+    """The images as they are: the student of ``delt eval --no-augment`` (DD-Ranking's
+    ``use_aug=False`` runs of its augmentation-robust score). The interface of
+    :class:`StudentAugment`; it draws nothing from any generator.
+
+    Args:
+        info: the dataset (its resolution is the output size).
+    """
+
+    def __init__(self, info: DatasetInfo) -> None:
+        super().__init__()
+        self.info = info
+
+    def reseeded(self, generator: torch.Generator) -> NoAugment:
+        return self
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return (self.info.resolution, self.info.resolution)
+
+    def plan(self, shape: Sequence[int]) -> AugmentPlan:
+        return AugmentPlan(int(shape[0]), None, torch.empty(0, 7))
+
+    def apply(self, images: Tensor, plan: AugmentPlan, rows: Tensor | None = None) -> Tensor:
+        """A copy of ``images`` (the rows asked for, as given)."""
+        return images.clone()
+
+    def augments_subsets(self) -> bool:
+        return True
 
     def forward(self, images: Tensor) -> Tensor:
         return self.apply(images, self.plan(images.shape))

@@ -57,6 +57,14 @@ from delt.runtime import autocast, check_memory, logger, resolve_device, version
 from delt.schedules import Chunk, chunk_schedule, cosine_lr, crop_min_scale
 from delt.select import Selection
 from delt.stats import BNStatistics, load_statistics
+from delt.teachers import (
+    ensemble_parts,
+    load_teachers,
+    priors_of,
+    resolved_teachers,
+    teacher_inputs,
+    teacher_record,
+)
 
 __all__ = [
     "FINISHED_MARK",
@@ -236,6 +244,9 @@ def optimize_chunk(
     first_bad = torch.full((), total_iterations, dtype=torch.int64, device=device)
     # A per-class target (delt.matching.ClassMatching) needs each batch's classes.
     set_labels = getattr(bn_matching, "set_labels", None)
+    # Several teachers (delt.teachers.EnsembleTarget): the step's teachers and their loss.
+    set_step = getattr(bn_matching, "set_step", None)
+    ensemble_loss = getattr(bn_matching, "ensemble_loss", None)
     for iteration in range(total_iterations):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(iteration, total_iterations, settings.lr)
@@ -251,16 +262,21 @@ def optimize_chunk(
         inputs = augment(batch)
         if set_labels is not None:
             set_labels(targets)
+        if set_step is not None:
+            set_step(iteration)
         if settings.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(device, settings.amp):
             logits = teacher(inputs)
         if frozen is not None:
             logits = logits[: targets.shape[0]]
-        loss = (
-            nn.functional.cross_entropy(logits.float(), targets)
-            + settings.r_bn * bn_matching.loss()
-        )
+        if ensemble_loss is not None:
+            loss = ensemble_loss(logits, targets, settings.r_bn)
+        else:
+            loss = (
+                nn.functional.cross_entropy(logits.float(), targets)
+                + settings.r_bn * bn_matching.loss()
+            )
         first_bad = torch.minimum(
             first_bad, torch.where(torch.isfinite(loss.detach()), total_iterations, iteration)
         )
@@ -367,6 +383,8 @@ class Run:
     settings: RecoverySettings
     identity: dict | None = None  # set by check_identity
     statistics: BNStatistics | None = None  # --stats, checked against the teacher
+    ensemble: list[Checkpoint] = dataclasses.field(default_factory=list)  # --teachers
+    priors: list[float] = dataclasses.field(default_factory=list)  # --teacher-weights prior
 
     def check_identity(self, uses_selection: bool, **inputs: object) -> None:
         """Writes ``OUT/run.json`` on the first run; refuses a resume with another identity
@@ -381,6 +399,7 @@ class Run:
             config, teacher_sha256=sha256_file(self.teacher.path),
             selection_sha256=None if selection is None else sha256_file(selection), **inputs,
             **({"stats_sha256": sha256_file(config.stats)} if config.stats else {}),
+            **teacher_inputs(config.teachers),
             data={"name": self.info.name, "fingerprint": data_fingerprint(self.teacher.meta)},
         )  # fmt: skip
         check_or_reuse(
@@ -391,8 +410,9 @@ class Run:
 
     @property
     def defaults(self) -> dict:
-        """The defaults of :attr:`identity` (:func:`delt.identity.identity_defaults`)."""
-        return identity_defaults(self.config)
+        """The defaults of :attr:`identity` (:func:`delt.identity.identity_defaults`; a run
+        without ``--teachers`` has none)."""
+        return {**identity_defaults(self.config), "teachers_sha256": None}
 
     def chunk_store(self, folder: Path, ipc: int, **identity: object) -> ChunkStore:
         """The chunks of a set of ``ipc`` per class in ``folder``; each records the run's
@@ -479,6 +499,8 @@ class Run:
             else {"path": str(config.selection), "strategy": selection.meta["strategy"]},
             versions=versions(), files=files, **fields,
         )  # fmt: skip
+        if self.ensemble:
+            manifest.extra["teachers"] = teacher_record([teacher, *self.ensemble], self.priors)
         if is_main():
             save_distilled(folder, images, labels, manifest)
         return manifest
@@ -610,14 +632,19 @@ def prepare_run(config: SynthesisConfig) -> Run:
     )  # fmt: skip
     # The manifest says where it ran.
     resolved = method_named(config.method).resolved(config, info)
-    config = dataclasses.replace(config, **resolved, device=str(device))
+    config = dataclasses.replace(
+        config, **resolved, **resolved_teachers(config), device=str(device)
+    )
+    # Several teachers: of the same data as --teacher, each once (before any work).
+    ensemble = load_teachers(config.teachers, teacher, info)
+    priors = priors_of(config, [teacher, *ensemble]) if ensemble else []
     statistics = None
     if config.stats is not None:  # another teacher's statistics: refused before any work
         statistics = load_statistics(config.stats)
         statistics.check_teacher(teacher, sha256_file(teacher.path), "--stats")
     return Run(
         Path(config.out), config, teacher, info, device, recovery_settings(config, info),
-        statistics=statistics,
+        statistics=statistics, ensemble=ensemble, priors=priors,
     )  # fmt: skip
 
 
@@ -670,6 +697,9 @@ class ChunkOptimizer:
         iterations."""
         total, starts = chunk_schedule(chunk.within_class, ipc, self.iterations, round_iterations)
         labels = torch.tensor(chunk.classes, dtype=torch.int64)
+        begin_chunk = getattr(self.target, "begin_chunk", None)  # several teachers
+        if begin_chunk is not None:
+            begin_chunk(chunk)
         disable = None if self.progress else True  # None: a bar on a terminal only
         bar = tqdm(total=total, desc=f"chunk {chunk.index}", leave=False, disable=disable)
         try:
@@ -728,6 +758,18 @@ def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
     :func:`delt.matching.matching_target`; the hooks removed on exit); with ``--compile``,
     compiled after hooking, so that the hooks are traced into the graph."""
     config = run.config
+    if run.ensemble:  # --teachers: model first, then the others (delt.teachers)
+        models = [model, *(checkpoint.model for checkpoint in run.ensemble)]
+        parts = ensemble_parts(
+            models, config.first_bn_multiplier, str(config.teacher_policy),
+            str(config.teacher_weights), run.priors, run.device, config.channels_last,
+        )  # fmt: skip
+        with parts as (ensemble, target):
+            forward = torch.compile(ensemble) if config.compile else ensemble
+            yield ChunkOptimizer(
+                forward, target, run.settings, run.device, config.iterations, config.progress
+            )
+        return
     model = frozen_teacher(model, run.device, config.channels_last)
     recipe = config.recipe
     assert recipe is not None and recipe.target is not None, "a method that optimizes nothing"

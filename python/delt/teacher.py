@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from delt.batches import evaluate_accuracy, iterate_batches
 from delt.config import ConfigError, check_int_fields, config_diff, identity_dict, option
-from delt.data import load_dataset
-from delt.io import check_output, read_json
+from delt.data import ImageDataset, load_dataset
+from delt.io import check_output
 from delt.lock import output_lock
 from delt.models import (
     build_model,
@@ -36,13 +36,7 @@ from delt.models import (
 )
 from delt.runtime import autocast, logger, resolve_device, versions
 
-__all__ = [
-    "TeacherConfig",
-    "TeacherResult",
-    "import_teacher",
-    "saved_checkpoints",
-    "train_teacher",
-]
+__all__ = ["TeacherConfig", "TeacherResult", "import_teacher", "saved_checkpoints", "train_teacher"]
 
 
 @dataclass
@@ -67,6 +61,16 @@ class TeacherConfig:
     lr: float = option(0.2, help="peak learning rate of the one-cycle schedule (SGD)")
     momentum: float = option(0.9, help="SGD Nesterov momentum")
     weight_decay: float = option(5e-4, help="weight decay")
+    lr_schedule: Literal["one-cycle", "step"] = option(
+        "one-cycle",
+        help="one-cycle (a quarter warm-up to --lr, then down), or step: --lr divided by 10 "
+        "every --lr-step-epochs epochs (torch's StepLR; DD-Ranking's full-data recipe)",
+    )
+    lr_step_epochs: int = option(100, help="--lr-schedule step: epochs between the LR's steps")
+    nesterov: bool = option(True, help="Nesterov momentum (--no-nesterov: plain momentum)")
+    decay_all: bool = option(
+        False, help="weight decay on every parameter (default: not on BatchNorm and biases)"
+    )
     label_smoothing: float = option(0.1, help="label smoothing of the cross-entropy")
     augment: Literal["none", "flip", "crop-flip"] = option(
         "none", help="per-sample augmentation: horizontal flip, and a random 4-pixel translation"
@@ -102,7 +106,7 @@ class TeacherConfig:
     )
 
     def __post_init__(self) -> None:
-        check_int_fields(self, ("epochs", "batch_size", "width"))
+        check_int_fields(self, ("epochs", "batch_size", "width", "lr_step_epochs"))
         if self.import_arch is not None:
             if self.weights is None:
                 raise ConfigError("--import needs --weights FILE or a torchvision weights name")
@@ -211,10 +215,42 @@ def _save_epoch_checkpoint(
     return {"epoch": epoch, "file": str(path.relative_to(out)), "test_accuracy": accuracy}
 
 
-def _saved_config(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    return (read_sidecar(path) or {}).get("config")
+def _load_split(config: TeacherConfig, split: str) -> ImageDataset:
+    return load_dataset(
+        config.dataset, split, config.data_root, config.resolution, config.class_order
+    )
+
+
+def _test_accuracy(
+    model: nn.Module, test_set: ImageDataset, device, config: TeacherConfig
+) -> float:
+    return evaluate_accuracy(
+        model, test_set, device, amp=config.amp, channels_last=config.channels_last,
+        num_workers=config.num_workers,
+    )  # fmt: skip
+
+
+def _saved_meta(path: Path) -> dict | None:
+    """The metadata of the teacher saved at ``path`` (its sidecar), if it records a config."""
+    meta = read_sidecar(path) if path.is_file() else None
+    return meta if meta is not None and meta.get("config") is not None else None
+
+
+# Flags added after teachers were first cached: at these values they are left out of a
+# teacher's identity, so a teacher trained before they existed is reused as it was.
+_LATER_DEFAULTS = {"lr_schedule": "one-cycle", "nesterov": True, "decay_all": False}
+
+
+def teacher_identity(config: TeacherConfig) -> dict:
+    """The fields that determine a teacher (:func:`delt.config.identity_dict`), less the later
+    flags at their defaults (and ``--lr-step-epochs`` unless ``--lr-schedule step``)."""
+    identity = identity_dict(config)
+    for name, default in _LATER_DEFAULTS.items():
+        if identity.get(name) == default:
+            del identity[name]
+    if config.lr_schedule != "step":
+        del identity["lr_step_epochs"]
+    return identity
 
 
 def _check_training_data(config: TeacherConfig, path: Path, meta: dict) -> None:
@@ -223,9 +259,7 @@ def _check_training_data(config: TeacherConfig, path: Path, meta: dict) -> None:
     recorded = data_fingerprint(meta)
     if recorded is None:
         return  # a teacher of before fingerprints: its data cannot be compared
-    train_set = load_dataset(
-        config.dataset, "train", config.data_root, config.resolution, config.class_order
-    )
+    train_set = _load_split(config, "train")
     current = train_set.fingerprint()
     if current != recorded:
         raise ConfigError(
@@ -252,16 +286,15 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
     out = Path(config.out)
     check_output(out, "--out", probe=False)
     path = out / "teacher.pt"
-    identity = identity_dict(config)
-    saved = _saved_config(path)
-    if saved is not None:
-        differences = config_diff(saved, identity)
+    identity = teacher_identity(config)
+    meta = _saved_meta(path)
+    if meta is not None:
+        differences = config_diff(meta["config"], identity)
         if differences:
             raise ConfigError(
                 f"{path} holds a teacher trained with another configuration "
                 f"({'; '.join(differences)}); choose another --out or delete it"
             )
-        meta = read_json(path.with_suffix(".json"))
         _check_training_data(config, path, meta)
         have = {entry["epoch"] for entry in saved_checkpoints(path) if entry["path"].is_file()}
         missing = [epoch for epoch in config.save_epochs or () if epoch not in have]
@@ -276,12 +309,8 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
 
     check_output(out, "--out")  # before training: a result that cannot be saved is lost
     device = resolve_device(config.device)
-    train_set = load_dataset(
-        config.dataset, "train", config.data_root, config.resolution, config.class_order
-    )
-    test_set = load_dataset(
-        config.dataset, "test", config.data_root, config.resolution, config.class_order
-    )
+    train_set = _load_split(config, "train")
+    test_set = _load_split(config, "test")
     info = train_set.info
     sizes = f"--batch-size {config.batch_size}"
     if config.resolution is not None:
@@ -295,9 +324,10 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
-    # No weight decay on BN and biases (the usual practice; they have no scale to regularize).
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    # No weight decay on BN and biases (the usual practice; they have no scale to regularize),
+    # unless --decay-all (DD-Ranking's SGD decays every parameter).
+    decay = [p for p in model.parameters() if p.dim() > 1 or config.decay_all]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1 and not config.decay_all]
     optimizer = torch.optim.SGD(
         [
             {"params": decay, "weight_decay": config.weight_decay},
@@ -305,16 +335,23 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
         ],
         lr=config.lr,
         momentum=config.momentum,
-        nesterov=True,
+        nesterov=config.nesterov,
     )
     total_steps = config.epochs * steps_per_epoch
-    # A quarter of the steps warm up. torch's OneCycleLR divides by pct_start * total - 1, which is
-    # zero at exactly 4 steps: there the warm-up ends a fraction of a step later (no other run's
-    # schedule changes).
-    pct_start = 0.25 if total_steps != 4 else 0.3
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=pct_start
-    )
+    if config.lr_schedule == "step":
+        # torch's StepLR stepped once per epoch (gamma 0.1), here stepped per batch.
+        step_steps = config.lr_step_epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.1 ** (step // step_steps)
+        )
+    else:
+        # A quarter of the steps warm up. torch's OneCycleLR divides by pct_start * total - 1,
+        # which is zero at exactly 4 steps: there the warm-up ends a fraction of a step later
+        # (no other run's schedule changes).
+        pct_start = 0.25 if total_steps != 4 else 0.3
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=pct_start
+        )
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
     logger.info(
@@ -359,18 +396,12 @@ def _train_teacher(config: TeacherConfig) -> TeacherResult:
             # Evaluation runs in eval mode and draws no random numbers: training goes on as if
             # nothing happened. Its time is not training time.
             eval_start = time.perf_counter()
-            accuracy = evaluate_accuracy(
-                model, test_set, device, amp=config.amp, channels_last=config.channels_last,
-                num_workers=config.num_workers,
-            )  # fmt: skip
+            accuracy = _test_accuracy(model, test_set, device, config)
             checkpoints.append(_save_epoch_checkpoint(out, model, base_meta, epoch + 1, accuracy))
             logger.info("teacher: epoch %d checkpoint, test accuracy %.2f%%", epoch + 1, accuracy)
             eval_seconds += time.perf_counter() - eval_start
     train_seconds = time.perf_counter() - start - eval_seconds
-    accuracy = evaluate_accuracy(
-        model, test_set, device, amp=config.amp, channels_last=config.channels_last,
-        num_workers=config.num_workers,
-    )  # fmt: skip
+    accuracy = _test_accuracy(model, test_set, device, config)
     logger.info("teacher: test accuracy %.2f%% after %.0f s of training", accuracy, train_seconds)
     meta = {
         **base_meta,
@@ -402,14 +433,13 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
     out = Path(config.out)
     check_output(out, "--out")
     path = out / "teacher.pt"
-    identity = identity_dict(config)
+    identity = teacher_identity(config)
     arch = config.import_arch
     # Read first: a missing file is an error before the dataset is scanned.
     weights = read_weights(arch, config.weights)
-    saved = _saved_config(path)
-    if saved is not None:
-        meta = read_json(path.with_suffix(".json"))
-        differences = config_diff(saved, identity)
+    meta = _saved_meta(path)
+    if meta is not None:
+        differences = config_diff(meta["config"], identity)
         recorded = (meta.get("weights") or {}).get("sha256")
         if recorded != weights.sha256:
             differences.append(f"weights SHA-256: {recorded} -> {weights.sha256}")
@@ -422,9 +452,7 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
         return TeacherResult(
             path, meta["test_accuracy"], meta["train_seconds"], True, meta["weights"]["source"]
         )
-    test_set = load_dataset(
-        config.dataset, "test", config.data_root, config.resolution, config.class_order
-    )
+    test_set = _load_split(config, "test")
     info = test_set.info
     model = build_model(arch, info, config.arch_kwargs)
     load_weights(model, weights, info, f"--weights {config.weights}")
@@ -435,10 +463,7 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
         model = model.to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        accuracy = evaluate_accuracy(
-            model, test_set, device, amp=config.amp, channels_last=config.channels_last,
-            num_workers=config.num_workers,
-        )  # fmt: skip
+        accuracy = _test_accuracy(model, test_set, device, config)
         logger.info("teacher: imported %s, test accuracy %.2f%%", arch, accuracy)
         model = model.to("cpu").to(memory_format=torch.contiguous_format)
     meta = {
@@ -450,11 +475,7 @@ def import_teacher(config: TeacherConfig) -> TeacherResult:
         "test_accuracy": accuracy,
         "epochs": 0,
         "train_seconds": 0.0,
-        "weights": {
-            "source": weights.source,
-            "path": str(weights.path),
-            "sha256": weights.sha256,
-        },
+        "weights": {"source": weights.source, "path": str(weights.path), "sha256": weights.sha256},
     }
     save_checkpoint(path, model, meta)
     return TeacherResult(path, accuracy, 0.0, reused=False, source=weights.source)

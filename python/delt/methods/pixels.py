@@ -31,6 +31,7 @@ from delt.synthesis import (
     load_selection,
     prepare_run,
 )
+from delt.teachers import check_teacher_options
 
 __all__ = ["PixelMethod", "recover_pixels"]
 
@@ -61,6 +62,9 @@ class PixelMethod(Method):
         recipe = self.recipe(config)
         assert recipe is not None
         check_match(config)
+        check_teacher_options(
+            config, config.teacher, recipe.one_image_per_class, f"--method {label}"
+        )
         for name in ("lr", "r_bn", "first_bn_multiplier"):
             value = getattr(config, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
