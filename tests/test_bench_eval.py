@@ -34,6 +34,8 @@ def test_bench_eval_writes_every_row(tmp_path, capsys):
     floor = by_name["floor"]
     assert floor["epoch_floor_over_row"] == 1.0 and by_name["reference"]["test_vs_reference"] == 1.0
     for row in saved["rows"]:
+        # +lean's floor is floor+lean (channels_last, the teacher folded); the others' floor.
+        floor = by_name["floor+lean" if row["row"] in ("+lean", "floor+lean") else "floor"]
         assert len(row["epoch_seconds"]) == 2 and len(row["test_seconds"]) == 2
         epoch, test = sorted(row["epoch_seconds"]), sorted(row["test_seconds"])
         median_epoch, median_test = sum(epoch) / 2, sum(test) / 2
@@ -47,6 +49,10 @@ def test_bench_eval_writes_every_row(tmp_path, capsys):
             projected_hours(row["ms_per_step"], 1e3 * median_test / 30)
         )
     assert saved["machine"]["threads"] == 1
+    assert by_name["floor+lean"]["epoch_floor_over_row"] == 1.0
+    assert by_name["+lean"]["epoch_floor_over_row"] == pytest.approx(
+        sum(by_name["floor+lean"]["epoch_seconds"]) / sum(by_name["+lean"]["epoch_seconds"])
+    )
     assert "| +channels_last |" in capsys.readouterr().out
 
 

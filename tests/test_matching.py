@@ -187,10 +187,6 @@ def test_a_killed_class_run_resumes_to_the_same_bytes(tmp_path, tiny_teacher, st
             },
             "does not apply with --stage-teachers checkpoints",
         ),
-        (
-            {"match": "class", "stats": "s.pt", "chunks_per_step": 2},
-            "--chunks-per-step 2 works with --match global only",
-        ),
     ],
 )
 def test_matching_flags_are_checked(tmp_path, tiny_teacher, flags, message):

@@ -277,6 +277,43 @@ def test_the_variant_reaches_distill(run_module, tmp_path, monkeypatch):
     assert Path(config.out) == tmp_path / "delt-lr0.05" / "ipc10" / "seed0"
 
 
+def test_per_class_matching_variants_reach_distill_with_the_stats(
+    run_module, tmp_path, monkeypatch
+):
+    # sre2l+class (WMDD's --match class) and cda+class-mean (EDC's, half global), with --stats.
+    import delt.pipeline
+    import delt.teacher
+
+    assert run_module.parse_method("sre2l+class") == ("sre2l", {"match": "class"})
+    assert run_module.parse_method("cda+class-mean") == (
+        "cda",
+        {"match": "class-mean", "match_class_weight": 0.5},
+    )
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_distill(config, print_summary=True):
+        seen.append(config)
+        raise Stop
+
+    class Teacher:
+        path, test_accuracy = tmp_path / "teacher.pt", 90.0
+
+    monkeypatch.setattr(delt.teacher, "train_teacher", lambda config: Teacher)
+    monkeypatch.setattr(delt.pipeline, "distill", fake_distill)
+    for method in ("sre2l+class", "cda+class-mean"):
+        with pytest.raises(Stop):
+            run_module.main(["--out", str(tmp_path), "--ipcs", "10", "--methods", method,
+                             "--stats", str(tmp_path / "stats.pt")])  # fmt: skip
+    wmdd, edc = seen
+    assert (wmdd.method, wmdd.match, wmdd.match_class_weight) == ("sre2l", "class", None)
+    assert (edc.method, edc.match, edc.match_class_weight) == ("cda", "class-mean", 0.5)
+    assert wmdd.stats == edc.stats == str(tmp_path / "stats.pt")
+    assert Path(edc.out) == tmp_path / "cda+class-mean" / "ipc10" / "seed0"
+
+
 def test_report_only_pools_variants_apart_and_runs_nothing(run_module, tmp_path, monkeypatch):
     import delt.pipeline
     import delt.teacher
@@ -404,7 +441,7 @@ COMMITTED = RUN.parent
 # progress.jsonl, with every table; the other evaluations lived in the lost folders, so where
 # there were some, the rebuilt results.md is the committed one up to that table.
 TABLES = {"paper-b/ipc50": True, "paper-b/weak-teacher": True, "paper-b": False,
-          "paper-b/other-students": False, "paper-a": False}  # fmt: skip
+          "paper-b/other-students": False, "paper-a": False, "per-class": True}  # fmt: skip
 
 
 @pytest.mark.parametrize("folder, complete", list(TABLES.items()))

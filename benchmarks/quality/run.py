@@ -79,6 +79,14 @@ PDD_VARIANTS = {
     **PDD_OPTIONS,
     "pdd+all": {key: value for options in PDD_OPTIONS.values() for key, value in options.items()},
 }
+# Per-class BN matching (docs/stats.md): `delt distill --match` flags of each variant, with the
+# statistics of --stats (default: each run makes its own OUT/<run>/stats.pt).
+MATCH_VARIANTS = {
+    # WMDD-style (Liu et al., ICCV 2025): each class's images against its class statistics.
+    "sre2l+class": ("sre2l", {"match": "class"}),
+    # EDC-style (Shao et al., NeurIPS 2024): half global, half the batch's classes' mean.
+    "cda+class-mean": ("cda", {"match": "class-mean", "match_class_weight": 0.5}),
+}
 CLASSES = 10  # Fashion-MNIST
 
 # Each budget's values of the flags left unset on the command line.
@@ -105,6 +113,7 @@ class QualityConfig:
     ipcs: tuple[int, ...]
     methods: tuple[str, ...]  # --methods entries: a method or a variant (parse_method)
     teacher: str | None
+    stats: str | None  # delt stats file of the teacher, for the MATCH_VARIANTS
     seeds: tuple[int, ...]
     synthesis: str  # per-seed, once
     width: int
@@ -165,13 +174,19 @@ def parse_args(argv=None) -> QualityConfig:
         f"variants {', '.join(PDD_VARIANTS)} (not by default); a method that optimizes pixels "
         "may end in -lrVALUE for a variant with that recovery step size (`delt distill "
         "--recover-lr`; e.g. delt-lr0.05, into OUT/delt-lr0.05), rded in -factorN for its "
-        "tiling (`--factor N`; e.g. rded-factor1)",
+        "tiling (`--factor N`; e.g. rded-factor1); per-class BN matching: sre2l+class (WMDD's "
+        "--match class), cda+class-mean (EDC's --match class-mean --match-class-weight 0.5)",
     )
     parser.add_argument(
         "--teacher",
         help="an existing teacher checkpoint instead of training OUT/teacher (e.g. "
         "OUT/teacher/checkpoints/epoch-002.pt, a weaker one, into another --out); "
         "--teacher-epochs does not apply",
+    )
+    parser.add_argument(
+        "--stats",
+        help="`delt stats` file of the teacher for the per-class variants (sre2l+class, "
+        "cda+class-mean); default: each of their runs makes its own",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument(
@@ -236,9 +251,10 @@ def parse_args(argv=None) -> QualityConfig:
                 raise SystemExit(f"--students: unknown {student!r}; known: {', '.join(MODELS)}")
     return QualityConfig(
         budget=args.budget, out=Path(args.out), data_root=args.data_root, ipcs=_ints(args.ipcs),
-        methods=methods, teacher=args.teacher, seeds=_ints(args.seeds), synthesis=args.synthesis,
-        width=args.width, teacher_epochs=args.teacher_epochs, iterations=args.iterations,
-        round_iterations=args.round_iterations, eval_epochs=args.eval_epochs,
+        methods=methods, teacher=args.teacher, stats=args.stats, seeds=_ints(args.seeds),
+        synthesis=args.synthesis, width=args.width, teacher_epochs=args.teacher_epochs,
+        iterations=args.iterations, round_iterations=args.round_iterations,
+        eval_epochs=args.eval_epochs,
         eval_every=args.eval_every, students=students,
         students_eval_every=args.students_eval_every, amp=args.amp,
         report_only=args.report_only, device=args.device, threads=args.threads, flags=flags,
@@ -264,6 +280,9 @@ def parse_method(name: str) -> tuple[str, dict]:
         return name, {}
     if name in PDD_VARIANTS:
         return "pdd", dict(PDD_VARIANTS[name])
+    if name in MATCH_VARIANTS:
+        method, options = MATCH_VARIANTS[name]
+        return method, dict(options)
     optimizing = [m for m in METHODS if m not in ("random-real", "rded")] + list(PDD_VARIANTS)
     match = re.fullmatch(r"(.+?)-(lr|factor)(.*)", name)
     if match is not None:
@@ -280,7 +299,8 @@ def parse_method(name: str) -> tuple[str, dict]:
             return "rded", {"factor": int(text)}
     raise SystemExit(
         f"--methods: unknown {name!r}; known: {', '.join(METHODS)}, "
-        f"{', '.join(PDD_VARIANTS)}, or one of {', '.join(optimizing)} with -lrVALUE "
+        f"{', '.join(PDD_VARIANTS)}, {', '.join(MATCH_VARIANTS)}, or one of "
+        f"{', '.join(optimizing)} with -lrVALUE "
         "(VALUE > 0), or rded-factorN (N >= 1)"
     )
 
@@ -294,6 +314,8 @@ def method_settings(method: str, options: dict, ipc: int, config: QualityConfig)
 
     if method == "rded":
         return dict(options)
+    if "match" in options and config.stats:
+        options = {**options, "stats": config.stats}
     if method == "pdd":
         matched = pdd_matched_iterations(
             ipc, config.iterations, config.round_iterations, CLASSES, PDD_STAGES

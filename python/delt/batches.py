@@ -121,7 +121,6 @@ def evaluate_accuracy(
     channels_last = channels_last or device.type == "cpu"
     with torch.no_grad():
         folded = inference_copy(model, channels_last)
-    correct = 0
     pin = device.type == "cuda"
     job = world() if sharded else None
     indices = None
@@ -135,6 +134,8 @@ def evaluate_accuracy(
     batches = iterate_batches(
         dataset, batch_size, num_workers=num_workers, pin_memory=pin, indices=indices
     )
+    # The count stays on the device until the pass ends: no host synchronization per batch.
+    correct = torch.zeros(1, dtype=torch.int64, device=device)
     with torch.inference_mode():
         for images, labels in batches:
             images = images.to(device, non_blocking=pin)
@@ -142,9 +143,7 @@ def evaluate_accuracy(
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
                 logits = folded(images)
-            correct += int((logits.argmax(1).cpu() == labels).sum())
+            correct += (logits.argmax(1) == labels.to(device, non_blocking=pin)).sum()
     if indices is not None:
-        total = torch.tensor([correct], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(total)
-        correct = int(total.item())
-    return 100.0 * correct / len(dataset)
+        torch.distributed.all_reduce(correct)
+    return 100.0 * int(correct) / len(dataset)

@@ -20,6 +20,9 @@ row                    what it runs
                        fp32, contiguous) and its test pass (:func:`delt.batches.evaluate_accuracy`)
 ``+channels_last``     ``delt`` with ``--channels-last`` (training; the CPU's test pass is
                        channels_last in every row but ``reference``)
+``floor+lean``         ``floor`` in channels_last with the teacher's BatchNorm folded: the
+                       floor of ``+lean`` (its ``floor / row``)
+``+lean``              ``delt`` with ``--channels-last --fold-teacher`` (the lean step)
 =====================  ==========================================================================
 
 The models are untrained (seeded): the cost of a step does not depend on the weights. The
@@ -64,7 +67,9 @@ from delt.student_trainer import (
 
 __all__ = ["EVAL_ROWS", "EvalBenchConfig", "format_eval_table", "run_eval_bench"]
 
-EVAL_ROWS = ("reference", "floor", "delt", "+channels_last")
+EVAL_ROWS = ("reference", "floor", "delt", "+channels_last", "floor+lean", "+lean")
+# The floor a row's ``floor / row`` divides by (default: ``floor``).
+FLOOR_OF = {"floor+lean": "floor+lean", "+lean": "floor+lean"}
 # The projection's evaluations: (name, classes, test images), 300 epochs, 3 seeds, 31 tests.
 PROJECTED = (("fashion-mnist", 10, 10_000), ("imagenet-1k", 1000, 50_000))
 PROJECTED_EPOCHS, PROJECTED_SEEDS, PROJECTED_TESTS = 300, 3, 31
@@ -189,10 +194,12 @@ def _reference_test(case: _Case) -> Callable[[], None]:
     return test
 
 
-def _floor_epoch(case: _Case, config: EvalBenchConfig, channels_last: bool) -> Callable[[], None]:
+def _floor_epoch(
+    case: _Case, config: EvalBenchConfig, channels_last: bool, fold_teacher: bool = False
+) -> Callable[[], None]:
     form = torch.channels_last if channels_last else torch.contiguous_format
     student = copy.deepcopy(case.student).to(case.device).to(memory_format=form).train()
-    teacher = copy.deepcopy(case.teacher).to(memory_format=form)
+    teacher = _teacher(case, channels_last, fold_teacher)
     batches = [
         case.images[start : start + config.step_batch]
         .to(case.device)
@@ -229,12 +236,18 @@ def _floor_test(case: _Case) -> Callable[[], None]:
     return test
 
 
-def _product(case: _Case, config: EvalBenchConfig, channels_last: bool):
+def _teacher(case: _Case, channels_last: bool, fold: bool) -> nn.Module:
+    """The teacher as ``delt eval`` prepares it (``--channels-last``, ``--fold-teacher``)."""
+    if fold:
+        return inference_copy(case.teacher, channels_last)
+    teacher = copy.deepcopy(case.teacher)
+    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
+
+
+def _product(case: _Case, config: EvalBenchConfig, channels_last: bool, fold_teacher: bool = False):
     settings = TrainSettings(batch_size=config.step_batch, channels_last=channels_last)
     generator = torch.Generator().manual_seed(config.seed)
-    teacher = case.teacher
-    if channels_last:
-        teacher = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
+    teacher = _teacher(case, channels_last, fold_teacher)
     trainer = StudentTrainer(
         copy.deepcopy(case.student), teacher, _augment(case, config.seed), settings,
         total_epochs=10**6, lr=PROTOCOL.lr, weight_decay=PROTOCOL.weight_decay,
@@ -270,6 +283,8 @@ def prepare_eval_rows(config: EvalBenchConfig, device: torch.device | None = Non
         "floor": lambda: (_floor_epoch(case, config, False), _floor_test(case)),
         "delt": lambda: _product(case, config, False),
         "+channels_last": lambda: _product(case, config, True),
+        "floor+lean": lambda: (_floor_epoch(case, config, True, True), _floor_test(case)),
+        "+lean": lambda: _product(case, config, True, True),
     }
     return EvalBenchSetup(
         rows={row: builders[row]() for row in config.rows},
@@ -331,6 +346,7 @@ def _run(config: EvalBenchConfig, device: torch.device) -> dict:
     test_median = {row: statistics.median(values) for row, values in tests.items()}
     rows = []
     for row in setup.rows:
+        floor = FLOOR_OF.get(row, "floor")
         ms_per_step = 1e3 * epoch_median[row] / setup.steps
         ms_per_test_image = 1e3 * test_median[row] / setup.test_images
         rows.append(
@@ -341,11 +357,11 @@ def _run(config: EvalBenchConfig, device: torch.device) -> dict:
                 "ms_per_step": ms_per_step,
                 "train_images_per_second": setup.train_images / epoch_median[row],
                 "test_images_per_second": setup.test_images / test_median[row],
-                "epoch_floor_over_row": epoch_median["floor"] / epoch_median[row]
-                if "floor" in epoch_median
+                "epoch_floor_over_row": epoch_median[floor] / epoch_median[row]
+                if floor in epoch_median
                 else None,
-                "test_floor_over_row": test_median["floor"] / test_median[row]
-                if "floor" in test_median
+                "test_floor_over_row": test_median[floor] / test_median[row]
+                if floor in test_median
                 else None,
                 "test_vs_reference": test_median["reference"] / test_median[row]
                 if "reference" in test_median

@@ -31,6 +31,7 @@ from delt.chunks import ChunkResult, ChunkStore
 from delt.config import ConfigError
 from delt.runtime import autocast
 from delt.schedules import Chunk, chunk_schedule, cosine_lr, crop_min_scale
+from delt.stats import BNStatistics
 from delt.synthesis import (
     ActiveSets,
     ChunkOptimizer,
@@ -42,6 +43,7 @@ from delt.synthesis import (
 from delt.synthesis import chunk_optimizer as one_chunk_optimizer
 
 __all__ = [
+    "ChunkClassMatching",
     "ChunkSlotMatching",
     "ChunkTask",
     "GroupedChunkOptimizer",
@@ -118,6 +120,161 @@ class ChunkSlotMatching:
         self.matching.remove()
 
 
+class ChunkClassMatching:
+    """The per-class matching target (``--match class`` or ``class-mean``, with
+    ``--match-class-weight``; :class:`delt.matching.ClassMatching` for one chunk) of K chunks
+    ("slots") in one batch: each slot's images against its own classes' targets, each slot's
+    BN term what :class:`delt.matching.ClassMatching` gives that chunk apart.
+
+    Per BN layer, with the grouped :func:`delt_ext.bn_stat_loss`:
+
+    - ``class``: group ``k * classes + c`` holds slot k's images of class c, against class c's
+      statistics, weighted ``1 / (classes present in slot k)`` (the mean over a chunk's classes);
+    - ``class-mean``: group k holds slot k's images, against the mean over them of their
+      classes' statistics;
+    - with W < 1, ``(1 - W) ·`` each slot against the running statistics ``+ W ·`` the above.
+
+    Args:
+        model: the frozen teacher (hooked here; :meth:`remove` unhooks it).
+        first_bn_multiplier: the first BN layer's weight.
+        slots: K, the chunks per batch.
+        statistics: the loaded file of ``delt stats`` (checked against the teacher).
+        convention, match, class_weight: as :class:`delt.matching.ClassMatching`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        first_bn_multiplier: float,
+        slots: int,
+        statistics: BNStatistics,
+        convention: str,
+        match: str,
+        class_weight: float,
+    ) -> None:
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)]
+        assert [n for n, _ in layers] == statistics.layer_names, "checked by check_teacher"
+        self.weights = [float(first_bn_multiplier)] + [1.0] * (len(layers) - 1)
+        self._modules = [m for _, m in layers]
+        self.slots, self.match, self.class_weight = slots, match, class_weight
+        self._classes = statistics.num_classes
+        targets = [
+            (
+                mean.to(m.running_mean.device, torch.float32),
+                var.to(m.running_mean.device, torch.float32),
+            )
+            for (mean, var), m in zip(
+                statistics.class_targets(convention), self._modules, strict=True
+            )
+        ]
+        # class: one row per (slot, class); class-mean: the classes' rows, averaged per batch.
+        self._targets = (
+            [(mean.repeat(slots, 1), var.repeat(slots, 1)) for mean, var in targets]
+            if match == "class"
+            else targets
+        )
+        self._running = [
+            (m.running_mean[None].repeat(slots, 1), m.running_var[None].repeat(slots, 1))
+            for m in self._modules
+        ]
+        self._slot_index: Tensor | None = None
+        self._group: Tensor | None = None
+        self._group_weight: Tensor | None = None
+        self._slot_weight: Tensor | None = None
+        self._batch_targets: list[tuple[Tensor, Tensor]] = []
+        self._losses: list[Tensor | None] = [None] * len(layers)
+        self._handles = [model.register_forward_pre_hook(self._reset)]
+        self._handles += [
+            m.register_forward_pre_hook(self._recorder(i)) for i, m in enumerate(self._modules)
+        ]
+
+    def set_batch(self, slot_index: Tensor, labels: Tensor) -> None:
+        """Before a forward: the slot (N,) int64 and the class (N,) of every image of the
+        batch, on the teacher's device."""
+        self._slot_index = slot_index
+        # Weights of 1 that require grad: d loss / d weight is each slot's weighted BN loss.
+        self._slot_weight = torch.ones(self.slots, device=slot_index.device, requires_grad=True)
+        if self.match == "class":
+            classes = self._classes
+            self._group = slot_index * classes + labels
+            counts = torch.bincount(self._group, minlength=self.slots * classes)
+            present = (counts > 0).to(torch.float32).view(self.slots, classes)
+            # The mean over the classes present in each slot (a slot left out: no classes).
+            share = present / present.sum(1, keepdim=True).clamp_min(1)
+            self._group_weight = (share * self._slot_weight[:, None]).flatten()
+        else:
+            count = torch.bincount(slot_index, minlength=self.slots).clamp_min(1)
+            scale = count.to(torch.float32)[:, None]
+            self._batch_targets = [
+                (
+                    mean.new_zeros(self.slots, mean.shape[1]).index_add(
+                        0, slot_index, mean.index_select(0, labels)
+                    )
+                    / scale,
+                    var.new_zeros(self.slots, var.shape[1]).index_add(
+                        0, slot_index, var.index_select(0, labels)
+                    )
+                    / scale,
+                )
+                for mean, var in self._targets
+            ]
+
+    def _reset(self, module: nn.Module, args) -> None:
+        self._losses = [None] * len(self._modules)
+
+    def _recorder(self, index: int):
+        def record(module: nn.Module, args) -> None:
+            x = args[0]
+            slot_index = self._slot_index
+            if slot_index is None or slot_index.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    "ChunkClassMatching: set_batch(slot_index, labels) must give the slot and "
+                    "class of every image of the batch before the forward pass"
+                )
+            if self.match == "class":
+                mean, var = self._targets[index]
+                loss = delt_ext.bn_stat_loss(
+                    x, mean, var, group_index=self._group, weight=self._group_weight
+                )
+            else:
+                mean, var = self._batch_targets[index]
+                loss = delt_ext.bn_stat_loss(
+                    x, mean, var, group_index=slot_index, weight=self._slot_weight
+                )
+            if self.class_weight < 1:
+                mean, var = self._running[index]
+                running = delt_ext.bn_stat_loss(
+                    x, mean, var, group_index=slot_index, weight=self._slot_weight
+                )
+                loss = (1 - self.class_weight) * running + self.class_weight * loss
+            self._losses[index] = loss
+
+        return record
+
+    def slot_losses(self) -> Tensor:
+        """(K,) each slot's share of the backpropagated loss through :meth:`loss` (after the
+        backward of ``scale * loss()``: ``scale`` times each slot's BN-statistic loss)."""
+        assert self._slot_weight is not None and self._slot_weight.grad is not None
+        return self._slot_weight.grad
+
+    def loss(self) -> Tensor:
+        """``sum_l weights[l] · loss_l`` of the last forward pass (0-dim): the sum of the
+        slots' BN terms."""
+        if any(loss is None for loss in self._losses):
+            raise RuntimeError(
+                "ChunkClassMatching: the last forward pass did not reach every BN layer"
+            )
+        total = self.weights[0] * self._losses[0]
+        for weight, layer_loss in zip(self.weights[1:], self._losses[1:], strict=True):
+            total = total + weight * layer_loss
+        return total
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 @dataclass
 class ChunkTask:
     """One chunk of a group: as :func:`delt.synthesis.optimize_chunk`'s arguments."""
@@ -142,7 +299,7 @@ def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
 
 def optimize_chunks(
     teacher: nn.Module,
-    matching: ChunkSlotMatching,
+    matching: ChunkSlotMatching | ChunkClassMatching,
     tasks: list[ChunkTask],
     settings: RecoverySettings,
     frozen_sample: int | None = None,
@@ -313,7 +470,7 @@ class GroupedChunkOptimizer(ChunkOptimizer):
     def __init__(
         self,
         forward: nn.Module,
-        target: ChunkSlotMatching,
+        target: ChunkSlotMatching | ChunkClassMatching,
         settings: RecoverySettings,
         device: torch.device,
         iterations: int,
@@ -412,8 +569,9 @@ class GroupedChunkOptimizer(ChunkOptimizer):
 def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
     """The run's chunk optimizer for ``model``: :func:`delt.synthesis.chunk_optimizer` at
     ``--chunks-per-step 1``; else a :class:`GroupedChunkOptimizer`, its teacher frozen on the
-    run's device and hooked by a :class:`ChunkSlotMatching` of the running statistics (the
-    hooks removed on exit); with ``--compile``, compiled after hooking."""
+    run's device and hooked by a :class:`ChunkSlotMatching` of the running statistics
+    (``--match global``) or a :class:`ChunkClassMatching` of the ``--stats`` file (the hooks
+    removed on exit); with ``--compile``, compiled after hooking."""
     config = run.config
     slots = config.chunks_per_step
     if slots == 1:
@@ -421,7 +579,15 @@ def chunk_optimizer(run: Run, model: nn.Module) -> Iterator[ChunkOptimizer]:
             yield optimizer
         return
     model = frozen_teacher(model, run.device, config.channels_last)
-    target = ChunkSlotMatching(model, config.first_bn_multiplier, slots)
+    target: ChunkSlotMatching | ChunkClassMatching
+    if config.match == "global":
+        target = ChunkSlotMatching(model, config.first_bn_multiplier, slots)
+    else:  # --match class / class-mean: each chunk against its own classes' statistics
+        assert run.statistics is not None, "--stats is loaded by prepare_run"
+        target = ChunkClassMatching(
+            model, config.first_bn_multiplier, slots, run.statistics, config.stats_convention,
+            config.match, config.match_class_weight,
+        )  # fmt: skip
     try:
         forward = torch.compile(model) if config.compile else model
         yield GroupedChunkOptimizer(

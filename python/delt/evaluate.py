@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from delt.batches import inference_copy
 from delt.config import ConfigError, check_int_fields, flag, option
 from delt.data import DatasetInfo, ImageDataset, load_like
 from delt.distilled_set import Manifest, check_distilled_set, load_distilled, load_stored
@@ -199,6 +200,11 @@ class EvalConfig:
         "none", help="autocast dtype of forward passes (fp16: with a gradient scaler)"
     )
     channels_last: bool = option(False, help="channels_last memory format (faster on CPU)")
+    fold_teacher: bool = option(
+        False,
+        help="the teacher's soft-label forward with BatchNorm folded into its convolutions "
+        "(faster; moves the soft labels by float rounding; off: main's numbers bitwise)",
+    )
     stagewise: bool = option(
         False,
         help="a --method pdd set: one student on U1, then U1+U2, ... (--epochs split across "
@@ -280,6 +286,12 @@ class EvalConfig:
             if not self.augment:
                 raise ConfigError("--labels: stored soft labels are of augmented batches, not "
                                   "--no-augment")  # fmt: skip
+        if self.fold_teacher:
+            for name in ("hard_labels", "labels", "teacher_batch_stats"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"--fold-teacher: no teacher forward to fold with {flag(name)}"
+                    )
         if self.stage_schedule != "restart" and not self.stagewise:
             raise ConfigError("--stage-schedule applies with --stagewise")
         if self.student is not None:
@@ -467,12 +479,16 @@ class EvalContext:
             teacher_batch_stats=config.teacher_batch_stats,
         )  # fmt: skip
         model = teacher.model.to(device).requires_grad_(False).eval()
-        if config.channels_last:
+        if config.fold_teacher:  # a copy: BatchNorm folded, eval mode (delt.batches)
+            model = inference_copy(model, config.channels_last)
+        elif config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         teacher.model = model
         if ensemble:
             others = [c.model.to(device).requires_grad_(False).eval() for c in ensemble]
-            if config.channels_last:
+            if config.fold_teacher:
+                others = [inference_copy(other, config.channels_last) for other in others]
+            elif config.channels_last:
                 others = [other.to(memory_format=torch.channels_last) for other in others]
             teacher.model = EnsembleLogits([model, *others])
         context = cls(

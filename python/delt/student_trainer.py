@@ -477,7 +477,19 @@ class StudentTrainer:
 
         ``augmented``: ``images`` are already augmented (by a worker): the global batch's rows
         ``rows`` (ascending; None: all B), ``cutmix`` its CutMix draw (drawn here if None).
+        Returns the loss (a host synchronization on a GPU; :meth:`train_epoch` reads its
+        steps' losses once, at the epoch's end).
         """
+        return float(self._step(images, labels, augmented, cutmix, rows))
+
+    def _step(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        augmented: bool,
+        cutmix: CutMixParams | None,
+        rows: Tensor | None,
+    ) -> Tensor:
         count = labels.shape[0]
         if augmented:
             if cutmix is None:
@@ -491,8 +503,9 @@ class StudentTrainer:
 
     def _optimize(
         self, batch: Tensor, labels: Tensor, params: CutMixParams | None, rows: Tensor | None
-    ) -> float:
-        """The step on augmented rows ``rows`` (None: all) of the global batch of ``labels``."""
+    ) -> Tensor:
+        """The step on augmented rows ``rows`` (None: all) of the global batch of ``labels``;
+        its loss, a detached scalar on the device (not read back here)."""
         settings = self.settings
         global_count = labels.shape[0]
         distributed = self.distributed
@@ -542,8 +555,8 @@ class StudentTrainer:
         if distributed:
             reported = loss.detach().reshape(1) / world().size
             torch.distributed.all_reduce(reported)
-            return float(reported)
-        return float(loss.detach())
+            return reported.reshape(())
+        return loss.detach()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -639,13 +652,13 @@ class StudentTrainer:
                 self._position = position
                 try:
                     losses.append(
-                        self.step(batch, label_batch, True, cutmixes[position], rows[position])
+                        self._step(batch, label_batch, True, cutmixes[position], rows[position])
                     )
                 finally:
                     self._position = None
         self.scheduler.step()
         self.epochs_done += 1
-        return float(np.mean(losses))
+        return _mean_loss(losses)
 
     def state_dict(self) -> dict:
         """Everything :meth:`load_state_dict` needs to continue exactly where this trainer is:
@@ -771,6 +784,14 @@ class AugmentedBatches(torch.utils.data.Dataset):
             plan = augment.plan((index.numel(), *batch.shape[1:]))
             with torch.no_grad():
                 return augment.apply(batch, plan, rows)
+
+
+def _mean_loss(losses: Sequence[Tensor]) -> float:
+    """The mean of an epoch's step losses (scalars on the device), read back in one copy: the
+    steps run without a host synchronization each. The float64 mean of the float32 values,
+    as ``np.mean`` of the floats read step by step gave (the same float)."""
+    values = torch.stack(list(losses)).cpu().numpy().astype(np.float64)
+    return float(np.mean(values))
 
 
 def _mixed_rows(

@@ -73,13 +73,6 @@ class PixelMethod(Method):
             if not 0 <= getattr(config, name) < 1:
                 raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(config, name)}")
         check_int_fields(config, ("chunks_per_step",))
-        if config.chunks_per_step > 1 and config.match != "global":
-            # Per-class targets with K chunks per step need one group per (chunk, class): not
-            # built yet; refused rather than matched against the running statistics.
-            raise ConfigError(
-                f"--chunks-per-step {config.chunks_per_step} works with --match global only, "
-                f"got --match {config.match}"
-            )
         if config.jitter is not None and config.jitter < 0:
             raise ConfigError(f"--jitter must be >= 0 pixels, got {config.jitter}")
         if recipe.init == "selection" and config.selection is None:
