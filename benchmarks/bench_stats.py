@@ -8,17 +8,23 @@ Rows, side by side in one run (group ``stats <data>``):
   loading the teacher and the data, the dataset fingerprint, the float64 sums of every BN
   layer's input (per class, per class batch, per batch, per image), the shards written and
   merged, the file written.
+- ``delt-stats-copy``: the same with the per-image sums of stats format version 1 (a float64
+  copy of each BN input, then two torch reductions: ``delt_ext.reference.image_channel_sums``)
+  in place of the fused ``delt_ext.image_channel_sums``: what the op saves.
 
 Target (issue 30): ``delt-stats`` at >= 0.9x the throughput of ``forward`` (median times:
 forward / delt-stats >= 0.9). Data: Fashion-MNIST's 60,000 training images when
 ``make fashion-mnist`` installed them, else a synthetic split of the same shape.
 
-Run: pytest benchmarks/bench_stats.py --benchmark-only
+Run: pytest benchmarks/bench_stats.py --benchmark-only (``BENCH_STATS_ROUNDS``: rounds per row,
+default 2)
 """
 
+import os
 import tempfile
 from pathlib import Path
 
+import delt.stats
 import pytest
 import torch
 from delt.batches import iterate_batches
@@ -26,8 +32,11 @@ from delt.data import DatasetNotFoundError, load_dataset
 from delt.models import build_model, save_checkpoint
 from delt.stats import StatsConfig, collect_statistics
 
+from delt_ext import reference
+
 SYNTHETIC = "synthetic:classes=10,channels=1,size=28,train=6000,test=10"
 BATCH = 100
+ROUNDS = int(os.environ.get("BENCH_STATS_ROUNDS", "2"))
 _setup: dict = {}
 
 
@@ -48,8 +57,8 @@ def _teacher() -> tuple[Path, object]:
     return _setup["folder"], _setup["dataset"]
 
 
-@pytest.mark.parametrize("impl", ["forward", "delt-stats"])
-def test_stats_pass(benchmark, impl):
+@pytest.mark.parametrize("impl", ["forward", "delt-stats", "delt-stats-copy"])
+def test_stats_pass(benchmark, impl, monkeypatch):
     folder, dataset = _teacher()
     model = _setup["model"]
     runs = iter(range(1000))
@@ -69,4 +78,7 @@ def test_stats_pass(benchmark, impl):
 
     benchmark.group = f"stats {dataset.info.name} {len(dataset)}"
     benchmark.extra_info["images"] = len(dataset)
-    benchmark.pedantic(forward if impl == "forward" else stats, rounds=2, iterations=1)
+    if impl == "delt-stats-copy":
+        monkeypatch.setattr(delt.stats, "image_channel_sums", reference.image_channel_sums)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.pedantic(forward if impl == "forward" else stats, rounds=ROUNDS, iterations=1)

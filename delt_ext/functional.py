@@ -149,3 +149,29 @@ def _bn_stat_loss_grouped(
         x, group_index, target_mean, target_var, weight
     )
     return outputs[0]
+
+
+def image_channel_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image and channel, the sum of ``x`` over (H, W) and the sum of its squares, in float64.
+
+    One read of ``x`` in its own dtype (no float64 copy), each value widened to float64 before it
+    is added, in a fixed order (csrc/channel_sums.cpp): bitwise the same at any thread count,
+    in NCHW and channels_last, and on CPU and CUDA for float32, float16 and bfloat16 ``x``.
+    ``delt stats`` builds its per-class and per-batch statistics from these sums.
+
+    Args:
+        x: (N, C, H, W) float32, float64, float16 or bfloat16, any strides (NCHW and
+            channels_last are read in place); N, C, H or W may be 0.
+
+    Returns:
+        ``(sum, sq)``, each (N, C) float64 on ``x``'s device. Not differentiable.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if not HAS_OPS:
+        return reference.image_channel_sums(x)
+    return torch.ops.delt_ext.image_channel_sums(x)

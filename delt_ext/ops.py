@@ -202,6 +202,16 @@ if HAS_OPS:
     )
 
 
+def _fake_image_channel_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    torch._check(x.dim() == 4, lambda: f"x must be 4-D, got {x.dim()}-D")
+    table = x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float64)
+    return table, torch.empty_like(table)
+
+
+if HAS_OPS:
+    torch.library.register_fake("delt_ext::image_channel_sums", _fake_image_channel_sums)
+
+
 # ---- resized_crop_flip (fused random-resized-crop + flip + roll) ------------------------------
 
 

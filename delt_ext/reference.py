@@ -90,6 +90,15 @@ def _check_group_index(group_index: Tensor, groups: int) -> None:
         raise ValueError(f"group_index must lie in [0, {groups}), the rows of the targets")
 
 
+def image_channel_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image and channel, the float64 sum of ``x`` (N, C, H, W) over (H, W) and the sum of
+    its squares: two (N, C) float64 tensors (through a float64 copy of ``x``; torch's own
+    summation order, so not the compiled op's bits)."""
+    n, c = x.shape[:2]
+    flat = x.to(torch.float64).reshape(n, c, -1)
+    return flat.sum(-1), (flat * flat).sum(-1)
+
+
 def resized_crop_flip(x: Tensor, params: Tensor, size: tuple[int, int]) -> Tensor:
     """Crop, bilinear resize, horizontal flip and roll, one params row at a time.
 

@@ -419,6 +419,51 @@ def test_grouped_index_out_of_range_fails_on_the_device(emu):
         emu.bn_stat_loss_grouped(x, torch.tensor([0, 1, 1, 0]), torch.zeros(3), target_var)
 
 
+# ---- image_channel_sums -----------------------------------------------------------------------
+
+SUMS_SHAPES = [(3, 5, 7, 9), (2, 3, 28, 28), (4, 37, 1, 1), (2, 70, 8, 4), (1, 2, 3, 1)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SUMS_SHAPES)
+def test_channel_sums_match_cpu_and_reference(emu, shape, dtype, layout):
+    x = make_input(shape, dtype, layout, seed=11)
+    emulated = emu.image_channel_sums(x)
+    cpu = torch.ops.delt_ext.image_channel_sums(x)
+    expected = reference.image_channel_sums(x)
+    for got, want, exact in zip(emulated, cpu, expected, strict=True):
+        assert got.dtype == torch.float64 and got.shape == shape[:2]
+        if dtype == torch.float64:  # rounded squares: the order of the additions may differ
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-13)
+        else:  # exact squares: the documented order gives the CPU kernel's bits
+            assert torch.equal(got, want)
+        torch.testing.assert_close(got, exact, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_channel_sums_grid_stride_and_block_order(emu, layout):
+    x = make_input((9, 40, 6, 7), torch.float32, layout, seed=12)
+    expected = torch.ops.delt_ext.image_channel_sums(x)
+    before = emu.set_sums_max_blocks(2)
+    try:
+        for workers in (1, 3):
+            emu.set_workers(workers)
+            for got, want in zip(emu.image_channel_sums(x), expected, strict=True):
+                assert torch.equal(got, want)
+    finally:
+        emu.set_workers(2)
+        emu.set_sums_max_blocks(before)
+
+
+def test_channel_sums_empty_and_bad_input(emu):
+    for shape in [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 4)]:
+        total, squares = emu.image_channel_sums(torch.randn(shape))
+        assert total.shape == shape[:2] and not total.any() and not squares.any()
+    with pytest.raises(RuntimeError, match="4-D"):
+        emu.image_channel_sums(torch.randn(3, 4, 5))
+
+
 # ---- resized_crop_flip ------------------------------------------------------------------------
 
 H, W = CROP_H, CROP_W

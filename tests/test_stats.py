@@ -18,7 +18,14 @@ from delt.config import ConfigError
 from delt.data import load_like
 from delt.io import FileFormatError, torch_load, torch_save
 from delt.models import TeacherMismatchError, load_checkpoint
-from delt.stats import StatsConfig, collect_statistics, load_statistics, parts_folder
+from delt.stats import (
+    STATS_VERSION,
+    StatsConfig,
+    _digest,
+    collect_statistics,
+    load_statistics,
+    parts_folder,
+)
 from torch import nn
 
 DELT = [sys.executable, "-m", "delt"]
@@ -225,6 +232,30 @@ def test_a_damaged_or_foreign_file_is_refused_at_load(tmp_path, stats_file):
         load_statistics(tmp_path / "future.pt")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_statistics(tmp_path / "missing.pt")
+
+
+def test_version_1_files_load_and_version_1_shards_are_computed_again(
+    tmp_path, tiny_teacher, stats_file
+):
+    # A file of format version 1 (per-image sums of a float64 copy, torch's order) is read.
+    payload = torch_load(stats_file)
+    assert payload["version"] == STATS_VERSION == 2
+    payload["version"] = 1
+    payload["digest"] = _digest(payload)
+    torch_save(payload, tmp_path / "v1.pt")
+    assert load_statistics(tmp_path / "v1.pt").layer_names == payload["layer_names"]
+    # An unfinished run's shard without this version (a version 1 shard, here with other sums)
+    # is computed again, not merged: the file is the uninterrupted run's bytes.
+    out = tmp_path / "stats.pt"
+    collect_statistics(_config(tiny_teacher.path, out, keep_parts=True))
+    out.unlink()
+    path = parts_folder(out) / "shard-00001.pt"
+    shard = torch_load(path)
+    del shard["version"]
+    shard["sums"][0]["class_sum"] += 1.0
+    torch_save(shard, path)
+    collect_statistics(_config(tiny_teacher.path, out))
+    assert out.read_bytes() == stats_file.read_bytes()
 
 
 def test_shard_size_must_be_whole_batches(tiny_teacher, tmp_path):

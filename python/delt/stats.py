@@ -55,6 +55,7 @@ from delt.models import (
     load_checkpoint,
 )
 from delt.runtime import logger, resolve_device
+from delt_ext import image_channel_sums
 
 __all__ = [
     "CONVENTIONS",
@@ -68,7 +69,11 @@ __all__ = [
 ]
 
 STATS_FORMAT = "delt-bn-statistics"
-STATS_VERSION = 1
+# Version 2: the per-image sums come from delt_ext.image_channel_sums (a fixed summation order
+# of its own, on every device); version 1 summed a float64 copy of x with torch. Both hold the
+# same entries and read alike; shards of a version 1 run are computed again on resume.
+STATS_VERSION = 2
+_READ_VERSIONS = (1, 2)
 CONVENTIONS = ("pixel", "batch", "image")
 Convention = Literal["pixel", "batch", "image"]
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -227,10 +232,10 @@ def load_statistics(path: str | Path, flag: str = "--stats") -> BNStatistics:
     payload = torch_load(path, "statistics file of `delt stats`", keys=("format", "digest"))
     if payload.get("format") != STATS_FORMAT:
         raise FileFormatError(f"{flag} {path}: not a statistics file of `delt stats`")
-    if payload.get("version") != STATS_VERSION:
+    if payload.get("version") not in _READ_VERSIONS:
         raise FileFormatError(
             f"{flag} {path}: statistics format version {payload.get('version')!r}; this delt "
-            f"reads version {STATS_VERSION} (run `delt stats` again)"
+            f"reads versions {', '.join(map(str, _READ_VERSIONS))} (run `delt stats` again)"
         )
     try:
         digest = _digest(payload)
@@ -274,40 +279,45 @@ class _Collector:
 
     def reset(self) -> None:
         classes, class_batches, batches = self.shape
+        self.buffers: list[dict[str, Tensor]] = []
         self.sums = []
         for _, module in self.layers:
             channels = module.num_features
-            zeros = {
-                "class_sum": (classes, channels), "class_sq": (classes, channels),
-                "class_image_var": (classes, channels),
-                "cbatch_sum": (classes * class_batches, channels),
-                "cbatch_sq": (classes * class_batches, channels),
-                "gbatch_sum": (batches, channels), "gbatch_sq": (batches, channels),
+            # One buffer per index (class, class batch, global batch), one index_add_ each; the
+            # sums are views of them (every element still adds its images in dataset order).
+            buffers = {
+                "class": (classes, 3 * channels),
+                "cbatch": (classes * class_batches, 2 * channels),
+                "gbatch": (batches, 2 * channels),
+            }
+            buffers = {k: torch.zeros(s, dtype=torch.float64) for k, s in buffers.items()}
+            self.buffers.append(buffers)
+            views = {
+                "class_sum": ("class", 0), "class_sq": ("class", 1),
+                "class_image_var": ("class", 2), "cbatch_sum": ("cbatch", 0),
+                "cbatch_sq": ("cbatch", 1), "gbatch_sum": ("gbatch", 0), "gbatch_sq": ("gbatch", 1),
             }  # fmt: skip
-            self.sums.append({k: torch.zeros(s, dtype=torch.float64) for k, s in zeros.items()})
+            self.sums.append(
+                {k: buffers[b][:, j * channels : (j + 1) * channels] for k, (b, j) in views.items()}
+            )
 
     def _hook(self, index: int):
         def record(module: nn.Module, args) -> None:
             x = args[0].detach()
-            n, c = x.shape[:2]
             pixels = x[0, 0].numel()
             self.pixels[index] = pixels
-            # Per image and channel: the sums of x and x² over the pixels, in float64.
-            flat = x.to(torch.float64).reshape(n, c, pixels)
-            image_sum = flat.sum(-1)
-            image_sq = (flat * flat).sum(-1)
+            # Per image and channel: the sums of x and x² over the pixels, in float64, from one
+            # read of x in its own dtype (no float64 copy).
+            image_sum, image_sq = image_channel_sums(x)
             if image_sum.device.type != "cpu":
                 image_sum, image_sq = image_sum.cpu(), image_sq.cpu()
             mean = image_sum / pixels
             image_var = image_sq / pixels - mean * mean
-            sums = self.sums[index]
-            sums["class_sum"].index_add_(0, self.labels, image_sum)
-            sums["class_sq"].index_add_(0, self.labels, image_sq)
-            sums["class_image_var"].index_add_(0, self.labels, image_var)
-            sums["cbatch_sum"].index_add_(0, self.class_batch, image_sum)
-            sums["cbatch_sq"].index_add_(0, self.class_batch, image_sq)
-            sums["gbatch_sum"].index_add_(0, self.global_batch, image_sum)
-            sums["gbatch_sq"].index_add_(0, self.global_batch, image_sq)
+            buffers = self.buffers[index]
+            both = torch.cat([image_sum, image_sq], 1)  # (N, 2C)
+            buffers["class"].index_add_(0, self.labels, torch.cat([both, image_var], 1))
+            buffers["cbatch"].index_add_(0, self.class_batch, both)
+            buffers["gbatch"].index_add_(0, self.global_batch, both)
 
         return record
 
@@ -456,7 +466,12 @@ def _collect(config, teacher, dataset, identity, teacher_sha256, data, parts, ou
                         images = images.contiguous(memory_format=torch.channels_last)
                     model(images)
                 torch_save(
-                    {"identity": identity, "pixels": collector.pixels, "sums": collector.sums},
+                    {
+                        "version": STATS_VERSION,
+                        "identity": identity,
+                        "pixels": collector.pixels,
+                        "sums": collector.sums,
+                    },
                     parts / f"shard-{k:05d}.pt",
                 )
                 bar.update()
@@ -500,6 +515,12 @@ def _shard_done(parts: Path, k: int, identity: dict) -> bool:
     if not path.is_file():
         return False
     try:
-        return torch_load(path, "shard of `delt stats`").get("identity") == identity
-    except (FileFormatError, AttributeError):
+        shard = torch_load(path, "shard of `delt stats`")
+    except FileFormatError:
         return False
+    # A shard of another version (summed in another order) is computed again.
+    return (
+        isinstance(shard, dict)
+        and shard.get("version") == STATS_VERSION
+        and shard.get("identity") == identity
+    )

@@ -6,6 +6,7 @@
 
 #include "cuda_emulation.h"
 #include "cuda/bn_stat_kernel.cuh"
+#include "cuda/channel_sums_kernel.cuh"
 #include "cuda/resized_crop_flip_kernel.cuh"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,12 +22,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_stat_backward", &bn_cuda::grouped_stat_backward, pybind11::arg("x"),
         pybind11::arg("group_index"), pybind11::arg("mean"), pybind11::arg("grad_mean"),
         pybind11::arg("grad_var"), pybind11::arg("grad_scale") = pybind11::none());
+  m.def("image_channel_sums", &sums_cuda::image_channel_sums);
   m.def("resized_crop_flip", &crop_cuda::resized_crop_flip);
   m.def("resized_crop_flip_backward", &crop_cuda::resized_crop_flip_backward);
   // Test hooks: the crop kernels' grid cap, the emulator's OS threads, the launch counter.
   m.def("set_max_blocks", [](int64_t n) {
     const int64_t before = crop_cuda::max_blocks();
     crop_cuda::max_blocks() = n > 0 ? n : crop_cuda::kMaxBlocks;
+    return before;
+  });
+  m.def("set_sums_max_blocks", [](int64_t n) {
+    const int64_t before = sums_cuda::max_blocks();
+    sums_cuda::max_blocks() = n > 0 ? n : sums_cuda::kMaxBlocks;
     return before;
   });
   m.def("set_workers", [](int n) { delt_emu::worker_threads() = n > 0 ? n : 1; });
