@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 import delt_ext
 from delt.chunks import ChunkResult, ChunkStore
 from delt.config import ConfigError
+from delt.matching import ClassMatching
 from delt.runtime import autocast
 from delt.schedules import Chunk, chunk_schedule, cosine_lr, crop_min_scale
 from delt.stats import BNStatistics
@@ -120,7 +121,7 @@ class ChunkSlotMatching:
         self.matching.remove()
 
 
-class ChunkClassMatching:
+class ChunkClassMatching(ClassMatching):
     """The per-class matching target (``--match class`` or ``class-mean``, with
     ``--match-class-weight``; :class:`delt.matching.ClassMatching` for one chunk) of K chunks
     ("slots") in one batch: each slot's images against its own classes' targets, each slot's
@@ -152,21 +153,9 @@ class ChunkClassMatching:
         match: str,
         class_weight: float,
     ) -> None:
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)]
-        assert [n for n, _ in layers] == statistics.layer_names, "checked by check_teacher"
-        self.weights = [float(first_bn_multiplier)] + [1.0] * (len(layers) - 1)
-        self._modules = [m for _, m in layers]
-        self.slots, self.match, self.class_weight = slots, match, class_weight
-        self._classes = statistics.num_classes
-        targets = [
-            (
-                mean.to(m.running_mean.device, torch.float32),
-                var.to(m.running_mean.device, torch.float32),
-            )
-            for (mean, var), m in zip(
-                statistics.class_targets(convention), self._modules, strict=True
-            )
-        ]
+        super().__init__(model, first_bn_multiplier, statistics, convention, match, class_weight)
+        self.slots = slots
+        targets = self._targets
         # class: one row per (slot, class); class-mean: the classes' rows, averaged per batch.
         self._targets = (
             [(mean.repeat(slots, 1), var.repeat(slots, 1)) for mean, var in targets]
@@ -179,14 +168,7 @@ class ChunkClassMatching:
         ]
         self._slot_index: Tensor | None = None
         self._group: Tensor | None = None
-        self._group_weight: Tensor | None = None
         self._slot_weight: Tensor | None = None
-        self._batch_targets: list[tuple[Tensor, Tensor]] = []
-        self._losses: list[Tensor | None] = [None] * len(layers)
-        self._handles = [model.register_forward_pre_hook(self._reset)]
-        self._handles += [
-            m.register_forward_pre_hook(self._recorder(i)) for i, m in enumerate(self._modules)
-        ]
 
     def set_batch(self, slot_index: Tensor, labels: Tensor) -> None:
         """Before a forward: the slot (N,) int64 and the class (N,) of every image of the
@@ -218,9 +200,6 @@ class ChunkClassMatching:
                 )
                 for mean, var in self._targets
             ]
-
-    def _reset(self, module: nn.Module, args) -> None:
-        self._losses = [None] * len(self._modules)
 
     def _recorder(self, index: int):
         def record(module: nn.Module, args) -> None:
@@ -256,23 +235,6 @@ class ChunkClassMatching:
         backward of ``scale * loss()``: ``scale`` times each slot's BN-statistic loss)."""
         assert self._slot_weight is not None and self._slot_weight.grad is not None
         return self._slot_weight.grad
-
-    def loss(self) -> Tensor:
-        """``sum_l weights[l] · loss_l`` of the last forward pass (0-dim): the sum of the
-        slots' BN terms."""
-        if any(loss is None for loss in self._losses):
-            raise RuntimeError(
-                "ChunkClassMatching: the last forward pass did not reach every BN layer"
-            )
-        total = self.weights[0] * self._losses[0]
-        for weight, layer_loss in zip(self.weights[1:], self._losses[1:], strict=True):
-            total = total + weight * layer_loss
-        return total
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 @dataclass

@@ -205,9 +205,12 @@ class ClassMatching:
         return record
 
     def loss(self) -> Tensor:
-        """``sum_l weights[l] · loss_l`` of the last forward pass (0-dim)."""
+        """``sum_l weights[l] · loss_l`` of the last forward pass (0-dim; with several chunks,
+        :class:`delt.chunk_groups.ChunkClassMatching`, the sum of their BN terms)."""
         if any(loss is None for loss in self._losses):
-            raise RuntimeError("ClassMatching: the last forward pass did not reach every BN layer")
+            raise RuntimeError(
+                f"{type(self).__name__}: the last forward pass did not reach every BN layer"
+            )
         total = self.weights[0] * self._losses[0]
         for weight, layer_loss in zip(self.weights[1:], self._losses[1:], strict=True):
             total = total + weight * layer_loss
