@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from delt_ext import reference
 from delt_ext._library import HAS_OPS
+from delt_ext.functional import _check_image_batch
 
 PARAM_COLUMNS = ("top", "left", "height", "width", "flip", "shift_y", "shift_x")
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PARAM_DTYPES = (torch.float32, torch.float64)
 # torchvision's RandomResizedCrop.get_params tries this many boxes before its central fallback.
 _ATTEMPTS = 10
@@ -43,12 +43,7 @@ def _is_int(value) -> bool:
 
 
 def _check_image(x: Tensor) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    _check_image_batch(x)
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"x must have a non-empty image (H, W >= 1), got shape {tuple(x.shape)}")
 
