@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from delt_ext import reference
 from delt_ext._library import HAS_OPS
-from delt_ext.functional import _check_image_batch
+from delt_ext.functional import check_image_batch
 
 PARAM_COLUMNS = ("top", "left", "height", "width", "flip", "shift_y", "shift_x")
 
@@ -43,7 +43,7 @@ def _is_int(value) -> bool:
 
 
 def _check_image(x: Tensor) -> None:
-    _check_image_batch(x)
+    check_image_batch(x)
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"x must have a non-empty image (H, W >= 1), got shape {tuple(x.shape)}")
 

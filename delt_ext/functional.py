@@ -9,7 +9,7 @@ from delt_ext._library import HAS_OPS
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_image_batch(x: Tensor) -> None:
+def check_image_batch(x: Tensor) -> None:
     """``x`` is a 4-D (N, C, H, W) float32/64/16 or bfloat16 tensor (TypeError/ValueError)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -20,7 +20,7 @@ def _check_image_batch(x: Tensor) -> None:
 
 
 def _check_input(x: Tensor) -> None:
-    _check_image_batch(x)
+    check_image_batch(x)
     n, c, h, w = x.shape
     if c == 0 or n * h * w == 0:
         raise ValueError(
@@ -171,7 +171,7 @@ def image_channel_sums(x: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(sum, sq)``, each (N, C) float64 on ``x``'s device. Not differentiable.
     """
-    _check_image_batch(x)
+    check_image_batch(x)
     if not HAS_OPS:
         return reference.image_channel_sums(x)
     return torch.ops.delt_ext.image_channel_sums(x)

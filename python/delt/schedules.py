@@ -1,5 +1,6 @@
-"""Pure schedules: EarlyLate rounds, chunking, cosine LR, crop curriculum, PDD stage sizes and
-the per-stage iterations that give PDD DELT's image-iterations.
+"""Pure schedules: EarlyLate rounds, chunking, cosine LR, crop curriculum, PDD stage sizes, the
+per-stage iterations that give PDD DELT's image-iterations, and the student's per-epoch LR
+factors.
 
 Nothing here touches a model or a tensor (DELT, Shen et al., CVPR 2025; PDD, Chen et al., ICLR
 2024). EarlyLate: the IPC images of a class, in selection order, are split into
@@ -19,15 +20,19 @@ from delt.config import check_int
 
 __all__ = [
     "CROP_CURRICULA",
+    "LR_SCHEDULES",
     "Chunk",
     "PddIterations",
     "chunk_schedule",
     "class_contiguous_chunks",
     "class_interleaved_chunks",
+    "cosine_factor",
     "cosine_lr",
     "crop_min_scale",
     "early_late_iterations",
+    "half_cosine_factor",
     "image_start_rounds",
+    "lr_factor",
     "pdd_matched_iterations",
     "round_group_sizes",
     "stage_epochs",
@@ -328,3 +333,30 @@ def pdd_matched_iterations(
 
     best = min(range(rounds, 4 * iterations, rounds), key=lambda t: (abs(cost(t) - delt), t))
     return PddIterations(best, best // rounds, cost(best), delt)
+
+
+def half_cosine_factor(epoch: int, epochs: int) -> float:
+    """DELT/RDED's per-epoch LR factor ``0.5 * (1 + cos(pi * epoch / (2 * epochs)))``.
+
+    1 at epoch 0, 0.5 at ``epoch == epochs``: half a cosine period over 2E, so training ends at
+    about half the base LR (not at 0, unlike SRe2L's FKD).
+    """
+    check_int("epochs", epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * epochs)))
+
+
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """SRe2L's per-epoch LR factor ``0.5 * (1 + cos(pi * epoch / epochs))`` (``--cos`` of its
+    ``train_FKD.py``): 1 at epoch 0, 0 at ``epoch == epochs``."""
+    check_int("epochs", epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+# The student's LR schedules by name: ``delt eval --lr-schedule``.
+LR_SCHEDULES = {"half-cosine": half_cosine_factor, "cosine": cosine_factor}
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The LR factor of ``schedule`` (a key of :data:`LR_SCHEDULES`) after ``epoch`` of
+    ``epochs``."""
+    return LR_SCHEDULES[schedule](epoch, epochs)

@@ -7,7 +7,6 @@ for Gloo, and the evaluation protocol's defaults (RDED/DELT's; docs/evaluation.m
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +22,7 @@ from delt.data import ImageDataset
 from delt.distilled_set import normalized
 from delt.distributed import world
 from delt.runtime import autocast, derive_seed
+from delt.schedules import LR_SCHEDULES, cosine_factor, half_cosine_factor, lr_factor
 from delt.student_augment import (
     CutMixParams,
     StudentAugment,
@@ -89,33 +89,6 @@ def default_batch_size(ipc: int, num_classes: int, num_images: int) -> int:
     elif num_classes >= 100:
         base *= 2
     return max(1, min(base, num_images))
-
-
-def half_cosine_factor(epoch: int, epochs: int) -> float:
-    """DELT/RDED's per-epoch LR factor ``0.5 * (1 + cos(pi * epoch / (2 * epochs)))``.
-
-    1 at epoch 0, 0.5 at ``epoch == epochs``: half a cosine period over 2E, so training ends at
-    about half the base LR (not at 0, unlike SRe2L's FKD).
-    """
-    check_int("epochs", epochs)
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * epochs)))
-
-
-def cosine_factor(epoch: int, epochs: int) -> float:
-    """SRe2L's per-epoch LR factor ``0.5 * (1 + cos(pi * epoch / epochs))`` (``--cos`` of its
-    ``train_FKD.py``): 1 at epoch 0, 0 at ``epoch == epochs``."""
-    check_int("epochs", epochs)
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
-# The student's LR schedules by name: ``delt eval --lr-schedule``.
-LR_SCHEDULES = {"half-cosine": half_cosine_factor, "cosine": cosine_factor}
-
-
-def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """The LR factor of ``schedule`` (a key of :data:`LR_SCHEDULES`) after ``epoch`` of
-    ``epochs``."""
-    return LR_SCHEDULES[schedule](epoch, epochs)
 
 
 def soft_label_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -570,19 +543,18 @@ class StudentTrainer:
         if self.ema is None:
             yield
             return
-        with torch.no_grad():
-            for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
-                swapped = parameter.detach().clone()
-                parameter.copy_(average)
-                average.copy_(swapped)
+        self._swap_ema()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
-                    swapped = parameter.detach().clone()
-                    parameter.copy_(average)
-                    average.copy_(swapped)
+            self._swap_ema()
+
+    @torch.no_grad()
+    def _swap_ema(self) -> None:
+        for average, parameter in zip(self.ema, self.student.parameters(), strict=True):
+            swapped = parameter.detach().clone()
+            parameter.copy_(average)
+            average.copy_(swapped)
 
     def _to_device(self, batch: Tensor) -> Tensor:
         pin = self.device.type == "cuda" and batch.device.type == "cpu"
