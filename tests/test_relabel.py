@@ -231,6 +231,23 @@ def test_bn_mode_train_labels_with_batch_statistics(tiny_set, full_store, tmp_pa
     assert not torch.allclose(store.logits(0, 0, slice(None)), reference.logits(0, 0, slice(None)))
 
 
+def test_a_store_of_the_other_teacher_bn_mode_is_refused(tiny_set, full_store, tmp_path):
+    # Batch-statistics labels (--bn-mode train) never train a running-statistics evaluation,
+    # nor the reverse (--teacher-batch-stats, e.g. --protocol cvdd's).
+    out = tmp_path / "train-bn.labels"
+    _relabel(tiny_set, out, bn_mode="train", epochs=1)
+    with pytest.raises(StoreMismatchError, match=r"BatchNorm in train mode .*asks for eval mode"):
+        _eval(tiny_set, tmp_path / "a.json", labels=str(out), epochs=1)
+    with pytest.raises(StoreMismatchError, match=r"BatchNorm in eval mode .*asks for train mode"):
+        _eval(tiny_set, tmp_path / "b.json", labels=str(full_store), teacher_batch_stats=True)
+    trained = _eval(tiny_set, tmp_path / "c.json", labels=str(out), epochs=1,
+                    teacher_batch_stats=True)  # fmt: skip
+    assert math.isfinite(trained.seeds[0].train_loss[-1])
+    # And relabel names the teacher setting that differs at its --out.
+    with pytest.raises(ConfigError, match=r"bn_mode: store 'train', this run 'eval'"):
+        _relabel(tiny_set, out, epochs=1)
+
+
 def test_a_shorter_evaluation_reads_the_first_epochs_of_a_store(tiny_set, full_store, tmp_path):
     short = _eval(tiny_set, tmp_path / "short.json", labels=str(full_store), epochs=2)
     online = _eval(tiny_set, tmp_path / "online.json", epochs=2, workers=1)

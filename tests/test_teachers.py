@@ -429,6 +429,8 @@ def test_eval_refuses_teachers_with_stored_or_hard_labels(second_teacher, tiny_s
 def test_relabel_with_teachers_stores_the_ensembles_logits(
     tiny_teacher, second_teacher, tiny_set, tmp_path
 ):
+    import shutil
+
     from delt.relabel import RelabelConfig, relabel
     from delt.soft_labels import open_store
 
@@ -446,6 +448,21 @@ def test_relabel_with_teachers_stores_the_ensembles_logits(
     )  # fmt: skip
     ensemble, one = open_store(out), open_store(single)
     assert ensemble.digest != one.digest
+    # The stored ensemble labels train the student bitwise as the online ensemble does (with
+    # --workers 1: the per-batch-seeded augmentation a store replays).
+    folder = tmp_path / "set"
+    shutil.copytree(tiny_set, folder, ignore=shutil.ignore_patterns("eval*"))
+    base = dict(distilled=str(folder), epochs=1, seeds=(0,), progress=False, device="cpu")
+    stored = evaluate(EvalConfig(**base, labels=str(out), out=str(tmp_path / "stored.json")))
+    online = evaluate(
+        EvalConfig(
+            **base, teachers=(str(second_teacher.path),), workers=1,
+            out=str(tmp_path / "online.json"),
+        )
+    )  # fmt: skip
+    alone = evaluate(EvalConfig(**base, labels=str(single), out=str(tmp_path / "alone.json")))
+    assert stored.seeds[0].train_loss == online.seeds[0].train_loss
+    assert stored.seeds[0].train_loss != alone.seeds[0].train_loss
 
 
 # --------------------------------------------------------------------------------------------

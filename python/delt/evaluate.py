@@ -507,7 +507,8 @@ class EvalContext:
                 return context
             if store.layout.top_k is not None:
                 protocol["temperature"] = config.temperature
-            check_protocol(store, protocol, config.epochs)
+            bn_mode = "train" if config.teacher_batch_stats else "eval"
+            check_protocol(store, protocol, config.epochs, bn_mode)
         return context
 
     def make_trainer(self, seed: int, total_epochs: int | None = None) -> StudentTrainer:

@@ -241,6 +241,7 @@ def _relabel(config: RelabelConfig, out: Path) -> RelabelResult:
             return RelabelResult(out, out.stat().st_size, 0, True)
         differences = protocol_differences(existing.get("protocol", {}), protocol)
         differences += protocol_differences(existing.get("storage", {}), header["storage"])
+        differences += protocol_differences(existing.get("teacher", {}), teacher)
         raise ConfigError(
             f"--out {out} holds another store ({'; '.join(differences) or 'other settings'}); "
             "remove it or choose another --out"

@@ -380,14 +380,23 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> LabelStore:
     return store
 
 
-def check_protocol(store: LabelStore, current: dict, epochs: int) -> None:
-    """Refuses ``store`` for a run of ``epochs`` epochs whose protocol is ``current``, naming
-    what differs."""
+def check_protocol(store: LabelStore, current: dict, epochs: int, bn_mode: str = "eval") -> None:
+    """Refuses ``store`` for a run of ``epochs`` epochs whose protocol is ``current`` and whose
+    teacher's BatchNorm runs in ``bn_mode`` (``train``: ``--teacher-batch-stats``), naming what
+    differs."""
     stored = {k: v for k, v in store.protocol.items() if k != "epochs"}
     differences = protocol_differences(stored, {k: v for k, v in current.items() if k != "epochs"})
     if differences:
         raise StoreMismatchError(
             f"--labels {store.path} was made for other settings: {'; '.join(differences)}"
+        )
+    made = store.header.get("teacher", {}).get("bn_mode", "eval")
+    if made != bn_mode:
+        wanted = "--teacher-batch-stats" if bn_mode == "train" else "no --teacher-batch-stats"
+        raise StoreMismatchError(
+            f"--labels {store.path} holds labels of the teacher's BatchNorm in {made} mode "
+            f"(delt relabel --bn-mode {made}); this evaluation asks for {bn_mode} mode "
+            f"({wanted}, or its --protocol)"
         )
     if epochs > store.layout.epochs:
         raise StoreMismatchError(
