@@ -204,20 +204,26 @@ def test_top_k_reconstruction_is_fkd_marginal_smoothing():
     assert math.isfinite(float(arrays["fill"].sum()))
 
 
-def test_top_k_fp16_store_trains_and_is_tied_to_its_temperature(tiny_set, tmp_path):
+def test_top_k_fp16_store_trains_and_is_tied_to_its_temperature(tiny_set, full_store, tmp_path):
     out = tmp_path / "top2.labels"
     made = _relabel(tiny_set, out, top_k=2, dtype="fp16")
-    full_size = open_store(out).layout.epoch_bytes
-    assert made.size < (tmp_path / "top2.labels").stat().st_size + 1
-    store = open_store(out)
+    assert made.size == out.stat().st_size
+    store, full = open_store(out), open_store(full_store)
+    # Two fp16 logits and their int16 classes per row, and one fill logit (64-byte aligned).
+    assert store.layout.arrays["values"][:2] == ("float16", (8, 2))
+    assert store.layout.arrays["indices"][:2] == ("int16", (8, 2))
+    assert store.layout.arrays["fill"][:2] == ("float16", (8,))
     assert store.layout.top_k == 2 and store.header["storage"]["temperature"] == 20.0
     logits = store.logits(0, 0, slice(None))
     assert logits.shape == (8, 4) and logits.dtype == torch.float32
+    # The same batch's two largest logits, in fp16, and their classes, as the full store has them.
+    kept, exact = logits.topk(2), full.logits(0, 0, slice(None)).topk(2)
+    assert torch.equal(kept.indices, exact.indices)
+    torch.testing.assert_close(kept.values, exact.values, rtol=1e-3, atol=1e-3)
     result = _eval(tiny_set, tmp_path / "e.json", labels=str(out))
     assert all(math.isfinite(x) for x in result.seeds[0].train_loss)
     with pytest.raises(StoreMismatchError, match="temperature: store 20.0, this run 4.0"):
         _eval(tiny_set, tmp_path / "e.json", labels=str(out), temperature=4.0)
-    assert full_size > 0
 
 
 def test_bn_mode_train_labels_with_batch_statistics(tiny_set, full_store, tmp_path):
@@ -246,6 +252,24 @@ def test_a_store_of_the_other_teacher_bn_mode_is_refused(tiny_set, full_store, t
     # And relabel names the teacher setting that differs at its --out.
     with pytest.raises(ConfigError, match=r"bn_mode: store 'train', this run 'eval'"):
         _relabel(tiny_set, out, epochs=1)
+
+
+def test_a_store_of_other_torch_versions_is_said(tiny_set, full_store, tmp_path, monkeypatch,
+                                                 caplog):  # fmt: skip
+    import delt.soft_labels
+
+    real = delt.soft_labels.versions()
+    monkeypatch.setattr(
+        delt.soft_labels, "versions", lambda: {**real, "torchvision": "0.1.0"}
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        _eval(tiny_set, tmp_path / "v.json", labels=str(full_store), epochs=1)
+    assert f"torchvision {real['torchvision']} -> 0.1.0" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(delt.soft_labels, "versions", lambda: real)
+    with caplog.at_level("WARNING"):
+        _eval(tiny_set, tmp_path / "w.json", labels=str(full_store), epochs=1)
+    assert "other versions" not in caplog.text
 
 
 def test_a_shorter_evaluation_reads_the_first_epochs_of_a_store(tiny_set, full_store, tmp_path):

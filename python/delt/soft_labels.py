@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,7 +46,9 @@ from torch import Tensor
 
 from delt.config import ConfigError, flag
 from delt.io import FileFormatError, IntegrityError, sha256_file
-from delt.runtime import ResourceError
+from delt.runtime import ResourceError, versions
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT",
@@ -390,6 +393,21 @@ def check_protocol(store: LabelStore, current: dict, epochs: int, bn_mode: str =
         raise StoreMismatchError(
             f"--labels {store.path} was made for other settings: {'; '.join(differences)}"
         )
+    # The augmentation a store replays is torch's and torchvision's: another version may draw
+    # or resample other crops than the labelled ones; said, not refused (most releases do not).
+    recorded = store.header.get("versions", {})
+    current = versions()
+    moved = [
+        f"{name} {recorded[name]} -> {current[name]}"
+        for name in ("torch", "torchvision")
+        if name in recorded and recorded[name] != current[name]
+    ]
+    if moved:
+        logger.warning(
+            "--labels %s was made with other versions (%s): if they augment differently, the "
+            "stored labels are of other crops than the student sees; relabel to be sure",
+            store.path, ", ".join(moved),
+        )  # fmt: skip
     made = store.header.get("teacher", {}).get("bn_mode", "eval")
     if made != bn_mode:
         wanted = "--teacher-batch-stats" if bn_mode == "train" else "no --teacher-batch-stats"
