@@ -327,3 +327,27 @@ def test_delt_compare_passes_the_protocol_to_every_evaluation(tmp_path):
     evaluation = config.eval_config("a", 100, tmp_path / "x.json")
     assert (evaluation.protocol, evaluation.epochs, evaluation.lr) == ("rded", 100, 0.002)
     assert evaluation.shuffle_patches == 2 and evaluation.min_crop == 0.5
+
+
+def test_a_protocol_that_does_not_fit_the_data_is_refused_naming_it(
+    tiny_set, tmp_path, monkeypatch
+):
+    # A preset whose patch grid does not divide the set's 8 px: refused before any training,
+    # naming the protocol and the set; the same value given as a flag is named as the flag.
+    from dataclasses import replace
+
+    rded = PROTOCOLS["rded"]
+    monkeypatch.setitem(
+        PROTOCOLS, "rded", replace(rded, settings={**rded.settings, "shuffle_patches": 3})
+    )
+    base = dict(distilled=str(tiny_set), epochs=1, progress=False, out=str(tmp_path / "e.json"))
+    with pytest.raises(ConfigError) as refused:
+        evaluate(EvalConfig(**base, protocol="rded"))
+    assert str(refused.value) == (
+        f"--protocol rded does not fit {tiny_set}: its --shuffle-patches 3 must divide the image "
+        "resolution 8"
+    )
+    with pytest.raises(ConfigError) as refused:
+        evaluate(EvalConfig(**base, shuffle_patches=3))
+    assert str(refused.value) == "--shuffle-patches 3 must divide the image resolution 8"
+    assert not (tmp_path / "e.json").exists()

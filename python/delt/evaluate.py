@@ -455,9 +455,15 @@ class EvalContext:
             num_images = images.shape[0]
             ipc = max(1, round(num_images / info.num_classes))
         if config.shuffle_patches is not None and info.resolution % config.shuffle_patches:
+            # Named by the protocol when its preset chose the value (a protocol that does not
+            # fit the data), by the flag when the user gave it.
+            given = "shuffle_patches" in protocol_record(config)["overrides"]
+            origin = "" if given else (
+                f"--protocol {config.protocol} does not fit {config.distilled}: its "
+            )  # fmt: skip
             raise ConfigError(
-                f"--shuffle-patches {config.shuffle_patches} must divide the image resolution "
-                f"{info.resolution}"
+                f"{origin}--shuffle-patches {config.shuffle_patches} must divide the image "
+                f"resolution {info.resolution}"
             )
 
         student_arch = config.student or teacher.meta["arch"]
