@@ -136,6 +136,7 @@ def test_budgets_are_separate_schedules(compared):
     assert len(files) == 2 * 4  # two sets, random real and DELT's starting images, per budget
     markdown = (Path(config.out) / "compare.md").read_text()
     assert "## 1 student epochs" in markdown and "## 2 student epochs" in markdown
+    assert "Evaluation: `--protocol delt` with `--eval-every 1`" in markdown
     assert (Path(config.out) / "compare.png").stat().st_size > 0
 
 

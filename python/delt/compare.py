@@ -35,7 +35,7 @@ import itertools
 import math
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ from delt.io import atomic_open, sha256_file, write_if_changed, write_json
 from delt.lock import output_lock
 from delt.methods.random_real import draw_random_real
 from delt.models import load_checkpoint
+from delt.protocols import DEFAULT_PROTOCOL
 from delt.runtime import logger, resolve_device, versions
 from delt.select import Selection
 
@@ -632,6 +633,26 @@ def _p(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
+def _protocol_line(flags: dict) -> str:
+    """``--protocol NAME`` and the delt eval flags given off their defaults beside it."""
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not MISSING
+    }
+    given = []
+    for name, value in flags.items():
+        default = defaults.get(name)
+        if name == "protocol" or value == default or (value in ((), []) and not default):
+            continue
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            given.append(f"`{option}`" if value else f"`--no-{name.replace('_', '-')}`")
+        else:
+            shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+            given.append(f"`{option} {shown}`")
+    protocol = f"`--protocol {flags.get('protocol') or DEFAULT_PROTOCOL}`"
+    return protocol + (f" with {', '.join(given)}" if given else "")
+
+
 def compare_markdown(document: dict) -> str:
     """``compare.md``: one table per student budget, then where every number comes from."""
     lines = ["# delt compare", ""]
@@ -640,6 +661,7 @@ def compare_markdown(document: dict) -> str:
     lines.append(f"Teacher `{document['teacher']}`; seeds {seeds}; accuracy: best top-1 (%) "
                  "mean ± population std over seeds; gains paired by seed (points); p: "
                  f"{document['paired_test']}.")  # fmt: skip
+    lines += ["", f"Evaluation: {_protocol_line(document['eval_flags'])}."]
     for budget in document["budgets"]:
         gains = {gain["method"]: gain for gain in budget["gains"]}
         synthesis = {gain["method"]: gain for gain in budget["synthesis_gains"]}
