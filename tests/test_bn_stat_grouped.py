@@ -86,6 +86,29 @@ def test_loss_and_grad_match_reference(shape, dtype, layout, pattern):
     assert rel_err(grad, expected_grad) <= GRAD_RTOL[dtype]
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_cuda_kernel_matches_the_reference(shape, dtype, layout, pattern):
+    # The CUDA kernel itself on a GPU (make gpu-check), beside the host emulation's tests.
+    x = make_input(shape, dtype, layout, device="cuda").requires_grad_(True)
+    index, groups = group_index(shape[0], pattern)
+    target_mean, target_var = group_targets(groups, shape[1])
+    weight = group_weights(groups) if pattern != "one" else None
+    on_gpu = [t if t is None else t.cuda() for t in (index, target_mean, target_var, weight)]
+    loss = delt_ext.bn_stat_loss(
+        x, on_gpu[1], on_gpu[2], group_index=on_gpu[0], weight=on_gpu[3]
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, x)
+    expected_loss, expected_grad = exact_grouped(x.cpu(), index, target_mean, target_var, weight)
+    assert loss.device.type == "cuda" and grad.stride() == torch.empty_like(x).stride()
+    torch.testing.assert_close(loss.double().cpu(), expected_loss, rtol=1e-5, atol=0)
+    assert torch.isfinite(grad).all()
+    assert rel_err(grad.cpu(), expected_grad) <= GRAD_RTOL[dtype]
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_statistics_and_group_losses_match_reference(pattern, layout):

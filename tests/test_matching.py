@@ -199,3 +199,14 @@ def test_distill_refuses_match_for_the_baseline(tmp_path):
 
     with pytest.raises(ConfigError, match="--match applies to the methods that optimize"):
         DistillConfig(method="random-real", ipc=1, out=str(tmp_path), match="class")
+
+
+def test_pdd_stages_with_class_matching_run_and_are_recorded(tmp_path, tiny_teacher, stats_file):
+    # --match on PDD's stages: every stage's chunks matched to the class statistics.
+    flags = dict(method="pdd", base="cda", stages=2, stats=str(stats_file))
+    glob = recover(_recover(tiny_teacher, tmp_path / "global", method="pdd", base="cda", stages=2))
+    run = recover(_recover(tiny_teacher, tmp_path / "class", match="class", **flags))
+    assert run.images.shape == glob.images.shape and torch.isfinite(run.images).all()
+    assert not torch.equal(glob.images, run.images)
+    identity = json.loads((tmp_path / "class" / "run.json").read_text())
+    assert identity["config"]["match"] == "class" and len(identity["stats_sha256"]) == 64
