@@ -261,3 +261,20 @@ def test_version_1_files_load_and_version_1_shards_are_computed_again(
 def test_shard_size_must_be_whole_batches(tiny_teacher, tmp_path):
     with pytest.raises(ConfigError, match="--shard-size 10 must be a multiple of --batch-size 4"):
         _config(tiny_teacher.path, tmp_path / "s.pt", shard_size=10)
+
+
+def test_statistics_of_other_data_or_other_bn_layers_are_refused(tiny_teacher, stats_file):
+    from delt.io import sha256_file
+    from delt.models import data_fingerprint
+
+    checkpoint, digest = load_checkpoint(tiny_teacher.path), sha256_file(tiny_teacher.path)
+    statistics = load_statistics(stats_file)
+    statistics.check_teacher(checkpoint, digest, "--stats")  # the teacher's own: accepted
+    assert data_fingerprint(checkpoint.meta) is not None
+    statistics.data = {**statistics.data, "fingerprint": "0" * 64}
+    with pytest.raises(TeacherMismatchError, match="statistics of other data than the teacher's"):
+        statistics.check_teacher(checkpoint, digest, "--stats")
+    statistics = load_statistics(stats_file)
+    statistics.layer_names = statistics.layer_names[1:]
+    with pytest.raises(TeacherMismatchError, match="its BN layers .* are not the teacher's"):
+        statistics.check_teacher(checkpoint, digest, "--stats")
